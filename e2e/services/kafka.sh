@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Test-bed service: a real Apache Kafka broker, single node, KRaft mode
+# (combined broker + controller), listening on 127.0.0.1 only.
+#
+#   kafka.sh install   resolve the Kafka jars from Maven into the cache (once)
+#   kafka.sh start     format a fresh data dir, start the broker, wait until it
+#                      answers a metadata request, write $HERALD_RUN/kafka.env
+#   kafka.sh stop      stop the broker started by `start`
+#
+# The jars come from Maven (the same repositories the machine's Maven settings
+# already use), not from the binary tarball, so no extra download host is
+# needed. Helper files live in e2e/services/kafka/.
+#
+# Tests read HERALD_KAFKA_BROKERS (host:port) from $HERALD_RUN/kafka.env.
+# To run a Kafka command-line class by hand against the running broker:
+#   java -Dlog4j2.configurationFile=e2e/services/kafka/tools-log4j2.properties \
+#     -cp "$HERALD_CACHE/kafka-<version>/libs/*" org.apache.kafka.tools.TopicCommand \
+#     --bootstrap-server "$HERALD_KAFKA_BROKERS" --list
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# 4.1.1 runs on Java 17 (4.x brokers need >= 17) and resolves cleanly from
+# Maven Central. Bumping it only means changing this line: the pom takes the
+# version as a property and the cache directory is per version.
+KAFKA_VERSION=4.1.1
+
+KAFKA_FILES="$HERALD_ROOT/e2e/services/kafka"
+KAFKA_HOME="$HERALD_CACHE/kafka-$KAFKA_VERSION"
+KAFKA_LIBS="$KAFKA_HOME/libs"
+KAFKA_RUN="$HERALD_RUN/kafka"
+KAFKA_LOG="$KAFKA_RUN/server.log"
+READY_TIMEOUT=60
+
+# Main classes (all in the resolved jars):
+STORAGE_TOOL=kafka.tools.StorageTool               # kafka_2.13: formats KRaft storage
+BROKER_MAIN=kafka.Kafka                            # kafka_2.13: the server
+TOPIC_COMMAND=org.apache.kafka.tools.TopicCommand  # kafka-tools: readiness probe
+
+# JVM for Kafka command-line classes: quiet logging (warnings on stderr) and
+# settings that favour start-up time, since each tool runs for a second or two
+# (C1 only: no time spent on optimising compiles that would never pay off).
+# An array rather than a function so it also works under `timeout`.
+KAFKA_TOOL=(java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true
+  -Dlog4j2.configurationFile="$KAFKA_FILES/tools-log4j2.properties" -cp "$KAFKA_LIBS/*")
+
+install() {
+  # The marker is written last, so an interrupted install is redone, not trusted.
+  if [[ -f $KAFKA_HOME/.installed ]]; then
+    log "kafka $KAFKA_VERSION already installed in $KAFKA_HOME"
+    return 0
+  fi
+  command -v java >/dev/null || die "java not found (Kafka $KAFKA_VERSION needs Java 17+)"
+  command -v mvn >/dev/null || die "mvn not found (used to resolve the Kafka jars)"
+  log "resolving kafka_2.13:$KAFKA_VERSION and its runtime dependencies with Maven"
+  # Copy into a scratch dir and rename at the end, so a failed or concurrent
+  # run never leaves a half-filled libs/ that a later start would pick up.
+  local tmp="$KAFKA_HOME/libs.tmp.$$"
+  rm -rf "$tmp"
+  mkdir -p "$KAFKA_HOME"
+  # Maven's output goes to a file (it is noise when things work, and Maven 3.8
+  # prints colour codes even in batch mode); shown only when resolution fails.
+  mvn -B -q -f "$KAFKA_FILES/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp" \
+    >"$KAFKA_HOME/maven.log" 2>&1 ||
+    { tail -n 30 "$KAFKA_HOME/maven.log" >&2; rm -rf "$tmp"; die "maven could not resolve the Kafka jars"; }
+  [[ -f $tmp/kafka_2.13-$KAFKA_VERSION.jar && -f $tmp/kafka-tools-$KAFKA_VERSION.jar ]] ||
+    { rm -rf "$tmp"; die "maven finished but the Kafka jars are missing from $tmp"; }
+  rm -rf "$KAFKA_LIBS"
+  mv "$tmp" "$KAFKA_LIBS"
+  touch "$KAFKA_HOME/.installed"
+  log "kafka $KAFKA_VERSION installed: $(ls "$KAFKA_LIBS" | wc -l) jars, $(du -sh "$KAFKA_LIBS" | cut -f1)"
+}
+
+# random_cluster_id: a Kafka Uuid string (16 random bytes, base64url, no
+# padding), as `StorageTool random-uuid` prints, without paying for a JVM start.
+# Like Kafka's Uuid.randomUuid it never returns an id starting with '-'.
+random_cluster_id() {
+  python3 -c '
+import base64, os
+while True:
+    s = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+    if not s.startswith("-"):
+        print(s)
+        break'
+}
+
+# On a failed start: show why (log tail) and do not leave a broker behind.
+start_failed() {
+  local rc=$?
+  trap - EXIT
+  if ((rc != 0)); then
+    if [[ -f $KAFKA_LOG ]]; then
+      log "kafka did not start; last lines of $KAFKA_LOG:"
+      tail -n 40 "$KAFKA_LOG" >&2
+    fi
+    if [[ -s $KAFKA_RUN/probe.log ]]; then
+      log "last lines of the readiness probe's stderr ($KAFKA_RUN/probe.log):"
+      tail -n 10 "$KAFKA_RUN/probe.log" >&2
+    fi
+    stop_pids kafka
+    rm -f "$HERALD_RUN/kafka.env"
+  fi
+  exit "$rc"
+}
+
+start() {
+  [[ -f $KAFKA_HOME/.installed ]] || install
+  # A start always gives a fresh, empty broker: end any earlier one from this
+  # test-bed instance and throw its data away.
+  stop_pids kafka
+  rm -rf "$KAFKA_RUN" "$HERALD_RUN/kafka.env"
+  mkdir -p "$KAFKA_RUN/data"
+  trap start_failed EXIT
+
+  local port cport
+  port=$(free_port)
+  cport=$(free_port)
+  while [[ $cport == "$port" ]]; do cport=$(free_port); done
+
+  sed -e "s|@PORT@|$port|g" -e "s|@CONTROLLER_PORT@|$cport|g" \
+    -e "s|@DATA_DIR@|$KAFKA_RUN/data|g" \
+    "$KAFKA_FILES/server.properties.in" >"$KAFKA_RUN/server.properties"
+
+  # KRaft refuses to start on an unformatted log dir. --standalone makes this
+  # node the sole voter of the (dynamic) controller quorum.
+  "${KAFKA_TOOL[@]}" "$STORAGE_TOOL" format --standalone -t "$(random_cluster_id)" \
+    -c "$KAFKA_RUN/server.properties" >>"$KAFKA_LOG" 2>&1 ||
+    die "formatting $KAFKA_RUN/data failed"
+
+  # log4j2 writes to $KAFKA_LOG via kafka.logs.dir; stdout/stderr are appended to
+  # the same file to catch JVM errors that happen before logging is set up.
+  # SerialGC and a small heap: a test broker with a handful of clients starts
+  # faster and uses less memory than with Kafka's production G1 settings.
+  log "starting kafka $KAFKA_VERSION on 127.0.0.1:$port (controller 127.0.0.1:$cport)"
+  java -Xmx512m -Xms256m -XX:+UseSerialGC -Djava.awt.headless=true \
+    -Dkafka.logs.dir="$KAFKA_RUN" \
+    -Dlog4j2.configurationFile="$KAFKA_FILES/log4j2.properties" \
+    -cp "$KAFKA_LIBS/*" "$BROKER_MAIN" "$KAFKA_RUN/server.properties" \
+    >>"$KAFKA_LOG" 2>&1 </dev/null &
+  local pid=$!
+  record_pid kafka "$pid"
+
+  # Ready means more than an open port: the listener opens before the broker
+  # has caught up with the metadata log and registered itself. A topic listing
+  # is a real metadata round-trip; the admin client retries internally until
+  # the broker answers, so one probe JVM usually suffices.
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  wait_port "$port" "$READY_TIMEOUT" "$pid"
+  until timeout "$((deadline - SECONDS > 1 ? deadline - SECONDS : 1))" \
+    "${KAFKA_TOOL[@]}" "$TOPIC_COMMAND" --bootstrap-server "127.0.0.1:$port" --list \
+    >/dev/null 2>>"$KAFKA_RUN/probe.log"; do
+    kill -0 "$pid" 2>/dev/null || die "kafka (pid $pid) exited during start-up"
+    ((SECONDS < deadline)) || die "kafka did not answer a metadata request within ${READY_TIMEOUT}s"
+    sleep 0.5
+  done
+
+  echo "export HERALD_KAFKA_BROKERS=127.0.0.1:$port" >"$HERALD_RUN/kafka.env"
+  trap - EXIT
+  log "kafka ready at 127.0.0.1:$port (pid $pid, log $KAFKA_LOG)"
+}
+
+stop() {
+  stop_pids kafka
+  rm -f "$HERALD_RUN/kafka.env"
+}
+
+case "${1:-}" in
+  install) install ;;
+  start) start ;;
+  stop) stop ;;
+  *) die "usage: $0 install|start|stop" ;;
+esac

@@ -1,0 +1,53 @@
+//! Operation codes carried in a frame's `op` field (goim-protocol.md §3).
+//!
+//! Codes 0–17 are goim's; 18–31 are reserved for Herald
+//! (herald-extensions.md). Business pushes should use codes above 31.
+
+/// Named in goim, no behaviour.
+pub const HANDSHAKE: i32 = 0;
+/// Named in goim, no behaviour.
+pub const HANDSHAKE_REPLY: i32 = 1;
+/// Client heartbeat; restarts the idle timeout.
+pub const HEARTBEAT: i32 = 2;
+/// Heartbeat reply; body is the room's online count as a big-endian i32.
+pub const HEARTBEAT_REPLY: i32 = 3;
+/// An ordinary upstream op, with no special meaning.
+pub const SEND_MSG: i32 = 4;
+/// Named in goim, never emitted.
+pub const SEND_MSG_REPLY: i32 = 5;
+/// Named in goim, never emitted.
+pub const DISCONNECT_REPLY: i32 = 6;
+/// Authenticate; body is the JSON token.
+pub const AUTH: i32 = 7;
+/// Authenticated; empty body.
+pub const AUTH_REPLY: i32 = 8;
+/// Raw container: the body is one or more complete frames.
+pub const RAW: i32 = 9;
+/// goim's internal sentinel; never on the wire.
+pub const PROTO_READY: i32 = 10;
+/// goim's internal sentinel; never on the wire.
+pub const PROTO_FINISH: i32 = 11;
+/// Change room; body is the new room id, empty = leave.
+pub const CHANGE_ROOM: i32 = 12;
+/// Change-room reply, echoing the request body.
+pub const CHANGE_ROOM_REPLY: i32 = 13;
+/// Add ops to the accepted set; body is a decimal list such as `1001,1002`.
+pub const SUB: i32 = 14;
+/// Subscribe reply, echoing the request body.
+pub const SUB_REPLY: i32 = 15;
+/// Remove ops from the accepted set.
+pub const UNSUB: i32 = 16;
+/// Unsubscribe reply, echoing the request body.
+pub const UNSUB_REPLY: i32 = 17;
+/// Herald: redirect before a drain closes the connection; JSON body.
+pub const REDIRECT: i32 = 18;
+/// Herald: reserved for delivery recovery (resume point, comet → client).
+pub const RESUME_POINT: i32 = 19;
+/// Herald: reserved for delivery recovery (resume, client → comet).
+pub const RESUME: i32 = 20;
+
+/// Whether `op` is goim's internal sentinel that must never be sent or accepted
+/// as a business op.
+pub fn is_internal(op: i32) -> bool {
+    op == PROTO_READY || op == PROTO_FINISH
+}

@@ -1,0 +1,58 @@
+//! Generated protobuf and gRPC types. Modules mirror the protobuf packages so
+//! cross-package references (`goim.protocol.Proto`) resolve.
+
+/// Packages of goim's own protos.
+pub mod goim {
+    /// `goim.protocol`: the frame message shared by comet and logic.
+    pub mod protocol {
+        #![allow(missing_docs, unreachable_pub, clippy::all)]
+        tonic::include_proto!("goim.protocol");
+    }
+    /// `goim.comet`: the service job calls on every comet.
+    pub mod comet {
+        #![allow(missing_docs, unreachable_pub, clippy::all)]
+        tonic::include_proto!("goim.comet");
+    }
+    /// `goim.logic`: the service comet calls, and the Kafka `PushMsg` record.
+    pub mod logic {
+        #![allow(missing_docs, unreachable_pub, clippy::all)]
+        tonic::include_proto!("goim.logic");
+    }
+}
+
+/// Herald's own packages.
+pub mod herald {
+    /// `herald.admin.v1`: comet load reports and drain, used by the operator.
+    pub mod admin {
+        /// Version 1 of the admin API.
+        pub mod v1 {
+            #![allow(missing_docs, unreachable_pub, clippy::all)]
+            tonic::include_proto!("herald.admin.v1");
+        }
+    }
+}
+
+pub use goim::comet::{
+    BroadcastReq, BroadcastRoomReq, PushMsgReq, RoomsReply,
+    comet_client::CometClient,
+    comet_server::{Comet, CometServer},
+};
+pub use goim::logic::{
+    ConnectReply, ConnectReq, PushMsg,
+    logic_client::LogicClient,
+    logic_server::{Logic, LogicServer},
+    push_msg,
+};
+pub use goim::protocol::Proto;
+pub use herald::admin::v1 as admin;
+
+impl From<crate::Frame> for Proto {
+    fn from(frame: crate::Frame) -> Self {
+        Proto {
+            ver: i32::from(frame.ver),
+            op: frame.op,
+            seq: frame.seq,
+            body: frame.body,
+        }
+    }
+}
