@@ -63,10 +63,7 @@ fn t1_auth_request() {
     both_ways(&frame, T1);
     // A client's auth frame must fit the inbound limit too.
     let mut buf = BytesMut::from(hex(T1).as_slice());
-    assert_eq!(
-        Frame::decode(&mut buf, Limits::INBOUND),
-        Ok(Some(frame))
-    );
+    assert_eq!(Frame::decode(&mut buf, Limits::INBOUND), Ok(Some(frame)));
 }
 
 #[test]
@@ -251,7 +248,11 @@ fn proto_both_ways<M: Message + Default + PartialEq + std::fmt::Debug>(
 ) {
     let bytes = hex(hex_text);
     assert_eq!(message.encode_to_vec(), bytes, "encode");
-    assert_eq!(&M::decode(bytes.as_slice()).expect("decodes"), message, "decode");
+    assert_eq!(
+        &M::decode(bytes.as_slice()).expect("decodes"),
+        message,
+        "decode"
+    );
 }
 
 #[test]
