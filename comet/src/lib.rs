@@ -1,5 +1,460 @@
-//! Comet: holds client connections (TCP, WebSocket, WSS) and delivers pushes.
+//! Comet: holds client connections (raw TCP, WebSocket, WSS) and delivers pushes.
 //!
-//! Not built yet: the connection server, session state machine, goim's
-//! `goim.comet.Comet` gRPC service and Herald's admin service land with the
-//! comet issue. The wire format it will speak lives in `herald-protocol`.
+//! Speaks goim 2.0's client protocol (`spec/goim-protocol.md` §2–5), calls
+//! logic's `goim.logic.Logic` to authenticate and report, serves goim's
+//! `goim.comet.Comet` to job, and Herald's `herald.admin.v1.CometAdmin` to the
+//! operator (load reports, drain with op-18 redirects).
+//!
+//! # Layout
+//! In data-flow order, after mini-redis:
+//! - [`server`]: accept loops for TCP, WebSocket and WSS, the TLS and WebSocket upgrades,
+//!   the handshake (op 7 → logic `Connect` → op 8) and the per-connection
+//!   session loop (§5).
+//! - [`conn`]: one connection's shared handle: accepted ops, a byte-bounded
+//!   outbound queue and the writer task that drains it in batches.
+//! - [`buckets`]: connections sharded by CityHash32(key) into buckets, each
+//!   with its key map and room membership; every push looks up here.
+//! - [`rpc`]: the gRPC services (`goim.comet.Comet`, `herald.admin.v1.CometAdmin`).
+//! - [`logic`]: the gRPC client to logic, with deadlines, and the periodic
+//!   room-count report (`RenewOnline`).
+//! - [`metrics`]: Prometheus metrics and the admin HTTP listener.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span};
+
+pub mod buckets;
+pub mod conn;
+pub mod logic;
+pub mod metrics;
+pub mod rpc;
+pub mod server;
+
+/// Why the comet could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The logic address is not a valid URI.
+    #[error("invalid logic address {addr:?}")]
+    LogicAddr {
+        /// The address as configured.
+        addr: String,
+        /// What the URI parser said.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server failed")]
+    Grpc(#[source] tonic::transport::Error),
+    /// A WSS listener was given without a certificate and key.
+    #[error("a WSS listener needs tls_cert and tls_key")]
+    TlsMissing,
+    /// The certificate or key file could not be read or parsed.
+    #[error("cannot load TLS file {path:?}")]
+    TlsFile {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// rustls refused the certificate/key pair.
+    #[error("TLS configuration rejected")]
+    Tls(#[source] rustls::Error),
+    /// The admin HTTP server failed.
+    #[error("admin HTTP server failed")]
+    Http(#[source] std::io::Error),
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Command-line flags of `herald comet`, each with an environment fallback.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Raw TCP client listener.
+    #[arg(long, env = "HERALD_COMET_TCP_ADDR", default_value = "0.0.0.0:3101")]
+    pub tcp_addr: SocketAddr,
+    /// WebSocket client listener (`/sub`).
+    #[arg(long, env = "HERALD_COMET_WS_ADDR", default_value = "0.0.0.0:3102")]
+    pub ws_addr: SocketAddr,
+    /// WSS client listener (`/sub` over TLS); off unless given.
+    #[arg(long, env = "HERALD_COMET_WSS_ADDR")]
+    pub wss_addr: Option<SocketAddr>,
+    /// PEM certificate chain for WSS.
+    #[arg(long, env = "HERALD_COMET_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for WSS.
+    #[arg(long, env = "HERALD_COMET_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// gRPC listener for `goim.comet.Comet` and `herald.admin.v1.CometAdmin`.
+    #[arg(long, env = "HERALD_COMET_GRPC_ADDR", default_value = "0.0.0.0:3109")]
+    pub grpc_addr: SocketAddr,
+    /// Admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
+    #[arg(long, env = "HERALD_COMET_HTTP_ADDR", default_value = "0.0.0.0:3190")]
+    pub http_addr: SocketAddr,
+    /// Server id sent to logic and stored in Redis routes; defaults to the host name.
+    #[arg(long, env = "HERALD_COMET_SERVER_ID")]
+    pub server_id: Option<String>,
+    /// Logic's gRPC address, `host:port` or a full `http://` URI.
+    #[arg(
+        long,
+        env = "HERALD_COMET_LOGIC_ADDR",
+        default_value = "127.0.0.1:3119"
+    )]
+    pub logic_addr: String,
+    /// Deadline for the WebSocket upgrade plus authentication, in milliseconds.
+    #[arg(
+        long,
+        env = "HERALD_COMET_HANDSHAKE_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub handshake_timeout_ms: u64,
+    /// Deadline of every call to logic, in milliseconds.
+    #[arg(long, env = "HERALD_COMET_LOGIC_TIMEOUT_MS", default_value_t = 3_000)]
+    pub logic_timeout_ms: u64,
+    /// Most client connections held at once; further ones are closed on accept.
+    #[arg(long, env = "HERALD_COMET_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Per-connection outbound queue, in bytes; a client that lets it fill is closed.
+    #[arg(long, env = "HERALD_COMET_QUEUE_BYTES", default_value_t = 256 * 1024)]
+    pub queue_bytes: usize,
+    /// Number of connection buckets (shards).
+    #[arg(long, env = "HERALD_COMET_BUCKETS", default_value_t = 32)]
+    pub buckets: usize,
+    /// Seconds between room-count reports to logic (`RenewOnline`).
+    #[arg(long, env = "HERALD_COMET_RENEW_ONLINE_SECS", default_value_t = 10)]
+    pub renew_online_secs: u64,
+    /// Seconds between session refreshes (`Heartbeat` to logic), ±25 % jitter.
+    #[arg(long, env = "HERALD_COMET_SESSION_REFRESH_SECS", default_value_t = 300)]
+    pub session_refresh_secs: u64,
+}
+
+impl Args {
+    /// The runtime configuration these flags describe.
+    pub fn config(self) -> Config {
+        // Destructured so that a new flag cannot be silently ignored.
+        let Args {
+            tcp_addr: _,
+            ws_addr: _,
+            wss_addr: _,
+            tls_cert,
+            tls_key,
+            grpc_addr: _,
+            http_addr: _,
+            server_id,
+            logic_addr,
+            handshake_timeout_ms,
+            logic_timeout_ms,
+            max_connections,
+            queue_bytes,
+            buckets,
+            renew_online_secs,
+            session_refresh_secs,
+        } = self;
+        Config {
+            server_id: server_id.unwrap_or_else(hostname),
+            logic_addr,
+            handshake_timeout: Duration::from_millis(handshake_timeout_ms),
+            logic_timeout: Duration::from_millis(logic_timeout_ms),
+            max_connections,
+            queue_bytes,
+            buckets: buckets.max(1),
+            renew_online_interval: Duration::from_secs(renew_online_secs.max(1)),
+            session_refresh: Duration::from_secs(session_refresh_secs.max(1)),
+            tls_cert,
+            tls_key,
+        }
+    }
+
+    /// Binds the four listeners these flags name.
+    ///
+    /// # Errors
+    /// The bind error of the first listener that failed.
+    pub async fn bind(&self) -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            tcp: TcpListener::bind(self.tcp_addr).await?,
+            ws: TcpListener::bind(self.ws_addr).await?,
+            wss: match self.wss_addr {
+                Some(addr) => Some(TcpListener::bind(addr).await?),
+                None => None,
+            },
+            grpc: TcpListener::bind(self.grpc_addr).await?,
+            http: Some(TcpListener::bind(self.http_addr).await?),
+        })
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// What the comet runs with; built from [`Args`], or directly by tests.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This comet's server id (§1).
+    pub server_id: String,
+    /// Logic's gRPC address, `host:port` or a URI.
+    pub logic_addr: String,
+    /// Deadline covering the WebSocket upgrade and authentication (§5.1).
+    pub handshake_timeout: Duration,
+    /// Deadline of each call to logic (goim sets none; §8).
+    pub logic_timeout: Duration,
+    /// Most connections held at once.
+    pub max_connections: usize,
+    /// Per-connection outbound queue limit, in bytes.
+    pub queue_bytes: usize,
+    /// Number of buckets connections are sharded into.
+    pub buckets: usize,
+    /// Period of `RenewOnline`.
+    pub renew_online_interval: Duration,
+    /// Mean period of the session refresh (`Heartbeat` to logic).
+    pub session_refresh: Duration,
+    /// PEM certificate chain for the WSS listener.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for the WSS listener.
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Config {
+    /// Defaults matching the flags, for a given server id and logic address.
+    pub fn new(server_id: impl Into<String>, logic_addr: impl Into<String>) -> Config {
+        Config {
+            server_id: server_id.into(),
+            logic_addr: logic_addr.into(),
+            handshake_timeout: Duration::from_secs(5),
+            logic_timeout: Duration::from_secs(3),
+            max_connections: 100_000,
+            queue_bytes: 256 * 1024,
+            buckets: 32,
+            renew_online_interval: Duration::from_secs(10),
+            session_refresh: Duration::from_secs(300),
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+/// The bound listeners [`run`] serves; bind `127.0.0.1:0` in tests.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Raw TCP clients.
+    pub tcp: TcpListener,
+    /// WebSocket clients.
+    pub ws: TcpListener,
+    /// WebSocket-over-TLS clients; needs `tls_cert` and `tls_key`.
+    pub wss: Option<TcpListener>,
+    /// gRPC (comet + admin services).
+    pub grpc: TcpListener,
+    /// Admin HTTP (`/metrics`, `/healthz`, `/readyz`); `None` serves none.
+    pub http: Option<TcpListener>,
+}
+
+/// State shared by the accept loops, sessions and gRPC services.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) buckets: buckets::Buckets,
+    pub(crate) logic: logic::Logic,
+    pub(crate) metrics: metrics::Metrics,
+    /// Set once a drain starts: accept loops then refuse new connections.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// Cancelled when the comet shuts down; every task watches it.
+    pub(crate) shutdown: CancellationToken,
+    /// Tracks sessions so shutdown can wait for their `Disconnect` calls.
+    pub(crate) tasks: TaskTracker,
+}
+
+/// Runs the comet until `shutdown` completes, then closes every connection
+/// (each still calls logic `Disconnect`) and returns.
+///
+/// # Errors
+/// [`Error::LogicAddr`] for a malformed logic address; [`Error::Grpc`] or
+/// [`Error::Http`] when a server fails.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let Listeners {
+        tcp,
+        ws,
+        wss,
+        grpc,
+        http,
+    } = listeners;
+    let wss = match wss {
+        Some(listener) => Some((listener, tls_acceptor(&config)?)),
+        None => None,
+    };
+    let logic = logic::Logic::new(&config.logic_addr, config.logic_timeout)?;
+    let shared = Arc::new(Shared {
+        buckets: buckets::Buckets::new(config.buckets),
+        logic,
+        metrics: metrics::Metrics::new(),
+        draining: std::sync::atomic::AtomicBool::new(false),
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        config,
+    });
+    info!(
+        server = %shared.config.server_id,
+        tcp = ?tcp.local_addr().ok(),
+        ws = ?ws.local_addr().ok(),
+        grpc = ?grpc.local_addr().ok(),
+        "comet listening"
+    );
+
+    // One limit for both client listeners.
+    let limit = Arc::new(tokio::sync::Semaphore::new(shared.config.max_connections));
+    let tcp_task = tokio::spawn(
+        server::accept_loop(tcp, server::Listen::Tcp, shared.clone(), limit.clone())
+            .instrument(info_span!("accept", transport = "tcp")),
+    );
+    let ws_task = tokio::spawn(
+        server::accept_loop(ws, server::Listen::Ws, shared.clone(), limit.clone())
+            .instrument(info_span!("accept", transport = "ws")),
+    );
+    let wss_task = wss.map(|(listener, acceptor)| {
+        tokio::spawn(
+            server::accept_loop(
+                listener,
+                server::Listen::Wss(acceptor),
+                shared.clone(),
+                limit,
+            )
+            .instrument(info_span!("accept", transport = "wss")),
+        )
+    });
+    let renew_task = tokio::spawn(
+        logic::renew_online_loop(shared.clone()).instrument(info_span!("renew_online")),
+    );
+    let grpc_task = {
+        let shared = shared.clone();
+        tokio::spawn(
+            async move {
+                let result = rpc::serve(grpc, shared.clone()).await;
+                // Without gRPC, job cannot push here: stop rather than linger.
+                if result.is_err() {
+                    shared.shutdown.cancel();
+                }
+                result
+            }
+            .instrument(info_span!("grpc")),
+        )
+    };
+    let http_task = http.map(|listener| {
+        tokio::spawn(metrics::serve(listener, shared.clone()).instrument(info_span!("http")))
+    });
+
+    let token = shared.shutdown.clone();
+    tokio::select! {
+        () = shutdown => {}
+        () = token.cancelled() => {}
+    }
+    info!("comet shutting down");
+    shared.shutdown.cancel();
+    let _ = tcp_task.await;
+    let _ = ws_task.await;
+    if let Some(task) = wss_task {
+        let _ = task.await;
+    }
+    let _ = renew_task.await;
+    shared.tasks.close();
+    shared.tasks.wait().await;
+    if let Some(Ok(Err(err))) = match http_task {
+        Some(task) => Some(task.await),
+        None => None,
+    } {
+        return Err(Error::Http(err));
+    }
+    match grpc_task.await {
+        Ok(result) => result,
+        Err(_) => Ok(()),
+    }
+}
+
+/// The TLS acceptor for WSS, from the configured PEM files.
+fn tls_acceptor(config: &Config) -> Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Err(Error::TlsMissing);
+    };
+    let file_error = |path: &PathBuf| {
+        let path = path.clone();
+        move |source| Error::TlsFile { path, source }
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(file_error(cert))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(file_error(key))?;
+    // An explicit provider: the process may not have installed a default one.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(Error::Tls)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(Error::Tls)?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_become_config() {
+        let cli = Cli::parse_from([
+            "comet",
+            "--server-id",
+            "comet-7",
+            "--queue-bytes",
+            "1024",
+            "--handshake-timeout-ms",
+            "8000",
+            "--buckets",
+            "0",
+        ]);
+        assert_eq!(cli.args.tcp_addr.port(), 3101);
+        assert_eq!(cli.args.ws_addr.port(), 3102);
+        assert_eq!(cli.args.grpc_addr.port(), 3109);
+        assert!(cli.args.wss_addr.is_none());
+        let config = cli.args.config();
+        assert_eq!(config.server_id, "comet-7");
+        assert_eq!(config.queue_bytes, 1024);
+        assert_eq!(config.handshake_timeout, Duration::from_secs(8));
+        assert_eq!(config.buckets, 1, "at least one bucket");
+    }
+
+    #[test]
+    fn server_id_defaults_to_a_host_name() {
+        let config = Cli::parse_from(["comet"]).args.config();
+        assert!(!config.server_id.is_empty());
+    }
+}

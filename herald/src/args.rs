@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::signal;
 use crate::telemetry::LogFormat;
 
 /// Herald: a goim-compatible push server and its Kubernetes operator.
@@ -34,10 +35,10 @@ enum Role {
     Standalone,
     /// Hold client connections (TCP 3101, WebSocket 3102, WSS 3103) and
     /// deliver pushes received over gRPC (3109).
-    Comet,
+    Comet(Box<herald_comet::Args>),
     /// Serve the HTTP push API (3111) and goim.logic gRPC (3119); route via
     /// Redis and write push records to Kafka.
-    Logic,
+    Logic(Box<herald_logic::Args>),
     /// Consume push records from Kafka and deliver them to comets over gRPC.
     Job,
     /// Reconcile PushCluster resources in a Kubernetes cluster.
@@ -54,9 +55,9 @@ impl Args {
             role,
         } = self;
         let (name, issue) = match role {
+            Role::Comet(args) => return serve("comet", comet(*args)),
+            Role::Logic(args) => return serve("logic", logic(*args)),
             Role::Standalone => ("standalone", "the logic/job/standalone issue"),
-            Role::Comet => ("comet", "the comet issue"),
-            Role::Logic => ("logic", "the logic/job/standalone issue"),
             Role::Job => ("job", "the logic/job/standalone issue"),
             Role::Operator => ("operator", "the operator issue"),
             Role::Crdgen => ("crdgen", "the operator issue"),
@@ -64,5 +65,37 @@ impl Args {
         tracing::error!(role = name, "not built yet; it lands with {issue}");
         eprintln!("herald {name}: not built yet (lands with {issue})");
         ExitCode::from(2)
+    }
+}
+
+async fn comet(args: herald_comet::Args) -> anyhow::Result<()> {
+    let listeners = args.bind().await?;
+    herald_comet::run(args.config(), listeners, signal::shutdown()).await?;
+    Ok(())
+}
+
+async fn logic(args: herald_logic::Args) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    let listeners = herald_logic::Listeners::bind(config.http_addr, config.grpc_addr).await?;
+    herald_logic::run(config, listeners, signal::shutdown()).await?;
+    Ok(())
+}
+
+/// Runs a role's future on a multi-threaded runtime; a failure is logged with
+/// its causes and turns into exit status 1.
+fn serve(role: &str, future: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!(role, cause = %err, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(role, cause = format!("{err:#}"), "stopped with an error");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! `herald`: parse arguments, start telemetry, run the chosen role.
 
 mod args;
+mod signal;
 mod telemetry;
 
 use clap::Parser;

@@ -1,0 +1,398 @@
+//! One connection's shared handle and its writer.
+//!
+//! Everything that sends to a client — the session's replies, pushes from
+//! gRPC, drain redirects — appends an already-encoded buffer to the
+//! connection's [`Outbound`] queue. The queue is bounded in *bytes*, not
+//! messages: a 1 MiB room batch and a 16-byte heartbeat reply are not the same
+//! burden. A push that would overflow it closes the connection as a slow
+//! consumer instead of blocking the pusher, so one stuck client cannot hold up
+//! a room broadcast.
+//!
+//! The writer task takes everything queued at once and writes it with one call
+//! (TCP: the buffers concatenated; WebSocket: every message fed, then one
+//! flush), so a burst of pushes costs one syscall rather than one each.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use bytes::{Bytes, BytesMut};
+use futures::SinkExt;
+use futures::stream::SplitSink;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::Transport;
+
+/// Why a connection was closed by the server side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The outbound queue overflowed.
+    SlowConsumer,
+    /// A newer connection with the same key authenticated.
+    Replaced,
+    /// The comet is draining.
+    Drain,
+    /// The session already ended (client left, idle, shutdown).
+    Ended,
+}
+
+impl CloseReason {
+    /// A short label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Replaced => "replaced",
+            CloseReason::Drain => "drain",
+            CloseReason::Ended => "ended",
+        }
+    }
+}
+
+/// A push could not be queued: the connection is being closed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("connection closed: {}", .0.as_str())]
+pub struct Closed(pub CloseReason);
+
+#[derive(Debug, Default)]
+struct QueueState {
+    items: VecDeque<Bytes>,
+    bytes: usize,
+    /// The writer writes what is queued, then stops; nothing more is accepted.
+    finishing: bool,
+    /// Why the server closed the connection, if it did.
+    reason: Option<CloseReason>,
+}
+
+/// The byte-bounded outbound queue.
+#[derive(Debug)]
+pub struct Outbound {
+    // A std Mutex: held only to push or swap a VecDeque, never across an await.
+    state: Mutex<QueueState>,
+    wake: Notify,
+    limit: usize,
+}
+
+impl Outbound {
+    fn new(limit: usize) -> Outbound {
+        Outbound {
+            state: Mutex::new(QueueState::default()),
+            wake: Notify::new(),
+            limit,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        // A panic while holding this lock leaves a consistent VecDeque; keep going.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Who a connection is, as settled by authentication.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Unique per comet process.
+    pub id: u64,
+    /// The key logic assigned.
+    pub key: String,
+    /// The user id logic assigned.
+    pub mid: i64,
+    /// TCP or WebSocket.
+    pub transport: Transport,
+    /// The client's address.
+    pub ip: IpAddr,
+    /// The token asked for Herald's op-18 redirect.
+    pub redirect: bool,
+}
+
+/// The shared handle of one authenticated connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// Unique per comet process; tells a replaced connection from its successor.
+    pub id: u64,
+    /// The key logic assigned.
+    pub key: String,
+    /// The user id logic assigned (0 = anonymous).
+    pub mid: i64,
+    /// TCP or WebSocket: decides how pushes are framed.
+    pub transport: Transport,
+    /// The client's address.
+    pub ip: IpAddr,
+    /// The token asked for Herald's op-18 redirect.
+    pub redirect: bool,
+    accepts: Mutex<HashSet<i32>>,
+    out: Outbound,
+    /// Cancelled when the server decides to close this connection.
+    pub closed: CancellationToken,
+}
+
+impl Conn {
+    /// A new handle for an authenticated client, with an empty queue of
+    /// `queue_bytes` and `accepts` as its accepted ops.
+    pub fn new(identity: Identity, accepts: &[i32], queue_bytes: usize) -> Conn {
+        let Identity {
+            id,
+            key,
+            mid,
+            transport,
+            ip,
+            redirect,
+        } = identity;
+        Conn {
+            id,
+            key,
+            mid,
+            transport,
+            ip,
+            redirect,
+            accepts: Mutex::new(accepts.iter().copied().collect()),
+            out: Outbound::new(queue_bytes),
+            closed: CancellationToken::new(),
+        }
+    }
+
+    /// Whether a key/mid/broadcast push of `op` should reach this connection.
+    pub fn accepts(&self, op: i32) -> bool {
+        self.accepts_lock().contains(&op)
+    }
+
+    /// Adds `ops` to the accepted set.
+    pub fn accept(&self, ops: &[i32]) {
+        self.accepts_lock().extend(ops.iter().copied());
+    }
+
+    /// Removes `ops` from the accepted set.
+    pub fn unaccept(&self, ops: &[i32]) {
+        let mut set = self.accepts_lock();
+        for op in ops {
+            set.remove(op);
+        }
+    }
+
+    fn accepts_lock(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
+        self.accepts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues one encoded message (a TCP byte run or one WebSocket message).
+    ///
+    /// # Errors
+    /// [`Closed`] when the connection is closing, or when this message would
+    /// overflow the queue — the connection is then closed as a slow consumer.
+    pub fn send(&self, msg: Bytes) -> Result<(), Closed> {
+        let mut state = self.out.lock();
+        if let Some(reason) = state.reason {
+            return Err(Closed(reason));
+        }
+        if state.finishing {
+            return Err(Closed(CloseReason::Ended));
+        }
+        if state.bytes + msg.len() > self.out.limit {
+            state.items.clear();
+            state.bytes = 0;
+            state.reason = Some(CloseReason::SlowConsumer);
+            drop(state);
+            self.closed.cancel();
+            self.out.wake.notify_one();
+            return Err(Closed(CloseReason::SlowConsumer));
+        }
+        state.bytes += msg.len();
+        state.items.push_back(msg);
+        drop(state);
+        self.out.wake.notify_one();
+        Ok(())
+    }
+
+    /// Queues a push given in both encodings, picking this connection's one.
+    ///
+    /// # Errors
+    /// As [`Conn::send`].
+    pub fn push(&self, tcp: &Bytes, ws: &Bytes) -> Result<(), Closed> {
+        match self.transport {
+            Transport::Tcp => self.send(tcp.clone()),
+            Transport::Ws => self.send(ws.clone()),
+        }
+    }
+
+    /// Closes the connection for `reason` after what is already queued is written.
+    pub fn close(&self, reason: CloseReason) {
+        let mut state = self.out.lock();
+        state.finishing = true;
+        state.reason.get_or_insert(reason);
+        drop(state);
+        self.closed.cancel();
+        self.out.wake.notify_one();
+    }
+
+    /// Tells the writer to write what is queued and stop (the session ended).
+    pub fn finish(&self) {
+        self.out.lock().finishing = true;
+        self.out.wake.notify_one();
+    }
+
+    /// Why the server closed this connection, if it did.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.out.lock().reason
+    }
+
+    /// Waits for the next batch; `None` once the writer should stop.
+    async fn next_batch(&self) -> Option<VecDeque<Bytes>> {
+        loop {
+            // Register interest before looking, so a send between the look and
+            // the wait is not missed.
+            let notified = self.out.wake.notified();
+            {
+                let mut state = self.out.lock();
+                if state.reason == Some(CloseReason::SlowConsumer) {
+                    return None;
+                }
+                if !state.items.is_empty() {
+                    state.bytes = 0;
+                    return Some(std::mem::take(&mut state.items));
+                }
+                if state.finishing {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The write side of a client socket.
+pub enum Sink {
+    /// Raw TCP: frames back to back.
+    Tcp(OwnedWriteHalf),
+    /// WebSocket: one binary message per queued buffer.
+    Ws(SplitSink<crate::server::WsStream, Message>),
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Sink::Tcp(_) => "Sink::Tcp",
+            Sink::Ws(_) => "Sink::Ws",
+        })
+    }
+}
+
+/// Drains `conn`'s queue into `sink` until the connection finishes or a write
+/// fails; `written(n)` is told the size of every batch written.
+pub async fn write_loop(conn: std::sync::Arc<Conn>, mut sink: Sink, written: impl Fn(usize)) {
+    while let Some(batch) = conn.next_batch().await {
+        let n = batch.len();
+        let result_of_write = match &mut sink {
+            Sink::Tcp(half) => {
+                if batch.len() == 1 {
+                    half.write_all(&batch[0]).await
+                } else {
+                    let total = batch.iter().map(Bytes::len).sum();
+                    let mut buf = BytesMut::with_capacity(total);
+                    for item in &batch {
+                        buf.extend_from_slice(item);
+                    }
+                    half.write_all(&buf).await
+                }
+            }
+            Sink::Ws(ws) => {
+                let mut result = Ok(());
+                for item in batch {
+                    if let Err(err) = ws.feed(Message::Binary(item)).await {
+                        result = Err(err);
+                        break;
+                    }
+                }
+                match result {
+                    Ok(()) => ws.flush().await,
+                    Err(err) => Err(err),
+                }
+                .map_err(std::io::Error::other)
+            }
+        };
+        if let Err(err) = result_of_write {
+            tracing::debug!(cause = %err, "write failed");
+            conn.closed.cancel();
+            return;
+        }
+        written(n);
+    }
+    match &mut sink {
+        Sink::Tcp(half) => {
+            let _ = half.shutdown().await;
+        }
+        Sink::Ws(ws) => {
+            let _ = ws.send(Message::Close(None)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(limit: usize) -> Conn {
+        let identity = Identity {
+            id: 1,
+            key: "k".to_owned(),
+            mid: 0,
+            transport: Transport::Tcp,
+            ip: [127, 0, 0, 1].into(),
+            redirect: false,
+        };
+        Conn::new(identity, &[1000], limit)
+    }
+
+    #[test]
+    fn overflowing_the_byte_limit_closes_as_slow_consumer() {
+        let c = conn(10);
+        assert_eq!(c.send(Bytes::from_static(b"123456")), Ok(()));
+        assert_eq!(c.send(Bytes::from_static(b"1234")), Ok(()), "exactly full");
+        assert_eq!(
+            c.send(Bytes::from_static(b"1")),
+            Err(Closed(CloseReason::SlowConsumer))
+        );
+        assert!(c.closed.is_cancelled());
+        assert_eq!(c.close_reason(), Some(CloseReason::SlowConsumer));
+        assert_eq!(
+            c.send(Bytes::from_static(b"1")),
+            Err(Closed(CloseReason::SlowConsumer))
+        );
+    }
+
+    #[tokio::test]
+    async fn writer_batches_everything_queued() {
+        let c = conn(100);
+        c.send(Bytes::from_static(b"ab")).unwrap();
+        c.send(Bytes::from_static(b"cd")).unwrap();
+        let batch = c.next_batch().await.unwrap();
+        assert_eq!(
+            batch,
+            [Bytes::from_static(b"ab"), Bytes::from_static(b"cd")]
+        );
+        // Taking the batch frees its bytes.
+        c.send(Bytes::from(vec![0u8; 100])).unwrap();
+        c.close(CloseReason::Drain);
+        assert_eq!(
+            c.next_batch().await.map(|b| b.len()),
+            Some(1),
+            "queued data still flushed"
+        );
+        assert!(c.next_batch().await.is_none());
+        assert_eq!(c.send(Bytes::new()), Err(Closed(CloseReason::Drain)));
+    }
+
+    #[test]
+    fn accepted_ops_change() {
+        let c = conn(10);
+        assert!(c.accepts(1000));
+        c.accept(&[1001]);
+        c.unaccept(&[1000]);
+        assert!(c.accepts(1001) && !c.accepts(1000));
+    }
+}

@@ -1,0 +1,149 @@
+//! The gRPC client to logic (`goim.logic.Logic`, §8.2) and the periodic
+//! room-count report.
+//!
+//! goim sets no deadlines on these calls; every call here has one (the
+//! channel's `timeout`), so a hung logic fails handshakes instead of pinning
+//! connections forever.
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use herald_protocol::pb::goim::logic::{
+    ConnectReply, ConnectReq, DisconnectReq, HeartbeatReq, OnlineReq, ReceiveReq,
+};
+use herald_protocol::pb::{LogicClient, Proto};
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, warn};
+
+use crate::{Error, Shared};
+
+/// Logic's client plus the latest cluster-wide room counts it reported.
+#[derive(Debug)]
+pub struct Logic {
+    client: LogicClient<Channel>,
+    /// `allRoomCount` from the last `RenewOnline` reply, replaced wholesale.
+    /// Read on every client heartbeat, written every renew period: RwLock.
+    online: RwLock<Arc<HashMap<String, i32>>>,
+}
+
+impl Logic {
+    /// A lazily connecting client; the first call dials.
+    ///
+    /// # Errors
+    /// [`Error::LogicAddr`] when `addr` is not a valid URI.
+    pub fn new(addr: &str, timeout: Duration) -> Result<Logic, Error> {
+        let uri = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(uri).map_err(|source| Error::LogicAddr {
+            addr: addr.to_owned(),
+            source,
+        })?;
+        let channel = endpoint
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect_lazy();
+        Ok(Logic {
+            client: LogicClient::new(channel),
+            online: RwLock::new(Arc::new(HashMap::new())),
+        })
+    }
+
+    /// `Connect`: authenticates a token.
+    ///
+    /// # Errors
+    /// The gRPC status logic (or the deadline) produced.
+    pub async fn connect(
+        &self,
+        server: &str,
+        cookie: String,
+        token: bytes::Bytes,
+    ) -> Result<ConnectReply, tonic::Status> {
+        let req = ConnectReq {
+            server: server.to_owned(),
+            cookie,
+            token,
+        };
+        Ok(self.client.clone().connect(req).await?.into_inner())
+    }
+
+    /// `Disconnect`; failures are logged, the connection is gone either way.
+    pub async fn disconnect(&self, mid: i64, key: &str, server: &str) {
+        let req = DisconnectReq {
+            mid,
+            key: key.to_owned(),
+            server: server.to_owned(),
+        };
+        if let Err(status) = self.client.clone().disconnect(req).await {
+            warn!(%key, cause = %status, "logic Disconnect failed");
+        }
+    }
+
+    /// `Heartbeat` (session refresh); failures are logged.
+    pub async fn heartbeat(&self, mid: i64, key: &str, server: &str) {
+        let req = HeartbeatReq {
+            mid,
+            key: key.to_owned(),
+            server: server.to_owned(),
+        };
+        if let Err(status) = self.client.clone().heartbeat(req).await {
+            warn!(%key, cause = %status, "logic Heartbeat failed");
+        }
+    }
+
+    /// `Receive`: forwards an upstream frame; the result is ignored (§5.2).
+    pub async fn receive(&self, mid: i64, proto: Proto) {
+        let req = ReceiveReq {
+            mid,
+            proto: Some(proto),
+        };
+        if let Err(status) = self.client.clone().receive(req).await {
+            debug!(cause = %status, "logic Receive failed");
+        }
+    }
+
+    /// The cluster-wide count for `room` from the last report, if positive.
+    pub fn cluster_count(&self, room: &str) -> Option<i32> {
+        let online = self
+            .online
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        online.get(room).copied().filter(|&n| n > 0)
+    }
+
+    async fn renew_online(&self, server: &str, counts: HashMap<String, i32>) {
+        let req = OnlineReq {
+            server: server.to_owned(),
+            room_count: counts,
+        };
+        match self.client.clone().renew_online(req).await {
+            Ok(reply) => {
+                let all = Arc::new(reply.into_inner().all_room_count);
+                *self.online.write().unwrap_or_else(PoisonError::into_inner) = all;
+            }
+            Err(status) => warn!(cause = %status, "logic RenewOnline failed"),
+        }
+    }
+}
+
+/// Reports local room counts to logic every renew period until shutdown.
+pub(crate) async fn renew_online_loop(shared: Arc<Shared>) {
+    let period = shared.config.renew_online_interval;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let counts = shared.buckets.room_counts();
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            () = shared.logic.renew_online(&shared.config.server_id, counts) => {}
+        }
+    }
+}

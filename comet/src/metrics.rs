@@ -1,0 +1,166 @@
+//! Prometheus metrics and the admin HTTP listener (`/metrics`, `/healthz`,
+//! `/readyz`).
+//!
+//! Labels are fixed, low-cardinality strings (transport, outcome, rpc,
+//! reason); never keys, rooms or user ids.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::Shared;
+use crate::server::Transport;
+
+type Labels = [(&'static str, &'static str); 1];
+type Counters = Family<Labels, Counter>;
+
+/// The comet's metrics, registered once in [`Metrics::new`].
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<Labels, Gauge>,
+    auth: Counters,
+    frames_in: Counters,
+    frames_out: Counters,
+    pushes: Counters,
+    drops: Counters,
+    disconnects: Counters,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every comet metric in it, prefixed `herald_comet`.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("herald_comet");
+        let connections = Family::<Labels, Gauge>::default();
+        registry.register(
+            "connections",
+            "Authenticated connections, by transport",
+            connections.clone(),
+        );
+        let mut counter = |name: &str, help: &str| {
+            let family = Counters::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let auth = counter("auth", "Handshake outcomes");
+        let frames_in = counter("frames_in", "Client frames received, by transport");
+        let frames_out = counter("frames_out", "Messages queued to clients, by transport");
+        let pushes = counter("pushes", "Push RPCs served, by rpc");
+        let drops = counter("push_drops", "Pushes not queued, by reason");
+        let disconnects = counter("disconnects", "Closed authenticated connections, by reason");
+        Metrics {
+            registry,
+            connections,
+            auth,
+            frames_in,
+            frames_out,
+            pushes,
+            drops,
+            disconnects,
+        }
+    }
+
+    fn transport(transport: Transport) -> Labels {
+        [(
+            "transport",
+            match transport {
+                Transport::Tcp => "tcp",
+                Transport::Ws => "ws",
+            },
+        )]
+    }
+
+    pub(crate) fn connection_opened(&self, transport: Transport) {
+        self.connections
+            .get_or_create(&Self::transport(transport))
+            .inc();
+    }
+
+    pub(crate) fn connection_closed(&self, transport: Transport, reason: &'static str) {
+        self.connections
+            .get_or_create(&Self::transport(transport))
+            .dec();
+        self.disconnects.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    pub(crate) fn auth(&self, outcome: &'static str) {
+        self.auth.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    pub(crate) fn frame_in(&self, transport: Transport) {
+        self.frames_in
+            .get_or_create(&Self::transport(transport))
+            .inc();
+    }
+
+    pub(crate) fn frames_out(&self, transport: Transport, n: usize) {
+        self.frames_out
+            .get_or_create(&Self::transport(transport))
+            .inc_by(n as u64);
+    }
+
+    pub(crate) fn push(&self, rpc: &'static str) {
+        self.pushes.get_or_create(&[("rpc", rpc)]).inc();
+    }
+
+    pub(crate) fn drop_push(&self, reason: &'static str) {
+        self.drops.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until shutdown.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
+    let token = shared.shutdown.clone();
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(shared);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(token.cancelled_owned())
+        .await
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        shared.metrics.encode(),
+    )
+}
+
+/// Ready while accepting connections; a draining comet says 503 so load
+/// balancers stop sending it clients.
+async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    if shared.draining.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else {
+        (StatusCode::OK, "ready")
+    }
+}

@@ -1,0 +1,257 @@
+//! gRPC services on the comet's gRPC listener: goim's `goim.comet.Comet`
+//! (called by job, §8.3) and Herald's `herald.admin.v1.CometAdmin` (called by
+//! the operator).
+//!
+//! Each push is encoded once per transport (TCP bytes, WebSocket op-9
+//! message) and the same [`Bytes`] is shared by every recipient's queue.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_protocol::pb::admin::comet_admin_server::{CometAdmin, CometAdminServer};
+use herald_protocol::pb::admin::{DrainReply, DrainRequest, LoadReply, LoadRequest};
+use herald_protocol::pb::goim::comet::{
+    BroadcastReply, BroadcastReq, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, PushMsgReq,
+    RoomsReply, RoomsReq,
+};
+use herald_protocol::pb::{Comet, CometServer, Proto};
+use herald_protocol::{Frame, op, ws};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, debug, info, info_span};
+
+use crate::conn::CloseReason;
+use crate::{Error, Shared};
+
+/// Serves both services on `listener` until shutdown.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) -> Result<(), Error> {
+    let service = Service {
+        shared: shared.clone(),
+    };
+    let token = shared.shutdown.clone();
+    tonic::transport::Server::builder()
+        .add_service(CometServer::new(service.clone()))
+        .add_service(CometAdminServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
+        .await
+        .map_err(Error::Grpc)
+}
+
+#[derive(Debug, Clone)]
+struct Service {
+    shared: Arc<Shared>,
+}
+
+/// A push encoded for each transport, shared by all recipients.
+struct Encoded {
+    tcp: Bytes,
+    ws: Bytes,
+}
+
+impl Encoded {
+    fn new(proto: &Proto) -> Encoded {
+        Encoded {
+            tcp: ws::push_for_tcp(proto),
+            ws: ws::push_for_ws(proto),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Comet for Service {
+    async fn push_msg(&self, req: Request<PushMsgReq>) -> Result<Response<PushMsgReply>, Status> {
+        let PushMsgReq {
+            keys,
+            proto,
+            proto_op,
+        } = req.into_inner();
+        let proto = proto.ok_or_else(|| Status::invalid_argument("proto is required"))?;
+        if keys.is_empty() {
+            return Err(Status::invalid_argument("keys is empty"));
+        }
+        self.shared.metrics.push("push_msg");
+        let encoded = Encoded::new(&proto);
+        for key in &keys {
+            let Some(conn) = self.shared.buckets.get(key) else {
+                continue;
+            };
+            if conn.accepts(proto_op) {
+                // A full queue closes that connection; goim aborted the whole
+                // call here (§13.6) — the remaining keys still get the push.
+                if let Err(err) = conn.push(&encoded.tcp, &encoded.ws) {
+                    debug!(%key, cause = %err, "push dropped");
+                    self.shared.metrics.drop_push(err.0.as_str());
+                }
+            }
+        }
+        Ok(Response::new(PushMsgReply {}))
+    }
+
+    async fn broadcast(
+        &self,
+        req: Request<BroadcastReq>,
+    ) -> Result<Response<BroadcastReply>, Status> {
+        let BroadcastReq {
+            proto_op,
+            proto,
+            speed,
+        } = req.into_inner();
+        let proto = proto.ok_or_else(|| Status::invalid_argument("proto is required"))?;
+        self.shared.metrics.push("broadcast");
+        let encoded = Encoded::new(&proto);
+        let shared = self.shared.clone();
+        // Reply at once, deliver in the background (§8.3).
+        tokio::spawn(
+            async move {
+                for index in 0..shared.buckets.len() {
+                    let conns = shared.buckets.bucket_conns(index);
+                    let n = conns.len();
+                    for conn in conns {
+                        if conn.accepts(proto_op)
+                            && let Err(err) = conn.push(&encoded.tcp, &encoded.ws)
+                        {
+                            shared.metrics.drop_push(err.0.as_str());
+                        }
+                    }
+                    // "speed connections per second": pause after each bucket.
+                    if speed > 0 && n > 0 {
+                        let pause = Duration::from_secs_f64(n as f64 / f64::from(speed));
+                        tokio::select! {
+                            () = shared.shutdown.cancelled() => return,
+                            () = tokio::time::sleep(pause) => {}
+                        }
+                    }
+                }
+            }
+            .instrument(info_span!("broadcast", op = proto_op)),
+        );
+        Ok(Response::new(BroadcastReply {}))
+    }
+
+    async fn broadcast_room(
+        &self,
+        req: Request<BroadcastRoomReq>,
+    ) -> Result<Response<BroadcastRoomReply>, Status> {
+        let BroadcastRoomReq { room_id, proto } = req.into_inner();
+        let proto = proto.ok_or_else(|| Status::invalid_argument("proto is required"))?;
+        if room_id.is_empty() {
+            return Err(Status::invalid_argument("roomID is empty"));
+        }
+        self.shared.metrics.push("broadcast_room");
+        let encoded = Encoded::new(&proto);
+        // Room pushes ignore the accepted set (goim behaviour, §5.5).
+        for conn in self.shared.buckets.room_members(&room_id) {
+            if let Err(err) = conn.push(&encoded.tcp, &encoded.ws) {
+                self.shared.metrics.drop_push(err.0.as_str());
+            }
+        }
+        Ok(Response::new(BroadcastRoomReply {}))
+    }
+
+    async fn rooms(&self, _req: Request<RoomsReq>) -> Result<Response<RoomsReply>, Status> {
+        let rooms = self
+            .shared
+            .buckets
+            .room_counts()
+            .into_keys()
+            .map(|room| (room, true))
+            .collect::<HashMap<_, _>>();
+        Ok(Response::new(RoomsReply { rooms }))
+    }
+}
+
+/// The op-18 body (herald-extensions.md).
+#[derive(Debug, serde::Serialize)]
+struct Redirect<'a> {
+    reason: &'a str,
+    nodes: &'a [String],
+    tcp_port: i32,
+    ws_port: i32,
+    wss_port: i32,
+    reconnect_within_ms: u32,
+}
+
+#[tonic::async_trait]
+impl CometAdmin for Service {
+    async fn load(&self, _req: Request<LoadRequest>) -> Result<Response<LoadReply>, Status> {
+        let (connections, client_ips, rooms) = self.shared.buckets.load();
+        Ok(Response::new(LoadReply {
+            server: self.shared.config.server_id.clone(),
+            connections: connections as u64,
+            client_ips: client_ips as u64,
+            rooms: rooms as u64,
+            draining: self.shared.draining.load(Ordering::SeqCst),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+    }
+
+    async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainReply>, Status> {
+        let DrainRequest {
+            deadline_ms,
+            close_rate,
+            nodes,
+            tcp_port,
+            ws_port,
+            wss_port,
+            reconnect_within_ms,
+        } = req.into_inner();
+        let conns = self.shared.buckets.all();
+        let connections = conns.len() as u64;
+        if self.shared.draining.swap(true, Ordering::SeqCst) {
+            return Ok(Response::new(DrainReply {
+                connections,
+                started: false,
+            }));
+        }
+        let body = serde_json::to_vec(&Redirect {
+            reason: "drain",
+            nodes: &nodes,
+            tcp_port,
+            ws_port,
+            wss_port,
+            reconnect_within_ms,
+        })
+        .map_err(|err| Status::internal(err.to_string()))?;
+        // On both transports op 18 is a reply-like frame, never op-9 wrapped.
+        let redirect = Frame::push(op::REDIRECT, body).to_bytes();
+        // Space closes at `close_rate`/s, but never so slowly that the last
+        // one misses the deadline.
+        let mut gap = if close_rate > 0 {
+            Duration::from_secs_f64(1.0 / f64::from(close_rate))
+        } else {
+            Duration::ZERO
+        };
+        if !conns.is_empty() {
+            let budget = Duration::from_millis(deadline_ms) / (conns.len() as u32 + 1);
+            gap = gap.min(budget);
+        }
+        info!(connections, ?gap, "drain started");
+        let shared = self.shared.clone();
+        tokio::spawn(
+            async move {
+                for (i, conn) in conns.into_iter().enumerate() {
+                    if i > 0 && !gap.is_zero() {
+                        tokio::select! {
+                            () = shared.shutdown.cancelled() => return,
+                            () = tokio::time::sleep(gap) => {}
+                        }
+                    }
+                    if conn.redirect {
+                        let _ = conn.send(redirect.clone());
+                    }
+                    conn.close(CloseReason::Drain);
+                }
+                info!("drain finished");
+            }
+            .instrument(info_span!("drain")),
+        );
+        Ok(Response::new(DrainReply {
+            connections,
+            started: true,
+        }))
+    }
+}

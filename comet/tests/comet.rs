@@ -1,0 +1,1328 @@
+//! Black-box tests: a comet started with `run` on 127.0.0.1:0, a stub
+//! `goim.logic.Logic` that records calls, real TCP and WebSocket clients, and
+//! a tonic client for the comet's gRPC services. Byte vectors are spec §14's.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use herald_comet::{Config, Listeners};
+use herald_protocol::pb::admin::comet_admin_client::CometAdminClient;
+use herald_protocol::pb::admin::{DrainRequest, LoadRequest};
+use herald_protocol::pb::goim::comet::RoomsReq;
+use herald_protocol::pb::goim::logic::{
+    DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq, NodesReply, NodesReq,
+    OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
+};
+use herald_protocol::pb::{
+    BroadcastReq, BroadcastRoomReq, CometClient, ConnectReply, ConnectReq, Logic, LogicServer,
+    Proto, PushMsgReq,
+};
+use herald_protocol::{Frame, Limits, op, ws};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+type Result<T = (), E = anyhow::Error> = std::result::Result<T, E>;
+
+/// Upper bound of every wait for an event.
+const WAIT: Duration = Duration::from_secs(5);
+
+fn hex(s: &str) -> Vec<u8> {
+    s.split_whitespace()
+        .map(|b| u8::from_str_radix(b, 16).expect("hex byte"))
+        .collect()
+}
+
+const T1: &str = "00 00 00 5f 00 10 00 01 00 00 00 07 00 00 00 01
+7b 22 6d 69 64 22 3a 31 32 33 2c 22 72 6f 6f 6d 5f 69 64 22 3a 22 6c 69 76 65 3a 2f 2f
+31 30 30 30 22 2c 22 70 6c 61 74 66 6f 72 6d 22 3a 22 77 65 62 22 2c 22 61 63 63 65 70
+74 73 22 3a 5b 31 30 30 30 2c 31 30 30 31 2c 31 30 30 32 5d 7d";
+const T2: &str = "00 00 00 10 00 10 00 01 00 00 00 08 00 00 00 01";
+const T3: &str = "00 00 00 10 00 10 00 01 00 00 00 02 00 00 00 02";
+const T4: &str = "00 00 00 14 00 10 00 01 00 00 00 03 00 00 00 02 00 00 00 03";
+const T5: &str = "00 00 00 15 00 10 00 01 00 00 03 e8 00 00 00 00 68 65 6c 6c 6f";
+const T6: &str = "00 00 00 25 00 10 00 01 00 00 00 09 00 00 00 00
+00 00 00 15 00 10 00 01 00 00 03 e8 00 00 00 00 68 65 6c 6c 6f";
+const T7: &str = "00 00 00 1a 00 10 00 01 00 00 03 e8 00 00 00 00 7b 22 74 65 73 74 22 3a 31 7d
+00 00 00 1a 00 10 00 01 00 00 03 e8 00 00 00 00 7b 22 74 65 73 74 22 3a 32 7d";
+const T7_WS_HEADER: &str = "00 00 00 44 00 10 00 01 00 00 00 09 00 00 00 00";
+const T8_REQ: &str =
+    "00 00 00 1b 00 10 00 01 00 00 00 0c 00 00 00 03 6c 69 76 65 3a 2f 2f 31 30 30 31";
+const T8_REPLY: &str =
+    "00 00 00 1b 00 10 00 01 00 00 00 0d 00 00 00 03 6c 69 76 65 3a 2f 2f 31 30 30 31";
+const T10_REQ: &str = "00 00 00 12 00 10 00 01 00 00 00 04 00 00 00 05 68 69";
+const T10_REPLY: &str = "00 00 00 10 00 10 00 01 00 00 00 04 00 00 00 05";
+
+// ---------------------------------------------------------------- stub logic
+
+#[derive(Debug, Clone, PartialEq)]
+enum Event {
+    Connect {
+        token: String,
+        server: String,
+        cookie: String,
+    },
+    Disconnect {
+        mid: i64,
+        key: String,
+    },
+    Heartbeat {
+        key: String,
+    },
+    Renew {
+        counts: HashMap<String, i32>,
+    },
+    Receive {
+        mid: i64,
+        proto: Proto,
+    },
+}
+
+#[derive(Debug, Clone, Default)]
+struct Stub {
+    events: Arc<Mutex<Vec<Event>>>,
+    online: HashMap<String, i32>,
+    auto_key: Arc<AtomicU64>,
+}
+
+impl Stub {
+    fn record(&self, event: Event) {
+        self.events.lock().expect("events lock").push(event);
+    }
+
+    fn events(&self) -> Vec<Event> {
+        self.events.lock().expect("events lock").clone()
+    }
+
+    fn disconnects(&self, key: &str) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| matches!(e, Event::Disconnect { key: k, .. } if k == key))
+            .count()
+    }
+
+    /// Polls the recorded calls until `pred` holds; bounded by [`WAIT`].
+    async fn wait_for(&self, what: &str, pred: impl Fn(&[Event]) -> bool) -> Result {
+        timeout(WAIT, async {
+            while !pred(&self.events()) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .with_context(|| format!("logic never saw {what}: {:?}", self.events()))
+    }
+}
+
+#[tonic::async_trait]
+impl Logic for Stub {
+    async fn connect(&self, req: Request<ConnectReq>) -> Result<Response<ConnectReply>, Status> {
+        let req = req.into_inner();
+        let token = String::from_utf8_lossy(&req.token).into_owned();
+        self.record(Event::Connect {
+            token: token.clone(),
+            server: req.server.clone(),
+            cookie: req.cookie,
+        });
+        let v: serde_json::Value = serde_json::from_str(&token)
+            .map_err(|_| Status::invalid_argument("token is not JSON"))?;
+        if v["fail"].as_bool() == Some(true) {
+            return Err(Status::unauthenticated("refused"));
+        }
+        let key = match v["key"].as_str() {
+            Some(key) if !key.is_empty() => key.to_owned(),
+            _ => format!("auto-{}", self.auto_key.fetch_add(1, Ordering::Relaxed)),
+        };
+        Ok(Response::new(ConnectReply {
+            mid: v["mid"].as_i64().unwrap_or(0),
+            key,
+            room_id: v["room_id"].as_str().unwrap_or("").to_owned(),
+            accepts: v["accepts"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_i64())
+                        .map(|x| x as i32)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            heartbeat: v["heartbeat_ms"].as_i64().unwrap_or(60_000) * 1_000_000,
+        }))
+    }
+
+    async fn disconnect(
+        &self,
+        req: Request<DisconnectReq>,
+    ) -> Result<Response<DisconnectReply>, Status> {
+        let req = req.into_inner();
+        self.record(Event::Disconnect {
+            mid: req.mid,
+            key: req.key,
+        });
+        Ok(Response::new(DisconnectReply { has: true }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatReq>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        self.record(Event::Heartbeat {
+            key: req.into_inner().key,
+        });
+        Ok(Response::new(HeartbeatReply {}))
+    }
+
+    async fn renew_online(&self, req: Request<OnlineReq>) -> Result<Response<OnlineReply>, Status> {
+        self.record(Event::Renew {
+            counts: req.into_inner().room_count,
+        });
+        Ok(Response::new(OnlineReply {
+            all_room_count: self.online.clone(),
+        }))
+    }
+
+    async fn receive(&self, req: Request<ReceiveReq>) -> Result<Response<ReceiveReply>, Status> {
+        let req = req.into_inner();
+        self.record(Event::Receive {
+            mid: req.mid,
+            proto: req.proto.unwrap_or_default(),
+        });
+        Ok(Response::new(ReceiveReply {}))
+    }
+
+    async fn nodes(&self, _req: Request<NodesReq>) -> Result<Response<NodesReply>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+}
+
+// ------------------------------------------------------------------ harness
+
+struct Harness {
+    tcp: SocketAddr,
+    ws: SocketAddr,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    wss: Option<SocketAddr>,
+    stub: Stub,
+    stop: Option<oneshot::Sender<()>>,
+    comet: Option<JoinHandle<herald_comet::Result<()>>>,
+}
+
+impl Harness {
+    async fn start(tweak: impl FnOnce(&mut Config)) -> Result<Harness> {
+        Harness::start_with(Stub::default(), tweak).await
+    }
+
+    async fn start_with(stub: Stub, tweak: impl FnOnce(&mut Config)) -> Result<Harness> {
+        let logic_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let logic_addr = logic_listener.local_addr()?;
+        let server = LogicServer::new(stub.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming(TcpListenerStream::new(logic_listener)),
+        );
+        let mut config = Config::new("comet-test", logic_addr.to_string());
+        config.renew_online_interval = Duration::from_secs(3600);
+        tweak(&mut config);
+        Harness::start_comet(config, stub).await
+    }
+
+    async fn start_comet(config: Config, stub: Stub) -> Result<Harness> {
+        let listeners = Listeners {
+            tcp: TcpListener::bind("127.0.0.1:0").await?,
+            ws: TcpListener::bind("127.0.0.1:0").await?,
+            wss: match config.tls_cert {
+                Some(_) => Some(TcpListener::bind("127.0.0.1:0").await?),
+                None => None,
+            },
+            grpc: TcpListener::bind("127.0.0.1:0").await?,
+            http: Some(TcpListener::bind("127.0.0.1:0").await?),
+        };
+        let (tcp, ws, grpc) = (
+            listeners.tcp.local_addr()?,
+            listeners.ws.local_addr()?,
+            listeners.grpc.local_addr()?,
+        );
+        let http = listeners.http.as_ref().context("http")?.local_addr()?;
+        let wss = match &listeners.wss {
+            Some(listener) => Some(listener.local_addr()?),
+            None => None,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let comet = tokio::spawn(herald_comet::run(config, listeners, async {
+            let _ = stopped.await;
+        }));
+        Ok(Harness {
+            tcp,
+            ws,
+            grpc,
+            http,
+            wss,
+            stub,
+            stop: Some(stop),
+            comet: Some(comet),
+        })
+    }
+
+    async fn channel(&self) -> Result<Channel> {
+        Ok(Channel::from_shared(format!("http://{}", self.grpc))?
+            .connect()
+            .await?)
+    }
+
+    async fn comet_client(&self) -> Result<CometClient<Channel>> {
+        Ok(CometClient::new(self.channel().await?))
+    }
+
+    async fn admin_client(&self) -> Result<CometAdminClient<Channel>> {
+        Ok(CometAdminClient::new(self.channel().await?))
+    }
+
+    async fn tcp_client(&self, token: &str) -> Result<TcpClient> {
+        let mut client = TcpClient::connect(self.tcp).await?;
+        client.auth(token).await?;
+        Ok(client)
+    }
+
+    async fn ws_client(&self, token: &str) -> Result<WsClient> {
+        let mut client = WsClient::connect(self.ws).await?;
+        client.auth(token).await?;
+        Ok(client)
+    }
+
+    /// `GET path` on the admin HTTP listener: (status line, body).
+    async fn http_get(&self, path: &str) -> Result<(String, String)> {
+        let mut stream = TcpStream::connect(self.http).await?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(req.as_bytes()).await?;
+        let mut resp = Vec::new();
+        timeout(WAIT, stream.read_to_end(&mut resp)).await??;
+        let resp = String::from_utf8(resp)?;
+        let (head, body) = resp.split_once("\r\n\r\n").context("no body")?;
+        let status = head.lines().next().unwrap_or_default().to_owned();
+        Ok((status, body.to_owned()))
+    }
+
+    /// Stops the comet and waits for `run` to return (sessions included).
+    async fn shutdown(&mut self) -> Result {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(comet) = self.comet.take() {
+            timeout(WAIT, comet)
+                .await
+                .context("run did not return")???;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(comet) = self.comet.take() {
+            comet.abort();
+        }
+    }
+}
+
+fn auth_frame(token: &str) -> Frame {
+    Frame {
+        ver: 1,
+        op: op::AUTH,
+        seq: 1,
+        body: Bytes::copy_from_slice(token.as_bytes()),
+    }
+}
+
+fn raw_push(op: i32, body: &'static [u8]) -> Proto {
+    ws::raw_proto(Frame::push(op, body).to_bytes())
+}
+
+struct TcpClient {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl TcpClient {
+    async fn connect(addr: SocketAddr) -> Result<TcpClient> {
+        Ok(TcpClient {
+            stream: TcpStream::connect(addr).await?,
+            buf: BytesMut::new(),
+        })
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) -> Result {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    async fn send(&mut self, frame: &Frame) -> Result {
+        self.send_raw(&frame.to_bytes()).await
+    }
+
+    async fn auth(&mut self, token: &str) -> Result {
+        self.send(&auth_frame(token)).await?;
+        let reply = self.recv().await?;
+        if reply.op != op::AUTH_REPLY {
+            bail!("expected op 8, got {reply:?}");
+        }
+        Ok(())
+    }
+
+    /// Exactly `n` bytes off the stream.
+    async fn read_bytes(&mut self, n: usize) -> Result<Vec<u8>> {
+        while self.buf.len() < n {
+            let read = timeout(WAIT, self.stream.read_buf(&mut self.buf))
+                .await
+                .context("timed out reading")??;
+            if read == 0 {
+                bail!("connection closed after {} of {n} bytes", self.buf.len());
+            }
+        }
+        Ok(self.buf.split_to(n).to_vec())
+    }
+
+    async fn recv(&mut self) -> Result<Frame> {
+        loop {
+            if let Some(frame) = Frame::decode(&mut self.buf, Limits::OUTBOUND)? {
+                return Ok(frame);
+            }
+            let read = timeout(WAIT, self.stream.read_buf(&mut self.buf))
+                .await
+                .context("timed out waiting for a frame")??;
+            if read == 0 {
+                bail!("connection closed");
+            }
+        }
+    }
+
+    /// Waits for the server to close; returns the frames received meanwhile.
+    async fn closed(&mut self) -> Result<Vec<Frame>> {
+        let mut frames = Vec::new();
+        loop {
+            while let Some(frame) = Frame::decode(&mut self.buf, Limits::OUTBOUND)? {
+                frames.push(frame);
+            }
+            match timeout(WAIT, self.stream.read_buf(&mut self.buf))
+                .await
+                .context("connection was not closed")?
+            {
+                Ok(0) | Err(_) => return Ok(frames),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+struct WsClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl WsClient {
+    async fn connect(addr: SocketAddr) -> Result<WsClient> {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/sub")).await?;
+        Ok(WsClient { ws })
+    }
+
+    async fn send_raw(&mut self, bytes: Vec<u8>) -> Result {
+        self.ws.send(Message::Binary(bytes.into())).await?;
+        Ok(())
+    }
+
+    async fn send(&mut self, frame: &Frame) -> Result {
+        self.send_raw(frame.to_bytes().to_vec()).await
+    }
+
+    async fn auth(&mut self, token: &str) -> Result {
+        self.send(&auth_frame(token)).await?;
+        let reply = Frame::from_message(self.recv_msg().await?, Limits::OUTBOUND)?;
+        if reply.op != op::AUTH_REPLY {
+            bail!("expected op 8, got {reply:?}");
+        }
+        Ok(())
+    }
+
+    /// The next data message.
+    async fn recv_msg(&mut self) -> Result<Bytes> {
+        loop {
+            let msg = timeout(WAIT, self.ws.next())
+                .await
+                .context("timed out waiting for a message")?
+                .context("stream ended")??;
+            match msg {
+                Message::Binary(b) => return Ok(b),
+                Message::Close(_) => bail!("closed"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => bail!("unexpected message {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for the server to close; returns the data messages received meanwhile.
+    async fn closed(&mut self) -> Result<Vec<Bytes>> {
+        let mut msgs = Vec::new();
+        loop {
+            match timeout(WAIT, self.ws.next())
+                .await
+                .context("connection was not closed")?
+            {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(msgs),
+                Some(Ok(Message::Binary(b))) => msgs.push(b),
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+fn token(key: &str, room: &str, accepts: &[i32]) -> String {
+    serde_json::json!({"mid": 7, "key": key, "room_id": room, "accepts": accepts}).to_string()
+}
+
+// -------------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn tcp_session_matches_spec_vectors() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut c = TcpClient::connect(h.tcp).await?;
+    // A frame before op 7 is discarded without reply.
+    c.send_raw(&hex(T3)).await?;
+    c.send_raw(&hex(T1)).await?;
+    assert_eq!(c.read_bytes(16).await?, hex(T2), "T2");
+    let _b = h.tcp_client(&token("b", "live://1000", &[])).await?;
+    let _d = h.ws_client(&token("d", "live://1000", &[])).await?;
+
+    c.send_raw(&hex(T3)).await?;
+    assert_eq!(
+        c.read_bytes(20).await?,
+        hex(T4),
+        "T4: three members of live://1000"
+    );
+
+    c.send_raw(&hex(T8_REQ)).await?;
+    assert_eq!(c.read_bytes(27).await?, hex(T8_REPLY), "T8");
+    c.send_raw(&hex(T3)).await?;
+    assert_eq!(
+        c.read_bytes(20).await?[16..],
+        [0, 0, 0, 1],
+        "alone in live://1001"
+    );
+
+    c.send(&Frame {
+        ver: 1,
+        op: op::CHANGE_ROOM,
+        seq: 9,
+        body: Bytes::new(),
+    })
+    .await?;
+    let reply = c.recv().await?;
+    assert_eq!(
+        (reply.op, reply.seq, reply.body.len()),
+        (op::CHANGE_ROOM_REPLY, 9, 0)
+    );
+    c.send_raw(&hex(T3)).await?;
+    assert_eq!(
+        c.read_bytes(20).await?[16..],
+        [0, 0, 0, 0],
+        "no stale count outside a room"
+    );
+
+    c.send_raw(&hex(T10_REQ)).await?;
+    assert_eq!(c.read_bytes(16).await?, hex(T10_REPLY), "T10");
+    h.stub
+        .wait_for("Receive of op 4", |events| {
+            events.iter().any(|e| {
+                matches!(e, Event::Receive { mid: 123, proto }
+                    if proto.op == 4 && proto.seq == 5 && proto.body.as_ref() == b"hi")
+            })
+        })
+        .await?;
+    let connects = h
+        .stub
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Connect { .. }));
+    assert_eq!(
+        connects.count(),
+        3,
+        "the early heartbeat did not reach logic"
+    );
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn ws_session_matches_spec_vectors() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let _b = h.tcp_client(&token("b", "live://1000", &[])).await?;
+    let _c = h.tcp_client(&token("c", "live://1000", &[])).await?;
+    let mut req = format!("ws://{}/sub", h.ws).into_client_request()?;
+    req.headers_mut().insert("cookie", "sid=abc".parse()?);
+    let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let mut w = WsClient { ws };
+    w.send_raw(hex(T1)).await?;
+    assert_eq!(w.recv_msg().await?.to_vec(), hex(T2), "T2");
+    let connect = Event::Connect {
+        token: String::from_utf8(hex(T1)[16..].to_vec())?,
+        server: "comet-test".into(),
+        cookie: "sid=abc".into(),
+    };
+    assert!(
+        h.stub.events().contains(&connect),
+        "server id and cookie reach logic"
+    );
+    w.send_raw(hex(T3)).await?;
+    assert_eq!(w.recv_msg().await?.to_vec(), hex(T4), "T4");
+    w.send_raw(hex(T8_REQ)).await?;
+    assert_eq!(w.recv_msg().await?.to_vec(), hex(T8_REPLY), "T8");
+    w.send_raw(hex(T10_REQ)).await?;
+    assert_eq!(w.recv_msg().await?.to_vec(), hex(T10_REPLY), "T10");
+    // Pings are answered.
+    w.ws.send(Message::Ping(Bytes::from_static(b"p"))).await?;
+    let pong = timeout(WAIT, w.ws.next()).await?.context("ended")??;
+    assert_eq!(pong, Message::Pong(Bytes::from_static(b"p")));
+    // Text messages carry frames too.
+    w.ws.send(Message::Text(String::from_utf8(hex(T3))?.into()))
+        .await?;
+    assert_eq!(w.recv_msg().await?.to_vec()[..12], hex(T4)[..12]);
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn pushes_match_t5_t6_t7_on_each_transport() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut t = h.tcp_client(&token("k1", "live://1000", &[1000])).await?;
+    let mut w = h.ws_client(&token("k2", "live://1000", &[1000])).await?;
+    let mut grpc = h.comet_client().await?;
+
+    grpc.push_msg(PushMsgReq {
+        keys: vec!["k1".into(), "missing".into(), "k2".into()],
+        proto: Some(ws::raw_proto(hex(T5).into())),
+        proto_op: 1000,
+    })
+    .await?;
+    assert_eq!(t.read_bytes(21).await?, hex(T5), "T5 on TCP");
+    assert_eq!(w.recv_msg().await?.to_vec(), hex(T6), "T6 on WebSocket");
+
+    grpc.broadcast_room(BroadcastRoomReq {
+        room_id: "live://1000".into(),
+        proto: Some(ws::raw_proto(hex(T7).into())),
+    })
+    .await?;
+    assert_eq!(t.read_bytes(52).await?, hex(T7), "T7 on TCP");
+    let mut expected = hex(T7_WS_HEADER);
+    expected.extend(hex(T7));
+    assert_eq!(w.recv_msg().await?.to_vec(), expected, "T7 on WebSocket");
+
+    // A non-op-9 proto is framed as one frame.
+    grpc.push_msg(PushMsgReq {
+        keys: vec!["k1".into()],
+        proto: Some(Proto {
+            ver: 1,
+            op: 1000,
+            seq: 0,
+            body: Bytes::from_static(b"hello"),
+        }),
+        proto_op: 1000,
+    })
+    .await?;
+    assert_eq!(t.read_bytes(21).await?, hex(T5));
+
+    let rooms = grpc.rooms(RoomsReq {}).await?.into_inner().rooms;
+    assert_eq!(rooms, HashMap::from([("live://1000".to_owned(), true)]));
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn invalid_push_requests_are_rejected() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut grpc = h.comet_client().await?;
+    let proto = Some(raw_push(1000, b"x"));
+    let err = grpc
+        .push_msg(PushMsgReq {
+            keys: vec![],
+            proto: proto.clone(),
+            proto_op: 1000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = grpc
+        .push_msg(PushMsgReq {
+            keys: vec!["k".into()],
+            proto: None,
+            proto_op: 1000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = grpc
+        .broadcast_room(BroadcastRoomReq {
+            room_id: String::new(),
+            proto,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = grpc
+        .broadcast_room(BroadcastRoomReq {
+            room_id: "r".into(),
+            proto: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn key_and_broadcast_pushes_respect_accepted_ops() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut c = h.tcp_client(&token("f", "", &[1000])).await?;
+    let mut grpc = h.comet_client().await?;
+    let push = |op: i32, body: &'static [u8]| PushMsgReq {
+        keys: vec!["f".into()],
+        proto: Some(raw_push(op, body)),
+        proto_op: op,
+    };
+
+    // 1001 is not accepted: the next frame seen is the 1000 marker.
+    grpc.push_msg(push(1001, b"no")).await?;
+    grpc.push_msg(push(1000, b"m1")).await?;
+    assert_eq!(c.recv().await?, Frame::push(1000, &b"m1"[..]));
+
+    c.send(&Frame {
+        ver: 1,
+        op: op::SUB,
+        seq: 4,
+        body: Bytes::from_static(b"1001,1002"),
+    })
+    .await?;
+    let reply = c.recv().await?;
+    assert_eq!(
+        (reply.op, reply.seq, &reply.body[..]),
+        (op::SUB_REPLY, 4, &b"1001,1002"[..])
+    );
+    grpc.push_msg(push(1001, b"yes")).await?;
+    assert_eq!(c.recv().await?, Frame::push(1001, &b"yes"[..]));
+
+    // A bad list changes nothing but is still echoed.
+    c.send(&Frame {
+        ver: 1,
+        op: op::UNSUB,
+        seq: 5,
+        body: Bytes::from_static(b"1001,x"),
+    })
+    .await?;
+    assert_eq!(c.recv().await?.op, op::UNSUB_REPLY);
+    grpc.push_msg(push(1001, b"still")).await?;
+    assert_eq!(c.recv().await?, Frame::push(1001, &b"still"[..]));
+
+    c.send(&Frame {
+        ver: 1,
+        op: op::UNSUB,
+        seq: 6,
+        body: Bytes::from_static(b"1001"),
+    })
+    .await?;
+    assert_eq!(c.recv().await?.op, op::UNSUB_REPLY);
+    grpc.push_msg(push(1001, b"gone")).await?;
+    grpc.broadcast(BroadcastReq {
+        proto_op: 1001,
+        proto: Some(raw_push(1001, b"gone")),
+        speed: 0,
+    })
+    .await?;
+    grpc.broadcast(BroadcastReq {
+        proto_op: 1002,
+        proto: Some(raw_push(1002, b"bc")),
+        speed: 0,
+    })
+    .await?;
+    assert_eq!(c.recv().await?, Frame::push(1002, &b"bc"[..]));
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn paced_broadcast_reaches_every_accepting_connection() -> Result {
+    let mut h = Harness::start(|c| c.buckets = 4).await?;
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        clients.push(h.tcp_client(&token(&format!("p{i}"), "", &[1000])).await?);
+    }
+    let mut w = h.ws_client(&token("pw", "", &[1000])).await?;
+    let mut grpc = h.comet_client().await?;
+    grpc.broadcast(BroadcastReq {
+        proto_op: 1000,
+        proto: Some(raw_push(1000, b"all")),
+        speed: 50,
+    })
+    .await?;
+    for c in &mut clients {
+        assert_eq!(c.recv().await?, Frame::push(1000, &b"all"[..]));
+    }
+    let msg = w.recv_msg().await?;
+    assert_eq!(msg, ws::wrap(&Frame::push(1000, &b"all"[..]).to_bytes()));
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn same_key_replaces_and_each_connection_disconnects_once() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut old = h.tcp_client(&token("dup", "r", &[1000])).await?;
+    let mut new = h.ws_client(&token("dup", "r", &[1000])).await?;
+    assert!(
+        old.closed().await?.is_empty(),
+        "old connection closed without more frames"
+    );
+    let mut grpc = h.comet_client().await?;
+    grpc.push_msg(PushMsgReq {
+        keys: vec!["dup".into()],
+        proto: Some(raw_push(1000, b"to-new")),
+        proto_op: 1000,
+    })
+    .await?;
+    let msg = new.recv_msg().await?;
+    assert_eq!(msg, ws::wrap(&Frame::push(1000, &b"to-new"[..]).to_bytes()));
+    h.stub
+        .wait_for("old Disconnect", |_| h.stub.disconnects("dup") == 1)
+        .await?;
+    // The old Disconnect removed the route logic keeps per key and server; a
+    // refresh for the successor must follow it to restore the route.
+    h.stub
+        .wait_for("route restored after the old Disconnect", |events| {
+            let disconnect = events
+                .iter()
+                .position(|e| matches!(e, Event::Disconnect { .. }));
+            let refresh = events
+                .iter()
+                .rposition(|e| *e == Event::Heartbeat { key: "dup".into() });
+            matches!((disconnect, refresh), (Some(d), Some(r)) if r > d)
+        })
+        .await?;
+
+    // An unauthenticated connection never causes a Disconnect.
+    let mut anon = TcpClient::connect(h.tcp).await?;
+    anon.send_raw(&hex(T3)).await?;
+    drop(anon);
+
+    new.ws.close(None).await?;
+    h.stub
+        .wait_for("new Disconnect", |_| h.stub.disconnects("dup") == 2)
+        .await?;
+    h.shutdown().await?;
+    assert_eq!(h.stub.disconnects("dup"), 2, "exactly once per connection");
+    let all = h
+        .stub
+        .events()
+        .iter()
+        .filter(|e| matches!(e, Event::Disconnect { .. }))
+        .count();
+    assert_eq!(all, 2);
+    assert!(h.stub.events().contains(&Event::Disconnect {
+        mid: 7,
+        key: "dup".into()
+    }));
+    Ok(())
+}
+
+#[tokio::test]
+async fn handshake_deadline_closes_silent_connections() -> Result {
+    let mut h = Harness::start(|c| c.handshake_timeout = Duration::from_millis(300)).await?;
+    let start = tokio::time::Instant::now();
+    let mut tcp = TcpClient::connect(h.tcp).await?;
+    tcp.send_raw(&hex(T3)).await?;
+    assert!(
+        tcp.closed().await?.is_empty(),
+        "nothing answered before auth"
+    );
+    // A WebSocket-port client that never sends its upgrade is closed too.
+    let mut raw = TcpClient::connect(h.ws).await?;
+    assert!(raw.closed().await?.is_empty());
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(h.stub.events().is_empty(), "logic was never called");
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn idle_timeout_comes_from_connect_reply() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let token = serde_json::json!({"key": "idle", "heartbeat_ms": 600}).to_string();
+    let mut c = h.tcp_client(&token).await?;
+    // Heartbeats keep it alive past one idle period...
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.send_raw(&hex(T3)).await?;
+        assert_eq!(c.recv().await?.op, op::HEARTBEAT_REPLY);
+    }
+    // ...and silence ends it.
+    c.closed().await?;
+    h.stub
+        .wait_for("Disconnect", |_| h.stub.disconnects("idle") == 1)
+        .await?;
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn invalid_frames_close_only_the_offender() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut healthy = h.tcp_client(&token("ok", "room", &[])).await?;
+    let mut grpc = h.comet_client().await?;
+    let mut check_healthy = async |body: &'static [u8]| -> Result {
+        grpc.broadcast_room(BroadcastRoomReq {
+            room_id: "room".into(),
+            proto: Some(raw_push(1000, body)),
+        })
+        .await?;
+        assert_eq!(healthy.recv().await?, Frame::push(1000, body));
+        Ok(())
+    };
+
+    // TCP: pack_len 4113 (> 4112).
+    let mut big = h.tcp_client(&token("big", "room", &[])).await?;
+    let mut header = hex(T3);
+    header[..4].copy_from_slice(&4113i32.to_be_bytes());
+    big.send_raw(&header).await?;
+    big.closed().await?;
+    check_healthy(b"1").await?;
+
+    // TCP: header_len 15.
+    let mut bad = h.tcp_client(&token("hl", "room", &[])).await?;
+    let mut header = hex(T3);
+    header[4..6].copy_from_slice(&15i16.to_be_bytes());
+    bad.send_raw(&header).await?;
+    bad.closed().await?;
+    check_healthy(b"2").await?;
+
+    // WebSocket: a message shorter than its pack_len.
+    let mut short = h.ws_client(&token("short", "room", &[])).await?;
+    let mut msg = hex(T10_REQ);
+    msg[..4].copy_from_slice(&32i32.to_be_bytes());
+    short.send_raw(msg).await?;
+    short.closed().await?;
+    check_healthy(b"3").await?;
+
+    // WebSocket: a message past the size limit.
+    let mut huge = h.ws_client(&token("huge", "room", &[])).await?;
+    let frame = Frame {
+        ver: 1,
+        op: 4,
+        seq: 1,
+        body: Bytes::from(vec![0u8; 9000]),
+    };
+    let _ = huge.send(&frame).await;
+    huge.closed().await?;
+    check_healthy(b"4").await?;
+
+    for key in ["big", "hl", "short", "huge"] {
+        h.stub
+            .wait_for("Disconnect", |_| h.stub.disconnects(key) == 1)
+            .await?;
+    }
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn websocket_upgrade_checks_the_path() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let upgrade = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+    for path in ["/foo", "/sub?x=1"] {
+        let mut c = TcpClient::connect(h.ws).await?;
+        c.send_raw(upgrade(path).as_bytes()).await?;
+        let head = c.read_bytes(12).await?;
+        assert_eq!(head, b"HTTP/1.1 400", "path {path}");
+    }
+    let mut c = TcpClient::connect(h.ws).await?;
+    c.send_raw(upgrade("/sub").as_bytes()).await?;
+    let head = c.read_bytes(12).await?;
+    assert_eq!(head, b"HTTP/1.1 101");
+    let mut rest = Vec::new();
+    while !rest.ends_with(b"\r\n\r\n") {
+        rest.extend(c.read_bytes(1).await?);
+    }
+    let rest = String::from_utf8(rest)?;
+    assert!(
+        rest.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "T11 accept value in {rest}"
+    );
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn auth_failures_close_without_reply() -> Result {
+    // Logic refuses the token.
+    let mut h = Harness::start(|_| {}).await?;
+    let mut c = TcpClient::connect(h.tcp).await?;
+    c.send(&auth_frame(r#"{"key":"x","fail":true}"#)).await?;
+    assert!(c.closed().await?.is_empty(), "no op 8");
+    let mut w = WsClient::connect(h.ws).await?;
+    w.send(&auth_frame("not json")).await?;
+    assert!(w.closed().await?.is_empty(), "no op 8");
+    h.shutdown().await?;
+    assert_eq!(h.stub.disconnects("x"), 0);
+
+    // Logic accepts TCP but never answers: the handshake deadline still holds.
+    let black_hole = TcpListener::bind("127.0.0.1:0").await?;
+    let mut config = Config::new("comet-test", black_hole.local_addr()?.to_string());
+    config.handshake_timeout = Duration::from_millis(500);
+    config.logic_timeout = Duration::from_secs(30);
+    let mut h = Harness::start_comet(config, Stub::default()).await?;
+    let start = tokio::time::Instant::now();
+    let mut c = TcpClient::connect(h.tcp).await?;
+    c.send(&auth_frame(&token("k", "", &[]))).await?;
+    assert!(c.closed().await?.is_empty(), "no op 8");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "closed within the deadline"
+    );
+
+    // Logic's port refuses connections.
+    drop(black_hole);
+    let mut c = TcpClient::connect(h.tcp).await?;
+    c.send(&auth_frame(&token("k", "", &[]))).await?;
+    assert!(c.closed().await?.is_empty(), "no op 8");
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn slow_consumer_is_closed_and_others_still_receive() -> Result {
+    let mut h = Harness::start(|c| c.queue_bytes = 64 * 1024).await?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut slow = TcpClient {
+        stream: socket.connect(h.tcp).await?,
+        buf: BytesMut::new(),
+    };
+    slow.auth(&token("slow", "", &[1000])).await?;
+    let mut fast = h.ws_client(&token("fast", "", &[1000])).await?;
+    let mut grpc = h.comet_client().await?;
+    let mut admin = h.admin_client().await?;
+    let big = Frame::push(1000, vec![7u8; 16 * 1024]).to_bytes();
+
+    let mut pushes = 0;
+    loop {
+        grpc.push_msg(PushMsgReq {
+            keys: vec!["slow".into()],
+            proto: Some(ws::raw_proto(big.clone())),
+            proto_op: 1000,
+        })
+        .await?;
+        pushes += 1;
+        let load = admin.load(LoadRequest {}).await?.into_inner();
+        if load.connections == 1 {
+            break;
+        }
+        assert!(pushes < 4000, "slow consumer never closed");
+    }
+    grpc.push_msg(PushMsgReq {
+        keys: vec!["fast".into(), "slow".into()],
+        proto: Some(raw_push(1000, b"still here")),
+        proto_op: 1000,
+    })
+    .await?;
+    let msg = fast.recv_msg().await?;
+    assert_eq!(
+        msg,
+        ws::wrap(&Frame::push(1000, &b"still here"[..]).to_bytes())
+    );
+    h.stub
+        .wait_for("slow Disconnect", |_| h.stub.disconnects("slow") == 1)
+        .await?;
+    // The slow client's socket ends after whatever was in flight.
+    slow.closed().await?;
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn heartbeat_prefers_the_cluster_count_and_refreshes_the_session() -> Result {
+    let stub = Stub {
+        online: HashMap::from([("live://1000".to_owned(), 42)]),
+        ..Stub::default()
+    };
+    let mut h = Harness::start_with(stub, |c| {
+        c.renew_online_interval = Duration::from_millis(100);
+        c.session_refresh = Duration::from_millis(100);
+    })
+    .await?;
+    let mut c = h.tcp_client(&token("hb", "live://1000", &[])).await?;
+    h.stub
+        .wait_for("RenewOnline with the local count", |events| {
+            events.iter().any(
+                |e| matches!(e, Event::Renew { counts } if counts.get("live://1000") == Some(&1)),
+            )
+        })
+        .await?;
+    // The reply is stored after logic records the call; poll a little.
+    let count = timeout(WAIT, async {
+        loop {
+            c.send_raw(&hex(T3)).await?;
+            let reply = c.recv().await?;
+            let n = i32::from_be_bytes(reply.body[..4].try_into()?);
+            if n == 42 {
+                return anyhow::Ok(n);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await??;
+    assert_eq!(count, 42);
+    // The refresh rides on a client heartbeat once the interval has passed.
+    let refreshed = |events: &[Event]| events.contains(&Event::Heartbeat { key: "hb".into() });
+    timeout(WAIT, async {
+        while !refreshed(&h.stub.events()) {
+            c.send_raw(&hex(T3)).await?;
+            c.recv().await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .context("no session refresh")??;
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn load_and_drain_redirect_then_close_everything() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let redirect = serde_json::json!({
+        "key": "r1", "room_id": "a", "herald": {"redirect": true}
+    })
+    .to_string();
+    let mut w = h.ws_client(&redirect).await?;
+    let mut t = h.tcp_client(&token("plain", "b", &[])).await?;
+    let mut admin = h.admin_client().await?;
+
+    let load = admin.load(LoadRequest {}).await?.into_inner();
+    assert_eq!(load.server, "comet-test");
+    assert_eq!((load.connections, load.client_ips, load.rooms), (2, 1, 2));
+    assert!(!load.draining);
+    assert_eq!(load.version, env!("CARGO_PKG_VERSION"));
+
+    let drain = DrainRequest {
+        deadline_ms: 2000,
+        close_rate: 100,
+        nodes: vec!["comet-b.example.com".into()],
+        tcp_port: 3101,
+        ws_port: 3102,
+        wss_port: 3103,
+        reconnect_within_ms: 1500,
+    };
+    let reply = admin.drain(drain.clone()).await?.into_inner();
+    assert!(reply.started);
+    assert_eq!(reply.connections, 2);
+
+    let msgs = w.closed().await?;
+    assert_eq!(msgs.len(), 1, "one op 18 before the close: {msgs:?}");
+    let frame = Frame::from_message(msgs[0].clone(), Limits::OUTBOUND)?;
+    assert_eq!(frame.op, op::REDIRECT, "op 18 unwrapped on WebSocket");
+    let body: serde_json::Value = serde_json::from_slice(&frame.body)?;
+    assert_eq!(
+        body,
+        serde_json::json!({"reason": "drain", "nodes": ["comet-b.example.com"],
+            "tcp_port": 3101, "ws_port": 3102, "wss_port": 3103, "reconnect_within_ms": 1500})
+    );
+    assert!(
+        t.closed().await?.is_empty(),
+        "no redirect for a client that did not ask"
+    );
+
+    let load = admin.load(LoadRequest {}).await?.into_inner();
+    assert!(load.draining);
+    timeout(WAIT, async {
+        while admin.load(LoadRequest {}).await?.into_inner().connections != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        anyhow::Ok(())
+    })
+    .await??;
+    // New connections are refused while draining; a second drain changes nothing.
+    let mut late = TcpClient::connect(h.tcp).await?;
+    let _ = late.send(&auth_frame(&token("late", "", &[]))).await;
+    assert!(late.closed().await?.is_empty());
+    assert!(!admin.drain(drain).await?.into_inner().started);
+    let (status, _) = h.http_get("/readyz").await?;
+    assert!(
+        status.contains("503"),
+        "draining comet is not ready: {status}"
+    );
+    h.stub
+        .wait_for("both Disconnects", |_| {
+            h.stub.disconnects("r1") == 1 && h.stub.disconnects("plain") == 1
+        })
+        .await?;
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn shutdown_closes_connections_and_disconnects_them() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut t = h.tcp_client(&token("s1", "", &[])).await?;
+    let mut w = h.ws_client(&token("s2", "", &[])).await?;
+    h.shutdown().await?;
+    t.closed().await?;
+    w.closed().await?;
+    assert_eq!((h.stub.disconnects("s1"), h.stub.disconnects("s2")), (1, 1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn admin_http_serves_health_and_metrics() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let (status, body) = h.http_get("/healthz").await?;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, "ok");
+    let (status, _) = h.http_get("/readyz").await?;
+    assert!(status.contains("200"), "{status}");
+
+    let mut c = h.tcp_client(&token("m", "r", &[1000])).await?;
+    c.send_raw(&hex(T3)).await?;
+    c.recv().await?;
+    let mut refused = TcpClient::connect(h.tcp).await?;
+    refused.send(&auth_frame(r#"{"fail":true}"#)).await?;
+    refused.closed().await?;
+    let mut grpc = h.comet_client().await?;
+    grpc.broadcast_room(BroadcastRoomReq {
+        room_id: "r".into(),
+        proto: Some(raw_push(1000, b"x")),
+    })
+    .await?;
+    c.recv().await?;
+
+    let (status, body) = h.http_get("/metrics").await?;
+    assert!(status.contains("200"), "{status}");
+    for line in [
+        r#"herald_comet_connections{transport="tcp"} 1"#,
+        r#"herald_comet_auth_total{outcome="ok"} 1"#,
+        r#"herald_comet_auth_total{outcome="refused"} 1"#,
+        r#"herald_comet_frames_in_total{transport="tcp"} 1"#,
+        r#"herald_comet_pushes_total{rpc="broadcast_room"} 1"#,
+    ] {
+        assert!(
+            body.lines().any(|l| l == line),
+            "missing {line:?} in\n{body}"
+        );
+    }
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn wss_serves_the_same_protocol_over_tls() -> Result {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let dir = std::env::temp_dir().join(format!("herald-comet-wss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem())?;
+    std::fs::write(&key_path, cert.signing_key.serialize_pem())?;
+    let mut h = Harness::start(|c| {
+        c.tls_cert = Some(cert_path.clone());
+        c.tls_key = Some(key_path.clone());
+    })
+    .await?;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = TcpStream::connect(h.wss.context("wss listener")?).await?;
+    let stream = connector.connect("localhost".try_into()?, tcp).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://localhost/sub", stream).await?;
+
+    ws.send(Message::Binary(hex(T1).into())).await?;
+    let reply = timeout(WAIT, ws.next()).await?.context("ended")??;
+    assert_eq!(reply.into_data().to_vec(), hex(T2), "T2 over WSS");
+    let mut grpc = h.comet_client().await?;
+    grpc.broadcast_room(BroadcastRoomReq {
+        room_id: "live://1000".into(),
+        proto: Some(ws::raw_proto(hex(T7).into())),
+    })
+    .await?;
+    let mut expected = hex(T7_WS_HEADER);
+    expected.extend(hex(T7));
+    let push = timeout(WAIT, ws.next()).await?.context("ended")??;
+    assert_eq!(push.into_data().to_vec(), expected, "T7 over WSS");
+    h.shutdown().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_are_refused() -> Result {
+    let mut h = Harness::start(|c| c.max_connections = 1).await?;
+    let mut first = h.tcp_client(&token("one", "", &[])).await?;
+    let mut second = TcpClient::connect(h.tcp).await?;
+    let _ = second.send(&auth_frame(&token("two", "", &[]))).await;
+    assert!(second.closed().await?.is_empty(), "refused without op 8");
+    // The held connection is unaffected, and its slot frees when it leaves.
+    first.send_raw(&hex(T3)).await?;
+    assert_eq!(first.recv().await?.op, op::HEARTBEAT_REPLY);
+    drop(first);
+    h.stub
+        .wait_for("Disconnect", |_| h.stub.disconnects("one") == 1)
+        .await?;
+    timeout(WAIT, async {
+        loop {
+            let mut c = TcpClient::connect(h.tcp).await?;
+            c.send(&auth_frame(&token("three", "", &[]))).await?;
+            if c.recv().await.is_ok_and(|f| f.op == op::AUTH_REPLY) {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await??;
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn drain_meets_its_deadline_even_at_a_slow_close_rate() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        clients.push(h.tcp_client(&token(&format!("d{i}"), "", &[])).await?);
+    }
+    let mut admin = h.admin_client().await?;
+    let start = tokio::time::Instant::now();
+    // One close per second would take 3 s; the 800 ms deadline wins.
+    let reply = admin
+        .drain(DrainRequest {
+            deadline_ms: 800,
+            close_rate: 1,
+            ..DrainRequest::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!((reply.started, reply.connections), (true, 4));
+    for c in &mut clients {
+        assert!(
+            c.closed().await?.is_empty(),
+            "no op 18 without the herald opt-in"
+        );
+    }
+    let took = start.elapsed();
+    assert!(took < Duration::from_millis(1500), "drain took {took:?}");
+    // ...yet the closes were spread out rather than all at once.
+    assert!(took >= Duration::from_millis(400), "drain took {took:?}");
+    h.shutdown().await
+}

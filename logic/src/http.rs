@@ -1,0 +1,438 @@
+//! goim's logic HTTP API (goim-protocol.md §7) on axum.
+//!
+//! Every answer is goim's envelope `{"code","message","data"}` (`data`
+//! omitted when empty). Unlike goim, failures also carry a real HTTP status
+//! (400, 401, 413, 503 + `Retry-After`) so load balancers and retrying
+//! clients can act on them; `compat_status_200` restores goim's "always 200".
+//!
+//! Query lists are repeated keys (`keys=a&keys=b`), parsed from the raw query
+//! string because serde's query deserializer cannot collect repeats.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{RawQuery, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::{Value, json};
+
+use crate::service::{self, Service};
+
+/// How long a client should wait before retrying after a 503.
+const RETRY_AFTER_SECS: &str = "1";
+
+/// HTTP-specific settings.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// When set, `Authorization: Bearer <key>` is required on every route.
+    pub api_key: Option<String>,
+    /// Answer 200 always, like goim, with the outcome only in `code`.
+    pub compat_status_200: bool,
+    /// Largest accepted push body in bytes (larger → 413).
+    pub max_body: usize,
+    /// Most keys, mids or rooms in one request (more → 400).
+    pub max_keys: usize,
+}
+
+#[derive(Debug)]
+struct AppState {
+    service: Arc<Service>,
+    config: HttpConfig,
+}
+
+/// Why an HTTP request failed; each variant has its status and goim code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Malformed or missing query parameters.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Missing or wrong API key.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// The body exceeded the configured limit.
+    #[error("request body larger than {0} bytes")]
+    TooLarge(usize),
+    /// The body could not be read.
+    #[error("reading request body failed")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A backend failed.
+    #[error(transparent)]
+    Service(#[from] service::Error),
+}
+
+/// Result of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Marks responses that carry our envelope, so the compat layer rewrites
+/// only those (not e.g. axum's 404 for unknown paths).
+#[derive(Clone, Copy, Debug)]
+struct Enveloped;
+
+fn envelope(status: StatusCode, code: i32, message: &str, data: Option<Value>) -> Response {
+    let mut body = json!({"code": code, "message": message});
+    if let (Some(data), Some(obj)) = (data, body.as_object_mut()) {
+        obj.insert("data".to_owned(), data);
+    }
+    let mut resp = (status, axum::Json(body)).into_response();
+    resp.extensions_mut().insert(Enveloped);
+    resp
+}
+
+fn ok(data: Option<Value>) -> Response {
+    envelope(StatusCode::OK, 0, "", data)
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let message = self.to_string();
+        match self {
+            Error::BadRequest(_) | Error::Body(_) => {
+                envelope(StatusCode::BAD_REQUEST, -400, &message, None)
+            }
+            Error::Service(service::Error::Token(_) | service::Error::BadRequest(_)) => {
+                envelope(StatusCode::BAD_REQUEST, -400, &message, None)
+            }
+            Error::Unauthorized => envelope(StatusCode::UNAUTHORIZED, -401, &message, None),
+            Error::TooLarge(_) => envelope(StatusCode::PAYLOAD_TOO_LARGE, -413, &message, None),
+            Error::Service(ref err) => {
+                tracing::warn!(cause = %err, source = ?std::error::Error::source(err), "http: backend failed");
+                let mut resp = envelope(StatusCode::SERVICE_UNAVAILABLE, -500, &message, None);
+                resp.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECS),
+                );
+                resp
+            }
+        }
+    }
+}
+
+/// The router with every §7 route, auth and the compat layer.
+pub fn router(service: Arc<Service>, config: HttpConfig) -> Router {
+    let state = Arc::new(AppState { service, config });
+    Router::new()
+        .route("/goim/push/keys", post(push_keys))
+        .route("/goim/push/mids", post(push_mids))
+        .route("/goim/push/room", post(push_room))
+        .route("/goim/push/all", post(push_all))
+        .route("/goim/online/top", get(online_top))
+        .route("/goim/online/room", get(online_room))
+        .route("/goim/online/total", get(online_total))
+        .route("/goim/nodes/weighted", get(nodes_weighted))
+        .route("/goim/nodes/instances", get(nodes_instances))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::map_response_with_state(state.clone(), compat))
+        .with_state(state)
+}
+
+async fn compat(State(state): State<Arc<AppState>>, mut resp: Response) -> Response {
+    if state.config.compat_status_200 && resp.extensions().get::<Enveloped>().is_some() {
+        *resp.status_mut() = StatusCode::OK;
+    }
+    resp
+}
+
+async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.config.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+            return Error::Unauthorized.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without an early exit, so response timing does not reveal how
+/// much of a guessed key was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Repeated-key query parameters.
+#[derive(Debug, Default)]
+struct Params(HashMap<String, Vec<String>>);
+
+impl Params {
+    fn parse(raw: Option<String>) -> Self {
+        let mut map: HashMap<String, Vec<String>> = HashMap::new();
+        if let Some(raw) = raw {
+            for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
+                map.entry(k.into_owned()).or_default().push(v.into_owned());
+            }
+        }
+        Params(map)
+    }
+
+    /// The first non-empty value.
+    fn one(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .and_then(|v| v.iter().find(|s| !s.is_empty()))
+            .map(String::as_str)
+    }
+
+    /// All non-empty values, at most `max`.
+    fn list(&self, name: &str, max: usize) -> Result<Vec<String>> {
+        let values: Vec<String> = self
+            .0
+            .get(name)
+            .map(|v| v.iter().filter(|s| !s.is_empty()).cloned().collect())
+            .unwrap_or_default();
+        if values.len() > max {
+            return Err(Error::BadRequest(format!(
+                "too many {name}: {} > {max}",
+                values.len()
+            )));
+        }
+        Ok(values)
+    }
+
+    /// A number; missing → `None`, unparseable → 400.
+    fn num<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>> {
+        self.one(name)
+            .map(|s| {
+                s.parse::<T>()
+                    .map_err(|_| Error::BadRequest(format!("{name} is not a valid number: {s:?}")))
+            })
+            .transpose()
+    }
+
+    fn required(&self, name: &str) -> Result<&str> {
+        self.one(name)
+            .ok_or_else(|| Error::BadRequest(format!("{name} is required")))
+    }
+
+    fn nonzero_op(&self) -> Result<i32> {
+        match self.num::<i32>("operation")? {
+            Some(op) if op != 0 => Ok(op),
+            _ => Err(Error::BadRequest(
+                "operation is required and non-zero".to_owned(),
+            )),
+        }
+    }
+}
+
+/// Reads the body, refusing more than `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(Error::TooLarge(limit)),
+        Err(err) => Err(Error::Body(err)),
+    }
+}
+
+async fn push_keys(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Response> {
+    let params = Params::parse(query);
+    let op = params.num::<i32>("operation")?.unwrap_or(0);
+    let keys = params.list("keys", state.config.max_keys)?;
+    if keys.is_empty() {
+        return Err(Error::BadRequest("keys is required".to_owned()));
+    }
+    let msg = read_body(body, state.config.max_body).await?;
+    state.service.push_keys(op, &keys, msg).await?;
+    Ok(ok(None))
+}
+
+async fn push_mids(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Response> {
+    let params = Params::parse(query);
+    let op = params.num::<i32>("operation")?.unwrap_or(0);
+    let mids = params
+        .list("mids", state.config.max_keys)?
+        .iter()
+        .map(|m| {
+            m.parse::<i64>()
+                .map_err(|_| Error::BadRequest(format!("mids is not a valid number: {m:?}")))
+        })
+        .collect::<Result<Vec<i64>>>()?;
+    let msg = read_body(body, state.config.max_body).await?;
+    // §7: a missing mids list is a successful no-op.
+    if !mids.is_empty() {
+        state.service.push_mids(op, &mids, msg).await?;
+    }
+    Ok(ok(None))
+}
+
+async fn push_room(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Response> {
+    let params = Params::parse(query);
+    let op = params.nonzero_op()?;
+    let typ = params.required("type")?;
+    let room = params.required("room")?;
+    let msg = read_body(body, state.config.max_body).await?;
+    state.service.push_room(op, typ, room, msg).await?;
+    Ok(ok(None))
+}
+
+async fn push_all(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Response> {
+    let params = Params::parse(query);
+    let op = params.nonzero_op()?;
+    let speed = params.num::<i32>("speed")?.unwrap_or(0);
+    let msg = read_body(body, state.config.max_body).await?;
+    state.service.push_all(op, speed, msg).await?;
+    Ok(ok(None))
+}
+
+async fn online_top(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response> {
+    let params = Params::parse(query);
+    let typ = params.required("type")?;
+    let limit = match params.num::<usize>("limit")? {
+        Some(n) if n > 0 => n,
+        _ => {
+            return Err(Error::BadRequest(
+                "limit is required and non-zero".to_owned(),
+            ));
+        }
+    };
+    let top: Vec<Value> = state
+        .service
+        .online_top(typ, limit)
+        .into_iter()
+        .map(|(room_id, count)| json!({"room_id": room_id, "count": count}))
+        .collect();
+    Ok(ok(Some(Value::Array(top))))
+}
+
+async fn online_room(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response> {
+    let params = Params::parse(query);
+    let typ = params.required("type")?;
+    let rooms = params.list("rooms", state.config.max_keys)?;
+    if rooms.is_empty() {
+        return Err(Error::BadRequest("rooms is required".to_owned()));
+    }
+    let counts = state.service.online_room(typ, &rooms);
+    Ok(ok(Some(json!(counts))))
+}
+
+async fn online_total(State(state): State<Arc<AppState>>) -> Response {
+    let (conn_count, ip_count) = state.service.online_total();
+    ok(Some(
+        json!({"conn_count": conn_count, "ip_count": ip_count}),
+    ))
+}
+
+async fn nodes_weighted(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+    let params = Params::parse(query);
+    let reply = state
+        .service
+        .nodes_reply(params.one("platform").unwrap_or(""));
+    // goim's JSON omits zero fields; `nodes` is always present so a client
+    // reading it gets `[]` rather than `undefined` when no comet is up.
+    let mut data = serde_json::Map::new();
+    let mut put = |name: &str, v: Value, zero: bool| {
+        if !zero {
+            data.insert(name.to_owned(), v);
+        }
+    };
+    put("domain", json!(reply.domain), reply.domain.is_empty());
+    put("tcp_port", json!(reply.tcp_port), reply.tcp_port == 0);
+    put("ws_port", json!(reply.ws_port), reply.ws_port == 0);
+    put("wss_port", json!(reply.wss_port), reply.wss_port == 0);
+    put("heartbeat", json!(reply.heartbeat), reply.heartbeat == 0);
+    put("nodes", json!(reply.nodes), false);
+    if let Some(b) = &reply.backoff {
+        put(
+            "backoff",
+            json!({"max_delay": b.max_delay, "base_delay": b.base_delay,
+                   "factor": short_float(b.factor), "jitter": short_float(b.jitter)}),
+            false,
+        );
+    }
+    put(
+        "heartbeat_max",
+        json!(reply.heartbeat_max),
+        reply.heartbeat_max == 0,
+    );
+    ok(Some(Value::Object(data)))
+}
+
+/// An f32 as the JSON number a person wrote (`1.8`, not `1.7999999523162842`).
+fn short_float(v: f32) -> Value {
+    v.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
+}
+
+async fn nodes_instances(State(state): State<Arc<AppState>>) -> Response {
+    let list = state.service.nodes().get();
+    // Shaped like bilibili/discovery instances (§7) from the node list.
+    let instances: Vec<Value> = list
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "region": "", "zone": "", "env": "", "appid": "goim.comet",
+                "hostname": n.name,
+                "addrs": [format!("grpc://{}", n.grpc)],
+                "version": "",
+                "latest_timestamp": list.generation,
+                "metadata": {
+                    "weight": n.weight.to_string(),
+                    "offline": n.draining.to_string(),
+                    "addrs": n.addrs.join(","),
+                    "conn_count": n.connections.to_string(),
+                    "ip_count": n.client_ips.to_string(),
+                },
+            })
+        })
+        .collect();
+    ok(Some(Value::Array(instances)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_query_keys_collect() {
+        let p = Params::parse(Some("keys=a&keys=b%20c&keys=&operation=5".to_owned()));
+        assert_eq!(p.list("keys", 10).unwrap(), vec!["a", "b c"]);
+        assert!(p.list("keys", 1).is_err());
+        assert_eq!(p.num::<i32>("operation").unwrap(), Some(5));
+        assert!(
+            Params::parse(Some("operation=x".to_owned()))
+                .num::<i32>("operation")
+                .is_err()
+        );
+        assert!(Params::parse(None).nonzero_op().is_err());
+    }
+
+    #[test]
+    fn constant_time_eq_matches_eq() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

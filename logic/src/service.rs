@@ -1,0 +1,365 @@
+//! What logic does, independent of transport: `grpc` and `http` both call
+//! [`Service`], which owns the session store, the push queue, the node list
+//! and the cluster-wide room counts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use herald_protocol::pb::goim::logic::{Backoff, NodesReply};
+use herald_protocol::pb::{ConnectReply, Proto, PushMsg, push_msg};
+
+use crate::nodes::Nodes;
+use crate::queue::{self, PushQueue};
+use crate::store::{self, Online, SessionStore, redis::unix_now};
+use crate::token::{self, Verifier};
+
+/// Why a request failed, by the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The client's token was refused.
+    #[error("invalid token")]
+    Token(#[from] token::Error),
+    /// The request itself is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The session store (Redis) failed.
+    #[error("session store unavailable")]
+    Store(#[from] store::Error),
+    /// The push queue (Kafka) failed.
+    #[error("push queue unavailable")]
+    Queue(#[from] queue::Error),
+}
+
+/// Result of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What the service needs to know beyond its backends.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Client heartbeat interval advertised in `NodesReply.heartbeat`.
+    pub heartbeat: Duration,
+    /// Missed heartbeats before comet drops a connection; Connect's idle
+    /// timeout is `heartbeat × heartbeat_max`.
+    pub heartbeat_max: u32,
+    /// Comets silent longer than this are left out of room counts.
+    pub online_stale: Duration,
+}
+
+/// The logic service; cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Service {
+    store: Arc<dyn SessionStore>,
+    queue: Arc<dyn PushQueue>,
+    nodes: Nodes,
+    verifier: Verifier,
+    settings: Settings,
+    /// Last aggregation: comet → room → count. std RwLock: never held across
+    /// an await, and only swapped or cloned.
+    online: RwLock<HashMap<String, HashMap<String, i32>>>,
+}
+
+impl Service {
+    /// Assembles a service from its parts.
+    pub fn new(
+        store: Arc<dyn SessionStore>,
+        queue: Arc<dyn PushQueue>,
+        nodes: Nodes,
+        verifier: Verifier,
+        settings: Settings,
+    ) -> Self {
+        Service {
+            store,
+            queue,
+            nodes,
+            verifier,
+            settings,
+            online: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The node list (for `/goim/nodes/instances` and totals).
+    pub fn nodes(&self) -> &Nodes {
+        &self.nodes
+    }
+
+    /// Authenticates a connection and routes it to `server`.
+    ///
+    /// # Errors
+    /// A bad token or empty server (invalid argument); Redis failing.
+    pub async fn connect(&self, server: &str, token: &[u8]) -> Result<ConnectReply> {
+        if server.is_empty() {
+            return Err(Error::BadRequest("server is empty".to_owned()));
+        }
+        let token = self.verifier.parse(token)?;
+        self.store
+            .add_mapping(token.mid, &token.key, server)
+            .await?;
+        let idle = self.settings.heartbeat * self.settings.heartbeat_max.max(1);
+        Ok(ConnectReply {
+            mid: token.mid,
+            key: token.key,
+            room_id: token.room_id,
+            accepts: token.accepts,
+            heartbeat: i64::try_from(idle.as_nanos()).unwrap_or(i64::MAX).max(1),
+        })
+    }
+
+    /// Removes the routes if they still point at `server`.
+    ///
+    /// # Errors
+    /// Redis failing.
+    pub async fn disconnect(&self, mid: i64, key: &str, server: &str) -> Result<bool> {
+        Ok(self.store.del_mapping(mid, key, server).await?)
+    }
+
+    /// Refreshes (or recreates) the routes.
+    ///
+    /// # Errors
+    /// Redis failing.
+    pub async fn heartbeat(&self, mid: i64, key: &str, server: &str) -> Result<()> {
+        self.store.expire_mapping(mid, key, server).await?;
+        Ok(())
+    }
+
+    /// Stores `server`'s room counts and returns the cluster-wide counts with
+    /// the caller's fresh numbers in place of its last aggregated ones.
+    ///
+    /// # Errors
+    /// Redis failing.
+    pub async fn renew_online(
+        &self,
+        server: &str,
+        room_count: HashMap<String, i32>,
+    ) -> Result<HashMap<String, i32>> {
+        let online = Online {
+            server: server.to_owned(),
+            room_count,
+            updated: unix_now(),
+        };
+        self.store.add_server_online(&online).await?;
+        let mut guard = match self.online.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        guard.insert(online.server, online.room_count);
+        Ok(sum_rooms(&guard))
+    }
+
+    /// Re-reads every comet's room counts from the store.
+    ///
+    /// # Errors
+    /// Redis failing (the previous counts stay in place).
+    pub async fn refresh_online(&self) -> Result<()> {
+        let onlines = self
+            .store
+            .server_onlines(self.settings.online_stale)
+            .await?;
+        let fresh: HashMap<String, HashMap<String, i32>> = onlines
+            .into_iter()
+            .map(|o| (o.server, o.room_count))
+            .collect();
+        match self.online.write() {
+            Ok(mut g) => *g = fresh,
+            Err(p) => *p.into_inner() = fresh,
+        }
+        Ok(())
+    }
+
+    fn room_totals(&self) -> HashMap<String, i32> {
+        match self.online.read() {
+            Ok(g) => sum_rooms(&g),
+            Err(p) => sum_rooms(&p.into_inner()),
+        }
+    }
+
+    /// Upstream message from a client (op 4 etc.). goim only logs it.
+    pub fn receive(&self, mid: i64, proto: Option<&Proto>) {
+        let (op, len) = proto.map_or((0, 0), |p| (p.op, p.body.len()));
+        tracing::debug!(mid, op, len, "client message received");
+    }
+
+    /// The balancer answer for a client (§11).
+    pub fn nodes_reply(&self, platform: &str) -> NodesReply {
+        let list = self.nodes.get();
+        let (nodes, first) = list.pick(platform);
+        let (tcp_port, ws_port, wss_port) =
+            first.map_or((0, 0, 0), |n| (n.tcp_port, n.ws_port, n.wss_port));
+        NodesReply {
+            domain: String::new(),
+            tcp_port,
+            ws_port,
+            wss_port,
+            heartbeat: i32::try_from(self.settings.heartbeat.as_secs()).unwrap_or(i32::MAX),
+            nodes,
+            backoff: Some(Backoff {
+                max_delay: 300,
+                base_delay: 3,
+                factor: 1.8,
+                jitter: 0.3,
+            }),
+            heartbeat_max: i32::try_from(self.settings.heartbeat_max).unwrap_or(i32::MAX),
+        }
+    }
+
+    /// Pushes to keys: one PUSH record per comet; unknown keys are skipped.
+    ///
+    /// # Errors
+    /// Redis or Kafka failing.
+    pub async fn push_keys(&self, op: i32, keys: &[String], msg: bytes::Bytes) -> Result<()> {
+        let servers = self.store.servers_by_keys(keys).await?;
+        let routes = keys
+            .iter()
+            .zip(servers)
+            .filter_map(|(k, s)| s.map(|s| (k.clone(), s)));
+        self.push_routes(op, routes, msg).await
+    }
+
+    /// Pushes to every connection of the mids.
+    ///
+    /// # Errors
+    /// Redis or Kafka failing.
+    pub async fn push_mids(&self, op: i32, mids: &[i64], msg: bytes::Bytes) -> Result<()> {
+        let routes = self.store.keys_by_mids(mids).await?;
+        self.push_routes(op, routes.into_iter(), msg).await
+    }
+
+    async fn push_routes(
+        &self,
+        op: i32,
+        routes: impl Iterator<Item = (String, String)>,
+        msg: bytes::Bytes,
+    ) -> Result<()> {
+        // Group by comet, keeping first-seen order so record keys are stable.
+        let mut order: Vec<String> = Vec::new();
+        let mut by_server: HashMap<String, Vec<String>> = HashMap::new();
+        for (key, server) in routes {
+            let keys = by_server.entry(server.clone()).or_insert_with(|| {
+                order.push(server);
+                Vec::new()
+            });
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        let msgs: Vec<PushMsg> = order
+            .into_iter()
+            .map(|server| PushMsg {
+                r#type: push_msg::Type::Push as i32,
+                operation: op,
+                keys: by_server.remove(&server).unwrap_or_default(),
+                server,
+                msg: msg.clone(),
+                ..PushMsg::default()
+            })
+            .collect();
+        self.produce_all(&msgs).await
+    }
+
+    /// One ROOM record for `type://room`.
+    ///
+    /// # Errors
+    /// Kafka failing.
+    pub async fn push_room(&self, op: i32, typ: &str, room: &str, msg: bytes::Bytes) -> Result<()> {
+        let msg = PushMsg {
+            r#type: push_msg::Type::Room as i32,
+            operation: op,
+            room: room_key(typ, room),
+            msg,
+            ..PushMsg::default()
+        };
+        self.produce_all(std::slice::from_ref(&msg)).await
+    }
+
+    /// One BROADCAST record.
+    ///
+    /// # Errors
+    /// Kafka failing.
+    pub async fn push_all(&self, op: i32, speed: i32, msg: bytes::Bytes) -> Result<()> {
+        let msg = PushMsg {
+            r#type: push_msg::Type::Broadcast as i32,
+            operation: op,
+            speed,
+            msg,
+            ..PushMsg::default()
+        };
+        self.produce_all(std::slice::from_ref(&msg)).await
+    }
+
+    async fn produce_all(&self, msgs: &[PushMsg]) -> Result<()> {
+        let keys: Vec<String> = msgs.iter().map(queue::record_key).collect();
+        let sends = msgs
+            .iter()
+            .zip(&keys)
+            .map(|(msg, key)| self.queue.push(key, msg));
+        for res in futures::future::join_all(sends).await {
+            res?;
+        }
+        Ok(())
+    }
+
+    /// Rooms of type `typ` (exactly `typ://…`), largest first, at most `limit`.
+    pub fn online_top(&self, typ: &str, limit: usize) -> Vec<(String, i32)> {
+        let prefix = format!("{typ}://");
+        let mut rooms: Vec<(String, i32)> = self
+            .room_totals()
+            .into_iter()
+            .filter_map(|(room, n)| room.strip_prefix(&prefix).map(|id| (id.to_owned(), n)))
+            .collect();
+        rooms.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        rooms.truncate(limit);
+        rooms
+    }
+
+    /// Count of each room id of type `typ` (0 when unknown).
+    pub fn online_room(&self, typ: &str, rooms: &[String]) -> HashMap<String, i32> {
+        let totals = self.room_totals();
+        rooms
+            .iter()
+            .map(|id| {
+                let n = totals.get(&room_key(typ, id)).copied().unwrap_or(0);
+                (id.clone(), n)
+            })
+            .collect()
+    }
+
+    /// `(connections, client IPs)` from the node list.
+    pub fn online_total(&self) -> (i64, i64) {
+        self.nodes.get().totals()
+    }
+}
+
+/// goim's `type://id` room key.
+pub fn room_key(typ: &str, room: &str) -> String {
+    format!("{typ}://{room}")
+}
+
+fn sum_rooms(servers: &HashMap<String, HashMap<String, i32>>) -> HashMap<String, i32> {
+    let mut out: HashMap<String, i32> = HashMap::new();
+    for rooms in servers.values() {
+        for (room, n) in rooms {
+            let e = out.entry(room.clone()).or_insert(0);
+            *e = e.saturating_add(*n);
+        }
+    }
+    out
+}
+
+/// Re-aggregates room counts every `interval` until `shutdown` fires.
+pub async fn aggregate_online(
+    service: Arc<Service>,
+    interval: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(err) = service.refresh_online().await {
+            tracing::warn!(cause = %err, source = ?std::error::Error::source(&err), "online aggregation failed; keeping previous counts");
+        }
+    }
+}
