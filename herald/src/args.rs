@@ -32,7 +32,7 @@ pub(crate) struct Args {
 enum Role {
     /// Comet, logic and job in one process with in-memory state: no Redis,
     /// Kafka or cluster needed. The first thing to run.
-    Standalone,
+    Standalone(Box<crate::standalone::Args>),
     /// Hold client connections (TCP 3101, WebSocket 3102, WSS 3103) and
     /// deliver pushes received over gRPC (3109).
     Comet(Box<herald_comet::Args>),
@@ -40,7 +40,7 @@ enum Role {
     /// Redis and write push records to Kafka.
     Logic(Box<herald_logic::Args>),
     /// Consume push records from Kafka and deliver them to comets over gRPC.
-    Job,
+    Job(Box<herald_job::Args>),
     /// Reconcile PushCluster resources in a Kubernetes cluster.
     Operator,
     /// Print the PushCluster CustomResourceDefinition as YAML.
@@ -57,8 +57,13 @@ impl Args {
         let (name, issue) = match role {
             Role::Comet(args) => return serve("comet", comet(*args)),
             Role::Logic(args) => return serve("logic", logic(*args)),
-            Role::Standalone => ("standalone", "the logic/job/standalone issue"),
-            Role::Job => ("job", "the logic/job/standalone issue"),
+            Role::Job(args) => return serve("job", job(*args)),
+            Role::Standalone(args) => {
+                return serve(
+                    "standalone",
+                    crate::standalone::run(*args, signal::shutdown()),
+                );
+            }
             Role::Operator => ("operator", "the operator issue"),
             Role::Crdgen => ("crdgen", "the operator issue"),
         };
@@ -78,6 +83,12 @@ async fn logic(args: herald_logic::Args) -> anyhow::Result<()> {
     let config = args.into_config()?;
     let listeners = herald_logic::Listeners::bind(config.http_addr, config.grpc_addr).await?;
     herald_logic::run(config, listeners, signal::shutdown()).await?;
+    Ok(())
+}
+
+async fn job(args: herald_job::Args) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    herald_job::run(config, signal::shutdown()).await?;
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 
 mod args;
 mod signal;
+mod standalone;
 mod telemetry;
 
 use clap::Parser;

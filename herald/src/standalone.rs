@@ -1,0 +1,253 @@
+//! `herald standalone`: comet, logic and job in one process.
+//!
+//! Logic hands push records to job through an in-process queue and keeps
+//! routes in memory, so nothing else is needed; `--redis` and `--kafka`
+//! switch either side to the real backend (then several processes can share
+//! them, as in a cluster). The node list is this one comet: job gets it as a
+//! static comet, logic as a node-list file written to a temporary directory.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use herald_logic::queue::PushQueue;
+use herald_logic::store::SessionStore;
+use tokio::net::TcpListener;
+use tracing::info;
+
+/// `herald standalone` flags; every port is goim's default.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Args {
+    /// Raw TCP client listener.
+    #[arg(long, env = "HERALD_COMET_TCP_ADDR", default_value = "0.0.0.0:3101")]
+    tcp_addr: SocketAddr,
+    /// WebSocket client listener (`/sub`).
+    #[arg(long, env = "HERALD_COMET_WS_ADDR", default_value = "0.0.0.0:3102")]
+    ws_addr: SocketAddr,
+    /// Comet gRPC listener (`goim.comet.Comet`, called by job).
+    #[arg(long, env = "HERALD_COMET_GRPC_ADDR", default_value = "0.0.0.0:3109")]
+    grpc_addr: SocketAddr,
+    /// Logic's HTTP push API.
+    #[arg(long, env = "HERALD_LOGIC_HTTP_ADDR", default_value = "0.0.0.0:3111")]
+    http_addr: SocketAddr,
+    /// Logic's gRPC listener (`goim.logic.Logic`, called by comet).
+    #[arg(long, env = "HERALD_LOGIC_GRPC_ADDR", default_value = "0.0.0.0:3119")]
+    logic_grpc_addr: SocketAddr,
+    /// This comet's server id.
+    #[arg(long, env = "HERALD_COMET_SERVER_ID", default_value = "standalone")]
+    server_id: String,
+    /// Host name / address clients are told to use (`/goim/nodes/weighted`).
+    #[arg(long, env = "HERALD_PUBLIC_HOST", default_value = "127.0.0.1")]
+    public_host: String,
+    /// Keep routes in this Redis instead of memory.
+    #[arg(long, env = "HERALD_REDIS_URL")]
+    redis: Option<String>,
+    /// Send push records through these Kafka brokers instead of memory.
+    #[arg(long, env = "HERALD_KAFKA_BROKERS")]
+    kafka: Option<String>,
+    /// Kafka push topic (with `--kafka`).
+    #[arg(long, env = "HERALD_KAFKA_TOPIC", default_value = "goim-push-topic")]
+    kafka_topic: String,
+    /// Kafka consumer group of the job side (with `--kafka`).
+    #[arg(long, env = "HERALD_JOB_GROUP", default_value = "goim-push-group-job")]
+    kafka_group: String,
+    /// API key required as `Authorization: Bearer <key>` on the HTTP API.
+    #[arg(long, env = "HERALD_LOGIC_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+/// Records the in-process queue holds before the HTTP API waits.
+const QUEUE_CAPACITY: usize = 1024;
+
+/// Runs the three roles until `shutdown`; the first to fail stops the rest.
+pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Destructured so a new flag cannot be silently ignored.
+    let Args {
+        tcp_addr,
+        ws_addr,
+        grpc_addr,
+        http_addr,
+        logic_grpc_addr,
+        server_id,
+        public_host,
+        redis,
+        kafka,
+        kafka_topic,
+        kafka_group,
+        api_key,
+    } = args;
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))
+    };
+    let comet_listeners = herald_comet::Listeners {
+        tcp: bind(tcp_addr).await?,
+        ws: bind(ws_addr).await?,
+        wss: None,
+        grpc: bind(grpc_addr).await?,
+        http: None,
+    };
+    let logic_listeners = herald_logic::Listeners {
+        http: bind(http_addr).await?,
+        grpc: bind(logic_grpc_addr).await?,
+    };
+    // The roles reach each other over loopback even when bound to 0.0.0.0.
+    let local = |listener: &TcpListener| -> anyhow::Result<SocketAddr> {
+        let addr = listener.local_addr()?;
+        let ip = if addr.ip().is_unspecified() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            addr.ip()
+        };
+        Ok(SocketAddr::new(ip, addr.port()))
+    };
+    let comet_grpc = local(&comet_listeners.grpc)?;
+    let logic_grpc = local(&logic_listeners.grpc)?;
+
+    let nodes = NodeListFile::write(
+        &server_id,
+        comet_grpc,
+        &public_host,
+        comet_listeners.tcp.local_addr()?.port(),
+        comet_listeners.ws.local_addr()?.port(),
+    )?;
+
+    let mut logic_config = herald_logic::Config::new(
+        redis.as_deref().unwrap_or_default(),
+        kafka.as_deref().unwrap_or_default(),
+        &kafka_topic,
+    );
+    logic_config.node_list = Some(nodes.path.clone());
+    logic_config.http.api_key = api_key.filter(|k| !k.is_empty());
+    let store: Arc<dyn SessionStore> = match &redis {
+        Some(_) => Arc::new(herald_logic::store::redis::RedisStore::new(
+            logic_config.redis.clone(),
+        )?),
+        None => Arc::new(herald_logic::store::memory::MemoryStore::new(
+            logic_config.redis.ttl,
+        )),
+    };
+    let mut job_config = herald_job::Config::new(
+        kafka.as_deref().unwrap_or_default(),
+        &kafka_topic,
+        &kafka_group,
+    );
+    job_config.comets = vec![herald_job::StaticComet {
+        name: server_id.clone(),
+        grpc: comet_grpc.to_string(),
+    }];
+    let (queue, records): (Arc<dyn PushQueue>, _) = match &kafka {
+        Some(_) => (
+            Arc::new(herald_logic::queue::kafka::KafkaQueue::new(
+                logic_config.kafka.clone(),
+            )?),
+            None,
+        ),
+        None => {
+            let (queue, records) = herald_logic::queue::memory::MemoryQueue::new(QUEUE_CAPACITY);
+            (Arc::new(queue), Some(records))
+        }
+    };
+    let comet_config = herald_comet::Config::new(server_id, logic_grpc.to_string());
+
+    info!(
+        tcp = %tcp_addr, ws = %ws_addr, http = %http_addr,
+        routes = if redis.is_some() { "redis" } else { "memory" },
+        queue = if kafka.is_some() { "kafka" } else { "memory" },
+        "standalone starting"
+    );
+
+    // Shutdown in two steps: comet first, so its sessions can still tell
+    // logic `Disconnect`, then logic and job. If any role fails, `try_join!`
+    // drops the others and the process exits.
+    let (comet_stop, comet_stopped) = tokio::sync::watch::channel(false);
+    let (rest_stop, rest_stopped) = tokio::sync::watch::channel(false);
+    let on = |rx: &tokio::sync::watch::Receiver<bool>| {
+        let mut rx = rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let logic = async {
+        herald_logic::run_with(
+            logic_config,
+            store,
+            queue,
+            logic_listeners,
+            on(&rest_stopped),
+        )
+        .await
+        .context("logic")
+    };
+    let comet = async {
+        let result = herald_comet::run(comet_config, comet_listeners, on(&comet_stopped)).await;
+        let _ = rest_stop.send(true);
+        result.context("comet")
+    };
+    let job = async {
+        match records {
+            Some(records) => herald_job::run_channel(job_config, records, on(&rest_stopped)).await,
+            None => herald_job::run(job_config, on(&rest_stopped)).await,
+        }
+        .context("job")
+    };
+    let signal = async {
+        // Also ends when comet stopped by itself, so nothing waits forever.
+        tokio::select! {
+            () = shutdown => {}
+            () = on(&rest_stopped) => {}
+        }
+        let _ = comet_stop.send(true);
+        anyhow::Ok(())
+    };
+    let result = tokio::try_join!(signal, logic, comet, job).map(|_| ());
+    drop(nodes);
+    result
+}
+
+/// The one-comet node list for logic; removed when dropped.
+#[derive(Debug)]
+struct NodeListFile {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl NodeListFile {
+    fn write(
+        name: &str,
+        grpc: SocketAddr,
+        host: &str,
+        tcp_port: u16,
+        ws_port: u16,
+    ) -> anyhow::Result<Self> {
+        let list = herald_logic::nodes::NodeList {
+            generation: 1,
+            updated: String::new(),
+            nodes: vec![herald_logic::nodes::Node {
+                name: name.to_owned(),
+                grpc: grpc.to_string(),
+                hosts: vec![host.to_owned()],
+                addrs: vec![host.to_owned()],
+                tcp_port: i32::from(tcp_port),
+                ws_port: i32::from(ws_port),
+                weight: 1,
+                ..herald_logic::nodes::Node::default()
+            }],
+        };
+        let dir = std::env::temp_dir().join(format!("herald-standalone-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("nodes.json");
+        std::fs::write(&path, serde_json::to_vec(&list)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(NodeListFile { dir, path })
+    }
+}
+
+impl Drop for NodeListFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

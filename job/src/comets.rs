@@ -1,0 +1,506 @@
+//! The comets job delivers to: a directory of `name → gRPC address`, and one
+//! worker task per comet that owns its lazily-connected channel.
+//!
+//! A worker takes calls in the order records were submitted. When it is idle
+//! a call goes out at once; calls that arrive while one is in flight queue up
+//! and go out together next, with room frames merged per room into one
+//! `BroadcastRoom` (at most `batch_frames` frames / `batch_bytes` bytes).
+//! Frames of one room keep their order because one worker sends them, batch
+//! after batch. Unlike goim (flush at 20 frames or 1 s), an idle comet gets
+//! a room push with no delay; batches only form under load.
+//!
+//! Each call completes its records' `done` senders; a worker stopped by
+//! shutdown drops them instead, which the caller reads as "abandoned" (not
+//! delivered, offset not stored).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use herald_protocol::pb::{BroadcastReq, BroadcastRoomReq, CometClient, PushMsgReq};
+use herald_protocol::ws;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+/// How workers call comets.
+#[derive(Debug, Clone)]
+pub struct CallSettings {
+    /// Deadline of one gRPC call.
+    pub timeout: Duration,
+    /// Attempts on a retryable error before checking whether the comet is
+    /// still listed (then: drop if gone, another round if not).
+    pub attempts: u32,
+    /// First retry delay; doubles up to `backoff_max`.
+    pub backoff: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Most frames in one `BroadcastRoom` batch.
+    pub batch_frames: usize,
+    /// Most frame bytes in one `BroadcastRoom` batch.
+    pub batch_bytes: usize,
+}
+
+/// What happened to records, for logs, metrics and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub(crate) records: AtomicU64,
+    pub(crate) poison: AtomicU64,
+    pub(crate) unknown_comet: AtomicU64,
+    pub(crate) comet_gone: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) calls: AtomicU64,
+    pub(crate) room_batches: AtomicU64,
+    pub(crate) room_frames: AtomicU64,
+}
+
+/// A copy of [`Stats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Records submitted (poison included).
+    pub records: u64,
+    /// Records skipped as undecodable or invalid.
+    pub poison: u64,
+    /// PUSH records for a comet not in the list (dropped).
+    pub unknown_comet: u64,
+    /// Calls dropped because their comet left the list while failing.
+    pub comet_gone: u64,
+    /// Calls a comet refused with a non-retryable error (dropped).
+    pub rejected: u64,
+    /// Successful gRPC calls.
+    pub calls: u64,
+    /// Successful `BroadcastRoom` calls.
+    pub room_batches: u64,
+    /// Frames carried by those calls.
+    pub room_frames: u64,
+}
+
+impl Stats {
+    /// The current counts.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            records: get(&self.records),
+            poison: get(&self.poison),
+            unknown_comet: get(&self.unknown_comet),
+            comet_gone: get(&self.comet_gone),
+            rejected: get(&self.rejected),
+            calls: get(&self.calls),
+            room_batches: get(&self.room_batches),
+            room_frames: get(&self.room_frames),
+        }
+    }
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One call a record needs on one comet. `frame` is the encoded client frame.
+#[derive(Debug)]
+pub(crate) enum Call {
+    Push {
+        keys: Vec<String>,
+        op: i32,
+        frame: Bytes,
+    },
+    Broadcast {
+        op: i32,
+        speed: i32,
+        frame: Bytes,
+    },
+    Room {
+        room: String,
+        frame: Bytes,
+    },
+}
+
+/// A call and who waits for it. The sender is completed when the call
+/// succeeded or was dropped for good, and dropped unsent on shutdown.
+#[derive(Debug)]
+pub(crate) struct Item {
+    pub(crate) call: Call,
+    pub(crate) done: oneshot::Sender<()>,
+}
+
+#[derive(Debug)]
+struct Handle {
+    addr: String,
+    // Unbounded: the drivers bound the records in flight, which bounds this.
+    tx: mpsc::UnboundedSender<Item>,
+}
+
+/// The current comets and their workers.
+#[derive(Debug, Clone)]
+pub(crate) struct Directory {
+    // std Mutex: held only to look up or swap entries, never across an await.
+    comets: Arc<Mutex<HashMap<String, Handle>>>,
+    settings: Arc<CallSettings>,
+    stats: Arc<Stats>,
+    cancel: CancellationToken,
+}
+
+impl Directory {
+    pub(crate) fn new(
+        settings: CallSettings,
+        stats: Arc<Stats>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Directory {
+            comets: Arc::default(),
+            settings: Arc::new(settings),
+            stats,
+            cancel,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Handle>> {
+        match self.comets.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Replaces the comet list: new or moved comets get a worker, removed
+    /// ones lose theirs (it finishes what it holds, then stops).
+    pub(crate) fn set(&self, list: Vec<(String, String)>) {
+        let mut comets = self.lock();
+        let wanted: HashMap<String, String> = list.into_iter().collect();
+        comets.retain(|name, handle| wanted.get(name) == Some(&handle.addr));
+        for (name, addr) in wanted {
+            if comets.contains_key(&name) {
+                continue;
+            }
+            match self.spawn_worker(&name, &addr) {
+                Ok(tx) => {
+                    info!(comet = %name, %addr, "comet added");
+                    comets.insert(name, Handle { addr, tx });
+                }
+                Err(err) => {
+                    warn!(comet = %name, %addr, cause = %err, "invalid comet address; ignored")
+                }
+            }
+        }
+    }
+
+    /// Whether `name` is still listed at `addr`.
+    fn contains(&self, name: &str, addr: &str) -> bool {
+        self.lock().get(name).is_some_and(|h| h.addr == addr)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Queues `call` on the named comet; `None` when it is not listed.
+    pub(crate) fn send_to(&self, name: &str, call: Call) -> Option<oneshot::Receiver<()>> {
+        let comets = self.lock();
+        let handle = comets.get(name)?;
+        let (done, rx) = oneshot::channel();
+        handle.tx.send(Item { call, done }).ok()?;
+        Some(rx)
+    }
+
+    /// Queues `make()` on every listed comet.
+    pub(crate) fn send_to_all(&self, make: impl Fn() -> Call) -> Vec<oneshot::Receiver<()>> {
+        let comets = self.lock();
+        comets
+            .values()
+            .filter_map(|handle| {
+                let (done, rx) = oneshot::channel();
+                handle.tx.send(Item { call: make(), done }).ok()?;
+                Some(rx)
+            })
+            .collect()
+    }
+
+    fn spawn_worker(
+        &self,
+        name: &str,
+        addr: &str,
+    ) -> Result<mpsc::UnboundedSender<Item>, tonic::transport::Error> {
+        let uri = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        // Lazy: a comet that is not up yet costs nothing until a call needs it.
+        let channel = Endpoint::from_shared(uri)?
+            .connect_timeout(self.settings.timeout)
+            .timeout(self.settings.timeout)
+            .connect_lazy();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let worker = Worker {
+            name: name.to_owned(),
+            addr: addr.to_owned(),
+            client: CometClient::new(channel),
+            directory: self.clone(),
+        };
+        tokio::spawn(
+            worker
+                .run(rx)
+                .instrument(info_span!("comet", comet = %name)),
+        );
+        Ok(tx)
+    }
+}
+
+/// Frames of one room gathered in one drain, in arrival order.
+type RoomFrames = Vec<(Bytes, oneshot::Sender<()>)>;
+
+#[derive(Debug)]
+struct Worker {
+    name: String,
+    addr: String,
+    client: CometClient<Channel>,
+    directory: Directory,
+}
+
+/// Calls taken off the queue in one go before a worker calls again.
+const DRAIN_MAX: usize = 1024;
+
+impl Worker {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Item>) {
+        let cancel = self.directory.cancel.clone();
+        loop {
+            let first = tokio::select! {
+                () = cancel.cancelled() => return,
+                item = rx.recv() => match item {
+                    Some(item) => item,
+                    None => return,
+                },
+            };
+            let mut drained = vec![first];
+            while drained.len() < DRAIN_MAX {
+                match rx.try_recv() {
+                    Ok(item) => drained.push(item),
+                    Err(_) => break,
+                }
+            }
+            // Room frames grouped per room (first-seen order); other calls
+            // keep their order. Different targets, so no order between them.
+            let mut rooms: Vec<(String, RoomFrames)> = Vec::new();
+            let mut others = Vec::new();
+            for Item { call, done } in drained {
+                match call {
+                    Call::Room { room, frame } => {
+                        match rooms.iter_mut().find(|(r, _)| *r == room) {
+                            Some((_, frames)) => frames.push((frame, done)),
+                            None => rooms.push((room, vec![(frame, done)])),
+                        }
+                    }
+                    call => others.push((call, done)),
+                }
+            }
+            for (call, done) in others {
+                if self.deliver(Request::from_call(call)).await.is_none() {
+                    return;
+                }
+                let _ = done.send(());
+            }
+            for (room, frames) in rooms {
+                for batch in batches(frames, &self.directory.settings) {
+                    let mut body =
+                        BytesMut::with_capacity(batch.iter().map(|(f, _)| f.len()).sum());
+                    for (frame, _) in &batch {
+                        body.extend_from_slice(frame);
+                    }
+                    let n = batch.len() as u64;
+                    let req = BroadcastRoomReq {
+                        room_id: room.clone(),
+                        proto: Some(ws::raw_proto(body.freeze())),
+                    };
+                    match self.deliver(Request::Room(req)).await {
+                        None => return,
+                        Some(true) => {
+                            let stats = &self.directory.stats;
+                            bump(&stats.room_batches);
+                            stats.room_frames.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Some(false) => {}
+                    }
+                    for (_, done) in batch {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Calls until success (`Some(true)`), a permanent failure or the comet
+    /// leaving the list (`Some(false)`, counted), or shutdown (`None`).
+    async fn deliver(&mut self, req: Request) -> Option<bool> {
+        let settings = self.directory.settings.clone();
+        let stats = self.directory.stats.clone();
+        let cancel = self.directory.cancel.clone();
+        let mut attempt = 0u32;
+        let mut delay = settings.backoff;
+        loop {
+            let result = tokio::select! {
+                () = cancel.cancelled() => return None,
+                result = req.call(&mut self.client) => result,
+            };
+            let status = match result {
+                Ok(()) => {
+                    bump(&stats.calls);
+                    return Some(true);
+                }
+                Err(status) => status,
+            };
+            if !retryable(status.code()) {
+                bump(&stats.rejected);
+                warn!(rpc = req.name(), code = ?status.code(), message = status.message(), "comet refused the call; dropped");
+                return Some(false);
+            }
+            attempt += 1;
+            if attempt >= settings.attempts.max(1) {
+                if !self.directory.contains(&self.name, &self.addr) {
+                    bump(&stats.comet_gone);
+                    warn!(
+                        rpc = req.name(),
+                        "comet left the list while failing; dropped"
+                    );
+                    return Some(false);
+                }
+                warn!(rpc = req.name(), attempts = attempt, cause = %status.message(), "comet unavailable; still listed, retrying");
+                attempt = 0;
+            } else {
+                debug!(rpc = req.name(), attempt, cause = %status.message(), "retrying");
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return None,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(settings.backoff_max);
+        }
+    }
+}
+
+/// Splits one room's frames into batches within the frame and byte caps;
+/// a single frame above the byte cap goes alone.
+fn batches(frames: RoomFrames, settings: &CallSettings) -> Vec<RoomFrames> {
+    let mut out: Vec<RoomFrames> = Vec::new();
+    let mut current: RoomFrames = Vec::new();
+    let mut bytes = 0;
+    for (frame, done) in frames {
+        let full = current.len() >= settings.batch_frames.max(1)
+            || (!current.is_empty() && bytes + frame.len() > settings.batch_bytes);
+        if full {
+            out.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += frame.len();
+        current.push((frame, done));
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+fn retryable(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Aborted
+            | tonic::Code::Cancelled
+    )
+}
+
+/// One gRPC request, cloned per attempt (bodies are shared [`Bytes`]).
+#[derive(Debug)]
+enum Request {
+    Push(PushMsgReq),
+    Broadcast(BroadcastReq),
+    Room(BroadcastRoomReq),
+}
+
+impl Request {
+    fn from_call(call: Call) -> Request {
+        match call {
+            Call::Push { keys, op, frame } => Request::Push(PushMsgReq {
+                keys,
+                proto_op: op,
+                proto: Some(ws::raw_proto(frame)),
+            }),
+            Call::Broadcast { op, speed, frame } => Request::Broadcast(BroadcastReq {
+                proto_op: op,
+                proto: Some(ws::raw_proto(frame)),
+                speed,
+            }),
+            Call::Room { room, frame } => Request::Room(BroadcastRoomReq {
+                room_id: room,
+                proto: Some(ws::raw_proto(frame)),
+            }),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Request::Push(_) => "PushMsg",
+            Request::Broadcast(_) => "Broadcast",
+            Request::Room(_) => "BroadcastRoom",
+        }
+    }
+
+    async fn call(&self, client: &mut CometClient<Channel>) -> Result<(), tonic::Status> {
+        match self {
+            Request::Push(req) => client.push_msg(req.clone()).await.map(drop),
+            Request::Broadcast(req) => client.broadcast(req.clone()).await.map(drop),
+            Request::Room(req) => client.broadcast_room(req.clone()).await.map(drop),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(frames: usize, bytes: usize) -> CallSettings {
+        CallSettings {
+            timeout: Duration::from_secs(1),
+            attempts: 1,
+            backoff: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(1),
+            batch_frames: frames,
+            batch_bytes: bytes,
+        }
+    }
+
+    fn frames(sizes: &[usize]) -> RoomFrames {
+        sizes
+            .iter()
+            .map(|&n| (Bytes::from(vec![n as u8; n]), oneshot::channel().0))
+            .collect()
+    }
+
+    fn shape(batches: &[RoomFrames]) -> Vec<Vec<usize>> {
+        batches
+            .iter()
+            .map(|b| b.iter().map(|(f, _)| f.len()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn batches_respect_frame_cap_and_keep_order() {
+        let out = batches(frames(&[1, 2, 3, 4, 5]), &settings(2, 1000));
+        assert_eq!(shape(&out), vec![vec![1, 2], vec![3, 4], vec![5]]);
+    }
+
+    #[test]
+    fn batches_respect_byte_cap_and_pass_oversized_frames_alone() {
+        let out = batches(frames(&[10, 10, 10, 50, 5]), &settings(20, 25));
+        assert_eq!(shape(&out), vec![vec![10, 10], vec![10], vec![50], vec![5]]);
+    }
+
+    #[test]
+    fn unavailable_is_retried_invalid_argument_is_not() {
+        assert!(retryable(tonic::Code::Unavailable));
+        assert!(!retryable(tonic::Code::InvalidArgument));
+    }
+}

@@ -1,0 +1,754 @@
+//! Job against the test bed's real Kafka and real comets (`herald_comet::run`
+//! on 127.0.0.1:0 with a stub logic), asserting the bytes TCP clients receive.
+//!
+//! Needs `HERALD_KAFKA_BROKERS` (source `$HERALD_RUN/env` after
+//! `e2e/services/up.sh kafka`); panics without it rather than skipping.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::{Bytes, BytesMut};
+use herald_job::{Config, Job, StaticComet, StatsSnapshot, source};
+use herald_logic::queue::PushQueue;
+use herald_logic::queue::memory::MemoryQueue;
+use herald_protocol::pb::goim::logic::{
+    DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq, NodesReply, NodesReq,
+    OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
+};
+use herald_protocol::pb::{ConnectReply, ConnectReq, Logic, LogicServer, PushMsg, push_msg};
+use herald_protocol::{Frame, Limits, op};
+use prost::Message as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+type Result<T = (), E = anyhow::Error> = std::result::Result<T, E>;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn hex(s: &str) -> Vec<u8> {
+    s.split_whitespace()
+        .map(|b| u8::from_str_radix(b, 16).expect("hex byte"))
+        .collect()
+}
+
+const T5: &str = "00 00 00 15 00 10 00 01 00 00 03 e8 00 00 00 00 68 65 6c 6c 6f";
+const T7: &str = "00 00 00 1a 00 10 00 01 00 00 03 e8 00 00 00 00 7b 22 74 65 73 74 22 3a 31 7d
+00 00 00 1a 00 10 00 01 00 00 03 e8 00 00 00 00 7b 22 74 65 73 74 22 3a 32 7d";
+
+// ------------------------------------------------------------------ kafka
+
+fn brokers() -> String {
+    std::env::var("HERALD_KAFKA_BROKERS").unwrap_or_else(|_| {
+        panic!(
+            "HERALD_KAFKA_BROKERS is not set: start the test bed \
+             (bash e2e/services/up.sh kafka; source $HERALD_RUN/env)"
+        )
+    })
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{nanos}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn create_topic(topic: &str, partitions: i32) -> Result {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()?;
+    let results = timeout(
+        WAIT,
+        admin.create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        ),
+    )
+    .await??;
+    for r in results {
+        r.map_err(|(name, code)| anyhow::anyhow!("create topic {name}: {code}"))?;
+    }
+    Ok(())
+}
+
+struct Producer {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl Producer {
+    fn new(topic: &str) -> Result<Producer> {
+        Ok(Producer {
+            producer: ClientConfig::new()
+                .set("bootstrap.servers", brokers())
+                .set("acks", "all")
+                .set("enable.idempotence", "true")
+                .set("linger.ms", "0")
+                .create()?,
+            topic: topic.to_owned(),
+        })
+    }
+
+    async fn send_raw(&self, key: &str, value: &[u8]) -> Result {
+        self.producer
+            .send(
+                FutureRecord::to(&self.topic).key(key).payload(value),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(err, _)| anyhow::anyhow!("produce: {err}"))?;
+        Ok(())
+    }
+
+    async fn send(&self, key: &str, msg: &PushMsg) -> Result {
+        self.send_raw(key, &msg.encode_to_vec()).await
+    }
+
+    /// Enqueues all, then waits for every acknowledgement (idempotent
+    /// producer: per-partition order is kept).
+    async fn send_all(&self, records: &[(String, PushMsg)]) -> Result {
+        let values: Vec<Vec<u8>> = records.iter().map(|(_, m)| m.encode_to_vec()).collect();
+        let mut acks = Vec::new();
+        for ((key, _), value) in records.iter().zip(&values) {
+            let ack = self
+                .producer
+                .send_result(FutureRecord::to(&self.topic).key(key).payload(value))
+                .map_err(|(err, _)| anyhow::anyhow!("enqueue: {err}"))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await?
+                .map_err(|(err, _)| anyhow::anyhow!("produce: {err}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The group's committed offset of partition 0.
+fn committed(topic: &str, group: &str) -> Result<Offset> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let got = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    got.find_partition(topic, 0)
+        .map(|p| p.offset())
+        .context("partition 0 missing")
+}
+
+fn push(server: &str, keys: &[&str], body: &[u8]) -> PushMsg {
+    PushMsg {
+        r#type: push_msg::Type::Push as i32,
+        operation: 1000,
+        server: server.to_owned(),
+        keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+        msg: Bytes::copy_from_slice(body),
+        ..Default::default()
+    }
+}
+
+fn room(room: &str, body: &[u8]) -> PushMsg {
+    PushMsg {
+        r#type: push_msg::Type::Room as i32,
+        operation: 1000,
+        room: room.to_owned(),
+        msg: Bytes::copy_from_slice(body),
+        ..Default::default()
+    }
+}
+
+fn broadcast(body: &[u8], speed: i32) -> PushMsg {
+    PushMsg {
+        r#type: push_msg::Type::Broadcast as i32,
+        operation: 1000,
+        speed,
+        msg: Bytes::copy_from_slice(body),
+        ..Default::default()
+    }
+}
+
+// ------------------------------------------------------------ stub logic
+
+#[derive(Debug, Clone, Default)]
+struct Stub;
+
+#[tonic::async_trait]
+impl Logic for Stub {
+    async fn connect(&self, req: Request<ConnectReq>) -> Result<Response<ConnectReply>, Status> {
+        let v: serde_json::Value = serde_json::from_slice(&req.into_inner().token)
+            .map_err(|_| Status::invalid_argument("token is not JSON"))?;
+        Ok(Response::new(ConnectReply {
+            mid: v["mid"].as_i64().unwrap_or(0),
+            key: v["key"].as_str().unwrap_or("").to_owned(),
+            room_id: v["room_id"].as_str().unwrap_or("").to_owned(),
+            accepts: v["accepts"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_i64())
+                        .map(|x| x as i32)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            heartbeat: 60_000_000_000,
+        }))
+    }
+
+    async fn disconnect(
+        &self,
+        _req: Request<DisconnectReq>,
+    ) -> Result<Response<DisconnectReply>, Status> {
+        Ok(Response::new(DisconnectReply { has: true }))
+    }
+
+    async fn heartbeat(
+        &self,
+        _req: Request<HeartbeatReq>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        Ok(Response::new(HeartbeatReply {}))
+    }
+
+    async fn renew_online(
+        &self,
+        _req: Request<OnlineReq>,
+    ) -> Result<Response<OnlineReply>, Status> {
+        Ok(Response::new(OnlineReply::default()))
+    }
+
+    async fn receive(&self, _req: Request<ReceiveReq>) -> Result<Response<ReceiveReply>, Status> {
+        Ok(Response::new(ReceiveReply {}))
+    }
+
+    async fn nodes(&self, _req: Request<NodesReq>) -> Result<Response<NodesReply>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+}
+
+// ------------------------------------------------------------------ comet
+
+struct Comet {
+    name: String,
+    tcp: SocketAddr,
+    grpc: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<herald_comet::Result<()>>,
+}
+
+impl Comet {
+    async fn start(name: &str) -> Result<Comet> {
+        let logic = TcpListener::bind("127.0.0.1:0").await?;
+        let logic_addr = logic.local_addr()?;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(LogicServer::new(Stub))
+                .serve_with_incoming(TcpListenerStream::new(logic)),
+        );
+        let mut config = herald_comet::Config::new(name, logic_addr.to_string());
+        config.renew_online_interval = Duration::from_secs(3600);
+        let listeners = herald_comet::Listeners {
+            tcp: TcpListener::bind("127.0.0.1:0").await?,
+            ws: TcpListener::bind("127.0.0.1:0").await?,
+            wss: None,
+            grpc: TcpListener::bind("127.0.0.1:0").await?,
+            http: None,
+        };
+        let tcp = listeners.tcp.local_addr()?;
+        let grpc = listeners.grpc.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(herald_comet::run(config, listeners, async {
+            let _ = stopped.await;
+        }));
+        Ok(Comet {
+            name: name.to_owned(),
+            tcp,
+            grpc,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    fn as_static(&self) -> StaticComet {
+        StaticComet {
+            name: self.name.clone(),
+            grpc: self.grpc.to_string(),
+        }
+    }
+
+    async fn client(&self, key: &str, room: &str) -> Result<TcpClient> {
+        let mut client = TcpClient {
+            stream: TcpStream::connect(self.tcp).await?,
+            buf: BytesMut::new(),
+        };
+        let token = serde_json::json!({"mid": 1, "key": key, "room_id": room, "accepts": [1000]});
+        let auth = Frame {
+            ver: 1,
+            op: op::AUTH,
+            seq: 1,
+            body: Bytes::from(token.to_string()),
+        };
+        client.stream.write_all(&auth.to_bytes()).await?;
+        let reply = client.recv().await?;
+        if reply.op != op::AUTH_REPLY {
+            bail!("expected op 8, got {reply:?}");
+        }
+        Ok(client)
+    }
+}
+
+impl Drop for Comet {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.abort();
+    }
+}
+
+struct TcpClient {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl TcpClient {
+    async fn fill(&mut self) -> Result {
+        let read = timeout(WAIT, self.stream.read_buf(&mut self.buf))
+            .await
+            .context("timed out waiting for bytes")??;
+        if read == 0 {
+            bail!("connection closed");
+        }
+        Ok(())
+    }
+
+    async fn read_bytes(&mut self, n: usize) -> Result<Vec<u8>> {
+        while self.buf.len() < n {
+            self.fill().await?;
+        }
+        Ok(self.buf.split_to(n).to_vec())
+    }
+
+    async fn recv(&mut self) -> Result<Frame> {
+        loop {
+            if let Some(frame) = Frame::decode(&mut self.buf, Limits::OUTBOUND)? {
+                return Ok(frame);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Nothing arrives for `quiet`.
+    async fn silent(&mut self, quiet: Duration) -> Result {
+        if !self.buf.is_empty() {
+            bail!("unexpected bytes: {:?}", self.buf);
+        }
+        match timeout(quiet, self.stream.read_buf(&mut self.buf)).await {
+            Err(_) => Ok(()),
+            Ok(read) => bail!("unexpected read {read:?}: {:?}", self.buf),
+        }
+    }
+}
+
+// -------------------------------------------------------------------- job
+
+struct RunningJob {
+    job: Job,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<herald_job::Result<()>>,
+}
+
+impl RunningJob {
+    fn start(config: Config) -> Result<RunningJob> {
+        let job = Job::start(&config)?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let runner = job.clone();
+        let task = tokio::spawn(async move {
+            let result = source::kafka(&runner, &config, async {
+                let _ = stopped.await;
+            })
+            .await;
+            runner.stop();
+            result
+        });
+        Ok(RunningJob {
+            job,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        self.job.stats()
+    }
+
+    async fn wait_stats(&self, what: &str, pred: impl Fn(&StatsSnapshot) -> bool) -> Result {
+        timeout(WAIT, async {
+            while !pred(&self.stats()) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .with_context(|| format!("job never reached {what}: {:?}", self.stats()))
+    }
+
+    async fn stop(mut self) -> Result {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        timeout(WAIT, &mut self.task)
+            .await
+            .context("job did not stop")???;
+        Ok(())
+    }
+}
+
+impl Drop for RunningJob {
+    fn drop(&mut self) {
+        self.job.stop();
+        self.task.abort();
+    }
+}
+
+fn job_config(topic: &str, group: &str, comets: &[&Comet]) -> Config {
+    let mut config = Config::new(&brokers(), topic, group);
+    config.comets = comets.iter().map(|c| c.as_static()).collect();
+    config.drain_timeout = Duration::from_secs(5);
+    config
+}
+
+// ------------------------------------------------------------------ tests
+
+#[tokio::test]
+async fn push_room_and_broadcast_reach_clients_with_exact_bytes() -> Result {
+    let topic = unique("job-basic");
+    create_topic(&topic, 2).await?;
+    let comet = Comet::start("comet-a").await?;
+    // The comet comes from a node list file (draining still gets pushes).
+    let dir = std::env::temp_dir().join(unique("job-nodes"));
+    std::fs::create_dir_all(&dir)?;
+    let list = dir.join("nodes.json");
+    std::fs::write(
+        &list,
+        serde_json::json!({"generation": 1, "updated": "2026-11-27T10:00:00Z",
+            "nodes": [{"name": "comet-a", "grpc": comet.grpc.to_string(), "draining": true}]})
+        .to_string(),
+    )?;
+    let mut config = job_config(&topic, &unique("job-basic-group"), &[]);
+    config.node_list = Some(list);
+    let job = RunningJob::start(config)?;
+    let mut client = comet.client("ka", "live://1000").await?;
+    let producer = Producer::new(&topic)?;
+
+    producer
+        .send("ka", &push("comet-a", &["ka"], b"hello"))
+        .await?;
+    assert_eq!(client.read_bytes(21).await?, hex(T5), "T5 on TCP");
+
+    producer
+        .send("live://1000", &room("live://1000", br#"{"test":1}"#))
+        .await?;
+    producer
+        .send("live://1000", &room("live://1000", br#"{"test":2}"#))
+        .await?;
+    assert_eq!(client.read_bytes(52).await?, hex(T7), "T7 on TCP");
+
+    producer.send("1000", &broadcast(b"all", 100)).await?;
+    let frame = client.recv().await?;
+    assert_eq!((frame.op, &frame.body[..]), (1000, &b"all"[..]));
+
+    // A PUSH for a comet nobody lists is dropped and counted; later ones flow.
+    producer
+        .send("kx", &push("ghost", &["kx"], b"lost"))
+        .await?;
+    producer
+        .send("ka", &push("comet-a", &["ka"], b"after"))
+        .await?;
+    let frame = client.recv().await?;
+    assert_eq!(&frame.body[..], b"after");
+    job.wait_stats("one unknown comet", |s| s.unknown_comet == 1)
+        .await?;
+    let stats = job.stats();
+    assert_eq!((stats.records, stats.poison), (6, 0), "{stats:?}");
+    job.stop().await?;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+#[tokio::test]
+async fn poison_records_are_skipped_and_committed_past() -> Result {
+    let topic = unique("job-poison");
+    let group = unique("job-poison-group");
+    create_topic(&topic, 1).await?;
+    let comet = Comet::start("comet-p").await?;
+    let job = RunningJob::start(job_config(&topic, &group, &[&comet]))?;
+    let mut client = comet.client("kp", "").await?;
+    let producer = Producer::new(&topic)?;
+
+    producer.send_raw("x", b"\xff\xff\xff\xff").await?; // not protobuf
+    let mut unknown_type = push("comet-p", &["kp"], b"bad");
+    unknown_type.r#type = 7;
+    producer.send("x", &unknown_type).await?;
+    producer
+        .send("x", &push("comet-p", &[], b"no keys"))
+        .await?;
+    producer.send("x", &room("", b"no room")).await?;
+    producer
+        .send("x", &push("comet-p", &["kp"], b"good"))
+        .await?;
+
+    let frame = client.recv().await?;
+    assert_eq!(&frame.body[..], b"good");
+    job.wait_stats("4 poison, 5 records", |s| s.poison == 4 && s.records == 5)
+        .await?;
+    job.stop().await?;
+    assert_eq!(committed(&topic, &group)?, Offset::Offset(5));
+    client.silent(Duration::from_millis(200)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn broadcast_with_zero_comets_does_nothing_and_commits() -> Result {
+    let topic = unique("job-empty");
+    let group = unique("job-empty-group");
+    create_topic(&topic, 1).await?;
+    let job = RunningJob::start(job_config(&topic, &group, &[]))?;
+    let producer = Producer::new(&topic)?;
+    producer.send("1000", &broadcast(b"nobody", 1000)).await?;
+    producer
+        .send("live://1", &room("live://1", b"nobody"))
+        .await?;
+    job.wait_stats("2 records", |s| s.records == 2).await?;
+    assert_eq!(job.stats().calls, 0);
+    job.stop().await?;
+    assert_eq!(committed(&topic, &group)?, Offset::Offset(2));
+    Ok(())
+}
+
+/// A TCP listener that accepts and never answers: calls to it time out.
+async fn black_hole() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    Ok(addr)
+}
+
+#[tokio::test]
+async fn every_record_is_delivered_at_least_once_across_a_restart() -> Result {
+    const N: usize = 120;
+    let topic = unique("job-alo");
+    let group = unique("job-alo-group");
+    create_topic(&topic, 3).await?;
+    let fast = Comet::start("comet-r").await?;
+    let slow = Comet::start("comet-s").await?;
+    let mut fast_client = fast.client("kr", "").await?;
+    let mut slow_client = slow.client("ks", "").await?;
+    let producer = Producer::new(&topic)?;
+    // Every tenth record goes to comet-s; record keys spread the records
+    // over the three partitions.
+    let is_slow = |i: usize| i % 10 == 5;
+    let records: Vec<(String, PushMsg)> = (0..N)
+        .map(|i| {
+            let msg = if is_slow(i) {
+                push("comet-s", &["ks"], format!("s{i:04}").as_bytes())
+            } else {
+                push("comet-r", &["kr"], format!("m{i:04}").as_bytes())
+            };
+            (format!("part-{}", i % 7), msg)
+        })
+        .collect();
+    producer.send_all(&records).await?;
+    let want = |prefix: &str, slow: bool| -> BTreeSet<Bytes> {
+        (0..N)
+            .filter(|&i| is_slow(i) == slow)
+            .map(|i| Bytes::from(format!("{prefix}{i:04}")))
+            .collect()
+    };
+
+    // Run 1: comet-s is listed at an address that never answers, so its
+    // records stay in flight and pin their partitions' offsets, while
+    // comet-r's records (before and after them) are delivered.
+    let mut config = job_config(&topic, &group, &[&fast]);
+    config.comets.push(StaticComet {
+        name: "comet-s".to_owned(),
+        grpc: black_hole().await?.to_string(),
+    });
+    config.calls.timeout = Duration::from_millis(300);
+    config.drain_timeout = Duration::from_millis(300);
+    let first = RunningJob::start(config)?;
+    let mut fast_seen = BTreeSet::new();
+    while fast_seen.len() < want("m", false).len() {
+        fast_seen.insert(fast_client.recv().await?.body);
+    }
+    first.stop().await?;
+
+    // Run 2, same group, comet-s reachable: it resumes from the stored
+    // offsets, so the slow records arrive and some fast ones come again.
+    let second = RunningJob::start(job_config(&topic, &group, &[&fast, &slow]))?;
+    let mut slow_seen = BTreeSet::new();
+    timeout(WAIT, async {
+        while slow_seen.len() < want("s", true).len() {
+            slow_seen.insert(slow_client.recv().await?.body);
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .with_context(|| format!("only {} slow records arrived", slow_seen.len()))??;
+    assert_eq!(slow_seen, want("s", true));
+    assert_eq!(fast_seen, want("m", false));
+    let again = fast_client.recv().await?;
+    assert!(
+        want("m", false).contains(&again.body),
+        "a redelivered fast record: {again:?}"
+    );
+    second.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn calls_to_a_comet_that_leaves_the_node_list_are_dropped() -> Result {
+    let topic = unique("job-gone");
+    let group = unique("job-gone-group");
+    create_topic(&topic, 1).await?;
+    let comet = Comet::start("comet-n").await?;
+    let mut client = comet.client("kn", "live://n").await?;
+    let dir = std::env::temp_dir().join(unique("job-gone-nodes"));
+    std::fs::create_dir_all(&dir)?;
+    let list = dir.join("nodes.json");
+    let write_list = |nodes: serde_json::Value| {
+        // Written aside and renamed, as a ConfigMap update is: never half a file.
+        let tmp = dir.join("nodes.json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::json!({"generation": 1, "nodes": nodes}).to_string(),
+        )?;
+        std::fs::rename(&tmp, &list)
+    };
+    let dead = black_hole().await?;
+    write_list(serde_json::json!([
+        {"name": "comet-n", "grpc": comet.grpc.to_string()},
+        {"name": "comet-dead", "grpc": dead.to_string()},
+    ]))?;
+    let mut config = job_config(&topic, &group, &[]);
+    config.node_list = Some(list.clone());
+    config.node_list_poll = Duration::from_millis(50);
+    config.calls.timeout = Duration::from_millis(200);
+    config.calls.attempts = 2;
+    config.calls.backoff = Duration::from_millis(20);
+    let job = RunningJob::start(config)?;
+    let producer = Producer::new(&topic)?;
+    producer
+        .send("kd", &push("comet-dead", &["kd"], b"never"))
+        .await?;
+    producer
+        .send("live://n", &room("live://n", b"room for both"))
+        .await?;
+    // The room record reaches the live comet while the dead one retries.
+    assert_eq!(&client.recv().await?.body[..], b"room for both");
+    // Still listed: retried, not dropped.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(job.stats().comet_gone, 0, "{:?}", job.stats());
+
+    write_list(serde_json::json!([{"name": "comet-n", "grpc": comet.grpc.to_string()}]))?;
+    job.wait_stats("both dead calls dropped", |s| s.comet_gone == 2)
+        .await?;
+    producer
+        .send("kd", &push("comet-dead", &["kd"], b"unknown now"))
+        .await?;
+    producer
+        .send("kn", &push("comet-n", &["kn"], b"still flowing"))
+        .await?;
+    assert_eq!(&client.recv().await?.body[..], b"still flowing");
+    job.wait_stats("one unknown comet", |s| s.unknown_comet == 1)
+        .await?;
+    job.stop().await?;
+    assert_eq!(committed(&topic, &group)?, Offset::Offset(4));
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+#[tokio::test]
+async fn room_pushes_arrive_in_order_in_batches() -> Result {
+    const N: usize = 300;
+    let topic = unique("job-order");
+    create_topic(&topic, 1).await?;
+    let comet = Comet::start("comet-o").await?;
+    let mut member = comet.client("ko", "live://order").await?;
+    let producer = Producer::new(&topic)?;
+    let records: Vec<(String, PushMsg)> = (0..N)
+        .map(|i| {
+            (
+                "live://order".to_owned(),
+                room("live://order", format!("r{i:04}").as_bytes()),
+            )
+        })
+        .collect();
+    // Produced before job starts, so records arrive while calls are in flight.
+    producer.send_all(&records).await?;
+    let job = RunningJob::start(job_config(&topic, &unique("job-order-group"), &[&comet]))?;
+    for i in 0..N {
+        let frame = member.recv().await?;
+        assert_eq!(frame.op, 1000);
+        assert_eq!(
+            frame.body,
+            Bytes::from(format!("r{i:04}")),
+            "frame {i} out of order"
+        );
+    }
+    job.wait_stats("all room frames", |s| s.room_frames == N as u64)
+        .await?;
+    let stats = job.stats();
+    assert!(
+        stats.room_batches < N as u64 && stats.room_batches >= (N / 20) as u64,
+        "frames were batched (≤ 20 per call): {stats:?}"
+    );
+    job.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn memory_queue_feeds_job_without_kafka() -> Result {
+    let comet = Comet::start("comet-m").await?;
+    let mut client = comet.client("km", "live://m").await?;
+    let (queue, records) = MemoryQueue::new(16);
+    // Brokers are never contacted by the channel driver.
+    let mut config = Config::new("unused:1", "unused", "unused");
+    config.comets = vec![comet.as_static()];
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(herald_job::run_channel(config, records, async {
+        let _ = stopped.await;
+    }));
+    queue
+        .push("km", &push("comet-m", &["km"], b"hello"))
+        .await?;
+    assert_eq!(client.read_bytes(21).await?, hex(T5));
+    queue.push("live://m", &room("live://m", b"room")).await?;
+    assert_eq!(&client.recv().await?.body[..], b"room");
+    let _ = stop.send(());
+    timeout(WAIT, task).await???;
+    Ok(())
+}
