@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, info, info_span, warn};
 
 pub mod buckets;
 pub mod conn;
@@ -134,6 +134,24 @@ pub struct Args {
     /// Seconds between session refreshes (`Heartbeat` to logic), ±25 % jitter.
     #[arg(long, env = "HERALD_COMET_SESSION_REFRESH_SECS", default_value_t = 300)]
     pub session_refresh_secs: u64,
+    /// On SIGTERM (shutdown), close every connection within this many
+    /// milliseconds, like the admin `Drain` RPC; any left are then closed at once.
+    #[arg(long, env = "HERALD_COMET_DRAIN_DEADLINE_MS", default_value_t = 30_000)]
+    pub drain_deadline_ms: u64,
+    /// Connections closed per second during the shutdown drain; 0 closes them
+    /// as fast as the deadline allows (the `Drain` RPC's meaning of 0).
+    #[arg(long, env = "HERALD_COMET_DRAIN_CLOSE_RATE", default_value_t = 0)]
+    pub drain_close_rate: u32,
+    /// Comma-separated hosts put in the op-18 `nodes` of the shutdown drain.
+    /// Empty (the default) still sends op 18 to redirect-capable clients, with
+    /// an empty `nodes` list: they then reconnect through logic's node API.
+    #[arg(
+        long,
+        env = "HERALD_COMET_DRAIN_REDIRECT_NODES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub drain_redirect_nodes: Vec<String>,
 }
 
 impl Args {
@@ -157,6 +175,9 @@ impl Args {
             buckets,
             renew_online_secs,
             session_refresh_secs,
+            drain_deadline_ms,
+            drain_close_rate,
+            drain_redirect_nodes,
         } = self;
         Config {
             server_id: server_id.unwrap_or_else(hostname),
@@ -170,6 +191,13 @@ impl Args {
             session_refresh: Duration::from_secs(session_refresh_secs.max(1)),
             tls_cert,
             tls_key,
+            drain_deadline: Duration::from_millis(drain_deadline_ms),
+            drain_close_rate,
+            drain_redirect_nodes: drain_redirect_nodes
+                .into_iter()
+                .map(|node| node.trim().to_owned())
+                .filter(|node| !node.is_empty())
+                .collect(),
         }
     }
 
@@ -225,6 +253,14 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for the WSS listener.
     pub tls_key: Option<PathBuf>,
+    /// Deadline of the drain that shutdown performs.
+    pub drain_deadline: Duration,
+    /// Close rate (connections per second) of the shutdown drain; 0 = as
+    /// fast as the deadline allows.
+    pub drain_close_rate: u32,
+    /// Op-18 `nodes` of the shutdown drain; empty sends op 18 with no nodes,
+    /// so redirect-capable clients reconnect through the node API.
+    pub drain_redirect_nodes: Vec<String>,
 }
 
 impl Config {
@@ -242,6 +278,9 @@ impl Config {
             session_refresh: Duration::from_secs(300),
             tls_cert: None,
             tls_key: None,
+            drain_deadline: Duration::from_secs(30),
+            drain_close_rate: 0,
+            drain_redirect_nodes: Vec::new(),
         }
     }
 }
@@ -270,14 +309,20 @@ pub(crate) struct Shared {
     pub(crate) metrics: metrics::Metrics,
     /// Set once a drain starts: accept loops then refuse new connections.
     pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// Cancelled when the drain task (RPC or shutdown) has closed its last
+    /// connection or given up.
+    pub(crate) drained: CancellationToken,
     /// Cancelled when the comet shuts down; every task watches it.
     pub(crate) shutdown: CancellationToken,
     /// Tracks sessions so shutdown can wait for their `Disconnect` calls.
     pub(crate) tasks: TaskTracker,
 }
 
-/// Runs the comet until `shutdown` completes, then closes every connection
-/// (each still calls logic `Disconnect`) and returns.
+/// Runs the comet until `shutdown` completes, then drains like the admin
+/// `Drain` RPC with the configured defaults (readiness fails, new connections
+/// are refused, connections close paced, op 18 first to those that asked),
+/// closes whatever is left at the drain deadline, waits for every session's
+/// logic `Disconnect` and returns.
 ///
 /// # Errors
 /// [`Error::LogicAddr`] for a malformed logic address; [`Error::Grpc`] or
@@ -304,6 +349,7 @@ pub async fn run(
         logic,
         metrics: metrics::Metrics::new(),
         draining: std::sync::atomic::AtomicBool::new(false),
+        drained: CancellationToken::new(),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         config,
@@ -316,6 +362,16 @@ pub async fn run(
         "comet listening"
     );
 
+    let plan = rpc::DrainPlan {
+        deadline: shared.config.drain_deadline,
+        close_rate: shared.config.drain_close_rate,
+        nodes: shared.config.drain_redirect_nodes.clone(),
+        tcp_port: port(&tcp),
+        ws_port: port(&ws),
+        wss_port: wss.as_ref().map_or(0, |(listener, _)| port(listener)),
+        reconnect_within_ms: u32::try_from(shared.config.drain_deadline.as_millis())
+            .unwrap_or(u32::MAX),
+    };
     // One limit for both client listeners.
     let limit = Arc::new(tokio::sync::Semaphore::new(shared.config.max_connections));
     let tcp_task = tokio::spawn(
@@ -358,13 +414,34 @@ pub async fn run(
         tokio::spawn(metrics::serve(listener, shared.clone()).instrument(info_span!("http")))
     });
 
+    let probe_task = tokio::spawn(
+        logic::reachability_loop(shared.clone()).instrument(info_span!("logic_probe")),
+    );
+
     let token = shared.shutdown.clone();
-    tokio::select! {
-        () = shutdown => {}
-        () = token.cancelled() => {}
+    let requested = tokio::select! {
+        () = shutdown => true,
+        () = token.cancelled() => false,
+    };
+    if requested {
+        // A drain already started through the RPC is waited for instead,
+        // still bounded by the configured deadline.
+        match rpc::start_drain(&shared, &plan) {
+            Ok((connections, started)) => {
+                info!(connections, started, "comet draining before shutdown");
+            }
+            Err(err) => warn!(cause = %err, "shutdown drain failed to start"),
+        }
+        if tokio::time::timeout(shared.config.drain_deadline, shared.drained.cancelled())
+            .await
+            .is_err()
+        {
+            warn!("drain deadline passed: closing the remaining connections");
+        }
     }
     info!("comet shutting down");
     shared.shutdown.cancel();
+    let _ = probe_task.await;
     let _ = tcp_task.await;
     let _ = ws_task.await;
     if let Some(task) = wss_task {
@@ -383,6 +460,13 @@ pub async fn run(
         Ok(result) => result,
         Err(_) => Ok(()),
     }
+}
+
+/// A listener's port as op 18 carries it; 0 when unknown.
+fn port(listener: &TcpListener) -> i32 {
+    listener
+        .local_addr()
+        .map_or(0, |addr| i32::from(addr.port()))
 }
 
 /// The TLS acceptor for WSS, from the configured PEM files.
@@ -440,6 +524,12 @@ mod tests {
             "8000",
             "--buckets",
             "0",
+            "--drain-deadline-ms",
+            "5000",
+            "--drain-close-rate",
+            "50",
+            "--drain-redirect-nodes",
+            "comet-b.example.com, comet-c.example.com",
         ]);
         assert_eq!(cli.args.tcp_addr.port(), 3101);
         assert_eq!(cli.args.ws_addr.port(), 3102);
@@ -450,11 +540,20 @@ mod tests {
         assert_eq!(config.queue_bytes, 1024);
         assert_eq!(config.handshake_timeout, Duration::from_secs(8));
         assert_eq!(config.buckets, 1, "at least one bucket");
+        assert_eq!(config.drain_deadline, Duration::from_secs(5));
+        assert_eq!(config.drain_close_rate, 50);
+        assert_eq!(
+            config.drain_redirect_nodes,
+            ["comet-b.example.com", "comet-c.example.com"]
+        );
     }
 
     #[test]
     fn server_id_defaults_to_a_host_name() {
         let config = Cli::parse_from(["comet"]).args.config();
         assert!(!config.server_id.is_empty());
+        assert_eq!(config.drain_deadline, Duration::from_secs(30));
+        assert_eq!(config.drain_close_rate, 0);
+        assert!(config.drain_redirect_nodes.is_empty());
     }
 }

@@ -6,6 +6,7 @@
 //! connections forever.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -25,6 +26,11 @@ pub struct Logic {
     /// `allRoomCount` from the last `RenewOnline` reply, replaced wholesale.
     /// Read on every client heartbeat, written every renew period: RwLock.
     online: RwLock<Arc<HashMap<String, i32>>>,
+    /// Where logic is, for the reachability probe's own connections.
+    endpoint: Endpoint,
+    /// Set once logic has been reached (a call succeeded or the probe
+    /// connected); `/readyz` fails until then.
+    reachable: AtomicBool,
 }
 
 impl Logic {
@@ -42,14 +48,23 @@ impl Logic {
             addr: addr.to_owned(),
             source,
         })?;
-        let channel = endpoint
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .connect_lazy();
+        let endpoint = endpoint.connect_timeout(timeout).timeout(timeout);
+        let channel = endpoint.connect_lazy();
         Ok(Logic {
             client: LogicClient::new(channel),
             online: RwLock::new(Arc::new(HashMap::new())),
+            endpoint,
+            reachable: AtomicBool::new(false),
         })
+    }
+
+    /// Whether logic has been reached since start.
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::SeqCst)
+    }
+
+    fn mark_reachable(&self) {
+        self.reachable.store(true, Ordering::SeqCst);
     }
 
     /// `Connect`: authenticates a token.
@@ -67,7 +82,9 @@ impl Logic {
             cookie,
             token,
         };
-        Ok(self.client.clone().connect(req).await?.into_inner())
+        let reply = self.client.clone().connect(req).await?.into_inner();
+        self.mark_reachable();
+        Ok(reply)
     }
 
     /// `Disconnect`; failures are logged, the connection is gone either way.
@@ -122,6 +139,7 @@ impl Logic {
         };
         match self.client.clone().renew_online(req).await {
             Ok(reply) => {
+                self.mark_reachable();
                 let all = Arc::new(reply.into_inner().all_room_count);
                 *self.online.write().unwrap_or_else(PoisonError::into_inner) = all;
             }
@@ -145,5 +163,27 @@ pub(crate) async fn renew_online_loop(shared: Arc<Shared>) {
             () = shared.shutdown.cancelled() => return,
             () = shared.logic.renew_online(&shared.config.server_id, counts) => {}
         }
+    }
+}
+
+/// Dials logic (an HTTP/2 connection of its own) until it answers once, so
+/// `/readyz` turns ready without waiting for a client or a renew period.
+pub(crate) async fn reachability_loop(shared: Arc<Shared>) {
+    let mut pause = Duration::from_millis(100);
+    while !shared.logic.reachable() {
+        let connected = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            connected = shared.logic.endpoint.connect() => connected.is_ok(),
+        };
+        if connected {
+            debug!("logic reachable");
+            shared.logic.mark_reachable();
+            return;
+        }
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(2));
     }
 }

@@ -155,11 +155,14 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     )
 }
 
-/// Ready while accepting connections; a draining comet says 503 so load
-/// balancers stop sending it clients.
+/// Ready once logic has been reached and while accepting connections; a
+/// comet that cannot authenticate yet, or is draining, says 503 so load
+/// balancers do not send it clients.
 async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     if shared.draining.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if !shared.logic.reachable() {
+        (StatusCode::SERVICE_UNAVAILABLE, "logic not reached yet")
     } else {
         (StatusCode::OK, "ready")
     }

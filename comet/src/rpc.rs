@@ -199,59 +199,97 @@ impl CometAdmin for Service {
             wss_port,
             reconnect_within_ms,
         } = req.into_inner();
-        let conns = self.shared.buckets.all();
-        let connections = conns.len() as u64;
-        if self.shared.draining.swap(true, Ordering::SeqCst) {
-            return Ok(Response::new(DrainReply {
-                connections,
-                started: false,
-            }));
-        }
-        let body = serde_json::to_vec(&Redirect {
-            reason: "drain",
-            nodes: &nodes,
-            tcp_port,
-            ws_port,
-            wss_port,
-            reconnect_within_ms,
-        })
+        let (connections, started) = start_drain(
+            &self.shared,
+            &DrainPlan {
+                deadline: Duration::from_millis(deadline_ms),
+                close_rate,
+                nodes,
+                tcp_port,
+                ws_port,
+                wss_port,
+                reconnect_within_ms,
+            },
+        )
         .map_err(|err| Status::internal(err.to_string()))?;
-        // On both transports op 18 is a reply-like frame, never op-9 wrapped.
-        let redirect = Frame::push(op::REDIRECT, body).to_bytes();
-        // Space closes at `close_rate`/s, but never so slowly that the last
-        // one misses the deadline.
-        let mut gap = if close_rate > 0 {
-            Duration::from_secs_f64(1.0 / f64::from(close_rate))
-        } else {
-            Duration::ZERO
-        };
-        if !conns.is_empty() {
-            let budget = Duration::from_millis(deadline_ms) / (conns.len() as u32 + 1);
-            gap = gap.min(budget);
-        }
-        info!(connections, ?gap, "drain started");
-        let shared = self.shared.clone();
-        tokio::spawn(
-            async move {
-                for (i, conn) in conns.into_iter().enumerate() {
-                    if i > 0 && !gap.is_zero() {
-                        tokio::select! {
-                            () = shared.shutdown.cancelled() => return,
-                            () = tokio::time::sleep(gap) => {}
-                        }
-                    }
-                    if conn.redirect {
-                        let _ = conn.send(redirect.clone());
-                    }
-                    conn.close(CloseReason::Drain);
-                }
-                info!("drain finished");
-            }
-            .instrument(info_span!("drain")),
-        );
         Ok(Response::new(DrainReply {
             connections,
-            started: true,
+            started,
         }))
     }
+}
+
+/// What a drain does: the admin `Drain` request, or the configured defaults
+/// when the process is asked to stop.
+#[derive(Debug, Clone)]
+pub(crate) struct DrainPlan {
+    /// Every connection is closed by then, counted from the start.
+    pub(crate) deadline: Duration,
+    /// Connections closed per second; 0 = as fast as the deadline allows.
+    pub(crate) close_rate: u32,
+    /// Op-18 `nodes`; may be empty (the client then asks the node API).
+    pub(crate) nodes: Vec<String>,
+    pub(crate) tcp_port: i32,
+    pub(crate) ws_port: i32,
+    pub(crate) wss_port: i32,
+    pub(crate) reconnect_within_ms: u32,
+}
+
+/// Starts a drain unless one is already running: refuse new connections,
+/// then close the current ones paced by `plan`, op 18 first to those that
+/// asked for it. Returns the connection count and whether this call started
+/// it; [`Shared::drained`] is cancelled when the drain task ends.
+pub(crate) fn start_drain(
+    shared: &Arc<Shared>,
+    plan: &DrainPlan,
+) -> Result<(u64, bool), serde_json::Error> {
+    let conns = shared.buckets.all();
+    let connections = conns.len() as u64;
+    let body = serde_json::to_vec(&Redirect {
+        reason: "drain",
+        nodes: &plan.nodes,
+        tcp_port: plan.tcp_port,
+        ws_port: plan.ws_port,
+        wss_port: plan.wss_port,
+        reconnect_within_ms: plan.reconnect_within_ms,
+    })?;
+    if shared.draining.swap(true, Ordering::SeqCst) {
+        return Ok((connections, false));
+    }
+    // On both transports op 18 is a reply-like frame, never op-9 wrapped.
+    let redirect = Frame::push(op::REDIRECT, body).to_bytes();
+    // Space closes at `close_rate`/s, but never so slowly that the last
+    // one misses the deadline.
+    let mut gap = if plan.close_rate > 0 {
+        Duration::from_secs_f64(1.0 / f64::from(plan.close_rate))
+    } else {
+        Duration::ZERO
+    };
+    if !conns.is_empty() {
+        let budget = plan.deadline / (conns.len() as u32 + 1);
+        gap = gap.min(budget);
+    }
+    info!(connections, ?gap, "drain started");
+    let shared = shared.clone();
+    tokio::spawn(
+        async move {
+            // Signals the end of the drain however the task ends.
+            let _done = shared.drained.clone().drop_guard();
+            for (i, conn) in conns.into_iter().enumerate() {
+                if i > 0 && !gap.is_zero() {
+                    tokio::select! {
+                        () = shared.shutdown.cancelled() => return,
+                        () = tokio::time::sleep(gap) => {}
+                    }
+                }
+                if conn.redirect {
+                    let _ = conn.send(redirect.clone());
+                }
+                conn.close(CloseReason::Drain);
+            }
+            info!("drain finished");
+        }
+        .instrument(info_span!("drain")),
+    );
+    Ok((connections, true))
 }

@@ -317,6 +317,22 @@ impl Harness {
         Ok((status, body.to_owned()))
     }
 
+    /// Polls `/readyz` until it answers `expected` (e.g. "200"); bounded by [`WAIT`].
+    async fn wait_readyz(&self, expected: &str) -> Result {
+        timeout(WAIT, async {
+            loop {
+                if let Ok((status, _)) = self.http_get("/readyz").await
+                    && status.contains(expected)
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .with_context(|| format!("/readyz never answered {expected}"))
+    }
+
     /// Stops the comet and waits for `run` to return (sessions included).
     async fn shutdown(&mut self) -> Result {
         if let Some(stop) = self.stop.take() {
@@ -1189,8 +1205,7 @@ async fn admin_http_serves_health_and_metrics() -> Result {
     let (status, body) = h.http_get("/healthz").await?;
     assert!(status.contains("200"), "{status}");
     assert_eq!(body, "ok");
-    let (status, _) = h.http_get("/readyz").await?;
-    assert!(status.contains("200"), "{status}");
+    h.wait_readyz("200").await?;
 
     let mut c = h.tcp_client(&token("m", "r", &[1000])).await?;
     c.send_raw(&hex(T3)).await?;
@@ -1324,5 +1339,146 @@ async fn drain_meets_its_deadline_even_at_a_slow_close_rate() -> Result {
     assert!(took < Duration::from_millis(1500), "drain took {took:?}");
     // ...yet the closes were spread out rather than all at once.
     assert!(took >= Duration::from_millis(400), "drain took {took:?}");
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn shutdown_drains_paced_with_redirects_then_returns() -> Result {
+    let deadline = Duration::from_secs(5);
+    let mut h = Harness::start(|c| {
+        c.drain_deadline = deadline;
+        c.drain_close_rate = 5;
+    })
+    .await?;
+    h.wait_readyz("200").await?;
+    let redirect = serde_json::json!({"key": "sr", "herald": {"redirect": true}}).to_string();
+    let mut w = h.ws_client(&redirect).await?;
+    let t1 = h.tcp_client(&token("st1", "", &[])).await?;
+    let t2 = h.tcp_client(&token("st2", "", &[])).await?;
+
+    // Each client records when it saw EOF (and what came before it).
+    let ws_task = tokio::spawn(async move {
+        let msgs = w.closed().await;
+        (msgs, std::time::Instant::now())
+    });
+    let tcp_tasks = [t1, t2].map(|mut t| {
+        tokio::spawn(async move {
+            let frames = t.closed().await;
+            (frames, std::time::Instant::now())
+        })
+    });
+
+    let started = std::time::Instant::now();
+    let _ = h.stop.take().context("stop")?.send(());
+    // Draining: not ready, new connections refused.
+    h.wait_readyz("503").await?;
+    // (A refused TCP connect, should the drain already be over, is fine too.)
+    if let Ok(mut late) = TcpClient::connect(h.tcp).await {
+        let _ = late.send(&auth_frame(&token("late", "", &[]))).await;
+        assert!(late.closed().await?.is_empty(), "refused while draining");
+    }
+
+    let comet = h.comet.take().context("comet")?;
+    timeout(deadline + Duration::from_secs(2), comet)
+        .await
+        .context("run did not return")???;
+    let took = started.elapsed();
+    assert!(took < deadline, "run returned after the deadline: {took:?}");
+
+    let (msgs, ws_closed) = ws_task.await?;
+    let msgs = msgs?;
+    assert_eq!(msgs.len(), 1, "one op 18 before EOF: {msgs:?}");
+    let frame = Frame::from_message(msgs[0].clone(), Limits::OUTBOUND)?;
+    assert_eq!(frame.op, op::REDIRECT);
+    let body: serde_json::Value = serde_json::from_slice(&frame.body)?;
+    assert_eq!(body["reason"], "drain");
+    assert_eq!(body["nodes"], serde_json::json!([]), "no nodes configured");
+    assert_eq!(body["ws_port"], i64::from(h.ws.port()));
+    let mut closes = vec![ws_closed];
+    for task in tcp_tasks {
+        let (frames, closed) = task.await?;
+        assert!(frames?.is_empty(), "no op 18 without the opt-in");
+        closes.push(closed);
+    }
+    let first = closes.iter().min().context("closes")?;
+    let last = closes.iter().max().context("closes")?;
+    // 5/s spaces 3 closes 400 ms apart end to end; a loose lower bound.
+    let span = last.duration_since(*first);
+    assert!(
+        span >= Duration::from_millis(250),
+        "closes not paced: {span:?}"
+    );
+    for key in ["sr", "st1", "st2"] {
+        assert_eq!(h.stub.disconnects(key), 1, "Disconnect of {key}");
+    }
+    let disconnects = h
+        .stub
+        .events()
+        .iter()
+        .filter(|e| matches!(e, Event::Disconnect { .. }))
+        .count();
+    assert_eq!(disconnects, 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_a_running_drain_within_the_deadline() -> Result {
+    let deadline = Duration::from_millis(600);
+    let mut h = Harness::start(|c| c.drain_deadline = deadline).await?;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(h.tcp_client(&token(&format!("w{i}"), "", &[])).await?);
+    }
+    let mut admin = h.admin_client().await?;
+    // An RPC drain far slower than the shutdown deadline.
+    let reply = admin
+        .drain(DrainRequest {
+            deadline_ms: 60_000,
+            close_rate: 1,
+            ..DrainRequest::default()
+        })
+        .await?
+        .into_inner();
+    assert!(reply.started);
+    let started = std::time::Instant::now();
+    let _ = h.stop.take().context("stop")?.send(());
+    let comet = h.comet.take().context("comet")?;
+    timeout(WAIT, comet)
+        .await
+        .context("run did not return")???;
+    let took = started.elapsed();
+    // It waited for the running drain, but only until its own deadline.
+    assert!(took >= Duration::from_millis(400), "did not wait: {took:?}");
+    assert!(
+        took < Duration::from_millis(3000),
+        "waited too long: {took:?}"
+    );
+    for c in &mut clients {
+        c.closed().await?;
+    }
+    for i in 0..3 {
+        assert_eq!(h.stub.disconnects(&format!("w{i}")), 1);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn readyz_waits_for_logic() -> Result {
+    // A logic address nobody listens on.
+    let closed = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+    let mut config = Config::new("comet-test", closed.to_string());
+    config.renew_online_interval = Duration::from_secs(3600);
+    let mut h = Harness::start_comet(config, Stub::default()).await?;
+    for _ in 0..3 {
+        let (status, body) = h.http_get("/readyz").await?;
+        assert!(status.contains("503"), "{status}: {body}");
+        let (status, _) = h.http_get("/healthz").await?;
+        assert!(status.contains("200"), "{status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.shutdown().await?;
+
+    let mut h = Harness::start(|_| {}).await?;
+    h.wait_readyz("200").await?;
     h.shutdown().await
 }
