@@ -8,7 +8,6 @@ use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
@@ -34,48 +33,9 @@ const ORDERED: usize = 200;
 
 // ---------------------------------------------------------------- processes
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".."))
-}
-
-/// Builds the `herald` binary once per test binary and returns its path.
+/// The `herald` binary cargo built for this test, with the same features.
 fn herald_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = workspace_root();
-        let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", "herald"]).current_dir(&root);
-        // Cargo describes this test's package in the environment; a build
-        // script that reads one of those (ring reads CARGO_MANIFEST_DIR)
-        // would rebuild on every run, alternating with `cargo test`.
-        for (key, _) in std::env::vars_os() {
-            let key_str = key.to_string_lossy();
-            if key_str.starts_with("CARGO_PKG_")
-                || key_str.starts_with("CARGO_MANIFEST_")
-                || [
-                    "CARGO_CRATE_NAME",
-                    "CARGO_BIN_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                ]
-                .contains(&&*key_str)
-            {
-                build.env_remove(&key);
-            }
-        }
-        let status = build.status().expect("run cargo build -p herald");
-        assert!(status.success(), "cargo build -p herald failed: {status}");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
-        let bin = target.join("debug").join("herald");
-        assert!(bin.exists(), "{} missing after build", bin.display());
-        bin
-    })
+    Path::new(env!("CARGO_BIN_EXE_herald"))
 }
 
 /// A port nothing listens on right now.
