@@ -120,7 +120,10 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
         kafka.as_deref().unwrap_or_default(),
         &kafka_topic,
     );
-    logic_config.node_list = Some(nodes.path.clone());
+    logic_config.node_list = Some(herald_logic::nodes::Source::File {
+        path: nodes.path.clone(),
+        poll: std::time::Duration::from_secs(2),
+    });
     logic_config.http.api_key = api_key.filter(|k| !k.is_empty());
     let store: Arc<dyn SessionStore> = match &redis {
         Some(_) => Arc::new(herald_logic::store::redis::RedisStore::new(

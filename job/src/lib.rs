@@ -17,15 +17,15 @@
 //! for good — counted and logged). Clients may see duplicates after a restart.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use herald_logic::nodes::{self, NodeList};
 use herald_protocol::Frame;
 use herald_protocol::pb::{PushMsg, push_msg};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info_span, warn};
 
 pub mod comets;
 pub mod offsets;
@@ -86,8 +86,18 @@ pub struct Args {
     #[arg(long, env = "HERALD_JOB_GROUP", default_value = "goim-push-group-job")]
     pub kafka_group: String,
     /// Node list JSON file (herald-extensions.md); every node gets pushes.
-    #[arg(long, env = "HERALD_JOB_NODE_LIST")]
+    #[arg(
+        long,
+        env = "HERALD_JOB_NODE_LIST",
+        conflicts_with = "node_list_configmap"
+    )]
     pub node_list: Option<PathBuf>,
+    /// Watch the node list in this ConfigMap (key `nodes.json`) instead of a file.
+    #[arg(long, env = "HERALD_NODE_LIST_CONFIGMAP")]
+    pub node_list_configmap: Option<String>,
+    /// Namespace of `--node-list-configmap` (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub node_list_namespace: String,
     /// How often the node list file's mtime is checked, in milliseconds.
     #[arg(long, env = "HERALD_JOB_NODE_LIST_POLL_MS", default_value_t = 2000)]
     pub node_list_poll_ms: u64,
@@ -133,10 +143,8 @@ pub struct KafkaConfig {
 pub struct Config {
     /// Kafka settings (unused by [`run_channel`]).
     pub kafka: KafkaConfig,
-    /// Node list file.
-    pub node_list: Option<PathBuf>,
-    /// Node list poll interval.
-    pub node_list_poll: Duration,
+    /// Where the node list comes from; `None` = static comets only.
+    pub node_list: Option<nodes::Source>,
     /// Comets always pushed to, besides the node list.
     pub comets: Vec<StaticComet>,
     /// Comet call settings.
@@ -159,6 +167,8 @@ impl Args {
             kafka_topic,
             kafka_group,
             node_list,
+            node_list_configmap,
+            node_list_namespace,
             node_list_poll_ms,
             comets,
             call_timeout_ms,
@@ -170,8 +180,17 @@ impl Args {
             drain_timeout_ms,
         } = self;
         let mut config = Config::new(&kafka_brokers, &kafka_topic, &kafka_group);
-        config.node_list = node_list;
-        config.node_list_poll = Duration::from_millis(node_list_poll_ms);
+        config.node_list = match (node_list, node_list_configmap) {
+            (Some(path), _) => Some(nodes::Source::File {
+                path,
+                poll: Duration::from_millis(node_list_poll_ms),
+            }),
+            (None, Some(name)) => Some(nodes::Source::ConfigMap {
+                namespace: node_list_namespace,
+                name,
+            }),
+            (None, None) => None,
+        };
         config.comets = comets;
         config.calls.timeout = Duration::from_millis(call_timeout_ms);
         config.calls.attempts = retry_attempts;
@@ -195,7 +214,6 @@ impl Config {
                 group: group.to_owned(),
             },
             node_list: None,
-            node_list_poll: Duration::from_secs(2),
             comets: Vec::new(),
             calls: CallSettings {
                 timeout: Duration::from_secs(3),
@@ -216,7 +234,9 @@ impl Config {
     /// The first problem found.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Config(m.to_owned()));
-        if self.calls.timeout.is_zero() || self.node_list_poll.is_zero() {
+        let poll_zero =
+            matches!(&self.node_list, Some(nodes::Source::File { poll, .. }) if poll.is_zero());
+        if self.calls.timeout.is_zero() || poll_zero {
             return bad("timeouts and intervals must be non-zero");
         }
         if self.calls.attempts == 0 || self.calls.batch_frames == 0 || self.calls.batch_bytes == 0 {
@@ -265,28 +285,14 @@ impl Job {
             cancel,
         };
         let initial = match &config.node_list {
-            Some(path) => match NodeList::load(path) {
-                Ok(list) => list,
-                Err(nodes::Error::Read { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    warn!(path = %path.display(), "node list file missing; starting without it");
-                    NodeList::default()
-                }
-                Err(err) => return Err(err.into()),
-            },
+            Some(source) => source.initial()?,
             None => NodeList::default(),
         };
         job.directory.set(merge(&config.comets, &initial));
-        if let Some(path) = config.node_list.clone() {
+        if let Some(source) = config.node_list.clone() {
             tokio::spawn(
-                watch_nodes(
-                    job.clone(),
-                    config.comets.clone(),
-                    path,
-                    config.node_list_poll,
-                )
-                .instrument(info_span!("node_list")),
+                watch_nodes(job.clone(), config.comets.clone(), source)
+                    .instrument(info_span!("node_list")),
             );
         }
         Ok(job)
@@ -420,38 +426,18 @@ fn merge(statics: &[StaticComet], list: &NodeList) -> Vec<(String, String)> {
     out
 }
 
-/// Polls the node list file's mtime and applies changes until stopped.
-async fn watch_nodes(job: Job, statics: Vec<StaticComet>, path: PathBuf, every: Duration) {
-    let mut seen = mtime(&path);
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = job.cancel.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let now = mtime(&path);
-        if now == seen {
-            continue;
-        }
-        match NodeList::load(&path) {
-            Ok(list) => {
-                info!(
-                    generation = list.generation,
-                    nodes = list.nodes.len(),
-                    "node list reloaded"
-                );
-                job.directory.set(merge(&statics, &list));
-                seen = now;
-            }
-            // The writer may be mid-way: keep the old list, retry next tick.
-            Err(err) => warn!(cause = %err, "node list reload failed; keeping the previous list"),
-        }
-    }
-}
-
-fn mtime(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// Applies every node-list change (file or ConfigMap) until [`Job::stop`].
+async fn watch_nodes(job: Job, statics: Vec<StaticComet>, source: nodes::Source) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let cancel = job.cancel.clone();
+    tokio::spawn(async move {
+        cancel.cancelled().await;
+        let _ = stop_tx.send(true);
+    });
+    let directory = job.directory.clone();
+    source
+        .watch(move |list| directory.set(merge(&statics, &list)), stop_rx)
+        .await;
 }
 
 /// Consumes the Kafka push topic until `shutdown`, then waits up to

@@ -454,7 +454,10 @@ async fn push_room_and_broadcast_reach_clients_with_exact_bytes() -> Result {
         .to_string(),
     )?;
     let mut config = job_config(&topic, &unique("job-basic-group"), &[]);
-    config.node_list = Some(list);
+    config.node_list = Some(herald_logic::nodes::Source::File {
+        path: list,
+        poll: Duration::from_secs(2),
+    });
     let job = RunningJob::start(config)?;
     let mut client = comet.client("ka", "live://1000").await?;
     let producer = Producer::new(&topic)?;
@@ -654,8 +657,10 @@ async fn calls_to_a_comet_that_leaves_the_node_list_are_dropped() -> Result {
         {"name": "comet-dead", "grpc": dead.to_string()},
     ]))?;
     let mut config = job_config(&topic, &group, &[]);
-    config.node_list = Some(list.clone());
-    config.node_list_poll = Duration::from_millis(50);
+    config.node_list = Some(herald_logic::nodes::Source::File {
+        path: list.clone(),
+        poll: Duration::from_millis(50),
+    });
     config.calls.timeout = Duration::from_millis(200);
     config.calls.attempts = 2;
     config.calls.backoff = Duration::from_millis(20);

@@ -34,6 +34,14 @@ impl LogicGrpc {
     }
 }
 
+impl LogicGrpc {
+    /// Counts the call's outcome and turns it into a tonic answer.
+    fn done<T>(&self, method: &'static str, res: Result<T, Error>) -> Result<Response<T>, Status> {
+        self.service.metrics().grpc(method, res.is_ok());
+        res.map(Response::new).map_err(status)
+    }
+}
+
 fn status(err: Error) -> Status {
     match &err {
         Error::Token(e) => Status::invalid_argument(format!("{err}: {e}")),
@@ -57,11 +65,8 @@ impl Logic for LogicGrpc {
             cookie: _,
             token,
         } = req.into_inner();
-        self.service
-            .connect(&server, &token)
-            .await
-            .map(Response::new)
-            .map_err(status)
+        let res = self.service.connect(&server, &token).await;
+        self.done("connect", res)
     }
 
     async fn disconnect(
@@ -69,12 +74,8 @@ impl Logic for LogicGrpc {
         req: Request<DisconnectReq>,
     ) -> Result<Response<DisconnectReply>, Status> {
         let DisconnectReq { mid, key, server } = req.into_inner();
-        let has = self
-            .service
-            .disconnect(mid, &key, &server)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(DisconnectReply { has }))
+        let res = self.service.disconnect(mid, &key, &server).await;
+        self.done("disconnect", res.map(|has| DisconnectReply { has }))
     }
 
     async fn heartbeat(
@@ -82,30 +83,27 @@ impl Logic for LogicGrpc {
         req: Request<HeartbeatReq>,
     ) -> Result<Response<HeartbeatReply>, Status> {
         let HeartbeatReq { mid, key, server } = req.into_inner();
-        self.service
-            .heartbeat(mid, &key, &server)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(HeartbeatReply {}))
+        let res = self.service.heartbeat(mid, &key, &server).await;
+        self.done("heartbeat", res.map(|()| HeartbeatReply {}))
     }
 
     async fn renew_online(&self, req: Request<OnlineReq>) -> Result<Response<OnlineReply>, Status> {
         let OnlineReq { server, room_count } = req.into_inner();
-        if server.is_empty() {
-            return Err(Status::invalid_argument("server is empty"));
-        }
-        let all_room_count = self
-            .service
-            .renew_online(&server, room_count)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(OnlineReply { all_room_count }))
+        let res = if server.is_empty() {
+            Err(Error::BadRequest("server is empty".to_owned()))
+        } else {
+            self.service.renew_online(&server, room_count).await
+        };
+        self.done(
+            "renew_online",
+            res.map(|all_room_count| OnlineReply { all_room_count }),
+        )
     }
 
     async fn receive(&self, req: Request<ReceiveReq>) -> Result<Response<ReceiveReply>, Status> {
         let ReceiveReq { mid, proto } = req.into_inner();
-        self.service.receive(mid, proto.as_ref());
-        Ok(Response::new(ReceiveReply {}))
+        let res = self.service.receive(mid, proto.as_ref()).await;
+        self.done("receive", res.map(|_| ReceiveReply {}))
     }
 
     async fn nodes(&self, req: Request<NodesReq>) -> Result<Response<NodesReply>, Status> {
@@ -113,6 +111,6 @@ impl Logic for LogicGrpc {
             platform,
             client_ip: _,
         } = req.into_inner();
-        Ok(Response::new(self.service.nodes_reply(&platform)))
+        self.done("nodes", Ok(self.service.nodes_reply(&platform)))
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{RawQuery, Request, State};
+use axum::extract::{MatchedPath, RawQuery, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -22,6 +22,7 @@ use http::{HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
 
+use crate::queue::RecordId;
 use crate::service::{self, Service};
 
 /// How long a client should wait before retrying after a 503.
@@ -88,6 +89,17 @@ fn ok(data: Option<Value>) -> Response {
     envelope(StatusCode::OK, 0, "", data)
 }
 
+/// A push's answer. goim sends no `data`; Herald adds the message id (the
+/// first record's `partition-offset`) and every record's id, which goim
+/// clients ignore and operators can trace through Kafka and job's logs.
+fn pushed(ids: &[RecordId]) -> Response {
+    let records: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    ok(Some(json!({
+        "msg_id": records.first(),
+        "records": records,
+    })))
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let message = self.to_string();
@@ -115,8 +127,11 @@ impl IntoResponse for Error {
 
 /// The router with every §7 route, auth and the compat layer.
 pub fn router(service: Arc<Service>, config: HttpConfig) -> Router {
-    let state = Arc::new(AppState { service, config });
-    Router::new()
+    let state = Arc::new(AppState {
+        service: service.clone(),
+        config,
+    });
+    let api = Router::new()
         .route("/goim/push/keys", post(push_keys))
         .route("/goim/push/mids", post(push_mids))
         .route("/goim/push/room", post(push_room))
@@ -128,7 +143,21 @@ pub fn router(service: Arc<Service>, config: HttpConfig) -> Router {
         .route("/goim/nodes/instances", get(nodes_instances))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::map_response_with_state(state.clone(), compat))
-        .with_state(state)
+        .with_state(state);
+    api.merge(crate::metrics::router(service.clone()))
+        .layer(middleware::from_fn_with_state(service, count))
+}
+
+/// Counts every answer by route template (unknown paths share one label).
+async fn count(State(service): State<Arc<Service>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let resp = next.run(req).await;
+    service.metrics().http(&route, resp.status());
+    resp
 }
 
 async fn compat(State(state): State<Arc<AppState>>, mut resp: Response) -> Response {
@@ -243,8 +272,8 @@ async fn push_keys(
         return Err(Error::BadRequest("keys is required".to_owned()));
     }
     let msg = read_body(body, state.config.max_body).await?;
-    state.service.push_keys(op, &keys, msg).await?;
-    Ok(ok(None))
+    let ids = state.service.push_keys(op, &keys, msg).await?;
+    Ok(pushed(&ids))
 }
 
 async fn push_mids(
@@ -264,10 +293,12 @@ async fn push_mids(
         .collect::<Result<Vec<i64>>>()?;
     let msg = read_body(body, state.config.max_body).await?;
     // §7: a missing mids list is a successful no-op.
-    if !mids.is_empty() {
-        state.service.push_mids(op, &mids, msg).await?;
-    }
-    Ok(ok(None))
+    let ids = if mids.is_empty() {
+        Vec::new()
+    } else {
+        state.service.push_mids(op, &mids, msg).await?
+    };
+    Ok(pushed(&ids))
 }
 
 async fn push_room(
@@ -280,8 +311,8 @@ async fn push_room(
     let typ = params.required("type")?;
     let room = params.required("room")?;
     let msg = read_body(body, state.config.max_body).await?;
-    state.service.push_room(op, typ, room, msg).await?;
-    Ok(ok(None))
+    let ids = state.service.push_room(op, typ, room, msg).await?;
+    Ok(pushed(&ids))
 }
 
 async fn push_all(
@@ -293,8 +324,8 @@ async fn push_all(
     let op = params.nonzero_op()?;
     let speed = params.num::<i32>("speed")?.unwrap_or(0);
     let msg = read_body(body, state.config.max_body).await?;
-    state.service.push_all(op, speed, msg).await?;
-    Ok(ok(None))
+    let ids = state.service.push_all(op, speed, msg).await?;
+    Ok(pushed(&ids))
 }
 
 async fn online_top(

@@ -9,7 +9,8 @@
 //! - [`store`] keeps routes and room counts ([`store::redis`]), [`queue`]
 //!   writes push records ([`queue::kafka`]) — both behind traits so
 //!   `herald standalone` can swap in in-memory versions;
-//! - [`nodes`] holds the comet node list file and the balancer pick.
+//! - [`nodes`] holds the comet node list (file or ConfigMap) and the
+//!   balancer pick; [`metrics`] the Prometheus registry and probe routes.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use tracing::Instrument;
 
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod nodes;
 pub mod queue;
 pub mod service;
@@ -97,8 +99,21 @@ pub struct Args {
     #[arg(long, env = "HERALD_LOGIC_ROUTING_TTL_SECS", default_value_t = 1800)]
     pub routing_ttl_secs: u64,
     /// Node list JSON file (herald-extensions.md format); none = no nodes.
-    #[arg(long, env = "HERALD_LOGIC_NODE_LIST")]
+    #[arg(
+        long,
+        env = "HERALD_LOGIC_NODE_LIST",
+        conflicts_with = "node_list_configmap"
+    )]
     pub node_list: Option<PathBuf>,
+    /// Watch the node list in this ConfigMap (key `nodes.json`) instead of a file.
+    #[arg(long, env = "HERALD_NODE_LIST_CONFIGMAP")]
+    pub node_list_configmap: Option<String>,
+    /// Namespace of `--node-list-configmap` (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub node_list_namespace: String,
+    /// Kafka topic for client upstream messages (`Receive`); none = logged only.
+    #[arg(long, env = "HERALD_LOGIC_RECEIVE_TOPIC")]
+    pub receive_topic: Option<String>,
     /// How often the node list file's mtime is checked, in milliseconds.
     #[arg(long, env = "HERALD_LOGIC_NODE_LIST_POLL_MS", default_value_t = 2000)]
     pub node_list_poll_ms: u64,
@@ -157,10 +172,11 @@ pub struct Config {
     pub redis: store::redis::RedisConfig,
     /// Kafka settings.
     pub kafka: queue::kafka::KafkaConfig,
-    /// Node list file and poll interval.
-    pub node_list: Option<PathBuf>,
-    /// Node list poll interval.
-    pub node_list_poll: Duration,
+    /// Where the node list comes from; `None` = no nodes.
+    pub node_list: Option<nodes::Source>,
+    /// Kafka topic for client upstream messages (`run` only; `run_with`
+    /// callers attach their own [`queue::Upstream`]).
+    pub receive_topic: Option<String>,
     /// HTTP settings.
     pub http: http::HttpConfig,
     /// Token checking.
@@ -192,6 +208,9 @@ impl Args {
             kafka_message_timeout_ms,
             routing_ttl_secs,
             node_list,
+            node_list_configmap,
+            node_list_namespace,
+            receive_topic,
             node_list_poll_ms,
             api_key,
             compat_status_200,
@@ -218,8 +237,18 @@ impl Args {
                 topic: kafka_topic,
                 message_timeout: Duration::from_millis(kafka_message_timeout_ms),
             },
-            node_list,
-            node_list_poll: Duration::from_millis(node_list_poll_ms),
+            node_list: match (node_list, node_list_configmap) {
+                (Some(path), _) => Some(nodes::Source::File {
+                    path,
+                    poll: Duration::from_millis(node_list_poll_ms),
+                }),
+                (None, Some(name)) => Some(nodes::Source::ConfigMap {
+                    namespace: node_list_namespace,
+                    name,
+                }),
+                (None, None) => None,
+            },
+            receive_topic: receive_topic.filter(|t| !t.is_empty()),
             http: http::HttpConfig {
                 api_key: api_key.filter(|k| !k.is_empty()),
                 compat_status_200,
@@ -259,7 +288,7 @@ impl Config {
                 message_timeout: Duration::from_secs(5),
             },
             node_list: None,
-            node_list_poll: Duration::from_secs(2),
+            receive_topic: None,
             http: http::HttpConfig {
                 api_key: None,
                 compat_status_200: false,
@@ -297,7 +326,9 @@ impl Config {
         if self.http.max_body == 0 || self.http.max_keys == 0 {
             return bad("body and key limits must be non-zero");
         }
-        if self.online_interval.is_zero() || self.node_list_poll.is_zero() {
+        let poll_zero =
+            matches!(&self.node_list, Some(nodes::Source::File { poll, .. }) if poll.is_zero());
+        if self.online_interval.is_zero() || poll_zero {
             return bad("intervals must be non-zero");
         }
         if self.redis.timeout.is_zero() || self.kafka.message_timeout.is_zero() {
@@ -350,7 +381,16 @@ pub async fn run(
     config.validate()?;
     let store = Arc::new(store::redis::RedisStore::new(config.redis.clone())?);
     let queue = Arc::new(queue::kafka::KafkaQueue::new(config.kafka.clone())?);
-    run_with(config, store, queue, listeners, shutdown).await
+    let upstream = match &config.receive_topic {
+        Some(topic) => Some(
+            Arc::new(queue::kafka::KafkaQueue::new(queue::kafka::KafkaConfig {
+                topic: topic.clone(),
+                ..config.kafka.clone()
+            })?) as Arc<dyn queue::Upstream>,
+        ),
+        None => None,
+    };
+    serve(config, store, queue, upstream, listeners, shutdown).await
 }
 
 /// [`run`] on the given backends; `herald standalone` passes
@@ -367,6 +407,17 @@ pub async fn run_with(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    serve(config, store, queue, None, listeners, shutdown).await
+}
+
+async fn serve(
+    config: Config,
+    store: Arc<dyn store::SessionStore>,
+    queue: Arc<dyn queue::PushQueue>,
+    upstream: Option<Arc<dyn queue::Upstream>>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     config.validate()?;
     let Config {
         http_addr: _,
@@ -374,7 +425,7 @@ pub async fn run_with(
         redis: _,
         kafka: _,
         node_list,
-        node_list_poll,
+        receive_topic: _,
         http: http_config,
         token_mode,
         jwt_secret,
@@ -384,18 +435,7 @@ pub async fn run_with(
     } = config;
 
     let nodes = match &node_list {
-        Some(path) => match nodes::NodeList::load(path) {
-            Ok(list) => nodes::Nodes::new(list),
-            // The operator may not have written the ConfigMap yet: start with
-            // no nodes and let the watcher pick the file up when it appears.
-            Err(nodes::Error::Read { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                tracing::warn!(path = %path.display(), "node list file missing; starting with no nodes");
-                nodes::Nodes::default()
-            }
-            Err(err) => return Err(err.into()),
-        },
+        Some(source) => nodes::Nodes::new(source.initial()?),
         None => nodes::Nodes::default(),
     };
     let verifier = match token_mode {
@@ -407,13 +447,15 @@ pub async fn run_with(
             "HTTP push API has NO authentication: anyone who can reach it can push to every client; set --api-key"
         );
     }
-    let service = Arc::new(service::Service::new(
-        store,
-        queue,
-        nodes.clone(),
-        verifier,
-        settings,
-    ));
+    let mut service = service::Service::new(store, queue, nodes.clone(), verifier, settings);
+    if let Some(upstream) = upstream {
+        service = service.with_upstream(upstream);
+    }
+    let service = Arc::new(service);
+    let initial = nodes.get();
+    service
+        .metrics()
+        .node_list(initial.generation, initial.nodes.len());
 
     // One shutdown signal fanned out to every task.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -430,10 +472,17 @@ pub async fn run_with(
         service::aggregate_online(service.clone(), online_interval, stop_rx.clone())
             .instrument(tracing::info_span!("online_aggregation")),
     ));
-    if let Some(path) = node_list {
+    if let Some(source) = node_list {
+        let service = service.clone();
+        let apply = move |list: nodes::NodeList| {
+            service
+                .metrics()
+                .node_list(list.generation, list.nodes.len());
+            nodes.set(list);
+        };
         background.push(tokio::spawn(
-            nodes
-                .watch(path, node_list_poll, stop_rx.clone())
+            source
+                .watch(apply, stop_rx.clone())
                 .instrument(tracing::info_span!("node_list")),
         ));
     }

@@ -1,10 +1,14 @@
 //! The comet node list (herald-extensions.md "The node list"), and the
 //! balancer pick served by `/goim/nodes/weighted` and the `Nodes` rpc (§11).
 //!
-//! The operator writes the list into a ConfigMap mounted as a file; logic
-//! polls the file's mtime and swaps the parsed list in whole, so readers never
-//! see a half-applied update. A file that fails to parse keeps the previous
-//! list (a bad write must not empty the cluster's node list).
+//! Outside Kubernetes the list is a file whose mtime is polled; inside, the
+//! operator's ConfigMap (`<pushcluster>-nodes`, key `nodes.json`) is watched
+//! through the API server, so an update reaches logic and job within a round
+//! trip instead of a kubelet volume sync (up to a minute). Either way the
+//! parsed list is swapped in whole, so readers never see a half-applied
+//! update, and a document that fails to parse keeps the previous list (a bad
+//! write must not empty the cluster's node list). Both logic and job use
+//! [`Source`].
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -24,6 +28,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// No Kubernetes client could be configured (no kubeconfig, not in a pod).
+    #[error("configuring the kubernetes client for the node list ConfigMap")]
+    Kube(#[source] kube::Error),
     /// The file is not node-list JSON.
     #[error("parsing node list {path}")]
     Parse {
@@ -190,42 +197,165 @@ impl Nodes {
         };
         *guard = Arc::new(list);
     }
+}
 
-    /// Polls `path`'s mtime every `interval` and reloads on change, until
-    /// `shutdown` fires. Errors are logged and the previous list kept.
+/// The key of the node list in the operator's ConfigMap.
+pub const CONFIGMAP_KEY: &str = "nodes.json";
+
+/// Where the node list comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A JSON file, its mtime polled every `poll`.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Poll interval.
+        poll: Duration,
+    },
+    /// A ConfigMap watched through the API server.
+    ConfigMap {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+}
+
+impl Source {
+    /// The list to start with: the file's content (a missing file is an
+    /// empty list: the operator may not have written it yet), or empty for a
+    /// ConfigMap, which the watch fills in within a round trip.
+    ///
+    /// # Errors
+    /// A file that exists but cannot be read or parsed.
+    pub fn initial(&self) -> Result<NodeList> {
+        match self {
+            Source::File { path, .. } => match NodeList::load(path) {
+                Err(Error::Read { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    tracing::warn!(path = %path.display(), "node list file missing; starting with no nodes");
+                    Ok(NodeList::default())
+                }
+                other => other,
+            },
+            Source::ConfigMap { .. } => Ok(NodeList::default()),
+        }
+    }
+
+    /// Calls `apply` with every new version of the list until `shutdown`
+    /// fires. Errors are logged and the previous list kept.
     pub async fn watch(
         self,
-        path: PathBuf,
-        interval: Duration,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        apply: impl FnMut(NodeList) + Send,
+        shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
-        let mut seen: Option<SystemTime> = mtime(&path);
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = shutdown.changed() => return,
+        match self {
+            Source::File { path, poll } => watch_file(path, poll, apply, shutdown).await,
+            Source::ConfigMap { namespace, name } => {
+                watch_configmap(namespace, name, apply, shutdown).await;
             }
-            let now = mtime(&path);
-            if now == seen {
-                continue;
+        }
+    }
+}
+
+async fn watch_file(
+    path: PathBuf,
+    interval: Duration,
+    mut apply: impl FnMut(NodeList) + Send,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut seen: Option<SystemTime> = mtime(&path);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = mtime(&path);
+        if now == seen {
+            continue;
+        }
+        match NodeList::load(&path) {
+            Ok(list) => {
+                log_reload(&list);
+                apply(list);
+                seen = now;
             }
-            match NodeList::load(&path) {
-                Ok(list) => {
-                    tracing::info!(
-                        generation = list.generation,
-                        nodes = list.nodes.len(),
-                        "node list reloaded"
-                    );
-                    self.set(list);
-                    seen = now;
+            Err(err) => {
+                tracing::warn!(cause = %err, "node list reload failed; keeping the previous list");
+                // Retry next tick: the writer may be mid-way.
+            }
+        }
+    }
+}
+
+fn log_reload(list: &NodeList) {
+    tracing::info!(
+        generation = list.generation,
+        nodes = list.nodes.len(),
+        "node list reloaded"
+    );
+}
+
+/// Watches one ConfigMap by name. kube's watcher re-lists after errors and
+/// expired resource versions with backoff, so an API server restart only
+/// delays updates. Deleting the ConfigMap keeps the last list: the operator
+/// recreates it, and an empty list would stop every push in the meantime.
+async fn watch_configmap(
+    namespace: String,
+    name: String,
+    mut apply: impl FnMut(NodeList) + Send,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let client = loop {
+        match kube::Client::try_default().await {
+            Ok(client) => break client,
+            Err(err) => {
+                tracing::warn!(cause = %Error::Kube(err), "retrying in 5 s");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = shutdown.changed() => return,
                 }
-                Err(err) => {
-                    tracing::warn!(cause = %err, "node list reload failed; keeping the previous list");
-                    // Retry next tick: the writer may be mid-way.
+            }
+        }
+    };
+    let api: kube::Api<ConfigMap> = kube::Api::namespaced(client, &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let stream = watcher(api, config).default_backoff().applied_objects();
+    futures::pin_mut!(stream);
+    let mut last: Option<NodeList> = None;
+    loop {
+        let next = tokio::select! {
+            next = stream.next() => next,
+            _ = shutdown.changed() => return,
+        };
+        match next {
+            Some(Ok(cm)) => {
+                let Some(text) = cm.data.as_ref().and_then(|d| d.get(CONFIGMAP_KEY)) else {
+                    tracing::warn!(%namespace, %name, "node list ConfigMap has no {CONFIGMAP_KEY}; keeping the previous list");
+                    continue;
+                };
+                match serde_json::from_str::<NodeList>(text) {
+                    // Re-lists deliver the same object again: apply changes only.
+                    Ok(list) if last.as_ref() == Some(&list) => {}
+                    Ok(list) => {
+                        log_reload(&list);
+                        last = Some(list.clone());
+                        apply(list);
+                    }
+                    Err(err) => {
+                        tracing::warn!(cause = %err, %namespace, %name, "node list ConfigMap is not valid JSON; keeping the previous list");
+                    }
                 }
             }
+            Some(Err(err)) => tracing::warn!(cause = %err, "node list watch failed; retrying"),
+            None => return,
         }
     }
 }

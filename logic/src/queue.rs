@@ -27,11 +27,42 @@ pub enum Error {
 /// Result of this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Where an acknowledged record landed: the push's message id. With Kafka it
+/// names the record exactly (`partition-offset`), so an operator can find a
+/// push a client says it never got; the in-process queue numbers records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RecordId {
+    /// Kafka partition (0 for the in-process queue).
+    pub partition: i32,
+    /// Offset in the partition (a sequence number in-process).
+    pub offset: i64,
+}
+
+impl std::fmt::Display for RecordId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.partition, self.offset)
+    }
+}
+
 /// Where push records go. `push` resolves only once the record is durable
 /// (acknowledged by every in-sync replica for Kafka).
 pub trait PushQueue: Send + Sync + std::fmt::Debug {
     /// Writes one record with the given partitioning key.
-    fn push<'a>(&'a self, key: &'a str, msg: &'a PushMsg) -> BoxFuture<'a, Result<()>>;
+    fn push<'a>(&'a self, key: &'a str, msg: &'a PushMsg) -> BoxFuture<'a, Result<RecordId>>;
+
+    /// Whether records can be written now (readiness); the in-process queue
+    /// always can while its consumer lives.
+    fn ready(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Where client upstream messages (comet `Receive`) go when configured:
+/// one record per message, keyed by mid, value = the `goim.logic.ReceiveReq`
+/// protobuf comet sent (so consumers decode with goim's own proto).
+pub trait Upstream: Send + Sync + std::fmt::Debug {
+    /// Writes one record and waits for its acknowledgement.
+    fn send<'a>(&'a self, key: &'a str, value: &'a [u8]) -> BoxFuture<'a, Result<RecordId>>;
 }
 
 /// The §10 record key: PUSH → first key, ROOM → room, BROADCAST → operation.

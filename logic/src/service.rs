@@ -9,8 +9,9 @@ use std::time::Duration;
 use herald_protocol::pb::goim::logic::{Backoff, NodesReply};
 use herald_protocol::pb::{ConnectReply, Proto, PushMsg, push_msg};
 
+use crate::metrics::Metrics;
 use crate::nodes::Nodes;
-use crate::queue::{self, PushQueue};
+use crate::queue::{self, PushQueue, RecordId, Upstream};
 use crate::store::{self, Online, SessionStore, redis::unix_now};
 use crate::token::{self, Verifier};
 
@@ -57,6 +58,9 @@ pub struct Service {
     /// Last aggregation: comet → room → count. std RwLock: never held across
     /// an await, and only swapped or cloned.
     online: RwLock<HashMap<String, HashMap<String, i32>>>,
+    /// Where client upstream messages go; `None` = logged only (goim).
+    upstream: Option<Arc<dyn Upstream>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Service {
@@ -75,7 +79,31 @@ impl Service {
             verifier,
             settings,
             online: RwLock::new(HashMap::new()),
+            upstream: None,
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Sends client upstream messages to `upstream` instead of only logging them.
+    #[must_use]
+    pub fn with_upstream(mut self, upstream: Arc<dyn Upstream>) -> Self {
+        self.upstream = Some(upstream);
+        self
+    }
+
+    /// The metrics this service records into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Whether both backends answer now.
+    ///
+    /// # Errors
+    /// The first backend that does not.
+    pub async fn ready(&self) -> Result<()> {
+        self.store.ping().await?;
+        self.queue.ready().await?;
+        Ok(())
     }
 
     /// The node list (for `/goim/nodes/instances` and totals).
@@ -173,10 +201,33 @@ impl Service {
         }
     }
 
-    /// Upstream message from a client (op 4 etc.). goim only logs it.
-    pub fn receive(&self, mid: i64, proto: Option<&Proto>) {
+    /// Upstream message from a client (op 4 etc.). goim only logs it; with
+    /// an upstream configured it becomes a record keyed by mid (so one
+    /// user's messages stay in order) holding comet's `ReceiveReq` bytes.
+    ///
+    /// # Errors
+    /// The upstream queue failing (comet sees `Unavailable`).
+    pub async fn receive(&self, mid: i64, proto: Option<&Proto>) -> Result<Option<RecordId>> {
         let (op, len) = proto.map_or((0, 0), |p| (p.op, p.body.len()));
         tracing::debug!(mid, op, len, "client message received");
+        let Some(upstream) = &self.upstream else {
+            self.metrics.upstream("logged");
+            return Ok(None);
+        };
+        let value = prost::Message::encode_to_vec(&herald_protocol::pb::goim::logic::ReceiveReq {
+            mid,
+            proto: proto.cloned(),
+        });
+        match upstream.send(&mid.to_string(), &value).await {
+            Ok(id) => {
+                self.metrics.upstream("ok");
+                Ok(Some(id))
+            }
+            Err(err) => {
+                self.metrics.upstream("error");
+                Err(err.into())
+            }
+        }
     }
 
     /// The balancer answer for a client (§11).
@@ -206,7 +257,12 @@ impl Service {
     ///
     /// # Errors
     /// Redis or Kafka failing.
-    pub async fn push_keys(&self, op: i32, keys: &[String], msg: bytes::Bytes) -> Result<()> {
+    pub async fn push_keys(
+        &self,
+        op: i32,
+        keys: &[String],
+        msg: bytes::Bytes,
+    ) -> Result<Vec<RecordId>> {
         let servers = self.store.servers_by_keys(keys).await?;
         let routes = keys
             .iter()
@@ -219,7 +275,12 @@ impl Service {
     ///
     /// # Errors
     /// Redis or Kafka failing.
-    pub async fn push_mids(&self, op: i32, mids: &[i64], msg: bytes::Bytes) -> Result<()> {
+    pub async fn push_mids(
+        &self,
+        op: i32,
+        mids: &[i64],
+        msg: bytes::Bytes,
+    ) -> Result<Vec<RecordId>> {
         let routes = self.store.keys_by_mids(mids).await?;
         self.push_routes(op, routes.into_iter(), msg).await
     }
@@ -229,7 +290,7 @@ impl Service {
         op: i32,
         routes: impl Iterator<Item = (String, String)>,
         msg: bytes::Bytes,
-    ) -> Result<()> {
+    ) -> Result<Vec<RecordId>> {
         // Group by comet, keeping first-seen order so record keys are stable.
         let mut order: Vec<String> = Vec::new();
         let mut by_server: HashMap<String, Vec<String>> = HashMap::new();
@@ -260,7 +321,13 @@ impl Service {
     ///
     /// # Errors
     /// Kafka failing.
-    pub async fn push_room(&self, op: i32, typ: &str, room: &str, msg: bytes::Bytes) -> Result<()> {
+    pub async fn push_room(
+        &self,
+        op: i32,
+        typ: &str,
+        room: &str,
+        msg: bytes::Bytes,
+    ) -> Result<Vec<RecordId>> {
         let msg = PushMsg {
             r#type: push_msg::Type::Room as i32,
             operation: op,
@@ -275,7 +342,7 @@ impl Service {
     ///
     /// # Errors
     /// Kafka failing.
-    pub async fn push_all(&self, op: i32, speed: i32, msg: bytes::Bytes) -> Result<()> {
+    pub async fn push_all(&self, op: i32, speed: i32, msg: bytes::Bytes) -> Result<Vec<RecordId>> {
         let msg = PushMsg {
             r#type: push_msg::Type::Broadcast as i32,
             operation: op,
@@ -286,16 +353,26 @@ impl Service {
         self.produce_all(std::slice::from_ref(&msg)).await
     }
 
-    async fn produce_all(&self, msgs: &[PushMsg]) -> Result<()> {
+    /// Writes every record concurrently (they share the producer's batch)
+    /// and returns their ids in input order, or the first failure.
+    async fn produce_all(&self, msgs: &[PushMsg]) -> Result<Vec<RecordId>> {
         let keys: Vec<String> = msgs.iter().map(queue::record_key).collect();
-        let sends = msgs
-            .iter()
-            .zip(&keys)
-            .map(|(msg, key)| self.queue.push(key, msg));
+        let sends = msgs.iter().zip(&keys).map(|(msg, key)| async move {
+            let start = std::time::Instant::now();
+            let res = self.queue.push(key, msg).await;
+            let kind = match msg.r#type() {
+                push_msg::Type::Push => "push",
+                push_msg::Type::Room => "room",
+                push_msg::Type::Broadcast => "broadcast",
+            };
+            self.metrics.record(kind, res.is_ok(), start.elapsed());
+            res
+        });
+        let mut ids = Vec::with_capacity(msgs.len());
         for res in futures::future::join_all(sends).await {
-            res?;
+            ids.push(res?);
         }
-        Ok(())
+        Ok(ids)
     }
 
     /// Rooms of type `typ` (exactly `typ://…`), largest first, at most `limit`.

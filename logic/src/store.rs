@@ -93,4 +93,9 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug {
         &self,
         stale_after: std::time::Duration,
     ) -> BoxFuture<'_, Result<Vec<Online>>>;
+
+    /// Whether the store answers now (readiness); in-memory always does.
+    fn ping(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }

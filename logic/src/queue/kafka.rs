@@ -8,10 +8,11 @@ use futures::future::BoxFuture;
 use herald_protocol::pb::PushMsg;
 use prost::Message;
 use rdkafka::ClientConfig;
+use rdkafka::producer::Producer;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
-use super::{Error, PushQueue, Result};
+use super::{Error, PushQueue, RecordId, Result, Upstream};
 
 /// Producer settings.
 #[derive(Clone, Debug)]
@@ -72,18 +73,53 @@ impl KafkaQueue {
     }
 }
 
+impl KafkaQueue {
+    /// Writes `value` under `key` and waits for the acknowledgement.
+    async fn send_bytes(&self, key: &str, value: &[u8]) -> Result<RecordId> {
+        let record = FutureRecord::to(&self.topic).key(key).payload(value);
+        // Bounds the wait for room in a full local queue; once queued,
+        // message.timeout.ms bounds the delivery report.
+        self.producer
+            .send(record, Timeout::After(self.enqueue_timeout))
+            .await
+            .map(|d| RecordId {
+                partition: d.partition,
+                offset: d.offset,
+            })
+            .map_err(|(err, _)| Error::Produce(err))
+    }
+}
+
 impl PushQueue for KafkaQueue {
-    fn push<'a>(&'a self, key: &'a str, msg: &'a PushMsg) -> BoxFuture<'a, Result<()>> {
+    fn push<'a>(&'a self, key: &'a str, msg: &'a PushMsg) -> BoxFuture<'a, Result<RecordId>> {
+        Box::pin(async move { self.send_bytes(key, &msg.encode_to_vec()).await })
+    }
+
+    /// Ready when the broker answers a metadata request for the topic within
+    /// a second (librdkafka's call blocks, so it runs off the async workers).
+    fn ready(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let value = msg.encode_to_vec();
-            let record = FutureRecord::to(&self.topic).key(key).payload(&value);
-            // Bounds the wait for room in a full local queue; once queued,
-            // message.timeout.ms bounds the delivery report.
-            self.producer
-                .send(record, Timeout::After(self.enqueue_timeout))
-                .await
-                .map(|_| ())
-                .map_err(|(err, _)| Error::Produce(err))
+            let producer = self.producer.clone();
+            let topic = self.topic.clone();
+            let probe = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(Some(&topic), Duration::from_secs(1))
+                    .map_err(Error::Produce)
+                    .and_then(|md| match md.topics().first() {
+                        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+                        _ => Err(Error::Produce(rdkafka::error::KafkaError::MetadataFetch(
+                            rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+                        ))),
+                    })
+            });
+            probe.await.map_err(|_| Error::Closed)?
         })
+    }
+}
+
+impl Upstream for KafkaQueue {
+    fn send<'a>(&'a self, key: &'a str, value: &'a [u8]) -> BoxFuture<'a, Result<RecordId>> {
+        Box::pin(self.send_bytes(key, value))
     }
 }

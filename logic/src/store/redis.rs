@@ -294,6 +294,15 @@ pub fn unix_now() -> i64 {
 }
 
 impl SessionStore for RedisStore {
+    fn ping(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            self.timed(redis::cmd("PING").query_async::<String>(&mut conn))
+                .await
+                .map(|_| ())
+        })
+    }
+
     fn add_mapping<'a>(
         &'a self,
         mid: i64,

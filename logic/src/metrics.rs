@@ -1,0 +1,179 @@
+//! Logic's Prometheus metrics and the unauthenticated probe routes
+//! (`/metrics`, `/healthz`, `/readyz`) served beside the push API.
+//!
+//! Labels are fixed, low-cardinality strings (route template, status,
+//! method, outcome); never keys, mids or rooms.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::service::Service;
+
+type Labels = Vec<(&'static str, String)>;
+type Counters = Family<Labels, Counter>;
+
+/// Logic's metrics, registered once in [`Metrics::new`].
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    http: Counters,
+    grpc: Counters,
+    records: Counters,
+    produce: Histogram,
+    upstream: Counters,
+    node_list_generation: Gauge,
+    node_list_nodes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every logic metric, prefixed `herald_logic`.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("herald_logic");
+        let mut counter = |name: &str, help: &str| {
+            let family = Counters::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let http = counter("http_requests", "HTTP API requests, by route and status");
+        let grpc = counter(
+            "grpc_calls",
+            "goim.logic.Logic calls, by method and outcome",
+        );
+        let records = counter(
+            "push_records",
+            "Push records written to the queue, by type and outcome",
+        );
+        let upstream = counter(
+            "upstream_messages",
+            "Client upstream messages (Receive), by outcome",
+        );
+        // 100 µs .. ~3.3 s: an in-process queue answers in microseconds,
+        // Kafka with acks=all in milliseconds, a failing broker in seconds.
+        let produce = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "produce_seconds",
+            "Time from handing a record to the queue to its acknowledgement",
+            produce.clone(),
+        );
+        let node_list_generation = Gauge::default();
+        registry.register(
+            "node_list_generation",
+            "Generation of the node list in use",
+            node_list_generation.clone(),
+        );
+        let node_list_nodes = Gauge::default();
+        registry.register(
+            "node_list_nodes",
+            "Comets in the node list in use, draining included",
+            node_list_nodes.clone(),
+        );
+        Metrics {
+            registry,
+            http,
+            grpc,
+            records,
+            produce,
+            upstream,
+            node_list_generation,
+            node_list_nodes,
+        }
+    }
+
+    pub(crate) fn http(&self, route: &str, status: StatusCode) {
+        self.http
+            .get_or_create(&vec![
+                ("route", route.to_owned()),
+                ("status", status.as_u16().to_string()),
+            ])
+            .inc();
+    }
+
+    pub(crate) fn grpc(&self, method: &'static str, ok: bool) {
+        self.grpc
+            .get_or_create(&vec![
+                ("method", method.to_owned()),
+                ("outcome", outcome(ok)),
+            ])
+            .inc();
+    }
+
+    pub(crate) fn record(&self, kind: &'static str, ok: bool, took: Duration) {
+        self.records
+            .get_or_create(&vec![("type", kind.to_owned()), ("outcome", outcome(ok))])
+            .inc();
+        if ok {
+            self.produce.observe(took.as_secs_f64());
+        }
+    }
+
+    pub(crate) fn upstream(&self, outcome: &'static str) {
+        self.upstream
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .inc();
+    }
+
+    /// Records the node list now in use.
+    pub fn node_list(&self, generation: i64, nodes: usize) {
+        self.node_list_generation.set(generation);
+        self.node_list_nodes
+            .set(i64::try_from(nodes).unwrap_or(i64::MAX));
+    }
+
+    /// The registry in OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn outcome(ok: bool) -> String {
+    if ok { "ok" } else { "error" }.to_owned()
+}
+
+/// `/metrics`, `/healthz`, `/readyz`: outside the API key, because probes
+/// and scrapers do not hold it and these routes reveal no user data.
+pub fn router(service: Arc<Service>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(service)
+}
+
+async fn metrics(State(service): State<Arc<Service>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        service.metrics().encode(),
+    )
+}
+
+/// Ready when the session store and the push queue both answer: a logic
+/// that would refuse every push with 503 should not get traffic.
+async fn ready(State(service): State<Arc<Service>>) -> impl IntoResponse {
+    match service.ready().await {
+        Ok(()) => (StatusCode::OK, "ready".to_owned()),
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
+    }
+}
