@@ -231,16 +231,39 @@ impl Args {
     /// The bind error of the first listener that failed.
     pub async fn bind(&self) -> std::io::Result<Listeners> {
         Ok(Listeners {
-            tcp: TcpListener::bind(self.tcp_addr).await?,
-            ws: TcpListener::bind(self.ws_addr).await?,
+            tcp: bind_client_listener(self.tcp_addr)?,
+            ws: bind_client_listener(self.ws_addr)?,
             wss: match self.wss_addr {
-                Some(addr) => Some(TcpListener::bind(addr).await?),
+                Some(addr) => Some(bind_client_listener(addr)?),
                 None => None,
             },
             grpc: TcpListener::bind(self.grpc_addr).await?,
             http: Some(TcpListener::bind(self.http_addr).await?),
         })
     }
+}
+
+/// Accept queue of client listeners (the kernel caps it at `somaxconn`).
+/// Tokio's `bind` asks for 128, which a reconnect storm — every client of a
+/// drained comet arriving at once — or a pause in accepting (descriptors
+/// exhausted) overflows; the kernel then drops SYNs and clients wait for
+/// retransmits.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds a client listener with [`LISTEN_BACKLOG`].
+///
+/// # Errors
+/// The socket, bind or listen error.
+pub fn bind_client_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As tokio's bind does: a restarted comet rebinds at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 fn hostname() -> String {

@@ -92,7 +92,7 @@ const MAX_UPGRADE_HEAD: usize = 8 * 1024;
 const MAX_UPGRADE_HEADERS: usize = 64;
 /// First pause after an accept failure such as EMFILE; doubles up to
 /// [`ACCEPT_BACKOFF_MAX`] while accepts keep failing.
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+pub(crate) const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// Longest pause between accept attempts while resources are exhausted.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Window in which rate-limited `Receive` ops are counted toward a flood close.
@@ -141,34 +141,8 @@ pub(crate) async fn accept_loop(
     let transport = listen.transport();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let accepted = tokio::select! {
-            () = shared.shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => {
-                backoff = ACCEPT_BACKOFF_MIN;
-                accepted
-            }
-            Err(err) => {
-                let reason = accept_error_reason(&err);
-                shared.metrics.accept_error(reason);
-                if reason == "aborted" {
-                    // That one connection is gone; the next may be fine.
-                    debug!(cause = %err, "accept: connection aborted");
-                    continue;
-                }
-                // Out of descriptors or memory: retrying at once would spin
-                // on the same error. Pause, growing while it lasts; sessions
-                // that end meanwhile free what the next accept needs.
-                warn!(cause = %err, reason, pause_ms = backoff.as_millis(), "accept failed: backing off");
-                tokio::select! {
-                    () = shared.shutdown.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                continue;
-            }
+        let Some((stream, peer)) = accept(&listener, &shared, &mut backoff).await else {
+            return;
         };
         if shared.draining.load(Ordering::SeqCst) {
             debug!(%peer, "draining: refused connection");
@@ -190,6 +164,45 @@ pub(crate) async fn accept_loop(
             }
             .instrument(info_span!("conn", %peer, ?transport)),
         );
+    }
+}
+
+/// Accepts the next connection; `None` once the comet shuts down.
+///
+/// Accept errors are counted by reason. Out of descriptors or memory,
+/// retrying at once would spin on the same error, so it pauses — `backoff`,
+/// doubling up to [`ACCEPT_BACKOFF_MAX`] while the errors last, reset by the
+/// next success; sessions that end meanwhile free what the next accept
+/// needs. A connection that died before being accepted is retried at once.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    shared: &Shared,
+    backoff: &mut Duration,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            () = shared.shutdown.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        let err = match accepted {
+            Ok(accepted) => {
+                *backoff = ACCEPT_BACKOFF_MIN;
+                return Some(accepted);
+            }
+            Err(err) => err,
+        };
+        let reason = accept_error_reason(&err);
+        shared.metrics.accept_error(reason);
+        if reason == "aborted" {
+            debug!(cause = %err, "accept: connection aborted");
+            continue;
+        }
+        warn!(cause = %err, reason, pause_ms = backoff.as_millis(), "accept failed: backing off");
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return None,
+            () = tokio::time::sleep(*backoff) => {}
+        }
+        *backoff = (*backoff * 2).min(ACCEPT_BACKOFF_MAX);
     }
 }
 
