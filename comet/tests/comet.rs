@@ -1822,3 +1822,162 @@ async fn strict_pack_len_closes_short_frames() -> Result {
     assert_eq!(healthy.recv().await?.op, op::HEARTBEAT_REPLY);
     h.shutdown().await
 }
+
+// ------------------------------------------------------ a real browser client
+
+/// What the page reported, in order: (what, JSON body).
+type Reports = tokio::sync::mpsc::UnboundedReceiver<(String, String)>;
+
+/// Serves the goim page, its `/config` and the `/report/{what}` endpoint on a
+/// loopback port.
+async fn serve_page(config: serde_json::Value) -> Result<(SocketAddr, Reports)> {
+    use axum::extract::{Path, State};
+    use axum::routing::{get, post};
+
+    type Tx = tokio::sync::mpsc::UnboundedSender<(String, String)>;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let page = || async { axum::response::Html(include_str!("fixtures/goim-page.html")) };
+    let app = axum::Router::new()
+        .route("/page.html", get(page))
+        .route("/config", get(move || async move { axum::Json(config) }))
+        .route(
+            "/report/{what}",
+            post(
+                |State(tx): State<Tx>, Path(what): Path<String>, body: String| async move {
+                    let _ = tx.send((what, body));
+                },
+            ),
+        )
+        .with_state(tx);
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((addr, rx))
+}
+
+/// Headless Chromium on one URL; stopped by its pid when dropped.
+struct Browser {
+    child: std::process::Child,
+    profile: std::path::PathBuf,
+}
+
+impl Browser {
+    fn open(url: &str) -> Result<Browser> {
+        let binary = herald_e2e::testbed_var("HERALD_CHROMIUM");
+        let profile = std::env::temp_dir().join(format!(
+            "herald-chromium-{}-{}",
+            std::process::id(),
+            NEXT_PROFILE.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&profile)?;
+        let log = std::fs::File::create(profile.join("chromium.log"))?;
+        let child = std::process::Command::new(binary)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-default-apps",
+                "--disable-extensions",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--mute-audio",
+                // Every name fails to resolve: nothing leaves loopback.
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(url)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting chromium")?;
+        Ok(Browser { child, profile })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.profile.join("chromium.log")).unwrap_or_default()
+    }
+}
+
+static NEXT_PROFILE: AtomicU64 = AtomicU64::new(0);
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // TERM lets chromium end its renderer and helper processes; KILL if
+        // it has not exited in 5 s.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// The next report from the page, failing on `/report/error`.
+async fn next_report(reports: &mut Reports, browser: &Browser) -> Result<(String, String)> {
+    // Chromium starts slowly on a loaded machine.
+    let report = timeout(Duration::from_secs(60), reports.recv())
+        .await
+        .with_context(|| {
+            format!(
+                "the page reported nothing; chromium's log:\n{}",
+                browser.log()
+            )
+        })?
+        .context("report channel closed")?;
+    if report.0 == "error" {
+        bail!("the page failed: {}", report.1);
+    }
+    Ok(report)
+}
+
+#[tokio::test]
+async fn a_browser_page_authenticates_and_receives_key_and_room_pushes() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let (page, mut reports) = serve_page(serde_json::json!({
+        "ws": format!("ws://{}/sub", h.ws),
+        "token": token("browser", "live://browser", &[1000]),
+    }))
+    .await?;
+    let browser = Browser::open(&format!("http://{page}/page.html"))?;
+
+    let (what, _) = next_report(&mut reports, &browser).await?;
+    assert_eq!(what, "authed");
+    let mut grpc = h.comet_client().await?;
+    grpc.push_msg(PushMsgReq {
+        keys: vec!["browser".into()],
+        proto_op: 1000,
+        proto: Some(raw_push(1000, b"to the key")),
+    })
+    .await?;
+    grpc.broadcast_room(BroadcastRoomReq {
+        room_id: "live://browser".into(),
+        proto: Some(raw_push(1000, b"to the room")),
+    })
+    .await?;
+    let (what, body) = next_report(&mut reports, &browser).await?;
+    assert_eq!(what, "result");
+    let body: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        body["pushes"],
+        serde_json::json!(["to the key", "to the room"]),
+        "{body}"
+    );
+    // The page closed its WebSocket: the comet saw a browser session end.
+    h.stub
+        .wait_for("Disconnect", |_| h.stub.disconnects("browser") == 1)
+        .await?;
+    drop(browser);
+    h.shutdown().await
+}
