@@ -711,7 +711,7 @@ enum Verdict {
 /// Per-connection token bucket for ops forwarded to logic `Receive`.
 ///
 /// Logic's `Receive` is where upstream messages cost the cluster (goim
-/// forwards every op unchecked, §13); a client may burst up to `burst` ops,
+/// forwards every op, unlimited); a client may burst up to `burst` ops,
 /// then `rate` per second. Ops over the limit are dropped, and a client that
 /// keeps flooding — `flood_close` drops within [`FLOOD_WINDOW`] — is closed:
 /// a well-behaved client never gets there, and a flooding one would
