@@ -1981,3 +1981,32 @@ async fn a_browser_page_authenticates_and_receives_key_and_room_pushes() -> Resu
     drop(browser);
     h.shutdown().await
 }
+
+#[tokio::test]
+async fn bytes_sent_right_after_the_upgrade_head_are_not_lost() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    // The upgrade request and a masked binary WebSocket message carrying T1,
+    // in one write: the frame arrives in the same read as the head.
+    let mut bytes = upgrade_head("").into_bytes();
+    let payload = hex(T1);
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    bytes.push(0x82);
+    bytes.push(0x80 | u8::try_from(payload.len())?);
+    bytes.extend(mask);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut c = TcpClient::connect(h.ws).await?;
+    c.send_raw(&bytes).await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.extend(c.read_bytes(1).await?);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+    // An unmasked binary message from the server: T2, the auth reply.
+    assert_eq!(c.read_bytes(2).await?, [0x82, 16]);
+    assert_eq!(c.read_bytes(16).await?, hex(T2));
+    h.shutdown().await
+}
