@@ -15,6 +15,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::SinkExt;
@@ -57,9 +58,19 @@ impl CloseReason {
 #[error("connection closed: {}", .0.as_str())]
 pub struct Closed(pub CloseReason);
 
+/// One queued message; pushes remember when they were queued so the writer
+/// can report push-to-write latency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    /// The encoded message.
+    pub bytes: Bytes,
+    /// When a push RPC queued it; `None` for session replies.
+    pub pushed_at: Option<Instant>,
+}
+
 #[derive(Debug, Default)]
 struct QueueState {
-    items: VecDeque<Bytes>,
+    items: VecDeque<Queued>,
     bytes: usize,
     /// The writer writes what is queued, then stops; nothing more is accepted.
     finishing: bool,
@@ -186,6 +197,10 @@ impl Conn {
     /// [`Closed`] when the connection is closing, or when this message would
     /// overflow the queue — the connection is then closed as a slow consumer.
     pub fn send(&self, msg: Bytes) -> Result<(), Closed> {
+        self.enqueue(msg, None)
+    }
+
+    fn enqueue(&self, msg: Bytes, pushed_at: Option<Instant>) -> Result<(), Closed> {
         let mut state = self.out.lock();
         if let Some(reason) = state.reason {
             return Err(Closed(reason));
@@ -203,21 +218,26 @@ impl Conn {
             return Err(Closed(CloseReason::SlowConsumer));
         }
         state.bytes += msg.len();
-        state.items.push_back(msg);
+        state.items.push_back(Queued {
+            bytes: msg,
+            pushed_at,
+        });
         drop(state);
         self.out.wake.notify_one();
         Ok(())
     }
 
-    /// Queues a push given in both encodings, picking this connection's one.
+    /// Queues a push given in both encodings, picking this connection's one;
+    /// its queueing time starts the push-to-write latency measurement.
     ///
     /// # Errors
     /// As [`Conn::send`].
     pub fn push(&self, tcp: &Bytes, ws: &Bytes) -> Result<(), Closed> {
-        match self.transport {
-            Transport::Tcp => self.send(tcp.clone()),
-            Transport::Ws => self.send(ws.clone()),
-        }
+        let msg = match self.transport {
+            Transport::Tcp => tcp.clone(),
+            Transport::Ws | Transport::Wss => ws.clone(),
+        };
+        self.enqueue(msg, Some(Instant::now()))
     }
 
     /// Closes the connection for `reason` after what is already queued is written.
@@ -242,7 +262,7 @@ impl Conn {
     }
 
     /// Waits for the next batch; `None` once the writer should stop.
-    async fn next_batch(&self) -> Option<VecDeque<Bytes>> {
+    async fn next_batch(&self) -> Option<VecDeque<Queued>> {
         loop {
             // Register interest before looking, so a send between the look and
             // the wait is not missed.
@@ -283,19 +303,27 @@ impl std::fmt::Debug for Sink {
 }
 
 /// Drains `conn`'s queue into `sink` until the connection finishes or a write
-/// fails; `written(n)` is told the size of every batch written.
-pub async fn write_loop(conn: std::sync::Arc<Conn>, mut sink: Sink, written: impl Fn(usize)) {
+/// fails; `written(n)` is told the size of every batch written, and
+/// `push_written(latency)` the queue-to-written time of every push in it.
+pub async fn write_loop(
+    conn: std::sync::Arc<Conn>,
+    mut sink: Sink,
+    written: impl Fn(usize),
+    push_written: impl Fn(Duration),
+) {
     while let Some(batch) = conn.next_batch().await {
         let n = batch.len();
+        // Empty for reply-only batches, so nothing is allocated then.
+        let pushed: Vec<Instant> = batch.iter().filter_map(|q| q.pushed_at).collect();
         let result_of_write = match &mut sink {
             Sink::Tcp(half) => {
                 if batch.len() == 1 {
-                    half.write_all(&batch[0]).await
+                    half.write_all(&batch[0].bytes).await
                 } else {
-                    let total = batch.iter().map(Bytes::len).sum();
+                    let total = batch.iter().map(|q| q.bytes.len()).sum();
                     let mut buf = BytesMut::with_capacity(total);
                     for item in &batch {
-                        buf.extend_from_slice(item);
+                        buf.extend_from_slice(&item.bytes);
                     }
                     half.write_all(&buf).await
                 }
@@ -303,7 +331,7 @@ pub async fn write_loop(conn: std::sync::Arc<Conn>, mut sink: Sink, written: imp
             Sink::Ws(ws) => {
                 let mut result = Ok(());
                 for item in batch {
-                    if let Err(err) = ws.feed(Message::Binary(item)).await {
+                    if let Err(err) = ws.feed(Message::Binary(item.bytes)).await {
                         result = Err(err);
                         break;
                     }
@@ -321,6 +349,10 @@ pub async fn write_loop(conn: std::sync::Arc<Conn>, mut sink: Sink, written: imp
             return;
         }
         written(n);
+        let done = Instant::now();
+        for at in pushed {
+            push_written(done.saturating_duration_since(at));
+        }
     }
     match &mut sink {
         Sink::Tcp(half) => {
@@ -370,10 +402,21 @@ mod tests {
         let c = conn(100);
         c.send(Bytes::from_static(b"ab")).unwrap();
         c.send(Bytes::from_static(b"cd")).unwrap();
+        c.push(&Bytes::from_static(b"ef"), &Bytes::from_static(b"ws"))
+            .unwrap();
         let batch = c.next_batch().await.unwrap();
+        let bytes: Vec<_> = batch.iter().map(|q| q.bytes.clone()).collect();
         assert_eq!(
-            batch,
-            [Bytes::from_static(b"ab"), Bytes::from_static(b"cd")]
+            bytes,
+            [
+                Bytes::from_static(b"ab"),
+                Bytes::from_static(b"cd"),
+                Bytes::from_static(b"ef")
+            ]
+        );
+        assert!(
+            batch[0].pushed_at.is_none() && batch[2].pushed_at.is_some(),
+            "only pushes carry a queueing time"
         );
         // Taking the batch frees its bytes.
         c.send(Bytes::from(vec![0u8; 100])).unwrap();

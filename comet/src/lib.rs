@@ -152,6 +152,22 @@ pub struct Args {
         default_value = ""
     )]
     pub drain_redirect_nodes: Vec<String>,
+    /// Refuse client frames whose `pack_len` is shorter than the 16-byte
+    /// header (closing the connection) instead of reading them as "no body"
+    /// like goim does. Off by default for goim compatibility.
+    #[arg(long, env = "HERALD_COMET_STRICT_PACK_LEN")]
+    pub strict_pack_len: bool,
+    /// Client ops forwarded to logic `Receive`, per connection per second
+    /// (token bucket refill rate); 0 = no limit. Ops over the limit are dropped.
+    #[arg(long, env = "HERALD_COMET_RECEIVE_RATE", default_value_t = 20)]
+    pub receive_rate: u32,
+    /// Burst of the `Receive` token bucket: ops a quiet connection may send at once.
+    #[arg(long, env = "HERALD_COMET_RECEIVE_BURST", default_value_t = 40)]
+    pub receive_burst: u32,
+    /// Dropped (rate-limited) ops within one 10-second window that close the
+    /// connection as a flood; 0 never closes.
+    #[arg(long, env = "HERALD_COMET_RECEIVE_FLOOD_CLOSE", default_value_t = 200)]
+    pub receive_flood_close: u32,
 }
 
 impl Args {
@@ -178,6 +194,10 @@ impl Args {
             drain_deadline_ms,
             drain_close_rate,
             drain_redirect_nodes,
+            strict_pack_len,
+            receive_rate,
+            receive_burst,
+            receive_flood_close,
         } = self;
         Config {
             server_id: server_id.unwrap_or_else(hostname),
@@ -198,6 +218,10 @@ impl Args {
                 .map(|node| node.trim().to_owned())
                 .filter(|node| !node.is_empty())
                 .collect(),
+            strict_pack_len,
+            receive_rate,
+            receive_burst,
+            receive_flood_close,
         }
     }
 
@@ -207,16 +231,39 @@ impl Args {
     /// The bind error of the first listener that failed.
     pub async fn bind(&self) -> std::io::Result<Listeners> {
         Ok(Listeners {
-            tcp: TcpListener::bind(self.tcp_addr).await?,
-            ws: TcpListener::bind(self.ws_addr).await?,
+            tcp: bind_client_listener(self.tcp_addr)?,
+            ws: bind_client_listener(self.ws_addr)?,
             wss: match self.wss_addr {
-                Some(addr) => Some(TcpListener::bind(addr).await?),
+                Some(addr) => Some(bind_client_listener(addr)?),
                 None => None,
             },
             grpc: TcpListener::bind(self.grpc_addr).await?,
             http: Some(TcpListener::bind(self.http_addr).await?),
         })
     }
+}
+
+/// Accept queue of client listeners (the kernel caps it at `somaxconn`).
+/// Tokio's `bind` asks for 128, which a reconnect storm — every client of a
+/// drained comet arriving at once — or a pause in accepting (descriptors
+/// exhausted) overflows; the kernel then drops SYNs and clients wait for
+/// retransmits.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds a client listener with [`LISTEN_BACKLOG`].
+///
+/// # Errors
+/// The socket, bind or listen error.
+pub fn bind_client_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As tokio's bind does: a restarted comet rebinds at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 fn hostname() -> String {
@@ -261,6 +308,14 @@ pub struct Config {
     /// Op-18 `nodes` of the shutdown drain; empty sends op 18 with no nodes,
     /// so redirect-capable clients reconnect through the node API.
     pub drain_redirect_nodes: Vec<String>,
+    /// Refuse client frames with `pack_len` < 16 (goim reads them as "no body").
+    pub strict_pack_len: bool,
+    /// Per-connection `Receive` rate (ops per second); 0 = unlimited.
+    pub receive_rate: u32,
+    /// Per-connection `Receive` burst.
+    pub receive_burst: u32,
+    /// Rate-limited ops per 10-second window that close the connection; 0 = never.
+    pub receive_flood_close: u32,
 }
 
 impl Config {
@@ -281,6 +336,10 @@ impl Config {
             drain_deadline: Duration::from_secs(30),
             drain_close_rate: 0,
             drain_redirect_nodes: Vec::new(),
+            strict_pack_len: false,
+            receive_rate: 20,
+            receive_burst: 40,
+            receive_flood_close: 200,
         }
     }
 }
@@ -530,6 +589,13 @@ mod tests {
             "50",
             "--drain-redirect-nodes",
             "comet-b.example.com, comet-c.example.com",
+            "--strict-pack-len",
+            "--receive-rate",
+            "5",
+            "--receive-burst",
+            "7",
+            "--receive-flood-close",
+            "0",
         ]);
         assert_eq!(cli.args.tcp_addr.port(), 3101);
         assert_eq!(cli.args.ws_addr.port(), 3102);
@@ -546,6 +612,15 @@ mod tests {
             config.drain_redirect_nodes,
             ["comet-b.example.com", "comet-c.example.com"]
         );
+        assert!(config.strict_pack_len);
+        assert_eq!(
+            (
+                config.receive_rate,
+                config.receive_burst,
+                config.receive_flood_close
+            ),
+            (5, 7, 0)
+        );
     }
 
     #[test]
@@ -555,5 +630,14 @@ mod tests {
         assert_eq!(config.drain_deadline, Duration::from_secs(30));
         assert_eq!(config.drain_close_rate, 0);
         assert!(config.drain_redirect_nodes.is_empty());
+        assert!(!config.strict_pack_len, "goim-compatible by default");
+        assert_eq!(
+            (
+                config.receive_rate,
+                config.receive_burst,
+                config.receive_flood_close
+            ),
+            (20, 40, 200)
+        );
     }
 }

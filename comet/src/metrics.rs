@@ -15,6 +15,7 @@ use axum::routing::get;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
@@ -35,6 +36,10 @@ pub struct Metrics {
     pushes: Counters,
     drops: Counters,
     disconnects: Counters,
+    accept_errors: Counters,
+    upgrade_refused: Counters,
+    receives: Counters,
+    push_write_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -64,6 +69,26 @@ impl Metrics {
         let pushes = counter("pushes", "Push RPCs served, by rpc");
         let drops = counter("push_drops", "Pushes not queued, by reason");
         let disconnects = counter("disconnects", "Closed authenticated connections, by reason");
+        let accept_errors = counter(
+            "accept_errors",
+            "Failed accepts on client listeners, by reason (emfile, enfile, enobufs, enomem, aborted, other)",
+        );
+        let upgrade_refused = counter(
+            "ws_upgrade_refused",
+            "WebSocket upgrade requests refused with an HTTP error, by reason",
+        );
+        let receives = counter(
+            "receives",
+            "Client ops bound for logic Receive, by outcome (forwarded, rate_limited)",
+        );
+        // 100 µs to ~3.3 s: a loopback write is well under a millisecond, a
+        // slow client or a loaded comet shows up in the upper buckets.
+        let push_write_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "push_write_latency_seconds",
+            "Time from a push RPC queueing a frame to the socket write containing it completing",
+            push_write_latency.clone(),
+        );
         Metrics {
             registry,
             connections,
@@ -73,6 +98,10 @@ impl Metrics {
             pushes,
             drops,
             disconnects,
+            accept_errors,
+            upgrade_refused,
+            receives,
+            push_write_latency,
         }
     }
 
@@ -82,6 +111,7 @@ impl Metrics {
             match transport {
                 Transport::Tcp => "tcp",
                 Transport::Ws => "ws",
+                Transport::Wss => "wss",
             },
         )]
     }
@@ -121,6 +151,26 @@ impl Metrics {
 
     pub(crate) fn drop_push(&self, reason: &'static str) {
         self.drops.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    pub(crate) fn accept_error(&self, reason: &'static str) {
+        self.accept_errors
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub(crate) fn upgrade_refused(&self, reason: &'static str) {
+        self.upgrade_refused
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub(crate) fn receive(&self, outcome: &'static str) {
+        self.receives.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    pub(crate) fn push_written(&self, latency: std::time::Duration) {
+        self.push_write_latency.observe(latency.as_secs_f64());
     }
 
     /// The registry in Prometheus text format.

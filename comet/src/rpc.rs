@@ -20,7 +20,6 @@ use herald_protocol::pb::goim::comet::{
 use herald_protocol::pb::{Comet, CometServer, Proto};
 use herald_protocol::{Frame, op, ws};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span};
 
@@ -36,9 +35,28 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) -> Result<
     tonic::transport::Server::builder()
         .add_service(CometServer::new(service.clone()))
         .add_service(CometAdminServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
+        .serve_with_incoming_shutdown(incoming(listener, shared), token.cancelled_owned())
         .await
         .map_err(Error::Grpc)
+}
+
+/// The gRPC listener's connections, accepted like client connections:
+/// tonic's own accept loop retries failed accepts at once, which spins a
+/// core for as long as descriptors are exhausted.
+fn incoming(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    let backoff = crate::server::ACCEPT_BACKOFF_MIN;
+    futures::stream::unfold(
+        (listener, shared, backoff),
+        |(listener, shared, mut backoff)| async move {
+            let (stream, _) = crate::server::accept(&listener, &shared, &mut backoff).await?;
+            // gRPC frames are small and latency-bound.
+            let _ = stream.set_nodelay(true);
+            Some((Ok(stream), (listener, shared, backoff)))
+        },
+    )
 }
 
 #[derive(Debug, Clone)]

@@ -17,14 +17,14 @@ use futures::StreamExt;
 use futures::stream::SplitStream;
 use herald_protocol::{Frame, Limits, op, ops};
 use rand::Rng;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, create_response, write_response};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, http};
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -38,14 +38,22 @@ pub enum Transport {
     Tcp,
     /// WebSocket on `/sub`: one frame per message, pushes op-9 wrapped.
     Ws,
+    /// WebSocket over TLS: framed like [`Transport::Ws`], counted apart.
+    Wss,
 }
 
 /// Why a session ended abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The WebSocket upgrade failed (bad request, wrong path, I/O).
+    /// The WebSocket upgrade response could not be built.
     #[error("WebSocket upgrade failed")]
     Upgrade(#[source] tungstenite::Error),
+    /// The WebSocket upgrade request was refused with an HTTP error.
+    #[error("WebSocket upgrade refused: {0}")]
+    UpgradeRefused(&'static str),
+    /// Reading the upgrade request or writing its answer failed.
+    #[error("WebSocket upgrade I/O failed")]
+    UpgradeIo(#[source] std::io::Error),
     /// The TLS handshake (WSS) failed.
     #[error("TLS handshake failed")]
     Tls(#[source] std::io::Error),
@@ -75,6 +83,20 @@ pub enum Error {
 /// Largest WebSocket message or frame accepted: goim reads with an 8 KiB
 /// buffer; a goim frame is at most 4112 bytes, so this leaves headroom.
 const MAX_WS_MESSAGE: usize = 8 * 1024;
+/// Largest WebSocket upgrade request head (request line and headers).
+/// tungstenite's own limit is 64 KiB and not configurable; browsers send
+/// well under 2 KiB, and every byte here is held per pending connection.
+const MAX_UPGRADE_HEAD: usize = 8 * 1024;
+/// Most headers in the upgrade request. tungstenite allows 124 and drops the
+/// connection without an answer past that; we answer 431.
+const MAX_UPGRADE_HEADERS: usize = 64;
+/// First pause after an accept failure such as EMFILE; doubles up to
+/// [`ACCEPT_BACKOFF_MAX`] while accepts keep failing.
+pub(crate) const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest pause between accept attempts while resources are exhausted.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Window in which rate-limited `Receive` ops are counted toward a flood close.
+const FLOOD_WINDOW: Duration = Duration::from_secs(10);
 /// How long a finished session lets its writer flush (e.g. an op-18 redirect).
 const WRITER_GRACE: Duration = Duration::from_secs(2);
 /// Idle timeout when logic returns a non-positive heartbeat (it must not).
@@ -103,7 +125,8 @@ impl Listen {
     fn transport(&self) -> Transport {
         match self {
             Listen::Tcp => Transport::Tcp,
-            Listen::Ws | Listen::Wss(_) => Transport::Ws,
+            Listen::Ws => Transport::Ws,
+            Listen::Wss(_) => Transport::Wss,
         }
     }
 }
@@ -116,19 +139,10 @@ pub(crate) async fn accept_loop(
     limit: Arc<Semaphore>,
 ) {
     let transport = listen.transport();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let accepted = tokio::select! {
-            () = shared.shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                // Usually EMFILE; back off rather than spin.
-                warn!(cause = %err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let Some((stream, peer)) = accept(&listener, &shared, &mut backoff).await else {
+            return;
         };
         if shared.draining.load(Ordering::SeqCst) {
             debug!(%peer, "draining: refused connection");
@@ -153,10 +167,73 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// Reads frames from either transport.
+/// Accepts the next connection; `None` once the comet shuts down.
+///
+/// Accept errors are counted by reason. Out of descriptors or memory,
+/// retrying at once would spin on the same error, so it pauses — `backoff`,
+/// doubling up to [`ACCEPT_BACKOFF_MAX`] while the errors last, reset by the
+/// next success; sessions that end meanwhile free what the next accept
+/// needs. A connection that died before being accepted is retried at once.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    shared: &Shared,
+    backoff: &mut Duration,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            () = shared.shutdown.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        let err = match accepted {
+            Ok(accepted) => {
+                *backoff = ACCEPT_BACKOFF_MIN;
+                return Some(accepted);
+            }
+            Err(err) => err,
+        };
+        let reason = accept_error_reason(&err);
+        shared.metrics.accept_error(reason);
+        if reason == "aborted" {
+            debug!(cause = %err, "accept: connection aborted");
+            continue;
+        }
+        warn!(cause = %err, reason, pause_ms = backoff.as_millis(), "accept failed: backing off");
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return None,
+            () = tokio::time::sleep(*backoff) => {}
+        }
+        *backoff = (*backoff * 2).min(ACCEPT_BACKOFF_MAX);
+    }
+}
+
+/// The `reason` label of an accept error: resource exhaustion by kind, a
+/// connection that died before it was accepted, or anything else.
+fn accept_error_reason(err: &std::io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(libc::EMFILE) => "emfile",
+        Some(libc::ENFILE) => "enfile",
+        Some(libc::ENOBUFS) => "enobufs",
+        Some(libc::ENOMEM) => "enomem",
+        _ => match err.kind() {
+            std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionRefused => "aborted",
+            _ => "other",
+        },
+    }
+}
+
+/// Reads frames from either transport, under the inbound limits.
 enum Reader {
-    Tcp { half: OwnedReadHalf, buf: BytesMut },
-    Ws(SplitStream<WsStream>),
+    Tcp {
+        half: OwnedReadHalf,
+        buf: BytesMut,
+        limits: Limits,
+    },
+    Ws {
+        stream: SplitStream<WsStream>,
+        limits: Limits,
+    },
 }
 
 impl Reader {
@@ -164,15 +241,15 @@ impl Reader {
     /// TCP frame stays in `buf`.
     async fn next(&mut self) -> Result<Option<Frame>, Error> {
         match self {
-            Reader::Tcp { half, buf } => loop {
-                if let Some(frame) = Frame::decode(buf, Limits::INBOUND).map_err(Error::Frame)? {
+            Reader::Tcp { half, buf, limits } => loop {
+                if let Some(frame) = Frame::decode(buf, *limits).map_err(Error::Frame)? {
                     return Ok(Some(frame));
                 }
                 if half.read_buf(buf).await.map_err(Error::Read)? == 0 {
                     return Ok(None);
                 }
             },
-            Reader::Ws(stream) => loop {
+            Reader::Ws { stream, limits } => loop {
                 let msg = match stream.next().await {
                     None | Some(Ok(Message::Close(_))) => return Ok(None),
                     Some(Err(err)) => return Err(Error::WsRead(err)),
@@ -181,7 +258,7 @@ impl Reader {
                     // Pings are answered by tungstenite itself.
                     Some(Ok(_)) => continue,
                 };
-                return Frame::from_message(msg, Limits::INBOUND)
+                return Frame::from_message(msg, *limits)
                     .map(Some)
                     .map_err(Error::Frame);
             },
@@ -189,21 +266,69 @@ impl Reader {
     }
 }
 
-/// Checks the upgrade request (§4.2) and remembers its Cookie header.
-// The error type is tungstenite's `Callback` contract, not ours to shrink.
-#[allow(clippy::result_large_err)]
-fn check_upgrade(req: &Request, cookie: &mut String) -> Result<(), ErrorResponse> {
-    if req.uri().path() != "/sub" || req.uri().query().is_some() {
-        let mut resp = ErrorResponse::new(Some("expected GET /sub".to_owned()));
-        *resp.status_mut() = http::StatusCode::BAD_REQUEST;
-        return Err(resp);
+/// An upgrade request refused before any WebSocket exists: the HTTP status
+/// it is answered with and the metric's `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The head outgrew [`MAX_UPGRADE_HEAD`].
+    HeadTooLarge,
+    /// More than [`MAX_UPGRADE_HEADERS`] headers.
+    TooManyHeaders,
+    /// Not parseable as an HTTP/1.x request.
+    Malformed,
+    /// Not `GET /sub` without a query (§4.2).
+    Path,
+    /// A valid request, but not a WebSocket upgrade.
+    NotWebSocket,
+}
+
+impl Refusal {
+    fn reason(self) -> &'static str {
+        match self {
+            Refusal::HeadTooLarge => "head_too_large",
+            Refusal::TooManyHeaders => "too_many_headers",
+            Refusal::Malformed => "malformed",
+            Refusal::Path => "path",
+            Refusal::NotWebSocket => "not_websocket",
+        }
     }
-    if let Some(value) = req
-        .headers()
-        .get(http::header::COOKIE)
-        .and_then(|v| v.to_str().ok())
-    {
-        value.clone_into(cookie);
+
+    fn status_line(self) -> &'static str {
+        match self {
+            Refusal::HeadTooLarge | Refusal::TooManyHeaders => {
+                "HTTP/1.1 431 Request Header Fields Too Large"
+            }
+            Refusal::Malformed | Refusal::Path | Refusal::NotWebSocket => {
+                "HTTP/1.1 400 Bad Request"
+            }
+        }
+    }
+}
+
+/// The parsed head as an `http` request, for tungstenite's response builder.
+fn to_request(parsed: &httparse::Request<'_, '_>) -> Result<Request, Refusal> {
+    let (Some(method), Some(path), Some(version)) = (parsed.method, parsed.path, parsed.version)
+    else {
+        return Err(Refusal::Malformed);
+    };
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .version(if version == 0 {
+            http::Version::HTTP_10
+        } else {
+            http::Version::HTTP_11
+        });
+    for header in parsed.headers.iter() {
+        builder = builder.header(header.name, header.value);
+    }
+    builder.body(()).map_err(|_| Refusal::Malformed)
+}
+
+/// Checks the parsed upgrade request (§4.2): `GET /sub`, no query.
+fn check_path(req: &Request) -> Result<(), Refusal> {
+    if req.uri().path() != "/sub" || req.uri().query().is_some() {
+        return Err(Refusal::Path);
     }
     Ok(())
 }
@@ -264,8 +389,10 @@ async fn session(
     ));
     let writer = {
         let shared = shared.clone();
+        let latency = shared.clone();
         let written = move |n| shared.metrics.frames_out(transport, n);
-        tokio::spawn(write_loop(conn.clone(), sink, written).in_current_span())
+        let push_written = move |elapsed| latency.metrics.push_written(elapsed);
+        tokio::spawn(write_loop(conn.clone(), sink, written, push_written).in_current_span())
     };
     shared.metrics.connection_opened(transport);
     // Op 8 goes out before the connection is findable, so it precedes any push.
@@ -289,6 +416,7 @@ async fn session(
             Ok(()) => "client_or_shutdown",
             Err(Error::Idle) => "idle",
             Err(Error::Closed(reason)) => reason,
+            Err(Error::Frame(herald_protocol::frame::Error::ShortPackLen(_))) => "short_pack_len",
             Err(Error::Frame(_)) => "invalid_frame",
             Err(_) => "io",
         },
@@ -334,19 +462,24 @@ async fn handshake(
     shared: &Shared,
 ) -> Result<Option<Handshake>, Error> {
     let mut cookie = String::new();
+    let limits = Limits {
+        strict: shared.config.strict_pack_len,
+        ..Limits::INBOUND
+    };
     let (mut reader, sink) = match listen {
         Listen::Tcp => {
             let (read, write) = stream.into_split();
             let reader = Reader::Tcp {
                 half: read,
                 buf: BytesMut::with_capacity(4096),
+                limits,
             };
             (reader, Sink::Tcp(write))
         }
-        Listen::Ws => upgrade(Box::new(stream), &mut cookie).await?,
+        Listen::Ws => upgrade(Box::new(stream), &mut cookie, limits, shared).await?,
         Listen::Wss(acceptor) => {
             let tls = acceptor.accept(stream).await.map_err(Error::Tls)?;
-            upgrade(Box::new(tls), &mut cookie).await?
+            upgrade(Box::new(tls), &mut cookie, limits, shared).await?
         }
     };
     let auth = loop {
@@ -374,18 +507,100 @@ async fn handshake(
 }
 
 /// The WebSocket upgrade on `/sub`, with goim's message size limits.
-async fn upgrade(stream: Box<dyn Io>, cookie: &mut String) -> Result<(Reader, Sink), Error> {
+///
+/// The request head is read here, into a buffer bounded by
+/// [`MAX_UPGRADE_HEAD`] and parsed with at most [`MAX_UPGRADE_HEADERS`]
+/// headers, so an oversized or malformed request gets an HTTP error answer
+/// (and a count) instead of tungstenite's silent drop; tungstenite then
+/// builds the 101 answer and runs the WebSocket over the same stream.
+async fn upgrade(
+    mut stream: Box<dyn Io>,
+    cookie: &mut String,
+    limits: Limits,
+    shared: &Shared,
+) -> Result<(Reader, Sink), Error> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let parsed = loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_UPGRADE_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        match parsed.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => break to_request(&parsed).map(|req| (len, req)),
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_UPGRADE_HEAD => {
+                break Err(Refusal::HeadTooLarge);
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => break Err(Refusal::TooManyHeaders),
+            Err(_) => break Err(Refusal::Malformed),
+        }
+        let room = (MAX_UPGRADE_HEAD - buf.len()) as u64;
+        let read = (&mut stream)
+            .take(room)
+            .read_buf(&mut buf)
+            .await
+            .map_err(Error::UpgradeIo)?;
+        if read == 0 {
+            return Err(Error::UpgradeIo(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    };
+    let answer = parsed.and_then(|(len, req)| {
+        check_path(&req)?;
+        let resp = create_response(&req).map_err(|_| Refusal::NotWebSocket)?;
+        Ok((len, req, resp))
+    });
+    let (len, req, resp) = match answer {
+        Ok(answer) => answer,
+        Err(refusal) => {
+            shared.metrics.upgrade_refused(refusal.reason());
+            let answer = format!(
+                "{}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                refusal.status_line()
+            );
+            // Best effort: the client may already be gone.
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.shutdown().await;
+            linger(&mut stream).await;
+            return Err(Error::UpgradeRefused(refusal.reason()));
+        }
+    };
+    if let Some(value) = req
+        .headers()
+        .get(http::header::COOKIE)
+        .and_then(|v| v.to_str().ok())
+    {
+        value.clone_into(cookie);
+    }
+    let mut head = Vec::with_capacity(256);
+    write_response(&mut head, &resp).map_err(Error::Upgrade)?;
+    stream.write_all(&head).await.map_err(Error::UpgradeIo)?;
+    stream.flush().await.map_err(Error::UpgradeIo)?;
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_WS_MESSAGE))
         .max_frame_size(Some(MAX_WS_MESSAGE));
-    // tungstenite's `Callback` contract fixes this closure's error type.
-    #[allow(clippy::result_large_err)]
-    let callback = |req: &Request, resp: Response| check_upgrade(req, cookie).map(|()| resp);
-    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config))
-        .await
-        .map_err(Error::Upgrade)?;
+    // Bytes the client sent after the head already belong to the WebSocket.
+    let early = buf.split_off(len).to_vec();
+    let ws = WebSocketStream::from_partially_read(stream, early, Role::Server, Some(config)).await;
     let (write, read) = ws.split();
-    Ok((Reader::Ws(read), Sink::Ws(write)))
+    Ok((
+        Reader::Ws {
+            stream: read,
+            limits,
+        },
+        Sink::Ws(write),
+    ))
+}
+
+/// Reads and discards what the client still sends, briefly, before the
+/// socket closes: closing with unread input makes the kernel send a reset,
+/// which can destroy the error answer before the client reads it.
+async fn linger(stream: &mut Box<dyn Io>) {
+    const LINGER: Duration = Duration::from_millis(500);
+    const LINGER_BYTES: u64 = 64 * 1024;
+    let mut sink = tokio::io::sink();
+    let _ = tokio::time::timeout(
+        LINGER,
+        tokio::io::copy(&mut stream.take(LINGER_BYTES), &mut sink),
+    )
+    .await;
 }
 
 /// The authenticated phase: answer frames until something ends the session.
@@ -404,6 +619,7 @@ async fn serve(
         .session_refresh
         .mul_f64(rand::rng().random_range(0.75..1.25));
     let mut last_refresh = Instant::now();
+    let mut receive_limit = ReceiveLimit::new(&shared.config);
     loop {
         let frame = tokio::select! {
             () = conn.closed.cancelled() => {
@@ -460,6 +676,19 @@ async fn serve(
                 frame.reply(op::UNSUB_REPLY, frame.body.clone())
             }
             other => {
+                match receive_limit.check(Instant::now()) {
+                    Verdict::Forward => shared.metrics.receive("forwarded"),
+                    Verdict::Drop => {
+                        // Dropped without a reply: the reply is goim's
+                        // acknowledgement that logic got the op.
+                        shared.metrics.receive("rate_limited");
+                        continue;
+                    }
+                    Verdict::Close => {
+                        shared.metrics.receive("rate_limited");
+                        return Err(Error::Closed("receive_flood"));
+                    }
+                }
                 let reply = frame.reply(other, Bytes::new());
                 shared.logic.receive(conn.mid, frame.into()).await;
                 reply
@@ -467,6 +696,74 @@ async fn serve(
         };
         conn.send(reply.to_bytes())
             .map_err(|closed| Error::Closed(closed.0.as_str()))?;
+    }
+}
+
+/// What to do with one op bound for logic `Receive`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Forward,
+    Drop,
+    /// Dropped, and the connection has flooded long enough to be closed.
+    Close,
+}
+
+/// Per-connection token bucket for ops forwarded to logic `Receive`.
+///
+/// Logic's `Receive` is where upstream messages cost the cluster (goim
+/// forwards every op, unlimited); a client may burst up to `burst` ops,
+/// then `rate` per second. Ops over the limit are dropped, and a client that
+/// keeps flooding — `flood_close` drops within [`FLOOD_WINDOW`] — is closed:
+/// a well-behaved client never gets there, and a flooding one would
+/// otherwise hold a connection slot and a reader busy forever.
+#[derive(Debug)]
+struct ReceiveLimit {
+    /// Refill per second; 0 disables the limit.
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+    flood_close: u32,
+    window_start: Instant,
+    window_drops: u32,
+}
+
+impl ReceiveLimit {
+    fn new(config: &crate::Config) -> ReceiveLimit {
+        let now = Instant::now();
+        let burst = f64::from(config.receive_burst.max(1));
+        ReceiveLimit {
+            rate: f64::from(config.receive_rate),
+            burst,
+            tokens: burst,
+            last: now,
+            flood_close: config.receive_flood_close,
+            window_start: now,
+            window_drops: 0,
+        }
+    }
+
+    fn check(&mut self, now: Instant) -> Verdict {
+        if self.rate <= 0.0 {
+            return Verdict::Forward;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Verdict::Forward;
+        }
+        if now.saturating_duration_since(self.window_start) >= FLOOD_WINDOW {
+            self.window_start = now;
+            self.window_drops = 0;
+        }
+        self.window_drops += 1;
+        if self.flood_close > 0 && self.window_drops >= self.flood_close {
+            Verdict::Close
+        } else {
+            Verdict::Drop
+        }
     }
 }
 
@@ -485,6 +782,56 @@ fn online_count(shared: &Shared, room: Option<&str>) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn limit(rate: u32, burst: u32, flood_close: u32) -> ReceiveLimit {
+        let mut config = crate::Config::new("c", "l");
+        config.receive_rate = rate;
+        config.receive_burst = burst;
+        config.receive_flood_close = flood_close;
+        ReceiveLimit::new(&config)
+    }
+
+    #[test]
+    fn receive_limit_bursts_then_refills_at_its_rate() {
+        let mut l = limit(10, 3, 0);
+        let t0 = l.last;
+        let verdicts: Vec<_> = (0..5).map(|_| l.check(t0)).collect();
+        assert_eq!(
+            verdicts,
+            [
+                Verdict::Forward,
+                Verdict::Forward,
+                Verdict::Forward,
+                Verdict::Drop,
+                Verdict::Drop
+            ]
+        );
+        // 10/s: one token per 100 ms, never more than the burst.
+        assert_eq!(l.check(t0 + Duration::from_millis(150)), Verdict::Forward);
+        assert_eq!(l.check(t0 + Duration::from_millis(160)), Verdict::Drop);
+        let later = t0 + Duration::from_secs(60);
+        let forwarded = (0..10)
+            .filter(|_| l.check(later) == Verdict::Forward)
+            .count();
+        assert_eq!(forwarded, 3);
+    }
+
+    #[test]
+    fn receive_limit_closes_a_sustained_flood_only() {
+        let mut l = limit(1, 1, 3);
+        let t0 = l.last;
+        assert_eq!(l.check(t0), Verdict::Forward);
+        assert_eq!(l.check(t0), Verdict::Drop);
+        assert_eq!(l.check(t0), Verdict::Drop);
+        // A new window forgets earlier drops.
+        let t1 = t0 + FLOOD_WINDOW + Duration::from_millis(1);
+        assert_eq!(l.check(t1), Verdict::Forward);
+        assert_eq!(l.check(t1), Verdict::Drop);
+        assert_eq!(l.check(t1), Verdict::Drop);
+        assert_eq!(l.check(t1), Verdict::Close);
+        let mut unlimited = limit(0, 1, 1);
+        assert!((0..100).all(|_| unlimited.check(t0) == Verdict::Forward));
+    }
 
     #[test]
     fn redirect_flag_is_read_leniently() {

@@ -30,8 +30,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_stream::wrappers::TcpListenerStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Message, http};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -1277,6 +1277,17 @@ async fn wss_serves_the_same_protocol_over_tls() -> Result {
     expected.extend(hex(T7));
     let push = timeout(WAIT, ws.next()).await?.context("ended")??;
     assert_eq!(push.into_data().to_vec(), expected, "T7 over WSS");
+    // WSS is counted under its own transport label.
+    assert_eq!(
+        h.metric(r#"herald_comet_connections{transport="wss"}"#)
+            .await?,
+        1.0
+    );
+    assert_eq!(
+        h.metric(r#"herald_comet_connections{transport="ws"}"#)
+            .await?,
+        0.0
+    );
     h.shutdown().await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -1480,5 +1491,522 @@ async fn readyz_waits_for_logic() -> Result {
 
     let mut h = Harness::start(|_| {}).await?;
     h.wait_readyz("200").await?;
+    h.shutdown().await
+}
+
+// ------------------------------------------------ limits, rates and metrics
+
+impl Harness {
+    /// The value of the metric line `series` (name with labels) on `/metrics`,
+    /// 0 when absent.
+    async fn metric(&self, series: &str) -> Result<f64> {
+        let (_, body) = self.http_get("/metrics").await?;
+        Ok(metric_value(&body, series))
+    }
+
+    /// Polls `series` until it equals `expected`; bounded by [`WAIT`].
+    async fn wait_metric(&self, series: &str, expected: f64) -> Result {
+        let mut last = 0.0;
+        let waited = timeout(WAIT, async {
+            loop {
+                if let Ok(value) = self.metric(series).await {
+                    last = value;
+                    if value == expected {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        waited.with_context(|| format!("{series} stayed {last}, expected {expected}"))
+    }
+}
+
+fn metric_value(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+/// Sends a raw HTTP request head to the WebSocket port and returns everything
+/// the server answers until it closes.
+async fn raw_upgrade(addr: SocketAddr, head: &[u8]) -> Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    // The server may answer and close before reading all of an oversized head.
+    let _ = stream.write_all(head).await;
+    let mut answer = Vec::new();
+    let _ = timeout(WAIT, stream.read_to_end(&mut answer))
+        .await
+        .context("server never closed")?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+fn upgrade_head(extra: &str) -> String {
+    format!(
+        "GET /sub HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+#[tokio::test]
+async fn websocket_upgrade_limits_answer_431_and_spare_healthy_clients() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut healthy = h.ws_client(&token("healthy", "room", &[])).await?;
+    let mut grpc = h.comet_client().await?;
+    let mut pushed = Vec::new();
+    let mut push = async |body: &'static [u8]| -> Result {
+        grpc.broadcast_room(BroadcastRoomReq {
+            room_id: "room".into(),
+            proto: Some(raw_push(1000, body)),
+        })
+        .await?;
+        pushed.push(body);
+        Ok(())
+    };
+    push(b"before").await?;
+
+    // A head past 8 KiB: one 10 KiB header.
+    let big = upgrade_head(&format!("X-Big: {}\r\n", "a".repeat(10 * 1024)));
+    let answer = raw_upgrade(h.ws, big.as_bytes()).await?;
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
+    push(b"after big head").await?;
+
+    // 100 small headers (limit 64), a 2 KiB head in all.
+    let many: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let answer = raw_upgrade(h.ws, upgrade_head(&many).as_bytes()).await?;
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
+
+    // Not HTTP at all, and HTTP without the upgrade headers.
+    let answer = raw_upgrade(h.ws, b"\x00\x01garbage\r\n\r\n").await?;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    let answer = raw_upgrade(h.ws, b"GET /sub HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    push(b"after many headers").await?;
+
+    // Just under both limits still upgrades: 60 headers of a real client.
+    let mut req = format!("ws://{}/sub", h.ws).into_client_request()?;
+    for i in 0..54 {
+        req.headers_mut().insert(
+            format!("x-pad-{i}").parse::<http::HeaderName>()?,
+            "x".repeat(80).parse()?,
+        );
+    }
+    assert!(req.headers().len() <= 60, "{}", req.headers().len());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let mut padded = WsClient { ws };
+    padded.auth(&token("padded", "room", &[])).await?;
+    push(b"last").await?;
+
+    for body in &pushed {
+        let msg = healthy.recv_msg().await?;
+        assert_eq!(
+            msg,
+            ws::push_for_ws(&raw_push(1000, body)),
+            "healthy client lost {body:?}"
+        );
+    }
+    let msg = padded.recv_msg().await?;
+    assert_eq!(msg, ws::push_for_ws(&raw_push(1000, b"last")));
+    for (reason, n) in [
+        ("head_too_large", 1.0),
+        ("too_many_headers", 1.0),
+        ("malformed", 1.0),
+        ("not_websocket", 1.0),
+    ] {
+        let series = format!(r#"herald_comet_ws_upgrade_refused_total{{reason="{reason}"}}"#);
+        assert_eq!(h.metric(&series).await?, n, "{series}");
+    }
+    assert_eq!(
+        h.metric(r#"herald_comet_connections{transport="ws"}"#)
+            .await?,
+        2.0
+    );
+    h.shutdown().await
+}
+
+/// A token with its own mid, so the stub's `Receive` calls tell clients apart.
+fn token_mid(mid: i64, key: &str) -> String {
+    serde_json::json!({"mid": mid, "key": key, "room_id": "", "accepts": []}).to_string()
+}
+
+impl Stub {
+    fn receives(&self, of: i64) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| matches!(e, Event::Receive { mid, .. } if *mid == of))
+            .count()
+    }
+}
+
+/// `n` op-4 frames (T10) back to back, then one heartbeat (T3).
+fn op4_burst_then_heartbeat(n: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for _ in 0..n {
+        bytes.extend(hex(T10_REQ));
+    }
+    bytes.extend(hex(T3));
+    bytes
+}
+
+#[tokio::test]
+async fn receive_is_rate_limited_per_connection() -> Result {
+    let mut h = Harness::start(|c| {
+        c.receive_rate = 5;
+        c.receive_burst = 10;
+        c.receive_flood_close = 0;
+    })
+    .await?;
+    let mut flooder = h.tcp_client(&token_mid(31, "flooder")).await?;
+    let mut quiet = h.tcp_client(&token_mid(32, "quiet")).await?;
+
+    let started = std::time::Instant::now();
+    flooder.send_raw(&op4_burst_then_heartbeat(50)).await?;
+    // Frames are handled in order: the heartbeat reply comes after every
+    // op 4 was either forwarded (and acknowledged) or dropped (no reply).
+    let mut acknowledged = 0;
+    loop {
+        let frame = flooder.recv().await?;
+        match frame.op {
+            4 => acknowledged += 1,
+            op::HEARTBEAT_REPLY => break,
+            other => bail!("unexpected op {other}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ceiling = 10 + (5.0 * elapsed).ceil() as usize;
+    assert!(
+        (10..=ceiling).contains(&acknowledged),
+        "{acknowledged} forwarded in {elapsed:.3}s, expected 10..={ceiling}"
+    );
+    h.stub
+        .wait_for("the forwarded Receives", |_| {
+            h.stub.receives(31) == acknowledged
+        })
+        .await?;
+
+    // Another connection has its own bucket.
+    quiet.send_raw(&op4_burst_then_heartbeat(8)).await?;
+    for _ in 0..8 {
+        assert_eq!(quiet.recv().await?.op, 4);
+    }
+    assert_eq!(quiet.recv().await?.op, op::HEARTBEAT_REPLY);
+    h.stub
+        .wait_for("8 Receives", |_| h.stub.receives(32) == 8)
+        .await?;
+
+    assert_eq!(
+        h.metric(r#"herald_comet_receives_total{outcome="forwarded"}"#)
+            .await?,
+        (acknowledged + 8) as f64
+    );
+    assert_eq!(
+        h.metric(r#"herald_comet_receives_total{outcome="rate_limited"}"#)
+            .await?,
+        (50 - acknowledged) as f64
+    );
+    // Dropping is not closing (flood close is off): the flooder still works.
+    flooder.send_raw(&hex(T3)).await?;
+    assert_eq!(flooder.recv().await?.op, op::HEARTBEAT_REPLY);
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn a_sustained_receive_flood_closes_the_connection() -> Result {
+    let mut h = Harness::start(|c| {
+        c.receive_rate = 5;
+        c.receive_burst = 5;
+        c.receive_flood_close = 20;
+    })
+    .await?;
+    let mut healthy = h.tcp_client(&token_mid(41, "calm")).await?;
+    let mut flooder = h.tcp_client(&token_mid(42, "flood")).await?;
+    let _ = flooder.send_raw(&op4_burst_then_heartbeat(100)).await;
+    let frames = flooder.closed().await?;
+    assert!(
+        frames.iter().all(|f| f.op == 4) && (5..=7).contains(&frames.len()),
+        "only the burst is acknowledged before the close: {frames:?}"
+    );
+    h.stub
+        .wait_for("Disconnect", |_| h.stub.disconnects("flood") == 1)
+        .await?;
+    assert_eq!(h.stub.receives(42), frames.len());
+    assert_eq!(
+        h.metric(r#"herald_comet_disconnects_total{reason="receive_flood"}"#)
+            .await?,
+        1.0
+    );
+    healthy.send_raw(&hex(T10_REQ)).await?;
+    assert_eq!(healthy.recv().await?.op, 4);
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn push_to_write_latency_is_observed_for_pushes_only() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut tcp = h.tcp_client(&token("lat-tcp", "", &[1000])).await?;
+    let mut web = h.ws_client(&token("lat-ws", "", &[1000])).await?;
+    // Replies are not pushes: a heartbeat must not be observed.
+    tcp.send_raw(&hex(T3)).await?;
+    assert_eq!(tcp.recv().await?.op, op::HEARTBEAT_REPLY);
+    let mut grpc = h.comet_client().await?;
+    for _ in 0..3 {
+        grpc.push_msg(PushMsgReq {
+            keys: vec!["lat-tcp".into(), "lat-ws".into()],
+            proto_op: 1000,
+            proto: Some(raw_push(1000, b"hello")),
+        })
+        .await?;
+        assert_eq!(tcp.recv().await?, Frame::push(1000, &b"hello"[..]));
+        web.recv_msg().await?;
+    }
+    h.wait_metric("herald_comet_push_write_latency_seconds_count", 6.0)
+        .await?;
+    let (_, body) = h.http_get("/metrics").await?;
+    let sum = metric_value(&body, "herald_comet_push_write_latency_seconds_sum");
+    assert!(sum > 0.0 && sum < 6.0 * 5.0, "sum {sum}");
+    assert_eq!(
+        metric_value(
+            &body,
+            r#"herald_comet_push_write_latency_seconds_bucket{le="+Inf"}"#
+        ),
+        6.0
+    );
+    h.shutdown().await
+}
+
+/// T3 (heartbeat) with `pack_len` 10, shorter than its own header.
+fn short_heartbeat() -> Vec<u8> {
+    let mut frame = hex(T3);
+    frame[..4].copy_from_slice(&10i32.to_be_bytes());
+    frame
+}
+
+#[tokio::test]
+async fn short_pack_len_is_lenient_by_default() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut c = h.tcp_client(&token("lenient", "", &[])).await?;
+    c.send_raw(&short_heartbeat()).await?;
+    assert_eq!(
+        c.recv().await?.op,
+        op::HEARTBEAT_REPLY,
+        "goim reads it as no body"
+    );
+    let mut w = h.ws_client(&token("lenient-ws", "", &[])).await?;
+    w.send_raw(short_heartbeat()).await?;
+    let reply = Frame::from_message(w.recv_msg().await?, Limits::OUTBOUND)?;
+    assert_eq!(reply.op, op::HEARTBEAT_REPLY);
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn strict_pack_len_closes_short_frames() -> Result {
+    let mut h = Harness::start(|c| c.strict_pack_len = true).await?;
+    let mut healthy = h.tcp_client(&token("fine", "", &[])).await?;
+    let mut c = h.tcp_client(&token("strict", "", &[])).await?;
+    c.send_raw(&short_heartbeat()).await?;
+    assert!(c.closed().await?.is_empty(), "closed without a reply");
+    let mut w = h.ws_client(&token("strict-ws", "", &[])).await?;
+    w.send_raw(short_heartbeat()).await?;
+    assert!(w.closed().await?.is_empty(), "closed without a reply");
+    h.wait_metric(
+        r#"herald_comet_disconnects_total{reason="short_pack_len"}"#,
+        2.0,
+    )
+    .await?;
+    healthy.send_raw(&hex(T3)).await?;
+    assert_eq!(healthy.recv().await?.op, op::HEARTBEAT_REPLY);
+    h.shutdown().await
+}
+
+// ------------------------------------------------------ a real browser client
+
+/// What the page reported, in order: (what, JSON body).
+type Reports = tokio::sync::mpsc::UnboundedReceiver<(String, String)>;
+
+/// Serves the goim page, its `/config` and the `/report/{what}` endpoint on a
+/// loopback port.
+async fn serve_page(config: serde_json::Value) -> Result<(SocketAddr, Reports)> {
+    use axum::extract::{Path, State};
+    use axum::routing::{get, post};
+
+    type Tx = tokio::sync::mpsc::UnboundedSender<(String, String)>;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let page = || async { axum::response::Html(include_str!("fixtures/goim-page.html")) };
+    let app = axum::Router::new()
+        .route("/page.html", get(page))
+        .route("/config", get(move || async move { axum::Json(config) }))
+        .route(
+            "/report/{what}",
+            post(
+                |State(tx): State<Tx>, Path(what): Path<String>, body: String| async move {
+                    let _ = tx.send((what, body));
+                },
+            ),
+        )
+        .with_state(tx);
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((addr, rx))
+}
+
+/// Headless Chromium on one URL; stopped by its pid when dropped.
+struct Browser {
+    child: std::process::Child,
+    profile: std::path::PathBuf,
+}
+
+impl Browser {
+    fn open(url: &str) -> Result<Browser> {
+        let binary = herald_e2e::testbed_var("HERALD_CHROMIUM");
+        let profile = std::env::temp_dir().join(format!(
+            "herald-chromium-{}-{}",
+            std::process::id(),
+            NEXT_PROFILE.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&profile)?;
+        let log = std::fs::File::create(profile.join("chromium.log"))?;
+        let child = std::process::Command::new(binary)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-default-apps",
+                "--disable-extensions",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--mute-audio",
+                // Every name fails to resolve: nothing leaves loopback.
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(url)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting chromium")?;
+        Ok(Browser { child, profile })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.profile.join("chromium.log")).unwrap_or_default()
+    }
+}
+
+static NEXT_PROFILE: AtomicU64 = AtomicU64::new(0);
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // TERM lets chromium end its renderer and helper processes; KILL if
+        // it has not exited in 5 s.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// The next report from the page, failing on `/report/error`.
+async fn next_report(reports: &mut Reports, browser: &Browser) -> Result<(String, String)> {
+    // Chromium starts slowly on a loaded machine.
+    let report = timeout(Duration::from_secs(60), reports.recv())
+        .await
+        .with_context(|| {
+            format!(
+                "the page reported nothing; chromium's log:\n{}",
+                browser.log()
+            )
+        })?
+        .context("report channel closed")?;
+    if report.0 == "error" {
+        bail!("the page failed: {}", report.1);
+    }
+    Ok(report)
+}
+
+#[tokio::test]
+async fn a_browser_page_authenticates_and_receives_key_and_room_pushes() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let (page, mut reports) = serve_page(serde_json::json!({
+        "ws": format!("ws://{}/sub", h.ws),
+        "token": token("browser", "live://browser", &[1000]),
+    }))
+    .await?;
+    let browser = Browser::open(&format!("http://{page}/page.html"))?;
+
+    let (what, _) = next_report(&mut reports, &browser).await?;
+    assert_eq!(what, "authed");
+    let mut grpc = h.comet_client().await?;
+    grpc.push_msg(PushMsgReq {
+        keys: vec!["browser".into()],
+        proto_op: 1000,
+        proto: Some(raw_push(1000, b"to the key")),
+    })
+    .await?;
+    grpc.broadcast_room(BroadcastRoomReq {
+        room_id: "live://browser".into(),
+        proto: Some(raw_push(1000, b"to the room")),
+    })
+    .await?;
+    let (what, body) = next_report(&mut reports, &browser).await?;
+    assert_eq!(what, "result");
+    let body: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        body["pushes"],
+        serde_json::json!(["to the key", "to the room"]),
+        "{body}"
+    );
+    // The page closed its WebSocket: the comet saw a browser session end.
+    h.stub
+        .wait_for("Disconnect", |_| h.stub.disconnects("browser") == 1)
+        .await?;
+    drop(browser);
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn bytes_sent_right_after_the_upgrade_head_are_not_lost() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    // The upgrade request and a masked binary WebSocket message carrying T1,
+    // in one write: the frame arrives in the same read as the head.
+    let mut bytes = upgrade_head("").into_bytes();
+    let payload = hex(T1);
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    bytes.push(0x82);
+    bytes.push(0x80 | u8::try_from(payload.len())?);
+    bytes.extend(mask);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut c = TcpClient::connect(h.ws).await?;
+    c.send_raw(&bytes).await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.extend(c.read_bytes(1).await?);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+    // An unmasked binary message from the server: T2, the auth reply.
+    assert_eq!(c.read_bytes(2).await?, [0x82, 16]);
+    assert_eq!(c.read_bytes(16).await?, hex(T2));
     h.shutdown().await
 }

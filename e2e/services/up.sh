@@ -3,14 +3,14 @@
 # the tests need, on loopback, then writes $HERALD_RUN/env for the tests to
 # source. Each phase's duration is appended to $HERALD_RUN/timings.txt.
 #
-#   up.sh [SERVICE...]   default: redis kafka k8s
+#   up.sh [SERVICE...]   default: redis kafka k8s chromium
 #
 # Stop everything with down.sh (by recorded pid), also after a failure.
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 services=("$@")
-[[ ${#services[@]} -gt 0 ]] || services=(redis kafka k8s)
+[[ ${#services[@]} -gt 0 ]] || services=(redis kafka k8s chromium)
 
 for service in "${services[@]}"; do
   timed "install $service" bash "$HERALD_ROOT/e2e/services/$service.sh" install

@@ -83,9 +83,13 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
             .await
             .with_context(|| format!("binding {addr}"))
     };
+    // Client listeners get the comet's deeper accept backlog.
+    let bind_client = |addr: SocketAddr| {
+        herald_comet::bind_client_listener(addr).with_context(|| format!("binding {addr}"))
+    };
     let comet_listeners = herald_comet::Listeners {
-        tcp: bind(tcp_addr).await?,
-        ws: bind(ws_addr).await?,
+        tcp: bind_client(tcp_addr)?,
+        ws: bind_client(ws_addr)?,
         wss: None,
         grpc: bind(grpc_addr).await?,
         http: None,
