@@ -6,6 +6,8 @@
 #   kafka.sh start     format a fresh data dir, start the broker, wait until it
 #                      answers a metadata request, write $HERALD_RUN/kafka.env
 #   kafka.sh stop      stop the broker started by `start`
+#   kafka.sh crash     SIGKILL it, keeping its data (fault tests)
+#   kafka.sh resume    start the crashed broker again on the same port and data
 #
 # The jars come from Maven (the same repositories the machine's Maven settings
 # already use), not from the binary tarball, so no extra download host is
@@ -132,6 +134,16 @@ start() {
   # SerialGC and a small heap: a test broker with a handful of clients starts
   # faster and uses less memory than with Kafka's production G1 settings.
   log "starting kafka $KAFKA_VERSION on 127.0.0.1:$port (controller 127.0.0.1:$cport)"
+  echo "$port" >"$KAFKA_RUN/port"
+  launch "$port"
+  echo "export HERALD_KAFKA_BROKERS=127.0.0.1:$port" >"$HERALD_RUN/kafka.env"
+  trap - EXIT
+}
+
+# launch PORT: run the broker on the prepared $KAFKA_RUN and wait until it
+# answers a metadata request.
+launch() {
+  local port=$1
   java -Xmx512m -Xms256m -XX:+UseSerialGC -Djava.awt.headless=true \
     -Dkafka.logs.dir="$KAFKA_RUN" \
     -Dlog4j2.configurationFile="$KAFKA_FILES/log4j2.properties" \
@@ -140,10 +152,6 @@ start() {
   local pid=$!
   record_pid kafka "$pid"
 
-  # Ready means more than an open port: the listener opens before the broker
-  # has caught up with the metadata log and registered itself. A topic listing
-  # is a real metadata round-trip; the admin client retries internally until
-  # the broker answers, so one probe JVM usually suffices.
   local deadline=$((SECONDS + READY_TIMEOUT))
   wait_port "$port" "$READY_TIMEOUT" "$pid"
   until timeout "$((deadline - SECONDS > 1 ? deadline - SECONDS : 1))" \
@@ -153,10 +161,30 @@ start() {
     ((SECONDS < deadline)) || die "kafka did not answer a metadata request within ${READY_TIMEOUT}s"
     sleep 0.5
   done
-
-  echo "export HERALD_KAFKA_BROKERS=127.0.0.1:$port" >"$HERALD_RUN/kafka.env"
-  trap - EXIT
   log "kafka ready at 127.0.0.1:$port (pid $pid, log $KAFKA_LOG)"
+}
+
+# For fault tests: SIGKILL the broker (no clean shutdown), keeping its data
+# and kafka.env, so `resume` brings the same broker back on the same port.
+crash() {
+  local file="$HERALD_RUN/kafka.pids" pid i
+  [[ -f $file ]] || die "no kafka started in $HERALD_RUN"
+  while read -r pid; do
+    [[ -n $pid ]] || continue
+    kill -KILL "$pid" 2>/dev/null || continue
+    for ((i = 0; i < 100; i++)); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+  done <"$file"
+  rm -f "$file"
+  log "kafka killed (data kept in $KAFKA_RUN/data)"
+}
+
+resume() {
+  [[ -f $KAFKA_RUN/port ]] || die "no crashed kafka to resume in $HERALD_RUN"
+  [[ ! -f $HERALD_RUN/kafka.pids ]] || die "kafka in $HERALD_RUN is still running"
+  launch "$(cat "$KAFKA_RUN/port")"
 }
 
 stop() {
@@ -168,5 +196,7 @@ case "${1:-}" in
   install) install ;;
   start) start ;;
   stop) stop ;;
-  *) die "usage: $0 install|start|stop" ;;
+  crash) crash ;;
+  resume) resume ;;
+  *) die "usage: $0 install|start|stop|crash|resume" ;;
 esac
