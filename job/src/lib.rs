@@ -108,6 +108,11 @@ pub struct Args {
     /// Kafka consumer group.
     #[arg(long, env = "HERALD_JOB_GROUP", default_value = "goim-push-group-job")]
     pub kafka_group: String,
+    /// How long the group waits for a silent job (killed, frozen) before
+    /// giving its partitions to another, in milliseconds. librdkafka's 45 s
+    /// default would stall a restarted job that long.
+    #[arg(long, env = "HERALD_JOB_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub kafka_session_timeout_ms: u64,
     /// Node list JSON file (herald-extensions.md); every node gets pushes.
     #[arg(long, env = "HERALD_JOB_NODE_LIST")]
     pub node_list: Option<PathBuf>,
@@ -171,6 +176,8 @@ pub struct KafkaConfig {
     pub topic: String,
     /// Consumer group.
     pub group: String,
+    /// Group session timeout.
+    pub session_timeout: Duration,
 }
 
 /// What job runs with; built from [`Args`], or directly by tests.
@@ -211,6 +218,7 @@ impl Args {
             kafka_brokers,
             kafka_topic,
             kafka_group,
+            kafka_session_timeout_ms,
             node_list,
             node_list_poll_ms,
             comets,
@@ -227,6 +235,7 @@ impl Args {
             rooms_poll_ms,
         } = self;
         let mut config = Config::new(&kafka_brokers, &kafka_topic, &kafka_group);
+        config.kafka.session_timeout = Duration::from_millis(kafka_session_timeout_ms);
         config.node_list = node_list;
         config.node_list_poll = Duration::from_millis(node_list_poll_ms);
         config.comets = comets;
@@ -254,6 +263,7 @@ impl Config {
                 brokers: brokers.to_owned(),
                 topic: topic.to_owned(),
                 group: group.to_owned(),
+                session_timeout: Duration::from_secs(10),
             },
             node_list: None,
             node_list_poll: Duration::from_secs(2),
@@ -281,7 +291,10 @@ impl Config {
     /// The first problem found.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Config(m.to_owned()));
-        if self.calls.timeout.is_zero() || self.node_list_poll.is_zero() {
+        if self.calls.timeout.is_zero()
+            || self.node_list_poll.is_zero()
+            || self.kafka.session_timeout.is_zero()
+        {
             return bad("timeouts and intervals must be non-zero");
         }
         if self.calls.attempts == 0 || self.calls.batch_frames == 0 || self.calls.batch_bytes == 0 {

@@ -157,7 +157,14 @@ pub async fn kafka(job: &Job, config: &Config, shutdown: impl Future<Output = ()
         // only once every record below it is delivered: at least once.
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
+        // Commit stored offsets every second (librdkafka: 5 s): a killed job
+        // then redelivers about a second of records, not five.
+        .set("auto.commit.interval.ms", "1000")
         .set("auto.offset.reset", "earliest")
+        .set(
+            "session.timeout.ms",
+            kafka.session_timeout.as_millis().to_string(),
+        )
         // Feeds the committed-offset lag gauge; cheap at this period.
         .set("statistics.interval.ms", "5000")
         .create_with_context(Context { job: job.clone() })
