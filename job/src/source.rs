@@ -27,9 +27,24 @@ use crate::comets::{Stats, bump};
 use crate::offsets::Tracker;
 use crate::{Config, Error, Job, Outcome, Poison, Result};
 
-/// librdkafka callbacks: readiness on assignment, lag from statistics.
+/// librdkafka callbacks: readiness on assignment, revocations for the
+/// offset tracker, lag from statistics.
 struct Context {
     job: Job,
+    /// Partitions taken away since the consume loop last looked. Their
+    /// tracking must be dropped: if one comes back later, starting from the
+    /// group's commit, stale "highest started" state could otherwise store
+    /// an offset past records the new run has not delivered yet.
+    revoked: std::sync::Mutex<Vec<i32>>,
+}
+
+impl Context {
+    fn take_revoked(&self) -> Vec<i32> {
+        match self.revoked.lock() {
+            Ok(mut revoked) => std::mem::take(&mut *revoked),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        }
+    }
 }
 
 impl ClientContext for Context {
@@ -55,6 +70,11 @@ impl ConsumerContext for Context {
             }
             Rebalance::Revoke(partitions) => {
                 info!(partitions = partitions.count(), "partitions revoked");
+                let mut revoked = match self.revoked.lock() {
+                    Ok(revoked) => revoked,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                revoked.extend(partitions.elements().iter().map(|p| p.partition()));
             }
             Rebalance::Error(err) => warn!(cause = %err, "rebalance failed"),
         }
@@ -167,7 +187,10 @@ pub async fn kafka(job: &Job, config: &Config, shutdown: impl Future<Output = ()
         )
         // Feeds the committed-offset lag gauge; cheap at this period.
         .set("statistics.interval.ms", "5000")
-        .create_with_context(Context { job: job.clone() })
+        .create_with_context(Context {
+            job: job.clone(),
+            revoked: std::sync::Mutex::default(),
+        })
         .map_err(Error::Kafka)?;
     consumer.subscribe(&[&kafka.topic]).map_err(Error::Kafka)?;
     let dead_letter = match &config.dead_letter_topic {
@@ -204,6 +227,11 @@ pub async fn kafka(job: &Job, config: &Config, shutdown: impl Future<Output = ()
             Some(done) = in_flight.next(), if !in_flight.is_empty() => store(&mut tracker, done),
             received = consumer.recv(), if in_flight.len() < config.max_in_flight => match received {
                 Ok(record) => {
+                    // Revocations happen inside recv(), before the first
+                    // record of a new assignment is returned.
+                    for partition in consumer.context().take_revoked() {
+                        tracker.forget(partition);
+                    }
                     let (partition, offset) = (record.partition(), record.offset());
                     let value = record.payload().unwrap_or_default();
                     let delivery = job.submit_bytes(value);

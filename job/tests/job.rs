@@ -1167,3 +1167,55 @@ async fn room_pushes_skip_comets_without_members_but_not_unknown_ones() -> Resul
     job.stop().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn nothing_is_lost_while_a_second_job_joins_and_the_first_leaves() -> Result {
+    const N: usize = 3000;
+    let topic = unique("job-rebalance");
+    let group = unique("job-rebalance-group");
+    create_topic(&topic, 4).await?;
+    let comet = Comet::start("comet-b").await?;
+    let mut client = comet.client("kb", "").await?;
+    let producer = Producer::new(&topic)?;
+    let records: Vec<(String, PushMsg)> = (0..N)
+        .map(|i| {
+            let body = format!("b{i:05}");
+            (
+                format!("part-{}", i % 11),
+                push("comet-b", &["kb"], body.as_bytes()),
+            )
+        })
+        .collect();
+    // Produced in slices while the group changes under the consumers.
+    let produce = tokio::spawn(async move {
+        for chunk in records.chunks(100) {
+            producer.send_all(chunk).await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(())
+    });
+    let first = RunningJob::start(job_config(&topic, &group, &[&comet]))?;
+    let mut seen = BTreeSet::new();
+    while seen.len() < N / 4 {
+        seen.insert(client.recv().await?.body);
+    }
+    let second = RunningJob::start(job_config(&topic, &group, &[&comet]))?;
+    while seen.len() < N / 2 {
+        seen.insert(client.recv().await?.body);
+    }
+    first.stop().await?;
+    timeout(Duration::from_secs(60), async {
+        while seen.len() < N {
+            seen.insert(client.recv().await?.body);
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .with_context(|| format!("only {} of {N} arrived", seen.len()))??;
+    produce.await??;
+    let want: BTreeSet<Bytes> = (0..N).map(|i| Bytes::from(format!("b{i:05}"))).collect();
+    assert_eq!(seen, want);
+    assert!(second.stats().records > 0, "the second job took partitions");
+    second.stop().await?;
+    Ok(())
+}
