@@ -40,10 +40,12 @@ const KILLS: usize = 5;
 /// Connected clients; push `seq` goes to client `seq % CLIENTS`.
 const CLIENTS: usize = 4;
 const PUSH_OP: i32 = 1000;
-/// Bound on every single wait (start-up, a stall after a restart).
-const WAIT: Duration = Duration::from_secs(30);
+/// Bound on every single wait (start-up, the pushes between two kills,
+/// including a restart's group rejoin). Bounds, not expectations: on an idle
+/// 2-core machine the whole test takes about 75 s.
+const WAIT: Duration = Duration::from_secs(60);
 /// Bound on the whole delivery.
-const TOTAL: Duration = Duration::from_secs(150);
+const TOTAL: Duration = Duration::from_secs(240);
 
 fn herald_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_herald"))
