@@ -98,6 +98,9 @@ impl DeadLetter {
             // write is on every in-sync replica.
             .set("acks", "all")
             .set("enable.idempotence", "true")
+            // Fail (count, retry) within 30 s rather than librdkafka's 5 min,
+            // so a missing topic or broker shows up in the metrics soon.
+            .set("message.timeout.ms", "30000")
             .create()
             .map_err(Error::Kafka)?;
         Ok(DeadLetter {
