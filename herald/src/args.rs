@@ -88,7 +88,8 @@ async fn logic(args: herald_logic::Args) -> anyhow::Result<()> {
 
 async fn job(args: herald_job::Args) -> anyhow::Result<()> {
     let config = args.into_config()?;
-    herald_job::run(config, signal::shutdown()).await?;
+    let listeners = herald_job::Listeners::bind(config.http_addr).await?;
+    herald_job::run(config, listeners, signal::shutdown()).await?;
     Ok(())
 }
 

@@ -197,7 +197,9 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
     let job = async {
         match records {
             Some(records) => herald_job::run_channel(job_config, records, on(&rest_stopped)).await,
-            None => herald_job::run(job_config, on(&rest_stopped)).await,
+            None => {
+                herald_job::run(job_config, herald_job::Listeners::none(), on(&rest_stopped)).await
+            }
         }
         .context("job")
     };

@@ -139,6 +139,7 @@ impl Cluster {
         let comet_ws = free_port();
         let comet_grpc = free_port();
         let comet_http = free_port();
+        let job_http = free_port();
 
         let nodes = dir.join("nodes.json");
         let list = serde_json::json!({
@@ -176,7 +177,7 @@ impl Cluster {
                 &group,
                 &server_id,
                 &nodes,
-                [logic_grpc, comet_grpc, comet_http],
+                [logic_grpc, comet_grpc, comet_http, job_http],
             )
             .await;
         if let Err(err) = result {
@@ -195,7 +196,7 @@ impl Cluster {
         group: &str,
         server_id: &str,
         nodes: &str,
-        [logic_grpc, comet_grpc, comet_http]: [u16; 3],
+        [logic_grpc, comet_grpc, comet_http, job_http]: [u16; 4],
     ) -> anyhow::Result<()> {
         let topic = self.topic.clone();
         let args = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
@@ -255,10 +256,11 @@ impl Cluster {
                 group,
                 "--node-list",
                 nodes,
+                "--http-addr",
+                &addr(job_http),
             ]),
         )?);
-        // Job listens on nothing; it must at least stay up.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.wait_accepts(job_http).await?;
         self.check_running()
     }
 

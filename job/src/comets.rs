@@ -13,12 +13,13 @@
 //! shutdown drops them instead, which the caller reads as "abandoned" (not
 //! delivered, offset not stored).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use herald_protocol::pb::goim::comet::RoomsReq;
 use herald_protocol::pb::{BroadcastReq, BroadcastRoomReq, CometClient, PushMsgReq};
 use herald_protocol::ws;
 use tokio::sync::{mpsc, oneshot};
@@ -55,6 +56,10 @@ pub struct Stats {
     pub(crate) calls: AtomicU64,
     pub(crate) room_batches: AtomicU64,
     pub(crate) room_frames: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) room_skipped: AtomicU64,
+    /// The same events (and more) for Prometheus.
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -76,6 +81,10 @@ pub struct StatsSnapshot {
     pub room_batches: u64,
     /// Frames carried by those calls.
     pub room_frames: u64,
+    /// Poison records written to the dead-letter topic.
+    pub dead_lettered: u64,
+    /// Room sends skipped because the comet's fresh `Rooms` lacked the room.
+    pub room_skipped: u64,
 }
 
 impl Stats {
@@ -91,6 +100,8 @@ impl Stats {
             calls: get(&self.calls),
             room_batches: get(&self.room_batches),
             room_frames: get(&self.room_frames),
+            dead_lettered: get(&self.dead_lettered),
+            room_skipped: get(&self.room_skipped),
         }
     }
 }
@@ -131,6 +142,62 @@ struct Handle {
     addr: String,
     // Unbounded: the drivers bound the records in flight, which bounds this.
     tx: mpsc::UnboundedSender<Item>,
+    /// What the comet's `Rooms` said; shared with its poller.
+    rooms: Arc<Mutex<RoomView>>,
+    /// Stops the poller when the comet leaves the list (on drop).
+    poller: CancellationToken,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.poller.cancel();
+    }
+}
+
+/// One comet's rooms as seen by its last `Rooms` polls.
+///
+/// # The race, and which side we err on
+/// A client may join a room on a comet right after a poll that found the
+/// room empty there; a room push sent before the next poll would skip that
+/// comet and the client would miss it. That cannot be closed from job's
+/// side without the comet telling it of every join, so a comet is skipped
+/// only when all of these hold, and is sent to otherwise:
+/// - its last poll succeeded and is at most two intervals old (a failing,
+///   slow or never-answered comet always gets the push);
+/// - its rooms set did not change in the last two intervals (a comet whose
+///   rooms are moving is likely gaining members);
+/// - the room is not in that set.
+///
+/// What remains: a client joining a room on a comet whose rooms set was
+/// stable may miss room pushes for up to one poll interval after it joined.
+#[derive(Debug, Default)]
+struct RoomView {
+    last: Option<(HashSet<String>, Instant)>,
+    changed: Option<Instant>,
+}
+
+impl RoomView {
+    fn update(&mut self, answer: Option<HashSet<String>>, now: Instant) {
+        match answer {
+            None => self.last = None,
+            Some(rooms) => {
+                // A first answer (or one after failures) counts as a change:
+                // skipping starts only once a comet's rooms have held still.
+                if self.last.as_ref().is_none_or(|(old, _)| *old != rooms) {
+                    self.changed = Some(now);
+                }
+                self.last = Some((rooms, now));
+            }
+        }
+    }
+
+    fn skips(&self, room: &str, every: Duration, now: Instant) -> bool {
+        let Some((rooms, at)) = &self.last else {
+            return false;
+        };
+        let recent = |t: Instant| now.saturating_duration_since(t) <= every * 2;
+        recent(*at) && !self.changed.is_some_and(recent) && !rooms.contains(room)
+    }
 }
 
 /// The current comets and their workers.
@@ -139,6 +206,7 @@ pub(crate) struct Directory {
     // std Mutex: held only to look up or swap entries, never across an await.
     comets: Arc<Mutex<HashMap<String, Handle>>>,
     settings: Arc<CallSettings>,
+    rooms_poll: Option<Duration>,
     stats: Arc<Stats>,
     cancel: CancellationToken,
 }
@@ -146,12 +214,14 @@ pub(crate) struct Directory {
 impl Directory {
     pub(crate) fn new(
         settings: CallSettings,
+        rooms_poll: Option<Duration>,
         stats: Arc<Stats>,
         cancel: CancellationToken,
     ) -> Self {
         Directory {
             comets: Arc::default(),
             settings: Arc::new(settings),
+            rooms_poll,
             stats,
             cancel,
         }
@@ -175,9 +245,9 @@ impl Directory {
                 continue;
             }
             match self.spawn_worker(&name, &addr) {
-                Ok(tx) => {
+                Ok(handle) => {
                     info!(comet = %name, %addr, "comet added");
-                    comets.insert(name, Handle { addr, tx });
+                    comets.insert(name, handle);
                 }
                 Err(err) => {
                     warn!(comet = %name, %addr, cause = %err, "invalid comet address; ignored")
@@ -204,6 +274,36 @@ impl Directory {
         Some(rx)
     }
 
+    /// Queues `make()` on every listed comet that may have members in
+    /// `room` (see [`RoomView`]); skipped comets are counted.
+    pub(crate) fn send_to_room(
+        &self,
+        room: &str,
+        make: impl Fn() -> Call,
+    ) -> Vec<oneshot::Receiver<()>> {
+        let comets = self.lock();
+        let now = Instant::now();
+        comets
+            .iter()
+            .filter_map(|(name, handle)| {
+                if let Some(every) = self.rooms_poll {
+                    let view = match handle.rooms.lock() {
+                        Ok(view) => view,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                    if view.skips(room, every, now) {
+                        bump(&self.stats.room_skipped);
+                        self.stats.metrics.room_skipped(name);
+                        return None;
+                    }
+                }
+                let (done, rx) = oneshot::channel();
+                handle.tx.send(Item { call: make(), done }).ok()?;
+                Some(rx)
+            })
+            .collect()
+    }
+
     /// Queues `make()` on every listed comet.
     pub(crate) fn send_to_all(&self, make: impl Fn() -> Call) -> Vec<oneshot::Receiver<()>> {
         let comets = self.lock();
@@ -217,11 +317,7 @@ impl Directory {
             .collect()
     }
 
-    fn spawn_worker(
-        &self,
-        name: &str,
-        addr: &str,
-    ) -> Result<mpsc::UnboundedSender<Item>, tonic::transport::Error> {
+    fn spawn_worker(&self, name: &str, addr: &str) -> Result<Handle, tonic::transport::Error> {
         let uri = if addr.contains("://") {
             addr.to_owned()
         } else {
@@ -233,10 +329,25 @@ impl Directory {
             .timeout(self.settings.timeout)
             .connect_lazy();
         let (tx, rx) = mpsc::unbounded_channel();
+        let client = CometClient::new(channel);
+        let rooms = Arc::new(Mutex::new(RoomView::default()));
+        let poller = self.cancel.child_token();
+        if let Some(every) = self.rooms_poll {
+            tokio::spawn(
+                poll_rooms(
+                    client.clone(),
+                    rooms.clone(),
+                    every,
+                    self.settings.timeout,
+                    poller.clone(),
+                )
+                .instrument(info_span!("rooms", comet = %name)),
+            );
+        }
         let worker = Worker {
             name: name.to_owned(),
             addr: addr.to_owned(),
-            client: CometClient::new(channel),
+            client,
             directory: self.clone(),
         };
         tokio::spawn(
@@ -244,7 +355,58 @@ impl Directory {
                 .run(rx)
                 .instrument(info_span!("comet", comet = %name)),
         );
-        Ok(tx)
+        Ok(Handle {
+            addr: addr.to_owned(),
+            tx,
+            rooms,
+            poller,
+        })
+    }
+}
+
+/// Asks a comet for its rooms every `every` until `stop`; a failed answer
+/// makes the view unknown (room pushes go to this comet).
+async fn poll_rooms(
+    mut client: CometClient<Channel>,
+    view: Arc<Mutex<RoomView>>,
+    every: Duration,
+    timeout: Duration,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let answer = tokio::select! {
+            () = stop.cancelled() => return,
+            answer = tokio::time::timeout(timeout, client.rooms(RoomsReq {})) => answer,
+        };
+        let rooms = match answer {
+            Ok(Ok(reply)) => Some(
+                reply
+                    .into_inner()
+                    .rooms
+                    .into_iter()
+                    .filter_map(|(room, member)| member.then_some(room))
+                    .collect(),
+            ),
+            Ok(Err(status)) => {
+                debug!(code = ?status.code(), cause = status.message(), "Rooms failed");
+                None
+            }
+            Err(_) => {
+                debug!("Rooms timed out");
+                None
+            }
+        };
+        let mut view = match view.lock() {
+            Ok(view) => view,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        view.update(rooms, Instant::now());
     }
 }
 
@@ -339,10 +501,12 @@ impl Worker {
         let mut attempt = 0u32;
         let mut delay = settings.backoff;
         loop {
+            let started = Instant::now();
             let result = tokio::select! {
                 () = cancel.cancelled() => return None,
                 result = req.call(&mut self.client) => result,
             };
+            stats.metrics.call_took(req.name(), started.elapsed());
             let status = match result {
                 Ok(()) => {
                     bump(&stats.calls);
@@ -350,8 +514,10 @@ impl Worker {
                 }
                 Err(status) => status,
             };
+            stats.metrics.call_failed(&self.name);
             if !retryable(status.code()) {
                 bump(&stats.rejected);
+                stats.metrics.dropped(&self.name, "rejected");
                 warn!(rpc = req.name(), code = ?status.code(), message = status.message(), "comet refused the call; dropped");
                 return Some(false);
             }
@@ -359,6 +525,7 @@ impl Worker {
             if attempt >= settings.attempts.max(1) {
                 if !self.directory.contains(&self.name, &self.addr) {
                     bump(&stats.comet_gone);
+                    stats.metrics.dropped(&self.name, "comet_gone");
                     warn!(
                         rpc = req.name(),
                         "comet left the list while failing; dropped"
@@ -370,6 +537,7 @@ impl Worker {
             } else {
                 debug!(rpc = req.name(), attempt, cause = %status.message(), "retrying");
             }
+            stats.metrics.retry(&self.name);
             tokio::select! {
                 () = cancel.cancelled() => return None,
                 () = tokio::time::sleep(delay) => {}
@@ -496,6 +664,48 @@ mod tests {
     fn batches_respect_byte_cap_and_pass_oversized_frames_alone() {
         let out = batches(frames(&[10, 10, 10, 50, 5]), &settings(20, 25));
         assert_eq!(shape(&out), vec![vec![10, 10], vec![10], vec![50], vec![5]]);
+    }
+
+    fn rooms(names: &[&str]) -> Option<HashSet<String>> {
+        Some(names.iter().map(|n| (*n).to_owned()).collect())
+    }
+
+    #[test]
+    fn room_view_skips_only_fresh_stable_answers_lacking_the_room() {
+        let every = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut view = RoomView::default();
+        assert!(!view.skips("a", every, t0), "never answered: send");
+
+        view.update(rooms(&["a"]), t0);
+        assert!(
+            !view.skips("b", every, at(500)),
+            "a first answer counts as a change"
+        );
+        view.update(rooms(&["a"]), at(1000));
+        view.update(rooms(&["a"]), at(2000));
+        assert!(view.skips("b", every, at(2100)), "stable, fresh, lacks b");
+        assert!(!view.skips("a", every, at(2100)), "has members in a");
+        assert!(
+            !view.skips("b", every, at(4500)),
+            "poll older than 2 intervals"
+        );
+
+        view.update(rooms(&["a", "c"]), at(3000));
+        assert!(!view.skips("b", every, at(3100)), "rooms just changed");
+        assert!(
+            !view.skips("b", every, at(4900)),
+            "changed < 2 intervals ago"
+        );
+        view.update(rooms(&["a", "c"]), at(4000));
+        view.update(rooms(&["a", "c"]), at(5000));
+        assert!(view.skips("b", every, at(5100)), "stable again");
+
+        view.update(None, at(6000));
+        assert!(!view.skips("b", every, at(6100)), "failed poll: unknown");
+        view.update(rooms(&["a", "c"]), at(7000));
+        assert!(!view.skips("b", every, at(7100)), "back after a failure");
     }
 
     #[test]

@@ -8,8 +8,15 @@
 //!   `herald standalone` ([`run_channel`]);
 //! - [`offsets`]: the per-partition "lowest contiguous done" tracking;
 //! - [`Job::submit`] (here): decodes one record into comet calls;
-//! - [`comets`]: the comet directory (node-list file and static flags) and
-//!   one worker per comet with retries and adaptive room batching.
+//! - [`comets`]: the comet directory (node-list file and static flags), one
+//!   worker per comet with retries and adaptive room batching, and a `Rooms`
+//!   poller per comet so room pushes skip comets without members;
+//! - [`metrics`]: Prometheus counters and the admin HTTP endpoints.
+//!
+//! # Poison records
+//! Undecodable, unknown type, empty keys/room, or oversized: counted by
+//! reason, copied to `--dead-letter-topic` when set (the offset moves past
+//! them only after that write is acknowledged), else skipped.
 //!
 //! # Delivery guarantee
 //! At least once: a Kafka offset is stored only when every comet call its
@@ -17,17 +24,21 @@
 //! for good — counted and logged). Clients may see duplicates after a restart.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use herald_logic::nodes::{self, NodeList};
 use herald_protocol::Frame;
 use herald_protocol::pb::{PushMsg, push_msg};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 pub mod comets;
+pub mod metrics;
 pub mod offsets;
 pub mod source;
 
@@ -45,6 +56,18 @@ pub enum Error {
     /// librdkafka refused the consumer configuration or subscription.
     #[error("setting up the kafka consumer")]
     Kafka(#[source] rdkafka::error::KafkaError),
+    /// The admin HTTP address could not be bound.
+    #[error("binding the admin http listener on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The admin HTTP server failed.
+    #[error("serving admin http")]
+    Http(#[source] std::io::Error),
 }
 
 /// Result of this crate.
@@ -85,6 +108,11 @@ pub struct Args {
     /// Kafka consumer group.
     #[arg(long, env = "HERALD_JOB_GROUP", default_value = "goim-push-group-job")]
     pub kafka_group: String,
+    /// How long the group waits for a silent job (killed, frozen) before
+    /// giving its partitions to another, in milliseconds. librdkafka's 45 s
+    /// default would stall a restarted job that long.
+    #[arg(long, env = "HERALD_JOB_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub kafka_session_timeout_ms: u64,
     /// Node list JSON file (herald-extensions.md); every node gets pushes.
     #[arg(
         long,
@@ -125,7 +153,29 @@ pub struct Args {
     /// Longest wait for in-flight records at shutdown, in milliseconds.
     #[arg(long, env = "HERALD_JOB_DRAIN_TIMEOUT_MS", default_value_t = 5000)]
     pub drain_timeout_ms: u64,
+    /// Admin HTTP address: `/metrics`, `/healthz`, `/readyz`.
+    #[arg(long, env = "HERALD_JOB_HTTP_ADDR", default_value = "0.0.0.0:3193")]
+    pub http_addr: SocketAddr,
+    /// Topic that poison records are copied to (with the reason and their
+    /// source in headers); without it they are only skipped and counted.
+    #[arg(long, env = "HERALD_JOB_DEAD_LETTER_TOPIC")]
+    pub dead_letter_topic: Option<String>,
+    /// Records larger than this are poison (`oversized`): comets and
+    /// clients refuse frames past 1 MiB anyway.
+    #[arg(long, env = "HERALD_JOB_MAX_RECORD_BYTES", default_value_t = MAX_RECORD_BYTES)]
+    pub max_record_bytes: usize,
+    /// How often each comet's `Rooms` is polled so room pushes skip comets
+    /// without members, in milliseconds; 0 sends every room push to every
+    /// comet.
+    #[arg(long, env = "HERALD_JOB_ROOMS_POLL_MS", default_value_t = 1000)]
+    pub rooms_poll_ms: u64,
 }
+
+/// Default [`Args::max_record_bytes`]: a frame of this body plus its header
+/// is the largest a client reader accepts
+/// ([`herald_protocol::frame::DEFAULT_MAX_OUTBOUND_PACK_LEN`]).
+pub const MAX_RECORD_BYTES: usize =
+    herald_protocol::frame::DEFAULT_MAX_OUTBOUND_PACK_LEN - herald_protocol::frame::HEADER_LEN;
 
 /// Kafka consumer settings.
 #[derive(Debug, Clone)]
@@ -136,6 +186,8 @@ pub struct KafkaConfig {
     pub topic: String,
     /// Consumer group.
     pub group: String,
+    /// Group session timeout.
+    pub session_timeout: Duration,
 }
 
 /// What job runs with; built from [`Args`], or directly by tests.
@@ -153,6 +205,14 @@ pub struct Config {
     pub max_in_flight: usize,
     /// Shutdown grace for in-flight records.
     pub drain_timeout: Duration,
+    /// Admin HTTP address (used by [`Listeners::bind`]).
+    pub http_addr: SocketAddr,
+    /// Where poison records go; `None` skips them.
+    pub dead_letter_topic: Option<String>,
+    /// Largest record value delivered.
+    pub max_record_bytes: usize,
+    /// `Rooms` poll interval; `None` sends room pushes to every comet.
+    pub rooms_poll: Option<Duration>,
 }
 
 impl Args {
@@ -166,6 +226,7 @@ impl Args {
             kafka_brokers,
             kafka_topic,
             kafka_group,
+            kafka_session_timeout_ms,
             node_list,
             node_list_configmap,
             node_list_namespace,
@@ -178,8 +239,13 @@ impl Args {
             batch_bytes,
             max_in_flight,
             drain_timeout_ms,
+            http_addr,
+            dead_letter_topic,
+            max_record_bytes,
+            rooms_poll_ms,
         } = self;
         let mut config = Config::new(&kafka_brokers, &kafka_topic, &kafka_group);
+        config.kafka.session_timeout = Duration::from_millis(kafka_session_timeout_ms);
         config.node_list = match (node_list, node_list_configmap) {
             (Some(path), _) => Some(nodes::Source::File {
                 path,
@@ -199,6 +265,10 @@ impl Args {
         config.calls.batch_bytes = batch_bytes;
         config.max_in_flight = max_in_flight;
         config.drain_timeout = Duration::from_millis(drain_timeout_ms);
+        config.http_addr = http_addr;
+        config.dead_letter_topic = dead_letter_topic.filter(|t| !t.is_empty());
+        config.max_record_bytes = max_record_bytes;
+        config.rooms_poll = (rooms_poll_ms > 0).then(|| Duration::from_millis(rooms_poll_ms));
         config.validate()?;
         Ok(config)
     }
@@ -212,6 +282,7 @@ impl Config {
                 brokers: brokers.to_owned(),
                 topic: topic.to_owned(),
                 group: group.to_owned(),
+                session_timeout: Duration::from_secs(10),
             },
             node_list: None,
             comets: Vec::new(),
@@ -225,6 +296,10 @@ impl Config {
             },
             max_in_flight: 1000,
             drain_timeout: Duration::from_secs(5),
+            http_addr: SocketAddr::from(([0, 0, 0, 0], 3193)),
+            dead_letter_topic: None,
+            max_record_bytes: MAX_RECORD_BYTES,
+            rooms_poll: Some(Duration::from_secs(1)),
         }
     }
 
@@ -236,14 +311,20 @@ impl Config {
         let bad = |m: &str| Err(Error::Config(m.to_owned()));
         let poll_zero =
             matches!(&self.node_list, Some(nodes::Source::File { poll, .. }) if poll.is_zero());
-        if self.calls.timeout.is_zero() || poll_zero {
+        if self.calls.timeout.is_zero() || poll_zero || self.kafka.session_timeout.is_zero() {
             return bad("timeouts and intervals must be non-zero");
         }
         if self.calls.attempts == 0 || self.calls.batch_frames == 0 || self.calls.batch_bytes == 0 {
             return bad("retry attempts and batch limits must be non-zero");
         }
-        if self.max_in_flight == 0 {
-            return bad("max in flight must be non-zero");
+        if self.max_in_flight == 0 || self.max_record_bytes == 0 {
+            return bad("max in flight and max record bytes must be non-zero");
+        }
+        if self.rooms_poll.is_some_and(|d| d.is_zero()) {
+            return bad("the rooms poll interval must be non-zero (None turns polling off)");
+        }
+        if self.dead_letter_topic.as_ref() == Some(&self.kafka.topic) {
+            return bad("the dead-letter topic must differ from the push topic");
         }
         Ok(())
     }
@@ -254,10 +335,35 @@ impl Config {
 pub enum Outcome {
     /// Every needed comet call finished (succeeded, or dropped and counted).
     Delivered,
-    /// Poison: undecodable or invalid; skipped and counted.
-    Skipped,
+    /// Poison: can never be delivered; skipped (or dead-lettered) and counted.
+    Skipped(Poison),
     /// Shutdown came first; the record must be delivered again.
     Abandoned,
+}
+
+/// Why a record is poison. Each is counted under its [`Poison::reason`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Poison {
+    /// Not a protobuf `PushMsg`.
+    Undecodable,
+    /// A `type` outside PUSH / ROOM / BROADCAST.
+    UnknownType,
+    /// PUSH with no keys, or ROOM with no room.
+    EmptyKeys,
+    /// Larger than the configured maximum.
+    Oversized,
+}
+
+impl Poison {
+    /// The metric label and dead-letter header value.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Poison::Undecodable => "undecodable",
+            Poison::UnknownType => "unknown_type",
+            Poison::EmptyKeys => "empty_keys",
+            Poison::Oversized => "oversized",
+        }
+    }
 }
 
 /// The delivery core: turns records into comet calls. Cheap to clone.
@@ -266,6 +372,9 @@ pub struct Job {
     directory: comets::Directory,
     stats: Arc<Stats>,
     cancel: CancellationToken,
+    max_record_bytes: usize,
+    /// The source is connected (Kafka: the group assigned partitions).
+    ready: Arc<AtomicBool>,
 }
 
 impl Job {
@@ -278,11 +387,18 @@ impl Job {
         config.validate()?;
         let stats = Arc::new(Stats::default());
         let cancel = CancellationToken::new();
-        let directory = comets::Directory::new(config.calls.clone(), stats.clone(), cancel.clone());
+        let directory = comets::Directory::new(
+            config.calls.clone(),
+            config.rooms_poll,
+            stats.clone(),
+            cancel.clone(),
+        );
         let job = Job {
             directory,
             stats,
             cancel,
+            max_record_bytes: config.max_record_bytes,
+            ready: Arc::default(),
         };
         let initial = match &config.node_list {
             Some(source) => source.initial()?,
@@ -303,71 +419,101 @@ impl Job {
         self.stats.snapshot()
     }
 
+    /// Whether the source delivers records yet (what `/readyz` says).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// The metrics in Prometheus text format (what `/metrics` serves).
+    pub fn metrics_text(&self) -> String {
+        self.stats.metrics.encode()
+    }
+
     /// Stops every comet worker; records still queued are abandoned.
     pub fn stop(&self) {
         self.cancel.cancel();
     }
 
-    /// Decodes a Kafka record value and submits it; undecodable → skipped.
+    /// Decodes a Kafka record value and submits it; undecodable or
+    /// oversized → skipped.
     pub fn submit_bytes(&self, value: &[u8]) -> impl Future<Output = Outcome> + Send + 'static {
         use prost::Message;
-        let msg = match PushMsg::decode(value) {
-            Ok(msg) => Some(msg),
-            Err(err) => {
-                comets::bump(&self.stats.records);
-                comets::bump(&self.stats.poison);
-                warn!(cause = %err, len = value.len(), "undecodable push record; skipped");
-                None
+        let msg = if value.len() > self.max_record_bytes {
+            self.record();
+            Err(self.poison(Poison::Oversized, value.len()))
+        } else {
+            match PushMsg::decode(value) {
+                Ok(msg) => Ok(msg),
+                Err(err) => {
+                    self.record();
+                    warn!(cause = %err, "undecodable push record");
+                    Err(self.poison(Poison::Undecodable, value.len()))
+                }
             }
         };
         let submitted = msg.map(|msg| self.submit(msg));
         async move {
             match submitted {
-                Some(fut) => fut.await,
-                None => Outcome::Skipped,
+                Ok(fut) => fut.await,
+                Err(poison) => Outcome::Skipped(poison),
             }
         }
+    }
+
+    fn record(&self) {
+        comets::bump(&self.stats.records);
+        self.stats.metrics.record();
+    }
+
+    /// Counts and logs a poison record; returns it for the outcome.
+    fn poison(&self, poison: Poison, len: usize) -> Poison {
+        comets::bump(&self.stats.poison);
+        self.stats.metrics.poison(poison.reason());
+        warn!(reason = poison.reason(), len, "poison push record");
+        poison
     }
 
     /// Queues the comet calls `msg` needs *now* (so records submitted in
     /// order reach each comet in order) and returns a future that resolves
     /// when they are all finished.
     pub fn submit(&self, msg: PushMsg) -> impl Future<Output = Outcome> + Send + 'static {
-        comets::bump(&self.stats.records);
+        self.record();
+        let kind = push_msg::Type::try_from(msg.r#type).ok();
         let waits = self.calls(msg);
+        let stats = self.stats.clone();
         async move {
-            let Some(waits) = waits else {
-                return Outcome::Skipped;
+            let (waits, kind) = match (waits, kind) {
+                (Ok(waits), Some(kind)) => (waits, kind),
+                (Err(poison), _) => return Outcome::Skipped(poison),
+                (Ok(_), None) => return Outcome::Skipped(Poison::UnknownType),
             };
             for wait in waits {
                 if wait.await.is_err() {
                     return Outcome::Abandoned;
                 }
             }
+            stats.metrics.delivered(match kind {
+                push_msg::Type::Push => "push",
+                push_msg::Type::Room => "room",
+                push_msg::Type::Broadcast => "broadcast",
+            });
             Outcome::Delivered
         }
     }
 
-    /// `None` for poison; otherwise one receiver per queued call.
-    fn calls(&self, msg: PushMsg) -> Option<Vec<tokio::sync::oneshot::Receiver<()>>> {
-        let poison = |why: &str| {
-            comets::bump(&self.stats.poison);
-            warn!(
-                why,
-                r#type = msg.r#type,
-                operation = msg.operation,
-                "invalid push record; skipped"
-            );
-            None
-        };
+    /// The poison reason, or one receiver per queued call.
+    fn calls(&self, msg: PushMsg) -> Result<Vec<tokio::sync::oneshot::Receiver<()>>, Poison> {
+        let len = msg.msg.len();
         let Ok(kind) = push_msg::Type::try_from(msg.r#type) else {
-            return poison("unknown type");
+            warn!(r#type = msg.r#type, "unknown push type");
+            return Err(self.poison(Poison::UnknownType, len));
         };
         let frame = Frame::push(msg.operation, msg.msg.clone()).to_bytes();
         match kind {
             push_msg::Type::Push => {
-                if msg.keys.is_empty() {
-                    return poison("PUSH without keys");
+                if msg.keys.is_empty() || msg.keys.iter().all(String::is_empty) {
+                    warn!("PUSH without keys");
+                    return Err(self.poison(Poison::EmptyKeys, len));
                 }
                 let call = comets::Call::Push {
                     keys: msg.keys,
@@ -375,20 +521,22 @@ impl Job {
                     frame,
                 };
                 match self.directory.send_to(&msg.server, call) {
-                    Some(wait) => Some(vec![wait]),
+                    Some(wait) => Ok(vec![wait]),
                     None => {
                         comets::bump(&self.stats.unknown_comet);
+                        self.stats.metrics.unknown_comet();
                         warn!(comet = %msg.server, "PUSH for a comet not in the list; dropped");
-                        Some(Vec::new())
+                        Ok(Vec::new())
                     }
                 }
             }
             push_msg::Type::Room => {
                 if msg.room.is_empty() {
-                    return poison("ROOM without a room");
+                    warn!("ROOM without a room");
+                    return Err(self.poison(Poison::EmptyKeys, len));
                 }
                 let room = msg.room;
-                Some(self.directory.send_to_all(|| comets::Call::Room {
+                Ok(self.directory.send_to_room(&room, || comets::Call::Room {
                     room: room.clone(),
                     frame: frame.clone(),
                 }))
@@ -400,7 +548,7 @@ impl Job {
                     .unwrap_or(i32::MAX)
                     .max(1);
                 let speed = msg.speed / n;
-                Some(self.directory.send_to_all(|| comets::Call::Broadcast {
+                Ok(self.directory.send_to_all(|| comets::Call::Broadcast {
                     op: msg.operation,
                     speed,
                     frame: frame.clone(),
@@ -440,15 +588,69 @@ async fn watch_nodes(job: Job, statics: Vec<StaticComet>, source: nodes::Source)
         .await;
 }
 
+/// What job listens on; bound before [`run`] so tests can use port 0.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Admin HTTP (`/metrics`, `/healthz`, `/readyz`); `None` serves none.
+    pub http: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the admin HTTP address.
+    ///
+    /// # Errors
+    /// The bind failing.
+    pub async fn bind(http: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind(http)
+            .await
+            .map_err(|source| Error::Bind { addr: http, source })?;
+        Ok(Listeners {
+            http: Some(listener),
+        })
+    }
+
+    /// No listener (`herald standalone` has its own).
+    pub fn none() -> Self {
+        Listeners { http: None }
+    }
+}
+
 /// Consumes the Kafka push topic until `shutdown`, then waits up to
 /// `drain_timeout` for in-flight records, stores their offsets and commits.
+/// Serves the admin HTTP endpoints meanwhile.
 ///
 /// # Errors
-/// Invalid config or node list, or librdkafka refusing the consumer.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+/// Invalid config or node list, librdkafka refusing the consumer, or the
+/// admin HTTP server failing.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     let job = Job::start(&config)?;
+    let http_stop = CancellationToken::new();
+    let http = listeners.http.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "admin http listening");
+        }
+        let health = metrics::Health {
+            stats: job.stats.clone(),
+            ready: job.ready.clone(),
+        };
+        tokio::spawn(
+            metrics::serve(listener, health, http_stop.clone()).instrument(info_span!("http")),
+        )
+    });
     let result = source::kafka(&job, &config, shutdown).await;
     job.stop();
+    http_stop.cancel();
+    if let Some(http) = http {
+        match http.await {
+            Ok(Err(err)) => return result.and(Err(Error::Http(err))),
+            Err(err) => warn!(cause = %err, "admin http task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     result
 }
 
@@ -503,6 +705,32 @@ mod tests {
         let mut cli = vec!["job", "--comet", "nope"];
         assert!(Cli::try_parse_from(cli.drain(..)).is_err());
         assert!(parse(&["--batch-frames", "0"]).is_err());
+    }
+
+    #[test]
+    fn admin_dead_letter_and_rooms_flags() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.http_addr, SocketAddr::from(([0, 0, 0, 0], 3193)));
+        assert_eq!(c.rooms_poll, Some(Duration::from_secs(1)));
+        assert_eq!(c.dead_letter_topic, None);
+        assert_eq!(c.max_record_bytes, (1 << 20) - 16);
+        let c = parse(&[
+            "--http-addr",
+            "127.0.0.1:9",
+            "--rooms-poll-ms",
+            "0",
+            "--dead-letter-topic",
+            "dlq",
+        ])
+        .unwrap();
+        assert_eq!(c.http_addr, SocketAddr::from(([127, 0, 0, 1], 9)));
+        assert_eq!(c.rooms_poll, None, "0 turns room filtering off");
+        assert_eq!(c.dead_letter_topic.as_deref(), Some("dlq"));
+        assert!(
+            parse(&["--dead-letter-topic", "goim-push-topic"]).is_err(),
+            "dead letters into the push topic would loop"
+        );
+        assert!(parse(&["--max-record-bytes", "0"]).is_err());
     }
 
     #[test]

@@ -93,6 +93,20 @@ mod tests {
     }
 
     #[test]
+    fn a_partition_that_comes_back_after_revocation_starts_fresh() {
+        let mut t = Tracker::default();
+        t.start(0, 100);
+        t.start(0, 200);
+        // Revoked with 100 and 200 in flight; another member commits 150.
+        t.forget(0);
+        // Back to us from 150: the old run's "highest started" (200) must
+        // not let 151..=200 be skipped.
+        t.start(0, 150);
+        assert_eq!(t.complete(0, 200), None, "stale completion is ignored");
+        assert_eq!(t.complete(0, 150), Some(151));
+    }
+
+    #[test]
     fn partitions_are_independent_and_abandoned_records_pin() {
         let mut t = Tracker::default();
         t.start(0, 1);

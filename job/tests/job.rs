@@ -4,7 +4,7 @@
 //! Needs `HERALD_KAFKA_BROKERS` (source `$HERALD_RUN/env` after
 //! `e2e/services/up.sh kafka`); panics without it rather than skipping.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -755,5 +755,476 @@ async fn memory_queue_feeds_job_without_kafka() -> Result {
     assert_eq!(&client.recv().await?.body[..], b"room");
     let _ = stop.send(());
     timeout(WAIT, task).await???;
+    Ok(())
+}
+
+// ------------------------------------------------- admin http, dead letter
+
+/// `GET path` on a plain HTTP/1.1 server: (status, body).
+async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut stream = timeout(WAIT, TcpStream::connect(addr)).await??;
+    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    let mut response = Vec::new();
+    timeout(WAIT, stream.read_to_end(&mut response)).await??;
+    let response = String::from_utf8(response)?;
+    let status = response
+        .get(9..12)
+        .context("short http answer")?
+        .parse::<u16>()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of one sample line (`name{labels} value`) in a metrics text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `herald_job::run` with its admin listener on 127.0.0.1:0.
+struct Served {
+    http: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<herald_job::Result<()>>,
+}
+
+impl Served {
+    async fn start(config: Config) -> Result<Served> {
+        let listeners = herald_job::Listeners::bind("127.0.0.1:0".parse()?).await?;
+        let http = listeners
+            .http
+            .as_ref()
+            .context("bound listener")?
+            .local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(herald_job::run(config, listeners, async {
+            let _ = stopped.await;
+        }));
+        Ok(Served {
+            http,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    async fn wait_metric(&self, series: &str, pred: impl Fn(f64) -> bool) -> Result<String> {
+        let mut last = String::new();
+        let waited = timeout(WAIT, async {
+            loop {
+                let (status, text) = http_get(self.http, "/metrics").await?;
+                anyhow::ensure!(status == 200, "/metrics answered {status}");
+                if sample(&text, series).is_some_and(&pred) {
+                    return anyhow::Ok(text);
+                }
+                last = text;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        match waited {
+            Ok(text) => text,
+            Err(_) => bail!("{series} never matched; last /metrics:\n{last}"),
+        }
+    }
+
+    async fn stop(mut self) -> Result {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        timeout(WAIT, &mut self.task)
+            .await
+            .context("job did not stop")???;
+        Ok(())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn readyz_waits_for_the_kafka_assignment() -> Result {
+    // Nothing listens on the brokers' address: never assigned, never ready.
+    let dead = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+    let mut config = Config::new(&dead.to_string(), "t", &unique("job-unready"));
+    config.drain_timeout = Duration::from_millis(100);
+    let job = Served::start(config).await?;
+    assert_eq!(http_get(job.http, "/healthz").await?.0, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) = http_get(job.http, "/readyz").await?;
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "kafka consumer not assigned yet")
+    );
+    job.stop().await?;
+
+    // The real broker: ready once the group assigned the partition.
+    let topic = unique("job-ready");
+    create_topic(&topic, 1).await?;
+    let job = Served::start(job_config(&topic, &unique("job-ready-group"), &[])).await?;
+    timeout(WAIT, async {
+        while http_get(job.http, "/readyz").await?.0 != 200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .context("/readyz never said 200")??;
+    job.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn metrics_count_records_deliveries_poison_and_comet_failures() -> Result {
+    let topic = unique("job-metrics");
+    create_topic(&topic, 1).await?;
+    let comet = Comet::start("comet-x").await?;
+    let mut client = comet.client("kx", "live://x").await?;
+    // A comet whose port refuses connections: every call fails and retries.
+    let refused = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+    let mut config = job_config(&topic, &unique("job-metrics-group"), &[&comet]);
+    config.comets.push(StaticComet {
+        name: "comet-refused".to_owned(),
+        grpc: refused.to_string(),
+    });
+    config.calls.backoff = Duration::from_millis(10);
+    config.calls.backoff_max = Duration::from_millis(10);
+    config.drain_timeout = Duration::from_millis(200);
+    let job = Served::start(config).await?;
+    let producer = Producer::new(&topic)?;
+    producer
+        .send("kx", &push("comet-x", &["kx"], b"p1"))
+        .await?;
+    producer
+        .send("kx", &push("comet-x", &["kx"], b"p2"))
+        .await?;
+    producer
+        .send("kx", &push("comet-x", &["kx"], b"p3"))
+        .await?;
+    producer.send_raw("x", b"\xff\xff\xff").await?;
+    producer
+        .send("kr", &push("comet-refused", &["kr"], b"never"))
+        .await?;
+    for want in [&b"p1"[..], b"p2", b"p3"] {
+        assert_eq!(&client.recv().await?.body[..], want);
+    }
+    job.wait_metric("herald_job_pushes_delivered_total{type=\"push\"}", |v| {
+        v == 3.0
+    })
+    .await?;
+    job.wait_metric(
+        "herald_job_comet_call_retries_total{comet=\"comet-refused\"}",
+        |v| v >= 2.0,
+    )
+    .await?;
+    let text = job
+        .wait_metric("herald_job_records_consumed_total", |v| v == 5.0)
+        .await?;
+    let get = |series: &str| sample(&text, series);
+    assert_eq!(
+        get("herald_job_pushes_delivered_total{type=\"push\"}"),
+        Some(3.0)
+    );
+    assert_eq!(
+        get("herald_job_poison_records_total{reason=\"undecodable\"}"),
+        Some(1.0)
+    );
+    assert!(
+        get("herald_job_comet_call_failures_total{comet=\"comet-refused\"}")
+            .is_some_and(|v| v >= 2.0),
+        "{text}"
+    );
+    assert_eq!(
+        get("herald_job_comet_call_failures_total{comet=\"comet-x\"}"),
+        None,
+        "the healthy comet never failed"
+    );
+    // Three successful calls to comet-x, plus failed attempts to the other.
+    assert!(
+        get("herald_job_comet_call_seconds_count{rpc=\"PushMsg\"}").is_some_and(|v| v >= 3.0),
+        "{text}"
+    );
+    // Only the record for the refused comet is still being delivered.
+    job.wait_metric("herald_job_records_in_flight", |v| v == 1.0)
+        .await?;
+    // It pins its partition: the group's commit stays one record behind
+    // the end (seen through librdkafka statistics, every 5 s).
+    job.wait_metric("herald_job_committed_offset_lag", |v| v == 1.0)
+        .await?;
+    job.stop().await?;
+    Ok(())
+}
+
+/// A record read back: key, value, headers.
+type Record = (Option<Vec<u8>>, Vec<u8>, BTreeMap<String, String>);
+
+/// Up to `n` records of `topic` partition 0 from the start, with headers.
+fn read_all(topic: &str, n: usize) -> Result<Vec<Record>> {
+    use rdkafka::Message;
+    use rdkafka::message::Headers;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("dlq-reader"))
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while out.len() < n && std::time::Instant::now() < deadline {
+        let Some(record) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let record = record?;
+        let headers = record
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        let value = String::from_utf8_lossy(h.value.unwrap_or_default());
+                        (h.key.to_owned(), value.into_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push((
+            record.key().map(<[u8]>::to_vec),
+            record.payload().unwrap_or_default().to_vec(),
+            headers,
+        ));
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn poison_records_go_to_the_dead_letter_topic_before_their_offset_moves() -> Result {
+    let topic = unique("job-dl-src");
+    let dead = unique("job-dl");
+    let group = unique("job-dl-group");
+    create_topic(&topic, 1).await?;
+    let comet = Comet::start("comet-d").await?;
+    let mut client = comet.client("kd", "").await?;
+    let producer = Producer::new(&topic)?;
+    let mut unknown_type = push("comet-d", &["kd"], b"bad");
+    unknown_type.r#type = 9;
+    let big = push("comet-d", &["kd"], &[b'x'; 300]);
+    let poison: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("k0", b"\xff\xff\xff\xff".to_vec(), "undecodable"),
+        ("k1", unknown_type.encode_to_vec(), "unknown_type"),
+        (
+            "k2",
+            push("comet-d", &[], b"no keys").encode_to_vec(),
+            "empty_keys",
+        ),
+        ("k3", room("", b"no room").encode_to_vec(), "empty_keys"),
+        ("k4", big.encode_to_vec(), "oversized"),
+    ];
+    for (key, value, _) in &poison {
+        producer.send_raw(key, value).await?;
+    }
+    producer
+        .send("kd", &push("comet-d", &["kd"], b"good"))
+        .await?;
+    let config = || {
+        let mut config = job_config(&topic, &group, &[&comet]);
+        config.dead_letter_topic = Some(dead.clone());
+        config.max_record_bytes = 256;
+        config.drain_timeout = Duration::from_millis(500);
+        config
+    };
+
+    // Run 1: the dead-letter topic does not exist yet (the broker does not
+    // create topics), so no write is acknowledged: the good record is
+    // delivered, but the offset stays before the first poison record.
+    let first = RunningJob::start(config())?;
+    assert_eq!(&client.recv().await?.body[..], b"good");
+    first
+        .wait_stats("5 poison", |s| s.poison == 5 && s.records == 6)
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(first.stats().dead_lettered, 0);
+    first.stop().await?;
+    assert_eq!(
+        committed(&topic, &group)?,
+        Offset::Invalid,
+        "nothing committed"
+    );
+
+    // Run 2, with the topic: every poison record is copied, then committed past.
+    create_topic(&dead, 1).await?;
+    let second = RunningJob::start(config())?;
+    second
+        .wait_stats("5 dead-lettered", |s| s.dead_lettered == 5)
+        .await?;
+    assert_eq!(&client.recv().await?.body[..], b"good", "redelivered");
+    second.stop().await?;
+    assert_eq!(committed(&topic, &group)?, Offset::Offset(6));
+
+    let copies = read_all(&dead, 5)?;
+    assert_eq!(copies.len(), 5, "dead-letter records");
+    // Written in completion order, which may differ: compare sorted by key.
+    let mut copies = copies;
+    copies.sort_by(|a, b| a.0.cmp(&b.0));
+    for (offset, ((key, value, reason), (got_key, got_value, headers))) in
+        poison.iter().zip(&copies).enumerate()
+    {
+        assert_eq!(got_key.as_deref(), Some(key.as_bytes()));
+        assert_eq!(got_value, value, "original bytes of {key}");
+        assert_eq!(headers["herald-poison-reason"], *reason);
+        assert_eq!(headers["herald-source-topic"], topic);
+        assert_eq!(headers["herald-source-partition"], "0");
+        assert_eq!(headers["herald-source-offset"], offset.to_string());
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------- rooms filtering
+
+/// A comet whose `Rooms` always fails; it counts the `BroadcastRoom` calls
+/// it gets.
+#[derive(Debug, Clone, Default)]
+struct NoRooms {
+    room_calls: std::sync::Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl herald_protocol::pb::Comet for NoRooms {
+    async fn push_msg(
+        &self,
+        _req: Request<herald_protocol::pb::PushMsgReq>,
+    ) -> Result<Response<herald_protocol::pb::goim::comet::PushMsgReply>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+
+    async fn broadcast(
+        &self,
+        _req: Request<herald_protocol::pb::BroadcastReq>,
+    ) -> Result<Response<herald_protocol::pb::goim::comet::BroadcastReply>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+
+    async fn broadcast_room(
+        &self,
+        _req: Request<herald_protocol::pb::BroadcastRoomReq>,
+    ) -> Result<Response<herald_protocol::pb::goim::comet::BroadcastRoomReply>, Status> {
+        self.room_calls.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(Default::default()))
+    }
+
+    async fn rooms(
+        &self,
+        _req: Request<herald_protocol::pb::goim::comet::RoomsReq>,
+    ) -> Result<Response<herald_protocol::pb::goim::comet::RoomsReply>, Status> {
+        Err(Status::unavailable("rooms unknown"))
+    }
+}
+
+#[tokio::test]
+async fn room_pushes_skip_comets_without_members_but_not_unknown_ones() -> Result {
+    const POLL: Duration = Duration::from_millis(100);
+    let topic = unique("job-rooms");
+    create_topic(&topic, 1).await?;
+    let with = Comet::start("comet-with").await?;
+    let without = Comet::start("comet-without").await?;
+    let mut member = with.client("k1", "live://r").await?;
+    let mut other = without.client("k2", "live://other").await?;
+    let stub = NoRooms::default();
+    let stub_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let stub_addr = stub_listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(herald_protocol::pb::CometServer::new(stub.clone()))
+            .serve_with_incoming(TcpListenerStream::new(stub_listener)),
+    );
+    let mut config = job_config(&topic, &unique("job-rooms-group"), &[&with, &without]);
+    config.comets.push(StaticComet {
+        name: "comet-unknown".to_owned(),
+        grpc: stub_addr.to_string(),
+    });
+    config.rooms_poll = Some(POLL);
+    let job = RunningJob::start(config)?;
+    // A few polls: every comet answered (or failed) at least once.
+    tokio::time::sleep(POLL * 5).await;
+    let producer = Producer::new(&topic)?;
+    producer.send("live://r", &room("live://r", b"one")).await?;
+    assert_eq!(&member.recv().await?.body[..], b"one");
+    job.wait_stats("one skipped send", |s| s.room_skipped == 1)
+        .await?;
+    // The comet whose Rooms fails got the push anyway.
+    job.wait_stats("2 room calls", |s| s.room_batches == 2)
+        .await?;
+    assert_eq!(stub.room_calls.load(Ordering::SeqCst), 1);
+    other.silent(Duration::from_millis(200)).await?;
+
+    // A member joins on the empty comet; once a poll has seen it, it gets
+    // room pushes too (its rooms just changed: sent to regardless).
+    let mut joined = without.client("k3", "live://r").await?;
+    tokio::time::sleep(POLL * 3).await;
+    producer.send("live://r", &room("live://r", b"two")).await?;
+    assert_eq!(&member.recv().await?.body[..], b"two");
+    assert_eq!(&joined.recv().await?.body[..], b"two");
+    job.wait_stats("3 more room calls", |s| s.room_batches == 5)
+        .await?;
+    assert_eq!(job.stats().room_skipped, 1);
+    job.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn nothing_is_lost_while_a_second_job_joins_and_the_first_leaves() -> Result {
+    const N: usize = 3000;
+    let topic = unique("job-rebalance");
+    let group = unique("job-rebalance-group");
+    create_topic(&topic, 4).await?;
+    let comet = Comet::start("comet-b").await?;
+    let mut client = comet.client("kb", "").await?;
+    let producer = Producer::new(&topic)?;
+    let records: Vec<(String, PushMsg)> = (0..N)
+        .map(|i| {
+            let body = format!("b{i:05}");
+            (
+                format!("part-{}", i % 11),
+                push("comet-b", &["kb"], body.as_bytes()),
+            )
+        })
+        .collect();
+    // Produced in slices while the group changes under the consumers.
+    let produce = tokio::spawn(async move {
+        for chunk in records.chunks(100) {
+            producer.send_all(chunk).await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(())
+    });
+    let first = RunningJob::start(job_config(&topic, &group, &[&comet]))?;
+    let mut seen = BTreeSet::new();
+    while seen.len() < N / 4 {
+        seen.insert(client.recv().await?.body);
+    }
+    let second = RunningJob::start(job_config(&topic, &group, &[&comet]))?;
+    while seen.len() < N / 2 {
+        seen.insert(client.recv().await?.body);
+    }
+    first.stop().await?;
+    timeout(Duration::from_secs(60), async {
+        while seen.len() < N {
+            seen.insert(client.recv().await?.body);
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .with_context(|| format!("only {} of {N} arrived", seen.len()))??;
+    produce.await??;
+    let want: BTreeSet<Bytes> = (0..N).map(|i| Bytes::from(format!("b{i:05}"))).collect();
+    assert_eq!(seen, want);
+    assert!(second.stats().records > 0, "the second job took partitions");
+    second.stop().await?;
     Ok(())
 }

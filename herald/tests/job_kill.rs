@@ -1,0 +1,436 @@
+//! Fault test: `herald job` is killed with SIGKILL five times while it
+//! delivers 100,000 pushes, and restarted each time. Every push Kafka
+//! acknowledged must reach its client at least once (job's at-least-once
+//! offsets); duplicates are allowed and counted.
+//!
+//! Separate processes on the test bed's Redis and Kafka: `herald logic`
+//! (clients authenticate through it), `herald comet` (holds four TCP
+//! clients), and `herald job`, the one that gets killed. Records go straight
+//! into the topic with acks=all, each carrying its sequence number as body.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail, ensure};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use herald_e2e::{testbed_var, unique_name};
+use herald_protocol::frame::{Frame, Limits};
+use herald_protocol::op;
+use herald_protocol::pb::{PushMsg, push_msg};
+use prost::Message as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Pushes produced.
+const PUSHES: usize = 100_000;
+/// SIGKILLs of the job process.
+const KILLS: usize = 5;
+/// Connected clients; push `seq` goes to client `seq % CLIENTS`.
+const CLIENTS: usize = 4;
+const PUSH_OP: i32 = 1000;
+/// Bound on every single wait (start-up, the pushes between two kills,
+/// including a restart's group rejoin). Bounds, not expectations: on an idle
+/// 2-core machine the whole test takes about 75 s.
+const WAIT: Duration = Duration::from_secs(60);
+/// Bound on the whole delivery.
+const TOTAL: Duration = Duration::from_secs(240);
+
+fn herald_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_herald"))
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+fn addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+/// One `herald` child process; killed (by its pid) and reaped when dropped.
+#[derive(Debug)]
+struct Proc {
+    name: String,
+    child: Child,
+    logs: [PathBuf; 2],
+}
+
+impl Proc {
+    fn spawn(role: &str, name: String, dir: &Path, args: &[String]) -> anyhow::Result<Proc> {
+        let logs = [
+            dir.join(format!("{name}.out")),
+            dir.join(format!("{name}.err")),
+        ];
+        let mut command = Command::new(herald_bin());
+        command
+            .arg(role)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&logs[0])?)
+            .stderr(File::create(&logs[1])?)
+            .env("RUST_LOG", "warn");
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("HERALD_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("spawn herald {role}"))?;
+        Ok(Proc { name, child, logs })
+    }
+
+    fn check_running(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait()? {
+            Some(status) => bail!("{} exited early: {status}", self.name),
+            None => Ok(()),
+        }
+    }
+
+    /// SIGKILL (what `Child::kill` sends on Unix), then reap.
+    fn kill9(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    fn print_logs(&self) {
+        for path in &self.logs {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            eprintln!("----- {} -----\n{text}", path.display());
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_accepts(port: u16, proc: &mut Proc) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT;
+    let target: SocketAddr = addr(port).parse()?;
+    loop {
+        proc.check_running()?;
+        if TcpStream::connect(target).await.is_ok() {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "nothing accepts on {target}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn create_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?;
+    for result in results {
+        result.map_err(|(name, code)| anyhow!("create topic {name}: {code}"))?;
+    }
+    Ok(())
+}
+
+/// A raw TCP client that authenticates with `key` and counts, per sequence
+/// number, the pushes it receives.
+async fn client(
+    port: u16,
+    index: usize,
+    counts: Arc<Vec<AtomicU8>>,
+    received: Arc<AtomicUsize>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let mut stream = TcpStream::connect(addr(port)).await?;
+    let token = serde_json::json!({
+        "mid": index + 1,
+        "key": format!("kill-{index}"),
+        "room_id": "",
+        "platform": "web",
+        "accepts": [PUSH_OP],
+    });
+    let auth = Frame {
+        ver: 1,
+        op: op::AUTH,
+        seq: 1,
+        body: Bytes::from(token.to_string()),
+    };
+    stream.write_all(&auth.to_bytes()).await?;
+    let mut buf = BytesMut::new();
+    let reply = loop {
+        if let Some(frame) = Frame::decode(&mut buf, Limits::OUTBOUND)? {
+            break frame;
+        }
+        let read = tokio::time::timeout(WAIT, stream.read_buf(&mut buf)).await??;
+        ensure!(read > 0, "comet closed the connection during auth");
+    };
+    ensure!(reply.op == op::AUTH_REPLY, "auth answered {reply:?}");
+    Ok(tokio::spawn(async move {
+        loop {
+            while let Some(frame) = Frame::decode(&mut buf, Limits::OUTBOUND)? {
+                if frame.op != PUSH_OP {
+                    continue;
+                }
+                let seq: usize = std::str::from_utf8(&frame.body)?.parse()?;
+                ensure!(
+                    seq < PUSHES && seq % CLIENTS == index,
+                    "client {index} got push {seq}"
+                );
+                if counts[seq].fetch_add(1, Ordering::Relaxed) == 0 {
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // Heartbeats are 60 s apart by default; the test is shorter.
+            let read = stream.read_buf(&mut buf).await?;
+            ensure!(read > 0, "comet closed client {index}");
+        }
+    }))
+}
+
+/// Produces every push with acks=all; returns the sequence numbers Kafka
+/// acknowledged (only those count).
+async fn produce(brokers: String, topic: String, server: String) -> anyhow::Result<Vec<usize>> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()?;
+    let mut pending = FuturesUnordered::new();
+    let mut acked = Vec::with_capacity(PUSHES);
+    for seq in 0..PUSHES {
+        let key = format!("kill-{}", seq % CLIENTS);
+        let value = PushMsg {
+            r#type: push_msg::Type::Push as i32,
+            operation: PUSH_OP,
+            server: server.clone(),
+            keys: vec![key.clone()],
+            msg: Bytes::from(seq.to_string()),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let ack = loop {
+            match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&value)) {
+                Ok(ack) => break ack,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // Let acknowledgements drain the local queue.
+                    if let Some(done) = pending.next().await {
+                        collect(done, &mut acked);
+                    }
+                }
+                Err((err, _)) => bail!("enqueue push {seq}: {err}"),
+            }
+        };
+        pending.push(async move { (seq, ack.await) });
+        if pending.len() >= 20_000
+            && let Some(done) = pending.next().await
+        {
+            collect(done, &mut acked);
+        }
+    }
+    while let Some(done) = pending.next().await {
+        collect(done, &mut acked);
+    }
+    Ok(acked)
+}
+
+type Ack = Result<
+    rdkafka::producer::future_producer::OwnedDeliveryResult,
+    futures::channel::oneshot::Canceled,
+>;
+
+fn collect((seq, ack): (usize, Ack), acked: &mut Vec<usize>) {
+    if let Ok(Ok(_)) = ack {
+        acked.push(seq);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_killed_five_times_loses_no_acknowledged_push() -> anyhow::Result<()> {
+    let redis = testbed_var("HERALD_REDIS_URL");
+    let brokers = testbed_var("HERALD_KAFKA_BROKERS");
+    let topic = unique_name("jobkill");
+    let group = unique_name("jobkill-job");
+    let server = unique_name("comet-jobkill");
+    create_topic(&brokers, &topic, 4).await?;
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("job_kill")
+        .join(&topic);
+    std::fs::create_dir_all(&dir)?;
+    let s = |v: &str| v.to_owned();
+
+    let (logic_http, logic_grpc) = (free_port(), free_port());
+    let mut logic = Proc::spawn(
+        "logic",
+        s("logic"),
+        &dir,
+        &[
+            s("--http-addr"),
+            addr(logic_http),
+            s("--grpc-addr"),
+            addr(logic_grpc),
+            s("--redis-url"),
+            redis,
+            s("--kafka-brokers"),
+            brokers.clone(),
+            s("--kafka-topic"),
+            topic.clone(),
+        ],
+    )?;
+    wait_accepts(logic_grpc, &mut logic).await?;
+    let (tcp, ws, grpc, http) = (free_port(), free_port(), free_port(), free_port());
+    let mut comet = Proc::spawn(
+        "comet",
+        s("comet"),
+        &dir,
+        &[
+            s("--server-id"),
+            server.clone(),
+            s("--logic-addr"),
+            addr(logic_grpc),
+            s("--tcp-addr"),
+            addr(tcp),
+            s("--ws-addr"),
+            addr(ws),
+            s("--grpc-addr"),
+            addr(grpc),
+            s("--http-addr"),
+            addr(http),
+        ],
+    )?;
+    for port in [tcp, grpc] {
+        wait_accepts(port, &mut comet).await?;
+    }
+
+    let counts: Arc<Vec<AtomicU8>> = Arc::new((0..PUSHES).map(|_| AtomicU8::new(0)).collect());
+    let received = Arc::new(AtomicUsize::new(0));
+    let mut readers = Vec::new();
+    for index in 0..CLIENTS {
+        readers.push(client(tcp, index, counts.clone(), received.clone()).await?);
+    }
+
+    let job_args = |http: u16| {
+        vec![
+            s("--kafka-brokers"),
+            brokers.clone(),
+            s("--kafka-topic"),
+            topic.clone(),
+            s("--kafka-group"),
+            group.clone(),
+            // The broker's minimum: a killed member's partitions move soonest.
+            s("--kafka-session-timeout-ms"),
+            s("6000"),
+            s("--comet"),
+            format!("{server}={}", addr(grpc)),
+            s("--http-addr"),
+            addr(http),
+        ]
+    };
+    let started = Instant::now();
+    let producer = tokio::spawn(produce(brokers.clone(), topic.clone(), server.clone()));
+    let mut job = Proc::spawn("job", s("job-0"), &dir, &job_args(free_port()))?;
+    let result = async {
+        // Kill when a sixth, two sixths, ... of the pushes have arrived.
+        for kill in 1..=KILLS {
+            let mark = PUSHES * kill / (KILLS + 1);
+            let deadline = Instant::now() + WAIT;
+            while received.load(Ordering::Relaxed) < mark {
+                job.check_running()?;
+                ensure!(
+                    Instant::now() < deadline,
+                    "stalled at {} of {PUSHES} before kill {kill}",
+                    received.load(Ordering::Relaxed)
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            job.kill9()?;
+            eprintln!(
+                "kill {kill}: SIGKILL to job pid {} at {:.1} s, {} pushes received",
+                job.child.id(),
+                started.elapsed().as_secs_f64(),
+                received.load(Ordering::Relaxed)
+            );
+            job = Proc::spawn("job", format!("job-{kill}"), &dir, &job_args(free_port()))?;
+        }
+        let acked = tokio::time::timeout(TOTAL, producer)
+            .await
+            .context("producing took too long")???;
+        let deadline = started + TOTAL;
+        loop {
+            let missing = acked
+                .iter()
+                .filter(|&&seq| counts[seq].load(Ordering::Relaxed) == 0)
+                .count();
+            if missing == 0 {
+                break;
+            }
+            job.check_running()?;
+            for reader in &readers {
+                ensure!(!reader.is_finished(), "a client stopped reading");
+            }
+            if Instant::now() > deadline {
+                // Give the report below a chance: count what never came.
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let lost = acked
+            .iter()
+            .filter(|&&seq| counts[seq].load(Ordering::Relaxed) == 0)
+            .count();
+        let duplicates: usize = counts
+            .iter()
+            .map(|c| usize::from(c.load(Ordering::Relaxed)).saturating_sub(1))
+            .sum();
+        eprintln!(
+            "job kill -9 x{KILLS}: produced {PUSHES}, acknowledged {}, lost {lost}, \
+             duplicates {duplicates}, took {:.1} s",
+            acked.len(),
+            started.elapsed().as_secs_f64()
+        );
+        ensure!(
+            acked.len() == PUSHES,
+            "Kafka acknowledged only {}",
+            acked.len()
+        );
+        ensure!(lost == 0, "{lost} acknowledged pushes never arrived");
+        anyhow::Ok(())
+    }
+    .await;
+    if result.is_err() {
+        for proc in [&logic, &comet, &job] {
+            proc.print_logs();
+        }
+    }
+    for reader in readers {
+        reader.abort();
+    }
+    drop(job);
+    drop(comet);
+    drop(logic);
+    if let Ok(admin) = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create::<AdminClient<DefaultClientContext>>()
+    {
+        let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
+    }
+    result
+}

@@ -1,0 +1,280 @@
+//! Prometheus metrics and the admin HTTP listener (`/metrics`, `/healthz`,
+//! `/readyz`).
+//!
+//! Labels are low-cardinality: push type, rpc, reason, and the comet name
+//! (bounded by the node list, not by traffic). Names that come from records
+//! (an unknown comet in a PUSH record, rooms, keys) are never labels.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::comets::Stats;
+
+type Label = [(&'static str, &'static str); 1];
+type CometLabel = [(&'static str, String); 1];
+type CometReason = [(&'static str, String); 2];
+type Latency = Family<Label, Histogram, fn() -> Histogram>;
+
+/// Every job metric, registered once in [`Metrics::new`] under `herald_job`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    records: Counter,
+    delivered: Family<Label, Counter>,
+    call_failures: Family<CometLabel, Counter>,
+    retries: Family<CometLabel, Counter>,
+    drops: Family<CometReason, Counter>,
+    unknown_comet: Counter,
+    poison: Family<Label, Counter>,
+    dead_lettered: Counter,
+    dead_letter_failures: Counter,
+    room_skips: Family<CometLabel, Counter>,
+    call_seconds: Latency,
+    in_flight: Gauge,
+    lag: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~4 s: loopback calls sit at the bottom, timeouts at the top.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
+
+impl Metrics {
+    /// A fresh registry with every job metric in it.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("herald_job");
+        let records = Counter::default();
+        registry.register(
+            "records_consumed",
+            "Records taken from the source (poison included)",
+            records.clone(),
+        );
+        let delivered = Family::<Label, Counter>::default();
+        registry.register(
+            "pushes_delivered",
+            "Records whose comet calls all finished, by push type",
+            delivered.clone(),
+        );
+        let call_failures = Family::<CometLabel, Counter>::default();
+        registry.register(
+            "comet_call_failures",
+            "Failed comet gRPC calls (each attempt), by comet",
+            call_failures.clone(),
+        );
+        let retries = Family::<CometLabel, Counter>::default();
+        registry.register(
+            "comet_call_retries",
+            "Comet gRPC calls retried after a transient failure, by comet",
+            retries.clone(),
+        );
+        let drops = Family::<CometReason, Counter>::default();
+        registry.register(
+            "comet_call_drops",
+            "Comet calls given up for good, by comet and reason",
+            drops.clone(),
+        );
+        let unknown_comet = Counter::default();
+        registry.register(
+            "unknown_comet_drops",
+            "PUSH records for a comet not in the list (dropped)",
+            unknown_comet.clone(),
+        );
+        let poison = Family::<Label, Counter>::default();
+        registry.register(
+            "poison_records",
+            "Records that can never be delivered, by reason",
+            poison.clone(),
+        );
+        let dead_lettered = Counter::default();
+        registry.register(
+            "dead_lettered",
+            "Poison records written to the dead-letter topic",
+            dead_lettered.clone(),
+        );
+        let dead_letter_failures = Counter::default();
+        registry.register(
+            "dead_letter_failures",
+            "Failed dead-letter writes (retried; the offset waits)",
+            dead_letter_failures.clone(),
+        );
+        let room_skips = Family::<CometLabel, Counter>::default();
+        registry.register(
+            "room_sends_skipped",
+            "Room pushes not sent to a comet whose fresh Rooms answer lacks the room",
+            room_skips.clone(),
+        );
+        let call_seconds: Latency = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "comet_call_seconds",
+            "Latency of one comet gRPC attempt, by rpc",
+            call_seconds.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "records_in_flight",
+            "Records being delivered",
+            in_flight.clone(),
+        );
+        let lag = Gauge::default();
+        registry.register(
+            "committed_offset_lag",
+            "Records between the group's committed offsets and the partition ends \
+             (librdkafka statistics, every few seconds)",
+            lag.clone(),
+        );
+        Metrics {
+            registry,
+            records,
+            delivered,
+            call_failures,
+            retries,
+            drops,
+            unknown_comet,
+            poison,
+            dead_lettered,
+            dead_letter_failures,
+            room_skips,
+            call_seconds,
+            in_flight,
+            lag,
+        }
+    }
+
+    pub(crate) fn record(&self) {
+        self.records.inc();
+    }
+
+    pub(crate) fn delivered(&self, kind: &'static str) {
+        self.delivered.get_or_create(&[("type", kind)]).inc();
+    }
+
+    pub(crate) fn call_failed(&self, comet: &str) {
+        self.call_failures
+            .get_or_create(&[("comet", comet.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn retry(&self, comet: &str) {
+        self.retries
+            .get_or_create(&[("comet", comet.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn dropped(&self, comet: &str, reason: &'static str) {
+        self.drops
+            .get_or_create(&[("comet", comet.to_owned()), ("reason", reason.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn unknown_comet(&self) {
+        self.unknown_comet.inc();
+    }
+
+    pub(crate) fn poison(&self, reason: &'static str) {
+        self.poison.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    pub(crate) fn dead_lettered(&self) {
+        self.dead_lettered.inc();
+    }
+
+    pub(crate) fn dead_letter_failed(&self) {
+        self.dead_letter_failures.inc();
+    }
+
+    pub(crate) fn room_skipped(&self, comet: &str) {
+        self.room_skips
+            .get_or_create(&[("comet", comet.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn call_took(&self, rpc: &'static str, took: Duration) {
+        self.call_seconds
+            .get_or_create(&[("rpc", rpc)])
+            .observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn set_in_flight(&self, n: usize) {
+        self.in_flight.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn set_lag(&self, lag: i64) {
+        self.lag.set(lag);
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// What the admin endpoints read.
+#[derive(Debug)]
+pub(crate) struct Health {
+    pub(crate) stats: Arc<Stats>,
+    /// Set once the source can deliver: the Kafka consumer got its first
+    /// partition assignment (an empty one counts: the group answered).
+    pub(crate) ready: Arc<AtomicBool>,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `stop`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    health: Health,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(Arc::new(health));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+}
+
+async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        health.stats.metrics.encode(),
+    )
+}
+
+/// 503 until the consumer is assigned, so a rollout waits for a job that
+/// really consumes before it stops the old one.
+async fn ready(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    if health.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "kafka consumer not assigned yet",
+        )
+    }
+}
