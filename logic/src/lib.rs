@@ -134,6 +134,19 @@ pub struct Args {
     /// HS256 secret for `--token-mode jwt`.
     #[arg(long, env = "HERALD_LOGIC_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// RS256 public key (PEM file) for `--token-mode jwt`, instead of a secret.
+    #[arg(
+        long,
+        env = "HERALD_LOGIC_JWT_PUBLIC_KEY",
+        conflicts_with = "jwt_secret"
+    )]
+    pub jwt_public_key: Option<PathBuf>,
+    /// `aud` a signed token must carry.
+    #[arg(long, env = "HERALD_LOGIC_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// `iss` a signed token must carry.
+    #[arg(long, env = "HERALD_LOGIC_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
     /// Client heartbeat interval advertised to clients, in seconds.
     #[arg(long, env = "HERALD_LOGIC_HEARTBEAT_SECS", default_value_t = 240)]
     pub heartbeat_secs: u64,
@@ -181,8 +194,12 @@ pub struct Config {
     pub http: http::HttpConfig,
     /// Token checking.
     pub token_mode: TokenMode,
-    /// JWT secret (required for [`TokenMode::Jwt`]).
+    /// JWT HS256 secret (for [`TokenMode::Jwt`], or the public key below).
     pub jwt_secret: Option<String>,
+    /// JWT RS256 public key file (for [`TokenMode::Jwt`]).
+    pub jwt_public_key: Option<PathBuf>,
+    /// Registered claims a signed token must carry.
+    pub jwt_checks: token::JwtChecks,
     /// Client heartbeat, heartbeat max, staleness.
     pub service: service::Settings,
     /// Aggregation interval of room counts.
@@ -216,6 +233,9 @@ impl Args {
             compat_status_200,
             token_mode,
             jwt_secret,
+            jwt_public_key,
+            jwt_audience,
+            jwt_issuer,
             heartbeat_secs,
             heartbeat_max,
             online_interval_ms,
@@ -257,6 +277,11 @@ impl Args {
             },
             token_mode,
             jwt_secret,
+            jwt_public_key,
+            jwt_checks: token::JwtChecks {
+                audience: jwt_audience.filter(|a| !a.is_empty()),
+                issuer: jwt_issuer.filter(|i| !i.is_empty()),
+            },
             service: service::Settings {
                 heartbeat: Duration::from_secs(heartbeat_secs),
                 heartbeat_max,
@@ -297,6 +322,8 @@ impl Config {
             },
             token_mode: TokenMode::Goim,
             jwt_secret: None,
+            jwt_public_key: None,
+            jwt_checks: token::JwtChecks::default(),
             service: service::Settings {
                 heartbeat: Duration::from_secs(240),
                 heartbeat_max: 2,
@@ -313,9 +340,9 @@ impl Config {
     /// The first problem found.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Config(m.to_owned()));
-        if self.token_mode == TokenMode::Jwt && self.jwt_secret.as_deref().is_none_or(str::is_empty)
-        {
-            return bad("--token-mode jwt needs --jwt-secret");
+        let has_secret = self.jwt_secret.as_deref().is_some_and(|s| !s.is_empty());
+        if self.token_mode == TokenMode::Jwt && has_secret == self.jwt_public_key.is_some() {
+            return bad("--token-mode jwt needs exactly one of --jwt-secret and --jwt-public-key");
         }
         if self.redis.ttl.as_secs() == 0 {
             return bad("routing TTL must be at least 1 second");
@@ -429,6 +456,8 @@ async fn serve(
         http: http_config,
         token_mode,
         jwt_secret,
+        jwt_public_key,
+        jwt_checks,
         service: settings,
         online_interval,
         drain_timeout,
@@ -440,7 +469,17 @@ async fn serve(
     };
     let verifier = match token_mode {
         TokenMode::Goim => token::Verifier::goim(),
-        TokenMode::Jwt => token::Verifier::jwt(jwt_secret.unwrap_or_default().as_bytes()),
+        TokenMode::Jwt => match &jwt_public_key {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    Error::Config(format!("reading --jwt-public-key {}: {e}", path.display()))
+                })?;
+                token::Verifier::rs256(&pem, &jwt_checks).map_err(|e| {
+                    Error::Config(format!("--jwt-public-key {}: {e}", path.display()))
+                })?
+            }
+            None => token::Verifier::hs256(jwt_secret.unwrap_or_default().as_bytes(), &jwt_checks),
+        },
     };
     if http_config.api_key.is_none() {
         tracing::warn!(
@@ -565,6 +604,7 @@ mod tests {
             Err(Error::Config(_))
         ));
         assert!(parse(&["--token-mode", "jwt", "--jwt-secret", "s"]).is_ok());
+        assert!(parse(&["--token-mode", "jwt", "--jwt-public-key", "/k.pem"]).is_ok());
         assert!(parse(&["--routing-ttl-secs", "0"]).is_err());
         assert!(parse(&["--max-keys", "0"]).is_err());
         let c = parse(&["--api-key", "", "--compat-status-200"]).unwrap();

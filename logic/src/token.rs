@@ -2,8 +2,11 @@
 //! (goim-protocol.md §6, herald-extensions.md for the JWT form).
 //!
 //! goim verifies nothing; Herald keeps accepting goim's JSON unchanged
-//! ([`TokenMode::Goim`]) and can instead require an HS256 JWT carrying the
-//! same members as claims plus a mandatory `exp` ([`TokenMode::Jwt`]).
+//! ([`TokenMode::Goim`]) and can instead require a signed JWT carrying the
+//! same members as claims plus a mandatory `exp` ([`TokenMode::Jwt`]):
+//! HS256 with a shared secret, or RS256 with the issuer's public key (so the
+//! service that mints tokens keeps the only signing key), optionally with
+//! `aud` and `iss` checked.
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -20,6 +23,9 @@ pub enum Error {
     /// The token bytes are not UTF-8 (a JWT is ASCII text).
     #[error("token is not UTF-8")]
     Utf8(#[source] std::str::Utf8Error),
+    /// The configured verification key is unusable (startup only).
+    #[error("JWT verification key rejected")]
+    Key(#[source] jsonwebtoken::errors::Error),
 }
 
 /// Result of this module.
@@ -30,7 +36,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum TokenMode {
     /// goim's unverified JSON (anyone can claim any mid/key).
     Goim,
-    /// HS256-signed JWT with the same members as claims and a required `exp`.
+    /// Signed JWT (HS256 or RS256) with the same members as claims and a required `exp`.
     Jwt,
 }
 
@@ -53,6 +59,15 @@ pub struct Token {
     /// Ops accepted for key/mid/broadcast pushes.
     #[serde(default)]
     pub accepts: Vec<i32>,
+}
+
+/// Optional registered claims a signed token must carry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JwtChecks {
+    /// Required `aud`.
+    pub audience: Option<String>,
+    /// Required `iss`.
+    pub issuer: Option<String>,
 }
 
 /// Parses tokens according to the configured mode. Built once at startup.
@@ -87,11 +102,47 @@ impl Verifier {
 
     /// HS256 JWTs signed with `secret`; `exp` is required and checked.
     pub fn jwt(secret: &[u8]) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp"]);
+        Self::signed(
+            DecodingKey::from_secret(secret),
+            Algorithm::HS256,
+            &JwtChecks::default(),
+        )
+    }
+
+    /// RS256 JWTs verified with the PEM public key `pem`; `exp` is required,
+    /// and `aud`/`iss` when `checks` names them.
+    ///
+    /// # Errors
+    /// `pem` is not an RSA public key.
+    pub fn rs256(pem: &[u8], checks: &JwtChecks) -> Result<Self> {
+        let key = DecodingKey::from_rsa_pem(pem).map_err(Error::Key)?;
+        Ok(Self::signed(key, Algorithm::RS256, checks))
+    }
+
+    /// HS256 like [`Verifier::jwt`], with `aud`/`iss` checks.
+    pub fn hs256(secret: &[u8], checks: &JwtChecks) -> Self {
+        Self::signed(DecodingKey::from_secret(secret), Algorithm::HS256, checks)
+    }
+
+    fn signed(key: DecodingKey, algorithm: Algorithm, checks: &JwtChecks) -> Self {
+        // One algorithm only: a token may not pick a weaker one ("alg" confusion).
+        let mut validation = Validation::new(algorithm);
+        let mut required = vec!["exp"];
+        match &checks.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &checks.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
         validation.validate_exp = true;
         Verifier {
-            mode: Verify::Jwt(Box::new((DecodingKey::from_secret(secret), validation))),
+            mode: Verify::Jwt(Box::new((key, validation))),
         }
     }
 
@@ -185,5 +236,54 @@ mod tests {
         assert!(v.parse(expired.as_bytes()).is_err());
         // goim JSON is not accepted in JWT mode.
         assert!(v.parse(br#"{"mid":1}"#).is_err());
+    }
+
+    #[test]
+    fn rs256_verifies_with_the_public_key_and_checks_aud_and_iss() {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
+        let read = |name: &str| std::fs::read(format!("{fixtures}{name}")).unwrap();
+        let signer = EncodingKey::from_rsa_pem(&read("jwt-test-rs256.key")).unwrap();
+        let other = EncodingKey::from_rsa_pem(&read("jwt-other-rs256.key")).unwrap();
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 60;
+        let claims = serde_json::json!({"mid": 9, "key": "rk", "room_id": "live://1",
+            "accepts": [1000], "exp": exp, "aud": "chat", "iss": "auth.example"});
+        let sign = |claims: &serde_json::Value, key: &EncodingKey| {
+            encode(&Header::new(Algorithm::RS256), claims, key).unwrap()
+        };
+        let checks = JwtChecks {
+            audience: Some("chat".to_owned()),
+            issuer: Some("auth.example".to_owned()),
+        };
+        let v = Verifier::rs256(&read("jwt-test-rs256.pub"), &checks).unwrap();
+        let t = v.parse(sign(&claims, &signer).as_bytes()).unwrap();
+        assert_eq!((t.mid, t.key.as_str(), t.accepts), (9, "rk", vec![1000]));
+        // Another key's signature, a wrong audience, a missing issuer: refused.
+        assert!(v.parse(sign(&claims, &other).as_bytes()).is_err());
+        let mut wrong_aud = claims.clone();
+        wrong_aud["aud"] = "other".into();
+        assert!(v.parse(sign(&wrong_aud, &signer).as_bytes()).is_err());
+        let mut no_iss = claims.clone();
+        no_iss.as_object_mut().unwrap().remove("iss");
+        assert!(v.parse(sign(&no_iss, &signer).as_bytes()).is_err());
+        // An HS256 token "signed" with the public key bytes is refused.
+        let forged = encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&read("jwt-test-rs256.pub")),
+        )
+        .unwrap();
+        assert!(v.parse(forged.as_bytes()).is_err());
+        // Without aud/iss checks the same good token passes.
+        let plain = Verifier::rs256(&read("jwt-test-rs256.pub"), &JwtChecks::default()).unwrap();
+        assert!(plain.parse(sign(&no_iss, &signer).as_bytes()).is_ok());
+        assert!(matches!(
+            Verifier::rs256(b"not a key", &checks),
+            Err(Error::Key(_))
+        ));
     }
 }

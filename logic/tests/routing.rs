@@ -132,6 +132,46 @@ async fn jwt_mode_accepts_signed_tokens_only() {
 }
 
 #[tokio::test]
+async fn rs256_tokens_are_verified_with_the_configured_public_key() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut cfg = config(&unique("unused"));
+    cfg.token_mode = herald_logic::TokenMode::Jwt;
+    cfg.jwt_public_key = Some(fixtures.join("jwt-test-rs256.pub"));
+    cfg.jwt_checks.audience = Some("chat".to_owned());
+    let logic = Logic::start(cfg).await;
+    let mut client = logic.grpc().await;
+    let key = unique("rs");
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    let claims = serde_json::json!({"mid": 6, "key": key, "exp": exp, "aud": "chat"});
+    let sign = |file: &str| {
+        let pem = std::fs::read(fixtures.join(file)).unwrap();
+        encode(
+            &Header::new(Algorithm::RS256),
+            &claims,
+            &EncodingKey::from_rsa_pem(&pem).unwrap(),
+        )
+        .unwrap()
+    };
+    let reply = connect(&mut client, "c", &sign("jwt-test-rs256.key")).await;
+    assert_eq!((reply.mid, reply.key.as_str()), (6, key.as_str()));
+    let err = client
+        .connect(ConnectReq {
+            server: "c".to_owned(),
+            cookie: String::new(),
+            token: sign("jwt-other-rs256.key").into_bytes().into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    logic.stop().await;
+}
+
+#[tokio::test]
 async fn disconnect_from_a_stale_server_keeps_the_new_route() {
     let logic = Logic::start(config(&unique("unused"))).await;
     let mut client = logic.grpc().await;
