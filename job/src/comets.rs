@@ -12,9 +12,20 @@
 //! Each call completes its records' `done` senders; a worker stopped by
 //! shutdown drops them instead, which the caller reads as "abandoned" (not
 //! delivered, offset not stored).
+//!
+//! # A slow or dead comet does not hold up the others
+//! Records in flight are bounded for the whole job; without a bound per
+//! comet, one comet that never answers would collect every in-flight slot
+//! while its calls are retried, and delivery to all comets would stop. So
+//! a comet whose last call failed (it is being retried) holds at most
+//! `max_queued` unfinished calls; a call beyond that is dropped at once,
+//! counted (`comet_queue_full`), and its record may complete: the clients
+//! of a comet that cannot be reached lose those pushes, everyone else keeps
+//! getting theirs. A comet that answers keeps every call (a burst only
+//! waits), so healthy comets never drop.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,6 +54,8 @@ pub struct CallSettings {
     pub batch_frames: usize,
     /// Most frame bytes in one `BroadcastRoom` batch.
     pub batch_bytes: usize,
+    /// Most unfinished calls one comet may hold before new ones are dropped.
+    pub max_queued: usize,
 }
 
 /// What happened to records, for logs, metrics and tests.
@@ -58,6 +71,7 @@ pub struct Stats {
     pub(crate) room_frames: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) room_skipped: AtomicU64,
+    pub(crate) queue_full: AtomicU64,
     /// The same events (and more) for Prometheus.
     pub(crate) metrics: crate::metrics::Metrics,
 }
@@ -85,6 +99,8 @@ pub struct StatsSnapshot {
     pub dead_lettered: u64,
     /// Room sends skipped because the comet's fresh `Rooms` lacked the room.
     pub room_skipped: u64,
+    /// Calls dropped because their comet already held `max_queued` calls.
+    pub queue_full: u64,
 }
 
 impl Stats {
@@ -102,6 +118,7 @@ impl Stats {
             room_frames: get(&self.room_frames),
             dead_lettered: get(&self.dead_lettered),
             room_skipped: get(&self.room_skipped),
+            queue_full: get(&self.queue_full),
         }
     }
 }
@@ -134,7 +151,38 @@ pub(crate) enum Call {
 #[derive(Debug)]
 pub(crate) struct Item {
     pub(crate) call: Call,
-    pub(crate) done: oneshot::Sender<()>,
+    pub(crate) done: Done,
+}
+
+/// Completes one call for its record, and frees the call's place in its
+/// comet's queue when dropped (sent or not).
+#[derive(Debug)]
+pub(crate) struct Done {
+    tx: oneshot::Sender<()>,
+    _slot: Slot,
+}
+
+impl Done {
+    fn new(tx: oneshot::Sender<()>, queued: Arc<AtomicUsize>) -> Self {
+        Done {
+            tx,
+            _slot: Slot(queued),
+        }
+    }
+
+    fn send(self, value: ()) -> Result<(), ()> {
+        self.tx.send(value)
+    }
+}
+
+/// One place in a comet's queue, given back on drop.
+#[derive(Debug)]
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -142,6 +190,11 @@ struct Handle {
     addr: String,
     // Unbounded: the drivers bound the records in flight, which bounds this.
     tx: mpsc::UnboundedSender<Item>,
+    /// Unfinished calls (queued or being sent), bounded by `max_queued`
+    /// while `failing`.
+    queued: Arc<AtomicUsize>,
+    /// Whether the worker's last call attempt failed.
+    failing: Arc<AtomicBool>,
     /// What the comet's `Rooms` said; shared with its poller.
     rooms: Arc<Mutex<RoomView>>,
     /// Stops the poller when the comet leaves the list (on drop).
@@ -269,7 +322,21 @@ impl Directory {
     pub(crate) fn send_to(&self, name: &str, call: Call) -> Option<oneshot::Receiver<()>> {
         let comets = self.lock();
         let handle = comets.get(name)?;
-        let (done, rx) = oneshot::channel();
+        self.enqueue(name, handle, call)
+    }
+
+    /// Queues one call, or drops it (completed at once, counted) when the
+    /// comet is failing and already holds `max_queued` unfinished calls.
+    fn enqueue(&self, name: &str, handle: &Handle, call: Call) -> Option<oneshot::Receiver<()>> {
+        let (tx, rx) = oneshot::channel();
+        let held = handle.queued.fetch_add(1, Ordering::Relaxed);
+        let done = Done::new(tx, handle.queued.clone());
+        if held >= self.settings.max_queued && handle.failing.load(Ordering::Relaxed) {
+            bump(&self.stats.queue_full);
+            self.stats.metrics.dropped(name, "comet_queue_full");
+            let _ = done.send(());
+            return Some(rx);
+        }
         handle.tx.send(Item { call, done }).ok()?;
         Some(rx)
     }
@@ -297,9 +364,7 @@ impl Directory {
                         return None;
                     }
                 }
-                let (done, rx) = oneshot::channel();
-                handle.tx.send(Item { call: make(), done }).ok()?;
-                Some(rx)
+                self.enqueue(name, handle, make())
             })
             .collect()
     }
@@ -308,12 +373,8 @@ impl Directory {
     pub(crate) fn send_to_all(&self, make: impl Fn() -> Call) -> Vec<oneshot::Receiver<()>> {
         let comets = self.lock();
         comets
-            .values()
-            .filter_map(|handle| {
-                let (done, rx) = oneshot::channel();
-                handle.tx.send(Item { call: make(), done }).ok()?;
-                Some(rx)
-            })
+            .iter()
+            .filter_map(|(name, handle)| self.enqueue(name, handle, make()))
             .collect()
     }
 
@@ -344,20 +405,23 @@ impl Directory {
                 .instrument(info_span!("rooms", comet = %name)),
             );
         }
+        let failing = Arc::new(AtomicBool::new(false));
+        let queued = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
             name: name.to_owned(),
             addr: addr.to_owned(),
+            failing: failing.clone(),
+            queued: queued.clone(),
+            rx,
             client,
             directory: self.clone(),
         };
-        tokio::spawn(
-            worker
-                .run(rx)
-                .instrument(info_span!("comet", comet = %name)),
-        );
+        tokio::spawn(worker.run().instrument(info_span!("comet", comet = %name)));
         Ok(Handle {
             addr: addr.to_owned(),
             tx,
+            queued,
+            failing,
             rooms,
             poller,
         })
@@ -411,12 +475,16 @@ async fn poll_rooms(
 }
 
 /// Frames of one room gathered in one drain, in arrival order.
-type RoomFrames = Vec<(Bytes, oneshot::Sender<()>)>;
+type RoomFrames = Vec<(Bytes, Done)>;
 
 #[derive(Debug)]
 struct Worker {
     name: String,
     addr: String,
+    failing: Arc<AtomicBool>,
+    /// Unfinished calls of this comet (shared with its [`Handle`]).
+    queued: Arc<AtomicUsize>,
+    rx: mpsc::UnboundedReceiver<Item>,
     client: CometClient<Channel>,
     directory: Directory,
 }
@@ -425,19 +493,22 @@ struct Worker {
 const DRAIN_MAX: usize = 1024;
 
 impl Worker {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Item>) {
+    async fn run(mut self) {
         let cancel = self.directory.cancel.clone();
         loop {
             let first = tokio::select! {
                 () = cancel.cancelled() => return,
-                item = rx.recv() => match item {
+                item = self.rx.recv() => match item {
                     Some(item) => item,
                     None => return,
                 },
             };
             let mut drained = vec![first];
-            while drained.len() < DRAIN_MAX {
-                match rx.try_recv() {
+            // At most `max_queued` in hand, so shedding (below) can bring a
+            // failing comet down to its bound from the queue alone.
+            let limit = DRAIN_MAX.min(self.directory.settings.max_queued.max(1));
+            while drained.len() < limit {
+                match self.rx.try_recv() {
                     Ok(item) => drained.push(item),
                     Err(_) => break,
                 }
@@ -509,11 +580,13 @@ impl Worker {
             stats.metrics.call_took(req.name(), started.elapsed());
             let status = match result {
                 Ok(()) => {
+                    self.failing.store(false, Ordering::Relaxed);
                     bump(&stats.calls);
                     return Some(true);
                 }
                 Err(status) => status,
             };
+            self.failing.store(true, Ordering::Relaxed);
             stats.metrics.call_failed(&self.name);
             if !retryable(status.code()) {
                 bump(&stats.rejected);
@@ -538,11 +611,29 @@ impl Worker {
                 debug!(rpc = req.name(), attempt, cause = %status.message(), "retrying");
             }
             stats.metrics.retry(&self.name);
+            self.shed();
             tokio::select! {
                 () = cancel.cancelled() => return None,
                 () = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(settings.backoff_max);
+        }
+    }
+}
+
+impl Worker {
+    /// While this comet fails, drops queued calls beyond `max_queued`
+    /// (completed and counted), so its records do not pin in-flight slots.
+    fn shed(&mut self) {
+        let max = self.directory.settings.max_queued;
+        while self.queued.load(Ordering::Relaxed) > max {
+            let Ok(item) = self.rx.try_recv() else { break };
+            bump(&self.directory.stats.queue_full);
+            self.directory
+                .stats
+                .metrics
+                .dropped(&self.name, "comet_queue_full");
+            let _ = item.done.send(());
         }
     }
 }
@@ -637,13 +728,17 @@ mod tests {
             backoff_max: Duration::from_millis(1),
             batch_frames: frames,
             batch_bytes: bytes,
+            max_queued: 100,
         }
     }
 
     fn frames(sizes: &[usize]) -> RoomFrames {
         sizes
             .iter()
-            .map(|&n| (Bytes::from(vec![n as u8; n]), oneshot::channel().0))
+            .map(|&n| {
+                let done = Done::new(oneshot::channel().0, Arc::new(AtomicUsize::new(1)));
+                (Bytes::from(vec![n as u8; n]), done)
+            })
             .collect()
     }
 

@@ -147,6 +147,10 @@ pub struct Args {
     /// Most bytes in one room batch.
     #[arg(long, env = "HERALD_JOB_BATCH_BYTES", default_value_t = 64 * 1024)]
     pub batch_bytes: usize,
+    /// Most unfinished calls per failing comet; more are dropped and
+    /// counted, so an unreachable comet cannot take every in-flight slot.
+    #[arg(long, env = "HERALD_JOB_COMET_QUEUE_LIMIT", default_value_t = 500)]
+    pub comet_queue_limit: usize,
     /// Most records being delivered at once.
     #[arg(long, env = "HERALD_JOB_MAX_IN_FLIGHT", default_value_t = 1000)]
     pub max_in_flight: usize,
@@ -237,6 +241,7 @@ impl Args {
             retry_backoff_ms,
             batch_frames,
             batch_bytes,
+            comet_queue_limit,
             max_in_flight,
             drain_timeout_ms,
             http_addr,
@@ -263,6 +268,7 @@ impl Args {
         config.calls.backoff = Duration::from_millis(retry_backoff_ms);
         config.calls.batch_frames = batch_frames;
         config.calls.batch_bytes = batch_bytes;
+        config.calls.max_queued = comet_queue_limit;
         config.max_in_flight = max_in_flight;
         config.drain_timeout = Duration::from_millis(drain_timeout_ms);
         config.http_addr = http_addr;
@@ -293,6 +299,7 @@ impl Config {
                 backoff_max: Duration::from_secs(5),
                 batch_frames: 20,
                 batch_bytes: 64 * 1024,
+                max_queued: 500,
             },
             max_in_flight: 1000,
             drain_timeout: Duration::from_secs(5),
@@ -314,7 +321,11 @@ impl Config {
         if self.calls.timeout.is_zero() || poll_zero || self.kafka.session_timeout.is_zero() {
             return bad("timeouts and intervals must be non-zero");
         }
-        if self.calls.attempts == 0 || self.calls.batch_frames == 0 || self.calls.batch_bytes == 0 {
+        if self.calls.attempts == 0
+            || self.calls.batch_frames == 0
+            || self.calls.batch_bytes == 0
+            || self.calls.max_queued == 0
+        {
             return bad("retry attempts and batch limits must be non-zero");
         }
         if self.max_in_flight == 0 || self.max_record_bytes == 0 {

@@ -1228,3 +1228,63 @@ async fn nothing_is_lost_while_a_second_job_joins_and_the_first_leaves() -> Resu
     second.stop().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_dead_comet_cannot_hold_up_the_others() -> Result {
+    let live = Comet::start("comet-live").await?;
+    let mut client = live.client("kl", "live://l").await?;
+    let dead = black_hole().await?;
+    let (queue, records) = MemoryQueue::new(16);
+    let mut config = Config::new("unused:1", "unused", "unused");
+    config.comets = vec![
+        live.as_static(),
+        herald_job::StaticComet {
+            name: "comet-dead".to_owned(),
+            grpc: dead.to_string(),
+        },
+    ];
+    // Far fewer in-flight slots than records for the dead comet: without a
+    // per-comet bound they would all be taken by calls that never finish.
+    config.max_in_flight = 40;
+    config.calls.max_queued = 8;
+    config.calls.timeout = Duration::from_secs(2);
+    let job = Job::start(&config)?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let runner = job.clone();
+    let task = tokio::spawn(async move {
+        source::channel(&runner, &config, records, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    // A separate task: without the bound, job would stop taking records and
+    // these pushes would block; the reads below then time out and fail.
+    let producer = tokio::spawn(async move {
+        for i in 0..300u32 {
+            let body = format!("n{i}");
+            queue
+                .push("kd", &push("comet-dead", &["kd"], body.as_bytes()))
+                .await?;
+            if i % 3 == 0 {
+                queue
+                    .push("kl", &push("comet-live", &["kl"], body.as_bytes()))
+                    .await?;
+            }
+        }
+        anyhow::Ok(())
+    });
+    for i in (0..300u32).step_by(3) {
+        let frame = client.recv().await?;
+        assert_eq!(&frame.body[..], format!("n{i}").as_bytes());
+    }
+    timeout(WAIT, producer).await???;
+    let stats = job.stats();
+    assert!(
+        stats.queue_full >= 300 - 8 - 40,
+        "dead comet's overflow not dropped: {stats:?}"
+    );
+    let _ = stop.send(());
+    job.stop();
+    let _ = timeout(WAIT, task).await?;
+    Ok(())
+}
