@@ -251,17 +251,12 @@ impl Args {
         } = self;
         let mut config = Config::new(&kafka_brokers, &kafka_topic, &kafka_group);
         config.kafka.session_timeout = Duration::from_millis(kafka_session_timeout_ms);
-        config.node_list = match (node_list, node_list_configmap) {
-            (Some(path), _) => Some(nodes::Source::File {
-                path,
-                poll: Duration::from_millis(node_list_poll_ms),
-            }),
-            (None, Some(name)) => Some(nodes::Source::ConfigMap {
-                namespace: node_list_namespace,
-                name,
-            }),
-            (None, None) => None,
-        };
+        config.node_list = nodes::Source::from_flags(
+            node_list,
+            node_list_configmap,
+            node_list_namespace,
+            Duration::from_millis(node_list_poll_ms),
+        );
         config.comets = comets;
         config.calls.timeout = Duration::from_millis(call_timeout_ms);
         config.calls.attempts = retry_attempts;

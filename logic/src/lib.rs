@@ -257,17 +257,12 @@ impl Args {
                 topic: kafka_topic,
                 message_timeout: Duration::from_millis(kafka_message_timeout_ms),
             },
-            node_list: match (node_list, node_list_configmap) {
-                (Some(path), _) => Some(nodes::Source::File {
-                    path,
-                    poll: Duration::from_millis(node_list_poll_ms),
-                }),
-                (None, Some(name)) => Some(nodes::Source::ConfigMap {
-                    namespace: node_list_namespace,
-                    name,
-                }),
-                (None, None) => None,
-            },
+            node_list: nodes::Source::from_flags(
+                node_list,
+                node_list_configmap,
+                node_list_namespace,
+                Duration::from_millis(node_list_poll_ms),
+            ),
             receive_topic: receive_topic.filter(|t| !t.is_empty()),
             http: http::HttpConfig {
                 api_key: api_key.filter(|k| !k.is_empty()),

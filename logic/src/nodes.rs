@@ -222,6 +222,21 @@ pub enum Source {
 }
 
 impl Source {
+    /// The source named by logic's and job's flags: a file wins over a
+    /// ConfigMap (clap refuses both), neither means no node list.
+    pub fn from_flags(
+        file: Option<PathBuf>,
+        configmap: Option<String>,
+        namespace: String,
+        poll: Duration,
+    ) -> Option<Source> {
+        match (file, configmap) {
+            (Some(path), _) => Some(Source::File { path, poll }),
+            (None, Some(name)) => Some(Source::ConfigMap { namespace, name }),
+            (None, None) => None,
+        }
+    }
+
     /// The list to start with: the file's content (a missing file is an
     /// empty list: the operator may not have written it yet), or empty for a
     /// ConfigMap, which the watch fills in within a round trip.
