@@ -877,3 +877,82 @@ async fn scale_down_drains_a_real_comet_first() -> anyhow::Result<()> {
     }
     teardown(&client, &ns).await
 }
+
+#[tokio::test]
+async fn example_is_accepted_by_the_apiserver() -> anyhow::Result<()> {
+    let (client, ns) = setup("op-example").await?;
+    let example: PushCluster =
+        serde_yaml::from_str(include_str!("../../examples/pushcluster.yaml"))?;
+    let created = Api::<PushCluster>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &example)
+        .await?;
+    assert_eq!(created.spec, example.spec);
+    teardown(&client, &ns).await
+}
+
+#[tokio::test]
+async fn autoscaler_follows_load_within_min_and_max() -> anyhow::Result<()> {
+    let (client, ns) = setup("op-auto").await?;
+    let operator = Operator::start(&client, &ns, "herald-operator", "op-a");
+    // No comet holds connections, so the load asks for minReplicas.
+    create_cluster(
+        &client,
+        &ns,
+        cluster_json(
+            "up",
+            json!({"comet": {"replicas": 1, "autoscaling": {"enabled": true,
+                "minReplicas": 3, "maxReplicas": 5, "scaleDownStabilizationSeconds": 0}}}),
+        ),
+    )
+    .await?;
+    let start = tokio::time::Instant::now();
+    create_cluster(
+        &client,
+        &ns,
+        cluster_json(
+            "down",
+            json!({"comet": {"replicas": 4, "autoscaling": {"enabled": true,
+                "minReplicas": 1, "maxReplicas": 5, "scaleDownStabilizationSeconds": 2}}}),
+        ),
+    )
+    .await?;
+    let clusters = Api::<PushCluster>::namespaced(client.clone(), &ns);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let replicas = |name: &'static str| {
+        let (clusters, deployments) = (clusters.clone(), deployments.clone());
+        async move {
+            let spec = clusters.get(name).await?.spec.comet.replicas;
+            let deployed = deployments
+                .get_opt(&format!("{name}-comet"))
+                .await?
+                .and_then(|d| d.spec?.replicas);
+            anyhow::Ok((spec, deployed))
+        }
+    };
+    eventually(30, "scale up to minReplicas", || async {
+        Ok((replicas("up").await? == (3, Some(3))).then_some(()))
+    })
+    .await?;
+    // Down waits for the stabilisation window, then goes to the minimum.
+    eventually(60, "scale down to minReplicas", || async {
+        Ok((replicas("down").await? == (1, Some(1))).then_some(()))
+    })
+    .await?;
+    assert!(
+        start.elapsed() >= Duration::from_secs(2),
+        "scaled down inside the window"
+    );
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?;
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ScaledComets")),
+        "a ScaledComets event"
+    );
+
+    operator.stop().await?;
+    teardown(&client, &ns).await
+}
