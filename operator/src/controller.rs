@@ -272,7 +272,10 @@ async fn poll(ctx: &Context, spec: &PushClusterSpec, pods: &[Pod]) -> Vec<Polled
     let calls = pods.iter().map(|pod| async move {
         let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
         let ready = pod_ready(pod) && ip.is_some();
-        let load = match (&ip, ready) {
+        // Unready pods are polled too: a draining comet reports itself unready
+        // while it still holds clients.
+        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        let load = match (&ip, running) {
             (Some(ip), true) => match load::load(&format!("{ip}:{port}"), ctx.call_timeout).await {
                 Ok(reply) => Some(reply),
                 Err(err) => {
@@ -386,7 +389,8 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
         return Ok(if invalid.spec_only {
             Action::await_change()
         } else {
-            Action::requeue(Duration::from_secs(15))
+            // A Secret appearing is not watched: look again every few polls.
+            Action::requeue(ctx.poll_interval * 4)
         });
     }
 
@@ -462,23 +466,15 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
     let step = scale::drain_step(spec_replicas, deployed, &comet_pods, deadline, now_secs());
     let comet_replicas = carry_out(&ctx, &cluster, &names, spec, &polled, step).await?;
 
-    // build → apply
+    // build → apply. Order matters: what pods reference (ServiceAccount,
+    // ConfigMap, Secrets) exists before the Deployments, else the
+    // ReplicaSets fail to create pods and back off.
     let children = build::children(&names, spec, comet_replicas)?;
     let ns = names.namespace.as_str();
-    let mut deployments = Vec::new();
-    for deployment in &children.deployments {
-        deployments.push(apply(client, ns, deployment).await?);
-    }
-    for service in &children.services {
-        apply(client, ns, service).await?;
-    }
-    apply(client, ns, &children.config).await?;
     apply(client, ns, &children.service_account).await?;
     apply(client, ns, &children.role).await?;
     apply(client, ns, &children.role_binding).await?;
-    for pdb in &children.pdbs {
-        apply(client, ns, pdb).await?;
-    }
+    apply(client, ns, &children.config).await?;
     if spec.auth.api_key_secret_ref.is_none() && !fetched.api_key_exists {
         create_api_key(client, &names).await?;
         publish(
@@ -490,6 +486,16 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
         )
         .await;
     }
+    for service in &children.services {
+        apply(client, ns, service).await?;
+    }
+    let mut deployments = Vec::new();
+    for deployment in &children.deployments {
+        deployments.push(apply(client, ns, deployment).await?);
+    }
+    for pdb in &children.pdbs {
+        apply(client, ns, pdb).await?;
+    }
 
     // node list
     let nodes: Vec<Node> = polled
@@ -498,6 +504,11 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
             let load = p.load.as_ref()?;
             let ip = p.ip.clone()?;
             let draining = load.draining || p.drain_started.is_some();
+            // An unready comet that is not draining (e.g. logic unreachable)
+            // is no place for clients; a draining one stays for job's pushes.
+            if !p.ready && !draining {
+                return None;
+            }
             Some(Node {
                 name: p.name.clone(),
                 grpc: format!("{ip}:{}", spec.comet.ports.grpc),

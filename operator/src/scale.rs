@@ -138,7 +138,9 @@ pub fn drain_step(
     }
     if let Some(pod) = draining {
         let started = pod.drain_started.unwrap_or(now_secs);
-        let empty = pod.connections == Some(0) || !pod.ready;
+        // Not `!ready`: a draining comet turns its readiness off at once, long
+        // before its clients are gone. Unknown load waits for the deadline.
+        let empty = pod.connections == Some(0);
         let expired = now_secs.saturating_sub(started) >= deadline.as_secs();
         return if empty || expired {
             DrainStep::Finish {
@@ -152,9 +154,13 @@ pub fn drain_step(
             }
         };
     }
-    // A pod that is not ready holds no clients and the ReplicaSet removes
-    // unready pods first: lower at once, one step per pass.
-    if live.iter().any(|pod| !pod.ready) || live.len() < usize::try_from(deployed).unwrap_or(0) {
+    // An unready pod reporting no clients (starting, pending, no kubelet
+    // yet) needs no drain, and the ReplicaSet removes unready pods first:
+    // lower at once, one step per pass. So does a pod that does not exist.
+    let idle_unready = live
+        .iter()
+        .any(|pod| !pod.ready && pod.connections.unwrap_or(0) == 0);
+    if idle_unready || live.len() < usize::try_from(deployed).unwrap_or(0) {
         return DrainStep::Set(deployed - 1);
     }
     let least = live
@@ -323,10 +329,47 @@ mod tests {
     fn unready_or_missing_pods_go_without_a_drain() {
         let mut pods = vec![pod("a", 30), pod("b", 5)];
         pods[1].ready = false;
+        pods[1].connections = None;
         assert_eq!(drain_step(1, 2, &pods, WINDOW, 0), DrainStep::Set(1));
         assert_eq!(
             drain_step(1, 3, &[pod("a", 1)], WINDOW, 0),
             DrainStep::Set(2)
+        );
+    }
+
+    #[test]
+    fn a_draining_comet_that_turned_unready_still_waits_for_its_clients() {
+        let mut pods = vec![pod("a", 30), pod("b", 5)];
+        pods[1].drain_started = Some(100);
+        pods[1].ready = false;
+        assert_eq!(
+            drain_step(1, 2, &pods, Duration::from_secs(30), 110),
+            DrainStep::Wait {
+                pod: "b".to_owned(),
+                replicas: 2
+            }
+        );
+        pods[1].connections = None;
+        assert_eq!(
+            drain_step(1, 2, &pods, Duration::from_secs(30), 110),
+            DrainStep::Wait {
+                pod: "b".to_owned(),
+                replicas: 2
+            },
+            "unknown load waits for the deadline"
+        );
+    }
+
+    #[test]
+    fn an_unready_comet_with_clients_is_drained_not_dropped() {
+        let mut pods = vec![pod("a", 30), pod("b", 5)];
+        pods[1].ready = false;
+        assert_eq!(
+            drain_step(1, 2, &pods, WINDOW, 0),
+            DrainStep::Start {
+                pod: "b".to_owned(),
+                replicas: 2
+            }
         );
     }
 
