@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
     version = "v1alpha1",
     kind = "PushCluster",
     plural = "pushclusters",
-    shortname = "pc",
+    shortname = "pushc",
     category = "herald",
     namespaced,
     status = "PushClusterStatus",
