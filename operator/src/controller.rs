@@ -547,19 +547,19 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
         spec_replicas,
         node_list.generation,
     );
-    for (type_, reason) in [("Degraded", "Valid"), ("Draining", "CometDraining")] {
-        let now_true = condition_is(&status.conditions, type_, type_ == "Draining", reason);
-        let was = condition_is(&previous.conditions, type_, type_ == "Draining", reason);
-        if type_ == "Degraded" && now_true && !was && !previous.conditions.is_empty() {
-            publish(
-                &ctx,
-                &cluster,
-                EventType::Normal,
-                "Recovered",
-                "spec is valid again".to_owned(),
-            )
-            .await;
-        }
+    let was_degraded = previous
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Degraded" && c.status == "True");
+    if was_degraded {
+        publish(
+            &ctx,
+            &cluster,
+            EventType::Normal,
+            "Recovered",
+            "spec is valid again".to_owned(),
+        )
+        .await;
     }
     write_status(client, &names, &previous, status).await?;
     ctx.metrics.reconcile_ok();

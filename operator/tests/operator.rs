@@ -617,6 +617,16 @@ async fn missing_secret_degrades_then_recovers() -> anyhow::Result<()> {
         )
     })
     .await?;
+    let reasons: Vec<String> =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect();
+    assert!(reasons.contains(&"SecretMissing".to_owned()), "{reasons:?}");
+    assert!(reasons.contains(&"Recovered".to_owned()), "{reasons:?}");
     let logic = Api::<Deployment>::namespaced(client.clone(), &ns)
         .get("chat-logic")
         .await?;
