@@ -172,6 +172,15 @@ fn error_policy(cluster: Arc<PushCluster>, error: &Error, ctx: Arc<Context>) -> 
     Action::requeue(Duration::from_secs(5))
 }
 
+/// Merge patches (pod annotations, `/scale`) carry the same field manager as
+/// the server-side applies, so `managedFields` names one writer.
+fn merge_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(MANAGER.to_owned()),
+        ..PatchParams::default()
+    }
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -425,7 +434,7 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
             Api::<PushCluster>::namespaced(client.clone(), &names.namespace)
                 .patch_scale(
                     &names.cluster,
-                    &PatchParams::default(),
+                    &merge_params(),
                     &Patch::Merge(json!({"spec": {"replicas": next}})),
                 )
                 .await
@@ -581,7 +590,7 @@ async fn carry_out(
         async move {
             pods.patch(
                 &pod,
-                &PatchParams::default(),
+                &merge_params(),
                 &Patch::Merge(json!({"metadata": {"annotations": {key: value}}})),
             )
             .await
