@@ -359,194 +359,19 @@ where
 pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconcile_started();
     let names = Names::of(&cluster)?;
-    let client = &ctx.client;
     let spec = &cluster.spec;
-
-    // fetch → validate
-    let fetched = fetch(client, &names, spec).await?;
     let previous = cluster.status.clone().unwrap_or_default();
+
+    let fetched = fetch(&ctx.client, &names, spec).await?;
     if let Err(invalid) = validate::check(spec, &fetched.secrets) {
-        let mut status = previous.clone();
-        status.observed_generation = cluster.metadata.generation;
-        status.selector = Some(names.selector("comet"));
-        set_condition(
-            &mut status.conditions,
-            "Degraded",
-            true,
-            invalid.reason,
-            &invalid.message,
-        );
-        set_condition(
-            &mut status.conditions,
-            "Available",
-            false,
-            "Degraded",
-            &invalid.message,
-        );
-        if !condition_is(&previous.conditions, "Degraded", true, invalid.reason) {
-            publish(
-                &ctx,
-                &cluster,
-                EventType::Warning,
-                invalid.reason,
-                invalid.message.clone(),
-            )
-            .await;
-        }
-        write_status(client, &names, &previous, status).await?;
-        ctx.metrics.reconcile_ok();
-        return Ok(if invalid.spec_only {
-            Action::await_change()
-        } else {
-            // A Secret appearing is not watched: look again every few polls.
-            Action::requeue(ctx.poll_interval * 4)
-        });
+        return degrade(&ctx, &cluster, &names, &previous, invalid).await;
     }
-
-    // poll load
     let polled = poll(&ctx, spec, &fetched.pods).await;
-    let total: u64 = polled
-        .iter()
-        .filter_map(|p| p.load.as_ref().map(|l| l.connections))
-        .sum();
+    let spec_replicas = autoscale(&ctx, &cluster, &names, &polled).await?;
+    let comet_replicas = drain(&ctx, &cluster, &names, &fetched, &polled, spec_replicas).await?;
+    let deployments = apply_children(&ctx, &cluster, &names, &fetched, comet_replicas).await?;
+    let node_list = write_node_list(&ctx, &names, spec, &fetched, &polled).await?;
 
-    // scaling decision (only the operator's own autoscaler writes /scale;
-    // an HPA writing it goes through the same drain below)
-    let mut spec_replicas = spec.comet.replicas;
-    let auto = &spec.comet.autoscaling;
-    if auto.enabled {
-        let wanted = scale::wanted(
-            total,
-            auto.target_connections_per_replica,
-            auto.min_replicas,
-            auto.max_replicas,
-        );
-        let key = format!("{}/{}", names.namespace, names.cluster);
-        let next = {
-            let mut windows = ctx.windows.lock().unwrap_or_else(|e| e.into_inner());
-            let window = windows.entry(key).or_default();
-            let stabilization = Duration::from_secs(
-                u64::try_from(auto.scale_down_stabilization_seconds).unwrap_or(0),
-            );
-            scale::next_replicas(spec_replicas, wanted, stabilization, now_secs(), window)
-        };
-        if next != spec_replicas {
-            Api::<PushCluster>::namespaced(client.clone(), &names.namespace)
-                .patch_scale(
-                    &names.cluster,
-                    &merge_params(),
-                    &Patch::Merge(json!({"spec": {"replicas": next}})),
-                )
-                .await
-                .map_err(|source| Error::Apply {
-                    what: "PushCluster /scale".to_owned(),
-                    source,
-                })?;
-            publish(
-                &ctx,
-                &cluster,
-                EventType::Normal,
-                "ScaledComets",
-                format!("comets {spec_replicas} -> {next} for {total} connections"),
-            )
-            .await;
-            spec_replicas = next;
-        }
-    }
-
-    // drain before removal
-    let deployed = fetched
-        .comet_deployment
-        .as_ref()
-        .and_then(|d| d.spec.as_ref()?.replicas)
-        .unwrap_or(spec_replicas);
-    let comet_pods: Vec<CometPod> = polled
-        .iter()
-        .map(|p| CometPod {
-            name: p.name.clone(),
-            ready: p.ready,
-            connections: p.load.as_ref().map(|l| l.connections),
-            drain_started: p.drain_started,
-            terminating: p.terminating,
-        })
-        .collect();
-    let deadline =
-        Duration::from_secs(u64::try_from(spec.comet.drain.deadline_seconds).unwrap_or(0));
-    let step = scale::drain_step(spec_replicas, deployed, &comet_pods, deadline, now_secs());
-    let comet_replicas = carry_out(&ctx, &cluster, &names, spec, &polled, step).await?;
-
-    // build → apply. Order matters: what pods reference (ServiceAccount,
-    // ConfigMap, Secrets) exists before the Deployments, else the
-    // ReplicaSets fail to create pods and back off.
-    let children = build::children(&names, spec, comet_replicas)?;
-    let ns = names.namespace.as_str();
-    apply(client, ns, &children.service_account).await?;
-    apply(client, ns, &children.role).await?;
-    apply(client, ns, &children.role_binding).await?;
-    apply(client, ns, &children.config).await?;
-    if spec.auth.api_key_secret_ref.is_none() && !fetched.api_key_exists {
-        create_api_key(client, &names).await?;
-        publish(
-            &ctx,
-            &cluster,
-            EventType::Normal,
-            "GeneratedApiKey",
-            format!("Secret {}", names.api_key()),
-        )
-        .await;
-    }
-    for service in &children.services {
-        apply(client, ns, service).await?;
-    }
-    let mut deployments = Vec::new();
-    for deployment in &children.deployments {
-        deployments.push(apply(client, ns, deployment).await?);
-    }
-    for pdb in &children.pdbs {
-        apply(client, ns, pdb).await?;
-    }
-
-    // node list
-    let nodes: Vec<Node> = polled
-        .iter()
-        .filter_map(|p| {
-            let load = p.load.as_ref()?;
-            let ip = p.ip.clone()?;
-            let draining = load.draining || p.drain_started.is_some();
-            // An unready comet that is not draining (e.g. logic unreachable)
-            // is no place for clients; a draining one stays for job's pushes.
-            if !p.ready && !draining {
-                return None;
-            }
-            Some(Node {
-                name: p.name.clone(),
-                grpc: format!("{ip}:{}", spec.comet.ports.grpc),
-                hosts: [spec.node_list.domain.clone()]
-                    .into_iter()
-                    .filter(|d| !d.is_empty())
-                    .collect(),
-                addrs: vec![ip],
-                tcp_port: spec.comet.ports.tcp,
-                ws_port: spec.comet.ports.ws,
-                wss_port: spec.comet.ports.wss,
-                weight: load::weight(
-                    load.connections,
-                    auto.target_connections_per_replica,
-                    draining,
-                ),
-                connections: load.connections,
-                client_ips: load.client_ips,
-                draining,
-            })
-        })
-        .collect();
-    let node_list = load::next(fetched.node_list.as_ref(), nodes, &now_rfc3339());
-    if fetched.node_list.as_ref() != Some(&node_list) {
-        let body = serde_json::to_string(&node_list)?;
-        apply(client, ns, &build::nodes_config_map(&names, &body)?).await?;
-    }
-
-    // status
     let status = compute_status(
         &cluster,
         &names,
@@ -570,9 +395,240 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
         )
         .await;
     }
-    write_status(client, &names, &previous, status).await?;
+    write_status(&ctx.client, &names, &previous, status).await?;
     ctx.metrics.reconcile_ok();
     Ok(Action::requeue(ctx.poll_interval))
+}
+
+/// An invalid spec: `Degraded` with the reason, nothing built. Only a spec
+/// change can fix a spec error; a missing Secret is looked for again.
+async fn degrade(
+    ctx: &Context,
+    cluster: &PushCluster,
+    names: &Names,
+    previous: &PushClusterStatus,
+    invalid: validate::Invalid,
+) -> Result<Action> {
+    let mut status = previous.clone();
+    status.observed_generation = cluster.metadata.generation;
+    status.selector = Some(names.selector("comet"));
+    set_condition(
+        &mut status.conditions,
+        "Degraded",
+        true,
+        invalid.reason,
+        &invalid.message,
+    );
+    set_condition(
+        &mut status.conditions,
+        "Available",
+        false,
+        "Degraded",
+        &invalid.message,
+    );
+    if !condition_is(&previous.conditions, "Degraded", true, invalid.reason) {
+        publish(
+            ctx,
+            cluster,
+            EventType::Warning,
+            invalid.reason,
+            invalid.message.clone(),
+        )
+        .await;
+    }
+    write_status(&ctx.client, names, previous, status).await?;
+    ctx.metrics.reconcile_ok();
+    Ok(if invalid.spec_only {
+        Action::await_change()
+    } else {
+        // A Secret appearing is not watched: look again every few polls.
+        Action::requeue(ctx.poll_interval * 4)
+    })
+}
+
+/// The operator's own autoscaler: writes its decision through `/scale` (as
+/// an HPA would) and returns the comet count the spec now asks for.
+async fn autoscale(
+    ctx: &Context,
+    cluster: &PushCluster,
+    names: &Names,
+    polled: &[Polled],
+) -> Result<i32> {
+    let current = cluster.spec.comet.replicas;
+    let auto = &cluster.spec.comet.autoscaling;
+    if !auto.enabled {
+        return Ok(current);
+    }
+    let total: u64 = polled
+        .iter()
+        .filter_map(|p| p.load.as_ref().map(|l| l.connections))
+        .sum();
+    let wanted = scale::wanted(
+        total,
+        auto.target_connections_per_replica,
+        auto.min_replicas,
+        auto.max_replicas,
+    );
+    let next = {
+        let mut windows = ctx.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let window = windows
+            .entry(format!("{}/{}", names.namespace, names.cluster))
+            .or_default();
+        let stabilization =
+            Duration::from_secs(u64::try_from(auto.scale_down_stabilization_seconds).unwrap_or(0));
+        scale::next_replicas(current, wanted, stabilization, now_secs(), window)
+    };
+    if next != current {
+        Api::<PushCluster>::namespaced(ctx.client.clone(), &names.namespace)
+            .patch_scale(
+                &names.cluster,
+                &merge_params(),
+                &Patch::Merge(json!({"spec": {"replicas": next}})),
+            )
+            .await
+            .map_err(|source| Error::Apply {
+                what: "PushCluster /scale".to_owned(),
+                source,
+            })?;
+        publish(
+            ctx,
+            cluster,
+            EventType::Normal,
+            "ScaledComets",
+            format!("comets {current} -> {next} for {total} connections"),
+        )
+        .await;
+    }
+    Ok(next)
+}
+
+/// Drain before removal, whoever lowered the count; returns the replicas the
+/// comet Deployment gets on this pass.
+async fn drain(
+    ctx: &Context,
+    cluster: &PushCluster,
+    names: &Names,
+    fetched: &Fetched,
+    polled: &[Polled],
+    spec_replicas: i32,
+) -> Result<i32> {
+    let deployed = fetched
+        .comet_deployment
+        .as_ref()
+        .and_then(|d| d.spec.as_ref()?.replicas)
+        .unwrap_or(spec_replicas);
+    let comet_pods: Vec<CometPod> = polled
+        .iter()
+        .map(|p| CometPod {
+            name: p.name.clone(),
+            ready: p.ready,
+            connections: p.load.as_ref().map(|l| l.connections),
+            drain_started: p.drain_started,
+            terminating: p.terminating,
+        })
+        .collect();
+    let deadline =
+        Duration::from_secs(u64::try_from(cluster.spec.comet.drain.deadline_seconds).unwrap_or(0));
+    let step = scale::drain_step(spec_replicas, deployed, &comet_pods, deadline, now_secs());
+    carry_out(ctx, cluster, names, &cluster.spec, polled, step).await
+}
+
+/// Builds and applies every child. Order matters: what pods reference
+/// (ServiceAccount, ConfigMap, Secrets) exists before the Deployments, else
+/// the ReplicaSets fail to create pods and back off. Returns the applied
+/// Deployments (comet, logic, job) with their current status.
+async fn apply_children(
+    ctx: &Context,
+    cluster: &PushCluster,
+    names: &Names,
+    fetched: &Fetched,
+    comet_replicas: i32,
+) -> Result<Vec<Deployment>> {
+    let client = &ctx.client;
+    let spec = &cluster.spec;
+    let children = build::children(names, spec, comet_replicas)?;
+    let ns = names.namespace.as_str();
+    apply(client, ns, &children.service_account).await?;
+    apply(client, ns, &children.role).await?;
+    apply(client, ns, &children.role_binding).await?;
+    apply(client, ns, &children.config).await?;
+    if spec.auth.api_key_secret_ref.is_none() && !fetched.api_key_exists {
+        create_api_key(client, names).await?;
+        publish(
+            ctx,
+            cluster,
+            EventType::Normal,
+            "GeneratedApiKey",
+            format!("Secret {}", names.api_key()),
+        )
+        .await;
+    }
+    for service in &children.services {
+        apply(client, ns, service).await?;
+    }
+    let mut deployments = Vec::new();
+    for deployment in &children.deployments {
+        deployments.push(apply(client, ns, deployment).await?);
+    }
+    for pdb in &children.pdbs {
+        apply(client, ns, pdb).await?;
+    }
+    Ok(deployments)
+}
+
+/// The node list from this poll; written only when it changed.
+async fn write_node_list(
+    ctx: &Context,
+    names: &Names,
+    spec: &PushClusterSpec,
+    fetched: &Fetched,
+    polled: &[Polled],
+) -> Result<NodeList> {
+    let nodes = polled.iter().filter_map(|p| node(spec, p)).collect();
+    let node_list = load::next(fetched.node_list.as_ref(), nodes, &now_rfc3339());
+    if fetched.node_list.as_ref() != Some(&node_list) {
+        let body = serde_json::to_string(&node_list)?;
+        apply(
+            &ctx.client,
+            &names.namespace,
+            &build::nodes_config_map(names, &body)?,
+        )
+        .await?;
+    }
+    Ok(node_list)
+}
+
+/// A comet's node-list entry, if it belongs in the list: it answered the
+/// poll and is ready, or draining (job still pushes to its clients). An
+/// unready comet that is not draining (e.g. logic unreachable) is no place
+/// for clients.
+fn node(spec: &PushClusterSpec, p: &Polled) -> Option<Node> {
+    let load = p.load.as_ref()?;
+    let ip = p.ip.clone()?;
+    let draining = load.draining || p.drain_started.is_some();
+    if !p.ready && !draining {
+        return None;
+    }
+    Some(Node {
+        name: p.name.clone(),
+        grpc: format!("{ip}:{}", spec.comet.ports.grpc),
+        hosts: [spec.node_list.domain.clone()]
+            .into_iter()
+            .filter(|d| !d.is_empty())
+            .collect(),
+        addrs: vec![ip],
+        tcp_port: spec.comet.ports.tcp,
+        ws_port: spec.comet.ports.ws,
+        wss_port: spec.comet.ports.wss,
+        weight: load::weight(
+            load.connections,
+            spec.comet.autoscaling.target_connections_per_replica,
+            draining,
+        ),
+        connections: load.connections,
+        client_ips: load.client_ips,
+        draining,
+    })
 }
 
 /// Carries out the drain step; returns the comet Deployment's replicas.
@@ -914,6 +970,49 @@ async fn write_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn polled(ready: bool, drain_started: Option<u64>, load: Option<LoadReply>) -> Polled {
+        Polled {
+            name: "chat-comet-1".to_owned(),
+            ip: Some("127.0.0.9".to_owned()),
+            ready,
+            terminating: false,
+            drain_started,
+            load,
+        }
+    }
+
+    #[test]
+    fn node_list_entries_follow_readiness_and_drain() {
+        let spec: PushClusterSpec = serde_json::from_value(json!({
+            "image": "i", "redis": {"addr": "r:1"}, "kafka": {"brokers": ["k:1"]},
+            "nodeList": {"domain": "push.example.com"}
+        }))
+        .unwrap();
+        let load = LoadReply {
+            connections: 7,
+            client_ips: 3,
+            ..LoadReply::default()
+        };
+        let entry = node(&spec, &polled(true, None, Some(load.clone()))).unwrap();
+        assert_eq!(entry.grpc, "127.0.0.9:3109");
+        assert_eq!(entry.hosts, ["push.example.com"]);
+        assert_eq!(
+            (entry.connections, entry.client_ips, entry.draining),
+            (7, 3, false)
+        );
+        assert!(entry.weight > 0);
+        assert!(
+            node(&spec, &polled(false, None, Some(load.clone()))).is_none(),
+            "unready, not draining"
+        );
+        let draining = node(&spec, &polled(false, Some(1), Some(load))).unwrap();
+        assert_eq!((draining.draining, draining.weight), (true, 0));
+        assert!(
+            node(&spec, &polled(true, None, None)).is_none(),
+            "no answer to Load"
+        );
+    }
 
     #[test]
     fn transition_time_kept_unless_status_flips() {
