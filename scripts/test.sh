@@ -5,8 +5,9 @@
 #      starts Redis, Kafka (KRaft), etcd + kube-apiserver + controller-manager
 #      and helm, all on 127.0.0.1
 #   3. cargo clippy --all-targets -D warnings
-#   4. a short cargo-fuzz run of the frame decoder
-#   5. cargo test for the whole workspace against that test bed
+#   4. crds/ is what `herald crdgen` prints (fails on any difference)
+#   5. a short cargo-fuzz run of the frame decoder
+#   6. cargo test for the whole workspace against that test bed
 # Services are stopped by pid on exit, also after a failure. Phase durations are
 # printed at the end (and kept in target/testbed/timings.txt).
 #
@@ -48,6 +49,15 @@ fuzz() {
    test "${PIPESTATUS[0]}" -eq 0)
 }
 
+# crds_current: the committed CRD must be exactly what the Rust types generate.
+crds_current() {
+  local generated="$HERALD_RUN/pushcluster.yaml"
+  cargo run --quiet -p herald -- crdgen >"$generated"
+  diff -u crds/pushcluster.yaml "$generated" ||
+    die "crds/pushcluster.yaml differs from \`herald crdgen\`: regenerate it with
+  cargo run -p herald -- crdgen > crds/pushcluster.yaml"
+}
+
 # cargo_test: runs the suite, then prints one line summing every test binary.
 cargo_test() {
   local out="$HERALD_RUN/cargo-test.log" status=0
@@ -62,5 +72,6 @@ timed "cargo fmt --check" cargo fmt --all -- --check
 timed "test bed (install + start)" bash e2e/services/up.sh
 source "$HERALD_RUN/env"
 timed "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+timed "crds up to date" crds_current
 timed "cargo fuzz (${FUZZ_SECONDS}s run)" fuzz
 timed "cargo test" cargo_test

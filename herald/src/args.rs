@@ -1,7 +1,4 @@
 //! Command-line arguments: one subcommand per role.
-//!
-//! Roles that have not been built yet say so and exit with status 2, so a
-//! script or container never mistakes them for a running service.
 
 use std::process::ExitCode;
 
@@ -42,7 +39,7 @@ enum Role {
     /// Consume push records from Kafka and deliver them to comets over gRPC.
     Job(Box<herald_job::Args>),
     /// Reconcile PushCluster resources in a Kubernetes cluster.
-    Operator,
+    Operator(Box<herald_operator::Args>),
     /// Print the PushCluster CustomResourceDefinition as YAML.
     Crdgen,
 }
@@ -54,22 +51,36 @@ impl Args {
             log_format: _,
             role,
         } = self;
-        let (name, issue) = match role {
-            Role::Comet(args) => return serve("comet", comet(*args)),
-            Role::Logic(args) => return serve("logic", logic(*args)),
-            Role::Job(args) => return serve("job", job(*args)),
-            Role::Standalone(args) => {
-                return serve(
-                    "standalone",
-                    crate::standalone::run(*args, signal::shutdown()),
-                );
-            }
-            Role::Operator => ("operator", "the operator issue"),
-            Role::Crdgen => ("crdgen", "the operator issue"),
-        };
-        tracing::error!(role = name, "not built yet; it lands with {issue}");
-        eprintln!("herald {name}: not built yet (lands with {issue})");
-        ExitCode::from(2)
+        match role {
+            Role::Comet(args) => serve("comet", comet(*args)),
+            Role::Logic(args) => serve("logic", logic(*args)),
+            Role::Job(args) => serve("job", job(*args)),
+            Role::Standalone(args) => serve(
+                "standalone",
+                crate::standalone::run(*args, signal::shutdown()),
+            ),
+            Role::Operator(args) => serve("operator", operator(*args)),
+            Role::Crdgen => crdgen(),
+        }
+    }
+}
+
+async fn operator(args: herald_operator::Args) -> anyhow::Result<()> {
+    herald_operator::main(args, signal::shutdown()).await?;
+    Ok(())
+}
+
+/// Prints the PushCluster CRD; `crds/pushcluster.yaml` is this output.
+fn crdgen() -> ExitCode {
+    match herald_operator::crd::crd_yaml() {
+        Ok(yaml) => {
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("herald crdgen: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,0 +1,379 @@
+//! `herald operator` and `herald crdgen` as a user runs them: the binary
+//! against the test bed's kube-apiserver serves `/healthz` and `/metrics`,
+//! wins its Lease, and stops cleanly on SIGTERM; crdgen prints the committed CRD.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The running binary; killed by pid when dropped, also on failure.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+#[test]
+fn crdgen_prints_the_committed_crd() -> Result<()> {
+    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("crdgen")
+        .output()?;
+    assert!(output.status.success());
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/pushcluster.yaml"
+    ))?;
+    assert_eq!(String::from_utf8(output.stdout)?, committed);
+    Ok(())
+}
+
+#[tokio::test]
+async fn operator_serves_health_and_metrics_and_stops_on_sigterm() -> Result<()> {
+    herald_e2e::testbed_var("KUBECONFIG");
+    let addr = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+    let lease = herald_e2e::unique_name("herald-operator-bin");
+    let child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("operator")
+        .args(["--namespace", "default", "--lease-namespace", "default"])
+        .args(["--lease-name", &lease, "--metrics-addr", &addr.to_string()])
+        .args(["--poll-interval-ms", "500"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting herald operator")?;
+    let mut running = Running(child);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        if let Some(status) = running.0.try_wait()? {
+            bail!("herald operator exited early: {status}");
+        }
+        if let Ok(metrics) = get(addr, "/metrics").await
+            && metrics.contains("herald_operator_leader 1")
+        {
+            break metrics;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "never became leader"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(metrics.starts_with("HTTP/1.0 200"), "{metrics}");
+    assert!(
+        metrics.contains("herald_operator_reconciles_total"),
+        "{metrics}"
+    );
+    let health = get(addr, "/healthz").await?;
+    assert!(
+        health.starts_with("HTTP/1.0 200") && health.ends_with("ok"),
+        "{health}"
+    );
+
+    // SIGTERM by pid: the operator releases its Lease and exits 0.
+    let status = Command::new("kill")
+        .args(["-TERM", &running.0.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = running.0.try_wait()? {
+            break exit;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exit.success(), "{exit}");
+    Ok(())
+}
+
+mod drain {
+    //! Scale-down of a PushCluster whose comet pods are backed by real
+    //! `herald standalone` processes on loopback addresses (pod status is
+    //! patched to point at them, as a kubelet would): the operator drains the
+    //! least-loaded comet, keeps its replica while clients are still being
+    //! closed, then removes exactly that pod.
+
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use herald_operator::crd::PushCluster;
+    use herald_protocol::{Frame, op};
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+    use kube::{Client, ResourceExt};
+    use serde_json::json;
+
+    use super::*;
+
+    async fn free_port(ip: &str) -> Result<u16> {
+        Ok(TcpListener::bind((ip, 0)).await?.local_addr()?.port())
+    }
+
+    /// `herald standalone` as the comet of pod `name`, at `ip`.
+    async fn standalone(ip: &str, grpc_port: u16, name: &str) -> Result<(Running, SocketAddr)> {
+        let tcp: SocketAddr = format!("{ip}:{}", free_port(ip).await?).parse()?;
+        let addr = |port: u16| format!("{ip}:{port}");
+        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("standalone")
+            .args(["--tcp-addr", &tcp.to_string()])
+            .args(["--ws-addr", &addr(free_port(ip).await?)])
+            .args(["--grpc-addr", &addr(grpc_port)])
+            .args(["--http-addr", &addr(free_port(ip).await?)])
+            .args(["--logic-grpc-addr", &addr(free_port(ip).await?)])
+            .args(["--server-id", name])
+            .env_remove("HERALD_REDIS_URL")
+            .env_remove("HERALD_KAFKA_BROKERS")
+            .env("RUST_LOG", "warn")
+            .env("TMPDIR", env!("CARGO_TARGET_TMPDIR"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting herald standalone")?;
+        let running = Running(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(tcp).await.is_err() {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "standalone not listening"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok((running, tcp))
+    }
+
+    /// A goim TCP client, authenticated (the auth reply has arrived).
+    async fn goim_client(addr: SocketAddr, mid: u64) -> Result<TcpStream> {
+        let mut stream = TcpStream::connect(addr).await?;
+        let token = json!({"mid": mid, "key": format!("k{mid}"), "room_id": "live://1",
+                           "platform": "web", "accepts": [1000]});
+        let frame = Frame {
+            ver: 1,
+            op: op::AUTH,
+            seq: 1,
+            body: Bytes::from(token.to_string()),
+        };
+        stream.write_all(&frame.to_bytes()).await?;
+        let mut head = [0u8; 16];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut head)).await??;
+        Ok(stream)
+    }
+
+    async fn until<T, F, Fut>(secs: u64, what: &str, mut probe: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>>>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(value) = probe().await? {
+                return Ok(value);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn scale_down_waits_for_the_drained_comets_clients() -> Result<()> {
+        herald_e2e::testbed_var("KUBECONFIG");
+        let client = Client::try_default().await?;
+        let crd: CustomResourceDefinition =
+            serde_yaml::from_str(include_str!("../../crds/pushcluster.yaml"))?;
+        let crds = Api::<CustomResourceDefinition>::all(client.clone());
+        crds.patch(
+            "pushclusters.herald.dev",
+            &PatchParams::apply("herald-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            kube::runtime::wait::await_condition(
+                crds,
+                "pushclusters.herald.dev",
+                kube::runtime::wait::conditions::is_crd_established(),
+            ),
+        )
+        .await??;
+        let ns = herald_e2e::unique_name("op-drain-bin");
+        let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await?;
+
+        let metrics = Arc::new(herald_operator::Metrics::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let operator = tokio::spawn(herald_operator::run(
+            client.clone(),
+            herald_operator::Config {
+                namespaces: vec![ns.clone()],
+                lease_name: "herald-operator".to_owned(),
+                lease_namespace: ns.clone(),
+                identity: "op-test".to_owned(),
+                lease_secs: 4,
+                poll_interval: Duration::from_millis(300),
+            },
+            metrics,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+
+        let grpc_port = free_port("127.0.0.1").await?;
+        let cluster: PushCluster = serde_json::from_value(json!({
+            "apiVersion": "herald.dev/v1alpha1", "kind": "PushCluster",
+            "metadata": {"name": "chat"},
+            "spec": {"image": "herald:test", "redis": {"addr": "r:6379"},
+                     "kafka": {"brokers": ["k:9092"]},
+                     "comet": {"replicas": 2, "ports": {"grpc": grpc_port},
+                               "drain": {"deadlineSeconds": 60, "closeRate": 1}}}
+        }))?;
+        let clusters = Api::<PushCluster>::namespaced(client.clone(), &ns);
+        clusters.create(&PostParams::default(), &cluster).await?;
+
+        let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+        let names = until(60, "2 comet pods", || async {
+            let list = pods
+                .list(&ListParams::default().labels("app.kubernetes.io/component=comet"))
+                .await?;
+            let names: Vec<String> = list.items.iter().map(ResourceExt::name_any).collect();
+            Ok((names.len() == 2).then_some(names))
+        })
+        .await?;
+        // Pod 0 gets 3 clients, pod 1 gets 5: pod 0 is the one to drain.
+        let mut processes = Vec::new();
+        let mut clients = Vec::new();
+        for (i, (name, count)) in names.iter().zip([3u64, 5]).enumerate() {
+            let ip = format!("127.0.0.{}", i + 2);
+            let (process, tcp) = standalone(&ip, grpc_port, name).await?;
+            processes.push(process);
+            for mid in 0..count {
+                clients.push(goim_client(tcp, mid + 100 * i as u64).await?);
+            }
+            pods.patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"phase": "Running", "podIP": ip,
+                    "podIPs": [{"ip": ip}], "conditions": [{"type": "Ready", "status": "True"}]}})),
+            )
+            .await?;
+        }
+        until(30, "8 connections in status", || async {
+            let status = clusters.get("chat").await?.status.unwrap_or_default();
+            Ok((status.total_connections == 8).then_some(()))
+        })
+        .await?;
+
+        clusters
+            .patch_scale(
+                "chat",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": 1}})),
+            )
+            .await?;
+        let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+        let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+        // While the drained comet still holds clients (closed at 1/s), the
+        // condition says so, the node list marks it, and the replica stays.
+        let draining = until(20, "Draining True", || async {
+            let cluster = clusters.get("chat").await?;
+            let status = cluster.status.unwrap_or_default();
+            let draining = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Draining" && c.status == "True");
+            let pod = status
+                .pods
+                .iter()
+                .find(|p| p.draining && p.connections > 0)
+                .map(|p| p.name.clone());
+            Ok(if draining { pod } else { None })
+        })
+        .await?;
+        assert_eq!(draining, names[0], "the least-loaded comet is drained");
+        let replicas = deployments
+            .get("chat-comet")
+            .await?
+            .spec
+            .and_then(|s| s.replicas);
+        assert_eq!(replicas, Some(2), "removed before its clients left");
+        let data = configmaps.get("chat-nodes").await?.data.unwrap_or_default();
+        let list: serde_json::Value = serde_json::from_str(&data["nodes.json"])?;
+        let flags: BTreeMap<String, bool> = list["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                (
+                    n["name"].as_str().unwrap_or_default().to_owned(),
+                    n["draining"] == true,
+                )
+            })
+            .collect();
+        assert_eq!(flags.get(&names[0]), Some(&true), "{list}");
+        assert_eq!(flags.get(&names[1]), Some(&false), "{list}");
+
+        // Once it is empty: marked cheapest to delete, then one replica less.
+        until(30, "1 comet", || async {
+            let replicas = deployments
+                .get("chat-comet")
+                .await?
+                .spec
+                .and_then(|s| s.replicas);
+            Ok((replicas == Some(1)).then_some(()))
+        })
+        .await?;
+        if let Some(pod) = pods.get_opt(&names[0]).await? {
+            assert_eq!(
+                pod.annotations()
+                    .get("controller.kubernetes.io/pod-deletion-cost")
+                    .map(String::as_str),
+                Some("-2147483648")
+            );
+        }
+        let status = clusters.get("chat").await?.status.unwrap_or_default();
+        let kept = status
+            .pods
+            .iter()
+            .find(|p| p.name == names[1])
+            .map(|p| p.connections);
+        assert_eq!(kept, Some(5), "the other comet's clients are untouched");
+
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), operator).await???;
+        drop(clients);
+        drop(processes);
+        Api::<Namespace>::all(client)
+            .delete(&ns, &DeleteParams::default())
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,678 @@
+//! Builders: validated spec in, the Kubernetes objects it implies out. Plain
+//! functions with no client, so every field of the pod contract is unit-tested.
+//!
+//! Pod contract (shared with the loopback pod harness): every container runs
+//! the `herald` binary with `args: [<role>, ...flags]` and no command; env
+//! `POD_IP`, `POD_NAME`, `POD_NAMESPACE` come from the downward API; every
+//! listen address is `$(POD_IP):<port>` (kubelet expands it); comet's server id
+//! is `$(POD_NAME)`; readiness is `GET /readyz` and liveness `GET /healthz` on
+//! the component's HTTP port.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::crd::{PushCluster, PushClusterSpec, Resources, SecretKeyRef};
+
+/// Why building failed: only a bug in a builder (a JSON shape that does not
+/// match the Kubernetes type) or an object without name/uid.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The PushCluster has no name, namespace or uid yet.
+    #[error("the PushCluster has no {0}")]
+    MissingMetadata(&'static str),
+    /// A builder produced JSON that is not a valid object of its kind.
+    #[error("building {kind}")]
+    Shape {
+        /// The kind being built.
+        kind: &'static str,
+        /// What serde said.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Result of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Grace added to the drain deadline for the pod's termination period, so the
+/// kubelet never SIGKILLs a comet that is still closing connections on time.
+pub const TERMINATION_MARGIN_SECS: i64 = 15;
+/// Port of job's `/healthz`, `/readyz`, `/metrics` (job's `--http-addr` default).
+pub const JOB_HTTP_PORT: i32 = 3193;
+/// Key of the generated API-key Secret.
+pub const API_KEY_KEY: &str = "api-key";
+/// Key of the node-list ConfigMap.
+pub const NODES_KEY: &str = "nodes.json";
+/// Field manager of every server-side apply the operator makes.
+pub const MANAGER: &str = "herald-operator";
+
+/// Names and owner of one PushCluster's children.
+#[derive(Clone, Debug)]
+pub struct Names {
+    /// The PushCluster's name.
+    pub cluster: String,
+    /// Its namespace.
+    pub namespace: String,
+    owner: OwnerReference,
+}
+
+impl Names {
+    /// Reads name, namespace and the controller owner reference.
+    ///
+    /// # Errors
+    /// [`Error::MissingMetadata`] for an object not yet stored by the apiserver.
+    pub fn of(cluster: &PushCluster) -> Result<Self> {
+        let name = cluster
+            .metadata
+            .name
+            .clone()
+            .ok_or(Error::MissingMetadata("name"))?;
+        let namespace = cluster
+            .metadata
+            .namespace
+            .clone()
+            .ok_or(Error::MissingMetadata("namespace"))?;
+        let owner = cluster
+            .controller_owner_ref(&())
+            .ok_or(Error::MissingMetadata("uid"))?;
+        Ok(Self {
+            cluster: name,
+            namespace,
+            owner,
+        })
+    }
+
+    /// Deployment and Service of one component: `<cluster>-<component>`.
+    pub fn component(&self, component: &str) -> String {
+        format!("{}-{component}", self.cluster)
+    }
+    /// The node-list ConfigMap, `<cluster>-nodes`.
+    pub fn nodes(&self) -> String {
+        self.component("nodes")
+    }
+    /// The settings ConfigMap, `<cluster>-config`.
+    pub fn config(&self) -> String {
+        self.component("config")
+    }
+    /// The generated API-key Secret, `<cluster>-api-key`.
+    pub fn api_key(&self) -> String {
+        self.component("api-key")
+    }
+    /// ServiceAccount of logic and job, `<cluster>-herald`.
+    pub fn service_account(&self) -> String {
+        self.component("herald")
+    }
+    /// Label selector string of one component's pods, as `/scale` reports it.
+    pub fn selector(&self, component: &str) -> String {
+        self.labels(component)
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+    /// The labels that select one component's pods.
+    pub fn labels(&self, component: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("app.kubernetes.io/name".to_owned(), "herald".to_owned()),
+            (
+                "app.kubernetes.io/instance".to_owned(),
+                self.cluster.clone(),
+            ),
+            (
+                "app.kubernetes.io/component".to_owned(),
+                component.to_owned(),
+            ),
+        ])
+    }
+
+    fn metadata(&self, name: &str, component: &str) -> Value {
+        let mut labels = self.labels(component);
+        labels.insert(
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGER.to_owned(),
+        );
+        json!({
+            "name": name,
+            "namespace": self.namespace,
+            "labels": labels,
+            "ownerReferences": [self.owner],
+        })
+    }
+}
+
+fn typed<T: DeserializeOwned>(kind: &'static str, value: Value) -> Result<T> {
+    serde_json::from_value(value).map_err(|source| Error::Shape { kind, source })
+}
+
+/// Every child the operator applies on each pass (the generated API-key Secret
+/// is separate: it is created once, never re-applied, so its value is stable).
+#[derive(Debug)]
+pub struct Children {
+    /// comet, logic, job.
+    pub deployments: Vec<Deployment>,
+    /// comet clients, comet gRPC (headless), logic.
+    pub services: Vec<Service>,
+    /// The settings ConfigMap.
+    pub config: ConfigMap,
+    /// Identity of logic and job pods.
+    pub service_account: ServiceAccount,
+    /// Reading the node list.
+    pub role: Role,
+    /// Binds `role` to `service_account`.
+    pub role_binding: RoleBinding,
+    /// comet and logic.
+    pub pdbs: Vec<PodDisruptionBudget>,
+}
+
+/// Builds every always-applied child. `comet_replicas` is what the comet
+/// Deployment gets now: during a scale-down it stays above the spec until the
+/// drained comet is empty.
+///
+/// # Errors
+/// Only [`Error::Shape`], a bug in a builder.
+pub fn children(names: &Names, spec: &PushClusterSpec, comet_replicas: i32) -> Result<Children> {
+    let config = config_map(names, spec)?;
+    let config_hash = hash_config(&config);
+    Ok(Children {
+        deployments: vec![
+            comet_deployment(names, spec, comet_replicas, &config_hash)?,
+            logic_deployment(names, spec, &config_hash)?,
+            job_deployment(names, spec, &config_hash)?,
+        ],
+        services: services(names, spec)?,
+        config,
+        service_account: typed(
+            "ServiceAccount",
+            json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                   "metadata": names.metadata(&names.service_account(), "herald")}),
+        )?,
+        role: typed(
+            "Role",
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                   "metadata": names.metadata(&names.service_account(), "herald"),
+                   "rules": [{"apiGroups": [""], "resources": ["configmaps"],
+                              "resourceNames": [names.nodes()],
+                              "verbs": ["get", "list", "watch"]}]}),
+        )?,
+        role_binding: typed(
+            "RoleBinding",
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                   "metadata": names.metadata(&names.service_account(), "herald"),
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                               "name": names.service_account()},
+                   "subjects": [{"kind": "ServiceAccount", "name": names.service_account(),
+                                 "namespace": names.namespace}]}),
+        )?,
+        pdbs: ["comet", "logic"]
+            .into_iter()
+            .map(|component| {
+                typed(
+                    "PodDisruptionBudget",
+                    json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                           "metadata": names.metadata(&names.component(component), component),
+                           "spec": {"maxUnavailable": 1,
+                                    "selector": {"matchLabels": names.labels(component)}}}),
+                )
+            })
+            .collect::<Result<_>>()?,
+    })
+}
+
+/// Non-secret settings, read by every container through `envFrom`; a change
+/// rolls the pods because the pod templates carry its hash.
+fn config_map(names: &Names, spec: &PushClusterSpec) -> Result<ConfigMap> {
+    let data = BTreeMap::from([
+        ("HERALD_KAFKA_BROKERS", spec.kafka.brokers.join(",")),
+        ("HERALD_KAFKA_TOPIC", spec.kafka.topic.clone()),
+        ("HERALD_JOB_GROUP", spec.kafka.group.clone()),
+        (
+            "HERALD_LOGIC_TOKEN_MODE",
+            spec.auth.mode.as_str().to_owned(),
+        ),
+        (
+            "HERALD_LOGIC_HEARTBEAT_SECS",
+            spec.node_list.heartbeat.to_string(),
+        ),
+        ("HERALD_NODE_DOMAIN", spec.node_list.domain.clone()),
+        ("HERALD_NODE_COUNT", spec.node_list.count.to_string()),
+        (
+            "HERALD_NODE_BACKOFF_SECS",
+            spec.node_list.backoff.to_string(),
+        ),
+    ]);
+    typed(
+        "ConfigMap",
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": names.metadata(&names.config(), "config"), "data": data}),
+    )
+}
+
+/// A stable digest of the settings (std's SipHash with fixed keys: stable for
+/// one build of the operator, which is all a rollout trigger needs).
+fn hash_config(config: &ConfigMap) -> String {
+    let mut hasher = std::hash::DefaultHasher::new();
+    config.data.hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
+/// The node-list ConfigMap holding `body` (see herald-extensions.md).
+///
+/// # Errors
+/// Only [`Error::Shape`].
+pub fn nodes_config_map(names: &Names, body: &str) -> Result<ConfigMap> {
+    typed(
+        "ConfigMap",
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": names.metadata(&names.nodes(), "nodes"),
+               "data": {NODES_KEY: body}}),
+    )
+}
+
+/// The API-key Secret generated when the spec references none.
+///
+/// # Errors
+/// Only [`Error::Shape`].
+pub fn api_key_secret(names: &Names, key: &str) -> Result<Secret> {
+    typed(
+        "Secret",
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": names.metadata(&names.api_key(), "api-key"),
+               "type": "Opaque", "stringData": {API_KEY_KEY: key}}),
+    )
+}
+
+fn downward_env() -> Vec<Value> {
+    [
+        ("POD_IP", "status.podIP"),
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ]
+    .into_iter()
+    .map(|(name, path)| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}))
+    .collect()
+}
+
+fn secret_env(name: &str, secret: &SecretKeyRef) -> Value {
+    json!({"name": name, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+}
+
+/// Redis URL env; a password comes from its Secret and is spliced in by the
+/// kubelet's `$(VAR)` expansion, so it never appears in the Deployment.
+fn redis_env(spec: &PushClusterSpec) -> Vec<Value> {
+    match &spec.redis.password_secret_ref {
+        Some(secret) => vec![
+            secret_env("HERALD_REDIS_PASSWORD", secret),
+            json!({"name": "HERALD_REDIS_URL",
+                   "value": format!("redis://:$(HERALD_REDIS_PASSWORD)@{}", spec.redis.addr)}),
+        ],
+        None => vec![
+            json!({"name": "HERALD_REDIS_URL", "value": format!("redis://{}", spec.redis.addr)}),
+        ],
+    }
+}
+
+fn resources(resources: Option<&Resources>) -> Value {
+    match resources {
+        Some(r) => json!({"requests": r.requests, "limits": r.limits}),
+        None => json!({}),
+    }
+}
+
+fn probe(path: &str, port: i32) -> Value {
+    json!({"httpGet": {"path": path, "port": port}, "periodSeconds": 5, "failureThreshold": 3})
+}
+
+struct Container<'a> {
+    role: &'a str,
+    args: Vec<String>,
+    env: Vec<Value>,
+    ports: Vec<(&'a str, i32)>,
+    http_port: i32,
+    resources: Option<&'a Resources>,
+}
+
+fn deployment(
+    names: &Names,
+    spec: &PushClusterSpec,
+    replicas: i32,
+    config_hash: &str,
+    container: Container<'_>,
+    pod_extra: Value,
+) -> Result<Deployment> {
+    let Container {
+        role,
+        args,
+        env,
+        ports,
+        http_port,
+        resources: limits,
+    } = container;
+    let mut all_args = vec![role.to_owned()];
+    all_args.extend(args);
+    let mut all_env = downward_env();
+    all_env.extend(env);
+    let mut pod_spec = json!({
+        "containers": [{
+            "name": role,
+            "image": spec.image,
+            "args": all_args,
+            "env": all_env,
+            "envFrom": [{"configMapRef": {"name": names.config()}}],
+            "ports": ports.iter().map(|(name, port)| json!({"name": name, "containerPort": port, "protocol": "TCP"})).collect::<Vec<_>>(),
+            "readinessProbe": probe("/readyz", http_port),
+            "livenessProbe": probe("/healthz", http_port),
+            "resources": resources(limits),
+        }],
+    });
+    if let (Some(pod), Some(extra)) = (pod_spec.as_object_mut(), pod_extra.as_object()) {
+        pod.extend(extra.clone());
+    }
+    typed(
+        "Deployment",
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": names.metadata(&names.component(role), role),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": names.labels(role)},
+            "template": {
+                "metadata": {"labels": names.labels(role),
+                             "annotations": {"herald.dev/config-hash": config_hash}},
+                "spec": pod_spec,
+            }
+        }}),
+    )
+}
+
+fn comet_deployment(
+    names: &Names,
+    spec: &PushClusterSpec,
+    replicas: i32,
+    config_hash: &str,
+) -> Result<Deployment> {
+    let ports = &spec.comet.ports;
+    let drain = &spec.comet.drain;
+    let args = vec![
+        format!("--tcp-addr=$(POD_IP):{}", ports.tcp),
+        format!("--ws-addr=$(POD_IP):{}", ports.ws),
+        format!("--grpc-addr=$(POD_IP):{}", ports.grpc),
+        format!("--http-addr=$(POD_IP):{}", ports.admin),
+        "--server-id=$(POD_NAME)".to_owned(),
+        format!(
+            "--logic-addr={}:{}",
+            names.component("logic"),
+            spec.logic.ports.grpc
+        ),
+        format!("--drain-deadline-ms={}", drain.deadline_seconds * 1000),
+        format!("--drain-close-rate={}", drain.close_rate),
+    ];
+    deployment(
+        names,
+        spec,
+        replicas,
+        config_hash,
+        Container {
+            role: "comet",
+            args,
+            env: vec![],
+            ports: vec![
+                ("tcp", ports.tcp),
+                ("ws", ports.ws),
+                ("grpc", ports.grpc),
+                ("admin", ports.admin),
+            ],
+            http_port: ports.admin,
+            resources: spec.comet.resources.as_ref(),
+        },
+        json!({"terminationGracePeriodSeconds": drain.deadline_seconds + TERMINATION_MARGIN_SECS}),
+    )
+}
+
+fn logic_deployment(
+    names: &Names,
+    spec: &PushClusterSpec,
+    config_hash: &str,
+) -> Result<Deployment> {
+    let ports = &spec.logic.ports;
+    let mut env = redis_env(spec);
+    if let Some(secret) = &spec.auth.jwt_secret_ref {
+        env.push(secret_env("HERALD_LOGIC_JWT_SECRET", secret));
+    }
+    let api_key = spec
+        .auth
+        .api_key_secret_ref
+        .clone()
+        .unwrap_or_else(|| SecretKeyRef {
+            name: names.api_key(),
+            key: API_KEY_KEY.to_owned(),
+        });
+    env.push(secret_env("HERALD_LOGIC_API_KEY", &api_key));
+    deployment(
+        names,
+        spec,
+        spec.logic.replicas,
+        config_hash,
+        Container {
+            role: "logic",
+            args: vec![
+                format!("--http-addr=$(POD_IP):{}", ports.http),
+                format!("--grpc-addr=$(POD_IP):{}", ports.grpc),
+                format!("--node-list-configmap={}", names.nodes()),
+            ],
+            env,
+            ports: vec![("http", ports.http), ("grpc", ports.grpc)],
+            http_port: ports.http,
+            resources: spec.logic.resources.as_ref(),
+        },
+        json!({"serviceAccountName": names.service_account()}),
+    )
+}
+
+fn job_deployment(names: &Names, spec: &PushClusterSpec, config_hash: &str) -> Result<Deployment> {
+    deployment(
+        names,
+        spec,
+        spec.job.replicas,
+        config_hash,
+        Container {
+            role: "job",
+            args: vec![
+                format!("--http-addr=$(POD_IP):{JOB_HTTP_PORT}"),
+                format!("--node-list-configmap={}", names.nodes()),
+            ],
+            env: vec![],
+            ports: vec![("http", JOB_HTTP_PORT)],
+            http_port: JOB_HTTP_PORT,
+            resources: spec.job.resources.as_ref(),
+        },
+        json!({"serviceAccountName": names.service_account()}),
+    )
+}
+
+fn services(names: &Names, spec: &PushClusterSpec) -> Result<Vec<Service>> {
+    let comet = &spec.comet.ports;
+    let logic = &spec.logic.ports;
+    let port = |name: &str, port: i32| json!({"name": name, "port": port, "targetPort": port, "protocol": "TCP"});
+    [
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": names.metadata(&names.component("comet"), "comet"),
+               "spec": {"type": spec.comet.service_type.as_str(),
+                        "selector": names.labels("comet"),
+                        "ports": [port("tcp", comet.tcp), port("ws", comet.ws)]}}),
+        // Headless: job and the operator reach each comet pod, not a balanced VIP.
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": names.metadata(&names.component("comet-grpc"), "comet"),
+               "spec": {"clusterIP": "None", "publishNotReadyAddresses": true,
+                        "selector": names.labels("comet"),
+                        "ports": [port("grpc", comet.grpc)]}}),
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": names.metadata(&names.component("logic"), "logic"),
+               "spec": {"selector": names.labels("logic"),
+                        "ports": [port("http", logic.http), port("grpc", logic.grpc)]}}),
+    ]
+    .into_iter()
+    .map(|value| typed("Service", value))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn cluster() -> PushCluster {
+        let mut cluster: PushCluster = serde_json::from_value(json!({
+            "apiVersion": "herald.dev/v1alpha1", "kind": "PushCluster",
+            "metadata": {"name": "chat", "namespace": "ns", "uid": "u-1"},
+            "spec": {"image": "herald:dev", "redis": {"addr": "redis:6379"},
+                     "kafka": {"brokers": ["k1:9092", "k2:9092"]},
+                     "comet": {"replicas": 3, "drain": {"deadlineSeconds": 40, "closeRate": 100}}}
+        }))
+        .unwrap();
+        cluster.metadata.generation = Some(1);
+        cluster
+    }
+
+    fn container(deployment: &Deployment) -> &k8s_openapi::api::core::v1::Container {
+        &deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+    }
+
+    #[test]
+    fn comet_follows_the_pod_contract() {
+        let cluster = cluster();
+        let names = Names::of(&cluster).unwrap();
+        let children = children(&names, &cluster.spec, 4).unwrap();
+        let comet = &children.deployments[0];
+        assert_eq!(comet.spec.as_ref().unwrap().replicas, Some(4));
+        let pod = comet.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.termination_grace_period_seconds, Some(55));
+        let c = container(comet);
+        assert_eq!(c.command, None);
+        let args = c.args.as_ref().unwrap();
+        assert_eq!(args[0], "comet");
+        assert!(args.contains(&"--server-id=$(POD_NAME)".to_owned()));
+        assert!(args.contains(&"--grpc-addr=$(POD_IP):3109".to_owned()));
+        assert!(args.contains(&"--drain-deadline-ms=40000".to_owned()));
+        assert!(args.contains(&"--drain-close-rate=100".to_owned()));
+        assert!(args.contains(&"--logic-addr=chat-logic:3119".to_owned()));
+        for arg in args
+            .iter()
+            .filter(|a| a.ends_with("-addr") || a.contains("-addr=$"))
+        {
+            assert!(arg.contains("$(POD_IP):"), "{arg}");
+        }
+        let env: Vec<_> = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert!(env.starts_with(&["POD_IP", "POD_NAME", "POD_NAMESPACE"]));
+        let readiness = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(readiness.path.as_deref(), Some("/readyz"));
+        let owner = &comet.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("PushCluster", Some(true))
+        );
+    }
+
+    #[test]
+    fn logic_gets_secrets_by_reference_and_the_node_list() {
+        let mut cluster = cluster();
+        cluster.spec.redis.password_secret_ref = Some(SecretKeyRef {
+            name: "redis".to_owned(),
+            key: "password".to_owned(),
+        });
+        let names = Names::of(&cluster).unwrap();
+        let children = children(&names, &cluster.spec, 1).unwrap();
+        let logic = container(&children.deployments[1]);
+        let args = logic.args.as_ref().unwrap();
+        assert_eq!(args[0], "logic");
+        assert!(args.contains(&"--node-list-configmap=chat-nodes".to_owned()));
+        let env = logic.env.as_ref().unwrap();
+        let url = env.iter().find(|e| e.name == "HERALD_REDIS_URL").unwrap();
+        assert_eq!(
+            url.value.as_deref(),
+            Some("redis://:$(HERALD_REDIS_PASSWORD)@redis:6379")
+        );
+        let key = env
+            .iter()
+            .find(|e| e.name == "HERALD_LOGIC_API_KEY")
+            .unwrap();
+        let secret = key
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("chat-api-key", "api-key")
+        );
+        let job = container(&children.deployments[2]);
+        assert!(
+            job.args
+                .as_ref()
+                .unwrap()
+                .contains(&"--http-addr=$(POD_IP):3193".to_owned())
+        );
+    }
+
+    #[test]
+    fn config_change_changes_the_pod_template_hash() {
+        let cluster = cluster();
+        let names = Names::of(&cluster).unwrap();
+        let hash = |spec: &PushClusterSpec| {
+            let children = children(&names, spec, 1).unwrap();
+            children.deployments[2]
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .as_ref()
+                .unwrap()["herald.dev/config-hash"]
+                .clone()
+        };
+        let mut other = cluster.spec.clone();
+        other.kafka.topic = "other".to_owned();
+        assert_eq!(hash(&cluster.spec), hash(&cluster.spec));
+        assert_ne!(hash(&cluster.spec), hash(&other));
+    }
+
+    #[test]
+    fn selector_string_matches_labels() {
+        let names = Names::of(&cluster()).unwrap();
+        assert_eq!(
+            names.selector("comet"),
+            "app.kubernetes.io/component=comet,app.kubernetes.io/instance=chat,app.kubernetes.io/name=herald"
+        );
+    }
+}

@@ -1,0 +1,628 @@
+//! The `PushCluster` custom resource (`herald.dev/v1alpha1`): the Rust types are
+//! the source of the CRD (`herald crdgen`), so doc comments here become the
+//! schema descriptions users see in `kubectl explain`.
+//!
+//! Admission refuses what a schema or CEL rule can express (negative counts,
+//! `min > max`, unknown auth modes); everything else that can be wrong (a
+//! missing Secret) is reported by the controller as a `Degraded` condition.
+
+// kube's `KubeSchema` derive declares helper copies of the types in a private
+// scope, which trips `unreachable_pub` on every deriving struct; and clippy
+// reads repeated `printcolumn(type_ = ..)` arguments as duplicated attributes.
+#![allow(unreachable_pub, clippy::duplicated_attributes)]
+
+use std::collections::BTreeMap;
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A Herald push cluster: comet, logic and job deployments, scaled by live
+/// client connections and described to clients through a node list.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "herald.dev",
+    version = "v1alpha1",
+    kind = "PushCluster",
+    plural = "pushclusters",
+    shortname = "pushc",
+    category = "herald",
+    namespaced,
+    status = "PushClusterStatus",
+    scale(
+        spec_replicas_path = ".spec.comet.replicas",
+        status_replicas_path = ".status.comet.readyReplicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Available\")].status",
+        description = "Whether every component has its desired replicas ready"
+    ),
+    printcolumn(
+        name = "Comets",
+        type_ = "string",
+        json_path = ".status.cometsReady",
+        description = "Ready comets / desired comets"
+    ),
+    printcolumn(
+        name = "Connections",
+        type_ = "integer",
+        json_path = ".status.totalConnections",
+        description = "Client connections across all comets"
+    ),
+    printcolumn(
+        name = "Draining",
+        type_ = "integer",
+        json_path = ".status.drainingComets",
+        description = "Comets being drained before removal"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PushClusterSpec {
+    /// Container image that holds the `herald` binary; every component runs it
+    /// with its role as the first argument.
+    #[x_kube(validation = Rule::new("self != ''").message("image must not be empty"))]
+    pub image: String,
+    /// Comets hold client connections.
+    #[serde(default)]
+    pub comet: CometSpec,
+    /// Logic serves the HTTP push API and the gRPC service comets call.
+    #[serde(default)]
+    pub logic: LogicSpec,
+    /// Job consumes push records from Kafka and delivers them to comets.
+    #[serde(default)]
+    pub job: JobSpec,
+    /// Redis that keeps routing (which comet holds which key).
+    pub redis: RedisSpec,
+    /// Kafka that carries push records from logic to job.
+    pub kafka: KafkaSpec,
+    /// What the node list hands out to clients.
+    #[serde(default)]
+    pub node_list: NodeListSpec,
+    /// How client tokens and the HTTP push API are authenticated.
+    #[serde(default)]
+    pub auth: AuthSpec,
+}
+
+/// Comet deployment settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CometSpec {
+    /// Desired comet replicas; also what `/scale` (an HPA or KEDA) reads and
+    /// writes. With autoscaling enabled the operator sets it itself.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    /// Connection-based autoscaling done by the operator.
+    #[serde(default)]
+    pub autoscaling: AutoscalingSpec,
+    /// How a comet is emptied before it is removed.
+    #[serde(default)]
+    pub drain: DrainSpec,
+    /// Container ports.
+    #[serde(default)]
+    pub ports: CometPorts,
+    /// Type of the Service in front of the client ports.
+    #[serde(default)]
+    pub service_type: ServiceType,
+    /// CPU and memory requests and limits of the comet container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+}
+
+impl Default for CometSpec {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            autoscaling: AutoscalingSpec::default(),
+            drain: DrainSpec::default(),
+            ports: CometPorts::default(),
+            service_type: ServiceType::default(),
+            resources: None,
+        }
+    }
+}
+
+/// Scale comets by live connections: `ceil(total / target)` clamped to
+/// `[minReplicas, maxReplicas]`; up at once, down only after the window.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas"))]
+pub struct AutoscalingSpec {
+    /// Off by default: then `replicas` (or an HPA through `/scale`) decides.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Fewest comets kept.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1))]
+    pub min_replicas: i32,
+    /// Most comets run.
+    #[serde(default = "ten")]
+    #[schemars(range(min = 1))]
+    pub max_replicas: i32,
+    /// Connections one comet should hold on average.
+    #[serde(default = "default_target")]
+    #[schemars(range(min = 1))]
+    pub target_connections_per_replica: i64,
+    /// A lower replica count must be wanted for this long before a comet is
+    /// drained, so that a short dip does not move clients around.
+    #[serde(default = "default_stabilization")]
+    #[schemars(range(min = 0))]
+    pub scale_down_stabilization_seconds: i64,
+}
+
+impl Default for AutoscalingSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            min_replicas: 1,
+            max_replicas: 10,
+            target_connections_per_replica: default_target(),
+            scale_down_stabilization_seconds: default_stabilization(),
+        }
+    }
+}
+
+/// How a comet is drained (by the operator before a scale-down, and by the
+/// comet itself on SIGTERM).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainSpec {
+    /// Every connection is closed by then; the pod's grace period covers it.
+    #[serde(default = "default_drain_deadline")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub deadline_seconds: i64,
+    /// Connections closed per second; 0 spreads them over the deadline.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub close_rate: i32,
+}
+
+impl Default for DrainSpec {
+    fn default() -> Self {
+        Self {
+            deadline_seconds: default_drain_deadline(),
+            close_rate: 0,
+        }
+    }
+}
+
+/// Comet container ports (goim's defaults).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CometPorts {
+    /// Raw TCP clients.
+    #[serde(default = "port_tcp")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub tcp: i32,
+    /// WebSocket clients.
+    #[serde(default = "port_ws")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub ws: i32,
+    /// WebSocket-over-TLS clients.
+    #[serde(default = "port_wss")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub wss: i32,
+    /// gRPC: goim.comet.Comet (job) and herald.admin.v1.CometAdmin (operator).
+    #[serde(default = "port_comet_grpc")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub grpc: i32,
+    /// HTTP `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default = "port_comet_admin")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub admin: i32,
+}
+
+impl Default for CometPorts {
+    fn default() -> Self {
+        Self {
+            tcp: port_tcp(),
+            ws: port_ws(),
+            wss: port_wss(),
+            grpc: port_comet_grpc(),
+            admin: port_comet_admin(),
+        }
+    }
+}
+
+/// Kubernetes Service types for the comet client Service.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceType {
+    /// Reachable inside the cluster only.
+    #[default]
+    ClusterIP,
+    /// A port on every node.
+    NodePort,
+    /// An external load balancer.
+    LoadBalancer,
+}
+
+impl ServiceType {
+    /// The value Kubernetes expects in `Service.spec.type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIP => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Logic deployment settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LogicSpec {
+    /// Logic replicas.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    /// CPU and memory requests and limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    /// Container ports.
+    #[serde(default)]
+    pub ports: LogicPorts,
+}
+
+impl Default for LogicSpec {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            resources: None,
+            ports: LogicPorts::default(),
+        }
+    }
+}
+
+/// Logic container ports.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LogicPorts {
+    /// HTTP push API plus `/healthz`, `/readyz`, `/metrics`.
+    #[serde(default = "port_logic_http")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub http: i32,
+    /// goim.logic.Logic gRPC, called by comets.
+    #[serde(default = "port_logic_grpc")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub grpc: i32,
+}
+
+impl Default for LogicPorts {
+    fn default() -> Self {
+        Self {
+            http: port_logic_http(),
+            grpc: port_logic_grpc(),
+        }
+    }
+}
+
+/// Job deployment settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobSpec {
+    /// Job replicas (Kafka consumers in one group).
+    #[serde(default = "one")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    /// CPU and memory requests and limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+}
+
+impl Default for JobSpec {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            resources: None,
+        }
+    }
+}
+
+/// Container resources as Kubernetes quantities, e.g. `{"cpu": "500m", "memory": "256Mi"}`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct Resources {
+    /// Guaranteed amounts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, String>,
+    /// Upper bounds.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
+}
+
+/// Redis connection.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSpec {
+    /// `host:port` of the Redis server.
+    #[x_kube(validation = Rule::new("self != ''").message("redis.addr must not be empty"))]
+    pub addr: String,
+    /// Secret key holding the Redis password, if it needs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+}
+
+/// Kafka connection and names.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSpec {
+    /// Bootstrap brokers, `host:port` each.
+    #[schemars(length(min = 1))]
+    pub brokers: Vec<String>,
+    /// Topic of push records (goim's default name).
+    #[serde(default = "default_topic")]
+    #[x_kube(validation = Rule::new("self != ''").message("kafka.topic must not be empty"))]
+    pub topic: String,
+    /// Consumer group of the job replicas.
+    #[serde(default = "default_group")]
+    #[x_kube(validation = Rule::new("self != ''").message("kafka.group must not be empty"))]
+    pub group: String,
+}
+
+/// What logic hands to clients asking for nodes (`/goim/nodes/*`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeListSpec {
+    /// Host name web clients use; empty hands out pod addresses only.
+    #[serde(default)]
+    pub domain: String,
+    /// How many nodes one answer lists.
+    #[serde(default = "default_node_count")]
+    #[schemars(range(min = 1, max = 100))]
+    pub count: i32,
+    /// Heartbeat interval advertised to clients, in seconds.
+    #[serde(default = "default_heartbeat")]
+    #[schemars(range(min = 1))]
+    pub heartbeat: i32,
+    /// Reconnect backoff advertised to clients, in seconds.
+    #[serde(default = "default_backoff")]
+    #[schemars(range(min = 1))]
+    pub backoff: i32,
+}
+
+impl Default for NodeListSpec {
+    fn default() -> Self {
+        Self {
+            domain: String::new(),
+            count: default_node_count(),
+            heartbeat: default_heartbeat(),
+            backoff: default_backoff(),
+        }
+    }
+}
+
+/// Token checking and HTTP API protection.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.mode != 'jwt' || has(self.jwtSecretRef)").message("auth.mode jwt needs auth.jwtSecretRef"))]
+pub struct AuthSpec {
+    /// `goim`: goim's unverified JSON tokens; `jwt`: HS256-signed tokens.
+    #[serde(default)]
+    pub mode: AuthMode,
+    /// Secret key with the HS256 secret (mode `jwt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_secret_ref: Option<SecretKeyRef>,
+    /// Secret key with the HTTP push API key; without it the operator
+    /// generates one in Secret `<name>-api-key` (key `api-key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+}
+
+/// Known token modes; anything else is refused at admission.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// goim-compatible unverified JSON tokens.
+    #[default]
+    Goim,
+    /// HS256-signed JWT tokens.
+    Jwt,
+}
+
+impl AuthMode {
+    /// The value of logic's `--token-mode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Goim => "goim",
+            Self::Jwt => "jwt",
+        }
+    }
+}
+
+/// One key of a Secret in the PushCluster's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[x_kube(validation = Rule::new("self != ''").message("secret name must not be empty"))]
+    pub name: String,
+    /// Key inside the Secret.
+    #[x_kube(validation = Rule::new("self != ''").message("secret key must not be empty"))]
+    pub key: String,
+}
+
+/// What the operator observed and did.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PushClusterStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Available`, `Progressing`, `Degraded` and `Draining`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Comet replicas.
+    #[serde(default)]
+    pub comet: ComponentStatus,
+    /// Logic replicas.
+    #[serde(default)]
+    pub logic: ComponentStatus,
+    /// Job replicas.
+    #[serde(default)]
+    pub job: ComponentStatus,
+    /// `ready/desired` comets, for the printer column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comets_ready: Option<String>,
+    /// Client connections across all comets at the last poll.
+    #[serde(default)]
+    pub total_connections: i64,
+    /// Comets being drained.
+    #[serde(default)]
+    pub draining_comets: i32,
+    /// Load of each comet pod at the last poll.
+    #[serde(default)]
+    pub pods: Vec<CometPodStatus>,
+    /// Generation of the node-list ConfigMap (`<name>-nodes`).
+    #[serde(default)]
+    pub node_list_generation: i64,
+    /// Label selector of the comet pods (used by `/scale` and HPAs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+}
+
+/// A status condition, in the usual Kubernetes shape.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Available`, `Progressing`, `Degraded` or `Draining`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// One CamelCase word saying why.
+    pub reason: String,
+    /// Details for humans.
+    #[serde(default)]
+    pub message: String,
+    /// When `status` last changed (RFC 3339).
+    pub last_transition_time: String,
+}
+
+/// Replica counts of one component.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ComponentStatus {
+    /// Replicas asked for.
+    #[serde(default)]
+    pub desired_replicas: i32,
+    /// Replicas ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+}
+
+/// Load of one comet pod.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CometPodStatus {
+    /// Pod name (also the comet's server id).
+    pub name: String,
+    /// Client connections.
+    pub connections: i64,
+    /// Rooms with at least one member.
+    pub rooms: i64,
+    /// Whether the comet is being drained.
+    pub draining: bool,
+}
+
+fn one() -> i32 {
+    1
+}
+fn ten() -> i32 {
+    10
+}
+fn default_target() -> i64 {
+    10_000
+}
+fn default_stabilization() -> i64 {
+    300
+}
+fn default_drain_deadline() -> i64 {
+    30
+}
+fn port_tcp() -> i32 {
+    3101
+}
+fn port_ws() -> i32 {
+    3102
+}
+fn port_wss() -> i32 {
+    3103
+}
+fn port_comet_grpc() -> i32 {
+    3109
+}
+fn port_comet_admin() -> i32 {
+    3190
+}
+fn port_logic_http() -> i32 {
+    3111
+}
+fn port_logic_grpc() -> i32 {
+    3119
+}
+fn default_topic() -> String {
+    "goim-push-topic".to_owned()
+}
+fn default_group() -> String {
+    "goim-push-group-job".to_owned()
+}
+fn default_node_count() -> i32 {
+    2
+}
+fn default_heartbeat() -> i32 {
+    240
+}
+fn default_backoff() -> i32 {
+    5
+}
+
+/// The CRD as YAML, exactly what `herald crdgen` prints.
+///
+/// # Errors
+/// Only if serialisation fails, which would be a bug in the types.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&PushCluster::crd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_spec_gets_goim_defaults() {
+        let spec: PushClusterSpec = serde_json::from_value(serde_json::json!({
+            "image": "herald:dev",
+            "redis": {"addr": "redis:6379"},
+            "kafka": {"brokers": ["kafka:9092"]}
+        }))
+        .unwrap();
+        assert_eq!(spec.comet.replicas, 1);
+        assert_eq!(spec.comet.ports.tcp, 3101);
+        assert_eq!(spec.comet.ports.grpc, 3109);
+        assert_eq!(spec.logic.ports.http, 3111);
+        assert_eq!(spec.kafka.topic, "goim-push-topic");
+        assert_eq!(spec.auth.mode, AuthMode::Goim);
+    }
+
+    #[test]
+    fn crd_carries_scale_cel_and_columns() {
+        let yaml = crd_yaml().unwrap();
+        assert!(
+            yaml.contains("labelSelectorPath: .status.selector"),
+            "{yaml}"
+        );
+        assert!(yaml.contains("specReplicasPath: .spec.comet.replicas"));
+        assert!(yaml.contains("self.minReplicas <= self.maxReplicas"));
+        assert!(yaml.contains("x-kubernetes-validations"));
+        for column in ["Ready", "Comets", "Connections", "Draining", "Age"] {
+            assert!(yaml.contains(&format!("name: {column}")), "{column}");
+        }
+    }
+}
