@@ -44,6 +44,17 @@ async fn create_namespace(client: &Client, prefix: &str) -> anyhow::Result<Strin
 
 /// A harness that manages `namespace`, lending addresses from 127.0.<third>.0/24.
 async fn start_kubelet(client: &Client, namespace: &str, third: u8) -> anyhow::Result<Kubelet> {
+    start_kubelet_with(client, third, |config| {
+        config.namespaces = vec![namespace.to_owned()]
+    })
+    .await
+}
+
+async fn start_kubelet_with(
+    client: &Client,
+    third: u8,
+    configure: impl FnOnce(&mut Config),
+) -> anyhow::Result<Kubelet> {
     let node = unique_name("loopback");
     let run_dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("loopback_pods")
@@ -54,7 +65,7 @@ async fn start_kubelet(client: &Client, namespace: &str, third: u8) -> anyhow::R
         run_dir,
         IpPool::slash24(third),
     );
-    config.namespaces = vec![namespace.to_owned()];
+    configure(&mut config);
     Ok(Kubelet::start(client.clone(), config).await?)
 }
 
@@ -140,9 +151,29 @@ fn alive(pid: u32) -> bool {
     i32::try_from(pid).is_ok_and(|pid| kill(Pid::from_raw(pid), None).is_ok())
 }
 
-/// Stops the harness and checks that no process it ever ran is left.
-async fn stop_and_check(kubelet: Kubelet, mut pids: Vec<u32>) -> anyhow::Result<()> {
+/// Deletes the namespace while the harness still runs (so its pods terminate
+/// the way a kubelet ends them), then stops the harness and checks that no
+/// process it ever ran is left.
+async fn finish(
+    client: Client,
+    namespace: &str,
+    kubelet: Kubelet,
+    mut pids: Vec<u32>,
+) -> anyhow::Result<()> {
     pids.extend(kubelet.processes().into_values());
+    Api::<Namespace>::all(client.clone())
+        .delete(namespace, &DeleteParams::default())
+        .await?;
+    let pods = Api::<Pod>::namespaced(client, namespace);
+    eventually(WAIT, "the namespace's pods gone", || async {
+        Ok(pods
+            .list(&ListParams::default())
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
+    })
+    .await?;
     let exits = kubelet.stop().await;
     for pid in &pids {
         ensure!(
@@ -300,11 +331,7 @@ async fn deployment_pods_run_on_loopback_ips_and_scale_down_gracefully() -> anyh
     assert_eq!(Some(id.pod.as_str()), left[0].metadata.name.as_deref());
     assert_eq!(kubelet.ips_in_use(), vec![pod_ip(&left[0])?]);
 
-    stop_and_check(kubelet, before.into_values().collect()).await?;
-    Api::<Namespace>::all(client)
-        .delete(&namespace, &DeleteParams::default())
-        .await?;
-    Ok(())
+    finish(client, &namespace, kubelet, before.into_values().collect()).await
 }
 
 #[tokio::test]
@@ -363,9 +390,60 @@ async fn killed_process_restarts_and_counts() -> anyhow::Result<()> {
     );
     http_get(ip, HTTP_PORT, "/goim/online/total").await?;
 
-    stop_and_check(kubelet, vec![old, new]).await?;
-    Api::<Namespace>::all(client)
-        .delete(&namespace, &DeleteParams::default())
-        .await?;
-    Ok(())
+    finish(client, &namespace, kubelet, vec![old, new]).await
+}
+
+#[tokio::test]
+async fn schedules_only_selected_pods_and_refuses_other_commands() -> anyhow::Result<()> {
+    let client = client().await?;
+    let namespace = create_namespace(&client, "lbselect").await?;
+    let selector = format!("herald.dev/loopback-test={namespace}");
+    let kubelet = start_kubelet_with(&client, 22, |config| {
+        config.label_selector = Some(selector.clone());
+    })
+    .await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
+    let label = serde_json::json!({"herald.dev/loopback-test": namespace});
+    let mut shell = pod_spec();
+    shell["containers"][0]["command"] = serde_json::json!(["/bin/sh", "-c", "sleep 1000"]);
+    for (name, labels, spec) in [
+        ("unselected", serde_json::json!({}), pod_spec()),
+        ("shell", label.clone(), shell),
+        ("selected", label, pod_spec()),
+    ] {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": labels}, "spec": spec,
+        }))?;
+        pods.create(&PostParams::default(), &pod).await?;
+    }
+    eventually(WAIT, "the selected pod ready", || async {
+        Ok(ready(&pods.get("selected").await?).then_some(()))
+    })
+    .await?;
+    // A container that is not herald is refused with a reason, not run.
+    let refused = eventually(WAIT, "the shell pod refused", || async {
+        let pod = pods.get("shell").await?;
+        let waiting = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|c| c[0].state.clone())
+            .and_then(|s| s.waiting);
+        Ok(waiting.filter(|w| w.reason.as_deref() == Some("CreateContainerConfigError")))
+    })
+    .await?;
+    let message = refused.message.unwrap_or_default();
+    assert!(message.contains("only herald runs"), "{message}");
+    assert!(kubelet.pid(&namespace, "shell", "herald").is_none());
+    let shell = pods.get("shell").await?;
+    assert_eq!(
+        shell.status.and_then(|s| s.phase).as_deref(),
+        Some("Pending")
+    );
+
+    // The pod without the label was never bound, to this node or any.
+    let unselected = pods.get("unselected").await?;
+    assert_eq!(unselected.spec.and_then(|s| s.node_name), None);
+    assert_eq!(kubelet.processes().len(), 1);
+
+    finish(client, &namespace, kubelet, Vec::new()).await
 }
