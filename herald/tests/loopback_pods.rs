@@ -216,11 +216,16 @@ async fn deployment_pods_run_on_loopback_ips_and_scale_down_gracefully() -> anyh
         .create(&PostParams::default(), &service)
         .await?;
 
+    let started = std::time::Instant::now();
     let running = eventually(WAIT, "2 Running + Ready pods", || async {
         let list = pods.list(&ListParams::default()).await?.items;
         Ok((list.len() == 2 && list.iter().all(ready)).then_some(list))
     })
     .await?;
+    eprintln!(
+        "Deployment created -> 2 pods Running and Ready in {:?}",
+        started.elapsed()
+    );
     let mut ips = Vec::new();
     for pod in &running {
         let spec = pod.spec.as_ref().context("spec")?;
@@ -243,7 +248,11 @@ async fn deployment_pods_run_on_loopback_ips_and_scale_down_gracefully() -> anyh
         TcpStream::connect((ip, TCP_PORT)).await?;
         let name = pod.metadata.name.as_deref().context("name")?;
         let nodes = http_get(ip, HTTP_PORT, "/goim/nodes/instances").await?;
-        assert!(nodes.contains(&ip.to_string()), "{nodes}");
+        assert!(nodes.contains(&format!("grpc://{ip}:3109")), "{nodes}");
+        assert!(
+            nodes.contains(&format!("\"hostname\":\"{namespace}.{name}\"")),
+            "{nodes}"
+        );
         ensure!(
             kubelet.pid(&namespace, name, "herald").is_some(),
             "no pid for {name}"
@@ -301,11 +310,13 @@ async fn deployment_pods_run_on_loopback_ips_and_scale_down_gracefully() -> anyh
             &Patch::Merge(serde_json::json!({"spec": {"replicas": 1}})),
         )
         .await?;
+    let scaled = std::time::Instant::now();
     let left = eventually(WAIT, "one pod left", || async {
         let list = pods.list(&ListParams::default()).await?.items;
         Ok((list.len() == 1 && kubelet.processes().len() == 1).then_some(list))
     })
     .await?;
+    eprintln!("replicas 2 -> 1: pod gone in {:?}", scaled.elapsed());
     let exits = kubelet.exits();
     assert_eq!(exits.len(), 1, "{exits:?}");
     let exit = &exits[0];
