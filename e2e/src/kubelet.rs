@@ -163,9 +163,10 @@ impl Shared {
     }
 }
 
-/// A running harness. Call [`Kubelet::stop`] to end it and its processes;
-/// merely dropping it leaves its tasks running until the runtime ends (then
-/// the processes are killed, since each is spawned with `kill_on_drop`).
+/// A running harness. Call [`Kubelet::stop`] to end it and wait until every
+/// process it started is gone. Dropping it also stops everything, without
+/// waiting; and should the runtime end first (a test that panicked), each
+/// process is killed with its task, since it is spawned with `kill_on_drop`.
 #[derive(Debug)]
 pub struct Kubelet {
     shared: Arc<Shared>,

@@ -458,3 +458,32 @@ async fn schedules_only_selected_pods_and_refuses_other_commands() -> anyhow::Re
 
     finish(client, &namespace, kubelet, Vec::new()).await
 }
+
+#[tokio::test]
+async fn dropping_the_harness_stops_its_processes() -> anyhow::Result<()> {
+    let client = client().await?;
+    let namespace = create_namespace(&client, "lbdrop").await?;
+    let kubelet = start_kubelet(&client, &namespace, 24).await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "solo"}, "spec": pod_spec(),
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    eventually(WAIT, "pod ready", || async {
+        Ok(ready(&pods.get("solo").await?).then_some(()))
+    })
+    .await?;
+    let pid = kubelet.pid(&namespace, "solo", "herald").context("pid")?;
+    drop(kubelet);
+    eventually(
+        WAIT,
+        "the process gone after the handle was dropped",
+        || async { Ok((!alive(pid)).then_some(())) },
+    )
+    .await?;
+    // Its pod stays behind on a node nobody runs, as with a vanished kubelet.
+    Api::<Namespace>::all(client)
+        .delete(&namespace, &DeleteParams::default())
+        .await?;
+    Ok(())
+}

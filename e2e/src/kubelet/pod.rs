@@ -228,7 +228,13 @@ impl PodTask {
                 .unwrap_or_else(|| Instant::now() + MAX_IDLE)
                 .min(Instant::now() + MAX_IDLE);
             tokio::select! {
-                _ = shutdown.changed() => {}
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        // The Kubelet handle was dropped without stop(): stop too.
+                        self.stop_processes(self.shared.config.shutdown_grace).await;
+                        break;
+                    }
+                }
                 changed = updates.changed() => {
                     if changed.is_err() {
                         // The harness dropped the sender: it is stopping.
