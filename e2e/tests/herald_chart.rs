@@ -48,6 +48,8 @@ fn template_passes_values_through() -> anyhow::Result<()> {
         "image.tag=9.9.9",
         "--set",
         "watchNamespaces={chat,games}",
+        "--set",
+        "metricsHost=$(POD_IP)",
     ])?;
     let deployment: Deployment = serde_yaml::from_str(
         rendered
