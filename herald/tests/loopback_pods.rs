@@ -232,6 +232,15 @@ async fn deployment_pods_run_on_loopback_ips_and_scale_down_gracefully() -> anyh
         assert_eq!(spec.node_name.as_deref(), Some(kubelet.node_name()));
         let status = pod.status.as_ref().context("status")?;
         assert_eq!(status.host_ip.as_deref(), Some("127.0.0.1"));
+        let conditions = status.conditions.as_deref().unwrap_or_default();
+        for kind in ["PodScheduled", "Initialized", "ContainersReady", "Ready"] {
+            assert!(
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == kind && c.status == "True"),
+                "{kind}: {conditions:?}"
+            );
+        }
         let ip = pod_ip(pod)?;
         assert!(ip.is_loopback() && ip.octets()[..3] == [127, 0, 20], "{ip}");
         let container = &status.container_statuses.as_ref().context("containers")?[0];
