@@ -496,3 +496,36 @@ async fn dropping_the_harness_stops_its_processes() -> anyhow::Result<()> {
         .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn no_grace_period_means_sigterm_then_sigkill() -> anyhow::Result<()> {
+    let client = client().await?;
+    let namespace = create_namespace(&client, "lbkill").await?;
+    let kubelet = start_kubelet(&client, &namespace, 25).await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
+    let mut spec = pod_spec();
+    spec["terminationGracePeriodSeconds"] = serde_json::json!(0);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "solo"}, "spec": spec,
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    eventually(WAIT, "pod ready", || async {
+        Ok(ready(&pods.get("solo").await?).then_some(()))
+    })
+    .await?;
+    let pid = kubelet.pid(&namespace, "solo", "herald").context("pid")?;
+    pods.delete("solo", &DeleteParams::default()).await?;
+    let exit = eventually(WAIT, "the process ended", || async {
+        Ok(kubelet.exits().into_iter().find(|e| e.pid == pid))
+    })
+    .await?;
+    // Grace 0: no time between the two signals, so SIGKILL is what ends it.
+    assert_eq!(exit.signals_sent, vec!["SIGTERM", "SIGKILL"], "{exit:?}");
+    assert_eq!(exit.signal, Some(9), "{exit:?}");
+    ensure!(!alive(pid), "killed process gone");
+    eventually(WAIT, "the pod IP back in the pool", || async {
+        Ok(kubelet.ips_in_use().is_empty().then_some(()))
+    })
+    .await?;
+    finish(client, &namespace, kubelet, vec![pid]).await
+}
