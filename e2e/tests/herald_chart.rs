@@ -192,6 +192,8 @@ async fn install_creates_operator_rbac_crd_and_example() -> anyhow::Result<()> {
         (("apps", "daemonsets", ""), "create"),
         (("rbac.authorization.k8s.io", "roles", ""), "escalate"),
         (("herald.dev", "pushclusters", ""), "delete"),
+        (("herald.dev", "pushclusters", ""), "patch"), // replicas go through /scale
+        (("", "nodes", ""), "patch"),
     ] {
         assert!(
             !allowed(&client, &user, elsewhere, target, verb).await?,
