@@ -12,7 +12,8 @@
 //!   container's args, the pod's env (`fieldRef`, ConfigMap/Secret refs) and
 //!   `$(VAR)` expansion as kubelet does;
 //! - it writes pods/status (phase, podIP, containers, Ready from the readiness
-//!   probe), restarts exited processes with back-off, and on deletion sends
+//!   probe), restarts exited processes (and those failing their liveness
+//!   probe) with back-off, and on deletion sends
 //!   SIGTERM, waits the grace period, SIGKILLs, and removes the pod.
 //!
 //! Nothing it starts or dials is outside 127.0.0.0/8, and stopping it stops

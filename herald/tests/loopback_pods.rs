@@ -529,3 +529,46 @@ async fn no_grace_period_means_sigterm_then_sigkill() -> anyhow::Result<()> {
     .await?;
     finish(client, &namespace, kubelet, vec![pid]).await
 }
+
+#[tokio::test]
+async fn failing_liveness_probe_restarts_the_process() -> anyhow::Result<()> {
+    let client = client().await?;
+    let namespace = create_namespace(&client, "lblive").await?;
+    let kubelet = start_kubelet(&client, &namespace, 27).await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
+    let mut spec = pod_spec();
+    // Logic answers 404 here: the process is alive but fails its probe.
+    spec["containers"][0]["livenessProbe"] = serde_json::json!({
+        "httpGet": {"path": "/no-such-path", "port": "http"},
+        "periodSeconds": 1, "failureThreshold": 2,
+    });
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "solo"}, "spec": spec,
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    let first = eventually(WAIT, "the first process", || async {
+        Ok(kubelet.pid(&namespace, "solo", "herald"))
+    })
+    .await?;
+    let exit = eventually(WAIT, "the liveness kill", || async {
+        Ok(kubelet.exits().into_iter().find(|e| e.pid == first))
+    })
+    .await?;
+    assert_eq!(exit.signals_sent, vec!["SIGTERM"], "{exit:?}");
+    assert_eq!(
+        exit.code,
+        Some(0),
+        "herald stops cleanly on SIGTERM: {exit:?}"
+    );
+    eventually(WAIT, "restartCount 1", || async {
+        let pod = pods.get("solo").await?;
+        let restarts = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .map(|c| c[0].restart_count);
+        Ok((restarts >= Some(1)).then_some(()))
+    })
+    .await?;
+    let pids = kubelet.exits().into_iter().map(|e| e.pid).collect();
+    finish(client, &namespace, kubelet, pids).await
+}

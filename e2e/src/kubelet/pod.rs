@@ -57,6 +57,11 @@ struct Run {
     successes: i32,
     failures: i32,
     next_probe: Option<Instant>,
+    /// Consecutive liveness failures, and when the next liveness check is due.
+    live_failures: i32,
+    next_liveness: Option<Instant>,
+    /// A liveness kill in progress: SIGKILL at this time if still running.
+    kill_at: Option<Instant>,
     next_start: Option<Instant>,
     backoff: Duration,
     /// Signals the harness sent to the current process, for [`Exit`].
@@ -77,6 +82,9 @@ impl Run {
             successes: 0,
             failures: 0,
             next_probe: None,
+            live_failures: 0,
+            next_liveness: None,
+            kill_at: None,
             next_start: Some(Instant::now()),
             backoff: Duration::ZERO,
             signals: Vec::new(),
@@ -216,13 +224,15 @@ impl PodTask {
             if self.ip.is_some() {
                 self.start_due().await;
                 self.probe_due().await;
+                self.liveness_due().await;
+                self.kill_overdue();
             }
             self.publish_status().await;
 
             let wake = self
                 .runs
                 .iter()
-                .flat_map(|r| [r.next_start, r.next_probe])
+                .flat_map(|r| [r.next_start, r.next_probe, r.next_liveness, r.kill_at])
                 .flatten()
                 .min()
                 .unwrap_or_else(|| Instant::now() + MAX_IDLE)
@@ -360,6 +370,13 @@ impl PodTask {
             .readiness_probe
             .as_ref()
             .map(|p| Instant::now() + Timing::of(p).initial_delay);
+        run.live_failures = 0;
+        run.kill_at = None;
+        run.next_liveness = run
+            .spec
+            .liveness_probe
+            .as_ref()
+            .map(|p| Instant::now() + Timing::of(p).initial_delay);
         self.shared.processes_mut().insert(id, pid);
         info!(pod = %self.name, container = %run.spec.name, pid, ?argv, "started");
 
@@ -447,6 +464,8 @@ impl PodTask {
         };
         run.ready = false;
         run.next_probe = None;
+        run.next_liveness = None;
+        run.kill_at = None;
         let restart = match restart_policy.as_str() {
             "Never" => false,
             "OnFailure" => exit_code != 0,
@@ -578,6 +597,68 @@ impl PodTask {
                     if run.failures >= timing.failure_threshold {
                         run.ready = false;
                     }
+                }
+            }
+        }
+    }
+
+    /// Liveness, as kubelet does it: after `failureThreshold` failures in a
+    /// row the process gets SIGTERM, SIGKILL after the grace period (the
+    /// probe's own, else the pod's), and then restarts per the restart policy.
+    async fn liveness_due(&mut self) {
+        let Some(ip) = self.ip else { return };
+        let now = Instant::now();
+        let pod_grace = self.grace(None);
+        for i in 0..self.runs.len() {
+            let run = &self.runs[i];
+            let due = run.next_liveness.is_some_and(|t| t <= now);
+            let (Some(pid), true, None) = (run.pid, due, run.kill_at) else {
+                continue;
+            };
+            let Some(probe) = run.spec.liveness_probe.clone() else {
+                continue;
+            };
+            let timing = Timing::of(&probe);
+            let outcome = probe::check(&probe, &run.spec, ip).await;
+            let run = &mut self.runs[i];
+            run.next_liveness = Some(Instant::now() + timing.period);
+            let Err(why) = outcome else {
+                run.live_failures = 0;
+                continue;
+            };
+            run.live_failures += 1;
+            if run.live_failures < timing.failure_threshold {
+                continue;
+            }
+            let grace = probe
+                .termination_grace_period_seconds
+                .and_then(|s| u64::try_from(s).ok())
+                .map_or(pod_grace, Duration::from_secs);
+            info!(pod = %self.name, container = %run.spec.name, pid, %why,
+                  "liveness probe failed; restarting the container");
+            run.next_liveness = None;
+            run.kill_at = Some(Instant::now() + grace);
+            if let Ok(raw) = i32::try_from(pid)
+                && kill(Pid::from_raw(raw), Signal::SIGTERM).is_ok()
+            {
+                run.signals.push(Signal::SIGTERM.as_str());
+            }
+        }
+    }
+
+    /// SIGKILL for processes a liveness kill gave SIGTERM and that outlived
+    /// their grace period.
+    fn kill_overdue(&mut self) {
+        let now = Instant::now();
+        for run in &mut self.runs {
+            if let (Some(pid), Some(at)) = (run.pid, run.kill_at)
+                && at <= now
+            {
+                run.kill_at = None;
+                if let Ok(raw) = i32::try_from(pid)
+                    && kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok()
+                {
+                    run.signals.push(Signal::SIGKILL.as_str());
                 }
             }
         }
