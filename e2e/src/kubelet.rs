@@ -50,6 +50,9 @@ pub use ippool::{IpPool, PoolError};
 
 /// Field manager and event source name of every write the harness makes.
 pub const MANAGER: &str = "herald-loopback-kubelet";
+/// Binding attempts per pod event, the first pause between them doubling.
+const BIND_ATTEMPTS: u32 = 5;
+const BIND_RETRY: Duration = Duration::from_millis(200);
 
 /// Why the harness could not start.
 #[derive(Debug, thiserror::Error)]
@@ -341,16 +344,29 @@ async fn bind(shared: &Shared, pod: &Pod) {
         field_manager: Some(MANAGER.to_owned()),
         ..PostParams::default()
     };
-    match api
-        .create_subresource::<_, serde_json::Value>("binding", name, &params, &binding)
-        .await
-    {
-        Ok(_) => info!(%namespace, pod = %name, "bound"),
-        // Already bound (by us, a moment ago) or gone: nothing to do.
-        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
-            debug!(%namespace, pod = %name, reason = %e.message, "not bound")
+    // The watch brings a pod once; a transient failure is retried here, a
+    // few times with growing pauses, rather than waiting for the next event.
+    let mut pause = BIND_RETRY;
+    for attempt in 1..=BIND_ATTEMPTS {
+        match api
+            .create_subresource::<_, serde_json::Value>("binding", name, &params, &binding)
+            .await
+        {
+            Ok(_) => {
+                info!(%namespace, pod = %name, "bound");
+                return;
+            }
+            // Already bound (by us, a moment ago) or gone: nothing to do.
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
+                debug!(%namespace, pod = %name, reason = %e.message, "not bound");
+                return;
+            }
+            Err(err) => {
+                warn!(%namespace, pod = %name, attempt, cause = %err, "binding failed");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
         }
-        Err(err) => warn!(%namespace, pod = %name, cause = %err, "binding failed"),
     }
 }
 

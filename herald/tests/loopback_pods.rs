@@ -572,3 +572,61 @@ async fn failing_liveness_probe_restarts_the_process() -> anyhow::Result<()> {
     let pids = kubelet.exits().into_iter().map(|e| e.pid).collect();
     finish(client, &namespace, kubelet, pids).await
 }
+
+#[tokio::test]
+async fn a_full_pool_keeps_pods_pending_until_an_address_returns() -> anyhow::Result<()> {
+    let client = client().await?;
+    let namespace = create_namespace(&client, "lbpool").await?;
+    let only = Ipv4Addr::new(127, 0, 28, 1);
+    let kubelet = start_kubelet_with(&client, 28, |config| {
+        config.namespaces = vec![namespace.clone()];
+        config.pool = IpPool::new(only, only).expect("a one-address pool");
+    })
+    .await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
+    for name in ["first", "second"] {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name}, "spec": pod_spec(),
+        }))?;
+        pods.create(&PostParams::default(), &pod).await?;
+        if name == "first" {
+            eventually(WAIT, "the first pod ready", || async {
+                Ok(ready(&pods.get("first").await?).then_some(()))
+            })
+            .await?;
+        }
+    }
+    assert_eq!(pod_ip(&pods.get("first").await?)?, only);
+    // Bound to the node, but no address for it: Pending, nothing running.
+    let second = eventually(WAIT, "the second pod bound", || async {
+        let pod = pods.get("second").await?;
+        Ok(pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .map(|_| pod))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = pods
+        .get(second.metadata.name.as_deref().context("name")?)
+        .await?;
+    let status = second.status.context("status")?;
+    assert_eq!(status.phase.as_deref(), Some("Pending"));
+    assert_eq!(status.pod_ip, None);
+    assert_eq!(kubelet.processes().len(), 1);
+
+    let first_pid = kubelet.pid(&namespace, "first", "herald").context("pid")?;
+    pods.delete("first", &DeleteParams::default()).await?;
+    let second = eventually(
+        WAIT,
+        "the second pod ready on the freed address",
+        || async {
+            let pod = pods.get("second").await?;
+            Ok(ready(&pod).then_some(pod))
+        },
+    )
+    .await?;
+    assert_eq!(pod_ip(&second)?, only);
+    finish(client, &namespace, kubelet, vec![first_pid]).await
+}

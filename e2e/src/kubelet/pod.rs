@@ -194,7 +194,7 @@ impl PodTask {
             .and_then(|ip| ip.parse().ok());
         self.ip = self.shared.pool.allocate(preferred);
         if self.ip.is_none() {
-            warn!(pod = %self.name, "no free loopback address; the pod stays pending");
+            warn!(pod = %self.name, "no free loopback address; the pod stays pending until one is free");
         }
         if let Err(err) = std::fs::create_dir_all(&self.dir) {
             warn!(pod = %self.name, cause = %err, "cannot create the pod's run dir");
@@ -220,6 +220,10 @@ impl PodTask {
                     break;
                 }
                 Some(pod) => self.pod = pod,
+            }
+            if self.ip.is_none() {
+                // The pool was full; an address may have come back since.
+                self.ip = self.shared.pool.allocate(None);
             }
             if self.ip.is_some() {
                 self.start_due().await;
