@@ -630,3 +630,69 @@ async fn a_full_pool_keeps_pods_pending_until_an_address_returns() -> anyhow::Re
     assert_eq!(pod_ip(&second)?, only);
     finish(client, &namespace, kubelet, vec![first_pid]).await
 }
+
+#[tokio::test]
+async fn env_from_config_maps_and_secrets_waits_for_a_missing_secret() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let client = client().await?;
+    let namespace = create_namespace(&client, "lbenv").await?;
+    let kubelet = start_kubelet(&client, &namespace, 29).await?;
+    let config_map: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "settings"}, "data": {"SITE": "eu"},
+    }))?;
+    Api::<ConfigMap>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &config_map)
+        .await?;
+    let mut spec = pod_spec();
+    let container = &mut spec["containers"][0];
+    container["envFrom"] =
+        serde_json::json!([{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}]);
+    container["env"]
+        .as_array_mut()
+        .context("env")?
+        .push(serde_json::json!({"name": "SHARD", "valueFrom": {"secretKeyRef": {"name": "shard", "key": "id"}}}));
+    for arg in container["args"].as_array_mut().context("args")? {
+        if arg.as_str().is_some_and(|a| a.starts_with("--server-id=")) {
+            *arg = serde_json::json!("--server-id=$(CFG_SITE)-$(SHARD)-$(POD_NAME)");
+        }
+    }
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "solo"}, "spec": spec,
+    }))?;
+    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
+    pods.create(&PostParams::default(), &pod).await?;
+
+    // The Secret does not exist yet: the container waits with the reason.
+    let waiting = eventually(WAIT, "CreateContainerConfigError", || async {
+        let pod = pods.get("solo").await?;
+        let waiting = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|c| c[0].state.clone())
+            .and_then(|s| s.waiting);
+        Ok(waiting.filter(|w| w.reason.as_deref() == Some("CreateContainerConfigError")))
+    })
+    .await?;
+    let message = waiting.message.unwrap_or_default();
+    assert!(
+        message.contains("shard") && message.contains("id"),
+        "{message}"
+    );
+    assert!(kubelet.processes().is_empty());
+
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "shard"}, "stringData": {"id": "7"},
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &secret)
+        .await?;
+    let pod = eventually(WAIT, "pod ready once the Secret exists", || async {
+        let pod = pods.get("solo").await?;
+        Ok(ready(&pod).then_some(pod))
+    })
+    .await?;
+    // Logic knows the comet by the name expanded from all three sources.
+    let nodes = http_get(pod_ip(&pod)?, HTTP_PORT, "/goim/nodes/instances").await?;
+    assert!(nodes.contains("\"hostname\":\"eu-7-solo\""), "{nodes}");
+    finish(client, &namespace, kubelet, Vec::new()).await
+}
