@@ -4,6 +4,8 @@
 //! A test that needs a service and cannot find it fails with a message naming
 //! the variable and the command that provides it: it never skips.
 
+pub mod kubelet;
+
 /// Reads a variable that the test bed exports.
 ///
 /// # Panics
