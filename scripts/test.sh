@@ -20,6 +20,8 @@ cd "$HERALD_ROOT"
 
 # Builds are cached outside the clone so that a second clone (CI's) reuses them.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HERALD_CACHE/target}
+# One-shot builds: incremental state would only add gigabytes to the cache.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 export CARGO_TERM_COLOR=never
 FUZZ_SECONDS=${FUZZ_SECONDS:-30}
 
