@@ -46,6 +46,8 @@ fn crdgen_prints_the_committed_crd() -> Result<()> {
 #[tokio::test]
 async fn operator_serves_health_and_metrics_and_stops_on_sigterm() -> Result<()> {
     herald_e2e::testbed_var("KUBECONFIG");
+    // Self-contained: a fresh test bed has no CRD until some test applies it.
+    drain::apply_crd(&kube::Client::try_default().await?).await?;
     let addr = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let lease = herald_e2e::unique_name("herald-operator-bin");
     let child = Command::new(env!("CARGO_BIN_EXE_herald"))
@@ -201,10 +203,8 @@ mod drain {
         }
     }
 
-    #[tokio::test]
-    async fn scale_down_waits_for_the_drained_comets_clients() -> Result<()> {
-        herald_e2e::testbed_var("KUBECONFIG");
-        let client = Client::try_default().await?;
+    /// Applies the committed CRD and waits until it is served.
+    pub(super) async fn apply_crd(client: &Client) -> Result<()> {
         let crd: CustomResourceDefinition =
             serde_yaml::from_str(include_str!("../../crds/pushcluster.yaml"))?;
         let crds = Api::<CustomResourceDefinition>::all(client.clone());
@@ -223,6 +223,14 @@ mod drain {
             ),
         )
         .await??;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn scale_down_waits_for_the_drained_comets_clients() -> Result<()> {
+        herald_e2e::testbed_var("KUBECONFIG");
+        let client = Client::try_default().await?;
+        apply_crd(&client).await?;
         let ns = herald_e2e::unique_name("op-drain-bin");
         let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
         Api::<Namespace>::all(client.clone())

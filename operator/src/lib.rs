@@ -126,6 +126,15 @@ pub enum Error {
     /// The metrics listener failed.
     #[error("metrics listener")]
     Metrics(#[source] std::io::Error),
+    /// The API server does not serve PushClusters: the CRD is not installed.
+    #[error(
+        "the PushCluster CRD (pushclusters.herald.dev) is not installed: \
+         kubectl apply --server-side -f crds/pushcluster.yaml (the Helm chart installs it)"
+    )]
+    CrdMissing,
+    /// Checking for the CRD failed for another reason.
+    #[error("cannot list PushClusters")]
+    Probe(#[source] kube::Error),
 }
 
 /// Result of this crate's entry points.
@@ -141,6 +150,7 @@ pub async fn main(
 ) -> Result<()> {
     let (metrics_addr, config) = args.into_config();
     let client = Client::try_default().await.map_err(Error::Client)?;
+    crd_installed(&client).await?;
     let listener = tokio::net::TcpListener::bind(metrics_addr)
         .await
         .map_err(Error::Metrics)?;
@@ -168,6 +178,21 @@ pub async fn main(
     }
     result
 }
+
+/// Fails fast when PushClusters are not served: a controller started without
+/// its CRD waits for a store that never fills, and would not even stop.
+async fn crd_installed(client: &Client) -> Result<()> {
+    let api: kube::Api<crd::PushCluster> = kube::Api::all(client.clone());
+    match api.list(&kube::api::ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Err(Error::CrdMissing),
+        Err(err) => Err(Error::Probe(err)),
+    }
+}
+
+/// How long stopping controllers may take before they are aborted: in-flight
+/// reconciles are short API calls, a drain waits across passes, not within one.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the controllers while this instance holds the Lease, until `shutdown`.
 /// On losing the Lease the controllers stop (after in-flight passes) and the
@@ -237,7 +262,15 @@ pub async fn run(
             _ = leader.wait_for(|l| !*l) => false,
         };
         drop(stops);
-        while tasks.join_next().await.is_some() {}
+        let joined = tokio::time::timeout(STOP_GRACE, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if joined.is_err() {
+            warn!(grace = ?STOP_GRACE, "controllers did not stop in time; aborting them");
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
         metrics.set_leader(false);
         if stopping {
             break;
