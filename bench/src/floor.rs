@@ -76,7 +76,7 @@ struct Command {
 pub(crate) fn serve(connections: usize) -> Result<()> {
     use std::io::BufRead;
     let io = |step| move |source| Error::Io { step, source };
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("bind"))?;
+    let listener = listen().map_err(io("listen"))?;
     let addr = listener.local_addr().map_err(io("local address"))?;
     let mut out = std::io::stdout();
     writeln!(out, "listening {addr}").map_err(io("stdout"))?;
@@ -108,6 +108,17 @@ pub(crate) fn serve(connections: usize) -> Result<()> {
         out.flush().map_err(io("stdout"))?;
     }
     Ok(())
+}
+
+/// A loopback listener with a deep accept queue: std's default backlog
+/// (128) overflows when a thousand clients connect at once, and every
+/// overflow costs that client a one-second SYN-ACK retransmission.
+fn listen() -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }
 
 /// The floor server process, seen from the benchmark.

@@ -17,7 +17,8 @@
 //! - [`server`]: starting and stopping the comet under test.
 //! - [`inject`]: open-loop gRPC injectors (latency from the scheduled time).
 //! - [`scenarios`]: S0–S7 and the `quick`/`full`/`smoke` profiles.
-//! - [`report`]: the JSON record, the markdown table and the plots.
+//! - [`report`]: the JSON record and the markdown table.
+//! - [`plot`]: PNG plots, with labels from a built-in bitmap font.
 //! - [`proc`]: CPU, RSS, pinning and machine facts from `/proc`.
 
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ use std::path::PathBuf;
 pub mod floor;
 pub mod inject;
 pub mod load;
+pub mod plot;
 pub mod proc;
 pub mod report;
 pub mod scenarios;

@@ -121,6 +121,9 @@ pub(crate) struct ClientSpec {
     /// Whether to authenticate (the floor server takes bare connections).
     pub(crate) auth: bool,
     pub(crate) probe: bool,
+    /// A receive buffer size to set before connecting (S7 shrinks it so a
+    /// client that stops reading backs up into comet's queue sooner).
+    pub(crate) rcvbuf: Option<u32>,
 }
 
 /// A connected client before it becomes a sink or a probe.
@@ -137,6 +140,11 @@ async fn open(spec: ClientSpec, src: Ipv4Addr, target: SocketAddr, clock: Clock)
     let mid = spec.mid;
     let io = |step| move |source| Error::Io { mid, step, source };
     let socket = TcpSocket::new_v4().map_err(io("socket"))?;
+    if let Some(size) = spec.rcvbuf {
+        socket
+            .set_recv_buffer_size(size)
+            .map_err(io("receive buffer size"))?;
+    }
     socket
         .bind(SocketAddr::new(src.into(), 0))
         .map_err(io("bind source address"))?;
@@ -248,6 +256,9 @@ pub(crate) struct ConnectStats {
     pub(crate) failed: usize,
     pub(crate) seconds: f64,
     pub(crate) per_second: f64,
+    /// Connections the kernel dropped meanwhile because an accept queue was
+    /// full (machine-wide); each costs a client a 1 s retransmission.
+    pub(crate) listen_overflows: u64,
 }
 
 /// The client population of one run. Must live inside a `LocalSet`.
@@ -298,6 +309,7 @@ impl Generator {
         concurrency: usize,
     ) -> ConnectStats {
         let requested = specs.len();
+        let overflows = crate::proc::listen_overflows();
         let start = Instant::now();
         let mut set = JoinSet::new();
         let (mut connected, mut failed) = (0, 0);
@@ -334,6 +346,7 @@ impl Generator {
             failed,
             seconds,
             per_second: connected as f64 / seconds.max(1e-9),
+            listen_overflows: crate::proc::listen_overflows().saturating_sub(overflows),
         }
     }
 
@@ -426,18 +439,14 @@ impl Generator {
         }));
     }
 
-    /// Stops reading `fraction` of the sinks (every n-th one).
-    pub(crate) fn pause_fraction(&self, fraction: f64) -> usize {
+    /// Stops reading the `count` sinks connected last.
+    pub(crate) fn pause_last(&self, count: usize) -> usize {
         let mut sinks = self.sinks.borrow_mut();
-        let every = (1.0 / fraction.max(1e-6)).round().max(1.0) as usize;
-        let mut paused = 0;
-        for (i, sink) in sinks.iter_mut().enumerate() {
-            if i % every == every - 1 {
-                sink.paused = true;
-                paused += 1;
-            }
+        let from = sinks.len().saturating_sub(count);
+        for sink in &mut sinks[from..] {
+            sink.paused = true;
         }
-        paused
+        sinks.len() - from
     }
 
     /// Sums every client's tally.

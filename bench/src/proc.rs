@@ -88,6 +88,27 @@ pub(crate) fn rss(pid: u32) -> Result<u64> {
         .ok_or(Error::Parse(path))
 }
 
+/// The kernel's count of connections dropped because an accept queue was
+/// full (`TcpExt: ListenOverflows`), machine-wide.
+pub(crate) fn listen_overflows() -> u64 {
+    let Ok(text) = read("/proc/net/netstat") else {
+        return 0;
+    };
+    let mut lines = text.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let found = names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(name, _)| *name == "ListenOverflows")
+            .and_then(|(_, v)| v.parse().ok());
+        return found.unwrap_or(0);
+    }
+    0
+}
+
 /// The 1-minute load average.
 pub(crate) fn loadavg() -> f64 {
     read("/proc/loadavg")

@@ -277,13 +277,131 @@ pub(crate) fn slope(points: &[(f64, f64)]) -> Option<f64> {
     (sxx > 0.0).then(|| sxy / sxx)
 }
 
-/// Writes `benchmarks.md` (and the plots) into `dir`, the project's docs.
+/// Writes `benchmarks.md` and the plots into `dir`, the project's docs.
 pub(crate) fn write_docs(report: &Report, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
     let mut md = String::new();
     md.push_str(DOCS_HEAD);
     md.push_str("\n## Latest figures\n\n");
     md.push_str(&report.markdown());
+    let plots = plots(report, dir);
+    if !plots.is_empty() {
+        md.push_str("\n## Plots\n\n");
+        for (file, caption) in plots {
+            let _ = writeln!(md, "![{caption}]({file})\n");
+        }
+    }
     write(&dir.join("benchmarks.md"), md.as_bytes())
+}
+
+/// Draws the run's plots into `dir`; returns (file name, caption) of each
+/// one drawn. A plot that fails is reported on stderr and left out.
+pub(crate) fn plots(report: &Report, dir: &Path) -> Vec<(String, String)> {
+    use crate::plot::{COLORS, Series, chart};
+    let mut drawn = Vec::new();
+    let mut draw = |file: &str, caption: &str, x: &str, y: &str, series: Vec<Series>| {
+        if series.iter().all(|s| s.points.is_empty()) {
+            return;
+        }
+        match chart(&dir.join(file), caption, x, y, &series) {
+            Ok(()) => drawn.push((file.to_owned(), caption.to_owned())),
+            Err(err) => eprintln!("herald bench: {err}"),
+        }
+    };
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    if let Some(s2) = report.scenarios.get("s2") {
+        let steps: Vec<&serde_json::Value> = s2["steps"].as_array().into_iter().flatten().collect();
+        let mut series = Vec::new();
+        for (i, fpp) in [20.0, 1.0].into_iter().enumerate() {
+            let points: Vec<(f64, f64)> = steps
+                .iter()
+                .filter(|s| f(s, "frames_per_push") == fpp)
+                .map(|s| {
+                    (
+                        f(s, "expected_messages_per_sec"),
+                        f(s, "delivered_messages_per_sec"),
+                    )
+                })
+                .filter(|p| p.0.is_finite() && p.1.is_finite())
+                .collect();
+            let max_x = points.iter().map(|p| p.0).fold(0.0, f64::max);
+            series.push(Series {
+                name: format!("comet {fpp} frames/push"),
+                color: COLORS[i],
+                points,
+            });
+            let floor = report.scenarios.get("s0").and_then(|s0| {
+                s0["runs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|r| f(r, "frames_per_push") == fpp)
+                    .map(|r| f(r, "messages_per_sec"))
+            });
+            if let Some(floor) = floor.filter(|v| v.is_finite()) {
+                series.push(Series {
+                    name: format!("floor {fpp} frames/push"),
+                    color: COLORS[i + 2],
+                    points: vec![(0.0, floor), (max_x, floor)],
+                });
+            }
+        }
+        draw(
+            "bench-fanout.png",
+            "S2 room fan-out: delivered vs offered",
+            "offered messages/s",
+            "delivered messages/s",
+            series,
+        );
+        let lat = |q: &str, color| Series {
+            name: q.to_owned(),
+            color,
+            points: steps
+                .iter()
+                .filter(|s| f(s, "frames_per_push") == 20.0)
+                .map(|s| (f(s, "expected_messages_per_sec"), f(&s["latency"], q)))
+                .filter(|p| p.0.is_finite() && p.1.is_finite())
+                .collect(),
+        };
+        draw(
+            "bench-fanout-latency.png",
+            "S2 probe latency, 20 frames/push",
+            "offered messages/s",
+            "latency, microseconds",
+            vec![
+                lat("p50_us", COLORS[0]),
+                lat("p99_us", COLORS[1]),
+                lat("p999_us", COLORS[2]),
+            ],
+        );
+    }
+    if let Some(s3) = report.scenarios.get("s3") {
+        let steps: Vec<&serde_json::Value> = s3["steps"].as_array().into_iter().flatten().collect();
+        let lat = |q: &str, color| Series {
+            name: q.to_owned(),
+            color,
+            points: steps
+                .iter()
+                .map(|s| (f(s, "rate"), f(&s["latency"], q)))
+                .filter(|p| p.0.is_finite() && p.1.is_finite())
+                .collect(),
+        };
+        draw(
+            "bench-pushmsg-latency.png",
+            "S3 single-key PushMsg latency",
+            "pushes/s",
+            "latency, microseconds",
+            vec![
+                lat("p50_us", COLORS[0]),
+                lat("p99_us", COLORS[1]),
+                lat("p999_us", COLORS[2]),
+            ],
+        );
+    }
+    drawn
 }
 
 const DOCS_HEAD: &str = include_str!("docs_head.md");

@@ -231,16 +231,25 @@ impl Scanner {
                 }
                 continue;
             }
-            let want = (HEADER_LEN - usize::from(self.hdr_len)).min(data.len());
-            let at = usize::from(self.hdr_len);
-            self.hdr[at..at + want].copy_from_slice(&data[..want]);
-            self.hdr_len += want as u8;
-            data = &data[want..];
-            if usize::from(self.hdr_len) < HEADER_LEN {
-                continue;
-            }
-            self.hdr_len = 0;
-            let h = &self.hdr;
+            // Fast path: a whole header in the input is read in place; only a
+            // header split across reads is copied into `hdr`.
+            let h: [u8; HEADER_LEN] = if self.hdr_len == 0 && data.len() >= HEADER_LEN {
+                let mut h = [0u8; HEADER_LEN];
+                h.copy_from_slice(&data[..HEADER_LEN]);
+                data = &data[HEADER_LEN..];
+                h
+            } else {
+                let want = (HEADER_LEN - usize::from(self.hdr_len)).min(data.len());
+                let at = usize::from(self.hdr_len);
+                self.hdr[at..at + want].copy_from_slice(&data[..want]);
+                self.hdr_len += want as u8;
+                data = &data[want..];
+                if usize::from(self.hdr_len) < HEADER_LEN {
+                    continue;
+                }
+                self.hdr_len = 0;
+                self.hdr
+            };
             let pack_len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
             self.cur_op = i32::from_be_bytes([h[8], h[9], h[10], h[11]]);
             let seq = i32::from_be_bytes([h[12], h[13], h[14], h[15]]);
