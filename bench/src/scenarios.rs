@@ -176,7 +176,18 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         })
     })?;
     let (stub_addr, calls) = stub::start().await.map_err(Error::Stub)?;
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    // The program's file name only: reports are committed, machine paths are not.
+    let command = std::env::args()
+        .enumerate()
+        .map(|(i, arg)| match i {
+            0 => std::path::Path::new(&arg)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or(arg),
+            _ => arg,
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
     let plan = Plan::new(what, clients, seconds);
     let mut ctx = Ctx {
         binary,
@@ -649,6 +660,7 @@ async fn s2(ctx: &mut Ctx) -> Result<()> {
         (20, ctx.plan.s2_rates_20.clone()),
         (1, ctx.plan.s2_rates_1.clone()),
     ] {
+        let mut misses = 0;
         for rate in rates {
             let step = room_step(
                 &generator,
@@ -681,7 +693,10 @@ async fn s2(ctx: &mut Ctx) -> Result<()> {
                 }
             }
             steps.push(step);
-            if sat {
+            // Two saturated steps in a row end the ramp: on a shared machine
+            // one step can stretch because the scheduler took the core away.
+            misses = if sat { misses + 1 } else { 0 };
+            if misses >= 2 {
                 break;
             }
         }
