@@ -42,6 +42,9 @@ enum Role {
     Operator(Box<herald_operator::Args>),
     /// Print the PushCluster CustomResourceDefinition as YAML.
     Crdgen,
+    /// Benchmark a comet (started by the tool) against its targets and the
+    /// kernel floor; prints figures, writes JSON and markdown.
+    Bench(Box<herald_bench::Args>),
 }
 
 impl Args {
@@ -61,6 +64,7 @@ impl Args {
             ),
             Role::Operator(args) => serve("operator", operator(*args)),
             Role::Crdgen => crdgen(),
+            Role::Bench(args) => bench(*args),
         }
     }
 }
@@ -102,6 +106,26 @@ async fn job(args: herald_job::Args) -> anyhow::Result<()> {
     let listeners = herald_job::Listeners::bind(config.http_addr).await?;
     herald_job::run(config, listeners, signal::shutdown()).await?;
     Ok(())
+}
+
+/// The benchmark builds its own single-threaded runtime: its generator is
+/// meant to use exactly one core.
+fn bench(args: herald_bench::Args) -> ExitCode {
+    match herald_bench::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let mut cause = err.to_string();
+            let mut source = std::error::Error::source(&err);
+            while let Some(e) = source {
+                cause.push_str(": ");
+                cause.push_str(&e.to_string());
+                source = e.source();
+            }
+            tracing::error!(cause, "benchmark failed");
+            eprintln!("herald bench: {cause}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Runs a role's future on a multi-threaded runtime; a failure is logged with

@@ -1,0 +1,274 @@
+//! The kernel floor: a fan-out server that does nothing but write pre-encoded
+//! frames to N sockets, as fast as it can, on one pinned core.
+//!
+//! Whatever comet achieves at the same N and batch size is compared against
+//! this figure, taken in the same run, so a busy or slow machine moves both
+//! numbers and the ratio stays meaningful. It runs on its own thread in the
+//! process of its own (`herald bench floor-server`), with blocking sockets: a
+//! write that blocks means the reader (the generator) fell behind, which the
+//! generator's CPU figure shows.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::load::Clock;
+use crate::proc;
+use crate::wire;
+
+/// Why the floor server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Binding or accepting failed.
+    #[error("floor server: {step}")]
+    Io {
+        /// What it was doing.
+        step: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The floor process stopped before answering.
+    #[error("floor server process stopped")]
+    Gone,
+    /// A command or answer line was malformed.
+    #[error("floor server: bad line {0:?}")]
+    Command(String),
+}
+
+/// Result with this module's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One saturation run's figures.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub(crate) struct FloorRun {
+    pub(crate) connections: usize,
+    pub(crate) frames_per_push: usize,
+    pub(crate) pushes: u64,
+    /// `write` calls (one per connection per push).
+    pub(crate) writes: u64,
+    pub(crate) messages: u64,
+    pub(crate) seconds: f64,
+    pub(crate) writes_per_sec: f64,
+    pub(crate) messages_per_sec: f64,
+    /// CPU the floor thread used, as a share of one core.
+    pub(crate) cpu_share: f64,
+    /// Next sequence number the clients expect after this run.
+    pub(crate) next_seq: i32,
+}
+
+#[derive(Debug)]
+struct Command {
+    frames_per_push: usize,
+    duration: Duration,
+    first_seq: i32,
+}
+
+/// Serves the floor in this process (the `floor-server` target): accepts
+/// `connections` clients on `listener`, then runs one saturation per command
+/// line `<frames_per_push> <millis> <first_seq>` read from stdin and answers
+/// each with one JSON line on stdout. A separate process, because the
+/// benchmark process already holds the client end of every socket and the
+/// per-process descriptor limit cannot hold both ends.
+pub(crate) fn serve(connections: usize) -> Result<()> {
+    use std::io::BufRead;
+    let io = |step| move |source| Error::Io { step, source };
+    let listener = listen().map_err(io("listen"))?;
+    let addr = listener.local_addr().map_err(io("local address"))?;
+    let mut out = std::io::stdout();
+    writeln!(out, "listening {addr}").map_err(io("stdout"))?;
+    out.flush().map_err(io("stdout"))?;
+    let mut socks = Vec::with_capacity(connections);
+    while socks.len() < connections {
+        let (sock, _) = listener.accept().map_err(io("accept"))?;
+        sock.set_nodelay(true).map_err(io("nodelay"))?;
+        socks.push(sock);
+    }
+    let clock = Clock::new();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(io("stdin"))?;
+        let parts: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        let [frames_per_push, millis, first_seq] = parts[..] else {
+            return Err(Error::Command(line));
+        };
+        let cmd = Command {
+            frames_per_push: frames_per_push as usize,
+            duration: Duration::from_millis(millis),
+            first_seq: i32::try_from(first_seq).map_err(|_| Error::Command(line.clone()))?,
+        };
+        let run = saturate(&mut socks, &cmd, clock);
+        let json = serde_json::to_string(&run).map_err(|e| Error::Command(e.to_string()))?;
+        writeln!(out, "{json}").map_err(io("stdout"))?;
+        out.flush().map_err(io("stdout"))?;
+    }
+    Ok(())
+}
+
+/// A loopback listener with a deep accept queue: std's default backlog
+/// (128) overflows when a thousand clients connect at once, and every
+/// overflow costs that client a one-second SYN-ACK retransmission.
+fn listen() -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// The floor server process, seen from the benchmark.
+#[derive(Debug)]
+pub(crate) struct FloorProc {
+    child: Child,
+    addr: SocketAddr,
+    stdin: ChildStdin,
+    results: mpsc::Receiver<String>,
+}
+
+impl FloorProc {
+    /// Starts `binary bench floor-server --clients N`, pinned to `core`.
+    pub(crate) fn start(
+        binary: &Path,
+        connections: usize,
+        core: Option<usize>,
+    ) -> Result<FloorProc> {
+        let io = |step| move |source| Error::Io { step, source };
+        let mut cmd = match core {
+            Some(core) => {
+                let mut cmd = std::process::Command::new("taskset");
+                cmd.arg("-c").arg(core.to_string()).arg(binary);
+                cmd
+            }
+            None => std::process::Command::new(binary),
+        };
+        let mut child = cmd
+            .args([
+                "bench",
+                "floor-server",
+                "--clients",
+                &connections.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(io("spawn floor-server"))?;
+        let stdin = child.stdin.take().ok_or(Error::Gone)?;
+        let stdout = child.stdout.take().ok_or(Error::Gone)?;
+        let (tx, results) = mpsc::channel();
+        // A reader thread turns stdout lines into messages the event loop
+        // can poll without blocking.
+        std::thread::Builder::new()
+            .name("floor-stdout".to_owned())
+            .spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(io("spawn reader thread"))?;
+        let first = results
+            .recv_timeout(Duration::from_secs(20))
+            .map_err(|_| Error::Gone)?;
+        let addr = first
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| Error::Command(first.clone()))?;
+        Ok(FloorProc {
+            child,
+            addr,
+            stdin,
+            results,
+        })
+    }
+
+    /// Where clients connect.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts a saturation run; poll [`FloorProc::try_result`] for its figures.
+    pub(crate) fn run(
+        &mut self,
+        frames_per_push: usize,
+        duration: Duration,
+        first_seq: i32,
+    ) -> Result<()> {
+        writeln!(
+            self.stdin,
+            "{frames_per_push} {} {first_seq}",
+            duration.as_millis()
+        )
+        .and_then(|()| self.stdin.flush())
+        .map_err(|source| Error::Io {
+            step: "send command",
+            source,
+        })
+    }
+
+    /// The figures of the last run, once it finished.
+    pub(crate) fn try_result(&self) -> Option<Result<FloorRun>> {
+        match self.results.try_recv() {
+            Ok(line) => Some(serde_json::from_str(&line).map_err(|_| Error::Command(line))),
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => Some(Err(Error::Gone)),
+        }
+    }
+}
+
+impl Drop for FloorProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn saturate(socks: &mut [TcpStream], cmd: &Command, clock: Clock) -> FloorRun {
+    let cpu_before = proc::thread_cpu_seconds().unwrap_or(0.0);
+    let start = Instant::now();
+    let mut batch = Vec::with_capacity(cmd.frames_per_push * wire::MSG_LEN);
+    let mut seq = cmd.first_seq;
+    let (mut pushes, mut writes) = (0u64, 0u64);
+    let mut alive = vec![true; socks.len()];
+    while start.elapsed() < cmd.duration {
+        batch.clear();
+        let now = clock.ns();
+        for _ in 0..cmd.frames_per_push {
+            wire::put_message(&mut batch, seq, now);
+            seq += 1;
+        }
+        for (sock, alive) in socks.iter_mut().zip(alive.iter_mut()) {
+            if *alive {
+                if sock.write_all(&batch).is_ok() {
+                    writes += 1;
+                } else {
+                    *alive = false;
+                }
+            }
+        }
+        pushes += 1;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let cpu = proc::thread_cpu_seconds().unwrap_or(0.0) - cpu_before;
+    let messages = writes * cmd.frames_per_push as u64;
+    FloorRun {
+        connections: socks.len(),
+        frames_per_push: cmd.frames_per_push,
+        pushes,
+        writes,
+        messages,
+        seconds,
+        writes_per_sec: writes as f64 / seconds,
+        messages_per_sec: messages as f64 / seconds,
+        cpu_share: cpu / seconds,
+        next_seq: seq,
+    }
+}

@@ -1,0 +1,174 @@
+//! Open-loop injectors: calls go out on a fixed schedule whatever the server
+//! does, each spawned on its own so a slow reply never delays the next send,
+//! and every latency is measured from the *scheduled* send time. A loaded
+//! server therefore shows up as latency instead of silently lowering the
+//! offered rate (no coordinated omission).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use herald_protocol::pb::{BroadcastRoomReq, CometClient, PushMsgReq};
+use tonic::transport::Channel;
+
+use crate::load::{Clock, new_histogram};
+
+/// Most calls in flight before new ones are counted as not sent: bounds the
+/// generator's memory when the server stops answering.
+const MAX_IN_FLIGHT: usize = 20_000;
+
+/// One call to make.
+#[derive(Debug)]
+pub(crate) enum Call {
+    Room(BroadcastRoomReq),
+    Push(PushMsgReq),
+}
+
+/// What an injection run did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Injected {
+    pub(crate) offered_rate: f64,
+    pub(crate) scheduled: u64,
+    pub(crate) ok: u64,
+    pub(crate) errors: u64,
+    /// Calls not sent because too many were in flight.
+    pub(crate) skipped: u64,
+    pub(crate) first_error: Option<String>,
+    /// Wall time from the first scheduled send to the last reply.
+    pub(crate) seconds: f64,
+    /// When the first call was scheduled.
+    #[serde(skip)]
+    pub(crate) started: Option<Instant>,
+    /// RPC latency (scheduled send → reply), nanoseconds.
+    #[serde(skip)]
+    pub(crate) rpc_latency: Option<Histogram<u64>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    ok: u64,
+    errors: u64,
+    in_flight: usize,
+    first_error: Option<String>,
+    latency: Histogram<u64>,
+}
+
+/// How calls may overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// Every call on its own task: calls overlap and the server may apply
+    /// them in any order (keys pushed by many job workers).
+    Concurrent,
+    /// One call at a time, in schedule order, later ones queued (what job
+    /// does for one room, minus its batching): comet only promises order
+    /// between calls that do not overlap.
+    Serial,
+}
+
+/// Sends `make(i, scheduled_ns)` at `rate` calls per second for `duration`,
+/// then waits (at most 30 s) for the replies.
+pub(crate) async fn run(
+    client: &CometClient<Channel>,
+    clock: Clock,
+    rate: f64,
+    duration: Duration,
+    order: Order,
+    mut make: impl FnMut(u64, u64) -> Call,
+) -> Injected {
+    let total = (rate * duration.as_secs_f64()).round().max(1.0) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1e-9));
+    let shared = Rc::new(RefCell::new(Shared {
+        ok: 0,
+        errors: 0,
+        in_flight: 0,
+        first_error: None,
+        latency: new_histogram(),
+    }));
+    let serial = (order == Order::Serial).then(|| {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Call, Instant)>();
+        let client = client.clone();
+        let shared = shared.clone();
+        tokio::task::spawn_local(async move {
+            while let Some((call, scheduled)) = rx.recv().await {
+                send(client.clone(), call, scheduled, &shared).await;
+            }
+        });
+        tx
+    });
+    let start = Instant::now() + Duration::from_millis(5);
+    let mut skipped = 0;
+    for i in 0..total {
+        let scheduled = start + interval.mul_f64(i as f64);
+        if scheduled > Instant::now() {
+            tokio::time::sleep_until(scheduled.into()).await;
+        }
+        if shared.borrow().in_flight >= MAX_IN_FLIGHT {
+            skipped += 1;
+            continue;
+        }
+        let sched_ns = clock.at(scheduled);
+        let call = make(i, sched_ns);
+        shared.borrow_mut().in_flight += 1;
+        match &serial {
+            Some(queue) => {
+                if queue.send((call, scheduled)).is_err() {
+                    let mut s = shared.borrow_mut();
+                    s.in_flight -= 1;
+                    s.errors += 1;
+                }
+            }
+            None => {
+                let client = client.clone();
+                let shared = shared.clone();
+                tokio::task::spawn_local(async move {
+                    send(client, call, scheduled, &shared).await;
+                });
+            }
+        }
+    }
+    drop(serial);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while shared.borrow().in_flight > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let s = shared.borrow();
+    Injected {
+        offered_rate: rate,
+        scheduled: total,
+        ok: s.ok,
+        errors: s.errors,
+        skipped,
+        first_error: s.first_error.clone(),
+        seconds: start.elapsed().as_secs_f64(),
+        started: Some(start),
+        rpc_latency: Some(s.latency.clone()),
+    }
+}
+
+async fn send(
+    mut client: CometClient<Channel>,
+    call: Call,
+    scheduled: Instant,
+    shared: &RefCell<Shared>,
+) {
+    let result = match call {
+        Call::Room(req) => client.broadcast_room(req).await.map(drop),
+        Call::Push(req) => client.push_msg(req).await.map(drop),
+    };
+    let done = Instant::now();
+    let mut s = shared.borrow_mut();
+    s.in_flight -= 1;
+    match result {
+        Ok(()) => {
+            s.ok += 1;
+            let ns = u64::try_from(done.saturating_duration_since(scheduled).as_nanos())
+                .unwrap_or(u64::MAX);
+            s.latency.saturating_record(ns.max(1));
+        }
+        Err(status) => {
+            s.errors += 1;
+            s.first_error.get_or_insert_with(|| status.to_string());
+        }
+    }
+}

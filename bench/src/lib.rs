@@ -1,0 +1,151 @@
+//! `herald bench`: the benchmark tool that sizes a deployment and tracks
+//! Herald's performance targets.
+//!
+//! It runs a real `herald comet` process (the current executable unless
+//! `--server-bin` says otherwise) pinned to one core, against a stub logic,
+//! and drives it from a single-threaded load generator pinned to the other
+//! core. Every ratio is taken against a *floor* measured in the same run: a
+//! raw fan-out server that only writes pre-encoded frames. Benchmarks print
+//! figures; nothing here is a timed test.
+//!
+//! # Layout
+//! - [`wire`]: pre-encoded client frames and the allocation-free scanner that
+//!   counts inbound frames and checks sequence numbers.
+//! - [`load`]: the generator: bulk TCP/WebSocket clients, lazy sinks, eager probes.
+//! - [`floor`]: the kernel-floor fan-out server (its own process).
+//! - [`stub`]: the stub `goim.logic.Logic` that accepts every token.
+//! - [`server`]: starting and stopping the comet under test.
+//! - [`inject`]: open-loop gRPC injectors (latency from the scheduled time).
+//! - [`scenarios`]: S0–S7 and the `quick`/`full`/`smoke` profiles.
+//! - [`report`]: the JSON record and the markdown table.
+//! - [`plot`]: PNG plots, with labels from a built-in bitmap font.
+//! - [`proc`]: CPU, RSS, pinning and machine facts from `/proc`.
+
+use std::path::PathBuf;
+
+pub mod floor;
+pub mod inject;
+pub mod load;
+pub mod plot;
+pub mod proc;
+pub mod report;
+pub mod scenarios;
+pub mod server;
+pub mod stub;
+pub mod wire;
+
+/// Why a benchmark run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The async runtime could not start.
+    #[error("cannot start the runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The server under test failed.
+    #[error(transparent)]
+    Server(#[from] server::Error),
+    /// The floor server failed.
+    #[error(transparent)]
+    Floor(#[from] floor::Error),
+    /// The stub logic could not listen.
+    #[error("stub logic")]
+    Stub(#[source] std::io::Error),
+    /// The comet gRPC channel could not be set up.
+    #[error("gRPC channel to comet")]
+    Channel(#[source] tonic::transport::Error),
+    /// Writing the report failed.
+    #[error(transparent)]
+    Report(#[from] report::Error),
+    /// The current executable could not be found (for `--server-bin`'s default).
+    #[error("cannot find the current executable")]
+    CurrentExe(#[source] std::io::Error),
+    /// A smoke run saw loss, reordering or a shortfall.
+    #[error("smoke check failed: {0}")]
+    Smoke(String),
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum What {
+    /// S0: floor calibration (raw fan-out server, same N and batch sizes).
+    S0,
+    /// S1: idle memory per connection (TCP and WebSocket) and idle CPU.
+    S1,
+    /// S2: room fan-out, 20 and 1 frames per push, rising rates.
+    S2,
+    /// S3: single-key PushMsg latency at fixed rates.
+    S3,
+    /// S4: connection storm and reconnect storm.
+    S4,
+    /// S6: broadcast completion time.
+    S6,
+    /// S7: slow consumers (1 % stop reading).
+    S7,
+    /// The quick profile: every scenario, small steps (a few minutes).
+    Quick,
+    /// The full profile: every scenario, longer steps and more rates.
+    Full,
+    /// A tiny floor + S2 run that fails on any loss (the test suite's check).
+    Smoke,
+    /// Internal: the floor server process.
+    #[value(hide = true)]
+    FloorServer,
+}
+
+/// Flags of `herald bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// A scenario (s0..s7), a profile (quick, full) or smoke.
+    #[arg(value_enum)]
+    pub what: What,
+    /// The herald binary to benchmark; defaults to the current executable.
+    #[arg(long, env = "HERALD_BENCH_SERVER_BIN")]
+    pub server_bin: Option<PathBuf>,
+    /// Directory for the JSON record, the markdown table and server logs.
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+    /// Also write `benchmarks.md` and the PNG plots into this directory.
+    #[arg(long)]
+    pub docs: Option<PathBuf>,
+    /// Client population (default: the profile's, 19,000 for most scenarios).
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// Seconds per measured step (default: the profile's).
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// Core the server (comet or floor) is pinned to.
+    #[arg(long, default_value_t = 0)]
+    pub server_core: usize,
+    /// Core the generator is pinned to.
+    #[arg(long, default_value_t = 1)]
+    pub gen_core: usize,
+    /// Do not pin anything (machines with one core, or without taskset).
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Milliseconds between sweeps of the lazy sink clients (100–500).
+    #[arg(long, default_value_t = 200)]
+    pub sweep_ms: u64,
+    /// One client in this many is an eager latency probe.
+    #[arg(long, default_value_t = 100)]
+    pub probe_every: usize,
+}
+
+/// Runs `herald bench`; returns when the report is written.
+///
+/// # Errors
+/// When the server, the floor or the report cannot be set up, or a smoke
+/// check fails. Scenario shortfalls are figures in the report, not errors.
+pub fn run(args: Args) -> Result<()> {
+    if args.what == What::FloorServer {
+        return Ok(floor::serve(args.clients.unwrap_or(1))?);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, scenarios::run(args))
+}

@@ -1,0 +1,240 @@
+//! What the kernel says about processes and the machine: CPU time and RSS
+//! from `/proc`, CPU pinning through util-linux `taskset` (the workspace
+//! forbids `unsafe`, so no direct `sched_setaffinity`), load average and the
+//! machine description recorded with every run.
+
+use std::process::Command;
+
+/// Clock ticks per second of `/proc/<pid>/stat` times. Linux reports them in
+/// `USER_HZ`, which is 100 on every architecture it supports.
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// Why a reading failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A `/proc` file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `/proc` file did not have the expected shape.
+    #[error("unexpected contents in {0}")]
+    Parse(String),
+    /// `taskset` failed or is missing.
+    #[error("taskset failed to pin {what}: {detail}")]
+    Pin {
+        /// What was being pinned.
+        what: String,
+        /// Its exit status or the spawn error.
+        detail: String,
+    },
+}
+
+/// Result with this module's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn read(path: &str) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// user + system CPU seconds from a `stat` file (`/proc/<pid>/stat` layout).
+fn stat_cpu(path: &str) -> Result<(f64, f64)> {
+    let text = read(path)?;
+    // The command name may contain spaces and parentheses: fields are
+    // counted after the last ')'. utime and stime are fields 14 and 15.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| Error::Parse(path.to_owned()))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .map(|ticks| ticks as f64 / TICKS_PER_SEC)
+            .ok_or_else(|| Error::Parse(path.to_owned()))
+    };
+    // After ')' the first field is #3 (state), so #14 is index 11.
+    Ok((field(11)?, field(12)?))
+}
+
+/// CPU seconds (user, system) of process `pid`.
+pub(crate) fn cpu(pid: u32) -> Result<(f64, f64)> {
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds (user + system) of the calling thread.
+pub(crate) fn thread_cpu_seconds() -> Result<f64> {
+    let (u, s) = stat_cpu("/proc/thread-self/stat")?;
+    Ok(u + s)
+}
+
+/// Resident set size of `pid` in bytes (`VmRSS`).
+pub(crate) fn rss(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = read(&path)?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or(Error::Parse(path))
+}
+
+/// The kernel's count of connections dropped because an accept queue was
+/// full (`TcpExt: ListenOverflows`), machine-wide.
+pub(crate) fn listen_overflows() -> u64 {
+    let Ok(text) = read("/proc/net/netstat") else {
+        return 0;
+    };
+    let mut lines = text.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let found = names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(name, _)| *name == "ListenOverflows")
+            .and_then(|(_, v)| v.parse().ok());
+        return found.unwrap_or(0);
+    }
+    0
+}
+
+/// The 1-minute load average.
+pub(crate) fn loadavg() -> f64 {
+    read("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|f| f.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+fn taskset(args: &[&str], what: String) -> Result<()> {
+    let status = Command::new("taskset")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|err| Error::Pin {
+            what: what.clone(),
+            detail: err.to_string(),
+        })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::Pin {
+            what,
+            detail: status.to_string(),
+        })
+    }
+}
+
+/// Pins every thread of this process to `core` (threads started later
+/// inherit it).
+pub(crate) fn pin_process(core: usize) -> Result<()> {
+    let pid = std::process::id().to_string();
+    taskset(
+        &["-a", "-p", "-c", &core.to_string(), &pid],
+        format!("process {pid}"),
+    )
+}
+
+/// The machine a run took place on.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Machine {
+    pub(crate) nproc: usize,
+    pub(crate) cpu_model: String,
+    pub(crate) kernel: String,
+}
+
+impl Machine {
+    pub(crate) fn describe() -> Machine {
+        let cpu_model = read("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".to_owned());
+        let kernel = read("/proc/sys/kernel/osrelease")
+            .map(|k| k.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".to_owned());
+        Machine {
+            nproc: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            cpu_model,
+            kernel,
+        }
+    }
+}
+
+/// CPU and RSS of a process over an interval.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sample {
+    user: f64,
+    system: f64,
+    at: std::time::Instant,
+}
+
+impl Sample {
+    pub(crate) fn take(pid: u32) -> Sample {
+        let (user, system) = cpu(pid).unwrap_or((f64::NAN, f64::NAN));
+        Sample {
+            user,
+            system,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// CPU used since `self`: (user seconds, system seconds, share of one core).
+    pub(crate) fn since(&self, later: &Sample) -> CpuUse {
+        let wall = later.at.duration_since(self.at).as_secs_f64().max(1e-9);
+        let user = later.user - self.user;
+        let system = later.system - self.system;
+        CpuUse {
+            user_s: user,
+            system_s: system,
+            wall_s: wall,
+            share: (user + system) / wall,
+        }
+    }
+}
+
+/// CPU used over an interval.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub(crate) struct CpuUse {
+    pub(crate) user_s: f64,
+    pub(crate) system_s: f64,
+    pub(crate) wall_s: f64,
+    /// (user + system) / wall: 1.0 is one core fully busy.
+    pub(crate) share: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_has_cpu_and_rss() {
+        let pid = std::process::id();
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert_ne!(x, 1);
+        let (u, s) = cpu(pid).unwrap();
+        assert!(u + s >= 0.0);
+        assert!(rss(pid).unwrap() > 1024 * 1024);
+        assert!(thread_cpu_seconds().unwrap() >= 0.0);
+        assert!(Machine::describe().nproc >= 1);
+    }
+}

@@ -1,0 +1,419 @@
+//! One run's record: a JSON file with every figure, and a markdown page with
+//! each target, its figure, the ratio to the floor and the machine's load.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use hdrhistogram::Histogram;
+
+use crate::What;
+use crate::proc::Machine;
+
+/// Why the report could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be written.
+    #[error("cannot write {path:?}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The record could not be serialised.
+    #[error("cannot serialise the report")]
+    Json(#[source] serde_json::Error),
+}
+
+/// Result with this module's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub(crate) struct Percentiles {
+    pub(crate) count: u64,
+    pub(crate) p50_us: f64,
+    pub(crate) p90_us: f64,
+    pub(crate) p99_us: f64,
+    pub(crate) p999_us: f64,
+    pub(crate) max_us: f64,
+}
+
+impl Percentiles {
+    pub(crate) fn of(h: &Histogram<u64>) -> Percentiles {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        let us = |q: f64| h.value_at_quantile(q) as f64 / 1_000.0;
+        Percentiles {
+            count: h.len(),
+            p50_us: us(0.5),
+            p90_us: us(0.9),
+            p99_us: us(0.99),
+            p999_us: us(0.999),
+            max_us: h.max() as f64 / 1_000.0,
+        }
+    }
+}
+
+/// One target from the issues, with what this run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Target {
+    pub(crate) scenario: &'static str,
+    pub(crate) target: &'static str,
+    pub(crate) goal: String,
+    /// The figure as shown in the table.
+    pub(crate) figure: String,
+    /// The figure as a number, in the goal's unit.
+    pub(crate) value: Option<f64>,
+    /// Comet's figure divided by the floor's at the same N and batch size.
+    pub(crate) floor_ratio: Option<f64>,
+    /// `None` when the run could not decide (no data).
+    pub(crate) met: Option<bool>,
+    /// The 1-minute load average when the figure was taken.
+    pub(crate) loadavg: f64,
+}
+
+/// Everything one `herald bench` invocation measured.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct Report {
+    pub(crate) what: What,
+    pub(crate) started_utc: String,
+    pub(crate) command: String,
+    pub(crate) machine: Machine,
+    pub(crate) pinned: Option<(usize, usize)>,
+    pub(crate) loadavg_start: f64,
+    pub(crate) loadavg_end: f64,
+    pub(crate) targets: Vec<Target>,
+    pub(crate) scenarios: BTreeMap<String, serde_json::Value>,
+    pub(crate) notes: Vec<String>,
+}
+
+/// The current UTC time, RFC 3339, to the second.
+pub(crate) fn now_utc() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    now.replace_nanosecond(0)
+        .unwrap_or(now)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| now.unix_timestamp().to_string())
+}
+
+fn write(path: &Path, contents: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Write {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    std::fs::write(path, contents).map_err(|source| Error::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn fmt_num(v: f64) -> String {
+    if !v.is_finite() {
+        "–".to_owned()
+    } else if v.abs() >= 1e6 {
+        format!("{:.2} M", v / 1e6)
+    } else if v.abs() >= 1e4 {
+        format!("{:.1} k", v / 1e3)
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+impl Report {
+    /// Writes `bench-<what>.json` and `bench-<what>.md` into `out`; returns the
+    /// markdown.
+    pub(crate) fn write(&self, out: &Path) -> Result<String> {
+        let name = serde_json::to_value(self.what)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "run".to_owned());
+        let json = serde_json::to_vec_pretty(self).map_err(Error::Json)?;
+        write(&out.join(format!("bench-{name}.json")), &json)?;
+        let md = self.markdown();
+        write(&out.join(format!("bench-{name}.md")), md.as_bytes())?;
+        Ok(md)
+    }
+
+    /// The markdown summary: machine, targets, then per-scenario tables.
+    pub(crate) fn markdown(&self) -> String {
+        let mut md = String::new();
+        let m = &self.machine;
+        let _ = writeln!(md, "Run `{}` at {} UTC.\n", self.command, self.started_utc);
+        let _ = writeln!(
+            md,
+            "Machine: {} cores, {}, Linux {}. Load average (1 min) {:.2} at the start, {:.2} at the end{}.\n",
+            m.nproc,
+            m.cpu_model,
+            m.kernel,
+            self.loadavg_start,
+            self.loadavg_end,
+            match self.pinned {
+                Some((s, g)) => format!("; server pinned to core {s}, generator to core {g}"),
+                None => "; nothing pinned".to_owned(),
+            }
+        );
+        if !self.targets.is_empty() {
+            md.push_str("| scenario | target | goal | figure | ratio to floor | met | load |\n");
+            md.push_str("|---|---|---|---|---|---|---|\n");
+            for t in &self.targets {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} | {} | {:.2} |",
+                    t.scenario,
+                    t.target,
+                    t.goal,
+                    t.figure,
+                    t.floor_ratio
+                        .map(|r| format!("{:.0} %", r * 100.0))
+                        .unwrap_or_else(|| "–".to_owned()),
+                    match t.met {
+                        Some(true) => "yes",
+                        Some(false) => "**no**",
+                        None => "?",
+                    },
+                    t.loadavg
+                );
+            }
+            md.push('\n');
+        }
+        if let Some(s0) = self.scenarios.get("s0") {
+            md.push_str("Floor (raw fan-out server, same connections and batch sizes):\n\n");
+            md.push_str("| connections | frames/push | writes/s | messages/s | floor CPU | generator CPU |\n|---|---|---|---|---|---|\n");
+            for run in s0["runs"].as_array().into_iter().flatten() {
+                let f = |k: &str| run[k].as_f64().unwrap_or(f64::NAN);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {:.0} % | {:.0} % |",
+                    f("connections"),
+                    f("frames_per_push"),
+                    fmt_num(f("writes_per_sec")),
+                    fmt_num(f("messages_per_sec")),
+                    f("cpu_share") * 100.0,
+                    f("generator_cpu_share") * 100.0
+                );
+            }
+            md.push('\n');
+        }
+        if let Some(s2) = self.scenarios.get("s2") {
+            md.push_str("Room fan-out steps (comet):\n\n");
+            md.push_str("| frames/push | pushes/s offered | messages/s expected | messages/s delivered | delivered/expected | comet CPU | probe p50 µs | p99 µs |\n|---|---|---|---|---|---|---|---|\n");
+            for step in s2["steps"].as_array().into_iter().flatten() {
+                let f = |k: &str| step[k].as_f64().unwrap_or(f64::NAN);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {:.3} | {:.0} % | {} | {} |",
+                    f("frames_per_push"),
+                    fmt_num(f("offered_pushes_per_sec")),
+                    fmt_num(f("expected_messages_per_sec")),
+                    fmt_num(f("delivered_messages_per_sec")),
+                    f("delivered_ratio"),
+                    f("comet_cpu_share") * 100.0,
+                    fmt_num(step["latency"]["p50_us"].as_f64().unwrap_or(f64::NAN)),
+                    fmt_num(step["latency"]["p99_us"].as_f64().unwrap_or(f64::NAN)),
+                );
+            }
+            md.push('\n');
+        }
+        if let Some(s1) = self.scenarios.get("s1") {
+            md.push_str("Idle memory (comet RSS by connections):\n\n| transport | connections | RSS MiB |\n|---|---|---|\n");
+            for series in s1["series"].as_array().into_iter().flatten() {
+                for p in series["points"].as_array().into_iter().flatten() {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {:.1} |",
+                        series["transport"].as_str().unwrap_or("?"),
+                        p["connections"],
+                        p["rss_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0
+                    );
+                }
+            }
+            md.push('\n');
+        }
+        if let Some(s3) = self.scenarios.get("s3") {
+            md.push_str("Single-key PushMsg (client-observed latency, from the scheduled send):\n\n| pushes/s | delivered | p50 µs | p99 µs | p99.9 µs | max µs | comet CPU |\n|---|---|---|---|---|---|---|\n");
+            for step in s3["steps"].as_array().into_iter().flatten() {
+                let l = &step["latency"];
+                let g = |k: &str| l[k].as_f64().unwrap_or(f64::NAN);
+                let _ = writeln!(
+                    md,
+                    "| {} | {}/{} | {} | {} | {} | {} | {:.0} % |",
+                    fmt_num(step["rate"].as_f64().unwrap_or(f64::NAN)),
+                    step["delivered"],
+                    step["expected"],
+                    fmt_num(g("p50_us")),
+                    fmt_num(g("p99_us")),
+                    fmt_num(g("p999_us")),
+                    fmt_num(g("max_us")),
+                    step["comet_cpu_share"].as_f64().unwrap_or(f64::NAN) * 100.0
+                );
+            }
+            md.push('\n');
+        }
+        for note in &self.notes {
+            let _ = writeln!(md, "- {note}");
+        }
+        md
+    }
+}
+
+/// Least-squares slope of `y` over `x`.
+pub(crate) fn slope(points: &[(f64, f64)]) -> Option<f64> {
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return None;
+    }
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx) * (p.0 - mx)).sum();
+    (sxx > 0.0).then(|| sxy / sxx)
+}
+
+/// Writes `benchmarks.md` and the plots into `dir`, the project's docs.
+pub(crate) fn write_docs(report: &Report, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut md = String::new();
+    md.push_str(DOCS_HEAD);
+    md.push_str("\n## Latest figures\n\n");
+    md.push_str(&report.markdown());
+    let plots = plots(report, dir);
+    if !plots.is_empty() {
+        md.push_str("\n## Plots\n\n");
+        for (file, caption) in plots {
+            let _ = writeln!(md, "![{caption}]({file})\n");
+        }
+    }
+    write(&dir.join("benchmarks.md"), md.as_bytes())
+}
+
+/// Draws the run's plots into `dir`; returns (file name, caption) of each
+/// one drawn. A plot that fails is reported on stderr and left out.
+pub(crate) fn plots(report: &Report, dir: &Path) -> Vec<(String, String)> {
+    use crate::plot::{COLORS, Series, chart};
+    let mut drawn = Vec::new();
+    let mut draw = |file: &str, caption: &str, x: &str, y: &str, series: Vec<Series>| {
+        if series.iter().all(|s| s.points.is_empty()) {
+            return;
+        }
+        match chart(&dir.join(file), caption, x, y, &series) {
+            Ok(()) => drawn.push((file.to_owned(), caption.to_owned())),
+            Err(err) => eprintln!("herald bench: {err}"),
+        }
+    };
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    if let Some(s2) = report.scenarios.get("s2") {
+        let steps: Vec<&serde_json::Value> = s2["steps"].as_array().into_iter().flatten().collect();
+        let mut series = Vec::new();
+        for (i, fpp) in [20.0, 1.0].into_iter().enumerate() {
+            let points: Vec<(f64, f64)> = steps
+                .iter()
+                .filter(|s| f(s, "frames_per_push") == fpp)
+                .map(|s| {
+                    (
+                        f(s, "expected_messages_per_sec"),
+                        f(s, "delivered_messages_per_sec"),
+                    )
+                })
+                .filter(|p| p.0.is_finite() && p.1.is_finite())
+                .collect();
+            let max_x = points.iter().map(|p| p.0).fold(0.0, f64::max);
+            series.push(Series {
+                name: format!("comet {fpp} frames/push"),
+                color: COLORS[i],
+                points,
+            });
+            let floor = report.scenarios.get("s0").and_then(|s0| {
+                s0["runs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|r| f(r, "frames_per_push") == fpp)
+                    .map(|r| f(r, "messages_per_sec"))
+            });
+            if let Some(floor) = floor.filter(|v| v.is_finite()) {
+                series.push(Series {
+                    name: format!("floor {fpp} frames/push"),
+                    color: COLORS[i + 2],
+                    points: vec![(0.0, floor), (max_x, floor)],
+                });
+            }
+        }
+        draw(
+            "bench-fanout.png",
+            "S2 room fan-out: delivered vs offered",
+            "offered messages/s",
+            "delivered messages/s",
+            series,
+        );
+        let lat = |q: &str, color| Series {
+            name: q.to_owned(),
+            color,
+            points: steps
+                .iter()
+                .filter(|s| f(s, "frames_per_push") == 20.0)
+                .map(|s| (f(s, "expected_messages_per_sec"), f(&s["latency"], q)))
+                .filter(|p| p.0.is_finite() && p.1.is_finite())
+                .collect(),
+        };
+        draw(
+            "bench-fanout-latency.png",
+            "S2 probe latency, 20 frames/push",
+            "offered messages/s",
+            "latency, microseconds",
+            vec![
+                lat("p50_us", COLORS[0]),
+                lat("p99_us", COLORS[1]),
+                lat("p999_us", COLORS[2]),
+            ],
+        );
+    }
+    if let Some(s3) = report.scenarios.get("s3") {
+        let steps: Vec<&serde_json::Value> = s3["steps"].as_array().into_iter().flatten().collect();
+        let lat = |q: &str, color| Series {
+            name: q.to_owned(),
+            color,
+            points: steps
+                .iter()
+                .map(|s| (f(s, "rate"), f(&s["latency"], q)))
+                .filter(|p| p.0.is_finite() && p.1.is_finite())
+                .collect(),
+        };
+        draw(
+            "bench-pushmsg-latency.png",
+            "S3 single-key PushMsg latency",
+            "pushes/s",
+            "latency, microseconds",
+            vec![
+                lat("p50_us", COLORS[0]),
+                lat("p99_us", COLORS[1]),
+                lat("p999_us", COLORS[2]),
+            ],
+        );
+    }
+    drawn
+}
+
+const DOCS_HEAD: &str = include_str!("docs_head.md");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slope_of_a_line() {
+        let pts = [(1.0, 3.0), (2.0, 5.0), (4.0, 9.0)];
+        assert!((slope(&pts).unwrap() - 2.0).abs() < 1e-9);
+        assert!(slope(&pts[..1]).is_none());
+    }
+}

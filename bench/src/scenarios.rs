@@ -1,0 +1,1157 @@
+//! The scenarios (S0–S7) and the profiles that chain them.
+//!
+//! Each scenario starts what it needs (a comet process or the floor process),
+//! connects its clients, measures, records its figures and the targets it
+//! speaks to, and stops everything it started before the next one begins, so
+//! scenarios never share a server or leak sockets into each other's figures.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use herald_protocol::pb::{BroadcastReq, BroadcastRoomReq, CometClient, Proto, PushMsgReq};
+use herald_protocol::ws::raw_proto;
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::floor::{FloorProc, FloorRun};
+use crate::inject::{self, Call, Order};
+use crate::load::{ClientSpec, Clock, Generator, Totals, Transport};
+use crate::proc::{self, Machine, Sample};
+use crate::report::{self, Percentiles, Report, Target};
+use crate::server::Comet;
+use crate::stub::{self, Calls};
+use crate::wire::{self, BENCH_OP};
+use crate::{Args, Error, Result, What};
+
+/// Handshakes in flight while a population connects: half of comet's
+/// accept backlog (tokio's 1024), so a briefly descheduled comet does not
+/// overflow it (each overflow stalls a client for a 1 s retransmission).
+const CONNECT_CONCURRENCY: usize = 512;
+/// How long a step waits with no new message before calling delivery done.
+const DRAIN_IDLE: Duration = Duration::from_secs(2);
+
+/// What a profile runs and at which sizes.
+#[derive(Debug, Clone)]
+struct Plan {
+    scenarios: Vec<What>,
+    clients: usize,
+    step: Duration,
+    s1_points: Vec<usize>,
+    s2_rates_20: Vec<f64>,
+    s2_rates_1: Vec<f64>,
+    s3_rates: Vec<f64>,
+    s3_probes: usize,
+    s7_seconds: f64,
+}
+
+impl Plan {
+    fn new(what: What, clients: Option<usize>, seconds: Option<f64>) -> Plan {
+        let full = what == What::Full;
+        let smoke = what == What::Smoke;
+        let scenarios = match what {
+            What::Quick | What::Full => vec![
+                What::S0,
+                What::S1,
+                What::S2,
+                What::S6,
+                What::S3,
+                What::S4,
+                What::S7,
+            ],
+            What::Smoke => vec![What::S0, What::S2],
+            // Ratios need the floor of the same run.
+            What::S2 => vec![What::S0, What::S2],
+            What::S6 => vec![What::S2, What::S6],
+            other => vec![other],
+        };
+        let default_clients = if smoke { 50 } else { 19_000 };
+        let clients = clients.unwrap_or(default_clients).max(1);
+        let step = seconds.unwrap_or(if full {
+            10.0
+        } else if smoke {
+            1.0
+        } else {
+            3.0
+        });
+        let mut s1_points: Vec<usize> = [1_000, 5_000, 10_000, 19_000]
+            .into_iter()
+            .filter(|&p| p < clients)
+            .collect();
+        s1_points.push(clients);
+        Plan {
+            scenarios,
+            clients,
+            step: Duration::from_secs_f64(step.max(0.1)),
+            s1_points,
+            s2_rates_20: if smoke {
+                vec![10.0]
+            } else if full {
+                vec![
+                    1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 80.0, 120.0,
+                ]
+            } else {
+                vec![2.0, 5.0, 10.0, 20.0, 40.0, 80.0]
+            },
+            s2_rates_1: if smoke {
+                vec![20.0]
+            } else if full {
+                vec![
+                    10.0, 20.0, 50.0, 100.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0,
+                ]
+            } else {
+                vec![20.0, 50.0, 100.0, 200.0, 400.0, 800.0]
+            },
+            s3_rates: if full {
+                vec![1_000.0, 5_000.0, 10_000.0, 20_000.0]
+            } else {
+                vec![1_000.0, 10_000.0]
+            },
+            s3_probes: clients.min(1_000),
+            s7_seconds: if full { 40.0 } else { 20.0 },
+        }
+    }
+}
+
+/// State shared by the scenarios of one run.
+#[derive(Debug)]
+struct Ctx {
+    binary: PathBuf,
+    out: PathBuf,
+    server_core: Option<usize>,
+    clock: Clock,
+    sweep: Duration,
+    probe_every: usize,
+    stub: std::net::SocketAddr,
+    calls: Arc<Calls>,
+    plan: Plan,
+    /// Floor runs by frames per push, for the ratios.
+    floor: HashMap<usize, FloorRun>,
+    report: Report,
+    /// S2's population, kept for S6 when both run.
+    kept: Option<(Comet, Generator, CometClient<Channel>, i32)>,
+    /// The highest S2 rate (20 frames/push) that comet kept up with.
+    s2_sustained_rate: Option<f64>,
+}
+
+/// Runs `args.what` and writes its report.
+pub(crate) async fn run(args: Args) -> Result<()> {
+    let Args {
+        what,
+        server_bin,
+        out,
+        docs,
+        clients,
+        seconds,
+        server_core,
+        gen_core,
+        no_pin,
+        sweep_ms,
+        probe_every,
+    } = args;
+    let binary = match server_bin {
+        Some(bin) => bin,
+        None => std::env::current_exe().map_err(Error::CurrentExe)?,
+    };
+    let mut notes = Vec::new();
+    // Described before pinning: afterwards this process sees one core.
+    let machine = Machine::describe();
+    let pinned = if no_pin {
+        None
+    } else {
+        match proc::pin_process(gen_core) {
+            Ok(()) => Some((server_core, gen_core)),
+            Err(err) => {
+                notes.push(format!("not pinned: {err}"));
+                None
+            }
+        }
+    };
+    std::fs::create_dir_all(&out).map_err(|source| {
+        Error::Report(report::Error::Write {
+            path: out.clone(),
+            source,
+        })
+    })?;
+    let (stub_addr, calls) = stub::start().await.map_err(Error::Stub)?;
+    // The program's file name only: reports are committed, machine paths are not.
+    let command = std::env::args()
+        .enumerate()
+        .map(|(i, arg)| match i {
+            0 => std::path::Path::new(&arg)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or(arg),
+            _ => arg,
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let plan = Plan::new(what, clients, seconds);
+    let mut ctx = Ctx {
+        binary,
+        out: out.clone(),
+        server_core: pinned.map(|(s, _)| s),
+        clock: Clock::new(),
+        sweep: Duration::from_millis(sweep_ms.clamp(10, 1_000)),
+        probe_every: probe_every.max(1),
+        stub: stub_addr,
+        calls,
+        plan: plan.clone(),
+        floor: HashMap::new(),
+        report: Report {
+            what,
+            started_utc: report::now_utc(),
+            command,
+            machine,
+            pinned,
+            loadavg_start: proc::loadavg(),
+            loadavg_end: f64::NAN,
+            targets: Vec::new(),
+            scenarios: Default::default(),
+            notes,
+        },
+        kept: None,
+        s2_sustained_rate: None,
+    };
+    ctx.report.notes.push(
+        "figures from a shared machine are noisy: compare the load average column before comparing runs"
+            .to_owned(),
+    );
+    for scenario in &plan.scenarios {
+        eprintln!("herald bench: running {scenario:?}");
+        let result = match scenario {
+            What::S0 => s0(&mut ctx).await,
+            What::S1 => s1(&mut ctx).await,
+            What::S2 => s2(&mut ctx).await,
+            What::S3 => s3(&mut ctx).await,
+            What::S4 => s4(&mut ctx).await,
+            What::S6 => s6(&mut ctx).await,
+            What::S7 => s7(&mut ctx).await,
+            _ => Ok(()),
+        };
+        if let Err(err) = result {
+            let msg = format!("{scenario:?} failed: {}", chain(&err));
+            eprintln!("herald bench: {msg}");
+            ctx.report.notes.push(msg);
+            if what == What::Smoke {
+                return Err(err);
+            }
+        }
+    }
+    if let Some((comet, mut generator, _, _)) = ctx.kept.take() {
+        generator.close_all().await;
+        drop(comet);
+    }
+    ctx.report.loadavg_end = proc::loadavg();
+    let md = ctx.report.write(&out)?;
+    let _ = report::plots(&ctx.report, &out);
+    if let Some(docs) = docs {
+        crate::report::write_docs(&ctx.report, &docs)?;
+    }
+    println!("{md}");
+    if what == What::Smoke {
+        smoke_check(&ctx.report)?;
+    }
+    Ok(())
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        source = e.source();
+    }
+    s
+}
+
+/// The smoke profile passes only if every message of every step arrived, in
+/// order, at every client, for both the floor and comet.
+fn smoke_check(report: &Report) -> Result<()> {
+    let mut problems = Vec::new();
+    for (name, key) in [("s0", "runs"), ("s2", "steps")] {
+        let Some(steps) = report.scenarios.get(name).and_then(|s| s[key].as_array()) else {
+            problems.push(format!("{name} has no {key}"));
+            continue;
+        };
+        if steps.is_empty() {
+            problems.push(format!("{name} has no {key}"));
+        }
+        for step in steps {
+            let delivered = step["delivered"].as_u64();
+            let expected = step["expected"].as_u64();
+            if delivered.is_none() || delivered != expected || expected == Some(0) {
+                problems.push(format!("{name}: delivered {delivered:?} of {expected:?}"));
+            }
+            if step["lost"].as_u64() != Some(0) || step["reordered"].as_u64() != Some(0) {
+                problems.push(format!(
+                    "{name}: lost {} reordered {}",
+                    step["lost"], step["reordered"]
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Smoke(problems.join("; ")))
+    }
+}
+
+fn specs(
+    first_mid: u64,
+    n: usize,
+    room: &str,
+    transport: Transport,
+    auth: bool,
+    probe_every: usize,
+) -> Vec<ClientSpec> {
+    (0..n)
+        .map(|i| ClientSpec {
+            mid: first_mid + i as u64,
+            room: room.to_owned(),
+            transport,
+            auth,
+            probe: auth && i % probe_every == probe_every - 1,
+            rcvbuf: None,
+        })
+        .collect()
+}
+
+fn self_sample() -> Sample {
+    Sample::take(std::process::id())
+}
+
+async fn connect_comet(comet: &Comet) -> Result<CometClient<Channel>> {
+    let channel = Channel::from_shared(format!("http://{}", comet.grpc))
+        .map_err(|_| Error::Smoke(format!("bad gRPC address {}", comet.grpc)))?
+        .connect()
+        .await
+        .map_err(Error::Channel)?;
+    Ok(CometClient::new(channel))
+}
+
+fn start_comet(ctx: &Ctx, extra: &[String]) -> Result<Comet> {
+    Ok(Comet::start(
+        &ctx.binary,
+        ctx.server_core,
+        ctx.stub,
+        &ctx.out,
+        extra,
+    )?)
+}
+
+// ------------------------------------------------------------------ S0
+
+async fn s0(ctx: &mut Ctx) -> Result<()> {
+    let n = ctx.plan.clients;
+    let mut floor = FloorProc::start(&ctx.binary, n, ctx.server_core)?;
+    let mut generator = Generator::new(ctx.clock, ctx.sweep);
+    let connect = generator
+        .connect(
+            floor.addr(),
+            specs(1, n, "", Transport::Tcp, false, ctx.probe_every),
+            CONNECT_CONCURRENCY,
+        )
+        .await;
+    generator.start_sweeping();
+    let mut runs = Vec::new();
+    let mut seq = 1;
+    for fpp in [20, 1] {
+        let before = generator.totals();
+        let g0 = self_sample();
+        floor.run(fpp, ctx.plan.step, seq)?;
+        let run = loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Some(run) = floor.try_result() {
+                break run?;
+            }
+        };
+        let (total, _) = generator
+            .wait_delivered(before.messages + run.messages, DRAIN_IDLE)
+            .await;
+        let g = g0.since(&self_sample());
+        let after = generator.totals();
+        seq = run.next_seq;
+        let mut value = serde_json::to_value(run).unwrap_or_default();
+        value["delivered"] = json!(total - before.messages);
+        value["expected"] = json!(run.messages);
+        value["lost"] = json!(after.lost - before.lost);
+        value["reordered"] = json!(after.reordered - before.reordered);
+        // The generator's CPU over the floor run and its drain: it must stay
+        // well under one core for the floor to be the kernel's, not ours.
+        value["generator_cpu_share"] = json!(g.share);
+        value["generator_cpu"] = json!(g);
+        value["loadavg"] = json!(proc::loadavg());
+        eprintln!(
+            "  floor {fpp} frames/push: {:.0} writes/s, {:.0} msgs/s, floor cpu {:.0} %, generator cpu {:.0} %",
+            run.writes_per_sec,
+            run.messages_per_sec,
+            run.cpu_share * 100.0,
+            g.share * 100.0
+        );
+        ctx.floor.insert(fpp, run);
+        runs.push(value);
+    }
+    generator.close_all().await;
+    drop(floor);
+    let gen_share = runs
+        .iter()
+        .filter_map(|r| r["generator_cpu_share"].as_f64())
+        .fold(0.0, f64::max);
+    ctx.report.targets.push(Target {
+        scenario: "S0",
+        target: "generator keeps up with the floor",
+        goal: "≤ 70 % of its core".to_owned(),
+        figure: format!("{:.0} % of a core", gen_share * 100.0),
+        value: Some(gen_share * 100.0),
+        floor_ratio: None,
+        met: Some(gen_share <= 0.70),
+        loadavg: proc::loadavg(),
+    });
+    ctx.report.scenarios.insert(
+        "s0".to_owned(),
+        json!({ "connect": connect, "runs": runs, "first_error": generator.first_error() }),
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------ S1
+
+async fn s1(ctx: &mut Ctx) -> Result<()> {
+    let mut series = Vec::new();
+    for transport in [Transport::Tcp, Transport::Ws] {
+        let comet = start_comet(ctx, &[])?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut generator = Generator::new(ctx.clock, ctx.sweep);
+        let mut points = vec![json!({"connections": 0, "rss_bytes": comet.rss()})];
+        let mut xy = Vec::new();
+        let mut connected = 0;
+        let mut mid = 1_000_000;
+        let mut first_error = None;
+        for &point in &ctx.plan.s1_points {
+            let add = point.saturating_sub(connected);
+            let stats = generator
+                .connect(
+                    match transport {
+                        Transport::Tcp => comet.tcp,
+                        Transport::Ws => comet.ws,
+                    },
+                    specs(mid, add, "live://idle", transport, true, usize::MAX),
+                    CONNECT_CONCURRENCY,
+                )
+                .await;
+            mid += add as u64;
+            connected += stats.connected;
+            // Let allocator and session tasks settle before reading RSS.
+            tokio::time::sleep(Duration::from_millis(1_000)).await;
+            let rss = comet.rss();
+            xy.push((connected as f64, rss as f64));
+            points
+                .push(json!({"connections": connected, "rss_bytes": rss, "failed": stats.failed}));
+            if first_error.is_none() {
+                first_error = generator.first_error().map(str::to_owned);
+            }
+        }
+        generator.start_sweeping();
+        let c0 = comet.sample();
+        tokio::time::sleep(ctx.plan.step).await;
+        let idle = c0.since(&comet.sample());
+        let slope = report::slope(&xy);
+        eprintln!(
+            "  {transport:?}: {connected} idle connections, {:.0} B/conn, idle cpu {:.2} %",
+            slope.unwrap_or(f64::NAN),
+            idle.share * 100.0
+        );
+        if transport == Transport::Tcp {
+            ctx.report.targets.push(Target {
+                scenario: "S1",
+                target: "idle memory per TCP connection (RSS slope)",
+                goal: "≤ 2 KiB".to_owned(),
+                figure: format!("{:.0} B", slope.unwrap_or(f64::NAN)),
+                value: slope,
+                floor_ratio: None,
+                met: slope.map(|s| s <= 2048.0),
+                loadavg: proc::loadavg(),
+            });
+        } else {
+            ctx.report.targets.push(Target {
+                scenario: "S1",
+                target: "idle memory per WebSocket connection (RSS slope)",
+                goal: "(no target; reported)".to_owned(),
+                figure: format!("{:.0} B", slope.unwrap_or(f64::NAN)),
+                value: slope,
+                floor_ratio: None,
+                met: None,
+                loadavg: proc::loadavg(),
+            });
+        }
+        ctx.report.targets.push(Target {
+            scenario: "S1",
+            target: match transport {
+                Transport::Tcp => "idle CPU, TCP connections",
+                Transport::Ws => "idle CPU, WebSocket connections",
+            },
+            goal: "(no target; reported)".to_owned(),
+            figure: format!("{:.2} % of a core at {connected}", idle.share * 100.0),
+            value: Some(idle.share * 100.0),
+            floor_ratio: None,
+            met: None,
+            loadavg: proc::loadavg(),
+        });
+        series.push(json!({
+            "transport": transport,
+            "points": points,
+            "slope_bytes_per_connection": slope,
+            "idle_cpu": idle,
+            "first_error": first_error,
+        }));
+        generator.close_all().await;
+        drop(comet);
+    }
+    ctx.report
+        .scenarios
+        .insert("s1".to_owned(), json!({ "series": series }));
+    Ok(())
+}
+
+// ------------------------------------------------------------------ S2
+
+/// The BroadcastRoom request for push `i` carrying `fpp` messages from `seq`.
+fn room_push(room: &str, fpp: usize, seq: i32, sched_ns: u64) -> BroadcastRoomReq {
+    let proto = if fpp == 1 {
+        Proto {
+            ver: 1,
+            op: BENCH_OP,
+            seq,
+            body: wire::message_body(seq, sched_ns).into(),
+        }
+    } else {
+        let mut batch = Vec::with_capacity(fpp * wire::MSG_LEN);
+        for k in 0..fpp {
+            wire::put_message(&mut batch, seq + k as i32, sched_ns);
+        }
+        raw_proto(batch.into())
+    };
+    BroadcastRoomReq {
+        room_id: room.to_owned(),
+        proto: Some(proto),
+    }
+}
+
+/// One measured step: injects, waits for delivery, returns its record.
+#[allow(clippy::too_many_arguments)]
+async fn room_step(
+    generator: &Generator,
+    comet: &Comet,
+    client: &CometClient<Channel>,
+    clock: Clock,
+    room: &str,
+    members: u64,
+    fpp: usize,
+    rate: f64,
+    step: Duration,
+    seq: &mut i32,
+) -> serde_json::Value {
+    let before = generator.totals();
+    let _ = generator.take_latency();
+    let c0 = comet.sample();
+    let g0 = self_sample();
+    let base = *seq;
+    let injected = inject::run(client, clock, rate, step, Order::Serial, |i, sched| {
+        Call::Room(room_push(
+            room,
+            fpp,
+            base + (i as usize * fpp) as i32,
+            sched,
+        ))
+    })
+    .await;
+    *seq = base + (injected.scheduled as usize * fpp) as i32;
+    let expected = injected.ok * members * fpp as u64;
+    let (total, last) = generator
+        .wait_delivered(before.messages + expected, DRAIN_IDLE)
+        .await;
+    let cpu = c0.since(&comet.sample());
+    let g = g0.since(&self_sample());
+    let after: Totals = generator.totals();
+    let delivered = total - before.messages;
+    let started = injected.started.unwrap_or(last);
+    let window = last
+        .saturating_duration_since(started)
+        .as_secs_f64()
+        .max(1e-3);
+    let comet_cpu_s = cpu.user_s + cpu.system_s;
+    let latency = Percentiles::of(&generator.take_latency());
+    let rpc = injected
+        .rpc_latency
+        .as_ref()
+        .map(Percentiles::of)
+        .unwrap_or_default();
+    let ratio = if expected == 0 {
+        0.0
+    } else {
+        delivered as f64 / expected as f64
+    };
+    eprintln!(
+        "  {fpp} frames/push at {rate}/s: {:.0} msgs/s delivered ({ratio:.3} of expected), comet cpu {:.0} %, p99 {:.0} µs",
+        delivered as f64 / window,
+        comet_cpu_s / window * 100.0,
+        latency.p99_us
+    );
+    json!({
+        "frames_per_push": fpp,
+        "members": members,
+        "offered_pushes_per_sec": rate,
+        "injected": injected,
+        "expected": expected,
+        "delivered": delivered,
+        "delivered_ratio": ratio,
+        "lost": after.lost - before.lost,
+        "reordered": after.reordered - before.reordered,
+        "closed": after.active_closed - before.active_closed,
+        "window_seconds": window,
+        "expected_messages_per_sec": rate * members as f64 * fpp as f64,
+        "delivered_messages_per_sec": delivered as f64 / window,
+        "delivered_writes_per_sec": delivered as f64 / fpp as f64 / window,
+        "comet_cpu": cpu,
+        "comet_cpu_share": comet_cpu_s / window,
+        "messages_per_comet_cpu_second": if comet_cpu_s > 0.0 { delivered as f64 / comet_cpu_s } else { f64::NAN },
+        "generator_cpu_share": g.share,
+        "latency": latency,
+        "rpc_latency": rpc,
+        "comet_rss_bytes": comet.rss(),
+        "loadavg": proc::loadavg(),
+    })
+}
+
+fn saturated(step: &serde_json::Value, duration: Duration) -> bool {
+    let ratio = step["delivered_ratio"].as_f64().unwrap_or(0.0);
+    let window = step["window_seconds"].as_f64().unwrap_or(f64::MAX);
+    let cpu = step["comet_cpu_share"].as_f64().unwrap_or(1.0);
+    ratio < 0.999 || window > duration.as_secs_f64() * 1.25 + 0.5 || cpu > 0.95
+}
+
+async fn s2(ctx: &mut Ctx) -> Result<()> {
+    let n = ctx.plan.clients;
+    let room = "live://bench";
+    let comet = start_comet(ctx, &[])?;
+    let mut generator = Generator::new(ctx.clock, ctx.sweep);
+    let connect = generator
+        .connect(
+            comet.tcp,
+            specs(1, n, room, Transport::Tcp, true, ctx.probe_every),
+            CONNECT_CONCURRENCY,
+        )
+        .await;
+    let members = connect.connected as u64;
+    let client = connect_comet(&comet).await?;
+    generator.start_sweeping();
+    let mut steps = Vec::new();
+    let mut seq = 1;
+    let mut best: HashMap<usize, f64> = HashMap::new();
+    // Messages per second of comet CPU at the step with the most load that
+    // was fully delivered: the per-core capacity even when not saturated.
+    let mut per_cpu: HashMap<usize, f64> = HashMap::new();
+    for (fpp, rates) in [
+        (20, ctx.plan.s2_rates_20.clone()),
+        (1, ctx.plan.s2_rates_1.clone()),
+    ] {
+        let mut misses = 0;
+        for rate in rates {
+            let step = room_step(
+                &generator,
+                &comet,
+                &client,
+                ctx.clock,
+                room,
+                members,
+                fpp,
+                rate,
+                ctx.plan.step,
+                &mut seq,
+            )
+            .await;
+            let sat = saturated(&step, ctx.plan.step);
+            if fpp == 20 && !sat {
+                ctx.s2_sustained_rate = Some(rate);
+            }
+            if step["delivered_ratio"].as_f64().unwrap_or(0.0) >= 0.999 {
+                let v = step["delivered_messages_per_sec"].as_f64().unwrap_or(0.0);
+                let e = best.entry(fpp).or_insert(0.0);
+                if v > *e {
+                    *e = v;
+                    per_cpu.insert(
+                        fpp,
+                        step["messages_per_comet_cpu_second"]
+                            .as_f64()
+                            .unwrap_or(f64::NAN),
+                    );
+                }
+            }
+            steps.push(step);
+            // Two saturated steps in a row end the ramp: on a shared machine
+            // one step can stretch because the scheduler took the core away.
+            misses = if sat { misses + 1 } else { 0 };
+            if misses >= 2 {
+                break;
+            }
+        }
+    }
+    for fpp in [20usize, 1] {
+        let figure = best.get(&fpp).copied();
+        let floor = ctx.floor.get(&fpp).map(|f| f.messages_per_sec);
+        let ratio = figure.zip(floor).map(|(c, f)| c / f);
+        let (target, goal, met) = if fpp == 20 {
+            (
+                "room fan-out, 20 frames/push, messages/s on one core",
+                "≥ 3.4 M/s and ≥ 75 % of floor".to_owned(),
+                figure.map(|v| v >= 3.4e6 && ratio.is_none_or(|r| r >= 0.75)),
+            )
+        } else {
+            (
+                "room fan-out, 1 frame/push, messages/s on one core",
+                "(no target; reported)".to_owned(),
+                None,
+            )
+        };
+        ctx.report.targets.push(Target {
+            scenario: "S2",
+            target,
+            goal,
+            figure: format!(
+                "{:.2} M/s at {members} members ({:.2} M per comet CPU-second)",
+                figure.unwrap_or(f64::NAN) / 1e6,
+                per_cpu.get(&fpp).copied().unwrap_or(f64::NAN) / 1e6
+            ),
+            value: figure,
+            floor_ratio: ratio,
+            met,
+            loadavg: proc::loadavg(),
+        });
+    }
+    ctx.report.scenarios.insert(
+        "s2".to_owned(),
+        json!({
+            "connect": connect,
+            "members": members,
+            "steps": steps,
+            "first_error": generator.first_error(),
+        }),
+    );
+    if ctx.plan.scenarios.contains(&What::S6) {
+        ctx.kept = Some((comet, generator, client, seq));
+    } else {
+        generator.close_all().await;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ S6
+
+async fn s6(ctx: &mut Ctx) -> Result<()> {
+    let Some((comet, mut generator, client, mut seq)) = ctx.kept.take() else {
+        return Err(Error::Smoke(
+            "S6 runs on S2's population; S2 did not keep one".to_owned(),
+        ));
+    };
+    let members = generator.totals().open;
+    let mut runs = Vec::new();
+    for speed in [0, (members / 2).max(1) as i32] {
+        let before = generator.totals();
+        let _ = generator.take_latency();
+        let sent = Instant::now();
+        let sched_ns = ctx.clock.at(sent);
+        let mut client = client.clone();
+        let reply = client
+            .broadcast(BroadcastReq {
+                proto_op: BENCH_OP,
+                proto: Some(Proto {
+                    ver: 1,
+                    op: BENCH_OP,
+                    seq,
+                    body: wire::message_body(seq, sched_ns).into(),
+                }),
+                speed,
+            })
+            .await;
+        seq += 1;
+        let (total, last) = generator
+            .wait_delivered(before.messages + members, DRAIN_IDLE)
+            .await;
+        let delivered = total - before.messages;
+        let completion = last.saturating_duration_since(sent).as_secs_f64();
+        let latency = Percentiles::of(&generator.take_latency());
+        eprintln!(
+            "  broadcast speed {speed}: {delivered}/{members} in {:.3} s",
+            completion
+        );
+        runs.push(json!({
+            "speed": speed,
+            "members": members,
+            "delivered": delivered,
+            "error": reply.err().map(|s| s.to_string()),
+            "completion_seconds": completion,
+            "probe_latency": latency,
+            "loadavg": proc::loadavg(),
+        }));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if let Some(first) = runs.first() {
+        let secs = first["completion_seconds"].as_f64();
+        ctx.report.targets.push(Target {
+            scenario: "S6",
+            target: "broadcast completion time (speed 0 = unthrottled)",
+            goal: "(no target; reported)".to_owned(),
+            figure: format!(
+                "{:.0} ms to {} connections",
+                secs.unwrap_or(f64::NAN) * 1e3,
+                members
+            ),
+            value: secs,
+            floor_ratio: None,
+            met: None,
+            loadavg: proc::loadavg(),
+        });
+    }
+    ctx.report
+        .scenarios
+        .insert("s6".to_owned(), json!({ "runs": runs }));
+    generator.close_all().await;
+    drop(comet);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ S3
+
+async fn s3(ctx: &mut Ctx) -> Result<()> {
+    let probes = ctx.plan.s3_probes;
+    let comet = start_comet(ctx, &[])?;
+    let mut generator = Generator::new(ctx.clock, ctx.sweep);
+    let first_mid = 3_000_000;
+    let connect = generator
+        .connect(
+            comet.tcp,
+            specs(first_mid, probes, "live://s3", Transport::Tcp, true, 1),
+            CONNECT_CONCURRENCY,
+        )
+        .await;
+    let client = connect_comet(&comet).await?;
+    generator.start_sweeping();
+    let keys: Vec<String> = (0..probes as u64)
+        .map(|i| wire::key(first_mid + i))
+        .collect();
+    let mut seqs = vec![0i32; probes];
+    let mut steps = Vec::new();
+    for &rate in &ctx.plan.s3_rates {
+        let before = generator.totals();
+        let _ = generator.take_latency();
+        let c0 = comet.sample();
+        let injected = inject::run(
+            &client,
+            ctx.clock,
+            rate,
+            ctx.plan.step,
+            Order::Concurrent,
+            |i, sched| {
+                let k = (i as usize) % keys.len().max(1);
+                seqs[k] += 1;
+                let seq = seqs[k];
+                Call::Push(PushMsgReq {
+                    keys: vec![keys[k].clone()],
+                    proto: Some(Proto {
+                        ver: 1,
+                        op: BENCH_OP,
+                        seq,
+                        body: wire::message_body(seq, sched).into(),
+                    }),
+                    proto_op: BENCH_OP,
+                })
+            },
+        )
+        .await;
+        let (total, _) = generator
+            .wait_delivered(before.messages + injected.ok, DRAIN_IDLE)
+            .await;
+        let cpu = c0.since(&comet.sample());
+        let after = generator.totals();
+        let latency = Percentiles::of(&generator.take_latency());
+        eprintln!(
+            "  PushMsg at {rate}/s: p50 {:.0} µs, p99 {:.0} µs, delivered {}/{}",
+            latency.p50_us,
+            latency.p99_us,
+            total - before.messages,
+            injected.ok
+        );
+        steps.push(json!({
+            "rate": rate,
+            "injected": injected,
+            "expected": injected.ok,
+            "delivered": total - before.messages,
+            "lost": after.lost - before.lost,
+            "reordered": after.reordered - before.reordered,
+            "latency": latency,
+            "rpc_latency": injected.rpc_latency.as_ref().map(Percentiles::of),
+            "comet_cpu": cpu,
+            "comet_cpu_share": cpu.share,
+            "loadavg": proc::loadavg(),
+        }));
+    }
+    let at_10k = steps
+        .iter()
+        .find(|s| s["rate"].as_f64() == Some(10_000.0))
+        .map(|s| {
+            (
+                s["latency"]["p99_us"].as_f64().unwrap_or(f64::NAN),
+                s["delivered"] == s["expected"],
+            )
+        });
+    ctx.report.targets.push(Target {
+        scenario: "S3",
+        target: "single-key PushMsg at 10k/s, client-observed p99",
+        goal: "≤ 500 µs".to_owned(),
+        figure: at_10k
+            .map(|(p99, _)| format!("{p99:.0} µs"))
+            .unwrap_or_else(|| "not run".to_owned()),
+        value: at_10k.map(|(p99, _)| p99),
+        floor_ratio: None,
+        met: at_10k.map(|(p99, all)| p99 <= 500.0 && all),
+        loadavg: proc::loadavg(),
+    });
+    ctx.report.scenarios.insert(
+        "s3".to_owned(),
+        json!({ "connect": connect, "probes": probes, "steps": steps, "first_error": generator.first_error() }),
+    );
+    generator.close_all().await;
+    drop(comet);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ S4
+
+async fn s4(ctx: &mut Ctx) -> Result<()> {
+    let n = ctx.plan.clients;
+    let comet = start_comet(ctx, &[])?;
+    let mut generator = Generator::new(ctx.clock, ctx.sweep);
+    let mut storms = Vec::new();
+    for kind in ["connect", "reconnect"] {
+        let disconnects = ctx.calls.disconnects.load(Ordering::Relaxed);
+        if kind == "reconnect" {
+            generator.close_all().await;
+            // Wait for comet to report every close, so the storm measures
+            // connects, not a backlog of disconnects.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while ctx.calls.disconnects.load(Ordering::Relaxed) < disconnects + n as u64
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let c0 = comet.sample();
+        let g0 = self_sample();
+        let stats = generator
+            .connect(
+                comet.tcp,
+                specs(
+                    4_000_000,
+                    n,
+                    "live://storm",
+                    Transport::Tcp,
+                    true,
+                    usize::MAX,
+                ),
+                CONNECT_CONCURRENCY,
+            )
+            .await;
+        let cpu = c0.since(&comet.sample());
+        let g = g0.since(&self_sample());
+        let per_core = stats.per_second / cpu.share.max(1e-9);
+        eprintln!(
+            "  {kind} storm: {:.0} conns/s, comet cpu {:.0} % -> {:.0} conns/s per comet core, generator cpu {:.0} %",
+            stats.per_second,
+            cpu.share * 100.0,
+            per_core,
+            g.share * 100.0
+        );
+        storms.push(json!({
+            "kind": kind,
+            "connect": stats,
+            "comet_cpu": cpu,
+            "per_comet_core": per_core,
+            "generator_cpu": g,
+            "loadavg": proc::loadavg(),
+        }));
+        ctx.report.targets.push(Target {
+            scenario: "S4",
+            target: if kind == "connect" {
+                "connection storm, authenticated conns/s per comet core"
+            } else {
+                "reconnect storm, authenticated conns/s per comet core"
+            },
+            goal: "≥ 25 k/s".to_owned(),
+            figure: format!(
+                "{:.1} k/s ({:.1} k/s at {:.0} % comet CPU; generator {:.0} %)",
+                per_core / 1e3,
+                stats.per_second / 1e3,
+                cpu.share * 100.0,
+                g.share * 100.0
+            ),
+            value: Some(per_core),
+            floor_ratio: None,
+            met: Some(per_core >= 25_000.0 && stats.failed == 0),
+            loadavg: proc::loadavg(),
+        });
+    }
+    ctx.report.scenarios.insert(
+        "s4".to_owned(),
+        json!({ "storms": storms, "first_error": generator.first_error() }),
+    );
+    generator.close_all().await;
+    drop(comet);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ S7
+
+/// Comet's per-connection queue in S7: small enough that a client that
+/// stops reading overflows it within the run, so the bound shows.
+const S7_QUEUE_BYTES: u64 = 32 * 1024;
+/// The slow clients' receive buffer (the kernel doubles it): small, so
+/// their bytes back up into comet's queue instead of the kernel's.
+const S7_RCVBUF: u32 = 4 * 1024;
+/// S7's population: the room gets 20 pushes/s of 20 frames (12.8 KB/s per
+/// client, 2 M messages/s in all, well under S2's capacity) and the
+/// generator must read everything the others get.
+const S7_CLIENTS: usize = 5_000;
+const S7_RATE: f64 = 20.0;
+
+async fn s7(ctx: &mut Ctx) -> Result<()> {
+    let n = ctx.plan.clients.min(S7_CLIENTS);
+    let slow = (n / 100).max(1);
+    let room = "live://slow";
+    let rate = S7_RATE;
+    let comet = start_comet(
+        ctx,
+        &["--queue-bytes".to_owned(), S7_QUEUE_BYTES.to_string()],
+    )?;
+    let mut generator = Generator::new(ctx.clock, ctx.sweep);
+    let mut connect = generator
+        .connect(
+            comet.tcp,
+            specs(5_000_000, n - slow, room, Transport::Tcp, true, usize::MAX),
+            CONNECT_CONCURRENCY,
+        )
+        .await;
+    // The slow clients connect last, so they are the sinks paused below.
+    let mut slow_specs = specs(6_000_000, slow, room, Transport::Tcp, true, usize::MAX);
+    for spec in &mut slow_specs {
+        spec.rcvbuf = Some(S7_RCVBUF);
+    }
+    let slow_connect = generator
+        .connect(comet.tcp, slow_specs, CONNECT_CONCURRENCY)
+        .await;
+    connect.connected += slow_connect.connected;
+    connect.failed += slow_connect.failed;
+    let client = connect_comet(&comet).await?;
+    generator.start_sweeping();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let paused = generator.pause_last(slow_connect.connected) as u64;
+    let members = connect.connected as u64;
+    let active = members - paused;
+    let rss_before = comet.rss();
+    let disconnects = ctx.calls.disconnects.load(Ordering::Relaxed);
+    let before = generator.totals();
+    let fpp = 20;
+    let rss_max = std::rc::Rc::new(std::cell::Cell::new(rss_before));
+    let watcher = {
+        let rss_max = rss_max.clone();
+        let pid = comet.pid;
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                rss_max.set(rss_max.get().max(proc::rss(pid).unwrap_or(0)));
+            }
+        })
+    };
+    let duration = Duration::from_secs_f64(ctx.plan.s7_seconds);
+    let injected = inject::run(
+        &client,
+        ctx.clock,
+        rate,
+        duration,
+        Order::Serial,
+        |i, sched| Call::Room(room_push(room, fpp, 1 + (i as usize * fpp) as i32, sched)),
+    )
+    .await;
+    let expected_active = injected.ok * active * fpp as u64;
+    // Paused clients keep their unread bytes; wait for the active ones only.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let t = generator.totals();
+        if t.active_messages - before.active_messages >= expected_active
+            || Instant::now() > deadline
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    watcher.abort();
+    let after = generator.totals();
+    let rss_after = comet.rss();
+    let closed_by_comet = ctx.calls.disconnects.load(Ordering::Relaxed) - disconnects;
+    let delivered_active = after.active_messages - before.active_messages;
+    let growth = rss_max.get().saturating_sub(rss_before);
+    eprintln!(
+        "  slow consumers: {paused} paused, {closed_by_comet} closed by comet, active delivered {delivered_active}/{expected_active}, lost {}, RSS +{} KiB",
+        after.active_lost - before.active_lost,
+        growth / 1024
+    );
+    let active_closed = after.active_closed - before.active_closed;
+    let ok = delivered_active == expected_active
+        && after.active_lost == before.active_lost
+        && active_closed == 0;
+    ctx.report.targets.push(Target {
+        scenario: "S7",
+        target: "1 % slow consumers: others unaffected, memory bounded",
+        goal: "others get everything, none of them closed; slow ones closed; RSS bounded"
+            .to_owned(),
+        figure: format!(
+            "{delivered_active}/{expected_active} delivered to {active} others ({active_closed} of them closed); {closed_by_comet} closed by comet of {paused} slow; RSS peak +{:.1} MiB ({:.0} KiB per slow client)",
+            growth as f64 / 1048576.0,
+            growth as f64 / 1024.0 / paused.max(1) as f64
+        ),
+        value: Some(delivered_active as f64 / expected_active.max(1) as f64),
+        floor_ratio: None,
+        met: Some(ok),
+        loadavg: proc::loadavg(),
+    });
+    ctx.report.scenarios.insert(
+        "s7".to_owned(),
+        json!({
+            "connect": connect,
+            "members": members,
+            "paused": paused,
+            "pushes_per_sec": rate,
+            "frames_per_push": fpp,
+            "comet_queue_bytes": S7_QUEUE_BYTES,
+            "client_rcvbuf": S7_RCVBUF,
+            "injected": injected,
+            "expected_active": expected_active,
+            "delivered_active": delivered_active,
+            "active_lost": after.active_lost - before.active_lost,
+            "active_closed": active_closed,
+            "closed_by_comet": closed_by_comet,
+            "rss_before": rss_before,
+            "rss_peak": rss_max.get(),
+            "rss_after": rss_after,
+            "loadavg": proc::loadavg(),
+        }),
+    );
+    generator.close_all().await;
+    drop(comet);
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! The server under test: a real `herald comet` process started by the tool,
+//! pinned to its own core, pointed at the stub logic, stopped by its pid.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::proc;
+
+/// Why the server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No free loopback port could be reserved.
+    #[error("cannot reserve a loopback port")]
+    Port(#[source] std::io::Error),
+    /// The log file could not be created.
+    #[error("cannot create {path:?}")]
+    Log {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process could not be spawned.
+    #[error("cannot start {binary:?}")]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process exited or never listened.
+    #[error("comet did not come up within {0:?} (see {1:?})")]
+    NotReady(Duration, PathBuf),
+}
+
+/// Result with this module's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn free_port() -> Result<SocketAddr> {
+    // The port is released again before comet binds it; on a loopback-only
+    // benchmark machine nothing else races for it in that instant.
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(Error::Port)
+}
+
+/// A running comet.
+#[derive(Debug)]
+pub(crate) struct Comet {
+    child: Child,
+    pub(crate) pid: u32,
+    pub(crate) tcp: SocketAddr,
+    pub(crate) ws: SocketAddr,
+    pub(crate) grpc: SocketAddr,
+}
+
+impl Comet {
+    /// Starts `binary comet` on loopback ports, pinned to `core` with
+    /// `taskset` when given, logging to `log_dir/comet-<n>.log`.
+    pub(crate) fn start(
+        binary: &Path,
+        core: Option<usize>,
+        logic: SocketAddr,
+        log_dir: &Path,
+        extra: &[String],
+    ) -> Result<Comet> {
+        let (tcp, ws, grpc, http) = (free_port()?, free_port()?, free_port()?, free_port()?);
+        let log = log_dir.join(format!("comet-{}.log", tcp.port()));
+        let file = std::fs::File::create(&log).map_err(|source| Error::Log {
+            path: log.clone(),
+            source,
+        })?;
+        let err_file = file.try_clone().map_err(|source| Error::Log {
+            path: log.clone(),
+            source,
+        })?;
+        let mut cmd = match core {
+            Some(core) => {
+                let mut cmd = Command::new("taskset");
+                cmd.arg("-c").arg(core.to_string()).arg(binary);
+                cmd
+            }
+            None => Command::new(binary),
+        };
+        cmd.arg("comet")
+            .args(["--tcp-addr", &tcp.to_string()])
+            .args(["--ws-addr", &ws.to_string()])
+            .args(["--grpc-addr", &grpc.to_string()])
+            .args(["--http-addr", &http.to_string()])
+            .args(["--logic-addr", &format!("http://{logic}")])
+            .args(["--server-id", "bench"])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("HERALD_BENCH_COMET_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err_file);
+        let child = cmd.spawn().map_err(|source| Error::Spawn {
+            binary: binary.to_owned(),
+            source,
+        })?;
+        // taskset execs the program, so the child's pid is comet's.
+        let pid = child.id();
+        let mut comet = Comet {
+            child,
+            pid,
+            tcp,
+            ws,
+            grpc,
+        };
+        let deadline = Duration::from_secs(20);
+        let start = Instant::now();
+        loop {
+            let up = [tcp, ws, grpc].iter().all(|addr| {
+                std::net::TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_ok()
+            });
+            if up {
+                return Ok(comet);
+            }
+            if start.elapsed() > deadline || matches!(comet.child.try_wait(), Ok(Some(_))) {
+                comet.stop();
+                return Err(Error::NotReady(deadline, log));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// RSS in bytes.
+    pub(crate) fn rss(&self) -> u64 {
+        proc::rss(self.pid).unwrap_or(0)
+    }
+
+    /// A CPU sample to diff later.
+    pub(crate) fn sample(&self) -> proc::Sample {
+        proc::Sample::take(self.pid)
+    }
+
+    /// Kills the process (by its pid, through the child handle) and reaps it.
+    pub(crate) fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Comet {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

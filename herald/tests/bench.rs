@@ -1,0 +1,44 @@
+//! The benchmark tool keeps working: `herald bench smoke` runs the floor and
+//! a tiny room fan-out against a real comet process (this binary) and must
+//! deliver every message, in order, to every client. No timing is asserted.
+
+use std::process::Command;
+
+#[test]
+fn bench_smoke_delivers_everything_in_order() {
+    let out = std::env::temp_dir().join(format!("herald-bench-smoke-{}", std::process::id()));
+    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["bench", "smoke", "--out"])
+        .arg(&out)
+        .output()
+        .expect("run herald bench smoke");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "herald bench smoke failed:\n{stderr}"
+    );
+    let json = std::fs::read(out.join("bench-smoke.json")).expect("the JSON record");
+    let report: serde_json::Value = serde_json::from_slice(&json).expect("valid JSON");
+    let floor = report["scenarios"]["s0"]["runs"]
+        .as_array()
+        .expect("floor runs");
+    let steps = report["scenarios"]["s2"]["steps"]
+        .as_array()
+        .expect("S2 steps");
+    assert_eq!(floor.len(), 2, "floor at 20 and 1 frames per push");
+    assert_eq!(steps.len(), 2, "one step at 20 and one at 1 frame per push");
+    for step in floor.iter().chain(steps) {
+        let expected = step["expected"].as_u64().expect("expected");
+        assert!(expected > 0, "{step}");
+        assert_eq!(step["delivered"].as_u64(), Some(expected), "{step}");
+        assert_eq!(step["lost"].as_u64(), Some(0), "{step}");
+        assert_eq!(step["reordered"].as_u64(), Some(0), "{step}");
+    }
+    // 50 clients × 10 pushes/s × 1 s × 20 frames, all acknowledged by comet.
+    assert_eq!(steps[0]["members"].as_u64(), Some(50));
+    assert_eq!(steps[0]["injected"]["ok"].as_u64(), Some(10));
+    assert_eq!(steps[0]["expected"].as_u64(), Some(50 * 10 * 20));
+    let md = std::fs::read_to_string(out.join("bench-smoke.md")).expect("the markdown table");
+    assert!(md.contains("| S2 | room fan-out, 20 frames/push"), "{md}");
+    let _ = std::fs::remove_dir_all(&out);
+}
