@@ -119,35 +119,45 @@ impl GoimClient {
     }
 }
 
-/// What a client saw until it had the push.
-#[derive(Debug)]
+/// What a client saw until it had the push (and, on the drained comet,
+/// until it was moved).
 struct Outcome {
     mid: u64,
     /// Op-18 bodies received.
     redirects: Vec<Value>,
     /// Where the push arrived: `true` on the comet it started on.
     push_on_first_comet: bool,
+    /// The connection it ends on, kept open until the test ends.
+    client: GoimClient,
 }
 
-/// Reads until the push arrives. On op 18 it connects to the first node the
-/// redirect names (as a client SDK does), tells `reconnected`, and goes on
-/// reading there.
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outcome")
+            .field("mid", &self.mid)
+            .field("redirects", &self.redirects)
+            .field("push_on_first_comet", &self.push_on_first_comet)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads until the push arrives and, with `until_redirected`, until an op
+/// 18 moved it. On op 18 it connects to the first node the redirect names
+/// (as a client SDK does), tells `reconnected`, and goes on reading there.
 async fn follow(
     mut client: GoimClient,
     body: Bytes,
+    until_redirected: bool,
     reconnected: tokio::sync::mpsc::UnboundedSender<u64>,
 ) -> anyhow::Result<Outcome> {
     let mut redirects = Vec::new();
-    loop {
+    let mut push_on_first_comet = None;
+    while push_on_first_comet.is_none() || (until_redirected && redirects.is_empty()) {
         let frame = client.next_frame(WAIT).await?;
         match frame.op {
             // A late warm-up push is not the one awaited.
             PUSH_OP if frame.body == body => {
-                return Ok(Outcome {
-                    mid: client.mid,
-                    push_on_first_comet: redirects.is_empty(),
-                    redirects,
-                });
+                push_on_first_comet.get_or_insert(redirects.is_empty());
             }
             op::REDIRECT => {
                 let redirect: Value = serde_json::from_slice(&frame.body)?;
@@ -168,6 +178,12 @@ async fn follow(
             _ => {}
         }
     }
+    Ok(Outcome {
+        mid: client.mid,
+        redirects,
+        push_on_first_comet: push_on_first_comet.unwrap_or_default(),
+        client,
+    })
 }
 
 // ---------------------------------------------------------------- cluster
@@ -629,8 +645,11 @@ async fn scenario(
     let push_body = Bytes::from_static(b"sent-during-the-drain");
     let (reconnected_tx, mut reconnected) = tokio::sync::mpsc::unbounded_channel();
     let mut followers = tokio::task::JoinSet::new();
-    for c in on_first.into_iter().chain(on_second) {
-        followers.spawn(follow(c, push_body.clone(), reconnected_tx.clone()));
+    for c in on_first {
+        followers.spawn(follow(c, push_body.clone(), true, reconnected_tx.clone()));
+    }
+    for c in on_second {
+        followers.spawn(follow(c, push_body.clone(), false, reconnected_tx.clone()));
     }
     drop(reconnected_tx);
 
@@ -682,6 +701,11 @@ async fn scenario(
             );
         }
     }
+    let moved = outcomes.iter().filter(|o| o.redirects.len() == 1).count();
+    ensure!(
+        moved == 4,
+        "every client of the drained comet gets one op 18: {outcomes:?}"
+    );
     let via_drained = outcomes
         .iter()
         .filter(|o| o.mid < 2000 && o.push_on_first_comet)
@@ -716,6 +740,24 @@ async fn scenario(
     })
     .await?;
     ensure!(ready_pods(&pods, "comet").await?.contains_key(&second_name));
+    // Every client is now on the kept comet, as the operator sees it.
+    eventually(WAIT, "10 connections on the kept comet", || async {
+        let status = clusters.get(CLUSTER).await?.status.unwrap_or_default();
+        let kept = status
+            .pods
+            .iter()
+            .find(|p| p.name == second_name)
+            .map(|p| p.connections);
+        Ok((kept == Some(10) && status.total_connections == 10).then_some(()))
+    })
+    .await?;
+    for outcome in &outcomes {
+        ensure!(
+            outcome.client.stream.peer_addr()? == second,
+            "client {} is not on the kept comet",
+            outcome.mid
+        );
+    }
     eventually(WAIT, "node list without the drained comet", || async {
         let list = node_list(&configmaps).await?;
         Ok((!list.contains_key(&first_name) && list.contains_key(&second_name)).then_some(()))
