@@ -295,3 +295,66 @@ async fn accept_loop(socket: TcpListener, target: Arc<Mutex<Target>>, forwarded:
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(cluster_ip: &str, target_port: serde_json::Value) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "logic"},
+            "spec": {"clusterIP": cluster_ip, "selector": {"app": "logic"},
+                     "ports": [{"name": "grpc", "port": 3119, "targetPort": target_port},
+                               {"name": "dns", "port": 53, "protocol": "UDP"}]}
+        }))
+        .unwrap()
+    }
+
+    fn pod(ip: &str, app: &str, ready: bool, deleting: bool) -> Pod {
+        let mut meta = serde_json::json!({"name": ip, "labels": {"app": app}});
+        if deleting {
+            meta["deletionTimestamp"] = "2026-01-01T00:00:00Z".into();
+        }
+        serde_json::from_value(serde_json::json!({
+            "metadata": meta,
+            "spec": {"containers": [{"name": "c", "ports": [{"name": "rpc", "containerPort": 9000}]}]},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready",
+                                                     "status": if ready { "True" } else { "False" }}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn routes_only_ready_selected_loopback_pods() {
+        let pods = [
+            pod("127.0.31.2", "logic", true, false),
+            pod("127.0.31.1", "logic", true, false),
+            pod("127.0.31.3", "logic", false, false),
+            pod("127.0.31.4", "logic", true, true),
+            pod("127.0.31.5", "comet", true, false),
+            pod("10.0.0.1", "logic", true, false),
+        ];
+        let routes = routes("ns", &service("127.100.0.7", 3119.into()), &pods);
+        assert_eq!(routes.len(), 1, "the UDP port is not proxied");
+        let (addr, target) = &routes[0];
+        assert_eq!(addr.to_string(), "127.100.0.7:3119");
+        let endpoints: Vec<String> = target.endpoints.iter().map(|e| e.to_string()).collect();
+        assert_eq!(endpoints, ["127.0.31.1:3119", "127.0.31.2:3119"]);
+    }
+
+    #[test]
+    fn named_target_port_is_the_container_port() {
+        let pods = [pod("127.0.31.1", "logic", true, false)];
+        let routes = routes("ns", &service("127.100.0.7", "rpc".into()), &pods);
+        assert_eq!(routes[0].1.endpoints[0].to_string(), "127.0.31.1:9000");
+    }
+
+    #[test]
+    fn no_listener_without_ready_pods_or_off_loopback() {
+        let ready = [pod("127.0.31.1", "logic", true, false)];
+        let unready = [pod("127.0.31.1", "logic", false, false)];
+        assert!(routes("ns", &service("127.100.0.7", 3119.into()), &unready).is_empty());
+        assert!(routes("ns", &service("10.96.0.7", 3119.into()), &ready).is_empty());
+        assert!(routes("ns", &service("None", 3119.into()), &ready).is_empty());
+    }
+}

@@ -798,6 +798,19 @@ async fn scenario(
         })
         .await?;
     }
+    // The proxy follows the recreated Service: logic answers on its address.
+    let recreated_http = SocketAddr::from((recreated.parse::<Ipv4Addr>()?, LOGIC_HTTP));
+    eventually(WAIT, "logic through the recreated Service", || async {
+        let answered = logic_post(
+            recreated_http,
+            &key,
+            &format!("/goim/push/all?operation={PUSH_OP}"),
+            b"after-recreate",
+        )
+        .await;
+        Ok(answered.ok())
+    })
+    .await?;
     Ok(())
 }
 
