@@ -638,10 +638,10 @@ async fn scenario(
     // 4b. Clients leave until one comet is enough; the first keeps fewer
     // clients than the second, so it is the one drained.
     let mut on_second = Vec::new();
-    for mid in 0..6 {
+    for mid in 0..8 {
         on_second.push(GoimClient::connect(second, 2000 + mid).await?);
     }
-    on_first.truncate(4);
+    on_first.truncate(6);
     let push_body = Bytes::from_static(b"sent-during-the-drain");
     let (reconnected_tx, mut reconnected) = tokio::sync::mpsc::unbounded_channel();
     let mut followers = tokio::task::JoinSet::new();
@@ -654,11 +654,20 @@ async fn scenario(
     drop(reconnected_tx);
 
     // The first redirected client is back (on the other comet) while the
-    // drained comet still holds the rest (closed at 1/s): push now.
+    // drained comet still holds the rest (closed at 1/s over ~5 s): push now.
     let first_back = tokio::time::timeout(Duration::from_secs(WAIT), reconnected.recv())
         .await
         .context("no client was redirected")?
         .context("followers ended before any redirect")?;
+    // Through the logic Service's ClusterIP: the proxy forwards to the pod.
+    logic_post(
+        logic_http,
+        &key,
+        &format!("/goim/push/all?operation={PUSH_OP}"),
+        &push_body,
+    )
+    .await?;
+
     // The node list marks it on the operator's next pass (job keeps pushing
     // to it; logic stops handing it out).
     eventually(10, "the drained comet marked in the node list", || async {
@@ -669,14 +678,6 @@ async fn scenario(
         )
     })
     .await?;
-    // Through the logic Service's ClusterIP: the proxy forwards to the pod.
-    logic_post(
-        logic_http,
-        &key,
-        &format!("/goim/push/all?operation={PUSH_OP}"),
-        &push_body,
-    )
-    .await?;
 
     let mut outcomes = Vec::new();
     while let Some(joined) = tokio::time::timeout(Duration::from_secs(WAIT), followers.join_next())
@@ -686,7 +687,7 @@ async fn scenario(
         outcomes.push(joined??);
     }
     outcomes.sort_by_key(|o| o.mid);
-    ensure!(outcomes.len() == 10, "{outcomes:?}");
+    ensure!(outcomes.len() == 14, "{outcomes:?}");
     let first_ip = first.ip().to_string();
     for outcome in &outcomes {
         for redirect in &outcome.redirects {
@@ -703,7 +704,7 @@ async fn scenario(
     }
     let moved = outcomes.iter().filter(|o| o.redirects.len() == 1).count();
     ensure!(
-        moved == 4,
+        moved == 6,
         "every client of the drained comet gets one op 18: {outcomes:?}"
     );
     let via_drained = outcomes
@@ -741,14 +742,14 @@ async fn scenario(
     .await?;
     ensure!(ready_pods(&pods, "comet").await?.contains_key(&second_name));
     // Every client is now on the kept comet, as the operator sees it.
-    eventually(WAIT, "10 connections on the kept comet", || async {
+    eventually(WAIT, "14 connections on the kept comet", || async {
         let status = clusters.get(CLUSTER).await?.status.unwrap_or_default();
         let kept = status
             .pods
             .iter()
             .find(|p| p.name == second_name)
             .map(|p| p.connections);
-        Ok((kept == Some(10) && status.total_connections == 10).then_some(()))
+        Ok((kept == Some(14) && status.total_connections == 14).then_some(()))
     })
     .await?;
     for outcome in &outcomes {
