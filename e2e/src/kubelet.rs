@@ -97,6 +97,10 @@ pub struct Config {
     pub heartbeat: Duration,
     /// How long processes get between SIGTERM and SIGKILL when the harness stops.
     pub shutdown_grace: Duration,
+    /// When set, every process gets `KUBECONFIG` naming a kubeconfig for
+    /// this cluster with a token of its pod's ServiceAccount, as a kubelet
+    /// mounts one; `None` gives pods no API access.
+    pub api_cluster: Option<kube::config::Cluster>,
 }
 
 impl Config {
@@ -114,6 +118,7 @@ impl Config {
             max_restart_backoff: Duration::from_secs(10),
             heartbeat: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            api_cluster: None,
         }
     }
 }

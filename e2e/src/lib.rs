@@ -5,6 +5,7 @@
 //! the variable and the command that provides it: it never skips.
 
 pub mod kubelet;
+pub mod service_proxy;
 
 /// Reads a variable that the test bed exports.
 ///

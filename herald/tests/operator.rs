@@ -248,6 +248,7 @@ mod drain {
                 identity: "op-test".to_owned(),
                 lease_secs: 4,
                 poll_interval: Duration::from_millis(300),
+                service_addresses: herald_operator::ServiceAddresses::Dns,
             },
             metrics,
             async move {

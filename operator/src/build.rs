@@ -55,6 +55,19 @@ pub const NODES_KEY: &str = "nodes.json";
 /// Field manager of every server-side apply the operator makes.
 pub const MANAGER: &str = "herald-operator";
 
+/// How pods are told the address of a Service the operator made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServiceAddresses {
+    /// `<service>` (resolved by cluster DNS in the pod's namespace): survives
+    /// a Service being recreated with another ClusterIP.
+    #[default]
+    Dns,
+    /// The Service's ClusterIP: for clusters without DNS for pods (the
+    /// loopback test bed). A recreated Service changes the IP, and the next
+    /// reconcile rolls the comet pods onto it.
+    ClusterIp,
+}
+
 /// Names and owner of one PushCluster's children.
 #[derive(Clone, Debug)]
 pub struct Names {
@@ -175,16 +188,23 @@ pub struct Children {
 
 /// Builds every always-applied child. `comet_replicas` is what the comet
 /// Deployment gets now: during a scale-down it stays above the spec until the
-/// drained comet is empty.
+/// drained comet is empty. `logic_host` is how comet pods name the logic
+/// Service: its DNS name ([`Names::component`]), or its ClusterIP where pods
+/// have no cluster DNS (see [`ServiceAddresses`]).
 ///
 /// # Errors
 /// Only [`Error::Shape`], a bug in a builder.
-pub fn children(names: &Names, spec: &PushClusterSpec, comet_replicas: i32) -> Result<Children> {
+pub fn children(
+    names: &Names,
+    spec: &PushClusterSpec,
+    comet_replicas: i32,
+    logic_host: &str,
+) -> Result<Children> {
     let config = config_map(names, spec)?;
     let config_hash = hash_config(&config);
     Ok(Children {
         deployments: vec![
-            comet_deployment(names, spec, comet_replicas, &config_hash)?,
+            comet_deployment(names, spec, comet_replicas, &config_hash, logic_host)?,
             logic_deployment(names, spec, &config_hash)?,
             job_deployment(names, spec, &config_hash)?,
         ],
@@ -397,6 +417,7 @@ fn comet_deployment(
     spec: &PushClusterSpec,
     replicas: i32,
     config_hash: &str,
+    logic_host: &str,
 ) -> Result<Deployment> {
     let ports = &spec.comet.ports;
     let drain = &spec.comet.drain;
@@ -406,11 +427,7 @@ fn comet_deployment(
         format!("--grpc-addr=$(POD_IP):{}", ports.grpc),
         format!("--http-addr=$(POD_IP):{}", ports.admin),
         "--server-id=$(POD_NAME)".to_owned(),
-        format!(
-            "--logic-addr={}:{}",
-            names.component("logic"),
-            spec.logic.ports.grpc
-        ),
+        format!("--logic-addr={logic_host}:{}", spec.logic.ports.grpc),
         format!("--drain-deadline-ms={}", drain.deadline_seconds * 1000),
         format!("--drain-close-rate={}", drain.close_rate),
     ];
@@ -556,7 +573,7 @@ mod tests {
     fn comet_follows_the_pod_contract() {
         let cluster = cluster();
         let names = Names::of(&cluster).unwrap();
-        let children = children(&names, &cluster.spec, 4).unwrap();
+        let children = children(&names, &cluster.spec, 4, "chat-logic").unwrap();
         let comet = &children.deployments[0];
         assert_eq!(comet.spec.as_ref().unwrap().replicas, Some(4));
         let pod = comet.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
@@ -607,7 +624,7 @@ mod tests {
             key: "password".to_owned(),
         });
         let names = Names::of(&cluster).unwrap();
-        let children = children(&names, &cluster.spec, 1).unwrap();
+        let children = children(&names, &cluster.spec, 1, "chat-logic").unwrap();
         let logic = container(&children.deployments[1]);
         let args = logic.args.as_ref().unwrap();
         assert_eq!(args[0], "logic");
@@ -647,7 +664,7 @@ mod tests {
         let cluster = cluster();
         let names = Names::of(&cluster).unwrap();
         let hash = |spec: &PushClusterSpec| {
-            let children = children(&names, spec, 1).unwrap();
+            let children = children(&names, spec, 1, "chat-logic").unwrap();
             children.deployments[2]
                 .spec
                 .as_ref()
@@ -665,6 +682,16 @@ mod tests {
         other.kafka.topic = "other".to_owned();
         assert_eq!(hash(&cluster.spec), hash(&cluster.spec));
         assert_ne!(hash(&cluster.spec), hash(&other));
+    }
+
+    #[test]
+    fn comets_get_the_logic_host_they_are_given() {
+        let cluster = cluster();
+        let names = Names::of(&cluster).unwrap();
+        let children = children(&names, &cluster.spec, 1, "127.100.0.9").unwrap();
+        let args = container(&children.deployments[0]).args.clone().unwrap();
+        assert!(args.contains(&"--logic-addr=127.100.0.9:3119".to_owned()));
+        assert!(!args.iter().any(|a| a.contains("chat-logic")));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::build::{self, MANAGER, Names};
+use crate::build::{self, MANAGER, Names, ServiceAddresses};
 use crate::crd::{
     CometPodStatus, ComponentStatus, Condition, PushCluster, PushClusterSpec, PushClusterStatus,
 };
@@ -68,6 +68,9 @@ pub enum Error {
     /// Serialising the node list or status failed (a bug).
     #[error("encoding")]
     Encode(#[from] serde_json::Error),
+    /// `--service-addresses=cluster-ip`, but the Service has no ClusterIP.
+    #[error("Service {0} has no ClusterIP")]
+    NoClusterIp(String),
 }
 
 impl Error {
@@ -78,6 +81,7 @@ impl Error {
             Self::Fetch { .. } => "fetch",
             Self::Apply { .. } => "apply",
             Self::Encode(_) => "encode",
+            Self::NoClusterIp(_) => "no_cluster_ip",
         }
     }
 }
@@ -91,6 +95,7 @@ pub struct Context {
     recorder: Recorder,
     metrics: Arc<Metrics>,
     poll_interval: Duration,
+    service_addresses: ServiceAddresses,
     call_timeout: Duration,
     /// Scale-down windows per PushCluster (`namespace/name`). In memory: a new
     /// leader starts the window afresh, which only delays a scale-down.
@@ -114,6 +119,7 @@ impl Context {
         identity: &str,
         metrics: Arc<Metrics>,
         poll_interval: Duration,
+        service_addresses: ServiceAddresses,
     ) -> Self {
         let reporter = Reporter {
             controller: MANAGER.to_owned(),
@@ -124,6 +130,7 @@ impl Context {
             client,
             metrics,
             poll_interval,
+            service_addresses,
             call_timeout: Duration::from_secs(2),
             windows: Mutex::new(HashMap::new()),
         }
@@ -546,7 +553,8 @@ async fn apply_children(
 ) -> Result<Vec<Deployment>> {
     let client = &ctx.client;
     let spec = &cluster.spec;
-    let children = build::children(names, spec, comet_replicas)?;
+    let logic = names.component("logic");
+    let mut children = build::children(names, spec, comet_replicas, &logic)?;
     let ns = names.namespace.as_str();
     apply(client, ns, &children.service_account).await?;
     apply(client, ns, &children.role).await?;
@@ -563,8 +571,18 @@ async fn apply_children(
         )
         .await;
     }
+    let mut logic_ip = None;
     for service in &children.services {
-        apply(client, ns, service).await?;
+        let applied = apply(client, ns, service).await?;
+        if applied.name_any() == logic {
+            logic_ip = applied.spec.and_then(|s| s.cluster_ip);
+        }
+    }
+    // The ClusterIP exists only once the Service does: rebuild with it.
+    if ctx.service_addresses == ServiceAddresses::ClusterIp {
+        let ip = logic_ip.filter(|ip| !ip.is_empty() && ip != "None");
+        let ip = ip.ok_or_else(|| Error::NoClusterIp(logic.clone()))?;
+        children = build::children(names, spec, comet_replicas, &ip)?;
     }
     let mut deployments = Vec::new();
     for deployment in &children.deployments {

@@ -27,6 +27,7 @@ use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{Instrument, info, info_span, warn};
 
+pub use build::ServiceAddresses;
 pub use metrics::Metrics;
 
 /// `herald operator` flags.
@@ -66,6 +67,15 @@ pub struct Args {
     /// How often each PushCluster's comets are polled for load, in milliseconds.
     #[arg(long, env = "HERALD_OPERATOR_POLL_MS", default_value_t = 5000)]
     pub poll_interval_ms: u64,
+    /// How comet pods are given the logic Service's address: `dns` (its
+    /// name) or `cluster-ip` (for clusters without DNS for pods).
+    #[arg(
+        long,
+        env = "HERALD_OPERATOR_SERVICE_ADDRESSES",
+        value_enum,
+        default_value_t = ServiceAddresses::Dns
+    )]
+    pub service_addresses: ServiceAddresses,
 }
 
 /// Runtime settings of [`run`].
@@ -83,6 +93,8 @@ pub struct Config {
     pub lease_secs: u64,
     /// Load poll interval.
     pub poll_interval: Duration,
+    /// How pods are told Service addresses.
+    pub service_addresses: ServiceAddresses,
 }
 
 impl Args {
@@ -97,6 +109,7 @@ impl Args {
             identity,
             lease_secs,
             poll_interval_ms,
+            service_addresses,
         } = self;
         let identity =
             identity.unwrap_or_else(|| format!("herald-operator-{:016x}", rand::random::<u64>()));
@@ -109,6 +122,7 @@ impl Args {
                 identity,
                 lease_secs,
                 poll_interval: Duration::from_millis(poll_interval_ms),
+                service_addresses,
             },
         )
     }
@@ -213,6 +227,7 @@ pub async fn run(
         identity,
         lease_secs,
         poll_interval,
+        service_addresses,
     } = config;
     let manager = LeaseManagerBuilder::new(client.clone(), lease_name)
         .with_namespace(lease_namespace)
@@ -229,6 +244,7 @@ pub async fn run(
         &identity,
         metrics.clone(),
         poll_interval,
+        service_addresses,
     ));
     let namespaces: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]

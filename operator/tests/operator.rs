@@ -91,6 +91,7 @@ impl Operator {
             identity: identity.to_owned(),
             lease_secs: 4,
             poll_interval: Duration::from_millis(500),
+            service_addresses: herald_operator::ServiceAddresses::Dns,
         };
         let task = tokio::spawn(herald_operator::run(
             client.clone(),

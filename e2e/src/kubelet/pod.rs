@@ -13,13 +13,15 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
     ContainerStateWaiting, ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus, Secret,
+    ServiceAccount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::Command;
@@ -303,8 +305,12 @@ impl PodTask {
             pod_ip: &ip,
             host_ip: HOST_IP,
         };
-        let env =
+        let mut env =
             expand::container_env(&self.pod, &spec, addrs, &sources).map_err(|e| e.to_string())?;
+        if let Some(cluster) = &self.shared.config.api_cluster {
+            let path = self.write_kubeconfig(cluster).await?;
+            env.push(("KUBECONFIG".to_owned(), path));
+        }
         let lookup = |name: &str| {
             env.iter()
                 .rev()
@@ -394,6 +400,45 @@ impl PodTask {
     }
 
     /// ConfigMaps and Secrets the container's environment refers to.
+    /// What a kubelet's projected service-account token gives a pod: the
+    /// identity of the pod's ServiceAccount (a TokenRequest, so RBAC applies
+    /// as in a cluster). No process here can read the fixed in-cluster token
+    /// path, so the token goes into a kubeconfig of the pod's own; returns
+    /// its path.
+    async fn write_kubeconfig(&self, cluster: &kube::config::Cluster) -> Result<String, String> {
+        let account = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".to_owned());
+        let request: TokenRequest = serde_json::from_value(serde_json::json!({
+            "spec": {"audiences": [], "expirationSeconds": 3600,
+                     "boundObjectRef": {"kind": "Pod", "apiVersion": "v1",
+                                        "name": self.name, "uid": self.pod.metadata.uid}}
+        }))
+        .map_err(|e| format!("token request: {e}"))?;
+        let token = Api::<ServiceAccount>::namespaced(self.shared.client.clone(), &self.namespace)
+            .create_token_request(&account, &PostParams::default(), &request)
+            .await
+            .map_err(|e| format!("token of ServiceAccount {account}: {e}"))?
+            .status
+            .map(|s| s.token)
+            .ok_or_else(|| format!("no token for ServiceAccount {account}"))?;
+        let config = serde_json::json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "cluster", "cluster": cluster}],
+            "users": [{"name": account, "user": {"token": token}}],
+            "contexts": [{"name": "pod", "context": {"cluster": "cluster", "user": account,
+                                                     "namespace": self.namespace}}],
+            "current-context": "pod",
+        });
+        let path = self.dir.join("kubeconfig");
+        std::fs::write(&path, config.to_string())
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
+        Ok(path.display().to_string())
+    }
+
     async fn fetch_sources(&self, spec: &Container) -> Result<Sources, String> {
         let (config_maps, secrets) = expand::referenced_sources(spec);
         let mut sources = Sources::default();
