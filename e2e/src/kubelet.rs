@@ -46,6 +46,32 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use expand::expand;
+
+/// The cluster of the current kubeconfig context (`KUBECONFIG`), for
+/// [`Config::api_cluster`]: pods then reach the same API server.
+///
+/// # Errors
+/// No kubeconfig, or its current context names no cluster.
+pub fn current_cluster() -> std::result::Result<kube::config::Cluster, String> {
+    let kubeconfig = kube::config::Kubeconfig::read().map_err(|e| e.to_string())?;
+    let context = kubeconfig
+        .current_context
+        .as_deref()
+        .ok_or("kubeconfig has no current context")?;
+    let cluster = kubeconfig
+        .contexts
+        .iter()
+        .find(|c| c.name == context)
+        .and_then(|c| c.context.as_ref())
+        .map(|c| c.cluster.clone())
+        .ok_or("current context not found")?;
+    kubeconfig
+        .clusters
+        .iter()
+        .find(|c| c.name == cluster)
+        .and_then(|c| c.cluster.clone())
+        .ok_or_else(|| format!("cluster {cluster} not found"))
+}
 pub use ippool::{IpPool, PoolError};
 
 /// Field manager and event source name of every write the harness makes.

@@ -213,24 +213,7 @@ async fn apply_crd(client: &Client) -> anyhow::Result<()> {
 /// The loopback kubelet for `namespace`, giving pods API access as their
 /// ServiceAccount (logic and job watch the node-list ConfigMap).
 async fn start_kubelet(client: &Client, namespace: &str) -> anyhow::Result<Kubelet> {
-    let kubeconfig = kube::config::Kubeconfig::read()?;
-    let context_name = kubeconfig
-        .current_context
-        .clone()
-        .context("kubeconfig has no current context")?;
-    let cluster_name = kubeconfig
-        .contexts
-        .iter()
-        .find(|c| c.name == context_name)
-        .and_then(|c| c.context.as_ref())
-        .map(|c| c.cluster.clone())
-        .context("current context not found")?;
-    let cluster = kubeconfig
-        .clusters
-        .iter()
-        .find(|c| c.name == cluster_name)
-        .and_then(|c| c.cluster.clone())
-        .context("cluster not found")?;
+    let cluster = herald_e2e::kubelet::current_cluster().map_err(anyhow::Error::msg)?;
     let node = unique_name("loopback-e2e");
     let run_dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("operator_e2e")

@@ -1,0 +1,197 @@
+//! The operator as the Helm chart installs it: `helm install` puts the
+//! operator Deployment, its ServiceAccount and RBAC into the test apiserver,
+//! the loopback kubelet runs the operator pod as a real `herald operator`
+//! process authenticated as that ServiceAccount, and the operator reconciles
+//! a PushCluster. This is what proves the chart's least-privilege RBAC is
+//! enough for the operator's real work (RBAC is enforced by the apiserver).
+//! Only the operator's namespace is run by the kubelet: the PushCluster's own
+//! pods stay Pending (`operator_e2e.rs` runs those).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use herald_e2e::kubelet::{Config as KubeletConfig, IpPool, Kubelet, current_cluster};
+use herald_e2e::{testbed_var, unique_name};
+use herald_operator::crd::PushCluster;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+/// The operator pod's /24 (other harness tests use 127.0.20-31.x).
+const POD_NET: u8 = 32;
+
+fn helm(args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(testbed_var("HERALD_HELM"))
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(testbed_var("KUBECONFIG"))
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "helm {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+async fn eventually<T, F, Fut>(secs: u64, what: &str, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(value) = probe().await? {
+            return Ok(value);
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn namespace(client: &Client, prefix: &str) -> anyhow::Result<String> {
+    let name = unique_name(prefix);
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    Ok(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<()> {
+    testbed_var("KUBECONFIG");
+    let client = Client::try_default().await?;
+    let ops = namespace(&client, "herald-ops").await?;
+    let chat = namespace(&client, "chat").await?;
+
+    let node = unique_name("loopback-chart");
+    let run_dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("chart_operator")
+        .join(&node);
+    let mut config = KubeletConfig::new(
+        &node,
+        PathBuf::from(env!("CARGO_BIN_EXE_herald")),
+        run_dir.clone(),
+        IpPool::slash24(POD_NET),
+    );
+    config.namespaces = vec![ops.clone()];
+    config.api_cluster = Some(current_cluster().map_err(anyhow::Error::msg)?);
+    let kubelet = Kubelet::start(client.clone(), config).await?;
+
+    let release = "herald";
+    let watch = format!("watchNamespaces={{{chat}}}");
+    let installed = helm(&[
+        "install",
+        release,
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/herald"),
+        "--namespace",
+        &ops,
+        "--set",
+        &watch,
+        "--set",
+        "metricsHost=$(POD_IP)",
+        "--set",
+        "pollIntervalMs=500",
+        "--set",
+        "logFormat=text",
+    ]);
+    let result = async {
+        installed?;
+        // The operator pod: Running and Ready (its /healthz probed on its pod IP).
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ops);
+        let pod = eventually(60, "the operator pod Ready", || async {
+            let list = pods.list(&Default::default()).await?;
+            Ok(list.items.into_iter().find(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            }))
+        })
+        .await?;
+        let ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .context("pod IP")?;
+        ensure!(
+            ip.starts_with("127.0.32."),
+            "pod IP {ip} is not the loopback pool's"
+        );
+
+        // A PushCluster in the watched namespace gets its children, written
+        // by the chart's ServiceAccount under the chart's RBAC.
+        let cluster: PushCluster = serde_json::from_value(json!({
+            "apiVersion": "herald.dev/v1alpha1", "kind": "PushCluster",
+            "metadata": {"name": "chat"},
+            "spec": {"image": "herald:test", "redis": {"addr": "127.0.0.1:6379"},
+                     "kafka": {"brokers": ["127.0.0.1:9092"]}, "comet": {"replicas": 1}}
+        }))?;
+        let clusters: Api<PushCluster> = Api::namespaced(client.clone(), &chat);
+        let created = clusters.create(&PostParams::default(), &cluster).await?;
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &chat);
+        for name in ["chat-comet", "chat-logic", "chat-job"] {
+            let d = eventually(60, name, || async { Ok(deployments.get_opt(name).await?) }).await?;
+            let owner = d.owner_references().first().context("owner reference")?;
+            ensure!(
+                owner.kind == "PushCluster" && Some(&owner.uid) == created.metadata.uid.as_ref(),
+                "{name} is not owned by the PushCluster: {owner:?}"
+            );
+        }
+        let status = eventually(60, "status written", || async {
+            let c = clusters.get("chat").await?;
+            Ok(c.status
+                .filter(|s| s.observed_generation == c.metadata.generation))
+        })
+        .await?;
+        let conditions: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+        ensure!(
+            conditions.contains(&"Available") && conditions.contains(&"Progressing"),
+            "conditions {conditions:?}"
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+
+    let uninstalled = helm(&["uninstall", release, "--namespace", &ops, "--wait"]);
+    let exits = kubelet.stop().await;
+    let namespaces = Api::<Namespace>::all(client.clone());
+    for ns in [&ops, &chat] {
+        let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+    }
+    if result.is_err() {
+        for entry in walk(&run_dir) {
+            if let Ok(log) = std::fs::read_to_string(&entry) {
+                eprintln!("----- {} -----\n{log}", entry.display());
+            }
+        }
+    }
+    result?;
+    uninstalled?;
+    ensure!(!exits.is_empty(), "the kubelet ran no process");
+    Ok(())
+}
+
+/// Every file below `dir` (the pods' log files).
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
