@@ -16,7 +16,7 @@ use herald_e2e::kubelet::{Config as KubeletConfig, IpPool, Kubelet, current_clus
 use herald_e2e::{testbed_var, unique_name};
 use herald_operator::crd::PushCluster;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -127,16 +127,34 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
             "pod IP {ip} is not the loopback pool's"
         );
 
-        // A PushCluster in the watched namespace gets its children, written
-        // by the chart's ServiceAccount under the chart's RBAC.
-        let cluster: PushCluster = serde_json::from_value(json!({
-            "apiVersion": "herald.dev/v1alpha1", "kind": "PushCluster",
-            "metadata": {"name": "chat"},
-            "spec": {"image": "herald:test", "redis": {"addr": "127.0.0.1:6379"},
-                     "kafka": {"brokers": ["127.0.0.1:9092"]}, "comet": {"replicas": 1}}
-        }))?;
+        // The README's example PushCluster in the watched namespace: it names
+        // Secrets that do not exist yet, so it is Degraded and nothing is built.
+        let cluster: PushCluster = serde_yaml::from_str(include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/pushcluster.yaml"
+        )))?;
         let clusters: Api<PushCluster> = Api::namespaced(client.clone(), &chat);
         let created = clusters.create(&PostParams::default(), &cluster).await?;
+        eventually(60, "Degraded: SecretMissing", || async {
+            let c = clusters.get("chat").await?;
+            Ok(c.status
+                .is_some_and(|s| {
+                    s.conditions.iter().any(|c| {
+                        c.type_ == "Degraded" && c.status == "True" && c.reason == "SecretMissing"
+                    })
+                })
+                .then_some(()))
+        })
+        .await?;
+        // Once the Secrets exist, the children are built, written by the
+        // chart's ServiceAccount under the chart's RBAC.
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &chat);
+        for (name, key) in [("redis", "password"), ("herald-jwt", "secret")] {
+            let secret: Secret = serde_json::from_value(json!({
+                "metadata": {"name": name}, "stringData": {key: "test-only"}
+            }))?;
+            secrets.create(&PostParams::default(), &secret).await?;
+        }
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), &chat);
         for name in ["chat-comet", "chat-logic", "chat-job"] {
             let d = eventually(60, name, || async { Ok(deployments.get_opt(name).await?) }).await?;
@@ -156,6 +174,36 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
         ensure!(
             conditions.contains(&"Available") && conditions.contains(&"Progressing"),
             "conditions {conditions:?}"
+        );
+        let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded");
+        ensure!(
+            degraded.is_none_or(|c| c.status == "False"),
+            "still degraded: {degraded:?}"
+        );
+        // What a platform team reads.
+        let out = Command::new(testbed_var("HERALD_KUBECTL"))
+            .args(["get", "pushclusters", "-n", &chat])
+            .env("KUBECONFIG", testbed_var("KUBECONFIG"))
+            .output()?;
+        let table = String::from_utf8(out.stdout)?;
+        let mut lines = table.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        ensure!(
+            header == ["NAME", "READY", "COMETS", "CONNECTIONS", "DRAINING", "AGE"],
+            "{table}"
+        );
+        let row: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        ensure!(
+            row.first() == Some(&"chat") && row.get(2) == Some(&"0/2"),
+            "{table}"
         );
         Ok::<_, anyhow::Error>(())
     }
