@@ -30,3 +30,53 @@ pub fn unique_name(prefix: &str) -> String {
         .unwrap_or_default();
     format!("{prefix}-{}-{nanos:x}", std::process::id())
 }
+
+/// Polls `probe` every 200 ms until it returns `Some`, for at most `secs`.
+///
+/// # Errors
+/// The first error `probe` returns, or a timeout naming `what`.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(value) = probe().await? {
+            return Ok(value);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Applies the committed PushCluster CRD (`crds/pushcluster.yaml`) and
+/// waits until the apiserver serves it; idempotent, so every test may call it.
+///
+/// # Errors
+/// The CRD does not parse, the apply fails, or it is not established in 30 s.
+pub async fn install_pushcluster_crd(client: &kube::Client) -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    use kube::runtime::wait::{await_condition, conditions};
+
+    const NAME: &str = "pushclusters.herald.dev";
+    let crd: CustomResourceDefinition =
+        serde_yaml::from_str(include_str!("../../crds/pushcluster.yaml"))?;
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    crds.patch(
+        NAME,
+        &PatchParams::apply("herald-e2e").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        await_condition(crds, NAME, conditions::is_crd_established()),
+    )
+    .await??;
+    Ok(())
+}

@@ -9,11 +9,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use herald_e2e::kubelet::{Config as KubeletConfig, IpPool, Kubelet, current_cluster};
-use herald_e2e::{testbed_var, unique_name};
+use herald_e2e::{eventually, testbed_var, unique_name};
 use herald_operator::crd::PushCluster;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
@@ -36,24 +35,6 @@ fn helm(args: &[&str]) -> anyhow::Result<String> {
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(String::from_utf8(output.stdout)?)
-}
-
-async fn eventually<T, F, Fut>(secs: u64, what: &str, mut probe: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(value) = probe().await? {
-            return Ok(value);
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 async fn namespace(client: &Client, prefix: &str) -> anyhow::Result<String> {

@@ -47,7 +47,7 @@ fn crdgen_prints_the_committed_crd() -> Result<()> {
 async fn operator_serves_health_and_metrics_and_stops_on_sigterm() -> Result<()> {
     herald_e2e::testbed_var("KUBECONFIG");
     // Self-contained: a fresh test bed has no CRD until some test applies it.
-    drain::apply_crd(&kube::Client::try_default().await?).await?;
+    herald_e2e::install_pushcluster_crd(&kube::Client::try_default().await?).await?;
     let addr = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let lease = herald_e2e::unique_name("herald-operator-bin");
     let child = Command::new(env!("CARGO_BIN_EXE_herald"))
@@ -125,7 +125,6 @@ mod drain {
     use herald_protocol::{Frame, op};
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
     use kube::{Client, ResourceExt};
     use serde_json::json;
@@ -185,52 +184,11 @@ mod drain {
         Ok(stream)
     }
 
-    async fn until<T, F, Fut>(secs: u64, what: &str, mut probe: F) -> Result<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<Option<T>>>,
-    {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(value) = probe().await? {
-                return Ok(value);
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Applies the committed CRD and waits until it is served.
-    pub(super) async fn apply_crd(client: &Client) -> Result<()> {
-        let crd: CustomResourceDefinition =
-            serde_yaml::from_str(include_str!("../../crds/pushcluster.yaml"))?;
-        let crds = Api::<CustomResourceDefinition>::all(client.clone());
-        crds.patch(
-            "pushclusters.herald.dev",
-            &PatchParams::apply("herald-e2e").force(),
-            &Patch::Apply(&crd),
-        )
-        .await?;
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            kube::runtime::wait::await_condition(
-                crds,
-                "pushclusters.herald.dev",
-                kube::runtime::wait::conditions::is_crd_established(),
-            ),
-        )
-        .await??;
-        Ok(())
-    }
-
     #[tokio::test]
     async fn scale_down_waits_for_the_drained_comets_clients() -> Result<()> {
         herald_e2e::testbed_var("KUBECONFIG");
         let client = Client::try_default().await?;
-        apply_crd(&client).await?;
+        herald_e2e::install_pushcluster_crd(&client).await?;
         let ns = herald_e2e::unique_name("op-drain-bin");
         let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
         Api::<Namespace>::all(client.clone())
@@ -269,7 +227,7 @@ mod drain {
         clusters.create(&PostParams::default(), &cluster).await?;
 
         let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-        let names = until(60, "2 comet pods", || async {
+        let names = herald_e2e::eventually(60, "2 comet pods", || async {
             let list = pods
                 .list(&ListParams::default().labels("app.kubernetes.io/component=comet"))
                 .await?;
@@ -295,7 +253,7 @@ mod drain {
             )
             .await?;
         }
-        until(30, "8 connections in status", || async {
+        herald_e2e::eventually(30, "8 connections in status", || async {
             let status = clusters.get("chat").await?.status.unwrap_or_default();
             Ok((status.total_connections == 8).then_some(()))
         })
@@ -312,7 +270,7 @@ mod drain {
         let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
         // While the drained comet still holds clients (closed at 1/s), the
         // condition says so, the node list marks it, and the replica stays.
-        let draining = until(20, "Draining True", || async {
+        let draining = herald_e2e::eventually(20, "Draining True", || async {
             let cluster = clusters.get("chat").await?;
             let status = cluster.status.unwrap_or_default();
             let draining = status
@@ -351,7 +309,7 @@ mod drain {
         assert_eq!(flags.get(&names[1]), Some(&false), "{list}");
 
         // Once it is empty: marked cheapest to delete, then one replica less.
-        until(30, "1 comet", || async {
+        herald_e2e::eventually(30, "1 comet", || async {
             let replicas = deployments
                 .get("chat-comet")
                 .await?

@@ -22,14 +22,13 @@ use anyhow::{Context, bail, ensure};
 use bytes::{Bytes, BytesMut};
 use herald_e2e::kubelet::{Config as KubeletConfig, IpPool, Kubelet};
 use herald_e2e::service_proxy::ServiceProxy;
-use herald_e2e::{testbed_var, unique_name};
+use herald_e2e::{eventually, testbed_var, unique_name};
 use herald_operator::crd::PushCluster;
 use herald_protocol::frame::Limits;
 use herald_protocol::{Frame, op};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -49,25 +48,6 @@ const TARGET: usize = 20;
 const TCP_PORT: u16 = 3101;
 const LOGIC_HTTP: u16 = 3111;
 const CLUSTER: &str = "chat";
-
-/// Polls `probe` every 200 ms until it returns `Some`, for at most `secs`.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, mut probe: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(value) = probe().await? {
-            return Ok(value);
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 // ---------------------------------------------------------------- goim client
 
@@ -187,28 +167,6 @@ async fn follow(
 }
 
 // ---------------------------------------------------------------- cluster
-
-async fn apply_crd(client: &Client) -> anyhow::Result<()> {
-    let crd: CustomResourceDefinition =
-        serde_yaml::from_str(include_str!("../../crds/pushcluster.yaml"))?;
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    crds.patch(
-        "pushclusters.herald.dev",
-        &PatchParams::apply("herald-e2e").force(),
-        &Patch::Apply(&crd),
-    )
-    .await?;
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        kube::runtime::wait::await_condition(
-            crds,
-            "pushclusters.herald.dev",
-            kube::runtime::wait::conditions::is_crd_established(),
-        ),
-    )
-    .await??;
-    Ok(())
-}
 
 /// The loopback kubelet for `namespace`, giving pods API access as their
 /// ServiceAccount (logic and job watch the node-list ConfigMap).
@@ -413,7 +371,7 @@ async fn operator_runs_a_push_cluster_of_real_pods_and_drains_without_loss() -> 
         .to_owned();
     let brokers = testbed_var("HERALD_KAFKA_BROKERS");
     let client = Client::try_default().await?;
-    apply_crd(&client).await?;
+    herald_e2e::install_pushcluster_crd(&client).await?;
     let ns = unique_name("op-e2e");
     let namespace: Namespace = serde_json::from_value(
         json!({"metadata": {"name": ns, "labels": {"herald.dev/e2e": "operator"}}}),

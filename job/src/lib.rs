@@ -582,15 +582,12 @@ fn merge(statics: &[StaticComet], list: &NodeList) -> Vec<(String, String)> {
 
 /// Applies every node-list change (file or ConfigMap) until [`Job::stop`].
 async fn watch_nodes(job: Job, statics: Vec<StaticComet>, source: nodes::Source) {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let cancel = job.cancel.clone();
-    tokio::spawn(async move {
-        cancel.cancelled().await;
-        let _ = stop_tx.send(true);
-    });
     let directory = job.directory.clone();
     source
-        .watch(move |list| directory.set(merge(&statics, &list)), stop_rx)
+        .watch(
+            move |list| directory.set(merge(&statics, &list)),
+            job.cancel.cancelled_owned(),
+        )
         .await;
 }
 

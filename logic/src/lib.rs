@@ -516,7 +516,7 @@ async fn serve(
         };
         background.push(tokio::spawn(
             source
-                .watch(apply, stop_rx.clone())
+                .watch(apply, stopped(stop_rx.clone()))
                 .instrument(tracing::info_span!("node_list")),
         ));
     }

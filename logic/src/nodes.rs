@@ -263,7 +263,7 @@ impl Source {
     pub async fn watch(
         self,
         apply: impl FnMut(NodeList) + Send,
-        shutdown: tokio::sync::watch::Receiver<bool>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
     ) {
         match self {
             Source::File { path, poll } => watch_file(path, poll, apply, shutdown).await,
@@ -278,15 +278,16 @@ async fn watch_file(
     path: PathBuf,
     interval: Duration,
     mut apply: impl FnMut(NodeList) + Send,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
+    let mut shutdown = std::pin::pin!(shutdown);
     let mut seen: Option<SystemTime> = mtime(&path);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = shutdown.changed() => return,
+            () = &mut shutdown => return,
         }
         let now = mtime(&path);
         if now == seen {
@@ -322,8 +323,9 @@ async fn watch_configmap(
     namespace: String,
     name: String,
     mut apply: impl FnMut(NodeList) + Send,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
+    let mut shutdown = std::pin::pin!(shutdown);
     use futures::StreamExt;
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::runtime::{WatchStreamExt, watcher};
@@ -335,7 +337,7 @@ async fn watch_configmap(
                 tracing::warn!(cause = %Error::Kube(err), "retrying in 5 s");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = shutdown.changed() => return,
+                    () = &mut shutdown => return,
                 }
             }
         }
@@ -348,7 +350,7 @@ async fn watch_configmap(
     loop {
         let next = tokio::select! {
             next = stream.next() => next,
-            _ = shutdown.changed() => return,
+            () = &mut shutdown => return,
         };
         match next {
             Some(Ok(cm)) => {

@@ -9,20 +9,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_e2e::{testbed_var, unique_name};
+use herald_e2e::{eventually, testbed_var, unique_name};
 use herald_operator::crd::PushCluster;
 use herald_operator::{Config, Metrics};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-
-const CRD: &str = include_str!("../../crds/pushcluster.yaml");
 
 async fn client() -> anyhow::Result<Client> {
     // KUBECONFIG comes from the test bed; without it this fails, never skips.
@@ -30,32 +26,10 @@ async fn client() -> anyhow::Result<Client> {
     Ok(Client::try_default().await?)
 }
 
-/// Applies the committed CRD and waits until the apiserver serves it.
-async fn install_crd(client: &Client) -> anyhow::Result<()> {
-    let crd: CustomResourceDefinition = serde_yaml::from_str(CRD)?;
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    crds.patch(
-        "pushclusters.herald.dev",
-        &PatchParams::apply("herald-e2e").force(),
-        &Patch::Apply(&crd),
-    )
-    .await?;
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(
-            crds,
-            "pushclusters.herald.dev",
-            conditions::is_crd_established(),
-        ),
-    )
-    .await??;
-    Ok(())
-}
-
 /// A fresh labelled namespace with the CRD installed.
 async fn setup(prefix: &str) -> anyhow::Result<(Client, String)> {
     let client = client().await?;
-    install_crd(&client).await?;
+    herald_e2e::install_pushcluster_crd(&client).await?;
     let name = unique_name(prefix);
     let namespace: Namespace = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"herald.dev/e2e": "operator"}}
@@ -114,25 +88,6 @@ impl Operator {
         }
         tokio::time::timeout(Duration::from_secs(30), &mut self.task).await???;
         Ok(())
-    }
-}
-
-/// Polls `probe` every 200 ms until it returns `Some`, for at most `secs`.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, mut probe: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(value) = probe().await? {
-            return Ok(value);
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

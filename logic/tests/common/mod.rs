@@ -211,13 +211,13 @@ pub struct Answer {
 }
 
 /// Sends one HTTP/1.1 request; `auth` becomes `Authorization: Bearer <auth>`.
-pub async fn http(
+async fn send(
     addr: SocketAddr,
     method: &str,
     path_and_query: &str,
     body: &[u8],
     auth: Option<&str>,
-) -> Answer {
+) -> (u16, http::HeaderMap, Bytes) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut req = http::Request::builder()
         .method(method)
@@ -239,6 +239,18 @@ pub async fn http(
         .expect("http body timed out")
         .expect("http body")
         .to_bytes();
+    (status, headers, bytes)
+}
+
+/// One API request, its answer parsed as the JSON envelope.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path_and_query: &str,
+    body: &[u8],
+    auth: Option<&str>,
+) -> Answer {
+    let (status, headers, bytes) = send(addr, method, path_and_query, body, auth).await;
     let body = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| panic!("not JSON ({status}): {:?}", String::from_utf8_lossy(&bytes)));
     Answer {
@@ -286,21 +298,7 @@ where
 
 /// GET `path` and return the status and the body as text (probes, metrics).
 pub async fn get_text(addr: SocketAddr, path: &str) -> (u16, String) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let req = http::Request::builder()
-        .uri(format!("http://{addr}{path}"))
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let resp = tokio::time::timeout(WAIT, client.request(req))
-        .await
-        .expect("http request timed out")
-        .expect("http request");
-    let status = resp.status().as_u16();
-    let bytes = tokio::time::timeout(WAIT, resp.into_body().collect())
-        .await
-        .expect("http body timed out")
-        .expect("http body")
-        .to_bytes();
+    let (status, _, bytes) = send(addr, "GET", path, b"", None).await;
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
