@@ -8,20 +8,19 @@
 //! consumer instead of blocking the pusher, so one stuck client cannot hold up
 //! a room broadcast.
 //!
-//! The writer task takes everything queued at once and writes it with one call
-//! (TCP: the buffers concatenated; WebSocket: every message fed, then one
-//! flush), so a burst of pushes costs one syscall rather than one each.
+//! The writer takes everything queued at once and writes it with one call
+//! (TCP: the buffers concatenated, by the session task itself, see
+//! [`crate::tcp`]; WebSocket: every message fed, then one flush, by a writer
+//! task), so a burst of pushes costs one syscall rather than one each.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::SinkExt;
 use futures::stream::SplitSink;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
@@ -136,7 +135,8 @@ pub struct Conn {
     pub ip: IpAddr,
     /// The token asked for Herald's op-18 redirect.
     pub redirect: bool,
-    accepts: Mutex<HashSet<i32>>,
+    /// A few ops at most: a scan beats hashing, and costs less memory.
+    accepts: Mutex<Vec<i32>>,
     out: Outbound,
     /// Cancelled when the server decides to close this connection.
     pub closed: CancellationToken,
@@ -154,17 +154,19 @@ impl Conn {
             ip,
             redirect,
         } = identity;
-        Conn {
+        let conn = Conn {
             id,
             key,
             mid,
             transport,
             ip,
             redirect,
-            accepts: Mutex::new(accepts.iter().copied().collect()),
+            accepts: Mutex::new(Vec::with_capacity(accepts.len())),
             out: Outbound::new(queue_bytes),
             closed: CancellationToken::new(),
-        }
+        };
+        conn.accept(accepts);
+        conn
     }
 
     /// Whether a key/mid/broadcast push of `op` should reach this connection.
@@ -174,18 +176,20 @@ impl Conn {
 
     /// Adds `ops` to the accepted set.
     pub fn accept(&self, ops: &[i32]) {
-        self.accepts_lock().extend(ops.iter().copied());
+        let mut set = self.accepts_lock();
+        for op in ops {
+            if !set.contains(op) {
+                set.push(*op);
+            }
+        }
     }
 
     /// Removes `ops` from the accepted set.
     pub fn unaccept(&self, ops: &[i32]) {
-        let mut set = self.accepts_lock();
-        for op in ops {
-            set.remove(op);
-        }
+        self.accepts_lock().retain(|op| !ops.contains(op));
     }
 
-    fn accepts_lock(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
+    fn accepts_lock(&self) -> std::sync::MutexGuard<'_, Vec<i32>> {
         self.accepts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -262,7 +266,7 @@ impl Conn {
     }
 
     /// Waits for the next batch; `None` once the writer should stop.
-    async fn next_batch(&self) -> Option<VecDeque<Queued>> {
+    pub(crate) async fn next_batch(&self) -> Option<VecDeque<Queued>> {
         loop {
             // Register interest before looking, so a send between the look and
             // the wait is not missed.
@@ -285,29 +289,16 @@ impl Conn {
     }
 }
 
-/// The write side of a client socket.
-pub enum Sink {
-    /// Raw TCP: frames back to back.
-    Tcp(OwnedWriteHalf),
-    /// WebSocket: one binary message per queued buffer.
-    Ws(SplitSink<crate::server::WsStream, Message>),
-}
-
-impl std::fmt::Debug for Sink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Sink::Tcp(_) => "Sink::Tcp",
-            Sink::Ws(_) => "Sink::Ws",
-        })
-    }
-}
+/// The write half of a WebSocket client (TCP clients are written by their
+/// session task, see [`crate::tcp`]).
+pub type WsSink = SplitSink<crate::server::WsStream, Message>;
 
 /// Drains `conn`'s queue into `sink` until the connection finishes or a write
 /// fails; `written(n)` is told the size of every batch written, and
 /// `push_written(latency)` the queue-to-written time of every push in it.
 pub async fn write_loop(
     conn: std::sync::Arc<Conn>,
-    mut sink: Sink,
+    mut ws: WsSink,
     written: impl Fn(usize),
     push_written: impl Fn(Duration),
 ) {
@@ -315,35 +306,17 @@ pub async fn write_loop(
         let n = batch.len();
         // Empty for reply-only batches, so nothing is allocated then.
         let pushed: Vec<Instant> = batch.iter().filter_map(|q| q.pushed_at).collect();
-        let result_of_write = match &mut sink {
-            Sink::Tcp(half) => {
-                if batch.len() == 1 {
-                    half.write_all(&batch[0].bytes).await
-                } else {
-                    let total = batch.iter().map(|q| q.bytes.len()).sum();
-                    let mut buf = BytesMut::with_capacity(total);
-                    for item in &batch {
-                        buf.extend_from_slice(&item.bytes);
-                    }
-                    half.write_all(&buf).await
-                }
+        let mut result = Ok(());
+        for item in batch {
+            if let Err(err) = ws.feed(Message::Binary(item.bytes)).await {
+                result = Err(err);
+                break;
             }
-            Sink::Ws(ws) => {
-                let mut result = Ok(());
-                for item in batch {
-                    if let Err(err) = ws.feed(Message::Binary(item.bytes)).await {
-                        result = Err(err);
-                        break;
-                    }
-                }
-                match result {
-                    Ok(()) => ws.flush().await,
-                    Err(err) => Err(err),
-                }
-                .map_err(std::io::Error::other)
-            }
-        };
-        if let Err(err) = result_of_write {
+        }
+        if let Err(err) = match result {
+            Ok(()) => ws.flush().await,
+            Err(err) => Err(err),
+        } {
             tracing::debug!(cause = %err, "write failed");
             conn.closed.cancel();
             return;
@@ -354,14 +327,7 @@ pub async fn write_loop(
             push_written(done.saturating_duration_since(at));
         }
     }
-    match &mut sink {
-        Sink::Tcp(half) => {
-            let _ = half.shutdown().await;
-        }
-        Sink::Ws(ws) => {
-            let _ = ws.send(Message::Close(None)).await;
-        }
-    }
+    let _ = ws.send(Message::Close(None)).await;
 }
 
 #[cfg(test)]

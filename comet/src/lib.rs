@@ -36,6 +36,7 @@ pub mod logic;
 pub mod metrics;
 pub mod rpc;
 pub mod server;
+mod tcp;
 
 /// Why the comet could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +126,12 @@ pub struct Args {
     /// Per-connection outbound queue, in bytes; a client that lets it fill is closed.
     #[arg(long, env = "HERALD_COMET_QUEUE_BYTES", default_value_t = 256 * 1024)]
     pub queue_bytes: usize,
+    /// Kernel send buffer of each client socket (`SO_SNDBUF`, which Linux
+    /// doubles), in bytes; 0 keeps the kernel's autotuning, which lets a
+    /// client that stopped reading hold up to `net.ipv4.tcp_wmem`'s maximum
+    /// (4 MiB by default) before the outbound queue fills and closes it.
+    #[arg(long, env = "HERALD_COMET_SEND_BUFFER_BYTES", default_value_t = 64 * 1024)]
+    pub send_buffer_bytes: usize,
     /// Number of connection buckets (shards).
     #[arg(long, env = "HERALD_COMET_BUCKETS", default_value_t = 32)]
     pub buckets: usize,
@@ -188,6 +195,7 @@ impl Args {
             logic_timeout_ms,
             max_connections,
             queue_bytes,
+            send_buffer_bytes,
             buckets,
             renew_online_secs,
             session_refresh_secs,
@@ -206,6 +214,7 @@ impl Args {
             logic_timeout: Duration::from_millis(logic_timeout_ms),
             max_connections,
             queue_bytes,
+            send_buffer: (send_buffer_bytes > 0).then_some(send_buffer_bytes),
             buckets: buckets.max(1),
             renew_online_interval: Duration::from_secs(renew_online_secs.max(1)),
             session_refresh: Duration::from_secs(session_refresh_secs.max(1)),
@@ -292,6 +301,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Per-connection outbound queue limit, in bytes.
     pub queue_bytes: usize,
+    /// `SO_SNDBUF` of client sockets; `None` keeps the kernel's autotuning.
+    pub send_buffer: Option<usize>,
     /// Number of buckets connections are sharded into.
     pub buckets: usize,
     /// Period of `RenewOnline`.
@@ -330,6 +341,7 @@ impl Config {
             logic_timeout: Duration::from_secs(3),
             max_connections: 100_000,
             queue_bytes: 256 * 1024,
+            send_buffer: Some(64 * 1024),
             buckets: 32,
             renew_online_interval: Duration::from_secs(10),
             session_refresh: Duration::from_secs(300),

@@ -18,7 +18,6 @@ use futures::stream::SplitStream;
 use herald_protocol::{Frame, Limits, op, ops};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, sleep_until, timeout_at};
@@ -26,10 +25,12 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, create_response, write_response};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, http};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, debug_span, warn};
 
 use crate::Shared;
-use crate::conn::{CloseReason, Conn, Identity, Sink, write_loop};
+use crate::conn::{CloseReason, Conn, Identity, WsSink, write_loop};
+use crate::metrics::Metrics;
+use crate::tcp::TcpLink;
 
 /// Which client protocol a listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +157,10 @@ pub(crate) async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        if let Some(size) = shared.config.send_buffer {
+            // Best effort, like nodelay: the connection works either way.
+            let _ = socket2::SockRef::from(&stream).set_send_buffer_size(size);
+        }
         let task_shared = shared.clone();
         let listen = listen.clone();
         shared.tasks.spawn(
@@ -165,7 +170,9 @@ pub(crate) async fn accept_loop(
                     debug!(cause = %err, "session ended");
                 }
             }
-            .instrument(info_span!("conn", %peer, ?transport)),
+            // At debug, not info: an enabled span is a few hundred bytes of
+            // subscriber state per connection, and sessions log at debug.
+            .instrument(debug_span!("conn", %peer, ?transport)),
         );
     }
 }
@@ -228,11 +235,9 @@ fn accept_error_reason(err: &std::io::Error) -> &'static str {
 
 /// Reads frames from either transport, under the inbound limits.
 enum Reader {
-    Tcp {
-        half: OwnedReadHalf,
-        buf: BytesMut,
-        limits: Limits,
-    },
+    /// TCP reads and writes in the session task.
+    Tcp(TcpLink),
+    /// WebSocket reads here; a writer task owns the sink.
     Ws {
         stream: SplitStream<WsStream>,
         limits: Limits,
@@ -240,18 +245,15 @@ enum Reader {
 }
 
 impl Reader {
-    /// The next frame; `None` when the client closed. Cancel-safe: a partial
-    /// TCP frame stays in `buf`.
-    async fn next(&mut self) -> Result<Option<Frame>, Error> {
+    /// The next frame; `None` when the client closed. Cancel-safe. A TCP
+    /// reader also writes `conn`'s queued pushes meanwhile.
+    async fn next(
+        &mut self,
+        conn: Option<&Conn>,
+        metrics: &Metrics,
+    ) -> Result<Option<Frame>, Error> {
         match self {
-            Reader::Tcp { half, buf, limits } => loop {
-                if let Some(frame) = Frame::decode(buf, *limits).map_err(Error::Frame)? {
-                    return Ok(Some(frame));
-                }
-                if half.read_buf(buf).await.map_err(Error::Read)? == 0 {
-                    return Ok(None);
-                }
-            },
+            Reader::Tcp(link) => link.next(conn, metrics).await,
             Reader::Ws { stream, limits } => loop {
                 let msg = match stream.next().await {
                     None | Some(Ok(Message::Close(_))) => return Ok(None),
@@ -352,66 +354,20 @@ async fn session(
     shared: &Arc<Shared>,
 ) -> Result<(), Error> {
     let transport = listen.transport();
-    let deadline = Instant::now() + shared.config.handshake_timeout;
-    let handshake = tokio::select! {
-        () = shared.shutdown.cancelled() => return Ok(()),
-        handshake = timeout_at(deadline, handshake(stream, listen, shared)) => {
-            handshake.map_err(|_| Error::HandshakeTimeout).and_then(|inner| inner)
-        }
-    };
-    shared.metrics.auth(match &handshake {
-        Ok(Some(_)) => "ok",
-        Ok(None) => "client_gone",
-        Err(Error::HandshakeTimeout) => "timeout",
-        Err(Error::Auth(_)) => "refused",
-        Err(_) => "invalid",
-    });
-    let handshake = handshake?;
-    let Some(Handshake {
+    // Boxed, like every logic call and the ending below: an async fn's
+    // future is as large as everything live at its largest await, and the
+    // task keeps that size for the whole connection. Unboxed, the handshake
+    // (a tonic call) made every idle session ~4.6 KB.
+    let Some(Session {
         mut reader,
-        sink,
-        auth,
-        reply,
-        redirect,
-    }) = handshake
+        conn,
+        mut room,
+        writer,
+        idle,
+    }) = Box::pin(authenticate(stream, peer, listen, shared)).await?
     else {
         return Ok(());
     };
-
-    let conn = Arc::new(Conn::new(
-        Identity {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            key: reply.key,
-            mid: reply.mid,
-            transport,
-            ip: peer.ip(),
-            redirect,
-        },
-        &reply.accepts,
-        shared.config.queue_bytes,
-    ));
-    let writer = {
-        let shared = shared.clone();
-        let latency = shared.clone();
-        let written = move |n| shared.metrics.frames_out(transport, n);
-        let push_written = move |elapsed| latency.metrics.push_written(elapsed);
-        tokio::spawn(write_loop(conn.clone(), sink, written, push_written).in_current_span())
-    };
-    shared.metrics.connection_opened(transport);
-    // Op 8 goes out before the connection is findable, so it precedes any push.
-    let _ = conn.send(auth.reply(op::AUTH_REPLY, Bytes::new()).to_bytes());
-    let mut room = (!reply.room_id.is_empty()).then_some(reply.room_id);
-    if let Some(old) = shared.buckets.put(&conn, room.as_deref()) {
-        old.close(CloseReason::Replaced);
-    }
-    if shared.draining.load(Ordering::SeqCst) {
-        conn.close(CloseReason::Drain);
-    }
-    let idle = u64::try_from(reply.heartbeat)
-        .ok()
-        .filter(|&ns| ns > 0)
-        .map_or(DEFAULT_IDLE, Duration::from_nanos);
-
     let result = serve(&mut reader, &conn, &mut room, shared, idle).await;
     shared.metrics.connection_closed(
         transport,
@@ -427,31 +383,140 @@ async fn session(
 
     shared.buckets.remove(&conn, room.as_deref());
     conn.finish();
-    let server = &shared.config.server_id;
-    shared.logic.disconnect(conn.mid, &conn.key, server).await;
-    // Logic keys routes by key and server, so the Disconnect of a connection
-    // replaced by a same-key successor on this comet just deleted the
-    // successor's route (goim defect, §13.3). A session refresh recreates it.
-    if let Some(successor) = shared.buckets.get(&conn.key).filter(|c| c.id != conn.id) {
-        shared
-            .logic
-            .heartbeat(successor.mid, &successor.key, server)
-            .await;
-    }
-    let abort = writer.abort_handle();
-    if conn.close_reason() == Some(CloseReason::SlowConsumer)
-        || tokio::time::timeout(WRITER_GRACE, writer).await.is_err()
-    {
-        // A client that does not read would pin the writer in a write forever.
-        abort.abort();
-    }
-    drop(reader);
+    Box::pin(end(reader, writer, &conn, shared)).await;
     result
+}
+
+/// What an authenticated session keeps: only this lives as long as the
+/// connection.
+struct Session {
+    reader: Reader,
+    conn: Arc<Conn>,
+    room: Option<String>,
+    writer: Option<tokio::task::JoinHandle<()>>,
+    idle: Duration,
+}
+
+/// Handshake under its deadline, then the connection registered and op 8
+/// queued. `None` when the client or the comet went away first.
+async fn authenticate(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listen: Listen,
+    shared: &Arc<Shared>,
+) -> Result<Option<Session>, Error> {
+    let transport = listen.transport();
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let handshake = tokio::select! {
+        () = shared.shutdown.cancelled() => return Ok(None),
+        handshake = timeout_at(deadline, handshake(stream, listen, shared)) => {
+            handshake.map_err(|_| Error::HandshakeTimeout).and_then(|inner| inner)
+        }
+    };
+    shared.metrics.auth(match &handshake {
+        Ok(Some(_)) => "ok",
+        Ok(None) => "client_gone",
+        Err(Error::HandshakeTimeout) => "timeout",
+        Err(Error::Auth(_)) => "refused",
+        Err(_) => "invalid",
+    });
+    let Some(Handshake {
+        reader,
+        sink,
+        auth,
+        reply,
+        redirect,
+    }) = handshake?
+    else {
+        return Ok(None);
+    };
+
+    let conn = Arc::new(Conn::new(
+        Identity {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            key: reply.key,
+            mid: reply.mid,
+            transport,
+            ip: peer.ip(),
+            redirect,
+        },
+        &reply.accepts,
+        shared.config.queue_bytes,
+    ));
+    let writer = sink.map(|sink| {
+        let shared = shared.clone();
+        let latency = shared.clone();
+        let written = move |n| shared.metrics.frames_out(transport, n);
+        let push_written = move |elapsed| latency.metrics.push_written(elapsed);
+        tokio::spawn(write_loop(conn.clone(), sink, written, push_written).in_current_span())
+    });
+    shared.metrics.connection_opened(transport);
+    // Op 8 goes out before the connection is findable, so it precedes any
+    // push. The auth frame is dropped here: its body shares the handshake's
+    // read buffer, which would otherwise stay allocated for the session.
+    let _ = conn.send(auth.reply(op::AUTH_REPLY, Bytes::new()).to_bytes());
+    drop(auth);
+    let room = (!reply.room_id.is_empty()).then_some(reply.room_id);
+    if let Some(old) = shared.buckets.put(&conn, room.as_deref()) {
+        old.close(CloseReason::Replaced);
+    }
+    if shared.draining.load(Ordering::SeqCst) {
+        conn.close(CloseReason::Drain);
+    }
+    let idle = u64::try_from(reply.heartbeat)
+        .ok()
+        .filter(|&ns| ns > 0)
+        .map_or(DEFAULT_IDLE, Duration::from_nanos);
+    Ok(Some(Session {
+        reader,
+        conn,
+        room,
+        writer,
+        idle,
+    }))
+}
+
+/// After the session: what is still queued (an op-18 redirect, say) is
+/// written, within [`WRITER_GRACE`], while logic forgets the route.
+async fn end(
+    mut reader: Reader,
+    writer: Option<tokio::task::JoinHandle<()>>,
+    conn: &Conn,
+    shared: &Shared,
+) {
+    // A client that does not read would pin a write forever.
+    let slow = conn.close_reason() == Some(CloseReason::SlowConsumer);
+    let flush = async {
+        if let Some(writer) = writer {
+            let abort = writer.abort_handle();
+            if slow || tokio::time::timeout(WRITER_GRACE, writer).await.is_err() {
+                abort.abort();
+            }
+        } else if let (Reader::Tcp(link), false) = (&mut reader, slow) {
+            let _ = tokio::time::timeout(WRITER_GRACE, link.flush(conn, &shared.metrics)).await;
+        }
+    };
+    let forget = async {
+        let server = &shared.config.server_id;
+        shared.logic.disconnect(conn.mid, &conn.key, server).await;
+        // Logic keys routes by key and server, so the Disconnect of a
+        // connection replaced by a same-key successor on this comet just
+        // deleted the successor's route (goim defect, §13.3). A session
+        // refresh recreates it.
+        if let Some(successor) = shared.buckets.get(&conn.key).filter(|c| c.id != conn.id) {
+            shared
+                .logic
+                .heartbeat(successor.mid, &successor.key, server)
+                .await;
+        }
+    };
+    tokio::join!(flush, forget);
 }
 
 struct Handshake {
     reader: Reader,
-    sink: Sink,
+    /// The WebSocket's write half; TCP writes from the reader.
+    sink: Option<WsSink>,
     auth: Frame,
     reply: herald_protocol::pb::ConnectReply,
     redirect: bool,
@@ -470,15 +535,7 @@ async fn handshake(
         ..Limits::INBOUND
     };
     let (mut reader, sink) = match listen {
-        Listen::Tcp => {
-            let (read, write) = stream.into_split();
-            let reader = Reader::Tcp {
-                half: read,
-                buf: BytesMut::with_capacity(4096),
-                limits,
-            };
-            (reader, Sink::Tcp(write))
-        }
+        Listen::Tcp => (Reader::Tcp(TcpLink::new(stream, limits)), None),
         Listen::Ws => upgrade(Box::new(stream), &mut cookie, limits, shared).await?,
         Listen::Wss(acceptor) => {
             let tls = acceptor.accept(stream).await.map_err(Error::Tls)?;
@@ -486,7 +543,7 @@ async fn handshake(
         }
     };
     let auth = loop {
-        let Some(frame) = reader.next().await? else {
+        let Some(frame) = reader.next(None, &shared.metrics).await? else {
             return Ok(None);
         };
         if frame.op == op::AUTH {
@@ -521,7 +578,7 @@ async fn upgrade(
     cookie: &mut String,
     limits: Limits,
     shared: &Shared,
-) -> Result<(Reader, Sink), Error> {
+) -> Result<(Reader, Option<WsSink>), Error> {
     let mut buf = BytesMut::with_capacity(1024);
     let parsed = loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_UPGRADE_HEADERS];
@@ -593,7 +650,7 @@ async fn upgrade(
             stream: read,
             limits,
         },
-        Sink::Ws(write),
+        Some(write),
     ))
 }
 
@@ -627,7 +684,8 @@ async fn serve(
         .session_refresh
         .mul_f64(rand::rng().random_range(0.75..1.25));
     let mut last_refresh = Instant::now();
-    let mut receive_limit = ReceiveLimit::new(&shared.config);
+    // Most clients never send such ops: the bucket exists once one does.
+    let mut receive_limit: Option<Box<ReceiveLimit>> = None;
     loop {
         let frame = tokio::select! {
             () = conn.closed.cancelled() => {
@@ -635,7 +693,7 @@ async fn serve(
             }
             () = shared.shutdown.cancelled() => return Ok(()),
             () = sleep_until(idle_deadline) => return Err(Error::Idle),
-            frame = reader.next() => frame?,
+            frame = reader.next(Some(conn), &shared.metrics) => frame?,
         };
         let Some(frame) = frame else {
             return Ok(());
@@ -684,7 +742,9 @@ async fn serve(
                 frame.reply(op::UNSUB_REPLY, frame.body.clone())
             }
             other => {
-                match receive_limit.check(Instant::now()) {
+                let limit = receive_limit
+                    .get_or_insert_with(|| Box::new(ReceiveLimit::new(&shared.config)));
+                match limit.check(Instant::now()) {
                     Verdict::Forward => shared.metrics.receive("forwarded"),
                     Verdict::Drop => {
                         // Dropped without a reply: the reply is goim's
@@ -698,7 +758,7 @@ async fn serve(
                     }
                 }
                 let reply = frame.reply(other, Bytes::new());
-                shared.logic.receive(conn.mid, frame.into()).await;
+                Box::pin(shared.logic.receive(conn.mid, frame.into())).await;
                 reply
             }
         };

@@ -1020,7 +1020,13 @@ async fn auth_failures_close_without_reply() -> Result {
 
 #[tokio::test]
 async fn slow_consumer_is_closed_and_others_still_receive() -> Result {
-    let mut h = Harness::start(|c| c.queue_bytes = 64 * 1024).await?;
+    const QUEUE: usize = 64 * 1024;
+    const SEND_BUFFER: usize = 16 * 1024;
+    let mut h = Harness::start(|c| {
+        c.queue_bytes = QUEUE;
+        c.send_buffer = Some(SEND_BUFFER);
+    })
+    .await?;
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.set_recv_buffer_size(4096)?;
     let mut slow = TcpClient {
@@ -1048,6 +1054,14 @@ async fn slow_consumer_is_closed_and_others_still_receive() -> Result {
         }
         assert!(pushes < 4000, "slow consumer never closed");
     }
+    // What a non-reader can hold before it is closed: the queue, the kernel
+    // send buffer (doubled by Linux), and its own small receive window.
+    let held = pushes * big.len();
+    println!("slow consumer closed after {pushes} pushes, {held} bytes");
+    assert!(
+        held <= QUEUE + 2 * SEND_BUFFER + 64 * 1024,
+        "closed only after {held} bytes"
+    );
     grpc.push_msg(PushMsgReq {
         keys: vec!["fast".into(), "slow".into()],
         proto: Some(raw_push(1000, b"still here")),

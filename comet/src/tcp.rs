@@ -1,0 +1,202 @@
+//! A raw-TCP client connection, read and written by its session task alone.
+//!
+//! An idle connection is most of what a comet holds, so this keeps one
+//! cheap: no writer task (WebSocket connections have one, see
+//! [`crate::conn::write_loop`]) and no buffer while idle. The session waits
+//! for the socket's readiness, not inside a read, so the read buffer exists
+//! only while a frame is incomplete or being decoded; queued pushes are taken
+//! from the connection's [`Outbound`](crate::conn) queue in one batch and
+//! written with as few `write` calls as the socket allows.
+
+use std::collections::VecDeque;
+use std::io;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use herald_protocol::{Frame, Limits};
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+
+use crate::conn::{Conn, Queued};
+use crate::metrics::Metrics;
+use crate::server::{Error, Transport};
+
+/// How much a read asks for. Client frames are small (a heartbeat is 16
+/// bytes, the largest accepted frame 4112); a burst of them fits.
+const READ_CHUNK: usize = 4096;
+
+/// A batch taken from the outbound queue and not yet fully written.
+#[derive(Debug)]
+struct Pending {
+    buf: Bytes,
+    written: usize,
+    frames: usize,
+    /// Queueing times of the pushes in the batch, for push-to-write latency.
+    pushed: Vec<Instant>,
+}
+
+impl Pending {
+    fn new(batch: VecDeque<Queued>) -> Pending {
+        let frames = batch.len();
+        // Empty for reply-only batches, so nothing is allocated then.
+        let pushed = batch.iter().filter_map(|q| q.pushed_at).collect();
+        let buf = if frames == 1 {
+            batch
+                .into_iter()
+                .next()
+                .map(|q| q.bytes)
+                .unwrap_or_default()
+        } else {
+            let total = batch.iter().map(|q| q.bytes.len()).sum();
+            let mut buf = BytesMut::with_capacity(total);
+            for item in &batch {
+                buf.extend_from_slice(&item.bytes);
+            }
+            buf.freeze()
+        };
+        Pending {
+            buf,
+            written: 0,
+            frames,
+            pushed,
+        }
+    }
+}
+
+/// One client's socket, its partial inbound frame and its unwritten batch.
+#[derive(Debug)]
+pub(crate) struct TcpLink {
+    stream: TcpStream,
+    /// Bytes read and not yet decoded; unallocated between frames.
+    buf: BytesMut,
+    limits: Limits,
+    pending: Option<Pending>,
+    /// The outbound queue said it is finished: nothing more to write.
+    queue_done: bool,
+}
+
+impl TcpLink {
+    pub(crate) fn new(stream: TcpStream, limits: Limits) -> TcpLink {
+        TcpLink {
+            stream,
+            buf: BytesMut::new(),
+            limits,
+            pending: None,
+            queue_done: false,
+        }
+    }
+
+    /// The next frame; `None` when the client closed. Meanwhile, once `conn`
+    /// is given (after authentication), writes what its queue holds.
+    /// Cancel-safe: a partial frame stays buffered and a taken batch stays
+    /// pending.
+    pub(crate) async fn next(
+        &mut self,
+        conn: Option<&Conn>,
+        metrics: &Metrics,
+    ) -> Result<Option<Frame>, Error> {
+        loop {
+            if let Some(frame) = Frame::decode(&mut self.buf, self.limits).map_err(Error::Frame)? {
+                return Ok(Some(frame));
+            }
+            if self.buf.is_empty() && self.buf.capacity() > 0 {
+                // Between frames: give the memory back while the client is quiet.
+                self.buf = BytesMut::new();
+            }
+            let interest = if self.pending.is_some() {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            let take = match conn {
+                Some(conn) if self.pending.is_none() && !self.queue_done => Some(conn),
+                _ => None,
+            };
+            tokio::select! {
+                ready = self.stream.ready(interest) => {
+                    let ready = ready.map_err(Error::Read)?;
+                    if ready.is_writable() && self.pending.is_some() {
+                        self.write_pending(metrics)?;
+                    }
+                    if ready.is_readable() || ready.is_read_closed() {
+                        self.buf.reserve(READ_CHUNK);
+                        match self.stream.try_read_buf(&mut self.buf) {
+                            Ok(0) => return Ok(None),
+                            Ok(_) => {}
+                            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(err) => return Err(Error::Read(err)),
+                        }
+                    }
+                }
+                batch = next_batch(take) => self.take(batch, metrics)?,
+            }
+        }
+    }
+
+    /// Writes everything still queued or pending (the session ended), then
+    /// shuts the write side down so the client sees the end of the stream.
+    pub(crate) async fn flush(&mut self, conn: &Conn, metrics: &Metrics) -> Result<(), Error> {
+        loop {
+            if self.pending.is_some() {
+                self.stream.writable().await.map_err(write_failed)?;
+                self.write_pending(metrics)?;
+            } else if self.queue_done {
+                break;
+            } else {
+                let batch = conn.next_batch().await;
+                self.take(batch, metrics)?;
+            }
+        }
+        let _ = self.stream.shutdown().await;
+        Ok(())
+    }
+
+    fn take(&mut self, batch: Option<VecDeque<Queued>>, metrics: &Metrics) -> Result<(), Error> {
+        match batch {
+            // Most batches fit the socket buffer: written now, no wait.
+            Some(batch) => {
+                self.pending = Some(Pending::new(batch));
+                self.write_pending(metrics)
+            }
+            None => {
+                self.queue_done = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes as much of the pending batch as the socket takes now.
+    fn write_pending(&mut self, metrics: &Metrics) -> Result<(), Error> {
+        let Some(pending) = &mut self.pending else {
+            return Ok(());
+        };
+        while pending.written < pending.buf.len() {
+            match self.stream.try_write(&pending.buf[pending.written..]) {
+                Ok(0) => return Err(write_failed(io::ErrorKind::WriteZero.into())),
+                Ok(n) => pending.written += n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(err) => return Err(write_failed(err)),
+            }
+        }
+        metrics.frames_out(Transport::Tcp, pending.frames);
+        let done = Instant::now();
+        for at in &pending.pushed {
+            metrics.push_written(done.saturating_duration_since(*at));
+        }
+        self.pending = None;
+        Ok(())
+    }
+}
+
+/// The next outbound batch of `conn`; never ready without one.
+async fn next_batch(conn: Option<&Conn>) -> Option<VecDeque<Queued>> {
+    match conn {
+        Some(conn) => conn.next_batch().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn write_failed(err: io::Error) -> Error {
+    tracing::debug!(cause = %err, "write failed");
+    Error::Closed("write failed")
+}
