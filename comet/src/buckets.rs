@@ -143,6 +143,17 @@ impl Buckets {
         self.buckets.is_empty()
     }
 
+    /// The connections whose idle deadline passed by `now`
+    /// ([`crate::conn::coarse_ms`]); the caller closes them outside the locks.
+    pub fn idle(&self, now: u64) -> Vec<Arc<Conn>> {
+        let mut idle = Vec::new();
+        for bucket in self.buckets.iter() {
+            let bucket = lock(bucket);
+            idle.extend(bucket.conns.values().filter(|c| c.idle_at(now)).cloned());
+        }
+        idle
+    }
+
     /// Every connection.
     pub fn all(&self) -> Vec<Arc<Conn>> {
         (0..self.len()).flat_map(|i| self.bucket_conns(i)).collect()

@@ -15,7 +15,8 @@
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,7 +24,6 @@ use futures::SinkExt;
 use futures::stream::SplitSink;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
 use crate::server::Transport;
 
@@ -36,8 +36,14 @@ pub enum CloseReason {
     Replaced,
     /// The comet is draining.
     Drain,
-    /// The session already ended (client left, idle, shutdown).
+    /// The session already ended (the client left).
     Ended,
+    /// No heartbeat within the idle timeout.
+    Idle,
+    /// The comet is shutting down (what a drain left, or no drain).
+    Shutdown,
+    /// Writing to the socket failed.
+    WriteFailed,
 }
 
 impl CloseReason {
@@ -48,6 +54,9 @@ impl CloseReason {
             CloseReason::Replaced => "replaced",
             CloseReason::Drain => "drain",
             CloseReason::Ended => "ended",
+            CloseReason::Idle => "idle",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::WriteFailed => "write_failed",
         }
     }
 }
@@ -77,12 +86,27 @@ struct QueueState {
     reason: Option<CloseReason>,
 }
 
+/// What [`Conn::take_batch`] found.
+#[derive(Debug)]
+pub(crate) enum Batch {
+    /// Everything that was queued, now taken.
+    Ready(VecDeque<Queued>),
+    /// Nothing queued yet.
+    Empty,
+    /// Nothing more will be written: finished, or closed as a slow consumer.
+    Done,
+}
+
 /// The byte-bounded outbound queue.
 #[derive(Debug)]
 pub struct Outbound {
     // A std Mutex: held only to push or swap a VecDeque, never across an await.
     state: Mutex<QueueState>,
+    /// Wakes whoever writes: the writer task (WebSocket) or the session (TCP).
     wake: Notify,
+    /// Wakes a WebSocket session's reader when the server closes it; a TCP
+    /// session learns it through `wake`.
+    closing: Notify,
     limit: usize,
 }
 
@@ -91,6 +115,7 @@ impl Outbound {
         Outbound {
             state: Mutex::new(QueueState::default()),
             wake: Notify::new(),
+            closing: Notify::new(),
             limit,
         }
     }
@@ -138,8 +163,16 @@ pub struct Conn {
     /// A few ops at most: a scan beats hashing, and costs less memory.
     accepts: Mutex<Vec<i32>>,
     out: Outbound,
-    /// Cancelled when the server decides to close this connection.
-    pub closed: CancellationToken,
+    /// When the idle sweep closes it, in [`coarse_ms`]; moved on by heartbeats.
+    idle_deadline: AtomicU64,
+}
+
+/// Milliseconds since the first call: a cheap monotonic clock for idle
+/// deadlines, which one sweep checks for every connection instead of one
+/// timer per connection.
+pub fn coarse_ms() -> u64 {
+    static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+    u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Conn {
@@ -163,7 +196,7 @@ impl Conn {
             redirect,
             accepts: Mutex::new(Vec::with_capacity(accepts.len())),
             out: Outbound::new(queue_bytes),
-            closed: CancellationToken::new(),
+            idle_deadline: AtomicU64::new(u64::MAX),
         };
         conn.accept(accepts);
         conn
@@ -217,7 +250,7 @@ impl Conn {
             state.bytes = 0;
             state.reason = Some(CloseReason::SlowConsumer);
             drop(state);
-            self.closed.cancel();
+            self.out.closing.notify_waiters();
             self.out.wake.notify_one();
             return Err(Closed(CloseReason::SlowConsumer));
         }
@@ -250,8 +283,58 @@ impl Conn {
         state.finishing = true;
         state.reason.get_or_insert(reason);
         drop(state);
-        self.closed.cancel();
+        self.out.closing.notify_waiters();
         self.out.wake.notify_one();
+    }
+
+    /// Moves the idle deadline to `idle` from now.
+    pub fn touch(&self, idle: Duration) {
+        let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        self.idle_deadline
+            .store(coarse_ms().saturating_add(ms), Ordering::Relaxed);
+    }
+
+    /// Whether the idle deadline passed by `now` ([`coarse_ms`]).
+    pub fn idle_at(&self, now: u64) -> bool {
+        self.idle_deadline.load(Ordering::Relaxed) <= now
+    }
+
+    /// Returns once the server closed this connection (any [`CloseReason`]).
+    pub async fn closed(&self) {
+        loop {
+            // Registered before the look: `notify_waiters` wakes it even if
+            // the close lands between the look and the wait.
+            let notified = self.out.closing.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.close_reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Wakes once something was queued or the connection was closed since
+    /// the last wake (a stored permit, so a wake is never lost). For a TCP
+    /// session, the only waiter; WebSocket writers use [`Conn::next_batch`].
+    pub(crate) async fn wake(&self) {
+        self.out.wake.notified().await;
+    }
+
+    /// Takes everything queued, if anything.
+    pub(crate) fn take_batch(&self) -> Batch {
+        let mut state = self.out.lock();
+        if state.reason == Some(CloseReason::SlowConsumer) {
+            return Batch::Done;
+        }
+        if !state.items.is_empty() {
+            state.bytes = 0;
+            return Batch::Ready(std::mem::take(&mut state.items));
+        }
+        if state.finishing {
+            return Batch::Done;
+        }
+        Batch::Empty
     }
 
     /// Tells the writer to write what is queued and stop (the session ended).
@@ -271,20 +354,11 @@ impl Conn {
             // Register interest before looking, so a send between the look and
             // the wait is not missed.
             let notified = self.out.wake.notified();
-            {
-                let mut state = self.out.lock();
-                if state.reason == Some(CloseReason::SlowConsumer) {
-                    return None;
-                }
-                if !state.items.is_empty() {
-                    state.bytes = 0;
-                    return Some(std::mem::take(&mut state.items));
-                }
-                if state.finishing {
-                    return None;
-                }
+            match self.take_batch() {
+                Batch::Ready(batch) => return Some(batch),
+                Batch::Done => return None,
+                Batch::Empty => notified.await,
             }
-            notified.await;
         }
     }
 }
@@ -318,7 +392,7 @@ pub async fn write_loop(
             Err(err) => Err(err),
         } {
             tracing::debug!(cause = %err, "write failed");
-            conn.closed.cancel();
+            conn.close(CloseReason::WriteFailed);
             return;
         }
         written(n);
@@ -355,7 +429,10 @@ mod tests {
             c.send(Bytes::from_static(b"1")),
             Err(Closed(CloseReason::SlowConsumer))
         );
-        assert!(c.closed.is_cancelled());
+        assert!(
+            matches!(c.take_batch(), Batch::Done),
+            "nothing more is written"
+        );
         assert_eq!(c.close_reason(), Some(CloseReason::SlowConsumer));
         assert_eq!(
             c.send(Bytes::from_static(b"1")),

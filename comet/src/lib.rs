@@ -490,6 +490,7 @@ pub async fn run(
     let probe_task = tokio::spawn(
         logic::reachability_loop(shared.clone()).instrument(info_span!("logic_probe")),
     );
+    let sweep_task = tokio::spawn(idle_sweep(shared.clone()).instrument(info_span!("idle_sweep")));
 
     let token = shared.shutdown.clone();
     let requested = tokio::select! {
@@ -514,7 +515,12 @@ pub async fn run(
     }
     info!("comet shutting down");
     shared.shutdown.cancel();
+    // Sessions wait on their sockets only; this ends what the drain left.
+    for conn in shared.buckets.all() {
+        conn.close(conn::CloseReason::Shutdown);
+    }
     let _ = probe_task.await;
+    let _ = sweep_task.await;
     let _ = tcp_task.await;
     let _ = ws_task.await;
     if let Some(task) = wss_task {
@@ -532,6 +538,27 @@ pub async fn run(
     match grpc_task.await {
         Ok(result) => result,
         Err(_) => Ok(()),
+    }
+}
+
+/// How often idle deadlines are checked: the granularity of the idle
+/// timeout, which is minutes in practice.
+const IDLE_SWEEP: Duration = Duration::from_millis(500);
+
+/// Closes every connection whose idle deadline passed, each [`IDLE_SWEEP`].
+/// One sweep instead of one timer per connection: a timer is ~100 bytes in
+/// every session and a timer-wheel update on every heartbeat.
+async fn idle_sweep(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(IDLE_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for conn in shared.buckets.idle(conn::coarse_ms()) {
+            conn.close(conn::CloseReason::Idle);
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio::time::{Instant, sleep_until, timeout_at};
+use tokio::time::{Instant, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, create_response, write_response};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -73,9 +73,6 @@ pub enum Error {
     /// Logic refused (or failed) the `Connect` call.
     #[error("authentication failed")]
     Auth(#[source] tonic::Status),
-    /// No heartbeat within the idle timeout.
-    #[error("idle timeout")]
-    Idle,
     /// The server closed the connection.
     #[error("closed by server: {0}")]
     Closed(&'static str),
@@ -255,7 +252,14 @@ impl Reader {
         match self {
             Reader::Tcp(link) => link.next(conn, metrics).await,
             Reader::Ws { stream, limits } => loop {
-                let msg = match stream.next().await {
+                let next = tokio::select! {
+                    next = stream.next() => next,
+                    () = closed(conn) => None,
+                };
+                if let Some(reason) = conn.and_then(Conn::close_reason) {
+                    return Err(Error::Closed(reason.as_str()));
+                }
+                let msg = match next {
                     None | Some(Ok(Message::Close(_))) => return Ok(None),
                     Some(Err(err)) => return Err(Error::WsRead(err)),
                     Some(Ok(Message::Binary(msg))) => msg,
@@ -268,6 +272,14 @@ impl Reader {
                     .map_err(Error::Frame);
             },
         }
+    }
+}
+
+/// Once the server closed `conn`; never, before authentication.
+async fn closed(conn: Option<&Conn>) {
+    match conn {
+        Some(conn) => conn.closed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -372,8 +384,7 @@ async fn session(
     shared.metrics.connection_closed(
         transport,
         match &result {
-            Ok(()) => "client_or_shutdown",
-            Err(Error::Idle) => "idle",
+            Ok(()) => "client",
             Err(Error::Closed(reason)) => reason,
             Err(Error::Frame(herald_protocol::frame::Error::ShortPackLen(_))) => "short_pack_len",
             Err(Error::Frame(_)) => "invalid_frame",
@@ -463,10 +474,16 @@ async fn authenticate(
     if shared.draining.load(Ordering::SeqCst) {
         conn.close(CloseReason::Drain);
     }
+    // Shutdown closes what the buckets hold once it starts; one registered
+    // just after that closes itself here.
+    if shared.shutdown.is_cancelled() {
+        conn.close(CloseReason::Shutdown);
+    }
     let idle = u64::try_from(reply.heartbeat)
         .ok()
         .filter(|&ns| ns > 0)
         .map_or(DEFAULT_IDLE, Duration::from_nanos);
+    conn.touch(idle);
     Ok(Some(Session {
         reader,
         conn,
@@ -676,7 +693,6 @@ async fn serve(
     shared: &Arc<Shared>,
     idle: Duration,
 ) -> Result<(), Error> {
-    let mut idle_deadline = Instant::now() + idle;
     // goim draws the refresh interval per connection; jitter spreads the
     // refreshes of connections that arrived together.
     let refresh_every = shared
@@ -687,21 +703,16 @@ async fn serve(
     // Most clients never send such ops: the bucket exists once one does.
     let mut receive_limit: Option<Box<ReceiveLimit>> = None;
     loop {
-        let frame = tokio::select! {
-            () = conn.closed.cancelled() => {
-                return Err(Error::Closed(conn.close_reason().map_or("write failed", CloseReason::as_str)));
-            }
-            () = shared.shutdown.cancelled() => return Ok(()),
-            () = sleep_until(idle_deadline) => return Err(Error::Idle),
-            frame = reader.next(Some(conn), &shared.metrics) => frame?,
-        };
-        let Some(frame) = frame else {
+        // The reader also ends the session when the server closes `conn`
+        // (slow consumer, replaced, drain, idle sweep, shutdown); no timer
+        // or cancellation future per connection.
+        let Some(frame) = reader.next(Some(conn), &shared.metrics).await? else {
             return Ok(());
         };
         shared.metrics.frame_in(conn.transport);
         let reply = match frame.op {
             op::HEARTBEAT => {
-                idle_deadline = Instant::now() + idle;
+                conn.touch(idle);
                 if last_refresh.elapsed() >= refresh_every {
                     last_refresh = Instant::now();
                     let shared = shared.clone();

@@ -17,7 +17,7 @@ use herald_protocol::{Frame, Limits};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
-use crate::conn::{Conn, Queued};
+use crate::conn::{Batch, CloseReason, Conn, Queued};
 use crate::metrics::Metrics;
 use crate::server::{Error, Transport};
 
@@ -70,7 +70,8 @@ pub(crate) struct TcpLink {
     /// Bytes read and not yet decoded; unallocated between frames.
     buf: BytesMut,
     limits: Limits,
-    pending: Option<Pending>,
+    /// Boxed: rarely there, and the session future would carry it always.
+    pending: Option<Box<Pending>>,
     /// The outbound queue said it is finished: nothing more to write.
     queue_done: bool,
 }
@@ -87,15 +88,19 @@ impl TcpLink {
     }
 
     /// The next frame; `None` when the client closed. Meanwhile, once `conn`
-    /// is given (after authentication), writes what its queue holds.
-    /// Cancel-safe: a partial frame stays buffered and a taken batch stays
-    /// pending.
+    /// is given (after authentication), writes what its queue holds, and
+    /// ends with [`Error::Closed`] as soon as the server closes `conn`: what
+    /// is still queued is then left to [`TcpLink::flush`]. Cancel-safe: a
+    /// partial frame stays buffered and a taken batch stays pending.
     pub(crate) async fn next(
         &mut self,
         conn: Option<&Conn>,
         metrics: &Metrics,
     ) -> Result<Option<Frame>, Error> {
         loop {
+            if let Some(reason) = conn.and_then(Conn::close_reason) {
+                return Err(Error::Closed(reason.as_str()));
+            }
             if let Some(frame) = Frame::decode(&mut self.buf, self.limits).map_err(Error::Frame)? {
                 return Ok(Some(frame));
             }
@@ -103,14 +108,13 @@ impl TcpLink {
                 // Between frames: give the memory back while the client is quiet.
                 self.buf = BytesMut::new();
             }
+            if let Some(conn) = conn {
+                self.take(conn, metrics)?;
+            }
             let interest = if self.pending.is_some() {
                 Interest::READABLE | Interest::WRITABLE
             } else {
                 Interest::READABLE
-            };
-            let take = match conn {
-                Some(conn) if self.pending.is_none() && !self.queue_done => Some(conn),
-                _ => None,
             };
             tokio::select! {
                 ready = self.stream.ready(interest) => {
@@ -128,7 +132,8 @@ impl TcpLink {
                         }
                     }
                 }
-                batch = next_batch(take) => self.take(batch, metrics)?,
+                // Something was queued, or the connection was closed.
+                () = wake(conn) => {}
             }
         }
     }
@@ -137,28 +142,34 @@ impl TcpLink {
     /// shuts the write side down so the client sees the end of the stream.
     pub(crate) async fn flush(&mut self, conn: &Conn, metrics: &Metrics) -> Result<(), Error> {
         loop {
+            self.take(conn, metrics)?;
             if self.pending.is_some() {
                 self.stream.writable().await.map_err(write_failed)?;
                 self.write_pending(metrics)?;
             } else if self.queue_done {
                 break;
             } else {
-                let batch = conn.next_batch().await;
-                self.take(batch, metrics)?;
+                conn.wake().await;
             }
         }
         let _ = self.stream.shutdown().await;
         Ok(())
     }
 
-    fn take(&mut self, batch: Option<VecDeque<Queued>>, metrics: &Metrics) -> Result<(), Error> {
-        match batch {
-            // Most batches fit the socket buffer: written now, no wait.
-            Some(batch) => {
-                self.pending = Some(Pending::new(batch));
+    /// Takes `conn`'s queue into a pending batch, unless one is still being
+    /// written, and writes what the socket takes at once: most batches fit
+    /// the socket buffer, so there is no wait.
+    fn take(&mut self, conn: &Conn, metrics: &Metrics) -> Result<(), Error> {
+        if self.pending.is_some() || self.queue_done {
+            return Ok(());
+        }
+        match conn.take_batch() {
+            Batch::Ready(batch) => {
+                self.pending = Some(Box::new(Pending::new(batch)));
                 self.write_pending(metrics)
             }
-            None => {
+            Batch::Empty => Ok(()),
+            Batch::Done => {
                 self.queue_done = true;
                 Ok(())
             }
@@ -188,15 +199,15 @@ impl TcpLink {
     }
 }
 
-/// The next outbound batch of `conn`; never ready without one.
-async fn next_batch(conn: Option<&Conn>) -> Option<VecDeque<Queued>> {
+/// `conn`'s next wake; never, before authentication.
+async fn wake(conn: Option<&Conn>) {
     match conn {
-        Some(conn) => conn.next_batch().await,
+        Some(conn) => conn.wake().await,
         None => std::future::pending().await,
     }
 }
 
 fn write_failed(err: io::Error) -> Error {
     tracing::debug!(cause = %err, "write failed");
-    Error::Closed("write failed")
+    Error::Closed(CloseReason::WriteFailed.as_str())
 }
