@@ -88,6 +88,24 @@ pub(crate) fn rss(pid: u32) -> Result<u64> {
         .ok_or(Error::Parse(path))
 }
 
+/// Read-class and write-class system calls of `pid` so far (`syscr`,
+/// `syscw` of `/proc/<pid>/io`). The kernel counts calls that go through its
+/// VFS read/write paths (`read`, `readv`, `write`, `writev`, `pread`, …), not
+/// `send`/`recv`/`sendmsg`/`recvmsg`, so socket I/O done with those is missing:
+/// a lower bound, compared between runs of the same binary.
+pub(crate) fn syscalls(pid: u32) -> Result<(u64, u64)> {
+    let path = format!("/proc/{pid}/io");
+    let text = read(&path)?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    field("syscr:")
+        .zip(field("syscw:"))
+        .ok_or(Error::Parse(path))
+}
+
 /// The kernel's count of connections dropped because an accept queue was
 /// full (`TcpExt: ListenOverflows`), machine-wide.
 pub(crate) fn listen_overflows() -> u64 {
@@ -182,6 +200,8 @@ impl Machine {
 pub(crate) struct Sample {
     user: f64,
     system: f64,
+    /// `syscr`, `syscw` where `/proc/<pid>/io` is readable.
+    io: Option<(u64, u64)>,
     at: std::time::Instant,
 }
 
@@ -191,6 +211,7 @@ impl Sample {
         Sample {
             user,
             system,
+            io: syscalls(pid).ok(),
             at: std::time::Instant::now(),
         }
     }
@@ -200,11 +221,14 @@ impl Sample {
         let wall = later.at.duration_since(self.at).as_secs_f64().max(1e-9);
         let user = later.user - self.user;
         let system = later.system - self.system;
+        let io = self.io.zip(later.io);
         CpuUse {
             user_s: user,
             system_s: system,
             wall_s: wall,
             share: (user + system) / wall,
+            syscr: io.map(|((r0, _), (r1, _))| r1.saturating_sub(r0)),
+            syscw: io.map(|((_, w0), (_, w1))| w1.saturating_sub(w0)),
         }
     }
 }
@@ -217,6 +241,24 @@ pub(crate) struct CpuUse {
     pub(crate) wall_s: f64,
     /// (user + system) / wall: 1.0 is one core fully busy.
     pub(crate) share: f64,
+    /// Read-class system calls over the interval (see [`syscalls`]).
+    pub(crate) syscr: Option<u64>,
+    /// Write-class system calls over the interval.
+    pub(crate) syscw: Option<u64>,
+}
+
+impl CpuUse {
+    /// syscr + syscw, where available.
+    pub(crate) fn syscalls(&self) -> Option<u64> {
+        self.syscr.zip(self.syscw).map(|(r, w)| r + w)
+    }
+
+    /// System calls per `n` things (messages, pushes); `None` without a count.
+    pub(crate) fn syscalls_per(&self, n: u64) -> Option<f64> {
+        self.syscalls()
+            .filter(|_| n > 0)
+            .map(|c| c as f64 / n as f64)
+    }
 }
 
 #[cfg(test)]
@@ -235,6 +277,10 @@ mod tests {
         assert!(u + s >= 0.0);
         assert!(rss(pid).unwrap() > 1024 * 1024);
         assert!(thread_cpu_seconds().unwrap() >= 0.0);
+        let before = Sample::take(pid);
+        std::fs::read_to_string("/proc/self/stat").unwrap();
+        let used = before.since(&Sample::take(pid));
+        assert!(used.syscr.unwrap() >= 1, "the read above counts: {used:?}");
         assert!(Machine::describe().nproc >= 1);
     }
 }

@@ -202,20 +202,27 @@ impl Report {
             }
             md.push('\n');
         }
-        if let Some(s2) = self.scenarios.get("s2") {
-            md.push_str("Room fan-out steps (comet):\n\n");
-            md.push_str("| frames/push | pushes/s offered | messages/s expected | messages/s delivered | delivered/expected | comet CPU | probe p50 µs | p99 µs |\n|---|---|---|---|---|---|---|---|\n");
+        for (key, title) in [
+            ("s2", "Room fan-out steps (comet, TCP clients):"),
+            ("s2_ws", "Room fan-out steps (comet, WebSocket clients):"),
+        ] {
+            let Some(s2) = self.scenarios.get(key) else {
+                continue;
+            };
+            md.push_str(title);
+            md.push_str("\n\n| frames/push | pushes/s offered | messages/s expected | messages/s delivered | delivered/expected | comet CPU | syscalls/message | probe p50 µs | p99 µs |\n|---|---|---|---|---|---|---|---|---|\n");
             for step in s2["steps"].as_array().into_iter().flatten() {
                 let f = |k: &str| step[k].as_f64().unwrap_or(f64::NAN);
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} | {:.3} | {:.0} % | {} | {} |",
+                    "| {} | {} | {} | {} | {:.3} | {:.0} % | {} | {} | {} |",
                     f("frames_per_push"),
                     fmt_num(f("offered_pushes_per_sec")),
                     fmt_num(f("expected_messages_per_sec")),
                     fmt_num(f("delivered_messages_per_sec")),
                     f("delivered_ratio"),
                     f("comet_cpu_share") * 100.0,
+                    fmt_num(f("comet_syscalls_per_message")),
                     fmt_num(step["latency"]["p50_us"].as_f64().unwrap_or(f64::NAN)),
                     fmt_num(step["latency"]["p99_us"].as_f64().unwrap_or(f64::NAN)),
                 );
@@ -238,13 +245,13 @@ impl Report {
             md.push('\n');
         }
         if let Some(s3) = self.scenarios.get("s3") {
-            md.push_str("Single-key PushMsg (client-observed latency, from the scheduled send):\n\n| pushes/s | delivered | p50 µs | p99 µs | p99.9 µs | max µs | comet CPU |\n|---|---|---|---|---|---|---|\n");
+            md.push_str("Single-key PushMsg (client-observed latency, from the scheduled send):\n\n| pushes/s | delivered | p50 µs | p99 µs | p99.9 µs | max µs | comet CPU | syscalls/push |\n|---|---|---|---|---|---|---|---|\n");
             for step in s3["steps"].as_array().into_iter().flatten() {
                 let l = &step["latency"];
                 let g = |k: &str| l[k].as_f64().unwrap_or(f64::NAN);
                 let _ = writeln!(
                     md,
-                    "| {} | {}/{} | {} | {} | {} | {} | {:.0} % |",
+                    "| {} | {}/{} | {} | {} | {} | {} | {:.0} % | {} |",
                     fmt_num(step["rate"].as_f64().unwrap_or(f64::NAN)),
                     step["delivered"],
                     step["expected"],
@@ -252,9 +259,76 @@ impl Report {
                     fmt_num(g("p99_us")),
                     fmt_num(g("p999_us")),
                     fmt_num(g("max_us")),
-                    step["comet_cpu_share"].as_f64().unwrap_or(f64::NAN) * 100.0
+                    step["comet_cpu_share"].as_f64().unwrap_or(f64::NAN) * 100.0,
+                    fmt_num(step["comet_syscalls_per_push"].as_f64().unwrap_or(f64::NAN))
                 );
             }
+            md.push('\n');
+        }
+        if let Some(s5) = self.scenarios.get("s5") {
+            md.push_str("End-to-end pushes (S5: HTTP → logic → Kafka → job → comet → client; latency from the scheduled HTTP send):\n\n");
+            md.push_str("| push | rate | delivered | lost | reordered | p50 ms | p90 ms | p99 ms | max ms | HTTP p99 ms | CPU µs/push (logic/job/comet) | syscalls/push |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+            let ms = |v: &serde_json::Value| {
+                v.as_f64()
+                    .map(|us| format!("{:.2}", us / 1e3))
+                    .unwrap_or_else(|| "–".to_owned())
+            };
+            let row = |md: &mut String, kind: String, rate: String, step: &serde_json::Value| {
+                let c = &step["cost"];
+                let part = |p: &str| c[p]["cpu_us_per_push"].as_f64().unwrap_or(f64::NAN);
+                let _ = writeln!(
+                    md,
+                    "| {kind} | {rate} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {:.0} ({:.0}/{:.0}/{:.0}) | {} |",
+                    step["delivered"],
+                    step["expected"],
+                    step["lost"],
+                    step["reordered"],
+                    ms(&step["latency"]["p50_us"]),
+                    ms(&step["latency"]["p90_us"]),
+                    ms(&step["latency"]["p99_us"]),
+                    ms(&step["latency"]["max_us"]),
+                    ms(&step["http_latency"]["p99_us"]),
+                    c["cpu_us_per_push"].as_f64().unwrap_or(f64::NAN),
+                    part("logic"),
+                    part("job"),
+                    part("comet"),
+                    fmt_num(c["syscalls_per_push"].as_f64().unwrap_or(f64::NAN)),
+                );
+            };
+            for step in s5["room_steps"].as_array().into_iter().flatten() {
+                row(
+                    &mut md,
+                    format!(
+                        "room ({} rooms × {})",
+                        step["rooms"],
+                        step["members_per_room"].as_f64().unwrap_or(f64::NAN)
+                    ),
+                    format!(
+                        "{}/s per room",
+                        fmt_num(step["rate_per_room"].as_f64().unwrap_or(f64::NAN))
+                    ),
+                    step,
+                );
+            }
+            let key = &s5["key_step"];
+            row(
+                &mut md,
+                format!("single key ({} keys)", key["keys"]),
+                format!("{}/s", fmt_num(key["rate"].as_f64().unwrap_or(f64::NAN))),
+                key,
+            );
+            let floor = &s5["kafka_floor"];
+            let _ = writeln!(
+                md,
+                "| Kafka alone (floor) | {}/s | {}/{} | – | – | {} | {} | {} | {} | – | – | – |",
+                fmt_num(floor["rate"].as_f64().unwrap_or(f64::NAN)),
+                floor["consumed"],
+                floor["scheduled"],
+                ms(&floor["latency"]["p50_us"]),
+                ms(&floor["latency"]["p90_us"]),
+                ms(&floor["latency"]["p99_us"]),
+                ms(&floor["latency"]["max_us"]),
+            );
             md.push('\n');
         }
         for note in &self.notes {
