@@ -317,18 +317,22 @@ impl Report {
                 format!("{}/s", fmt_num(key["rate"].as_f64().unwrap_or(f64::NAN))),
                 key,
             );
-            let floor = &s5["kafka_floor"];
-            let _ = writeln!(
-                md,
-                "| Kafka alone (floor) | {}/s | {}/{} | – | – | {} | {} | {} | {} | – | – | – |",
-                fmt_num(floor["rate"].as_f64().unwrap_or(f64::NAN)),
-                floor["consumed"],
-                floor["scheduled"],
-                ms(&floor["latency"]["p50_us"]),
-                ms(&floor["latency"]["p90_us"]),
-                ms(&floor["latency"]["p99_us"]),
-                ms(&floor["latency"]["max_us"]),
-            );
+            for floor in [&s5["kafka_floor_low_rate"], &s5["kafka_floor"]] {
+                if floor.is_null() {
+                    continue;
+                }
+                let _ = writeln!(
+                    md,
+                    "| Kafka alone (floor) | {}/s | {}/{} | – | – | {} | {} | {} | {} | – | – | – |",
+                    fmt_num(floor["rate"].as_f64().unwrap_or(f64::NAN)),
+                    floor["consumed"],
+                    floor["scheduled"],
+                    ms(&floor["latency"]["p50_us"]),
+                    ms(&floor["latency"]["p90_us"]),
+                    ms(&floor["latency"]["p99_us"]),
+                    ms(&floor["latency"]["max_us"]),
+                );
+            }
             md.push('\n');
         }
         for note in &self.notes {
@@ -473,6 +477,43 @@ pub(crate) fn plots(report: &Report, dir: &Path) -> Vec<(String, String)> {
                 lat("p99_us", COLORS[1]),
                 lat("p999_us", COLORS[2]),
             ],
+        );
+    }
+    if let Some(s5) = report.scenarios.get("s5") {
+        let steps: Vec<&serde_json::Value> =
+            s5["room_steps"].as_array().into_iter().flatten().collect();
+        let lat = |q: &str, color| Series {
+            name: format!("room {q}"),
+            color,
+            points: steps
+                .iter()
+                .map(|s| (f(s, "rate_per_room"), f(&s["latency"], q) / 1e3))
+                .filter(|p| p.0.is_finite() && p.1.is_finite())
+                .collect(),
+        };
+        let max_x = steps
+            .iter()
+            .map(|s| f(s, "rate_per_room"))
+            .fold(0.0, f64::max);
+        let kafka = f(&s5["kafka_floor"]["latency"], "p99_us") / 1e3;
+        let mut series = vec![
+            lat("p50_us", COLORS[0]),
+            lat("p90_us", COLORS[1]),
+            lat("p99_us", COLORS[2]),
+        ];
+        if kafka.is_finite() {
+            series.push(Series {
+                name: "Kafka alone p99".to_owned(),
+                color: COLORS[3],
+                points: vec![(0.0, kafka), (max_x, kafka)],
+            });
+        }
+        draw(
+            "bench-e2e-latency.png",
+            "S5 room push end to end (HTTP to client)",
+            "pushes/s per room",
+            "latency, milliseconds",
+            series,
         );
     }
     drawn

@@ -543,8 +543,17 @@ pub(crate) async fn run(setup: Setup<'_>) -> Result<Outcome> {
         .unwrap_or(0);
     let run_id = format!("{}-{stamp}", std::process::id());
     let topic = format!("herald-bench-s5-{run_id}");
-    let floor_topic = format!("herald-bench-s5-floor-{run_id}");
-    create_topics(&services.kafka, &[&topic, &floor_topic]).await?;
+    // One floor topic per floor rate: each floor reads its topic from the start.
+    let floor_topics = [
+        format!("herald-bench-s5-floor-{run_id}"),
+        format!("herald-bench-s5-floor-low-{run_id}"),
+    ];
+    let all = [
+        topic.as_str(),
+        floor_topics[0].as_str(),
+        floor_topics[1].as_str(),
+    ];
+    create_topics(&services.kafka, &all).await?;
     let result = measure(
         binary,
         core,
@@ -555,10 +564,10 @@ pub(crate) async fn run(setup: Setup<'_>) -> Result<Outcome> {
         plan,
         &run_id,
         &topic,
-        &floor_topic,
+        &floor_topics,
     )
     .await;
-    delete_topics(&services.kafka, &[&topic, &floor_topic]).await;
+    delete_topics(&services.kafka, &all).await;
     result
 }
 
@@ -573,19 +582,42 @@ async fn measure(
     plan: &S5Plan,
     run_id: &str,
     topic: &str,
-    floor_topic: &str,
+    floor_topics: &[String; 2],
 ) -> Result<Outcome> {
     let step = Duration::from_secs_f64(plan.seconds.max(0.1));
-    // The floor first, alone: nothing else of ours is running yet.
+    // The floors first, alone: nothing else of ours is running yet. One at
+    // the single-key rate (the target's comparison), one at the slowest
+    // room step's total rate, where Kafka's idle-connection behaviour shows.
     let floor = kafka_floor(
         &services.kafka,
-        floor_topic,
+        &floor_topics[0],
         &format!("herald-bench-floor-{run_id}"),
         clock,
         plan.key_rate,
         step,
     )
     .await?;
+    let low_rate = plan
+        .room_rates
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        * plan.rooms as f64;
+    let floor_low = if low_rate.is_finite() && low_rate > 0.0 {
+        Some(
+            kafka_floor(
+                &services.kafka,
+                &floor_topics[1],
+                &format!("herald-bench-floor-low-{run_id}"),
+                clock,
+                low_rate,
+                Duration::from_secs_f64(plan.seconds.max(plan.room_min_seconds)),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
 
     let cluster = Cluster::start(binary, core, services, topic, run_id, out).await?;
     let mut generator = Generator::new(clock, sweep);
@@ -776,6 +808,7 @@ async fn measure(
             "room_steps": room_steps,
             "key_step": key_step,
             "kafka_floor": floor,
+            "kafka_floor_low_rate": floor_low,
             "first_error": generator.first_error(),
         }),
         targets,

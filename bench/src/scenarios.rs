@@ -372,8 +372,10 @@ fn s5_smoke_check(report: &Report) -> Result<()> {
             problems.push(format!("s5: delivered {delivered:?} of {expected:?}"));
         }
     }
-    if s5["kafka_floor"]["consumed"] != s5["kafka_floor"]["scheduled"] {
-        problems.push(format!("s5 kafka floor: {}", s5["kafka_floor"]));
+    for floor in [&s5["kafka_floor"], &s5["kafka_floor_low_rate"]] {
+        if floor["consumed"] != floor["scheduled"] || floor["scheduled"].as_u64() == Some(0) {
+            problems.push(format!("s5 kafka floor: {floor}"));
+        }
     }
     if problems.is_empty() {
         Ok(())
