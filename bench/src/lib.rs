@@ -5,8 +5,10 @@
 //! `--server-bin` says otherwise) pinned to one core, against a stub logic,
 //! and drives it from a single-threaded load generator pinned to the other
 //! core. Every ratio is taken against a *floor* measured in the same run: a
-//! raw fan-out server that only writes pre-encoded frames. Benchmarks print
-//! figures; nothing here is a timed test.
+//! raw fan-out server that only writes pre-encoded frames. S5 instead runs
+//! the whole distributed path (real logic, job and comet processes against
+//! a real Redis and Kafka) and takes Kafka's own latency as its floor.
+//! Benchmarks print figures; nothing here is a timed test.
 //!
 //! # Layout
 //! - [`wire`]: pre-encoded client frames and the allocation-free scanner that
@@ -15,7 +17,8 @@
 //! - [`floor`]: the kernel-floor fan-out server (its own process).
 //! - [`stub`]: the stub `goim.logic.Logic` that accepts every token.
 //! - [`server`]: starting and stopping the comet under test.
-//! - [`inject`]: open-loop gRPC injectors (latency from the scheduled time).
+//! - [`inject`]: open-loop injectors for comet's gRPC and logic's HTTP API
+//!   (latency from the scheduled time).
 //! - [`s5`]: S5, the end-to-end path through real logic, job, Redis and Kafka.
 //! - [`scenarios`]: S0–S7 and the `quick`/`full`/`smoke` profiles.
 //! - [`report`]: the JSON record and the markdown table.
@@ -146,6 +149,10 @@ pub struct Args {
     /// Redis for S5's logic, e.g. `redis://127.0.0.1:6379/`.
     #[arg(long, env = "HERALD_REDIS_URL")]
     pub redis: Option<String>,
+    /// Also count every system call of the servers with `perf stat` (S2,
+    /// S3, S5): needs perf with tracepoint access; adds a little to each call.
+    #[arg(long)]
+    pub perf_syscalls: bool,
     /// Kafka bootstrap brokers for S5 (a fresh topic is made per run).
     #[arg(long, env = "HERALD_KAFKA_BROKERS")]
     pub kafka: Option<String>,

@@ -3,7 +3,9 @@
 //! forbids `unsafe`, so no direct `sched_setaffinity`), load average and the
 //! machine description recorded with every run.
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 /// Clock ticks per second of `/proc/<pid>/stat` times. Linux reports them in
 /// `USER_HZ`, which is 100 on every architecture it supports.
@@ -104,6 +106,58 @@ pub(crate) fn syscalls(pid: u32) -> Result<(u64, u64)> {
     field("syscr:")
         .zip(field("syscw:"))
         .ok_or(Error::Parse(path))
+}
+
+/// Every system call of one process over an interval, counted by `perf
+/// stat` on the `raw_syscalls:sys_enter` tracepoint (opt-in with
+/// `--perf-syscalls`: it needs perf and tracepoint access, and counting adds
+/// a little to each call's cost). Unlike [`syscalls`] it includes socket
+/// `send`/`recv`.
+#[derive(Debug)]
+pub(crate) struct PerfCount {
+    child: Child,
+    out: PathBuf,
+}
+
+impl PerfCount {
+    /// Starts counting `pid`'s system calls; `None` when perf cannot start.
+    pub(crate) fn start(pid: u32, dir: &Path, label: &str) -> Option<PerfCount> {
+        let out = dir.join(format!("perf-{label}-{pid}.csv"));
+        let child = Command::new("perf")
+            .args(["stat", "-e", "raw_syscalls:sys_enter", "-x,", "-o"])
+            .arg(&out)
+            .args(["-p", &pid.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(PerfCount { child, out })
+    }
+
+    /// Stops perf (SIGINT to its pid, which makes it write its count) and
+    /// returns the count; `None` when perf failed or counted nothing.
+    pub(crate) fn stop(mut self) -> Option<u64> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).ok()?);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let text = std::fs::read_to_string(&self.out).ok()?;
+        let _ = std::fs::remove_file(&self.out);
+        text.lines()
+            .find(|l| l.contains("raw_syscalls:sys_enter"))
+            .and_then(|l| l.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+    }
+}
+
+impl Drop for PerfCount {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The kernel's count of connections dropped because an accept queue was

@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use crate::floor::{FloorProc, FloorRun};
 use crate::inject::{self, Call, Order};
 use crate::load::{ClientSpec, Clock, Generator, Totals, Transport};
-use crate::proc::{self, Machine, Sample};
+use crate::proc::{self, Machine, PerfCount, Sample};
 use crate::report::{self, Percentiles, Report, Target};
 use crate::s5::{S5Plan, Services};
 use crate::server::Comet;
@@ -165,6 +165,8 @@ struct Ctx {
     s2_sustained_rate: Option<f64>,
     /// Redis and Kafka for S5, when given.
     services: Option<Services>,
+    /// Count system calls with `perf stat` as well.
+    perf: bool,
 }
 
 /// Runs `args.what` and writes its report.
@@ -183,6 +185,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         probe_every,
         redis,
         kafka,
+        perf_syscalls,
     } = args;
     let services = redis
         .zip(kafka)
@@ -261,6 +264,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         kept: None,
         s2_sustained_rate: None,
         services,
+        perf: perf_syscalls,
     };
     ctx.report.notes.push(
         "figures from a shared machine are noisy: compare the load average column before comparing runs"
@@ -640,7 +644,9 @@ async fn room_step(
     rate: f64,
     step: Duration,
     seq: &mut i32,
+    perf_dir: Option<&std::path::Path>,
 ) -> serde_json::Value {
+    let counting = perf_start(perf_dir, comet).await;
     let before = generator.totals();
     let _ = generator.take_latency();
     let c0 = comet.sample();
@@ -661,6 +667,7 @@ async fn room_step(
         .wait_delivered(before.messages + expected, DRAIN_IDLE)
         .await;
     let cpu = c0.since(&comet.sample());
+    let counted = counting.and_then(PerfCount::stop);
     let g = g0.since(&self_sample());
     let after: Totals = generator.totals();
     let delivered = total - before.messages;
@@ -704,6 +711,7 @@ async fn room_step(
         "delivered_writes_per_sec": delivered as f64 / fpp as f64 / window,
         "comet_cpu": cpu,
         "comet_syscalls_per_message": cpu.syscalls_per(delivered),
+        "comet_perf_syscalls_per_message": per(counted, delivered),
         "comet_cpu_share": comet_cpu_s / window,
         "messages_per_comet_cpu_second": if comet_cpu_s > 0.0 { delivered as f64 / comet_cpu_s } else { f64::NAN },
         "generator_cpu_share": g.share,
@@ -712,6 +720,19 @@ async fn room_step(
         "comet_rss_bytes": comet.rss(),
         "loadavg": proc::loadavg(),
     })
+}
+
+/// Starts `perf stat` on comet when asked (`--perf-syscalls`), then gives it
+/// time to attach before the step begins.
+async fn perf_start(dir: Option<&std::path::Path>, comet: &Comet) -> Option<PerfCount> {
+    let counting = PerfCount::start(comet.pid, dir?, "comet");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    counting
+}
+
+/// `n` per `of`, when counted.
+fn per(n: Option<u64>, of: u64) -> Option<f64> {
+    n.filter(|_| of > 0).map(|n| n as f64 / of as f64)
 }
 
 fn saturated(step: &serde_json::Value, duration: Duration) -> bool {
@@ -762,6 +783,7 @@ async fn s2(ctx: &mut Ctx, transport: Transport) -> Result<()> {
                 rate,
                 ctx.plan.step,
                 &mut seq,
+                ctx.perf.then_some(ctx.out.as_path()),
             )
             .await;
             let sat = saturated(&step, ctx.plan.step);
@@ -864,6 +886,7 @@ async fn s5(ctx: &mut Ctx) -> Result<()> {
         sweep: ctx.sweep,
         services: &services,
         plan: &ctx.plan.s5,
+        perf: ctx.perf,
     })
     .await?;
     ctx.report.targets.extend(outcome.targets);
@@ -968,6 +991,7 @@ async fn s3(ctx: &mut Ctx) -> Result<()> {
     let mut seqs = vec![0i32; probes];
     let mut steps = Vec::new();
     for &rate in &ctx.plan.s3_rates {
+        let counting = perf_start(ctx.perf.then_some(ctx.out.as_path()), &comet).await;
         let before = generator.totals();
         let _ = generator.take_latency();
         let c0 = comet.sample();
@@ -998,6 +1022,7 @@ async fn s3(ctx: &mut Ctx) -> Result<()> {
             .wait_delivered(before.messages + injected.ok, DRAIN_IDLE)
             .await;
         let cpu = c0.since(&comet.sample());
+        let counted = counting.and_then(PerfCount::stop);
         let after = generator.totals();
         let latency = Percentiles::of(&generator.take_latency());
         eprintln!(
@@ -1018,6 +1043,7 @@ async fn s3(ctx: &mut Ctx) -> Result<()> {
             "rpc_latency": injected.rpc_latency.as_ref().map(Percentiles::of),
             "comet_cpu": cpu,
             "comet_syscalls_per_push": cpu.syscalls_per(injected.ok),
+            "comet_perf_syscalls_per_push": per(counted, injected.ok),
             "comet_cpu_share": cpu.share,
             "loadavg": proc::loadavg(),
         }));
