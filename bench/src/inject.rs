@@ -169,6 +169,20 @@ pub(crate) async fn run<S: Sender>(
     rate: f64,
     duration: Duration,
     order: Order,
+    make: impl FnMut(u64, u64) -> S::Call,
+) -> Injected {
+    run_phased(client, clock, rate, duration, order, Duration::ZERO, make).await
+}
+
+/// [`run`] with its schedule shifted by `phase`: injectors running side by
+/// side (one per room) spread their calls instead of all firing at once.
+pub(crate) async fn run_phased<S: Sender>(
+    client: &S,
+    clock: Clock,
+    rate: f64,
+    duration: Duration,
+    order: Order,
+    phase: Duration,
     mut make: impl FnMut(u64, u64) -> S::Call,
 ) -> Injected {
     let total = (rate * duration.as_secs_f64()).round().max(1.0) as u64;
@@ -191,7 +205,7 @@ pub(crate) async fn run<S: Sender>(
         });
         tx
     });
-    let start = Instant::now() + Duration::from_millis(5);
+    let start = Instant::now() + Duration::from_millis(5) + phase;
     let mut skipped = 0;
     for i in 0..total {
         let scheduled = start + interval.mul_f64(i as f64);

@@ -454,12 +454,19 @@ async fn kafka_floor(
 
     let latency = Rc::new(RefCell::new(new_histogram()));
     let consumed = Rc::new(RefCell::new(0u64));
-    let total = (rate * duration.as_secs_f64()).round().max(1.0) as u64;
+    // A second at the rate before the measured schedule, not recorded: the
+    // producer's and broker's steady state, not their first batches.
+    let warm = rate.round().max(1.0) as u64;
+    let measured = (rate * duration.as_secs_f64()).round().max(1.0) as u64;
+    let total = warm + measured;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1e-9));
+    let start = Instant::now() + Duration::from_millis(5);
+    let measured_from = clock.at(start + interval.mul_f64(warm as f64));
     let reader = {
         let latency = latency.clone();
         let consumed = consumed.clone();
         async move {
-            while *consumed.borrow() < total {
+            while *consumed.borrow() < measured {
                 let Ok(message) = consumer.recv().await else {
                     continue;
                 };
@@ -470,10 +477,12 @@ async fn kafka_floor(
                     .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 {
                     let sent = u64::from_be_bytes(sent);
-                    latency
-                        .borrow_mut()
-                        .saturating_record(now.saturating_sub(sent).max(1));
-                    *consumed.borrow_mut() += 1;
+                    if sent >= measured_from {
+                        latency
+                            .borrow_mut()
+                            .saturating_record(now.saturating_sub(sent).max(1));
+                        *consumed.borrow_mut() += 1;
+                    }
                 }
             }
         }
@@ -481,8 +490,6 @@ async fn kafka_floor(
     let reader = tokio::task::spawn_local(reader);
     let producer = Rc::new(producer);
     let errors = Rc::new(RefCell::new(0u64));
-    let interval = Duration::from_secs_f64(1.0 / rate.max(1e-9));
-    let start = Instant::now() + Duration::from_millis(5);
     let mut sends = Vec::with_capacity(total as usize);
     for i in 0..total {
         let scheduled = start + interval.mul_f64(i as f64);
@@ -509,12 +516,13 @@ async fn kafka_floor(
     let errors = *errors.borrow();
     let p = Percentiles::of(&latency.borrow());
     eprintln!(
-        "  kafka floor at {rate}/s: consumed {consumed}/{total}, p50 {:.0} µs, p99 {:.0} µs",
+        "  kafka floor at {rate}/s: consumed {consumed}/{measured}, p50 {:.0} µs, p99 {:.0} µs",
         p.p50_us, p.p99_us
     );
     Ok(json!({
         "rate": rate,
-        "scheduled": total,
+        "warm_up_records": warm,
+        "scheduled": measured,
         "produce_errors": errors,
         "consumed": consumed,
         "latency": p,
@@ -620,40 +628,6 @@ async fn measure(
     floor_topics: &[String; 2],
 ) -> Result<Outcome> {
     let step = Duration::from_secs_f64(plan.seconds.max(0.1));
-    // The floors first, alone: nothing else of ours is running yet. One at
-    // the single-key rate (the target's comparison), one at the slowest
-    // room step's total rate, where Kafka's idle-connection behaviour shows.
-    let floor = kafka_floor(
-        &services.kafka,
-        &floor_topics[0],
-        &format!("herald-bench-floor-{run_id}"),
-        clock,
-        plan.key_rate,
-        step,
-    )
-    .await?;
-    let low_rate = plan
-        .room_rates
-        .iter()
-        .copied()
-        .fold(f64::INFINITY, f64::min)
-        * plan.rooms as f64;
-    let floor_low = if low_rate.is_finite() && low_rate > 0.0 {
-        Some(
-            kafka_floor(
-                &services.kafka,
-                &floor_topics[1],
-                &format!("herald-bench-floor-low-{run_id}"),
-                clock,
-                low_rate,
-                Duration::from_secs_f64(plan.seconds.max(plan.room_min_seconds)),
-            )
-            .await?,
-        )
-    } else {
-        None
-    };
-
     let cluster = Cluster::start(binary, core, services, topic, run_id, out).await?;
     let mut generator = Generator::new(clock, sweep);
     // Mids unique to this process, so two runs sharing a Redis never route
@@ -719,16 +693,25 @@ async fn measure(
         let _ = generator.take_latency();
         let s0 = cluster.samples();
         // One serial injector per room: pushes to one room never overlap
-        // (their order is the room's), rooms run side by side.
+        // (their order is the room's), rooms run side by side, their
+        // schedules spread over the interval rather than all at once.
         let mut runs = Vec::new();
+        let interval = Duration::from_secs_f64(1.0 / rate.max(1e-9));
         for (r, name) in room_names.iter().enumerate() {
             let base = room_seq[r];
             let http = cluster.http.clone();
             let name = name.clone();
+            let phase = interval.mul_f64(r as f64 / room_names.len().max(1) as f64);
             runs.push(async move {
-                inject::run(&http, clock, rate, duration, Order::Serial, |i, sched| {
-                    room_call(&name, base + 1 + i as i32, sched)
-                })
+                inject::run_phased(
+                    &http,
+                    clock,
+                    rate,
+                    duration,
+                    Order::Serial,
+                    phase,
+                    |i, sched| room_call(&name, base + 1 + i as i32, sched),
+                )
                 .await
             });
         }
@@ -836,6 +819,41 @@ async fn measure(
     });
     generator.close_all().await;
     drop(cluster);
+
+    // The floors last, alone: our servers are stopped, and Kafka (a JVM,
+    // possibly just started) has been warmed by the steps above. One at the
+    // single-key rate (the target's comparison), one at the slowest room
+    // step's total rate, where the room latency targets apply.
+    let floor = kafka_floor(
+        &services.kafka,
+        &floor_topics[0],
+        &format!("herald-bench-floor-{run_id}"),
+        clock,
+        plan.key_rate,
+        step,
+    )
+    .await?;
+    let low_rate = plan
+        .room_rates
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        * plan.rooms as f64;
+    let floor_low = if low_rate.is_finite() && low_rate > 0.0 {
+        Some(
+            kafka_floor(
+                &services.kafka,
+                &floor_topics[1],
+                &format!("herald-bench-floor-low-{run_id}"),
+                clock,
+                low_rate,
+                Duration::from_secs_f64(plan.seconds.max(plan.room_min_seconds)),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
 
     let targets = targets(&room_steps, &key_step, &floor);
     Ok(Outcome {
