@@ -331,7 +331,7 @@ impl Report {
                 }
                 let _ = writeln!(
                     md,
-                    "| Kafka alone (floor) | {}/s | {}/{} | – | – | {} | {} | {} | {} | – | – | – |",
+                    "| Kafka alone (floor) | {}/s | {}/{} | – | – | {} | {} | {} | {} | {} (ack) | – | – |",
                     fmt_num(floor["rate"].as_f64().unwrap_or(f64::NAN)),
                     floor["consumed"],
                     floor["scheduled"],
@@ -339,6 +339,7 @@ impl Report {
                     ms(&floor["latency"]["p90_us"]),
                     ms(&floor["latency"]["p99_us"]),
                     ms(&floor["latency"]["max_us"]),
+                    ms(&floor["ack_latency"]["p99_us"]),
                 );
             }
             md.push('\n');

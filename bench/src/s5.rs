@@ -490,6 +490,8 @@ async fn kafka_floor(
     let reader = tokio::task::spawn_local(reader);
     let producer = Rc::new(producer);
     let errors = Rc::new(RefCell::new(0u64));
+    // Produce → acknowledgement: what logic waits for before it answers.
+    let acked = Rc::new(RefCell::new(new_histogram()));
     let mut sends = Vec::with_capacity(total as usize);
     for i in 0..total {
         let scheduled = start + interval.mul_f64(i as f64);
@@ -499,12 +501,16 @@ async fn kafka_floor(
         let payload = clock.at(scheduled).to_be_bytes();
         let producer = producer.clone();
         let errors = errors.clone();
+        let acked = acked.clone();
         let topic = topic.to_owned();
         sends.push(tokio::task::spawn_local(async move {
             let key = format!("k{}", i % 1000);
             let record = FutureRecord::to(&topic).key(&key).payload(&payload[..]);
             if producer.send(record, Duration::from_secs(5)).await.is_err() {
                 *errors.borrow_mut() += 1;
+            } else if i >= warm {
+                let ns = u64::try_from(scheduled.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                acked.borrow_mut().saturating_record(ns.max(1));
             }
         }));
     }
@@ -526,6 +532,7 @@ async fn kafka_floor(
         "produce_errors": errors,
         "consumed": consumed,
         "latency": p,
+        "ack_latency": Percentiles::of(&acked.borrow()),
     }))
 }
 
