@@ -113,7 +113,8 @@ pub enum What {
 /// Flags of `herald bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// A scenario (s0..s7), a profile (quick, full) or smoke.
+    /// A scenario (s0..s7, s2-ws), a profile (quick, full) or a smoke check
+    /// (smoke, s5-smoke).
     #[arg(value_enum)]
     pub what: What,
     /// The herald binary to benchmark; defaults to the current executable.
@@ -149,13 +150,13 @@ pub struct Args {
     /// Redis for S5's logic, e.g. `redis://127.0.0.1:6379/`.
     #[arg(long, env = "HERALD_REDIS_URL")]
     pub redis: Option<String>,
+    /// Kafka bootstrap brokers for S5 (a fresh topic is made per run).
+    #[arg(long, env = "HERALD_KAFKA_BROKERS")]
+    pub kafka: Option<String>,
     /// Also count every system call of the servers with `perf stat` (S2,
     /// S3, S5): needs perf with tracepoint access; adds a little to each call.
     #[arg(long)]
     pub perf_syscalls: bool,
-    /// Kafka bootstrap brokers for S5 (a fresh topic is made per run).
-    #[arg(long, env = "HERALD_KAFKA_BROKERS")]
-    pub kafka: Option<String>,
 }
 
 /// Runs `herald bench`; returns when the report is written.
