@@ -3,16 +3,111 @@
 //! and every latency is measured from the *scheduled* send time. A loaded
 //! server therefore shows up as latency instead of silently lowering the
 //! offered rate (no coordinated omission).
+//!
+//! The schedule is the same for every target: comet's gRPC API ([`Call`] on a
+//! [`CometClient`]) and logic's HTTP push API ([`HttpCall`] on a
+//! [`LogicHttp`]), each a [`Sender`].
 
 use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use herald_protocol::pb::{BroadcastRoomReq, CometClient, PushMsgReq};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use tonic::transport::Channel;
 
 use crate::load::{Clock, new_histogram};
+
+/// Something calls are sent to, one call at a time per task.
+pub(crate) trait Sender: Clone + 'static {
+    /// One call.
+    type Call: 'static;
+    /// Sends `call`; `Err` carries why it failed, for the record.
+    fn send(&self, call: Self::Call) -> impl Future<Output = Result<(), String>>;
+}
+
+impl Sender for CometClient<Channel> {
+    type Call = Call;
+
+    async fn send(&self, call: Call) -> Result<(), String> {
+        let mut client = self.clone();
+        let result = match call {
+            Call::Room(req) => client.broadcast_room(req).await.map(drop),
+            Call::Push(req) => client.push_msg(req).await.map(drop),
+        };
+        result.map_err(|status| status.to_string())
+    }
+}
+
+/// One POST to logic's HTTP API.
+#[derive(Debug)]
+pub(crate) struct HttpCall {
+    /// Path and query, e.g. `/goim/push/keys?operation=1000&keys=b1`.
+    pub(crate) path_and_query: String,
+    pub(crate) body: Bytes,
+}
+
+/// A keep-alive HTTP/1.1 client for logic's push API at one address; calls
+/// that overlap open more pooled connections.
+#[derive(Debug, Clone)]
+pub(crate) struct LogicHttp {
+    client: Client<HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+}
+
+impl LogicHttp {
+    pub(crate) fn new(addr: SocketAddr) -> LogicHttp {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        LogicHttp {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            addr,
+        }
+    }
+
+    /// GETs `path`; returns the status code (readiness probes).
+    pub(crate) async fn get_status(&self, path: &str) -> Result<u16, String> {
+        let uri = format!("http://{}{path}", self.addr);
+        let req = http::Request::get(uri)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+        Ok(resp.status().as_u16())
+    }
+}
+
+impl Sender for LogicHttp {
+    type Call = HttpCall;
+
+    /// A push counts as done when logic answered 200 with goim's `"code":0`
+    /// (the record is in Kafka); anything else is an error with its body.
+    async fn send(&self, call: HttpCall) -> Result<(), String> {
+        let uri = format!("http://{}{}", self.addr, call.path_and_query);
+        let req = http::Request::post(uri)
+            .body(Full::new(call.body))
+            .map_err(|e| e.to_string())?;
+        let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        if status.is_success() && text.contains("\"code\":0") {
+            Ok(())
+        } else {
+            Err(format!("{status}: {text}"))
+        }
+    }
+}
 
 /// Most calls in flight before new ones are counted as not sent: bounds the
 /// generator's memory when the server stops answering.
@@ -68,13 +163,27 @@ pub(crate) enum Order {
 
 /// Sends `make(i, scheduled_ns)` at `rate` calls per second for `duration`,
 /// then waits (at most 30 s) for the replies.
-pub(crate) async fn run(
-    client: &CometClient<Channel>,
+pub(crate) async fn run<S: Sender>(
+    client: &S,
     clock: Clock,
     rate: f64,
     duration: Duration,
     order: Order,
-    mut make: impl FnMut(u64, u64) -> Call,
+    make: impl FnMut(u64, u64) -> S::Call,
+) -> Injected {
+    run_phased(client, clock, rate, duration, order, Duration::ZERO, make).await
+}
+
+/// [`run`] with its schedule shifted by `phase`: injectors running side by
+/// side (one per room) spread their calls instead of all firing at once.
+pub(crate) async fn run_phased<S: Sender>(
+    client: &S,
+    clock: Clock,
+    rate: f64,
+    duration: Duration,
+    order: Order,
+    phase: Duration,
+    mut make: impl FnMut(u64, u64) -> S::Call,
 ) -> Injected {
     let total = (rate * duration.as_secs_f64()).round().max(1.0) as u64;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1e-9));
@@ -86,7 +195,7 @@ pub(crate) async fn run(
         latency: new_histogram(),
     }));
     let serial = (order == Order::Serial).then(|| {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Call, Instant)>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(S::Call, Instant)>();
         let client = client.clone();
         let shared = shared.clone();
         tokio::task::spawn_local(async move {
@@ -96,7 +205,7 @@ pub(crate) async fn run(
         });
         tx
     });
-    let start = Instant::now() + Duration::from_millis(5);
+    let start = Instant::now() + Duration::from_millis(5) + phase;
     let mut skipped = 0;
     for i in 0..total {
         let scheduled = start + interval.mul_f64(i as f64);
@@ -146,16 +255,8 @@ pub(crate) async fn run(
     }
 }
 
-async fn send(
-    mut client: CometClient<Channel>,
-    call: Call,
-    scheduled: Instant,
-    shared: &RefCell<Shared>,
-) {
-    let result = match call {
-        Call::Room(req) => client.broadcast_room(req).await.map(drop),
-        Call::Push(req) => client.push_msg(req).await.map(drop),
-    };
+async fn send<S: Sender>(client: S, call: S::Call, scheduled: Instant, shared: &RefCell<Shared>) {
+    let result = client.send(call).await;
     let done = Instant::now();
     let mut s = shared.borrow_mut();
     s.in_flight -= 1;
@@ -166,9 +267,9 @@ async fn send(
                 .unwrap_or(u64::MAX);
             s.latency.saturating_record(ns.max(1));
         }
-        Err(status) => {
+        Err(err) => {
             s.errors += 1;
-            s.first_error.get_or_insert_with(|| status.to_string());
+            s.first_error.get_or_insert(err);
         }
     }
 }

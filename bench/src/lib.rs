@@ -5,8 +5,10 @@
 //! `--server-bin` says otherwise) pinned to one core, against a stub logic,
 //! and drives it from a single-threaded load generator pinned to the other
 //! core. Every ratio is taken against a *floor* measured in the same run: a
-//! raw fan-out server that only writes pre-encoded frames. Benchmarks print
-//! figures; nothing here is a timed test.
+//! raw fan-out server that only writes pre-encoded frames. S5 instead runs
+//! the whole distributed path (real logic, job and comet processes against
+//! a real Redis and Kafka) and takes Kafka's own latency as its floor.
+//! Benchmarks print figures; nothing here is a timed test.
 //!
 //! # Layout
 //! - [`wire`]: pre-encoded client frames and the allocation-free scanner that
@@ -15,7 +17,9 @@
 //! - [`floor`]: the kernel-floor fan-out server (its own process).
 //! - [`stub`]: the stub `goim.logic.Logic` that accepts every token.
 //! - [`server`]: starting and stopping the comet under test.
-//! - [`inject`]: open-loop gRPC injectors (latency from the scheduled time).
+//! - [`inject`]: open-loop injectors for comet's gRPC and logic's HTTP API
+//!   (latency from the scheduled time).
+//! - [`s5`]: S5, the end-to-end path through real logic, job, Redis and Kafka.
 //! - [`scenarios`]: S0–S7 and the `quick`/`full`/`smoke` profiles.
 //! - [`report`]: the JSON record and the markdown table.
 //! - [`plot`]: PNG plots, with labels from a built-in bitmap font.
@@ -29,6 +33,7 @@ pub mod load;
 pub mod plot;
 pub mod proc;
 pub mod report;
+pub mod s5;
 pub mod scenarios;
 pub mod server;
 pub mod stub;
@@ -55,6 +60,9 @@ pub enum Error {
     /// Writing the report failed.
     #[error(transparent)]
     Report(#[from] report::Error),
+    /// S5 could not set up its processes, topics or services.
+    #[error(transparent)]
+    S5(#[from] s5::Error),
     /// The current executable could not be found (for `--server-bin`'s default).
     #[error("cannot find the current executable")]
     CurrentExe(#[source] std::io::Error),
@@ -76,10 +84,17 @@ pub enum What {
     S1,
     /// S2: room fan-out, 20 and 1 frames per push, rising rates.
     S2,
+    /// S2 with WebSocket clients (its own rows).
+    S2Ws,
     /// S3: single-key PushMsg latency at fixed rates.
     S3,
     /// S4: connection storm and reconnect storm.
     S4,
+    /// S5: room and single-key pushes end to end through logic, Kafka, job
+    /// and comet (needs --redis and --kafka).
+    S5,
+    /// A tiny S5 that fails unless every push arrives (needs --redis and --kafka).
+    S5Smoke,
     /// S6: broadcast completion time.
     S6,
     /// S7: slow consumers (1 % stop reading).
@@ -98,7 +113,8 @@ pub enum What {
 /// Flags of `herald bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// A scenario (s0..s7), a profile (quick, full) or smoke.
+    /// A scenario (s0..s7, s2-ws), a profile (quick, full) or a smoke check
+    /// (smoke, s5-smoke).
     #[arg(value_enum)]
     pub what: What,
     /// The herald binary to benchmark; defaults to the current executable.
@@ -131,6 +147,16 @@ pub struct Args {
     /// One client in this many is an eager latency probe.
     #[arg(long, default_value_t = 100)]
     pub probe_every: usize,
+    /// Redis for S5's logic, e.g. `redis://127.0.0.1:6379/`.
+    #[arg(long, env = "HERALD_REDIS_URL")]
+    pub redis: Option<String>,
+    /// Kafka bootstrap brokers for S5 (a fresh topic is made per run).
+    #[arg(long, env = "HERALD_KAFKA_BROKERS")]
+    pub kafka: Option<String>,
+    /// Also count every system call of the servers with `perf stat` (S2,
+    /// S3, S5): needs perf with tracepoint access; adds a little to each call.
+    #[arg(long)]
+    pub perf_syscalls: bool,
 }
 
 /// Runs `herald bench`; returns when the report is written.

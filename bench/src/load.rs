@@ -124,6 +124,8 @@ pub(crate) struct ClientSpec {
     /// A receive buffer size to set before connecting (S7 shrinks it so a
     /// client that stops reading backs up into comet's queue sooner).
     pub(crate) rcvbuf: Option<u32>,
+    /// Check sequence numbers from the body (pushes through logic and job).
+    pub(crate) body_seq: bool,
 }
 
 /// A connected client before it becomes a sink or a probe.
@@ -150,7 +152,7 @@ async fn open(spec: ClientSpec, src: Ipv4Addr, target: SocketAddr, clock: Clock)
         .map_err(io("bind source address"))?;
     let mut stream = socket.connect(target).await.map_err(io("connect"))?;
     stream.set_nodelay(true).map_err(io("nodelay"))?;
-    let mut scanner = Scanner::new(spec.transport == Transport::Ws);
+    let mut scanner = Scanner::new(spec.transport == Transport::Ws, spec.body_seq);
     let mut tally = Tally::default();
     if !spec.auth {
         return Ok(Opened {

@@ -3,7 +3,9 @@
 //! forbids `unsafe`, so no direct `sched_setaffinity`), load average and the
 //! machine description recorded with every run.
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 /// Clock ticks per second of `/proc/<pid>/stat` times. Linux reports them in
 /// `USER_HZ`, which is 100 on every architecture it supports.
@@ -86,6 +88,76 @@ pub(crate) fn rss(pid: u32) -> Result<u64> {
         .and_then(|kb| kb.parse::<u64>().ok())
         .map(|kb| kb * 1024)
         .ok_or(Error::Parse(path))
+}
+
+/// Read-class and write-class system calls of `pid` so far (`syscr`,
+/// `syscw` of `/proc/<pid>/io`). The kernel counts calls that go through its
+/// VFS read/write paths (`read`, `readv`, `write`, `writev`, `pread`, …), not
+/// `send`/`recv`/`sendmsg`/`recvmsg`, so socket I/O done with those is missing:
+/// a lower bound, compared between runs of the same binary.
+pub(crate) fn syscalls(pid: u32) -> Result<(u64, u64)> {
+    let path = format!("/proc/{pid}/io");
+    let text = read(&path)?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    field("syscr:")
+        .zip(field("syscw:"))
+        .ok_or(Error::Parse(path))
+}
+
+/// Every system call of one process over an interval, counted by `perf
+/// stat` on the `raw_syscalls:sys_enter` tracepoint (opt-in with
+/// `--perf-syscalls`: it needs perf and tracepoint access, and counting adds
+/// a little to each call's cost). Unlike [`syscalls`] it includes socket
+/// `send`/`recv`.
+#[derive(Debug)]
+pub(crate) struct PerfCount {
+    child: Child,
+    out: PathBuf,
+}
+
+impl PerfCount {
+    /// Starts counting `pid`'s system calls; `None` when perf cannot start.
+    pub(crate) fn start(pid: u32, dir: &Path, label: &str) -> Option<PerfCount> {
+        let out = dir.join(format!("perf-{label}-{pid}.csv"));
+        let child = Command::new("perf")
+            .args(["stat", "-e", "raw_syscalls:sys_enter", "-x,", "-o"])
+            .arg(&out)
+            .args(["-p", &pid.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(PerfCount { child, out })
+    }
+
+    /// Stops perf (SIGINT to its pid, which makes it write its count) and
+    /// returns the count; `None` when perf failed or counted nothing.
+    pub(crate) fn stop(mut self) -> Option<u64> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).ok()?);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let text = std::fs::read_to_string(&self.out).ok()?;
+        let _ = std::fs::remove_file(&self.out);
+        text.lines()
+            .find(|l| l.contains("raw_syscalls:sys_enter"))
+            .and_then(|l| l.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+    }
+}
+
+impl Drop for PerfCount {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The kernel's count of connections dropped because an accept queue was
@@ -182,6 +254,8 @@ impl Machine {
 pub(crate) struct Sample {
     user: f64,
     system: f64,
+    /// `syscr`, `syscw` where `/proc/<pid>/io` is readable.
+    io: Option<(u64, u64)>,
     at: std::time::Instant,
 }
 
@@ -191,6 +265,7 @@ impl Sample {
         Sample {
             user,
             system,
+            io: syscalls(pid).ok(),
             at: std::time::Instant::now(),
         }
     }
@@ -200,11 +275,14 @@ impl Sample {
         let wall = later.at.duration_since(self.at).as_secs_f64().max(1e-9);
         let user = later.user - self.user;
         let system = later.system - self.system;
+        let io = self.io.zip(later.io);
         CpuUse {
             user_s: user,
             system_s: system,
             wall_s: wall,
             share: (user + system) / wall,
+            syscr: io.map(|((r0, _), (r1, _))| r1.saturating_sub(r0)),
+            syscw: io.map(|((_, w0), (_, w1))| w1.saturating_sub(w0)),
         }
     }
 }
@@ -217,6 +295,24 @@ pub(crate) struct CpuUse {
     pub(crate) wall_s: f64,
     /// (user + system) / wall: 1.0 is one core fully busy.
     pub(crate) share: f64,
+    /// Read-class system calls over the interval (see [`syscalls`]).
+    pub(crate) syscr: Option<u64>,
+    /// Write-class system calls over the interval.
+    pub(crate) syscw: Option<u64>,
+}
+
+impl CpuUse {
+    /// syscr + syscw, where available.
+    pub(crate) fn syscalls(&self) -> Option<u64> {
+        self.syscr.zip(self.syscw).map(|(r, w)| r + w)
+    }
+
+    /// System calls per `n` things (messages, pushes); `None` without a count.
+    pub(crate) fn syscalls_per(&self, n: u64) -> Option<f64> {
+        self.syscalls()
+            .filter(|_| n > 0)
+            .map(|c| c as f64 / n as f64)
+    }
 }
 
 #[cfg(test)]
@@ -235,6 +331,10 @@ mod tests {
         assert!(u + s >= 0.0);
         assert!(rss(pid).unwrap() > 1024 * 1024);
         assert!(thread_cpu_seconds().unwrap() >= 0.0);
+        let before = Sample::take(pid);
+        std::fs::read_to_string("/proc/self/stat").unwrap();
+        let used = before.since(&Sample::take(pid));
+        assert!(used.syscr.unwrap() >= 1, "the read above counts: {used:?}");
         assert!(Machine::describe().nproc >= 1);
     }
 }

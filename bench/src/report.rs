@@ -202,20 +202,31 @@ impl Report {
             }
             md.push('\n');
         }
-        if let Some(s2) = self.scenarios.get("s2") {
-            md.push_str("Room fan-out steps (comet):\n\n");
-            md.push_str("| frames/push | pushes/s offered | messages/s expected | messages/s delivered | delivered/expected | comet CPU | probe p50 µs | p99 µs |\n|---|---|---|---|---|---|---|---|\n");
+        for (key, title) in [
+            ("s2", "Room fan-out steps (comet, TCP clients):"),
+            ("s2_ws", "Room fan-out steps (comet, WebSocket clients):"),
+        ] {
+            let Some(s2) = self.scenarios.get(key) else {
+                continue;
+            };
+            md.push_str(title);
+            md.push_str("\n\n| frames/push | pushes/s offered | messages/s expected | messages/s delivered | delivered/expected | comet CPU | syscalls/message | probe p50 µs | p99 µs |\n|---|---|---|---|---|---|---|---|---|\n");
             for step in s2["steps"].as_array().into_iter().flatten() {
                 let f = |k: &str| step[k].as_f64().unwrap_or(f64::NAN);
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} | {:.3} | {:.0} % | {} | {} |",
+                    "| {} | {} | {} | {} | {:.3} | {:.0} % | {} | {} | {} |",
                     f("frames_per_push"),
                     fmt_num(f("offered_pushes_per_sec")),
                     fmt_num(f("expected_messages_per_sec")),
                     fmt_num(f("delivered_messages_per_sec")),
                     f("delivered_ratio"),
                     f("comet_cpu_share") * 100.0,
+                    syscalls(
+                        step,
+                        "comet_perf_syscalls_per_message",
+                        "comet_syscalls_per_message"
+                    ),
                     fmt_num(step["latency"]["p50_us"].as_f64().unwrap_or(f64::NAN)),
                     fmt_num(step["latency"]["p99_us"].as_f64().unwrap_or(f64::NAN)),
                 );
@@ -238,13 +249,13 @@ impl Report {
             md.push('\n');
         }
         if let Some(s3) = self.scenarios.get("s3") {
-            md.push_str("Single-key PushMsg (client-observed latency, from the scheduled send):\n\n| pushes/s | delivered | p50 µs | p99 µs | p99.9 µs | max µs | comet CPU |\n|---|---|---|---|---|---|---|\n");
+            md.push_str("Single-key PushMsg (client-observed latency, from the scheduled send):\n\n| pushes/s | delivered | p50 µs | p99 µs | p99.9 µs | max µs | comet CPU | syscalls/push |\n|---|---|---|---|---|---|---|---|\n");
             for step in s3["steps"].as_array().into_iter().flatten() {
                 let l = &step["latency"];
                 let g = |k: &str| l[k].as_f64().unwrap_or(f64::NAN);
                 let _ = writeln!(
                     md,
-                    "| {} | {}/{} | {} | {} | {} | {} | {:.0} % |",
+                    "| {} | {}/{} | {} | {} | {} | {} | {:.0} % | {} |",
                     fmt_num(step["rate"].as_f64().unwrap_or(f64::NAN)),
                     step["delivered"],
                     step["expected"],
@@ -252,7 +263,83 @@ impl Report {
                     fmt_num(g("p99_us")),
                     fmt_num(g("p999_us")),
                     fmt_num(g("max_us")),
-                    step["comet_cpu_share"].as_f64().unwrap_or(f64::NAN) * 100.0
+                    step["comet_cpu_share"].as_f64().unwrap_or(f64::NAN) * 100.0,
+                    syscalls(
+                        step,
+                        "comet_perf_syscalls_per_push",
+                        "comet_syscalls_per_push"
+                    )
+                );
+            }
+            md.push('\n');
+        }
+        if let Some(s5) = self.scenarios.get("s5") {
+            md.push_str("End-to-end pushes (S5: HTTP → logic → Kafka → job → comet → client; latency from the scheduled HTTP send):\n\n");
+            md.push_str("| push | rate | delivered | lost | reordered | p50 ms | p90 ms | p99 ms | max ms | HTTP p99 ms | CPU µs/push (logic/job/comet) | syscalls/push |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+            let ms = |v: &serde_json::Value| {
+                v.as_f64()
+                    .map(|us| format!("{:.2}", us / 1e3))
+                    .unwrap_or_else(|| "–".to_owned())
+            };
+            let row = |md: &mut String, kind: String, rate: String, step: &serde_json::Value| {
+                let c = &step["cost"];
+                let part = |p: &str| c[p]["cpu_us_per_push"].as_f64().unwrap_or(f64::NAN);
+                let _ = writeln!(
+                    md,
+                    "| {kind} | {rate} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {:.0} ({:.0}/{:.0}/{:.0}) | {} |",
+                    step["delivered"],
+                    step["expected"],
+                    step["lost"],
+                    step["reordered"],
+                    ms(&step["latency"]["p50_us"]),
+                    ms(&step["latency"]["p90_us"]),
+                    ms(&step["latency"]["p99_us"]),
+                    ms(&step["latency"]["max_us"]),
+                    ms(&step["http_latency"]["p99_us"]),
+                    c["cpu_us_per_push"].as_f64().unwrap_or(f64::NAN),
+                    part("logic"),
+                    part("job"),
+                    part("comet"),
+                    syscalls(c, "perf_syscalls_per_push", "syscalls_per_push"),
+                );
+            };
+            for step in s5["room_steps"].as_array().into_iter().flatten() {
+                row(
+                    &mut md,
+                    format!(
+                        "room ({} rooms × {})",
+                        step["rooms"],
+                        step["members_per_room"].as_f64().unwrap_or(f64::NAN)
+                    ),
+                    format!(
+                        "{}/s per room",
+                        fmt_num(step["rate_per_room"].as_f64().unwrap_or(f64::NAN))
+                    ),
+                    step,
+                );
+            }
+            let key = &s5["key_step"];
+            row(
+                &mut md,
+                format!("single key ({} keys)", key["keys"]),
+                format!("{}/s", fmt_num(key["rate"].as_f64().unwrap_or(f64::NAN))),
+                key,
+            );
+            for floor in [&s5["kafka_floor_low_rate"], &s5["kafka_floor"]] {
+                if floor.is_null() {
+                    continue;
+                }
+                let _ = writeln!(
+                    md,
+                    "| Kafka alone (floor) | {}/s | {}/{} | – | – | {} | {} | {} | {} | {} (ack) | – | – |",
+                    fmt_num(floor["rate"].as_f64().unwrap_or(f64::NAN)),
+                    floor["consumed"],
+                    floor["scheduled"],
+                    ms(&floor["latency"]["p50_us"]),
+                    ms(&floor["latency"]["p90_us"]),
+                    ms(&floor["latency"]["p99_us"]),
+                    ms(&floor["latency"]["max_us"]),
+                    ms(&floor["ack_latency"]["p99_us"]),
                 );
             }
             md.push('\n');
@@ -261,6 +348,16 @@ impl Report {
             let _ = writeln!(md, "- {note}");
         }
         md
+    }
+}
+
+/// A syscalls-per-thing cell: perf's exact count (`all`) when it ran, else
+/// `/proc`'s read/write-class count (`rw`) marked as a lower bound.
+fn syscalls(v: &serde_json::Value, all: &str, rw: &str) -> String {
+    match (v[all].as_f64(), v[rw].as_f64()) {
+        (Some(n), _) => fmt_num(n),
+        (None, Some(n)) => format!("≥ {}", fmt_num(n)),
+        (None, None) => "–".to_owned(),
     }
 }
 
@@ -399,6 +496,43 @@ pub(crate) fn plots(report: &Report, dir: &Path) -> Vec<(String, String)> {
                 lat("p99_us", COLORS[1]),
                 lat("p999_us", COLORS[2]),
             ],
+        );
+    }
+    if let Some(s5) = report.scenarios.get("s5") {
+        let steps: Vec<&serde_json::Value> =
+            s5["room_steps"].as_array().into_iter().flatten().collect();
+        let lat = |q: &str, color| Series {
+            name: format!("room {q}"),
+            color,
+            points: steps
+                .iter()
+                .map(|s| (f(s, "rate_per_room"), f(&s["latency"], q) / 1e3))
+                .filter(|p| p.0.is_finite() && p.1.is_finite())
+                .collect(),
+        };
+        let max_x = steps
+            .iter()
+            .map(|s| f(s, "rate_per_room"))
+            .fold(0.0, f64::max);
+        let kafka = f(&s5["kafka_floor"]["latency"], "p99_us") / 1e3;
+        let mut series = vec![
+            lat("p50_us", COLORS[0]),
+            lat("p90_us", COLORS[1]),
+            lat("p99_us", COLORS[2]),
+        ];
+        if kafka.is_finite() {
+            series.push(Series {
+                name: "Kafka alone p99".to_owned(),
+                color: COLORS[3],
+                points: vec![(0.0, kafka), (max_x, kafka)],
+            });
+        }
+        draw(
+            "bench-e2e-latency.png",
+            "S5 room push end to end (HTTP to client)",
+            "pushes/s per room",
+            "latency, milliseconds",
+            series,
         );
     }
     drawn

@@ -19,8 +19,9 @@ use tonic::transport::Channel;
 use crate::floor::{FloorProc, FloorRun};
 use crate::inject::{self, Call, Order};
 use crate::load::{ClientSpec, Clock, Generator, Totals, Transport};
-use crate::proc::{self, Machine, Sample};
+use crate::proc::{self, Machine, PerfCount, Sample};
 use crate::report::{self, Percentiles, Report, Target};
+use crate::s5::{S5Plan, Services};
 use crate::server::Comet;
 use crate::stub::{self, Calls};
 use crate::wire::{self, BENCH_OP};
@@ -45,6 +46,7 @@ struct Plan {
     s3_rates: Vec<f64>,
     s3_probes: usize,
     s7_seconds: f64,
+    s5: S5Plan,
 }
 
 impl Plan {
@@ -57,13 +59,17 @@ impl Plan {
                 What::S1,
                 What::S2,
                 What::S6,
+                What::S2Ws,
                 What::S3,
                 What::S4,
                 What::S7,
+                What::S5,
             ],
             What::Smoke => vec![What::S0, What::S2],
+            What::S5Smoke => vec![What::S5],
             // Ratios need the floor of the same run.
             What::S2 => vec![What::S0, What::S2],
+            What::S2Ws => vec![What::S0, What::S2Ws],
             What::S6 => vec![What::S2, What::S6],
             other => vec![other],
         };
@@ -111,6 +117,29 @@ impl Plan {
             },
             s3_probes: clients.min(1_000),
             s7_seconds: if full { 40.0 } else { 20.0 },
+            s5: if what == What::S5Smoke {
+                S5Plan {
+                    rooms: 2,
+                    members: 5,
+                    probe_every: 2,
+                    room_rates: vec![5.0],
+                    room_min_seconds: 1.0,
+                    key_clients: 10,
+                    key_rate: 50.0,
+                    seconds: seconds.unwrap_or(1.0),
+                }
+            } else {
+                S5Plan {
+                    rooms: 10,
+                    members: if full { 100 } else { 50 },
+                    probe_every: 5,
+                    room_rates: vec![1.0, 10.0, 100.0],
+                    room_min_seconds: if full { 30.0 } else { 10.0 },
+                    key_clients: 200,
+                    key_rate: 1_000.0,
+                    seconds: step.max(if full { 10.0 } else { 5.0 }),
+                }
+            },
         }
     }
 }
@@ -134,6 +163,10 @@ struct Ctx {
     kept: Option<(Comet, Generator, CometClient<Channel>, i32)>,
     /// The highest S2 rate (20 frames/push) that comet kept up with.
     s2_sustained_rate: Option<f64>,
+    /// Redis and Kafka for S5, when given.
+    services: Option<Services>,
+    /// Count system calls with `perf stat` as well.
+    perf: bool,
 }
 
 /// Runs `args.what` and writes its report.
@@ -150,7 +183,16 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         no_pin,
         sweep_ms,
         probe_every,
+        redis,
+        kafka,
+        perf_syscalls,
     } = args;
+    let services = redis
+        .zip(kafka)
+        .map(|(redis, kafka)| Services { redis, kafka });
+    if matches!(what, What::S5 | What::S5Smoke) && services.is_none() {
+        return Err(crate::s5::Error::NoServices.into());
+    }
     let binary = match server_bin {
         Some(bin) => bin,
         None => std::env::current_exe().map_err(Error::CurrentExe)?,
@@ -188,7 +230,14 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         })
         .collect::<Vec<_>>()
         .join(" ");
-    let plan = Plan::new(what, clients, seconds);
+    let mut plan = Plan::new(what, clients, seconds);
+    if services.is_none() && plan.scenarios.contains(&What::S5) {
+        plan.scenarios.retain(|s| *s != What::S5);
+        notes.push(
+            "S5 not run: no Redis/Kafka (pass --redis and --kafka, or use ./scripts/bench.sh)"
+                .to_owned(),
+        );
+    }
     let mut ctx = Ctx {
         binary,
         out: out.clone(),
@@ -214,6 +263,8 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         },
         kept: None,
         s2_sustained_rate: None,
+        services,
+        perf: perf_syscalls,
     };
     ctx.report.notes.push(
         "figures from a shared machine are noisy: compare the load average column before comparing runs"
@@ -224,9 +275,11 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         let result = match scenario {
             What::S0 => s0(&mut ctx).await,
             What::S1 => s1(&mut ctx).await,
-            What::S2 => s2(&mut ctx).await,
+            What::S2 => s2(&mut ctx, Transport::Tcp).await,
+            What::S2Ws => s2(&mut ctx, Transport::Ws).await,
             What::S3 => s3(&mut ctx).await,
             What::S4 => s4(&mut ctx).await,
+            What::S5 => s5(&mut ctx).await,
             What::S6 => s6(&mut ctx).await,
             What::S7 => s7(&mut ctx).await,
             _ => Ok(()),
@@ -235,7 +288,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             let msg = format!("{scenario:?} failed: {}", chain(&err));
             eprintln!("herald bench: {msg}");
             ctx.report.notes.push(msg);
-            if what == What::Smoke {
+            if matches!(what, What::Smoke | What::S5Smoke) {
                 return Err(err);
             }
         }
@@ -253,6 +306,9 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     println!("{md}");
     if what == What::Smoke {
         smoke_check(&ctx.report)?;
+    }
+    if what == What::S5Smoke {
+        s5_smoke_check(&ctx.report)?;
     }
     Ok(())
 }
@@ -301,6 +357,37 @@ fn smoke_check(report: &Report) -> Result<()> {
     }
 }
 
+/// The S5 smoke passes only if every push accepted by logic reached every
+/// client it was meant for (room members, key owners), through Kafka.
+fn s5_smoke_check(report: &Report) -> Result<()> {
+    let mut problems = Vec::new();
+    let Some(s5) = report.scenarios.get("s5") else {
+        return Err(Error::Smoke("s5 has no record".to_owned()));
+    };
+    let steps = s5["room_steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(std::iter::once(&s5["key_step"]));
+    for step in steps {
+        let delivered = step["delivered"].as_u64();
+        let expected = step["expected"].as_u64();
+        if delivered.is_none() || delivered != expected || expected == Some(0) {
+            problems.push(format!("s5: delivered {delivered:?} of {expected:?}"));
+        }
+    }
+    for floor in [&s5["kafka_floor"], &s5["kafka_floor_low_rate"]] {
+        if floor["consumed"] != floor["scheduled"] || floor["scheduled"].as_u64() == Some(0) {
+            problems.push(format!("s5 kafka floor: {floor}"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Smoke(problems.join("; ")))
+    }
+}
+
 fn specs(
     first_mid: u64,
     n: usize,
@@ -317,6 +404,7 @@ fn specs(
             auth,
             probe: auth && i % probe_every == probe_every - 1,
             rcvbuf: None,
+            body_seq: false,
         })
         .collect()
 }
@@ -339,6 +427,7 @@ fn start_comet(ctx: &Ctx, extra: &[String]) -> Result<Comet> {
         &ctx.binary,
         ctx.server_core,
         ctx.stub,
+        "bench",
         &ctx.out,
         extra,
     )?)
@@ -555,7 +644,9 @@ async fn room_step(
     rate: f64,
     step: Duration,
     seq: &mut i32,
+    perf_dir: Option<&std::path::Path>,
 ) -> serde_json::Value {
+    let counting = perf_start(perf_dir, comet).await;
     let before = generator.totals();
     let _ = generator.take_latency();
     let c0 = comet.sample();
@@ -576,6 +667,7 @@ async fn room_step(
         .wait_delivered(before.messages + expected, DRAIN_IDLE)
         .await;
     let cpu = c0.since(&comet.sample());
+    let counted = counting.and_then(PerfCount::stop);
     let g = g0.since(&self_sample());
     let after: Totals = generator.totals();
     let delivered = total - before.messages;
@@ -618,6 +710,8 @@ async fn room_step(
         "delivered_messages_per_sec": delivered as f64 / window,
         "delivered_writes_per_sec": delivered as f64 / fpp as f64 / window,
         "comet_cpu": cpu,
+        "comet_syscalls_per_message": cpu.syscalls_per(delivered),
+        "comet_perf_syscalls_per_message": per(counted, delivered),
         "comet_cpu_share": comet_cpu_s / window,
         "messages_per_comet_cpu_second": if comet_cpu_s > 0.0 { delivered as f64 / comet_cpu_s } else { f64::NAN },
         "generator_cpu_share": g.share,
@@ -628,6 +722,19 @@ async fn room_step(
     })
 }
 
+/// Starts `perf stat` on comet when asked (`--perf-syscalls`), then gives it
+/// time to attach before the step begins.
+async fn perf_start(dir: Option<&std::path::Path>, comet: &Comet) -> Option<PerfCount> {
+    let counting = PerfCount::start(comet.pid, dir?, "comet");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    counting
+}
+
+/// `n` per `of`, when counted.
+fn per(n: Option<u64>, of: u64) -> Option<f64> {
+    n.filter(|_| of > 0).map(|n| n as f64 / of as f64)
+}
+
 fn saturated(step: &serde_json::Value, duration: Duration) -> bool {
     let ratio = step["delivered_ratio"].as_f64().unwrap_or(0.0);
     let window = step["window_seconds"].as_f64().unwrap_or(f64::MAX);
@@ -635,15 +742,18 @@ fn saturated(step: &serde_json::Value, duration: Duration) -> bool {
     ratio < 0.999 || window > duration.as_secs_f64() * 1.25 + 0.5 || cpu > 0.95
 }
 
-async fn s2(ctx: &mut Ctx) -> Result<()> {
+/// S2 over `transport`: TCP rows go to `s2` (and keep the population for
+/// S6), WebSocket rows to `s2_ws`.
+async fn s2(ctx: &mut Ctx, transport: Transport) -> Result<()> {
     let n = ctx.plan.clients;
+    let ws = transport == Transport::Ws;
     let room = "live://bench";
     let comet = start_comet(ctx, &[])?;
     let mut generator = Generator::new(ctx.clock, ctx.sweep);
     let connect = generator
         .connect(
-            comet.tcp,
-            specs(1, n, room, Transport::Tcp, true, ctx.probe_every),
+            if ws { comet.ws } else { comet.tcp },
+            specs(1, n, room, transport, true, ctx.probe_every),
             CONNECT_CONCURRENCY,
         )
         .await;
@@ -673,10 +783,11 @@ async fn s2(ctx: &mut Ctx) -> Result<()> {
                 rate,
                 ctx.plan.step,
                 &mut seq,
+                ctx.perf.then_some(ctx.out.as_path()),
             )
             .await;
             let sat = saturated(&step, ctx.plan.step);
-            if fpp == 20 && !sat {
+            if fpp == 20 && !sat && !ws {
                 ctx.s2_sustained_rate = Some(rate);
             }
             if step["delivered_ratio"].as_f64().unwrap_or(0.0) >= 0.999 {
@@ -705,7 +816,17 @@ async fn s2(ctx: &mut Ctx) -> Result<()> {
         let figure = best.get(&fpp).copied();
         let floor = ctx.floor.get(&fpp).map(|f| f.messages_per_sec);
         let ratio = figure.zip(floor).map(|(c, f)| c / f);
-        let (target, goal, met) = if fpp == 20 {
+        let (target, goal, met) = if ws {
+            (
+                if fpp == 20 {
+                    "room fan-out over WebSocket, 20 frames/push, messages/s on one core"
+                } else {
+                    "room fan-out over WebSocket, 1 frame/push, messages/s on one core"
+                },
+                "(no target; reported)".to_owned(),
+                None,
+            )
+        } else if fpp == 20 {
             (
                 "room fan-out, 20 frames/push, messages/s on one core",
                 "≥ 3.4 M/s and ≥ 75 % of floor".to_owned(),
@@ -719,7 +840,7 @@ async fn s2(ctx: &mut Ctx) -> Result<()> {
             )
         };
         ctx.report.targets.push(Target {
-            scenario: "S2",
+            scenario: if ws { "S2 ws" } else { "S2" },
             target,
             goal,
             figure: format!(
@@ -734,19 +855,42 @@ async fn s2(ctx: &mut Ctx) -> Result<()> {
         });
     }
     ctx.report.scenarios.insert(
-        "s2".to_owned(),
+        if ws { "s2_ws" } else { "s2" }.to_owned(),
         json!({
+            "transport": transport,
             "connect": connect,
             "members": members,
             "steps": steps,
             "first_error": generator.first_error(),
         }),
     );
-    if ctx.plan.scenarios.contains(&What::S6) {
+    if !ws && ctx.plan.scenarios.contains(&What::S6) {
         ctx.kept = Some((comet, generator, client, seq));
     } else {
         generator.close_all().await;
     }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ S5
+
+async fn s5(ctx: &mut Ctx) -> Result<()> {
+    let Some(services) = ctx.services.clone() else {
+        return Err(crate::s5::Error::NoServices.into());
+    };
+    let outcome = crate::s5::run(crate::s5::Setup {
+        binary: &ctx.binary,
+        core: ctx.server_core,
+        out: &ctx.out,
+        clock: ctx.clock,
+        sweep: ctx.sweep,
+        services: &services,
+        plan: &ctx.plan.s5,
+        perf: ctx.perf,
+    })
+    .await?;
+    ctx.report.targets.extend(outcome.targets);
+    ctx.report.scenarios.insert("s5".to_owned(), outcome.record);
     Ok(())
 }
 
@@ -847,6 +991,7 @@ async fn s3(ctx: &mut Ctx) -> Result<()> {
     let mut seqs = vec![0i32; probes];
     let mut steps = Vec::new();
     for &rate in &ctx.plan.s3_rates {
+        let counting = perf_start(ctx.perf.then_some(ctx.out.as_path()), &comet).await;
         let before = generator.totals();
         let _ = generator.take_latency();
         let c0 = comet.sample();
@@ -877,6 +1022,7 @@ async fn s3(ctx: &mut Ctx) -> Result<()> {
             .wait_delivered(before.messages + injected.ok, DRAIN_IDLE)
             .await;
         let cpu = c0.since(&comet.sample());
+        let counted = counting.and_then(PerfCount::stop);
         let after = generator.totals();
         let latency = Percentiles::of(&generator.take_latency());
         eprintln!(
@@ -896,6 +1042,8 @@ async fn s3(ctx: &mut Ctx) -> Result<()> {
             "latency": latency,
             "rpc_latency": injected.rpc_latency.as_ref().map(Percentiles::of),
             "comet_cpu": cpu,
+            "comet_syscalls_per_push": cpu.syscalls_per(injected.ok),
+            "comet_perf_syscalls_per_push": per(counted, injected.ok),
             "comet_cpu_share": cpu.share,
             "loadavg": proc::loadavg(),
         }));

@@ -65,6 +65,7 @@ impl Comet {
         binary: &Path,
         core: Option<usize>,
         logic: SocketAddr,
+        server_id: &str,
         log_dir: &Path,
         extra: &[String],
     ) -> Result<Comet> {
@@ -92,7 +93,7 @@ impl Comet {
             .args(["--grpc-addr", &grpc.to_string()])
             .args(["--http-addr", &http.to_string()])
             .args(["--logic-addr", &format!("http://{logic}")])
-            .args(["--server-id", "bench"])
+            .args(["--server-id", server_id])
             .args(extra)
             .env(
                 "RUST_LOG",

@@ -123,14 +123,20 @@ pub(crate) struct Scanner {
     hdr_len: u8,
     body_left: u32,
     cur_op: i32,
-    body: [u8; 8],
+    /// The first body bytes of the current message: send time, then seq.
+    body: [u8; BODY_LEN],
     body_len: u8,
     next_seq: i32,
+    /// Take the sequence number from the body instead of the header: pushes
+    /// through logic and job carry header seq 0 (as goim's do), so only the
+    /// body still has the number the injector gave the message.
+    body_seq: bool,
 }
 
 impl Scanner {
-    /// A scanner for a raw TCP (`ws == false`) or WebSocket stream.
-    pub(crate) fn new(ws: bool) -> Scanner {
+    /// A scanner for a raw TCP (`ws == false`) or WebSocket stream that
+    /// checks sequence numbers in the header (`body_seq == false`) or body.
+    pub(crate) fn new(ws: bool, body_seq: bool) -> Scanner {
         Scanner {
             ws,
             ws_hdr: [0; 14],
@@ -141,9 +147,10 @@ impl Scanner {
             hdr_len: 0,
             body_left: 0,
             cur_op: 0,
-            body: [0; 8],
+            body: [0; BODY_LEN],
             body_len: 0,
             next_seq: 1,
+            body_seq,
         }
     }
 
@@ -218,8 +225,17 @@ impl Scanner {
         while !data.is_empty() {
             if self.body_left > 0 {
                 let take = (self.body_left as usize).min(data.len());
-                if latency.is_some() && self.cur_op == BENCH_OP && self.body_len < 8 {
-                    let want = (8 - usize::from(self.body_len)).min(take);
+                // Probes need the send time (8 bytes), body-seq scanners
+                // also the seq after it.
+                let need = if self.body_seq {
+                    BODY_LEN
+                } else if latency.is_some() {
+                    8
+                } else {
+                    0
+                };
+                if self.cur_op == BENCH_OP && usize::from(self.body_len) < need {
+                    let want = (need - usize::from(self.body_len)).min(take);
                     let at = usize::from(self.body_len);
                     self.body[at..at + want].copy_from_slice(&data[..want]);
                     self.body_len += want as u8;
@@ -227,7 +243,7 @@ impl Scanner {
                 self.body_left -= take as u32;
                 data = &data[take..];
                 if self.body_left == 0 {
-                    self.frame_done(now_ns, latency);
+                    self.frame_done(now_ns, tally, latency);
                 }
                 continue;
             }
@@ -257,7 +273,7 @@ impl Scanner {
                 // An op-9 batch: its body is more frames; walk into them.
                 continue;
             }
-            if self.cur_op == BENCH_OP {
+            if self.cur_op == BENCH_OP && !self.body_seq {
                 self.check_seq(seq, tally);
             } else if self.cur_op == op::AUTH_REPLY {
                 tally.auth_replies += 1;
@@ -265,7 +281,7 @@ impl Scanner {
             self.body_len = 0;
             self.body_left = pack_len.saturating_sub(HEADER_LEN as u32);
             if self.body_left == 0 {
-                self.frame_done(now_ns, latency);
+                self.frame_done(now_ns, tally, latency);
             }
         }
     }
@@ -282,12 +298,30 @@ impl Scanner {
         }
     }
 
-    fn frame_done(&mut self, now_ns: u64, latency: &mut Option<&mut Histogram<u64>>) {
+    fn frame_done(
+        &mut self,
+        now_ns: u64,
+        tally: &mut Tally,
+        latency: &mut Option<&mut Histogram<u64>>,
+    ) {
+        if self.cur_op == BENCH_OP && self.body_seq {
+            // A body too short to carry a seq counts as a gap, not a crash.
+            let seq = if usize::from(self.body_len) == BODY_LEN {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&self.body[8..]);
+                i32::try_from(u64::from_be_bytes(b)).unwrap_or(i32::MAX)
+            } else {
+                i32::MAX
+            };
+            self.check_seq(seq, tally);
+        }
         if self.cur_op == BENCH_OP
-            && self.body_len == 8
+            && self.body_len >= 8
             && let Some(hist) = latency.as_deref_mut()
         {
-            let sent = u64::from_be_bytes(self.body);
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&self.body[..8]);
+            let sent = u64::from_be_bytes(b);
             hist.saturating_record(now_ns.saturating_sub(sent).max(1));
         }
         self.cur_op = 0;
@@ -313,7 +347,7 @@ mod tests {
         put_message(&mut stream, 7, 2_000); // seq 6 lost
         put_message(&mut stream, 3, 2_000); // reordered
         for chunk in [1, 3, 16, 31, 1000] {
-            let mut scanner = Scanner::new(false);
+            let mut scanner = Scanner::new(false, false);
             let mut tally = Tally::default();
             let mut h = hist();
             for piece in stream.chunks(chunk) {
@@ -345,7 +379,7 @@ mod tests {
         stream.extend_from_slice(&(batch.len() as u16).to_be_bytes());
         stream.extend_from_slice(&batch);
         for chunk in [1, 2, 7, 500] {
-            let mut scanner = Scanner::new(true);
+            let mut scanner = Scanner::new(true, false);
             let mut tally = Tally::default();
             for piece in stream.chunks(chunk) {
                 scanner.feed(piece, &mut tally, 50, None);
@@ -353,6 +387,37 @@ mod tests {
             assert_eq!(tally.auth_replies, 1);
             assert_eq!(tally.messages, 3);
             assert_eq!(tally.lost, 0);
+        }
+    }
+
+    /// Messages through logic and job: header seq 0, the seq in the body.
+    #[test]
+    fn body_seq_scanner_counts_gaps_and_reorders_from_the_body() {
+        let mut stream = Vec::new();
+        for seq in [1u64, 2, 4, 3] {
+            let mut b = BytesMut::new();
+            put_header(&mut b, BODY_LEN, 1, BENCH_OP, 0);
+            stream.extend_from_slice(&b);
+            stream.extend_from_slice(&500u64.to_be_bytes());
+            stream.extend_from_slice(&seq.to_be_bytes());
+        }
+        for chunk in [1, 5, 17, 1000] {
+            for probe in [false, true] {
+                let mut scanner = Scanner::new(false, true);
+                let mut tally = Tally::default();
+                let mut h = hist();
+                for piece in stream.chunks(chunk) {
+                    let lat = probe.then_some(&mut h);
+                    scanner.feed(piece, &mut tally, 2_500, lat);
+                }
+                assert_eq!(tally.messages, 4, "chunk {chunk}");
+                assert_eq!(tally.lost, 1, "seq 3 skipped at first");
+                assert_eq!(tally.reordered, 1, "seq 3 late");
+                if probe {
+                    assert_eq!(h.len(), 4);
+                    assert_eq!(h.max(), h.highest_equivalent(2_000));
+                }
+            }
         }
     }
 

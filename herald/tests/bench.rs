@@ -42,3 +42,53 @@ fn bench_smoke_delivers_everything_in_order() {
     assert!(md.contains("| S2 | room fan-out, 20 frames/push"), "{md}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `herald bench s5-smoke` runs S5 in miniature against the test bed's Redis
+/// and Kafka: real logic, job and comet processes, room and single-key pushes
+/// POSTed to logic's HTTP API. Every push must reach every client it was
+/// meant for; no timing is asserted.
+#[test]
+fn bench_s5_smoke_delivers_every_push_through_kafka() {
+    let redis = herald_e2e::testbed_var("HERALD_REDIS_URL");
+    let kafka = herald_e2e::testbed_var("HERALD_KAFKA_BROKERS");
+    let out = std::env::temp_dir().join(format!("herald-bench-s5-smoke-{}", std::process::id()));
+    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "bench", "s5-smoke", "--redis", &redis, "--kafka", &kafka, "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("run herald bench s5-smoke");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "herald bench s5-smoke failed:\n{stderr}"
+    );
+    let json = std::fs::read(out.join("bench-s5-smoke.json")).expect("the JSON record");
+    let report: serde_json::Value = serde_json::from_slice(&json).expect("valid JSON");
+    let s5 = &report["scenarios"]["s5"];
+    let rooms = s5["room_steps"].as_array().expect("room steps");
+    assert_eq!(rooms.len(), 1, "one room rate in the smoke plan");
+    // 2 rooms × 5 members, 5 pushes/s per room for 1 s: 10 pushes, 50 messages.
+    assert_eq!(rooms[0]["pushes_ok"].as_u64(), Some(10), "{}", rooms[0]);
+    assert_eq!(rooms[0]["expected"].as_u64(), Some(50), "{}", rooms[0]);
+    assert_eq!(rooms[0]["delivered"].as_u64(), Some(50), "{}", rooms[0]);
+    assert_eq!(rooms[0]["lost"].as_u64(), Some(0), "{}", rooms[0]);
+    // One room's pushes are serial and go through one partition: in order.
+    assert_eq!(rooms[0]["reordered"].as_u64(), Some(0), "{}", rooms[0]);
+    let keys = &s5["key_step"];
+    assert_eq!(keys["injected"]["ok"].as_u64(), Some(50), "{keys}");
+    assert_eq!(keys["delivered"].as_u64(), Some(50), "{keys}");
+    // The floor ran at the same rate and Kafka delivered all of it.
+    assert_eq!(s5["kafka_floor"]["consumed"].as_u64(), Some(50));
+    // CPU was read from all three servers.
+    for part in ["logic", "job", "comet"] {
+        assert!(
+            keys["cost"][part]["cpu"]["wall_s"].as_f64().unwrap_or(0.0) > 0.0,
+            "{part}: {keys}"
+        );
+    }
+    let md = std::fs::read_to_string(out.join("bench-s5-smoke.md")).expect("the markdown table");
+    assert!(md.contains("| Kafka alone (floor) |"), "{md}");
+    let _ = std::fs::remove_dir_all(&out);
+}
