@@ -205,12 +205,20 @@ pub(crate) async fn run_phased<S: Sender>(
         });
         tx
     });
+    let timer = crate::timer::Timer::new();
     let start = Instant::now() + Duration::from_millis(5) + phase;
     let mut skipped = 0;
     for i in 0..total {
         let scheduled = start + interval.mul_f64(i as f64);
         if scheduled > Instant::now() {
-            tokio::time::sleep_until(scheduled.into()).await;
+            let precise = match &timer {
+                Ok(timer) => timer.until(scheduled).await.is_ok(),
+                Err(_) => false,
+            };
+            if !precise {
+                // Millisecond ticks: still on schedule, only coarser.
+                tokio::time::sleep_until(scheduled.into()).await;
+            }
         }
         if shared.borrow().in_flight >= MAX_IN_FLIGHT {
             skipped += 1;

@@ -24,6 +24,7 @@
 //! - [`report`]: the JSON record and the markdown table.
 //! - [`plot`]: PNG plots, with labels from a built-in bitmap font.
 //! - [`proc`]: CPU, RSS, pinning and machine facts from `/proc`.
+//! - `timer`: the injectors' microsecond-precision sleep (a `timerfd`).
 
 use std::path::PathBuf;
 
@@ -37,6 +38,7 @@ pub mod s5;
 pub mod scenarios;
 pub mod server;
 pub mod stub;
+mod timer;
 pub mod wire;
 
 /// Why a benchmark run failed.

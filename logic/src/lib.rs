@@ -526,14 +526,26 @@ async fn serve(
     tracing::info!(?http_addr, ?grpc_addr, "logic listening");
 
     let app = http::router(service.clone(), http_config);
+    // Without TCP_NODELAY a response split over two writes waits for the
+    // client's delayed ACK; pushes are latency-bound, never bulk.
+    let http_listener = axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let http_server =
-        axum::serve(listeners.http, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+        axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     let http_server = async move { http_server.await.map_err(Error::Http) }
         .instrument(tracing::info_span!("http"));
     let grpc_server = tonic::transport::Server::builder()
         .add_service(grpc::LogicGrpc::server(service))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
+            tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
+                |stream| {
+                    stream.inspect(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    })
+                },
+            ),
             stopped(stop_rx.clone()),
         );
     let grpc_server = async move { grpc_server.await.map_err(Error::Grpc) }
