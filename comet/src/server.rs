@@ -19,7 +19,7 @@ use herald_protocol::{Frame, Limits, op, ops};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, create_response, write_response};
@@ -160,16 +160,16 @@ pub(crate) async fn accept_loop(
         }
         let task_shared = shared.clone();
         let listen = listen.clone();
+        let accepted = Box::new(Accepted {
+            stream,
+            peer,
+            listen,
+        });
         shared.tasks.spawn(
-            async move {
-                let _permit = permit;
-                if let Err(err) = session(stream, peer, listen, &task_shared).await {
-                    debug!(cause = %err, "session ended");
-                }
-            }
-            // At debug, not info: an enabled span is a few hundred bytes of
-            // subscriber state per connection, and sessions log at debug.
-            .instrument(debug_span!("conn", %peer, ?transport)),
+            session(accepted, permit, task_shared)
+                // At debug, not info: an enabled span is a few hundred bytes
+                // of subscriber state per connection, and sessions log at debug.
+                .instrument(debug_span!("conn", %peer, ?transport)),
         );
     }
 }
@@ -359,28 +359,37 @@ fn wants_redirect(token: &[u8]) -> bool {
         .unwrap_or(false)
 }
 
-async fn session(
+/// A connection just accepted. Boxed: the session task keeps its arguments
+/// for its whole life, and these are only needed until authentication.
+struct Accepted {
     stream: TcpStream,
     peer: SocketAddr,
     listen: Listen,
-    shared: &Arc<Shared>,
-) -> Result<(), Error> {
-    let transport = listen.transport();
+}
+
+/// One client connection, from accept to `Disconnect`; holds its slot of
+/// the connection limit throughout.
+async fn session(accepted: Box<Accepted>, _permit: OwnedSemaphorePermit, shared: Arc<Shared>) {
+    let transport = accepted.listen.transport();
     // Boxed, like every logic call and the ending below: an async fn's
     // future is as large as everything live at its largest await, and the
     // task keeps that size for the whole connection. Unboxed, the handshake
     // (a tonic call) made every idle session ~4.6 KB.
-    let Some(Session {
+    let Session {
         mut reader,
         conn,
         mut room,
         writer,
         idle,
-    }) = Box::pin(authenticate(stream, peer, listen, shared)).await?
-    else {
-        return Ok(());
+    } = match Box::pin(authenticate(accepted, &shared)).await {
+        Ok(Some(session)) => session,
+        Ok(None) => return,
+        Err(err) => {
+            debug!(cause = %err, "session ended");
+            return;
+        }
     };
-    let result = serve(&mut reader, &conn, &mut room, shared, idle).await;
+    let result = serve(&mut reader, &conn, &mut room, &shared, idle).await;
     shared.metrics.connection_closed(
         transport,
         match &result {
@@ -391,11 +400,13 @@ async fn session(
             Err(_) => "io",
         },
     );
+    if let Err(err) = result {
+        debug!(cause = %err, "session ended");
+    }
 
     shared.buckets.remove(&conn, room.as_deref());
     conn.finish();
-    Box::pin(end(reader, writer, &conn, shared)).await;
-    result
+    Box::pin(end(reader, writer, &conn, &shared)).await;
 }
 
 /// What an authenticated session keeps: only this lives as long as the
@@ -411,11 +422,14 @@ struct Session {
 /// Handshake under its deadline, then the connection registered and op 8
 /// queued. `None` when the client or the comet went away first.
 async fn authenticate(
-    stream: TcpStream,
-    peer: SocketAddr,
-    listen: Listen,
+    accepted: Box<Accepted>,
     shared: &Arc<Shared>,
 ) -> Result<Option<Session>, Error> {
+    let Accepted {
+        stream,
+        peer,
+        listen,
+    } = *accepted;
     let transport = listen.transport();
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let handshake = tokio::select! {
