@@ -17,11 +17,13 @@ use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::SinkExt;
 use futures::stream::SplitSink;
+use futures::task::AtomicWaker;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -88,7 +90,7 @@ struct QueueState {
 
 /// What [`Conn::take_batch`] found.
 #[derive(Debug)]
-pub(crate) enum Batch {
+enum Batch {
     /// Everything that was queued, now taken.
     Ready(VecDeque<Queued>),
     /// Nothing queued yet.
@@ -103,7 +105,8 @@ pub struct Outbound {
     // A std Mutex: held only to push or swap a VecDeque, never across an await.
     state: Mutex<QueueState>,
     /// Wakes whoever writes: the writer task (WebSocket) or the session (TCP).
-    wake: Notify,
+    /// One waiter, so a waker slot: no waiter future to keep per connection.
+    wake: AtomicWaker,
     /// Wakes a WebSocket session's reader when the server closes it; a TCP
     /// session learns it through `wake`.
     closing: Notify,
@@ -114,7 +117,7 @@ impl Outbound {
     fn new(limit: usize) -> Outbound {
         Outbound {
             state: Mutex::new(QueueState::default()),
-            wake: Notify::new(),
+            wake: AtomicWaker::new(),
             closing: Notify::new(),
             limit,
         }
@@ -251,7 +254,7 @@ impl Conn {
             state.reason = Some(CloseReason::SlowConsumer);
             drop(state);
             self.out.closing.notify_waiters();
-            self.out.wake.notify_one();
+            self.out.wake.wake();
             return Err(Closed(CloseReason::SlowConsumer));
         }
         state.bytes += msg.len();
@@ -260,7 +263,7 @@ impl Conn {
             pushed_at,
         });
         drop(state);
-        self.out.wake.notify_one();
+        self.out.wake.wake();
         Ok(())
     }
 
@@ -284,7 +287,7 @@ impl Conn {
         state.reason.get_or_insert(reason);
         drop(state);
         self.out.closing.notify_waiters();
-        self.out.wake.notify_one();
+        self.out.wake.wake();
     }
 
     /// Moves the idle deadline to `idle` from now.
@@ -314,15 +317,31 @@ impl Conn {
         }
     }
 
-    /// Wakes once something was queued or the connection was closed since
-    /// the last wake (a stored permit, so a wake is never lost). For a TCP
-    /// session, the only waiter; WebSocket writers use [`Conn::next_batch`].
-    pub(crate) async fn wake(&self) {
-        self.out.wake.notified().await;
+    /// Wakes the current task on the next push or close (the queue's one
+    /// waiter: a TCP session or a WebSocket writer).
+    pub(crate) fn register(&self, cx: &Context<'_>) {
+        self.out.wake.register(cx.waker());
+    }
+
+    /// Everything queued, once there is something; `None` once nothing more
+    /// will be written (finished, or closed as a slow consumer). Only one task
+    /// polls a connection's queue (its writer task or its TCP session).
+    pub(crate) fn poll_batch(&self, cx: &mut Context<'_>) -> Poll<Option<VecDeque<Queued>>> {
+        for attempt in 0..2 {
+            match self.take_batch() {
+                Batch::Ready(batch) => return Poll::Ready(Some(batch)),
+                Batch::Done => return Poll::Ready(None),
+                // Register, then look again: a push between the first look
+                // and the registration is seen by the second.
+                Batch::Empty if attempt == 0 => self.out.wake.register(cx.waker()),
+                Batch::Empty => {}
+            }
+        }
+        Poll::Pending
     }
 
     /// Takes everything queued, if anything.
-    pub(crate) fn take_batch(&self) -> Batch {
+    fn take_batch(&self) -> Batch {
         let mut state = self.out.lock();
         if state.reason == Some(CloseReason::SlowConsumer) {
             return Batch::Done;
@@ -340,7 +359,7 @@ impl Conn {
     /// Tells the writer to write what is queued and stop (the session ended).
     pub fn finish(&self) {
         self.out.lock().finishing = true;
-        self.out.wake.notify_one();
+        self.out.wake.wake();
     }
 
     /// Why the server closed this connection, if it did.
@@ -350,16 +369,7 @@ impl Conn {
 
     /// Waits for the next batch; `None` once the writer should stop.
     pub(crate) async fn next_batch(&self) -> Option<VecDeque<Queued>> {
-        loop {
-            // Register interest before looking, so a send between the look and
-            // the wait is not missed.
-            let notified = self.out.wake.notified();
-            match self.take_batch() {
-                Batch::Ready(batch) => return Some(batch),
-                Batch::Done => return None,
-                Batch::Empty => notified.await,
-            }
-        }
+        std::future::poll_fn(|cx| self.poll_batch(cx)).await
     }
 }
 

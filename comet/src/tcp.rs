@@ -10,14 +10,15 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use herald_protocol::{Frame, Limits};
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::conn::{Batch, CloseReason, Conn, Queued};
+use crate::conn::{CloseReason, Conn, Queued};
 use crate::metrics::Metrics;
 use crate::server::{Error, Transport};
 
@@ -97,43 +98,74 @@ impl TcpLink {
         conn: Option<&Conn>,
         metrics: &Metrics,
     ) -> Result<Option<Frame>, Error> {
+        // A poll function, not a select over futures: the session keeps no
+        // waiter futures while it waits, only the socket's and the queue's
+        // waker registrations.
+        std::future::poll_fn(|cx| self.poll_next(cx, conn, metrics)).await
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: Option<&Conn>,
+        metrics: &Metrics,
+    ) -> Poll<Result<Option<Frame>, Error>> {
         loop {
-            if let Some(reason) = conn.and_then(Conn::close_reason) {
-                return Err(Error::Closed(reason.as_str()));
+            if let Some(conn) = conn {
+                // Registered before the look, and even while a write waits
+                // for the socket: closing a connection wakes it this way.
+                conn.register(cx);
+                if let Some(reason) = conn.close_reason() {
+                    return Poll::Ready(Err(Error::Closed(reason.as_str())));
+                }
             }
-            if let Some(frame) = Frame::decode(&mut self.buf, self.limits).map_err(Error::Frame)? {
-                return Ok(Some(frame));
+            match Frame::decode(&mut self.buf, self.limits) {
+                Ok(Some(frame)) => return Poll::Ready(Ok(Some(frame))),
+                Ok(None) => {}
+                Err(err) => return Poll::Ready(Err(Error::Frame(err))),
             }
             if self.buf.is_empty() && self.buf.capacity() > 0 {
                 // Between frames: give the memory back while the client is quiet.
                 self.buf = BytesMut::new();
             }
-            if let Some(conn) = conn {
-                self.take(conn, metrics)?;
+            if let Some(conn) = conn
+                && self.pending.is_none()
+                && !self.queue_done
+            {
+                match conn.poll_batch(cx) {
+                    Poll::Ready(Some(batch)) => self.pending = Some(Box::new(Pending::new(batch))),
+                    Poll::Ready(None) => self.queue_done = true,
+                    Poll::Pending => {}
+                }
             }
-            let interest = if self.pending.is_some() {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            tokio::select! {
-                ready = self.stream.ready(interest) => {
-                    let ready = ready.map_err(Error::Read)?;
-                    if ready.is_writable() && self.pending.is_some() {
-                        self.write_pending(metrics)?;
-                    }
-                    if ready.is_readable() || ready.is_read_closed() {
-                        self.buf.reserve(READ_CHUNK);
-                        match self.stream.try_read_buf(&mut self.buf) {
-                            Ok(0) => return Ok(None),
-                            Ok(_) => {}
-                            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                            Err(err) => return Err(Error::Read(err)),
+            if self.pending.is_some() {
+                match self.stream.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        // Most batches fit the socket buffer: written now.
+                        if let Err(err) = self.write_pending(metrics) {
+                            return Poll::Ready(Err(err));
                         }
+                        // Written, or the socket filled up (readiness now
+                        // cleared, so the next poll registers for it).
+                        continue;
+                    }
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(write_failed(err))),
+                    Poll::Pending => {}
+                }
+            }
+            match self.stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.buf.reserve(READ_CHUNK);
+                    match self.stream.try_read_buf(&mut self.buf) {
+                        Ok(0) => return Poll::Ready(Ok(None)),
+                        // Decoded at the top; a would-block cleared readiness.
+                        Ok(_) => {}
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(err) => return Poll::Ready(Err(Error::Read(err))),
                     }
                 }
-                // Something was queued, or the connection was closed.
-                () = wake(conn) => {}
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(Error::Read(err))),
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
@@ -142,38 +174,21 @@ impl TcpLink {
     /// shuts the write side down so the client sees the end of the stream.
     pub(crate) async fn flush(&mut self, conn: &Conn, metrics: &Metrics) -> Result<(), Error> {
         loop {
-            self.take(conn, metrics)?;
+            if self.pending.is_none() && !self.queue_done {
+                match conn.next_batch().await {
+                    Some(batch) => self.pending = Some(Box::new(Pending::new(batch))),
+                    None => self.queue_done = true,
+                }
+            }
             if self.pending.is_some() {
                 self.stream.writable().await.map_err(write_failed)?;
                 self.write_pending(metrics)?;
             } else if self.queue_done {
                 break;
-            } else {
-                conn.wake().await;
             }
         }
         let _ = self.stream.shutdown().await;
         Ok(())
-    }
-
-    /// Takes `conn`'s queue into a pending batch, unless one is still being
-    /// written, and writes what the socket takes at once: most batches fit
-    /// the socket buffer, so there is no wait.
-    fn take(&mut self, conn: &Conn, metrics: &Metrics) -> Result<(), Error> {
-        if self.pending.is_some() || self.queue_done {
-            return Ok(());
-        }
-        match conn.take_batch() {
-            Batch::Ready(batch) => {
-                self.pending = Some(Box::new(Pending::new(batch)));
-                self.write_pending(metrics)
-            }
-            Batch::Empty => Ok(()),
-            Batch::Done => {
-                self.queue_done = true;
-                Ok(())
-            }
-        }
     }
 
     /// Writes as much of the pending batch as the socket takes now.
@@ -196,14 +211,6 @@ impl TcpLink {
         }
         self.pending = None;
         Ok(())
-    }
-}
-
-/// `conn`'s next wake; never, before authentication.
-async fn wake(conn: Option<&Conn>) {
-    match conn {
-        Some(conn) => conn.wake().await,
-        None => std::future::pending().await,
     }
 }
 
