@@ -735,14 +735,22 @@ fn per(n: Option<u64>, of: u64) -> Option<f64> {
     n.filter(|_| of > 0).map(|n| n as f64 / of as f64)
 }
 
-/// A step fell behind: not everything delivered, or delivery took clearly
-/// longer than the step. A busy core alone is not behind: comet's writer
-/// coalesces queued pushes, so a core at 95 % can still take a higher rate
-/// (a CPU cut-off made the reported maximum depend on a percent of noise).
+/// Probe p99 past which a fan-out step counts as behind: a second of
+/// backlog is where comet's queues (256 KiB at ~115 KB/s per member at the
+/// highest rates) start to close members as slow consumers, which would
+/// leave the later steps a smaller room.
+const BEHIND_P99_US: f64 = 1_000_000.0;
+
+/// A step fell behind: not everything delivered, delivery took clearly
+/// longer than the step, or probes waited over [`BEHIND_P99_US`]. A busy core
+/// alone is not behind: comet's writer coalesces queued pushes, so a core at
+/// 95 % can still take a higher rate (a CPU cut-off made the reported maximum
+/// depend on a percent of noise).
 fn saturated(step: &serde_json::Value, duration: Duration) -> bool {
     let ratio = step["delivered_ratio"].as_f64().unwrap_or(0.0);
     let window = step["window_seconds"].as_f64().unwrap_or(f64::MAX);
-    ratio < 0.999 || window > duration.as_secs_f64() * 1.25 + 0.5
+    let p99 = step["latency"]["p99_us"].as_f64().unwrap_or(0.0);
+    ratio < 0.999 || window > duration.as_secs_f64() * 1.25 + 0.5 || p99 > BEHIND_P99_US
 }
 
 /// S2 over `transport`: TCP rows go to `s2` (and keep the population for
@@ -793,7 +801,9 @@ async fn s2(ctx: &mut Ctx, transport: Transport) -> Result<()> {
             if fpp == 20 && !sat && !ws {
                 ctx.s2_sustained_rate = Some(rate);
             }
-            if step["delivered_ratio"].as_f64().unwrap_or(0.0) >= 0.999 {
+            // The figure is the best rate comet kept up with, not one it
+            // delivered only with seconds of backlog.
+            if !sat {
                 let v = step["delivered_messages_per_sec"].as_f64().unwrap_or(0.0);
                 let e = best.entry(fpp).or_insert(0.0);
                 if v > *e {
