@@ -781,7 +781,6 @@ async fn s2(ctx: &mut Ctx, transport: Transport) -> Result<()> {
         (20, ctx.plan.s2_rates_20.clone()),
         (1, ctx.plan.s2_rates_1.clone()),
     ] {
-        let mut misses = 0;
         for rate in rates {
             let step = room_step(
                 &generator,
@@ -817,10 +816,10 @@ async fn s2(ctx: &mut Ctx, transport: Transport) -> Result<()> {
                 }
             }
             steps.push(step);
-            // Two saturated steps in a row end the ramp: on a shared machine
-            // one step can stretch because the scheduler took the core away.
-            misses = if sat { misses + 1 } else { 0 };
-            if misses >= 2 {
+            // The first step behind ends the ramp: the next, higher rate
+            // would overload comet, whose full queues then close members as
+            // slow consumers and leave later steps (and S6) a smaller room.
+            if sat {
                 break;
             }
         }
