@@ -12,7 +12,7 @@
 use std::cell::RefCell;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -126,22 +126,7 @@ impl Server {
         log_dir: &Path,
     ) -> Result<Server> {
         let log = log_dir.join(format!("s5-{name}.log"));
-        let file = std::fs::File::create(&log).map_err(|source| Error::Write {
-            path: log.clone(),
-            source,
-        })?;
-        let err_file = file.try_clone().map_err(|source| Error::Write {
-            path: log.clone(),
-            source,
-        })?;
-        let mut cmd = match core {
-            Some(core) => {
-                let mut cmd = Command::new("taskset");
-                cmd.arg("-c").arg(core.to_string()).arg(binary);
-                cmd
-            }
-            None => Command::new(binary),
-        };
+        let mut cmd = crate::server::server_command(binary, core, &log)?;
         cmd.arg(name).args(args);
         // Only the flags configure it: the caller's HERALD_* variables (the
         // test bed's, say) must not add settings behind the benchmark's back.
@@ -151,13 +136,6 @@ impl Server {
             }
         }
         let child = cmd
-            .env(
-                "RUST_LOG",
-                std::env::var("HERALD_BENCH_COMET_LOG").unwrap_or_else(|_| "warn".to_owned()),
-            )
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(err_file)
             .spawn()
             .map_err(|err| Error::Process(format!("cannot start {binary:?} {name}: {err}")))?;
         // taskset execs the program, so the child's pid is the server's.
@@ -575,16 +553,7 @@ pub(crate) struct Setup<'a> {
 
 /// Runs S5: Kafka floor, room pushes at each rate, single-key pushes.
 pub(crate) async fn run(setup: Setup<'_>) -> Result<Outcome> {
-    let Setup {
-        binary,
-        core,
-        out,
-        clock,
-        sweep,
-        services,
-        plan,
-        perf,
-    } = setup;
+    let services = setup.services;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -602,7 +571,18 @@ pub(crate) async fn run(setup: Setup<'_>) -> Result<Outcome> {
         floor_topics[1].as_str(),
     ];
     create_topics(&services.kafka, &all).await?;
-    let result = measure(
+    let result = measure(&setup, &run_id, &topic, &floor_topics).await;
+    delete_topics(&services.kafka, &all).await;
+    result
+}
+
+async fn measure(
+    setup: &Setup<'_>,
+    run_id: &str,
+    topic: &str,
+    floor_topics: &[String; 2],
+) -> Result<Outcome> {
+    let &Setup {
         binary,
         core,
         out,
@@ -611,29 +591,7 @@ pub(crate) async fn run(setup: Setup<'_>) -> Result<Outcome> {
         services,
         plan,
         perf,
-        &run_id,
-        &topic,
-        &floor_topics,
-    )
-    .await;
-    delete_topics(&services.kafka, &all).await;
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn measure(
-    binary: &Path,
-    core: Option<usize>,
-    out: &Path,
-    clock: Clock,
-    sweep: Duration,
-    services: &Services,
-    plan: &S5Plan,
-    perf: bool,
-    run_id: &str,
-    topic: &str,
-    floor_topics: &[String; 2],
-) -> Result<Outcome> {
+    } = setup;
     let step = Duration::from_secs_f64(plan.seconds.max(0.1));
     let cluster = Cluster::start(binary, core, services, topic, run_id, out).await?;
     let mut generator = Generator::new(clock, sweep);

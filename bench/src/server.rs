@@ -58,6 +58,34 @@ pub(crate) struct Comet {
     pub(crate) grpc: SocketAddr,
 }
 
+/// `binary` (a herald binary; the role and flags are for the caller to add),
+/// pinned to `core` with `taskset` when given, stdin closed, stdout and
+/// stderr into `log`, logging at `HERALD_BENCH_COMET_LOG` (default `warn`).
+pub(crate) fn server_command(binary: &Path, core: Option<usize>, log: &Path) -> Result<Command> {
+    let log_error = |source| Error::Log {
+        path: log.to_owned(),
+        source,
+    };
+    let file = std::fs::File::create(log).map_err(log_error)?;
+    let err_file = file.try_clone().map_err(log_error)?;
+    let mut cmd = match core {
+        Some(core) => {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("-c").arg(core.to_string()).arg(binary);
+            cmd
+        }
+        None => Command::new(binary),
+    };
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("HERALD_BENCH_COMET_LOG").unwrap_or_else(|_| "warn".to_owned()),
+    )
+    .stdin(Stdio::null())
+    .stdout(file)
+    .stderr(err_file);
+    Ok(cmd)
+}
+
 impl Comet {
     /// Starts `binary comet` on loopback ports, pinned to `core` with
     /// `taskset` when given, logging to `log_dir/comet-<n>.log`.
@@ -71,22 +99,7 @@ impl Comet {
     ) -> Result<Comet> {
         let (tcp, ws, grpc, http) = (free_port()?, free_port()?, free_port()?, free_port()?);
         let log = log_dir.join(format!("comet-{}.log", tcp.port()));
-        let file = std::fs::File::create(&log).map_err(|source| Error::Log {
-            path: log.clone(),
-            source,
-        })?;
-        let err_file = file.try_clone().map_err(|source| Error::Log {
-            path: log.clone(),
-            source,
-        })?;
-        let mut cmd = match core {
-            Some(core) => {
-                let mut cmd = Command::new("taskset");
-                cmd.arg("-c").arg(core.to_string()).arg(binary);
-                cmd
-            }
-            None => Command::new(binary),
-        };
+        let mut cmd = server_command(binary, core, &log)?;
         cmd.arg("comet")
             .args(["--tcp-addr", &tcp.to_string()])
             .args(["--ws-addr", &ws.to_string()])
@@ -94,14 +107,7 @@ impl Comet {
             .args(["--http-addr", &http.to_string()])
             .args(["--logic-addr", &format!("http://{logic}")])
             .args(["--server-id", server_id])
-            .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("HERALD_BENCH_COMET_LOG").unwrap_or_else(|_| "warn".to_owned()),
-            )
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(err_file);
+            .args(extra);
         let child = cmd.spawn().map_err(|source| Error::Spawn {
             binary: binary.to_owned(),
             source,

@@ -88,17 +88,6 @@ struct QueueState {
     reason: Option<CloseReason>,
 }
 
-/// What [`Conn::take_batch`] found.
-#[derive(Debug)]
-enum Batch {
-    /// Everything that was queued, now taken.
-    Ready(VecDeque<Queued>),
-    /// Nothing queued yet.
-    Empty,
-    /// Nothing more will be written: finished, or closed as a slow consumer.
-    Done,
-}
-
 /// The byte-bounded outbound queue.
 #[derive(Debug)]
 pub struct Outbound {
@@ -121,6 +110,13 @@ impl Outbound {
             closing: Notify::new(),
             limit,
         }
+    }
+
+    /// Wakes everyone who waits for this connection: its writer (TCP
+    /// session or WebSocket writer task) and a WebSocket session's reader.
+    fn wake_all(&self) {
+        self.closing.notify_waiters();
+        self.wake.wake();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
@@ -253,8 +249,7 @@ impl Conn {
             state.bytes = 0;
             state.reason = Some(CloseReason::SlowConsumer);
             drop(state);
-            self.out.closing.notify_waiters();
-            self.out.wake.wake();
+            self.out.wake_all();
             return Err(Closed(CloseReason::SlowConsumer));
         }
         state.bytes += msg.len();
@@ -286,8 +281,7 @@ impl Conn {
         state.finishing = true;
         state.reason.get_or_insert(reason);
         drop(state);
-        self.out.closing.notify_waiters();
-        self.out.wake.wake();
+        self.out.wake_all();
     }
 
     /// Moves the idle deadline to `idle` from now.
@@ -327,33 +321,31 @@ impl Conn {
     /// will be written (finished, or closed as a slow consumer). Only one task
     /// polls a connection's queue (its writer task or its TCP session).
     pub(crate) fn poll_batch(&self, cx: &mut Context<'_>) -> Poll<Option<VecDeque<Queued>>> {
-        for attempt in 0..2 {
-            match self.take_batch() {
-                Batch::Ready(batch) => return Poll::Ready(Some(batch)),
-                Batch::Done => return Poll::Ready(None),
-                // Register, then look again: a push between the first look
-                // and the registration is seen by the second.
-                Batch::Empty if attempt == 0 => self.out.wake.register(cx.waker()),
-                Batch::Empty => {}
-            }
+        if let ready @ Poll::Ready(_) = self.take_batch() {
+            return ready;
         }
-        Poll::Pending
+        // Register, then look again: a push between the first look and the
+        // registration is seen by the second.
+        self.register(cx);
+        self.take_batch()
     }
 
     /// Takes everything queued, if anything.
-    fn take_batch(&self) -> Batch {
+    /// [`Conn::poll_batch`] without registering: for a caller that already
+    /// registered with [`Conn::register`] before looking.
+    pub(crate) fn take_batch(&self) -> Poll<Option<VecDeque<Queued>>> {
         let mut state = self.out.lock();
         if state.reason == Some(CloseReason::SlowConsumer) {
-            return Batch::Done;
+            return Poll::Ready(None);
         }
         if !state.items.is_empty() {
             state.bytes = 0;
-            return Batch::Ready(std::mem::take(&mut state.items));
+            return Poll::Ready(Some(std::mem::take(&mut state.items)));
         }
         if state.finishing {
-            return Batch::Done;
+            return Poll::Ready(None);
         }
-        Batch::Empty
+        Poll::Pending
     }
 
     /// Tells the writer to write what is queued and stop (the session ended).
@@ -440,7 +432,7 @@ mod tests {
             Err(Closed(CloseReason::SlowConsumer))
         );
         assert!(
-            matches!(c.take_batch(), Batch::Done),
+            matches!(c.take_batch(), Poll::Ready(None)),
             "nothing more is written"
         );
         assert_eq!(c.close_reason(), Some(CloseReason::SlowConsumer));

@@ -132,7 +132,8 @@ impl TcpLink {
                 && self.pending.is_none()
                 && !self.queue_done
             {
-                match conn.poll_batch(cx) {
+                // Registered above, before this look.
+                match conn.take_batch() {
                     Poll::Ready(Some(batch)) => self.pending = Some(Box::new(Pending::new(batch))),
                     Poll::Ready(None) => self.queue_done = true,
                     Poll::Pending => {}

@@ -489,3 +489,27 @@ async fn run_pods(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         }
     }
 }
+
+/// Whether `pod` runs with its `Ready` condition true, as this kubelet
+/// reports once the pod's readiness probe passes.
+pub fn pod_ready(pod: &Pod) -> bool {
+    let status = pod.status.as_ref();
+    status.and_then(|s| s.phase.as_deref()) == Some("Running")
+        && status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The loopback address this kubelet gave `pod` (its status `podIP`).
+///
+/// # Errors
+/// When the pod has no IP yet or it is not IPv4.
+pub fn pod_ip(pod: &Pod) -> anyhow::Result<Ipv4Addr> {
+    use anyhow::Context;
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .context("no podIP")?;
+    Ok(ip.parse()?)
+}

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use herald_e2e::kubelet::{Config, IpPool, Kubelet};
+use herald_e2e::kubelet::{Config, IpPool, Kubelet, pod_ip, pod_ready};
 use herald_e2e::{eventually, testbed_var, unique_name};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Service};
@@ -97,23 +97,6 @@ fn pod_spec() -> serde_json::Value {
     })
 }
 
-fn ready(pod: &Pod) -> bool {
-    let status = pod.status.as_ref();
-    status.and_then(|s| s.phase.as_deref()) == Some("Running")
-        && status
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn pod_ip(pod: &Pod) -> anyhow::Result<Ipv4Addr> {
-    let ip = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.pod_ip.as_deref())
-        .context("no podIP")?;
-    Ok(ip.parse()?)
-}
-
 /// GET over a plain TCP connection to the pod's own address; returns the body.
 async fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect(SocketAddr::new(IpAddr::V4(ip), port)).await?;
@@ -200,7 +183,7 @@ async fn deployment_pods_run_on_loopback_ips_and_scale_down_gracefully() -> anyh
     let started = std::time::Instant::now();
     let running = eventually(WAIT, "2 Running + Ready pods", || async {
         let list = pods.list(&ListParams::default()).await?.items;
-        Ok((list.len() == 2 && list.iter().all(ready)).then_some(list))
+        Ok((list.len() == 2 && list.iter().all(pod_ready)).then_some(list))
     })
     .await?;
     eprintln!(
@@ -347,7 +330,7 @@ async fn killed_process_restarts_and_counts() -> anyhow::Result<()> {
     pods.create(&PostParams::default(), &pod).await?;
     let first = eventually(WAIT, "pod ready", || async {
         let pod = pods.get("solo").await?;
-        Ok(ready(&pod).then_some(pod))
+        Ok(pod_ready(&pod).then_some(pod))
     })
     .await?;
     let ip = pod_ip(&first)?;
@@ -361,7 +344,7 @@ async fn killed_process_restarts_and_counts() -> anyhow::Result<()> {
             .as_ref()
             .and_then(|s| s.container_statuses.as_ref())
             .map(|c| c[0].restart_count);
-        Ok((restarts == Some(1) && ready(&pod)).then_some(pod))
+        Ok((restarts == Some(1) && pod_ready(&pod)).then_some(pod))
     })
     .await?;
     let new = kubelet
@@ -418,7 +401,7 @@ async fn schedules_only_selected_pods_and_refuses_other_commands() -> anyhow::Re
         pods.create(&PostParams::default(), &pod).await?;
     }
     eventually(WAIT, "the selected pod ready", || async {
-        Ok(ready(&pods.get("selected").await?).then_some(()))
+        Ok(pod_ready(&pods.get("selected").await?).then_some(()))
     })
     .await?;
     // A container that is not herald is refused with a reason, not run.
@@ -460,7 +443,7 @@ async fn dropping_the_harness_stops_its_processes() -> anyhow::Result<()> {
     }))?;
     pods.create(&PostParams::default(), &pod).await?;
     eventually(WAIT, "pod ready", || async {
-        Ok(ready(&pods.get("solo").await?).then_some(()))
+        Ok(pod_ready(&pods.get("solo").await?).then_some(()))
     })
     .await?;
     let pid = kubelet.pid(&namespace, "solo", "herald").context("pid")?;
@@ -491,7 +474,7 @@ async fn no_grace_period_means_sigterm_then_sigkill() -> anyhow::Result<()> {
     }))?;
     pods.create(&PostParams::default(), &pod).await?;
     eventually(WAIT, "pod ready", || async {
-        Ok(ready(&pods.get("solo").await?).then_some(()))
+        Ok(pod_ready(&pods.get("solo").await?).then_some(()))
     })
     .await?;
     let pid = kubelet.pid(&namespace, "solo", "herald").context("pid")?;
@@ -572,7 +555,7 @@ async fn a_full_pool_keeps_pods_pending_until_an_address_returns() -> anyhow::Re
         pods.create(&PostParams::default(), &pod).await?;
         if name == "first" {
             eventually(WAIT, "the first pod ready", || async {
-                Ok(ready(&pods.get("first").await?).then_some(()))
+                Ok(pod_ready(&pods.get("first").await?).then_some(()))
             })
             .await?;
         }
@@ -604,7 +587,7 @@ async fn a_full_pool_keeps_pods_pending_until_an_address_returns() -> anyhow::Re
         "the second pod ready on the freed address",
         || async {
             let pod = pods.get("second").await?;
-            Ok(ready(&pod).then_some(pod))
+            Ok(pod_ready(&pod).then_some(pod))
         },
     )
     .await?;
@@ -669,7 +652,7 @@ async fn env_from_config_maps_and_secrets_waits_for_a_missing_secret() -> anyhow
         .await?;
     let pod = eventually(WAIT, "pod ready once the Secret exists", || async {
         let pod = pods.get("solo").await?;
-        Ok(ready(&pod).then_some(pod))
+        Ok(pod_ready(&pod).then_some(pod))
     })
     .await?;
     // Logic knows the comet by the name expanded from all three sources.

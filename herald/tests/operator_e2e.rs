@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use bytes::{Bytes, BytesMut};
-use herald_e2e::kubelet::{Config as KubeletConfig, IpPool, Kubelet};
+use herald_e2e::kubelet::{Config as KubeletConfig, IpPool, Kubelet, pod_ip, pod_ready};
 use herald_e2e::service_proxy::ServiceProxy;
 use herald_e2e::{eventually, testbed_var, unique_name};
 use herald_operator::crd::PushCluster;
@@ -188,22 +188,19 @@ async fn start_kubelet(client: &Client, namespace: &str) -> anyhow::Result<Kubel
     Ok(Kubelet::start(client.clone(), config).await?)
 }
 
-fn ready(pod: &Pod) -> bool {
-    let status = pod.status.as_ref();
-    pod.metadata.deletion_timestamp.is_none()
-        && status.and_then(|s| s.phase.as_deref()) == Some("Running")
-        && status
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+/// The arguments the operator gave the comet container.
+async fn comet_args(deployments: &Api<Deployment>) -> anyhow::Result<Vec<String>> {
+    Ok(deployments
+        .get(&format!("{CLUSTER}-comet"))
+        .await?
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|s| s.containers[0].args.clone().unwrap_or_default())
+        .unwrap_or_default())
 }
 
-fn pod_ip(pod: &Pod) -> anyhow::Result<Ipv4Addr> {
-    let ip = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.pod_ip.as_deref())
-        .context("no podIP")?;
-    Ok(ip.parse()?)
+fn ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none() && pod_ready(pod)
 }
 
 /// Ready pods of one component, by name.
@@ -498,16 +495,10 @@ async fn scenario(
         .spec
         .and_then(|s| s.cluster_ip)
         .context("logic ClusterIP")?;
-    let comet_args = deployments
-        .get(&format!("{CLUSTER}-comet"))
-        .await?
-        .spec
-        .and_then(|s| s.template.spec)
-        .map(|s| s.containers[0].args.clone().unwrap_or_default())
-        .unwrap_or_default();
+    let args = comet_args(&deployments).await?;
     ensure!(
-        comet_args.contains(&format!("--logic-addr={logic_ip}:3119")),
-        "{comet_args:?}"
+        args.contains(&format!("--logic-addr={logic_ip}:3119")),
+        "{args:?}"
     );
     let proxy = bed.proxy.as_ref().context("proxy")?;
     ensure!(proxy.forwarded() > 0, "the comet never reached logic");
@@ -727,14 +718,8 @@ async fn scenario(
     if recreated != logic_ip {
         // A new ClusterIP: the comet pods are rolled onto it.
         eventually(WAIT, "comet args follow the new ClusterIP", || async {
-            let args = deployments
-                .get(&format!("{CLUSTER}-comet"))
+            Ok(comet_args(&deployments)
                 .await?
-                .spec
-                .and_then(|s| s.template.spec)
-                .map(|s| s.containers[0].args.clone().unwrap_or_default())
-                .unwrap_or_default();
-            Ok(args
                 .contains(&format!("--logic-addr={recreated}:3119"))
                 .then_some(()))
         })
