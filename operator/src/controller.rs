@@ -483,7 +483,15 @@ async fn autoscale(
             .or_default();
         let stabilization =
             Duration::from_secs(u64::try_from(auto.scale_down_stabilization_seconds).unwrap_or(0));
-        scale::next_replicas(current, wanted, stabilization, now_secs(), window)
+        scale::next_replicas(
+            current,
+            wanted,
+            stabilization,
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+            window,
+        )
     };
     if next != current {
         Api::<PushCluster>::namespaced(ctx.client.clone(), &names.namespace)

@@ -18,8 +18,10 @@ pub fn wanted(total_connections: u64, target: i64, min: i32, max: i32) -> i32 {
 /// for fewer comets, and the most it asked for since then.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DownWindow {
-    /// Seconds (on the caller's clock) when a lower count was first wanted.
-    pub since: Option<u64>,
+    /// When (on the caller's clock) a lower count was first wanted. Not
+    /// whole seconds: truncating both ends let a window close up to a
+    /// second early.
+    pub since: Option<Duration>,
     /// The highest count wanted since then (what a scale-down goes to).
     pub highest: i32,
 }
@@ -34,7 +36,7 @@ pub fn next_replicas(
     current: i32,
     wanted: i32,
     window: Duration,
-    now_secs: u64,
+    now: Duration,
     memory: &mut DownWindow,
 ) -> i32 {
     if wanted >= current {
@@ -45,14 +47,14 @@ pub fn next_replicas(
     match memory.since {
         None => {
             *memory = DownWindow {
-                since: Some(now_secs),
+                since: Some(now),
                 highest: wanted,
             };
             current
         }
         Some(since) => {
             memory.highest = memory.highest.max(wanted);
-            if now_secs.saturating_sub(since) >= window.as_secs() {
+            if now.saturating_sub(since) >= window {
                 let to = memory.highest;
                 *memory = DownWindow::default();
                 to
@@ -179,6 +181,10 @@ pub fn drain_step(
 
 #[cfg(test)]
 mod tests {
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
     use super::*;
 
     const WINDOW: Duration = Duration::from_secs(300);
@@ -208,15 +214,19 @@ mod tests {
     #[test]
     fn scale_up_is_immediate_but_bounded() {
         let mut memory = DownWindow::default();
-        assert_eq!(next_replicas(2, 3, WINDOW, 0, &mut memory), 3);
-        assert_eq!(next_replicas(2, 50, WINDOW, 0, &mut memory), 6, "+4 from 2");
+        assert_eq!(next_replicas(2, 3, WINDOW, secs(0), &mut memory), 3);
         assert_eq!(
-            next_replicas(10, 50, WINDOW, 0, &mut memory),
+            next_replicas(2, 50, WINDOW, secs(0), &mut memory),
+            6,
+            "+4 from 2"
+        );
+        assert_eq!(
+            next_replicas(10, 50, WINDOW, secs(0), &mut memory),
             20,
             "doubling"
         );
         assert_eq!(
-            next_replicas(i32::MAX - 1, i32::MAX, WINDOW, 0, &mut memory),
+            next_replicas(i32::MAX - 1, i32::MAX, WINDOW, secs(0), &mut memory),
             i32::MAX
         );
     }
@@ -224,11 +234,11 @@ mod tests {
     #[test]
     fn scale_down_waits_for_the_window_and_takes_its_highest() {
         let mut memory = DownWindow::default();
-        assert_eq!(next_replicas(6, 2, WINDOW, 1000, &mut memory), 6);
-        assert_eq!(next_replicas(6, 4, WINDOW, 1100, &mut memory), 6);
-        assert_eq!(next_replicas(6, 3, WINDOW, 1299, &mut memory), 6);
+        assert_eq!(next_replicas(6, 2, WINDOW, secs(1000), &mut memory), 6);
+        assert_eq!(next_replicas(6, 4, WINDOW, secs(1100), &mut memory), 6);
+        assert_eq!(next_replicas(6, 3, WINDOW, secs(1299), &mut memory), 6);
         assert_eq!(
-            next_replicas(6, 2, WINDOW, 1300, &mut memory),
+            next_replicas(6, 2, WINDOW, secs(1300), &mut memory),
             4,
             "highest wanted in window"
         );
@@ -238,21 +248,21 @@ mod tests {
     #[test]
     fn a_rise_resets_the_window() {
         let mut memory = DownWindow::default();
-        assert_eq!(next_replicas(6, 2, WINDOW, 0, &mut memory), 6);
-        assert_eq!(next_replicas(6, 6, WINDOW, 200, &mut memory), 6);
+        assert_eq!(next_replicas(6, 2, WINDOW, secs(0), &mut memory), 6);
+        assert_eq!(next_replicas(6, 6, WINDOW, secs(200), &mut memory), 6);
         assert_eq!(
-            next_replicas(6, 2, WINDOW, 301, &mut memory),
+            next_replicas(6, 2, WINDOW, secs(301), &mut memory),
             6,
             "window restarted"
         );
-        assert_eq!(next_replicas(6, 2, WINDOW, 601, &mut memory), 2);
+        assert_eq!(next_replicas(6, 2, WINDOW, secs(601), &mut memory), 2);
     }
 
     #[test]
     fn zero_window_scales_down_on_the_second_pass() {
         let mut memory = DownWindow::default();
-        assert_eq!(next_replicas(3, 1, Duration::ZERO, 5, &mut memory), 3);
-        assert_eq!(next_replicas(3, 1, Duration::ZERO, 5, &mut memory), 1);
+        assert_eq!(next_replicas(3, 1, Duration::ZERO, secs(5), &mut memory), 3);
+        assert_eq!(next_replicas(3, 1, Duration::ZERO, secs(5), &mut memory), 1);
     }
 
     #[test]
