@@ -1,5 +1,7 @@
-//! The kernel floor: a fan-out server that does nothing but write pre-encoded
-//! frames to N sockets, as fast as it can, on one pinned core.
+//! The kernel floors: a fan-out server that does nothing but write pre-encoded
+//! frames to N sockets, as fast as it can, on one pinned core (S0, for S2);
+//! and a relay that copies each frame it is sent to one of N sockets (S3's
+//! latency floor).
 //!
 //! Whatever comet achieves at the same N and batch size is compared against
 //! this figure, taken in the same run, so a busy or slow machine moves both
@@ -110,6 +112,51 @@ pub(crate) fn serve(connections: usize) -> Result<()> {
     Ok(())
 }
 
+/// Serves S3's latency floor in this process (the `floor-relay` target):
+/// accepts `connections` clients, then one injector connection, and copies
+/// every `index: u32, length: u32, frame` record the injector sends to client
+/// `index` with one blocking write, until the injector hangs up. A read
+/// takes whatever records have arrived, so a burst costs one read, like an
+/// HTTP/2 frame batch does for comet. What is left of the latency is the
+/// kernel's loopback path and the scheduling of two processes on this
+/// machine: the part of comet's latency that no server could remove.
+pub(crate) fn relay(connections: usize) -> Result<()> {
+    use std::io::{BufReader, ErrorKind, Read};
+    let io = |step| move |source| Error::Io { step, source };
+    let listener = listen().map_err(io("listen"))?;
+    let addr = listener.local_addr().map_err(io("local address"))?;
+    let mut out = std::io::stdout();
+    writeln!(out, "listening {addr}").map_err(io("stdout"))?;
+    out.flush().map_err(io("stdout"))?;
+    let mut socks = Vec::with_capacity(connections);
+    while socks.len() < connections {
+        let (sock, _) = listener.accept().map_err(io("accept"))?;
+        sock.set_nodelay(true).map_err(io("nodelay"))?;
+        socks.push(sock);
+    }
+    let (injector, _) = listener.accept().map_err(io("accept injector"))?;
+    injector.set_nodelay(true).map_err(io("nodelay"))?;
+    let mut reader = BufReader::with_capacity(64 * 1024, injector);
+    let mut head = [0u8; 8];
+    let mut frame = Vec::new();
+    loop {
+        match reader.read_exact(&mut head) {
+            Ok(()) => {}
+            Err(err) if err.kind() == ErrorKind::UnexpectedEof => return Ok(()),
+            Err(err) => return Err(io("read injector")(err)),
+        }
+        let [i0, i1, i2, i3, l0, l1, l2, l3] = head;
+        let index = u32::from_be_bytes([i0, i1, i2, i3]) as usize;
+        let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
+        frame.resize(len, 0);
+        reader.read_exact(&mut frame).map_err(io("read injector"))?;
+        if let Some(sock) = socks.get_mut(index) {
+            // A client that went away only loses its own frames.
+            let _ = sock.write_all(&frame);
+        }
+    }
+}
+
 /// A loopback listener with a deep accept queue: std's default backlog
 /// (128) overflows when a thousand clients connect at once, and every
 /// overflow costs that client a one-second SYN-ACK retransmission.
@@ -137,6 +184,25 @@ impl FloorProc {
         connections: usize,
         core: Option<usize>,
     ) -> Result<FloorProc> {
+        FloorProc::spawn(binary, "floor-server", connections, core)
+    }
+
+    /// Starts `binary bench floor-relay --clients N` (S3's floor), pinned to
+    /// `core`; it serves until the injector connection closes.
+    pub(crate) fn start_relay(
+        binary: &Path,
+        connections: usize,
+        core: Option<usize>,
+    ) -> Result<FloorProc> {
+        FloorProc::spawn(binary, "floor-relay", connections, core)
+    }
+
+    fn spawn(
+        binary: &Path,
+        target: &str,
+        connections: usize,
+        core: Option<usize>,
+    ) -> Result<FloorProc> {
         let io = |step| move |source| Error::Io { step, source };
         let mut cmd = match core {
             Some(core) => {
@@ -147,17 +213,12 @@ impl FloorProc {
             None => std::process::Command::new(binary),
         };
         let mut child = cmd
-            .args([
-                "bench",
-                "floor-server",
-                "--clients",
-                &connections.to_string(),
-            ])
+            .args(["bench", target, "--clients", &connections.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(io("spawn floor-server"))?;
+            .map_err(io("spawn floor process"))?;
         let stdin = child.stdin.take().ok_or(Error::Gone)?;
         let stdout = child.stdout.take().ok_or(Error::Gone)?;
         let (tx, results) = mpsc::channel();

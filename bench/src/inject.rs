@@ -109,6 +109,63 @@ impl Sender for LogicHttp {
     }
 }
 
+/// One push for S3's floor relay: the relay writes `frame` to its
+/// `index`-th client.
+#[derive(Debug)]
+pub(crate) struct RelayCall {
+    pub(crate) index: u32,
+    pub(crate) frame: Vec<u8>,
+}
+
+/// The injector's connection to the floor relay (`herald bench
+/// floor-relay`). Calls are framed as `index: u32, length: u32, frame` and
+/// written by one task that takes everything queued in one write, as an
+/// HTTP/2 connection task does for gRPC calls; a call is done once queued
+/// (the relay does not answer).
+#[derive(Debug, Clone)]
+pub(crate) struct FloorRelay {
+    queue: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+}
+
+impl FloorRelay {
+    /// Connects to the relay at `addr`; must run inside a `LocalSet`.
+    pub(crate) async fn connect(addr: SocketAddr) -> std::io::Result<FloorRelay> {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (queue, mut calls) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        tokio::task::spawn_local(async move {
+            let mut batch = Vec::new();
+            while let Some(first) = calls.recv().await {
+                batch.clear();
+                batch.extend_from_slice(&first);
+                while let Ok(more) = calls.try_recv() {
+                    batch.extend_from_slice(&more);
+                }
+                if stream.write_all(&batch).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(FloorRelay { queue })
+    }
+}
+
+impl Sender for FloorRelay {
+    type Call = RelayCall;
+
+    async fn send(&self, call: RelayCall) -> Result<(), String> {
+        let len = u32::try_from(call.frame.len()).map_err(|e| e.to_string())?;
+        let mut record = Vec::with_capacity(8 + call.frame.len());
+        record.extend_from_slice(&call.index.to_be_bytes());
+        record.extend_from_slice(&len.to_be_bytes());
+        record.extend_from_slice(&call.frame);
+        self.queue
+            .send(record)
+            .map_err(|_| "floor relay connection closed".to_owned())
+    }
+}
+
 /// Most calls in flight before new ones are counted as not sent: bounds the
 /// generator's memory when the server stops answering.
 const MAX_IN_FLIGHT: usize = 20_000;

@@ -110,6 +110,9 @@ pub enum What {
     /// Internal: the floor server process.
     #[value(hide = true)]
     FloorServer,
+    /// Internal: S3's floor relay process.
+    #[value(hide = true)]
+    FloorRelay,
 }
 
 /// Flags of `herald bench`.
@@ -169,6 +172,9 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     if args.what == What::FloorServer {
         return Ok(floor::serve(args.clients.unwrap_or(1))?);
+    }
+    if args.what == What::FloorRelay {
+        return Ok(floor::relay(args.clients.unwrap_or(1))?);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

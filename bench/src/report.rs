@@ -249,13 +249,25 @@ impl Report {
             md.push('\n');
         }
         if let Some(s3) = self.scenarios.get("s3") {
-            md.push_str("Single-key PushMsg (client-observed latency, from the scheduled send):\n\n| pushes/s | delivered | p50 µs | p99 µs | p99.9 µs | max µs | comet CPU | syscalls/push |\n|---|---|---|---|---|---|---|---|\n");
+            md.push_str("Single-key PushMsg (client-observed latency, from the scheduled send; the floor relay's p50 / p99 at the same rate in the last column):\n\n| pushes/s | delivered | p50 µs | p99 µs | p99.9 µs | max µs | comet CPU | syscalls/push | floor p50 / p99 µs |\n|---|---|---|---|---|---|---|---|---|\n");
+            let floor_steps: Vec<&serde_json::Value> =
+                s3["floor_steps"].as_array().into_iter().flatten().collect();
             for step in s3["steps"].as_array().into_iter().flatten() {
                 let l = &step["latency"];
                 let g = |k: &str| l[k].as_f64().unwrap_or(f64::NAN);
+                let floor = floor_steps
+                    .iter()
+                    .find(|f| f["rate"] == step["rate"])
+                    .map_or_else(
+                        || "–".to_owned(),
+                        |f| {
+                            let q = |k: &str| f["latency"][k].as_f64().unwrap_or(f64::NAN);
+                            format!("{} / {}", fmt_num(q("p50_us")), fmt_num(q("p99_us")))
+                        },
+                    );
                 let _ = writeln!(
                     md,
-                    "| {} | {}/{} | {} | {} | {} | {} | {:.0} % | {} |",
+                    "| {} | {}/{} | {} | {} | {} | {} | {:.0} % | {} | {floor} |",
                     fmt_num(step["rate"].as_f64().unwrap_or(f64::NAN)),
                     step["delivered"],
                     step["expected"],
@@ -486,6 +498,17 @@ pub(crate) fn plots(report: &Report, dir: &Path) -> Vec<(String, String)> {
                 .filter(|p| p.0.is_finite() && p.1.is_finite())
                 .collect(),
         };
+        let floor_p99 = Series {
+            name: "floor relay p99_us".to_owned(),
+            color: COLORS[3],
+            points: s3["floor_steps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| (f(s, "rate"), f(&s["latency"], "p99_us")))
+                .filter(|p| p.0.is_finite() && p.1.is_finite())
+                .collect(),
+        };
         draw(
             "bench-pushmsg-latency.png",
             "S3 single-key PushMsg latency",
@@ -495,6 +518,7 @@ pub(crate) fn plots(report: &Report, dir: &Path) -> Vec<(String, String)> {
                 lat("p50_us", COLORS[0]),
                 lat("p99_us", COLORS[1]),
                 lat("p999_us", COLORS[2]),
+                floor_p99,
             ],
         );
     }
