@@ -65,7 +65,7 @@ impl Plan {
                 What::S7,
                 What::S5,
             ],
-            What::Smoke => vec![What::S0, What::S2],
+            What::Smoke => vec![What::S0, What::S2, What::S3],
             What::S5Smoke => vec![What::S5],
             // Ratios need the floor of the same run.
             What::S2 => vec![What::S0, What::S2],
@@ -110,7 +110,9 @@ impl Plan {
             } else {
                 vec![20.0, 50.0, 100.0, 200.0, 400.0, 800.0]
             },
-            s3_rates: if full {
+            s3_rates: if smoke {
+                vec![200.0]
+            } else if full {
                 vec![1_000.0, 5_000.0, 10_000.0, 20_000.0]
             } else {
                 vec![1_000.0, 10_000.0]
@@ -328,7 +330,12 @@ fn chain(err: &dyn std::error::Error) -> String {
 /// order, at every client, for both the floor and comet.
 fn smoke_check(report: &Report) -> Result<()> {
     let mut problems = Vec::new();
-    for (name, key) in [("s0", "runs"), ("s2", "steps")] {
+    for (name, key) in [
+        ("s0", "runs"),
+        ("s2", "steps"),
+        ("s3", "steps"),
+        ("s3", "floor_steps"),
+    ] {
         let Some(steps) = report.scenarios.get(name).and_then(|s| s[key].as_array()) else {
             problems.push(format!("{name} has no {key}"));
             continue;

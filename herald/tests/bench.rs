@@ -1,6 +1,7 @@
-//! The benchmark tool keeps working: `herald bench smoke` runs the floor and
-//! a tiny room fan-out against a real comet process (this binary) and must
-//! deliver every message, in order, to every client. No timing is asserted.
+//! The benchmark tool keeps working: `herald bench smoke` runs the floor, a
+//! tiny room fan-out and single-key pushes (comet, then the floor relay)
+//! against real processes of this binary and must deliver every message, in
+//! order, to every client. No timing is asserted.
 
 use std::process::Command;
 
@@ -38,6 +39,16 @@ fn bench_smoke_delivers_everything_in_order() {
     assert_eq!(steps[0]["members"].as_u64(), Some(50));
     assert_eq!(steps[0]["injected"]["ok"].as_u64(), Some(10));
     assert_eq!(steps[0]["expected"].as_u64(), Some(50 * 10 * 20));
+    // S3: 200 single-key pushes/s for 1 s over the 50 clients, through comet
+    // and through the floor relay, each message to its own key's client.
+    for key in ["steps", "floor_steps"] {
+        let s3 = report["scenarios"]["s3"][key].as_array().expect("S3 steps");
+        assert_eq!(s3.len(), 1, "one S3 rate in the smoke plan: {key}");
+        assert_eq!(s3[0]["expected"].as_u64(), Some(200), "{key}: {}", s3[0]);
+        assert_eq!(s3[0]["delivered"].as_u64(), Some(200), "{key}: {}", s3[0]);
+        assert_eq!(s3[0]["lost"].as_u64(), Some(0), "{key}: {}", s3[0]);
+        assert_eq!(s3[0]["latency"]["count"].as_u64(), Some(200), "{key}: {}", s3[0]);
+    }
     let md = std::fs::read_to_string(out.join("bench-smoke.md")).expect("the markdown table");
     assert!(md.contains("| S2 | room fan-out, 20 frames/push"), "{md}");
     let _ = std::fs::remove_dir_all(&out);
