@@ -47,7 +47,12 @@ fn bench_smoke_delivers_everything_in_order() {
         assert_eq!(s3[0]["expected"].as_u64(), Some(200), "{key}: {}", s3[0]);
         assert_eq!(s3[0]["delivered"].as_u64(), Some(200), "{key}: {}", s3[0]);
         assert_eq!(s3[0]["lost"].as_u64(), Some(0), "{key}: {}", s3[0]);
-        assert_eq!(s3[0]["latency"]["count"].as_u64(), Some(200), "{key}: {}", s3[0]);
+        assert_eq!(
+            s3[0]["latency"]["count"].as_u64(),
+            Some(200),
+            "{key}: {}",
+            s3[0]
+        );
     }
     let md = std::fs::read_to_string(out.join("bench-smoke.md")).expect("the markdown table");
     assert!(md.contains("| S2 | room fan-out, 20 frames/push"), "{md}");
