@@ -1201,14 +1201,22 @@ async fn s3_floor(ctx: &Ctx, probes: usize) -> Result<Vec<serde_json::Value>> {
 
 // ------------------------------------------------------------------ S4
 
+/// Reconnect storms per S4 run: one storm lasts about a second, where a
+/// few milliseconds of stalled core move the figure by several per cent, so
+/// the reconnect figure pools the CPU and connections of several storms.
+const S4_RECONNECTS: usize = 4;
+
 async fn s4(ctx: &mut Ctx) -> Result<()> {
     let n = ctx.plan.clients;
     let comet = start_comet(ctx, &[])?;
     let mut generator = Generator::new(ctx.clock, ctx.sweep);
     let mut storms = Vec::new();
-    for kind in ["connect", "reconnect"] {
+    // (connections, comet CPU seconds, wall seconds, generator share, failed)
+    let mut pooled = [(0.0, 0.0, 0.0, 0.0f64, 0usize); 2];
+    for round in 0..=S4_RECONNECTS {
+        let kind = if round == 0 { "connect" } else { "reconnect" };
         let disconnects = ctx.calls.disconnects.load(Ordering::Relaxed);
-        if kind == "reconnect" {
+        if round > 0 {
             generator.close_all().await;
             // Wait for comet to report every close, so the storm measures
             // connects, not a backlog of disconnects.
@@ -1245,6 +1253,12 @@ async fn s4(ctx: &mut Ctx) -> Result<()> {
             per_core,
             g.share * 100.0
         );
+        let pool = &mut pooled[usize::from(round > 0)];
+        pool.0 += stats.connected as f64;
+        pool.1 += cpu.user_s + cpu.system_s;
+        pool.2 += stats.seconds;
+        pool.3 = pool.3.max(g.share);
+        pool.4 += stats.failed;
         storms.push(json!({
             "kind": kind,
             "connect": stats,
@@ -1253,24 +1267,33 @@ async fn s4(ctx: &mut Ctx) -> Result<()> {
             "generator_cpu": g,
             "loadavg": proc::loadavg(),
         }));
+    }
+    for (i, (conns, cpu_s, wall_s, gen_share, failed)) in pooled.into_iter().enumerate() {
+        let per_core = conns / cpu_s.max(1e-9);
+        let rate = conns / wall_s.max(1e-9);
         ctx.report.targets.push(Target {
             scenario: "S4",
-            target: if kind == "connect" {
+            target: if i == 0 {
                 "connection storm, authenticated conns/s per comet core"
             } else {
-                "reconnect storm, authenticated conns/s per comet core"
+                "reconnect storms (pooled), authenticated conns/s per comet core"
             },
             goal: "≥ 25 k/s".to_owned(),
             figure: format!(
-                "{:.1} k/s ({:.1} k/s at {:.0} % comet CPU; generator {:.0} %)",
+                "{:.1} k/s ({:.1} k/s at {:.0} % comet CPU{}; generator up to {:.0} %)",
                 per_core / 1e3,
-                stats.per_second / 1e3,
-                cpu.share * 100.0,
-                g.share * 100.0
+                rate / 1e3,
+                100.0 * cpu_s / wall_s.max(1e-9),
+                if i == 0 {
+                    String::new()
+                } else {
+                    format!(", {S4_RECONNECTS} storms")
+                },
+                gen_share * 100.0
             ),
             value: Some(per_core),
             floor_ratio: None,
-            met: Some(per_core >= 25_000.0 && stats.failed == 0),
+            met: Some(per_core >= 25_000.0 && failed == 0),
             loadavg: proc::loadavg(),
         });
     }
