@@ -78,17 +78,8 @@ struct Command {
 pub(crate) fn serve(connections: usize) -> Result<()> {
     use std::io::BufRead;
     let io = |step| move |source| Error::Io { step, source };
-    let listener = listen().map_err(io("listen"))?;
-    let addr = listener.local_addr().map_err(io("local address"))?;
+    let (_listener, mut socks) = accept_clients(connections)?;
     let mut out = std::io::stdout();
-    writeln!(out, "listening {addr}").map_err(io("stdout"))?;
-    out.flush().map_err(io("stdout"))?;
-    let mut socks = Vec::with_capacity(connections);
-    while socks.len() < connections {
-        let (sock, _) = listener.accept().map_err(io("accept"))?;
-        sock.set_nodelay(true).map_err(io("nodelay"))?;
-        socks.push(sock);
-    }
     let clock = Clock::new();
     for line in std::io::stdin().lock().lines() {
         let line = line.map_err(io("stdin"))?;
@@ -123,17 +114,7 @@ pub(crate) fn serve(connections: usize) -> Result<()> {
 pub(crate) fn relay(connections: usize) -> Result<()> {
     use std::io::{BufReader, ErrorKind, Read};
     let io = |step| move |source| Error::Io { step, source };
-    let listener = listen().map_err(io("listen"))?;
-    let addr = listener.local_addr().map_err(io("local address"))?;
-    let mut out = std::io::stdout();
-    writeln!(out, "listening {addr}").map_err(io("stdout"))?;
-    out.flush().map_err(io("stdout"))?;
-    let mut socks = Vec::with_capacity(connections);
-    while socks.len() < connections {
-        let (sock, _) = listener.accept().map_err(io("accept"))?;
-        sock.set_nodelay(true).map_err(io("nodelay"))?;
-        socks.push(sock);
-    }
+    let (listener, mut socks) = accept_clients(connections)?;
     let (injector, _) = listener.accept().map_err(io("accept injector"))?;
     injector.set_nodelay(true).map_err(io("nodelay"))?;
     let mut reader = BufReader::with_capacity(64 * 1024, injector);
@@ -155,6 +136,24 @@ pub(crate) fn relay(connections: usize) -> Result<()> {
             let _ = sock.write_all(&frame);
         }
     }
+}
+
+/// Listens on loopback, announces the address on stdout (the benchmark
+/// reads it), and accepts `connections` clients.
+fn accept_clients(connections: usize) -> Result<(TcpListener, Vec<TcpStream>)> {
+    let io = |step| move |source| Error::Io { step, source };
+    let listener = listen().map_err(io("listen"))?;
+    let addr = listener.local_addr().map_err(io("local address"))?;
+    let mut out = std::io::stdout();
+    writeln!(out, "listening {addr}").map_err(io("stdout"))?;
+    out.flush().map_err(io("stdout"))?;
+    let mut socks = Vec::with_capacity(connections);
+    while socks.len() < connections {
+        let (sock, _) = listener.accept().map_err(io("accept"))?;
+        sock.set_nodelay(true).map_err(io("nodelay"))?;
+        socks.push(sock);
+    }
+    Ok((listener, socks))
 }
 
 /// A loopback listener with a deep accept queue: std's default backlog

@@ -1037,35 +1037,16 @@ async fn s3(ctx: &mut Ctx) -> Result<()> {
             },
         )
         .await;
-        let (total, _) = generator
-            .wait_delivered(before.messages + injected.ok, DRAIN_IDLE)
-            .await;
+        let mut step = settled(&generator, before, injected.ok, "PushMsg", rate).await;
         let cpu = c0.since(&comet.sample());
         let counted = counting.and_then(PerfCount::stop);
-        let after = generator.totals();
-        let latency = Percentiles::of(&generator.take_latency());
-        eprintln!(
-            "  PushMsg at {rate}/s: p50 {:.0} µs, p99 {:.0} µs, delivered {}/{}",
-            latency.p50_us,
-            latency.p99_us,
-            total - before.messages,
-            injected.ok
-        );
-        steps.push(json!({
-            "rate": rate,
-            "injected": injected,
-            "expected": injected.ok,
-            "delivered": total - before.messages,
-            "lost": after.lost - before.lost,
-            "reordered": after.reordered - before.reordered,
-            "latency": latency,
-            "rpc_latency": injected.rpc_latency.as_ref().map(Percentiles::of),
-            "comet_cpu": cpu,
-            "comet_syscalls_per_push": cpu.syscalls_per(injected.ok),
-            "comet_perf_syscalls_per_push": per(counted, injected.ok),
-            "comet_cpu_share": cpu.share,
-            "loadavg": proc::loadavg(),
-        }));
+        step["rpc_latency"] = json!(injected.rpc_latency.as_ref().map(Percentiles::of));
+        step["comet_cpu"] = json!(cpu);
+        step["comet_syscalls_per_push"] = json!(cpu.syscalls_per(injected.ok));
+        step["comet_perf_syscalls_per_push"] = json!(per(counted, injected.ok));
+        step["comet_cpu_share"] = json!(cpu.share);
+        step["injected"] = json!(injected);
+        steps.push(step);
     }
     let first_error = generator.first_error().map(str::to_owned);
     generator.close_all().await;
@@ -1171,32 +1152,44 @@ async fn s3_floor(ctx: &Ctx, probes: usize) -> Result<Vec<serde_json::Value>> {
             },
         )
         .await;
-        let (total, _) = generator
-            .wait_delivered(before.messages + injected.ok, DRAIN_IDLE)
-            .await;
-        let after = generator.totals();
-        let latency = Percentiles::of(&generator.take_latency());
-        eprintln!(
-            "  floor relay at {rate}/s: p50 {:.0} µs, p99 {:.0} µs, delivered {}/{}",
-            latency.p50_us,
-            latency.p99_us,
-            total - before.messages,
-            injected.ok
-        );
-        steps.push(json!({
-            "rate": rate,
-            "expected": injected.ok,
-            "delivered": total - before.messages,
-            "lost": after.lost - before.lost,
-            "reordered": after.reordered - before.reordered,
-            "latency": latency,
-            "loadavg": proc::loadavg(),
-        }));
+        steps.push(settled(&generator, before, injected.ok, "floor relay", rate).await);
     }
     drop(relay);
     generator.close_all().await;
     drop(floor);
     Ok(steps)
+}
+
+/// Waits until the probes have `expected` more messages than at `before`
+/// (or went quiet), then returns the step's record: rate, expected and
+/// delivered messages, loss, reorders, latency and the load average.
+async fn settled(
+    generator: &Generator,
+    before: Totals,
+    expected: u64,
+    label: &str,
+    rate: f64,
+) -> serde_json::Value {
+    let (total, _) = generator
+        .wait_delivered(before.messages + expected, DRAIN_IDLE)
+        .await;
+    let after = generator.totals();
+    let latency = Percentiles::of(&generator.take_latency());
+    eprintln!(
+        "  {label} at {rate}/s: p50 {:.0} µs, p99 {:.0} µs, delivered {}/{expected}",
+        latency.p50_us,
+        latency.p99_us,
+        total - before.messages,
+    );
+    json!({
+        "rate": rate,
+        "expected": expected,
+        "delivered": total - before.messages,
+        "lost": after.lost - before.lost,
+        "reordered": after.reordered - before.reordered,
+        "latency": latency,
+        "loadavg": proc::loadavg(),
+    })
 }
 
 // ------------------------------------------------------------------ S4
