@@ -68,6 +68,25 @@ impl CloseReason {
 #[error("connection closed: {}", .0.as_str())]
 pub struct Closed(pub CloseReason);
 
+/// Why a push was not queued.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refused {
+    /// The connection is being closed.
+    #[error(transparent)]
+    Closed(#[from] Closed),
+    /// The queue is full, but its writer is not waiting on the client's
+    /// socket: comet itself is behind (its core is saturated), not the
+    /// client. Nothing was queued and the connection stays; [`ROOM`] is
+    /// notified once the writer takes the queue.
+    #[error("queue full while the client keeps up")]
+    Behind,
+}
+
+/// Notified whenever a writer takes a queue that a refused push
+/// ([`Refused::Behind`]) waits on. One for the process: waiters look again
+/// at their own connection, so a wake-up meant for another costs one look.
+pub static ROOM: Notify = Notify::const_new();
+
 /// One queued message; pushes remember when they were queued so the writer
 /// can report push-to-write latency.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +105,11 @@ struct QueueState {
     finishing: bool,
     /// Why the server closed the connection, if it did.
     reason: Option<CloseReason>,
+    /// The writer holds a batch the client's socket has not taken yet: the
+    /// client is behind, so a full queue makes it a slow consumer.
+    blocked: bool,
+    /// A refused push waits for this queue to be taken.
+    awaited: bool,
 }
 
 /// The byte-bounded outbound queue.
@@ -233,24 +257,35 @@ impl Conn {
     /// [`Closed`] when the connection is closing, or when this message would
     /// overflow the queue — the connection is then closed as a slow consumer.
     pub fn send(&self, msg: Bytes) -> Result<(), Closed> {
-        self.enqueue(msg, None)
+        self.enqueue(msg, None).map_err(|refused| match refused {
+            Refused::Closed(closed) => closed,
+            Refused::Behind => Closed(CloseReason::SlowConsumer),
+        })
     }
 
-    fn enqueue(&self, msg: Bytes, pushed_at: Option<Instant>) -> Result<(), Closed> {
+    /// Queues `msg`; with `pushed_at` (a push, not a session reply) a full
+    /// queue whose writer is not blocked on the socket is refused as
+    /// [`Refused::Behind`] instead of closing the connection.
+    fn enqueue(&self, msg: Bytes, pushed_at: Option<Instant>) -> Result<(), Refused> {
         let mut state = self.out.lock();
         if let Some(reason) = state.reason {
-            return Err(Closed(reason));
+            return Err(Closed(reason).into());
         }
         if state.finishing {
-            return Err(Closed(CloseReason::Ended));
+            return Err(Closed(CloseReason::Ended).into());
         }
         if state.bytes + msg.len() > self.out.limit {
+            // A message larger than the whole queue never fits: slow as well.
+            if pushed_at.is_some() && !state.blocked && state.bytes > 0 {
+                state.awaited = true;
+                return Err(Refused::Behind);
+            }
             state.items.clear();
             state.bytes = 0;
             state.reason = Some(CloseReason::SlowConsumer);
             drop(state);
             self.out.wake_all();
-            return Err(Closed(CloseReason::SlowConsumer));
+            return Err(Closed(CloseReason::SlowConsumer).into());
         }
         state.bytes += msg.len();
         state.items.push_back(Queued {
@@ -266,8 +301,9 @@ impl Conn {
     /// its queueing time starts the push-to-write latency measurement.
     ///
     /// # Errors
-    /// As [`Conn::send`].
-    pub fn push(&self, tcp: &Bytes, ws: &Bytes) -> Result<(), Closed> {
+    /// [`Refused::Closed`] as [`Conn::send`], except that a full queue whose
+    /// client keeps up is [`Refused::Behind`] and leaves the connection open.
+    pub fn push(&self, tcp: &Bytes, ws: &Bytes) -> Result<(), Refused> {
         let msg = match self.transport {
             Transport::Tcp => tcp.clone(),
             Transport::Ws | Transport::Wss => ws.clone(),
@@ -340,12 +376,24 @@ impl Conn {
         }
         if !state.items.is_empty() {
             state.bytes = 0;
-            return Poll::Ready(Some(std::mem::take(&mut state.items)));
+            let items = std::mem::take(&mut state.items);
+            let awaited = std::mem::take(&mut state.awaited);
+            drop(state);
+            if awaited {
+                ROOM.notify_waiters();
+            }
+            return Poll::Ready(Some(items));
         }
         if state.finishing {
             return Poll::Ready(None);
         }
         Poll::Pending
+    }
+
+    /// Whether the writer is waiting for the client's socket to take a
+    /// batch (set by the writer; see [`Refused::Behind`]).
+    pub(crate) fn set_blocked(&self, blocked: bool) {
+        self.out.lock().blocked = blocked;
     }
 
     /// Tells the writer to write what is queued and stop (the session ended).
@@ -383,16 +431,21 @@ pub async fn write_loop(
         // Empty for reply-only batches, so nothing is allocated then.
         let pushed: Vec<Instant> = batch.iter().filter_map(|q| q.pushed_at).collect();
         let mut result = Ok(());
+        // Blocked while the sink waits on the socket: a queue that fills
+        // meanwhile is the client's doing, not comet's.
+        conn.set_blocked(true);
         for item in batch {
             if let Err(err) = ws.feed(Message::Binary(item.bytes)).await {
                 result = Err(err);
                 break;
             }
         }
-        if let Err(err) = match result {
+        let result = match result {
             Ok(()) => ws.flush().await,
             Err(err) => Err(err),
-        } {
+        };
+        conn.set_blocked(false);
+        if let Err(err) = result {
             tracing::debug!(cause = %err, "write failed");
             conn.close(CloseReason::WriteFailed);
             return;
@@ -439,6 +492,50 @@ mod tests {
         assert_eq!(
             c.send(Bytes::from_static(b"1")),
             Err(Closed(CloseReason::SlowConsumer))
+        );
+    }
+
+    fn push(c: &Conn, bytes: &'static [u8]) -> Result<(), Refused> {
+        c.push(&Bytes::from_static(bytes), &Bytes::from_static(bytes))
+    }
+
+    /// A full queue whose writer is not waiting on the socket means comet is
+    /// behind: the push is refused, the connection stays, and the writer
+    /// taking the queue notifies the refused push.
+    #[tokio::test]
+    async fn a_full_queue_of_a_client_that_keeps_up_refuses_without_closing() {
+        let c = conn(10);
+        push(&c, b"12345678").unwrap();
+        assert_eq!(push(&c, b"abc"), Err(Refused::Behind));
+        assert_eq!(c.close_reason(), None, "the connection stays open");
+        let room = ROOM.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        assert!(matches!(c.take_batch(), Poll::Ready(Some(b)) if b.len() == 1));
+        tokio::time::timeout(Duration::from_secs(1), room)
+            .await
+            .expect("taking the queue wakes the waiting push");
+        assert_eq!(push(&c, b"abc"), Ok(()), "room again");
+    }
+
+    /// A full queue while the writer waits on the client's socket: slow
+    /// consumer, closed, as before. So is a push bigger than the whole queue.
+    #[test]
+    fn a_full_queue_of_a_blocked_client_closes_it() {
+        let c = conn(10);
+        push(&c, b"12345678").unwrap();
+        c.set_blocked(true);
+        assert_eq!(
+            push(&c, b"abc"),
+            Err(Refused::Closed(Closed(CloseReason::SlowConsumer)))
+        );
+        assert_eq!(c.close_reason(), Some(CloseReason::SlowConsumer));
+
+        let c = conn(10);
+        assert_eq!(
+            push(&c, b"0123456789a"),
+            Err(Refused::Closed(Closed(CloseReason::SlowConsumer))),
+            "never fits"
         );
     }
 

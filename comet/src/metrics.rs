@@ -35,6 +35,7 @@ pub struct Metrics {
     frames_out: Counters,
     pushes: Counters,
     drops: Counters,
+    push_waits: Counter,
     disconnects: Counters,
     accept_errors: Counters,
     upgrade_refused: Counters,
@@ -81,6 +82,12 @@ impl Metrics {
             "receives",
             "Client ops bound for logic Receive, by outcome (forwarded, rate_limited)",
         );
+        let push_waits = Counter::default();
+        registry.register(
+            "push_waits",
+            "Pushes that waited for room in a full queue whose client keeps reading (comet behind, not the client)",
+            push_waits.clone(),
+        );
         // 100 µs to ~3.3 s: a loopback write is well under a millisecond, a
         // slow client or a loaded comet shows up in the upper buckets.
         let push_write_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
@@ -97,6 +104,7 @@ impl Metrics {
             frames_out,
             pushes,
             drops,
+            push_waits,
             disconnects,
             accept_errors,
             upgrade_refused,
@@ -147,6 +155,10 @@ impl Metrics {
 
     pub(crate) fn push(&self, rpc: &'static str) {
         self.pushes.get_or_create(&[("rpc", rpc)]).inc();
+    }
+
+    pub(crate) fn push_waited(&self, n: usize) {
+        self.push_waits.inc_by(n as u64);
     }
 
     pub(crate) fn drop_push(&self, reason: &'static str) {

@@ -21,9 +21,9 @@ use herald_protocol::pb::{Comet, CometServer, Proto};
 use herald_protocol::{Frame, op, ws};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{Instrument, info, info_span};
 
-use crate::conn::CloseReason;
+use crate::conn::{self, CloseReason, Conn, Refused};
 use crate::{Error, Shared};
 
 /// Serves both services on `listener` until shutdown.
@@ -79,6 +79,68 @@ impl Encoded {
     }
 }
 
+/// How long a push waits for room in the queue of a client that keeps up
+/// while comet itself is behind, before that client is closed as a slow
+/// consumer after all.
+const BEHIND_WAIT: Duration = Duration::from_secs(2);
+
+/// Queues `encoded` on each of `conns`.
+///
+/// A queue that is full while its writer is blocked on the client's socket
+/// belongs to a slow consumer: that connection is closed (in the push). A
+/// queue that is full while its client keeps reading means comet's core is
+/// saturated: closing healthy clients there would shed the clients instead
+/// of the load, and send them all back as a reconnect storm. Those pushes
+/// wait for their writers to take the queue instead, and the RPC's answer
+/// waits with them: job sends a room's next batch only after the answer,
+/// so the backlog turns into fewer, larger batches upstream. A queue still
+/// full after [`BEHIND_WAIT`] is closed as a slow consumer.
+async fn deliver(shared: &Shared, conns: impl IntoIterator<Item = Arc<Conn>>, encoded: &Encoded) {
+    let mut behind = Vec::new();
+    for conn in conns {
+        match conn.push(&encoded.tcp, &encoded.ws) {
+            Ok(()) => {}
+            Err(Refused::Behind) => behind.push(conn),
+            Err(Refused::Closed(closed)) => shared.metrics.drop_push(closed.0.as_str()),
+        }
+    }
+    if behind.is_empty() {
+        return;
+    }
+    shared.metrics.push_waited(behind.len());
+    let deadline = tokio::time::Instant::now() + BEHIND_WAIT;
+    let mut late = Vec::new();
+    // One connection at a time: their writers drain in parallel, so the
+    // whole wait is about the slowest one's, and each wake-up costs one look.
+    'conns: for conn in behind {
+        loop {
+            let room = conn::ROOM.notified();
+            tokio::pin!(room);
+            // Registered before the look: a take between the two is seen.
+            room.as_mut().enable();
+            match conn.push(&encoded.tcp, &encoded.ws) {
+                Ok(()) => continue 'conns,
+                Err(Refused::Closed(closed)) => {
+                    shared.metrics.drop_push(closed.0.as_str());
+                    continue 'conns;
+                }
+                Err(Refused::Behind) => {}
+            }
+            tokio::select! {
+                () = room => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    late.push(conn);
+                    continue 'conns;
+                }
+            }
+        }
+    }
+    for conn in late {
+        conn.close(CloseReason::SlowConsumer);
+        shared.metrics.drop_push(CloseReason::SlowConsumer.as_str());
+    }
+}
+
 #[tonic::async_trait]
 impl Comet for Service {
     async fn push_msg(&self, req: Request<PushMsgReq>) -> Result<Response<PushMsgReply>, Status> {
@@ -93,19 +155,13 @@ impl Comet for Service {
         }
         self.shared.metrics.push("push_msg");
         let encoded = Encoded::new(&proto);
-        for key in &keys {
-            let Some(conn) = self.shared.buckets.get(key) else {
-                continue;
-            };
-            if conn.accepts(proto_op) {
-                // A full queue closes that connection; goim aborted the whole
-                // call here (§13.6) — the remaining keys still get the push.
-                if let Err(err) = conn.push(&encoded.tcp, &encoded.ws) {
-                    debug!(%key, cause = %err, "push dropped");
-                    self.shared.metrics.drop_push(err.0.as_str());
-                }
-            }
-        }
+        // A slow consumer's full queue closes that connection; goim aborted
+        // the whole call there (§13.6): the remaining keys still get the push.
+        let conns = keys
+            .iter()
+            .filter_map(|key| self.shared.buckets.get(key))
+            .filter(|conn| conn.accepts(proto_op));
+        deliver(&self.shared, conns, &encoded).await;
         Ok(Response::new(PushMsgReply {}))
     }
 
@@ -128,13 +184,8 @@ impl Comet for Service {
                 for index in 0..shared.buckets.len() {
                     let conns = shared.buckets.bucket_conns(index);
                     let n = conns.len();
-                    for conn in conns {
-                        if conn.accepts(proto_op)
-                            && let Err(err) = conn.push(&encoded.tcp, &encoded.ws)
-                        {
-                            shared.metrics.drop_push(err.0.as_str());
-                        }
-                    }
+                    let conns = conns.into_iter().filter(|conn| conn.accepts(proto_op));
+                    deliver(&shared, conns, &encoded).await;
                     // "speed connections per second": pause after each bucket.
                     if speed > 0 && n > 0 {
                         let pause = Duration::from_secs_f64(n as f64 / f64::from(speed));
@@ -162,11 +213,8 @@ impl Comet for Service {
         self.shared.metrics.push("broadcast_room");
         let encoded = Encoded::new(&proto);
         // Room pushes ignore the accepted set (goim behaviour, §5.5).
-        for conn in self.shared.buckets.room_members(&room_id) {
-            if let Err(err) = conn.push(&encoded.tcp, &encoded.ws) {
-                self.shared.metrics.drop_push(err.0.as_str());
-            }
-        }
+        let members = self.shared.buckets.room_members(&room_id);
+        deliver(&self.shared, members, &encoded).await;
         Ok(Response::new(BroadcastRoomReply {}))
     }
 

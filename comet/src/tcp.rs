@@ -34,6 +34,9 @@ struct Pending {
     frames: usize,
     /// Queueing times of the pushes in the batch, for push-to-write latency.
     pushed: Vec<Instant>,
+    /// The socket did not take it all at once: the connection was marked
+    /// blocked ([`Conn::set_blocked`]) until the rest is written.
+    blocked: bool,
 }
 
 impl Pending {
@@ -60,6 +63,7 @@ impl Pending {
             written: 0,
             frames,
             pushed,
+            blocked: false,
         }
     }
 }
@@ -142,9 +146,22 @@ impl TcpLink {
             if self.pending.is_some() {
                 match self.stream.poll_write_ready(cx) {
                     Poll::Ready(Ok(())) => {
+                        let was_blocked = self.pending.as_ref().is_some_and(|p| p.blocked);
                         // Most batches fit the socket buffer: written now.
                         if let Err(err) = self.write_pending(metrics) {
                             return Poll::Ready(Err(err));
+                        }
+                        // Tell pushes whether a full queue is the client's
+                        // doing (see `Refused::Behind`); only on changes.
+                        if let Some(conn) = conn {
+                            match &mut self.pending {
+                                Some(pending) if !pending.blocked => {
+                                    pending.blocked = true;
+                                    conn.set_blocked(true);
+                                }
+                                None if was_blocked => conn.set_blocked(false),
+                                _ => {}
+                            }
                         }
                         // Written, or the socket filled up (readiness now
                         // cleared, so the next poll registers for it).

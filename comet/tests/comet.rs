@@ -1081,6 +1081,64 @@ async fn slow_consumer_is_closed_and_others_still_receive() -> Result {
     h.shutdown().await
 }
 
+/// Room pushes that outrun comet's own writing (a hundred calls in flight at
+/// once against a 1 KiB queue) fill the queue of a client that reads all the
+/// time. That is comet falling behind, not a slow client: the pushes wait
+/// for room and the client gets every one, in no particular order, and is
+/// not closed. (Before, it was closed as a slow consumer.)
+#[tokio::test]
+async fn a_client_that_keeps_up_is_not_closed_when_comet_falls_behind() -> Result {
+    const CALLS: usize = 100;
+    let mut h = Harness::start(|c| c.queue_bytes = 1024).await?;
+    let mut client = h.tcp_client(&token("busy", "live://busy", &[])).await?;
+    let grpc = h.comet_client().await?;
+    let calls = (0..CALLS).map(|i| {
+        let mut grpc = grpc.clone();
+        // ~300 bytes each: four fill the queue.
+        let body = format!("{i:>300}");
+        async move {
+            grpc.broadcast_room(BroadcastRoomReq {
+                room_id: "live://busy".into(),
+                proto: Some(ws::raw_proto(
+                    Frame::push(1000, body.into_bytes()).to_bytes(),
+                )),
+            })
+            .await
+        }
+    });
+    let (answers, frames) = tokio::join!(futures::future::join_all(calls), async {
+        let mut frames = Vec::new();
+        while frames.len() < CALLS {
+            frames.push(client.recv().await?);
+        }
+        Result::<_>::Ok(frames)
+    });
+    for answer in answers {
+        answer?;
+    }
+    let mut got: Vec<usize> = frames?
+        .iter()
+        .map(|f| String::from_utf8_lossy(&f.body).trim().parse())
+        .collect::<std::result::Result<_, _>>()?;
+    got.sort_unstable();
+    assert_eq!(got, (0..CALLS).collect::<Vec<_>>(), "every push, once");
+    assert!(
+        h.metric("herald_comet_push_waits_total").await? > 0.0,
+        "the queue never filled: this test did not make comet fall behind"
+    );
+    assert_eq!(
+        h.metric("herald_comet_push_drops_total{reason=\"slow_consumer\"}")
+            .await?,
+        0.0
+    );
+    let mut admin = h.admin_client().await?;
+    assert_eq!(
+        admin.load(LoadRequest {}).await?.into_inner().connections,
+        1
+    );
+    h.shutdown().await
+}
+
 #[tokio::test]
 async fn heartbeat_prefers_the_cluster_count_and_refreshes_the_session() -> Result {
     let stub = Stub {
