@@ -81,7 +81,8 @@ impl Encoded {
 
 /// How long a push waits for room in the queue of a client that keeps up
 /// while comet itself is behind, before that client is closed as a slow
-/// consumer after all.
+/// consumer after all. Under job's default 3 s call timeout, so a call that
+/// waited still answers before job gives up on it and sends it again.
 const BEHIND_WAIT: Duration = Duration::from_secs(2);
 
 /// Queues `encoded` on each of `conns`.
