@@ -122,6 +122,9 @@ fn fmt_num(v: f64) -> String {
         format!("{:.1} k", v / 1e3)
     } else if v.abs() >= 100.0 {
         format!("{v:.0}")
+    } else if v != 0.0 && v.abs() < 0.01 {
+        // Per-message counts under coalescing: 0.00 would hide them.
+        format!("{v:.1e}")
     } else {
         format!("{v:.2}")
     }
