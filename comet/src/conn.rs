@@ -151,6 +151,15 @@ impl Outbound {
     }
 }
 
+/// Wakes the pushes waiting for room ([`Refused::Behind`]) when one waited
+/// on this queue: it was taken, or the connection is closing, and either
+/// way the waiting push should look again rather than sit out its deadline.
+fn wake_waiting_pushes(awaited: bool) {
+    if awaited {
+        ROOM.notify_waiters();
+    }
+}
+
 /// Who a connection is, as settled by authentication.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -283,8 +292,10 @@ impl Conn {
             state.items.clear();
             state.bytes = 0;
             state.reason = Some(CloseReason::SlowConsumer);
+            let awaited = std::mem::take(&mut state.awaited);
             drop(state);
             self.out.wake_all();
+            wake_waiting_pushes(awaited);
             return Err(Closed(CloseReason::SlowConsumer).into());
         }
         state.bytes += msg.len();
@@ -316,8 +327,10 @@ impl Conn {
         let mut state = self.out.lock();
         state.finishing = true;
         state.reason.get_or_insert(reason);
+        let awaited = std::mem::take(&mut state.awaited);
         drop(state);
         self.out.wake_all();
+        wake_waiting_pushes(awaited);
     }
 
     /// Moves the idle deadline to `idle` from now.
@@ -379,9 +392,7 @@ impl Conn {
             let items = std::mem::take(&mut state.items);
             let awaited = std::mem::take(&mut state.awaited);
             drop(state);
-            if awaited {
-                ROOM.notify_waiters();
-            }
+            wake_waiting_pushes(awaited);
             return Poll::Ready(Some(items));
         }
         if state.finishing {
@@ -398,8 +409,12 @@ impl Conn {
 
     /// Tells the writer to write what is queued and stop (the session ended).
     pub fn finish(&self) {
-        self.out.lock().finishing = true;
+        let mut state = self.out.lock();
+        state.finishing = true;
+        let awaited = std::mem::take(&mut state.awaited);
+        drop(state);
         self.out.wake.wake();
+        wake_waiting_pushes(awaited);
     }
 
     /// Why the server closed this connection, if it did.
@@ -495,6 +510,10 @@ mod tests {
         );
     }
 
+    /// The tests that wait on the process-wide [`ROOM`] take turns, so a
+    /// wake-up one of them sees is its own.
+    static ROOM_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     fn push(c: &Conn, bytes: &'static [u8]) -> Result<(), Refused> {
         c.push(&Bytes::from_static(bytes), &Bytes::from_static(bytes))
     }
@@ -504,6 +523,7 @@ mod tests {
     /// taking the queue notifies the refused push.
     #[tokio::test]
     async fn a_full_queue_of_a_client_that_keeps_up_refuses_without_closing() {
+        let _turn = ROOM_TESTS.lock().await;
         let c = conn(10);
         push(&c, b"12345678").unwrap();
         assert_eq!(push(&c, b"abc"), Err(Refused::Behind));
@@ -516,6 +536,33 @@ mod tests {
             .await
             .expect("taking the queue wakes the waiting push");
         assert_eq!(push(&c, b"abc"), Ok(()), "room again");
+    }
+
+    /// A waiting push also wakes when its connection closes, and then finds
+    /// it closed instead of sitting out its deadline.
+    #[tokio::test]
+    async fn closing_a_connection_wakes_the_push_waiting_on_it() {
+        let _turn = ROOM_TESTS.lock().await;
+        let c = conn(10);
+        push(&c, b"12345678").unwrap();
+        assert_eq!(push(&c, b"abc"), Err(Refused::Behind));
+        let room = ROOM.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), room.as_mut())
+                .await
+                .is_err(),
+            "nothing wakes it before the close"
+        );
+        c.close(CloseReason::Replaced);
+        tokio::time::timeout(Duration::from_secs(1), room)
+            .await
+            .expect("closing wakes the waiting push");
+        assert_eq!(
+            push(&c, b"abc"),
+            Err(Refused::Closed(Closed(CloseReason::Replaced)))
+        );
     }
 
     /// A full queue while the writer waits on the client's socket: slow
