@@ -130,7 +130,15 @@ fn bench(args: herald_bench::Args) -> ExitCode {
 
 /// Runs a role's future on a multi-threaded runtime; a failure is logged with
 /// its causes and turns into exit status 1.
-fn serve(role: &str, future: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+///
+/// The future runs as a task on the runtime's workers, not on the main
+/// thread that `block_on` parks: job's consume loop lives in it, and on the
+/// main thread every record would cross to a worker and back (two thread
+/// wake-ups per push when the process is pinned to one core).
+fn serve(
+    role: &str,
+    future: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -138,7 +146,11 @@ fn serve(role: &str, future: impl std::future::Future<Output = anyhow::Result<()
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(future) {
+    let task = runtime.spawn(future);
+    let outcome = runtime.block_on(task).unwrap_or_else(|err| {
+        Err(anyhow::anyhow!("the {role} task ended abnormally: {err}"))
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(role, cause = format!("{err:#}"), "stopped with an error");
