@@ -147,9 +147,9 @@ fn serve(
         }
     };
     let task = runtime.spawn(future);
-    let outcome = runtime.block_on(task).unwrap_or_else(|err| {
-        Err(anyhow::anyhow!("the {role} task ended abnormally: {err}"))
-    });
+    let outcome = runtime
+        .block_on(task)
+        .unwrap_or_else(|err| Err(anyhow::anyhow!("the {role} task ended abnormally: {err}")));
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
