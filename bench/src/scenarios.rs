@@ -1199,13 +1199,23 @@ async fn settled(
 /// the reconnect figure pools the CPU and connections of several storms.
 const S4_RECONNECTS: usize = 4;
 
+/// Storms of one kind added up, for a figure over all of them.
+#[derive(Debug, Default, Clone, Copy)]
+struct StormPool {
+    connections: f64,
+    comet_cpu_s: f64,
+    wall_s: f64,
+    /// The busiest the generator was in any of them, as a share of its core.
+    generator_share: f64,
+    failed: usize,
+}
+
 async fn s4(ctx: &mut Ctx) -> Result<()> {
     let n = ctx.plan.clients;
     let comet = start_comet(ctx, &[])?;
     let mut generator = Generator::new(ctx.clock, ctx.sweep);
     let mut storms = Vec::new();
-    // (connections, comet CPU seconds, wall seconds, generator share, failed)
-    let mut pooled = [(0.0, 0.0, 0.0, 0.0f64, 0usize); 2];
+    let mut pooled = [StormPool::default(); 2];
     for round in 0..=S4_RECONNECTS {
         let kind = if round == 0 { "connect" } else { "reconnect" };
         let disconnects = ctx.calls.disconnects.load(Ordering::Relaxed);
@@ -1247,11 +1257,11 @@ async fn s4(ctx: &mut Ctx) -> Result<()> {
             g.share * 100.0
         );
         let pool = &mut pooled[usize::from(round > 0)];
-        pool.0 += stats.connected as f64;
-        pool.1 += cpu.user_s + cpu.system_s;
-        pool.2 += stats.seconds;
-        pool.3 = pool.3.max(g.share);
-        pool.4 += stats.failed;
+        pool.connections += stats.connected as f64;
+        pool.comet_cpu_s += cpu.user_s + cpu.system_s;
+        pool.wall_s += stats.seconds;
+        pool.generator_share = pool.generator_share.max(g.share);
+        pool.failed += stats.failed;
         storms.push(json!({
             "kind": kind,
             "connect": stats,
@@ -1261,9 +1271,9 @@ async fn s4(ctx: &mut Ctx) -> Result<()> {
             "loadavg": proc::loadavg(),
         }));
     }
-    for (i, (conns, cpu_s, wall_s, gen_share, failed)) in pooled.into_iter().enumerate() {
-        let per_core = conns / cpu_s.max(1e-9);
-        let rate = conns / wall_s.max(1e-9);
+    for (i, pool) in pooled.into_iter().enumerate() {
+        let per_core = pool.connections / pool.comet_cpu_s.max(1e-9);
+        let rate = pool.connections / pool.wall_s.max(1e-9);
         ctx.report.targets.push(Target {
             scenario: "S4",
             target: if i == 0 {
@@ -1276,17 +1286,17 @@ async fn s4(ctx: &mut Ctx) -> Result<()> {
                 "{:.1} k/s ({:.1} k/s at {:.0} % comet CPU{}; generator up to {:.0} %)",
                 per_core / 1e3,
                 rate / 1e3,
-                100.0 * cpu_s / wall_s.max(1e-9),
+                100.0 * pool.comet_cpu_s / pool.wall_s.max(1e-9),
                 if i == 0 {
                     String::new()
                 } else {
                     format!(", {S4_RECONNECTS} storms")
                 },
-                gen_share * 100.0
+                pool.generator_share * 100.0
             ),
             value: Some(per_core),
             floor_ratio: None,
-            met: Some(per_core >= 25_000.0 && failed == 0),
+            met: Some(per_core >= 25_000.0 && pool.failed == 0),
             loadavg: proc::loadavg(),
         });
     }

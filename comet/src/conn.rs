@@ -518,15 +518,22 @@ mod tests {
         c.push(&Bytes::from_static(bytes), &Bytes::from_static(bytes))
     }
 
+    /// A connection whose 10-byte queue is nearly full and whose writer is
+    /// not blocked, after one push was refused as [`Refused::Behind`].
+    fn behind() -> Conn {
+        let c = conn(10);
+        push(&c, b"12345678").unwrap();
+        assert_eq!(push(&c, b"abc"), Err(Refused::Behind));
+        c
+    }
+
     /// A full queue whose writer is not waiting on the socket means comet is
     /// behind: the push is refused, the connection stays, and the writer
     /// taking the queue notifies the refused push.
     #[tokio::test]
     async fn a_full_queue_of_a_client_that_keeps_up_refuses_without_closing() {
         let _turn = ROOM_TESTS.lock().await;
-        let c = conn(10);
-        push(&c, b"12345678").unwrap();
-        assert_eq!(push(&c, b"abc"), Err(Refused::Behind));
+        let c = behind();
         assert_eq!(c.close_reason(), None, "the connection stays open");
         let room = ROOM.notified();
         tokio::pin!(room);
@@ -543,9 +550,7 @@ mod tests {
     #[tokio::test]
     async fn closing_a_connection_wakes_the_push_waiting_on_it() {
         let _turn = ROOM_TESTS.lock().await;
-        let c = conn(10);
-        push(&c, b"12345678").unwrap();
-        assert_eq!(push(&c, b"abc"), Err(Refused::Behind));
+        let c = behind();
         let room = ROOM.notified();
         tokio::pin!(room);
         room.as_mut().enable();

@@ -110,7 +110,6 @@ async fn deliver(shared: &Shared, conns: impl IntoIterator<Item = Arc<Conn>>, en
     }
     shared.metrics.push_waited(behind.len());
     let deadline = tokio::time::Instant::now() + BEHIND_WAIT;
-    let mut late = Vec::new();
     // One connection at a time: their writers drain in parallel, so the
     // whole wait is about the slowest one's, and each wake-up costs one look.
     'conns: for conn in behind {
@@ -130,15 +129,12 @@ async fn deliver(shared: &Shared, conns: impl IntoIterator<Item = Arc<Conn>>, en
             tokio::select! {
                 () = room => {}
                 () = tokio::time::sleep_until(deadline) => {
-                    late.push(conn);
+                    conn.close(CloseReason::SlowConsumer);
+                    shared.metrics.drop_push(CloseReason::SlowConsumer.as_str());
                     continue 'conns;
                 }
             }
         }
-    }
-    for conn in late {
-        conn.close(CloseReason::SlowConsumer);
-        shared.metrics.drop_push(CloseReason::SlowConsumer.as_str());
     }
 }
 

@@ -144,8 +144,10 @@ pub(crate) async fn accept_loop(
     // Set once on the listener, inherited by every accepted socket: two
     // fewer system calls per connection in a storm. Checked on the first
     // connection; a kernel that does not copy them gets them per socket.
-    let mut per_socket = set_options(&listener, shared.config.send_buffer).is_err();
-    let mut checked = false;
+    // `None` until the first connection tells.
+    let mut per_socket = set_options(&listener, shared.config.send_buffer)
+        .is_err()
+        .then_some(true);
     loop {
         let Some((stream, peer)) = accept(&listener, &shared, &mut backoff).await else {
             return;
@@ -158,11 +160,7 @@ pub(crate) async fn accept_loop(
             warn!(%peer, "connection limit reached: refused connection");
             continue;
         };
-        if !checked {
-            checked = true;
-            per_socket |= !inherited(&stream, shared.config.send_buffer);
-        }
-        if per_socket {
+        if *per_socket.get_or_insert_with(|| !inherited(&stream, shared.config.send_buffer)) {
             // Best effort: the connection works either way.
             let _ = set_options(&stream, shared.config.send_buffer);
         }

@@ -188,11 +188,15 @@ fn merge_params() -> PatchParams {
     }
 }
 
-fn now_secs() -> u64 {
+/// Wall-clock time since the Unix epoch (zero on a clock set before it).
+fn since_epoch() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
         .unwrap_or_default()
+}
+
+fn now_secs() -> u64 {
+    since_epoch().as_secs()
 }
 
 fn now_rfc3339() -> String {
@@ -483,15 +487,7 @@ async fn autoscale(
             .or_default();
         let stabilization =
             Duration::from_secs(u64::try_from(auto.scale_down_stabilization_seconds).unwrap_or(0));
-        scale::next_replicas(
-            current,
-            wanted,
-            stabilization,
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default(),
-            window,
-        )
+        scale::next_replicas(current, wanted, stabilization, since_epoch(), window)
     };
     if next != current {
         Api::<PushCluster>::namespaced(ctx.client.clone(), &names.namespace)

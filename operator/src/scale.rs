@@ -181,11 +181,11 @@ pub fn drain_step(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     fn secs(n: u64) -> Duration {
         Duration::from_secs(n)
     }
-
-    use super::*;
 
     const WINDOW: Duration = Duration::from_secs(300);
 
