@@ -145,10 +145,17 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
                 "{name} is not owned by the PushCluster: {owner:?}"
             );
         }
-        let status = eventually(60, "status written", || async {
+        // The Secrets do not change the generation: the Degraded status from
+        // before them also matches it, so wait for one that is not Degraded.
+        let status = eventually(60, "status written after the Secrets", || async {
             let c = clusters.get("chat").await?;
-            Ok(c.status
-                .filter(|s| s.observed_generation == c.metadata.generation))
+            Ok(c.status.filter(|s| {
+                s.observed_generation == c.metadata.generation
+                    && !s
+                        .conditions
+                        .iter()
+                        .any(|c| c.type_ == "Degraded" && c.status == "True")
+            }))
         })
         .await?;
         let conditions: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
