@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/comet.proto",
         "proto/logic.proto",
         "proto/admin.proto",
+        "proto/push.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

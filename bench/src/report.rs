@@ -113,7 +113,7 @@ fn write(path: &Path, contents: &[u8]) -> Result<()> {
     })
 }
 
-fn fmt_num(v: f64) -> String {
+pub(crate) fn fmt_num(v: f64) -> String {
     if !v.is_finite() {
         "–".to_owned()
     } else if v.abs() >= 1e6 {
@@ -333,13 +333,19 @@ impl Report {
                     step,
                 );
             }
-            let key = &s5["key_step"];
-            row(
-                &mut md,
-                format!("single key ({} keys)", key["keys"]),
-                format!("{}/s", fmt_num(key["rate"].as_f64().unwrap_or(f64::NAN))),
-                key,
-            );
+            // Older records have one `key_step`, newer ones a ramp.
+            let keys = match s5["key_steps"].as_array() {
+                Some(steps) => steps.iter().collect(),
+                None => vec![&s5["key_step"]],
+            };
+            for key in keys {
+                row(
+                    &mut md,
+                    format!("single key ({} keys)", key["keys"]),
+                    format!("{}/s", fmt_num(key["rate"].as_f64().unwrap_or(f64::NAN))),
+                    key,
+                );
+            }
             for floor in [&s5["kafka_floor_low_rate"], &s5["kafka_floor"]] {
                 if floor.is_null() {
                     continue;

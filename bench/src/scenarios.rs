@@ -127,7 +127,7 @@ impl Plan {
                     room_rates: vec![5.0],
                     room_min_seconds: 1.0,
                     key_clients: 10,
-                    key_rate: 50.0,
+                    key_rates: vec![50.0],
                     seconds: seconds.unwrap_or(1.0),
                 }
             } else {
@@ -138,7 +138,7 @@ impl Plan {
                     room_rates: vec![1.0, 10.0, 100.0],
                     room_min_seconds: if full { 30.0 } else { 10.0 },
                     key_clients: 200,
-                    key_rate: 1_000.0,
+                    key_rates: vec![1_000.0, 3_000.0, 10_000.0],
                     seconds: step.max(if full { 10.0 } else { 5.0 }),
                 }
             },
@@ -375,7 +375,7 @@ fn s5_smoke_check(report: &Report) -> Result<()> {
         .as_array()
         .into_iter()
         .flatten()
-        .chain(std::iter::once(&s5["key_step"]));
+        .chain(s5["key_steps"].as_array().into_iter().flatten());
     for step in steps {
         let delivered = step["delivered"].as_u64();
         let expected = step["expected"].as_u64();

@@ -1,6 +1,7 @@
 //! gRPC services on the comet's gRPC listener: goim's `goim.comet.Comet`
-//! (called by job, §8.3) and Herald's `herald.admin.v1.CometAdmin` (called by
-//! the operator).
+//! (called by job, §8.3), Herald's `herald.push.v1.CometPush` (job's batched
+//! single-key pushes) and `herald.admin.v1.CometAdmin` (called by the
+//! operator).
 //!
 //! Each push is encoded once per transport (TCP bytes, WebSocket op-9
 //! message) and the same [`Bytes`] is shared by every recipient's queue.
@@ -17,6 +18,8 @@ use herald_protocol::pb::goim::comet::{
     BroadcastReply, BroadcastReq, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, PushMsgReq,
     RoomsReply, RoomsReq,
 };
+use herald_protocol::pb::push::comet_push_server::{CometPush, CometPushServer};
+use herald_protocol::pb::push::{PushMsgsReply, PushMsgsReq};
 use herald_protocol::pb::{Comet, CometServer, Proto};
 use herald_protocol::{Frame, op, ws};
 use tokio::net::TcpListener;
@@ -34,6 +37,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) -> Result<
     let token = shared.shutdown.clone();
     tonic::transport::Server::builder()
         .add_service(CometServer::new(service.clone()))
+        .add_service(CometPushServer::new(service.clone()))
         .add_service(CometAdminServer::new(service))
         .serve_with_incoming_shutdown(incoming(listener, shared), token.cancelled_owned())
         .await
@@ -138,19 +142,27 @@ async fn deliver(shared: &Shared, conns: impl IntoIterator<Item = Arc<Conn>>, en
     }
 }
 
-#[tonic::async_trait]
-impl Comet for Service {
-    async fn push_msg(&self, req: Request<PushMsgReq>) -> Result<Response<PushMsgReply>, Status> {
+/// A `PushMsg` that cannot be delivered: goim's comet refuses the same.
+fn check_push(req: &PushMsgReq) -> Result<(), Status> {
+    if req.proto.is_none() {
+        return Err(Status::invalid_argument("proto is required"));
+    }
+    if req.keys.is_empty() {
+        return Err(Status::invalid_argument("keys is empty"));
+    }
+    Ok(())
+}
+
+impl Service {
+    /// Delivers one checked `PushMsg` to its keys' connections.
+    async fn push_keys(&self, req: PushMsgReq, rpc: &'static str) {
         let PushMsgReq {
             keys,
             proto,
             proto_op,
-        } = req.into_inner();
-        let proto = proto.ok_or_else(|| Status::invalid_argument("proto is required"))?;
-        if keys.is_empty() {
-            return Err(Status::invalid_argument("keys is empty"));
-        }
-        self.shared.metrics.push("push_msg");
+        } = req;
+        let Some(proto) = proto else { return };
+        self.shared.metrics.push(rpc);
         let encoded = Encoded::new(&proto);
         // A slow consumer's full queue closes that connection; goim aborted
         // the whole call there (§13.6): the remaining keys still get the push.
@@ -159,6 +171,39 @@ impl Comet for Service {
             .filter_map(|key| self.shared.buckets.get(key))
             .filter(|conn| conn.accepts(proto_op));
         deliver(&self.shared, conns, &encoded).await;
+    }
+}
+
+#[tonic::async_trait]
+impl CometPush for Service {
+    /// Job's batch of single-key pushes: one call, one answer, in place of
+    /// as many `PushMsg` round trips when job has a backlog for this comet.
+    /// All or nothing on bad input: a batch with one malformed push is
+    /// refused before any is delivered, so job's drop of it (it does not
+    /// retry INVALID_ARGUMENT) loses no push it was told went out.
+    async fn push_msgs(
+        &self,
+        req: Request<PushMsgsReq>,
+    ) -> Result<Response<PushMsgsReply>, Status> {
+        let PushMsgsReq { pushes } = req.into_inner();
+        for (i, push) in pushes.iter().enumerate() {
+            check_push(push).map_err(|status| {
+                Status::invalid_argument(format!("push {i}: {}", status.message()))
+            })?;
+        }
+        for push in pushes {
+            self.push_keys(push, "push_msgs").await;
+        }
+        Ok(Response::new(PushMsgsReply {}))
+    }
+}
+
+#[tonic::async_trait]
+impl Comet for Service {
+    async fn push_msg(&self, req: Request<PushMsgReq>) -> Result<Response<PushMsgReply>, Status> {
+        let req = req.into_inner();
+        check_push(&req)?;
+        self.push_keys(req, "push_msg").await;
         Ok(Response::new(PushMsgReply {}))
     }
 

@@ -662,6 +662,57 @@ async fn pushes_match_t5_t6_t7_on_each_transport() -> Result {
 }
 
 #[tokio::test]
+async fn push_msgs_delivers_each_push_to_its_keys_in_order() -> Result {
+    use herald_protocol::pb::push::PushMsgsReq;
+    use herald_protocol::pb::push::comet_push_client::CometPushClient;
+    let mut h = Harness::start(|_| {}).await?;
+    let mut a = h.tcp_client(&token("a", "", &[1000])).await?;
+    let mut b = h.ws_client(&token("b", "", &[1000])).await?;
+    let mut batch = CometPushClient::new(h.channel().await?);
+    let push = |keys: &[&str], body: &'static [u8]| PushMsgReq {
+        keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+        proto: Some(raw_push(1000, body)),
+        proto_op: 1000,
+    };
+    batch
+        .push_msgs(PushMsgsReq {
+            pushes: vec![
+                push(&["a"], b"a1"),
+                push(&["b", "missing"], b"b1"),
+                push(&["a", "b"], b"ab"),
+                push(&["a"], b"a2"),
+            ],
+        })
+        .await?;
+    for want in [&b"a1"[..], b"ab", b"a2"] {
+        assert_eq!(&a.recv().await?.body[..], want);
+    }
+    for want in [&b"b1"[..], b"ab"] {
+        let msg = b.recv_msg().await?;
+        assert!(msg.ends_with(want), "{msg:?} for {want:?}");
+    }
+    // One bad push refuses the whole batch before any of it is delivered.
+    let err = batch
+        .push_msgs(PushMsgsReq {
+            pushes: vec![push(&["a"], b"no"), push(&[], b"xx")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("push 1"), "{}", err.message());
+    h.comet_client()
+        .await?
+        .push_msg(push(&["a"], b"ok"))
+        .await?;
+    assert_eq!(
+        &a.recv().await?.body[..],
+        b"ok",
+        "the refused batch sent nothing"
+    );
+    h.shutdown().await
+}
+
+#[tokio::test]
 async fn invalid_push_requests_are_rejected() -> Result {
     let mut h = Harness::start(|_| {}).await?;
     let mut grpc = h.comet_client().await?;

@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use herald_protocol::pb::goim::comet::RoomsReq;
+use herald_protocol::pb::push::PushMsgsReq;
+use herald_protocol::pb::push::comet_push_client::CometPushClient;
 use herald_protocol::pb::{BroadcastReq, BroadcastRoomReq, CometClient, PushMsgReq};
 use herald_protocol::ws;
 use tokio::sync::{mpsc, oneshot};
@@ -50,9 +52,10 @@ pub struct CallSettings {
     pub backoff: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
-    /// Most frames in one `BroadcastRoom` batch.
+    /// Most frames in one `BroadcastRoom` batch, and most pushes in one
+    /// `PushMsgs` batch.
     pub batch_frames: usize,
-    /// Most frame bytes in one `BroadcastRoom` batch.
+    /// Most frame bytes in one `BroadcastRoom` or `PushMsgs` batch.
     pub batch_bytes: usize,
     /// Most unfinished calls one comet may hold before new ones are dropped.
     pub max_queued: usize,
@@ -69,6 +72,8 @@ pub struct Stats {
     pub(crate) calls: AtomicU64,
     pub(crate) room_batches: AtomicU64,
     pub(crate) room_frames: AtomicU64,
+    pub(crate) push_batches: AtomicU64,
+    pub(crate) push_batched: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) room_skipped: AtomicU64,
     pub(crate) queue_full: AtomicU64,
@@ -95,6 +100,10 @@ pub struct StatsSnapshot {
     pub room_batches: u64,
     /// Frames carried by those calls.
     pub room_frames: u64,
+    /// Successful `PushMsgs` calls (single-key pushes batched).
+    pub push_batches: u64,
+    /// Pushes carried by those calls.
+    pub push_batched: u64,
     /// Poison records written to the dead-letter topic.
     pub dead_lettered: u64,
     /// Room sends skipped because the comet's fresh `Rooms` lacked the room.
@@ -116,6 +125,8 @@ impl Stats {
             calls: get(&self.calls),
             room_batches: get(&self.room_batches),
             room_frames: get(&self.room_frames),
+            push_batches: get(&self.push_batches),
+            push_batched: get(&self.push_batched),
             dead_lettered: get(&self.dead_lettered),
             room_skipped: get(&self.room_skipped),
             queue_full: get(&self.queue_full),
@@ -390,7 +401,8 @@ impl Directory {
             .timeout(self.settings.timeout)
             .connect_lazy();
         let (tx, rx) = mpsc::unbounded_channel();
-        let client = CometClient::new(channel);
+        let client = CometClient::new(channel.clone());
+        let push_client = CometPushClient::new(channel);
         let rooms = Arc::new(Mutex::new(RoomView::default()));
         let poller = self.cancel.child_token();
         if let Some(every) = self.rooms_poll {
@@ -413,7 +425,11 @@ impl Directory {
             failing: failing.clone(),
             queued: queued.clone(),
             rx,
-            client,
+            clients: Clients {
+                comet: client,
+                push: push_client,
+                batches: true,
+            },
             directory: self.clone(),
         };
         tokio::spawn(worker.run().instrument(info_span!("comet", comet = %name)));
@@ -485,8 +501,28 @@ struct Worker {
     /// Unfinished calls of this comet (shared with its [`Handle`]).
     queued: Arc<AtomicUsize>,
     rx: mpsc::UnboundedReceiver<Item>,
-    client: CometClient<Channel>,
+    clients: Clients,
     directory: Directory,
+}
+
+/// One comet's gRPC clients, over one channel.
+#[derive(Debug)]
+struct Clients {
+    comet: CometClient<Channel>,
+    push: CometPushClient<Channel>,
+    /// Whether to send runs of pushes as one `PushMsgs`: true until the
+    /// comet answers UNIMPLEMENTED (goim's comet), then one `PushMsg` each.
+    batches: bool,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    Delivered,
+    /// Refused for good or its comet left the list (counted).
+    Dropped,
+    /// The comet does not serve this method (a `PushMsgs` to goim's comet).
+    Unsupported,
 }
 
 /// Calls taken off the queue in one go before a worker calls again.
@@ -528,11 +564,36 @@ impl Worker {
                     call => others.push((call, done)),
                 }
             }
-            for (call, done) in others {
-                if self.deliver(Request::from_call(call)).await.is_none() {
+            let mut others = others.into_iter().peekable();
+            while let Some((call, done)) = others.next() {
+                let Call::Push { keys, op, frame } = call else {
+                    if self.deliver(&Request::from_call(call)).await.is_none() {
+                        return;
+                    }
+                    let _ = done.send(());
+                    continue;
+                };
+                // A run of consecutive pushes, within the batch caps, goes
+                // out as one call: order within the run is kept by comet.
+                let settings = &self.directory.settings;
+                let mut bytes = frame.len();
+                let mut run = vec![(push_req(keys, op, frame), done)];
+                while run.len() < settings.batch_frames.max(1) {
+                    let Some((Call::Push { frame, .. }, _)) = others.peek() else {
+                        break;
+                    };
+                    if bytes + frame.len() > settings.batch_bytes {
+                        break;
+                    }
+                    bytes += frame.len();
+                    let Some((Call::Push { keys, op, frame }, done)) = others.next() else {
+                        break;
+                    };
+                    run.push((push_req(keys, op, frame), done));
+                }
+                if self.send_pushes(run).await.is_none() {
                     return;
                 }
-                let _ = done.send(());
             }
             for (room, frames) in rooms {
                 for batch in batches(frames, &self.directory.settings) {
@@ -546,14 +607,14 @@ impl Worker {
                         room_id: room.clone(),
                         proto: Some(ws::raw_proto(body.freeze())),
                     };
-                    match self.deliver(Request::Room(req)).await {
+                    match self.deliver(&Request::Room(req)).await {
                         None => return,
-                        Some(true) => {
+                        Some(Sent::Delivered) => {
                             let stats = &self.directory.stats;
                             bump(&stats.room_batches);
                             stats.room_frames.fetch_add(n, Ordering::Relaxed);
                         }
-                        Some(false) => {}
+                        Some(Sent::Dropped | Sent::Unsupported) => {}
                     }
                     for (_, done) in batch {
                         let _ = done.send(());
@@ -563,9 +624,50 @@ impl Worker {
         }
     }
 
-    /// Calls until success (`Some(true)`), a permanent failure or the comet
-    /// leaving the list (`Some(false)`, counted), or shutdown (`None`).
-    async fn deliver(&mut self, req: Request) -> Option<bool> {
+    /// Sends a run of pushes: one `PushMsgs` when there are several and the
+    /// comet serves it, else one `PushMsg` each, in order. `None` on shutdown.
+    async fn send_pushes(&mut self, run: Vec<(PushMsgReq, Done)>) -> Option<()> {
+        let (pushes, dones): (Vec<_>, Vec<_>) = run.into_iter().unzip();
+        if pushes.len() > 1 && self.clients.batches {
+            let n = pushes.len() as u64;
+            let req = Request::Batch(PushMsgsReq { pushes });
+            match self.deliver(&req).await? {
+                Sent::Unsupported => {
+                    info!(
+                        "comet does not serve herald.push.v1 PushMsgs (goim's comet?); one PushMsg per push from now on"
+                    );
+                    self.clients.batches = false;
+                    let Request::Batch(PushMsgsReq { pushes }) = req else {
+                        unreachable!("built as a batch above")
+                    };
+                    return self.send_each(pushes, dones).await;
+                }
+                Sent::Delivered => {
+                    let stats = &self.directory.stats;
+                    bump(&stats.push_batches);
+                    stats.push_batched.fetch_add(n, Ordering::Relaxed);
+                }
+                Sent::Dropped => {}
+            }
+            for done in dones {
+                let _ = done.send(());
+            }
+            return Some(());
+        }
+        self.send_each(pushes, dones).await
+    }
+
+    async fn send_each(&mut self, pushes: Vec<PushMsgReq>, dones: Vec<Done>) -> Option<()> {
+        for (push, done) in pushes.into_iter().zip(dones) {
+            self.deliver(&Request::Push(push)).await?;
+            let _ = done.send(());
+        }
+        Some(())
+    }
+
+    /// Calls until success, a permanent failure or the comet leaving the
+    /// list (dropped, counted), or shutdown (`None`).
+    async fn deliver(&mut self, req: &Request) -> Option<Sent> {
         let settings = self.directory.settings.clone();
         let stats = self.directory.stats.clone();
         let cancel = self.directory.cancel.clone();
@@ -575,24 +677,27 @@ impl Worker {
             let started = Instant::now();
             let result = tokio::select! {
                 () = cancel.cancelled() => return None,
-                result = req.call(&mut self.client) => result,
+                result = req.call(&mut self.clients) => result,
             };
             stats.metrics.call_took(req.name(), started.elapsed());
             let status = match result {
                 Ok(()) => {
                     self.failing.store(false, Ordering::Relaxed);
                     bump(&stats.calls);
-                    return Some(true);
+                    return Some(Sent::Delivered);
                 }
                 Err(status) => status,
             };
+            if status.code() == tonic::Code::Unimplemented && matches!(req, Request::Batch(_)) {
+                return Some(Sent::Unsupported);
+            }
             self.failing.store(true, Ordering::Relaxed);
             stats.metrics.call_failed(&self.name);
             if !retryable(status.code()) {
                 bump(&stats.rejected);
                 stats.metrics.dropped(&self.name, "rejected");
                 warn!(rpc = req.name(), code = ?status.code(), message = status.message(), "comet refused the call; dropped");
-                return Some(false);
+                return Some(Sent::Dropped);
             }
             attempt += 1;
             if attempt >= settings.attempts.max(1) {
@@ -603,7 +708,7 @@ impl Worker {
                         rpc = req.name(),
                         "comet left the list while failing; dropped"
                     );
-                    return Some(false);
+                    return Some(Sent::Dropped);
                 }
                 warn!(rpc = req.name(), attempts = attempt, cause = %status.message(), "comet unavailable; still listed, retrying");
                 attempt = 0;
@@ -660,6 +765,14 @@ fn batches(frames: RoomFrames, settings: &CallSettings) -> Vec<RoomFrames> {
     out
 }
 
+fn push_req(keys: Vec<String>, op: i32, frame: Bytes) -> PushMsgReq {
+    PushMsgReq {
+        keys,
+        proto_op: op,
+        proto: Some(ws::raw_proto(frame)),
+    }
+}
+
 fn retryable(code: tonic::Code) -> bool {
     matches!(
         code,
@@ -675,6 +788,7 @@ fn retryable(code: tonic::Code) -> bool {
 #[derive(Debug)]
 enum Request {
     Push(PushMsgReq),
+    Batch(PushMsgsReq),
     Broadcast(BroadcastReq),
     Room(BroadcastRoomReq),
 }
@@ -682,11 +796,7 @@ enum Request {
 impl Request {
     fn from_call(call: Call) -> Request {
         match call {
-            Call::Push { keys, op, frame } => Request::Push(PushMsgReq {
-                keys,
-                proto_op: op,
-                proto: Some(ws::raw_proto(frame)),
-            }),
+            Call::Push { keys, op, frame } => Request::Push(push_req(keys, op, frame)),
             Call::Broadcast { op, speed, frame } => Request::Broadcast(BroadcastReq {
                 proto_op: op,
                 proto: Some(ws::raw_proto(frame)),
@@ -702,14 +812,17 @@ impl Request {
     fn name(&self) -> &'static str {
         match self {
             Request::Push(_) => "PushMsg",
+            Request::Batch(_) => "PushMsgs",
             Request::Broadcast(_) => "Broadcast",
             Request::Room(_) => "BroadcastRoom",
         }
     }
 
-    async fn call(&self, client: &mut CometClient<Channel>) -> Result<(), tonic::Status> {
+    async fn call(&self, clients: &mut Clients) -> Result<(), tonic::Status> {
+        let client = &mut clients.comet;
         match self {
             Request::Push(req) => client.push_msg(req.clone()).await.map(drop),
+            Request::Batch(req) => clients.push.push_msgs(req.clone()).await.map(drop),
             Request::Broadcast(req) => client.broadcast(req.clone()).await.map(drop),
             Request::Room(req) => client.broadcast_room(req.clone()).await.map(drop),
         }

@@ -141,10 +141,11 @@ pub struct Args {
     /// First retry delay, in milliseconds (doubles, capped at 5 s).
     #[arg(long, env = "HERALD_JOB_RETRY_BACKOFF_MS", default_value_t = 100)]
     pub retry_backoff_ms: u64,
-    /// Most frames in one room batch.
+    /// Most frames in one room batch, and most single-key pushes in one
+    /// `PushMsgs` batch to a Herald comet.
     #[arg(long, env = "HERALD_JOB_BATCH_FRAMES", default_value_t = 20)]
     pub batch_frames: usize,
-    /// Most bytes in one room batch.
+    /// Most bytes in one room or push batch.
     #[arg(long, env = "HERALD_JOB_BATCH_BYTES", default_value_t = 64 * 1024)]
     pub batch_bytes: usize,
     /// Most unfinished calls per failing comet; more are dropped and

@@ -1288,3 +1288,193 @@ async fn a_dead_comet_cannot_hold_up_the_others() -> Result {
     let _ = timeout(WAIT, task).await?;
     Ok(())
 }
+
+// ------------------------------------------------------- push batching
+
+/// A comet stub that holds every push call at a gate until it is opened, so
+/// the records behind the first call queue up in job, and records each
+/// push's frame with the RPC that carried it, and each batch's size. It serves `herald.push.v1` only when
+/// started with batches (goim's comet does not).
+#[derive(Debug, Clone)]
+struct GatedComet {
+    gate: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(&'static str, Bytes)>>>,
+    batch_sizes: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl GatedComet {
+    async fn start(batches: bool) -> Result<(GatedComet, SocketAddr)> {
+        let stub = GatedComet {
+            gate: std::sync::Arc::new(tokio::sync::watch::channel(false).0),
+            seen: Default::default(),
+            batch_sizes: Default::default(),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let push = batches.then(|| {
+            herald_protocol::pb::push::comet_push_server::CometPushServer::new(stub.clone())
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(herald_protocol::pb::CometServer::new(stub.clone()))
+                .add_optional_service(push)
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        Ok((stub, addr))
+    }
+
+    async fn pass(&self) {
+        let _ = self.gate.subscribe().wait_for(|open| *open).await;
+    }
+
+    fn record(&self, rpc: &'static str, req: herald_protocol::pb::PushMsgReq) {
+        let frame = req.proto.map(|p| p.body).unwrap_or_default();
+        self.seen.lock().expect("seen lock").push((rpc, frame));
+    }
+
+    fn seen(&self) -> Vec<(&'static str, Bytes)> {
+        self.seen.lock().expect("seen lock").clone()
+    }
+}
+
+#[tonic::async_trait]
+impl herald_protocol::pb::Comet for GatedComet {
+    async fn push_msg(
+        &self,
+        req: Request<herald_protocol::pb::PushMsgReq>,
+    ) -> Result<Response<herald_protocol::pb::goim::comet::PushMsgReply>, Status> {
+        self.pass().await;
+        self.record("PushMsg", req.into_inner());
+        Ok(Response::new(Default::default()))
+    }
+
+    async fn broadcast(
+        &self,
+        _req: Request<herald_protocol::pb::BroadcastReq>,
+    ) -> Result<Response<herald_protocol::pb::goim::comet::BroadcastReply>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+
+    async fn broadcast_room(
+        &self,
+        _req: Request<herald_protocol::pb::BroadcastRoomReq>,
+    ) -> Result<Response<herald_protocol::pb::goim::comet::BroadcastRoomReply>, Status> {
+        Err(Status::unimplemented("not in the stub"))
+    }
+
+    async fn rooms(
+        &self,
+        _req: Request<herald_protocol::pb::goim::comet::RoomsReq>,
+    ) -> Result<Response<herald_protocol::pb::goim::comet::RoomsReply>, Status> {
+        Err(Status::unavailable("rooms unknown"))
+    }
+}
+
+#[tonic::async_trait]
+impl herald_protocol::pb::push::comet_push_server::CometPush for GatedComet {
+    async fn push_msgs(
+        &self,
+        req: Request<herald_protocol::pb::push::PushMsgsReq>,
+    ) -> Result<Response<herald_protocol::pb::push::PushMsgsReply>, Status> {
+        self.pass().await;
+        let pushes = req.into_inner().pushes;
+        self.batch_sizes
+            .lock()
+            .expect("sizes lock")
+            .push(pushes.len());
+        for push in pushes {
+            self.record("PushMsgs", push);
+        }
+        Ok(Response::new(Default::default()))
+    }
+}
+
+/// Sends `n` pushes for the gated comet while its first `PushMsg` is held,
+/// opens the gate once job has taken every record, and returns what the
+/// comet saw and job's counts.
+async fn gated_run(
+    batches: bool,
+    n: usize,
+    done: impl Fn(&StatsSnapshot) -> bool,
+) -> Result<(GatedComet, StatsSnapshot)> {
+    let topic = unique("job-batch");
+    create_topic(&topic, 1).await?;
+    let (stub, addr) = GatedComet::start(batches).await?;
+    let mut config = job_config(&topic, &unique("job-batch-group"), &[]);
+    config.comets.push(StaticComet {
+        name: "comet-g".to_owned(),
+        grpc: addr.to_string(),
+    });
+    // The held call must not time out and be sent again meanwhile.
+    config.calls.timeout = WAIT;
+    let job = RunningJob::start(config)?;
+    let records: Vec<(String, PushMsg)> = (0..n)
+        .map(|i| {
+            let key = format!("k{}", i % 3);
+            let msg = push("comet-g", &[key.as_str()], format!("p{i:04}").as_bytes());
+            ("one-partition".to_owned(), msg)
+        })
+        .collect();
+    Producer::new(&topic)?.send_all(&records).await?;
+    job.wait_stats("every record taken", |s| s.records == n as u64)
+        .await?;
+    // Job took them all while the first call is held: the rest are queued.
+    stub.gate.send_replace(true);
+    job.wait_stats("every call answered", done)
+        .await
+        .with_context(|| format!("comet saw {} of {n} pushes", stub.seen().len()))?;
+    let stats = job.stats();
+    job.stop().await?;
+    Ok((stub, stats))
+}
+
+/// The frames' bodies in the order the comet saw them.
+fn bodies(seen: &[(&'static str, Bytes)]) -> Vec<String> {
+    seen.iter()
+        .map(|(_, frame)| {
+            String::from_utf8_lossy(&frame[frame.len().saturating_sub(5)..]).into_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn queued_pushes_go_to_a_herald_comet_in_batches_in_order() -> Result {
+    const N: usize = 30;
+    let every_push = |s: &StatsSnapshot| s.push_batched + s.calls - s.push_batches == N as u64;
+    let (stub, stats) = gated_run(true, N, every_push).await?;
+    let seen = stub.seen();
+    let want: Vec<String> = (0..N).map(|i| format!("p{i:04}")).collect();
+    assert_eq!(bodies(&seen), want, "every push once, in order");
+    // Whatever the first call carried, at least 10 pushes queued behind it
+    // (a batch holds at most 20, the default) and went out batched.
+    let sizes = stub.batch_sizes.lock().expect("sizes lock").clone();
+    assert!(stats.push_batches >= 1, "{stats:?}");
+    assert_eq!(sizes.len() as u64, stats.push_batches);
+    assert_eq!(sizes.iter().sum::<usize>() as u64, stats.push_batched);
+    assert!(sizes.iter().all(|n| (2..=20).contains(n)), "{sizes:?}");
+    let singles = seen.iter().filter(|(rpc, _)| *rpc == "PushMsg").count() as u64;
+    assert_eq!(singles, stats.calls - stats.push_batches);
+    assert_eq!(
+        (stats.rejected, stats.comet_gone, stats.queue_full),
+        (0, 0, 0)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_goim_comet_without_batches_gets_one_push_msg_per_push() -> Result {
+    const N: usize = 30;
+    let (stub, stats) = gated_run(false, N, |s| s.calls == N as u64).await?;
+    let seen = stub.seen();
+    let want: Vec<String> = (0..N).map(|i| format!("p{i:04}")).collect();
+    assert_eq!(bodies(&seen), want, "every push once, in order");
+    assert!(seen.iter().all(|(rpc, _)| *rpc == "PushMsg"));
+    // The refused batch is neither a delivery nor a drop.
+    assert_eq!((stats.push_batches, stats.push_batched), (0, 0));
+    assert_eq!(stats.calls, N as u64);
+    assert_eq!(
+        (stats.rejected, stats.comet_gone, stats.queue_full),
+        (0, 0, 0)
+    );
+    Ok(())
+}

@@ -30,6 +30,14 @@ pub mod herald {
             tonic::include_proto!("herald.admin.v1");
         }
     }
+    /// `herald.push.v1`: batched pushes from job to Herald's comet.
+    pub mod push {
+        /// Version 1 of the push batch API.
+        pub mod v1 {
+            #![allow(missing_docs, unreachable_pub, clippy::all)]
+            tonic::include_proto!("herald.push.v1");
+        }
+    }
 }
 
 pub use goim::comet::{
@@ -45,6 +53,7 @@ pub use goim::logic::{
 };
 pub use goim::protocol::Proto;
 pub use herald::admin::v1 as admin;
+pub use herald::push::v1 as push;
 
 impl From<crate::Frame> for Proto {
     fn from(frame: crate::Frame) -> Self {
