@@ -95,6 +95,10 @@ pub struct Args {
     /// Longest a push waits for Kafka's acknowledgement, in milliseconds.
     #[arg(long, env = "HERALD_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 5000)]
     pub kafka_message_timeout_ms: u64,
+    /// Microseconds the Kafka producer waits to fill a batch (`linger.ms`);
+    /// 0 sends each push at once. Trades latency for CPU when busy.
+    #[arg(long, env = "HERALD_KAFKA_LINGER_US", default_value_t = 0)]
+    pub kafka_linger_us: u64,
     /// TTL of routing and online keys in Redis, in seconds (§9 `E`).
     #[arg(long, env = "HERALD_LOGIC_ROUTING_TTL_SECS", default_value_t = 1800)]
     pub routing_ttl_secs: u64,
@@ -223,6 +227,7 @@ impl Args {
             kafka_brokers,
             kafka_topic,
             kafka_message_timeout_ms,
+            kafka_linger_us,
             routing_ttl_secs,
             node_list,
             node_list_configmap,
@@ -256,6 +261,7 @@ impl Args {
                 brokers: kafka_brokers,
                 topic: kafka_topic,
                 message_timeout: Duration::from_millis(kafka_message_timeout_ms),
+                linger: Duration::from_micros(kafka_linger_us),
             },
             node_list: nodes::Source::from_flags(
                 node_list,
@@ -306,6 +312,7 @@ impl Config {
                 brokers: kafka_brokers.to_owned(),
                 topic: kafka_topic.to_owned(),
                 message_timeout: Duration::from_secs(5),
+                linger: Duration::ZERO,
             },
             node_list: None,
             receive_topic: None,
@@ -355,6 +362,11 @@ impl Config {
         }
         if self.redis.timeout.is_zero() || self.kafka.message_timeout.is_zero() {
             return bad("timeouts must be non-zero");
+        }
+        // Past a second the linger is surely a unit mistake (µs given as ms),
+        // and it would hold every lone push that long.
+        if self.kafka.linger > Duration::from_secs(1) {
+            return bad("--kafka-linger-us must be at most 1,000,000 (one second)");
         }
         Ok(())
     }
@@ -601,6 +613,7 @@ mod tests {
         assert_eq!(c.online_interval, Duration::from_secs(10));
         assert_eq!(c.http.max_body, 64 * 1024);
         assert_eq!(c.token_mode, TokenMode::Goim);
+        assert_eq!(c.kafka.linger, Duration::ZERO);
         assert!(c.http.api_key.is_none() && !c.http.compat_status_200);
     }
 
@@ -614,6 +627,9 @@ mod tests {
         assert!(parse(&["--token-mode", "jwt", "--jwt-public-key", "/k.pem"]).is_ok());
         assert!(parse(&["--routing-ttl-secs", "0"]).is_err());
         assert!(parse(&["--max-keys", "0"]).is_err());
+        assert!(parse(&["--kafka-linger-us", "1000001"]).is_err());
+        let c = parse(&["--kafka-linger-us", "500"]).unwrap();
+        assert_eq!(c.kafka.linger, Duration::from_micros(500));
         let c = parse(&["--api-key", "", "--compat-status-200"]).unwrap();
         assert!(c.http.api_key.is_none() && c.http.compat_status_200);
     }
