@@ -290,7 +290,7 @@ impl Report {
         }
         if let Some(s5) = self.scenarios.get("s5") {
             md.push_str("End-to-end pushes (S5: HTTP → logic → Kafka → job → comet → client; latency from the scheduled HTTP send):\n\n");
-            md.push_str("| push | rate | delivered | lost | reordered | p50 ms | p90 ms | p99 ms | max ms | HTTP p99 ms | CPU µs/push (logic/job/comet) | syscalls/push |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+            md.push_str("| push | rate | delivered | refused | lost | reordered | p50 ms | p90 ms | p99 ms | max ms | HTTP p99 ms | CPU µs/push (logic/job/comet) | syscalls/push |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
             let ms = |v: &serde_json::Value| {
                 v.as_f64()
                     .map(|us| format!("{:.2}", us / 1e3))
@@ -301,9 +301,14 @@ impl Report {
                 let part = |p: &str| c[p]["cpu_us_per_push"].as_f64().unwrap_or(f64::NAN);
                 let _ = writeln!(
                     md,
-                    "| {kind} | {rate} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {:.0} ({:.0}/{:.0}/{:.0}) | {} |",
+                    "| {kind} | {rate} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} ({:.0}/{:.0}/{:.0}) | {} |",
                     step["delivered"],
                     step["expected"],
+                    // Pushes logic answered with an error: not accepted, so
+                    // not owed to anyone.
+                    step.get("refused")
+                        .or_else(|| step.get("push_errors"))
+                        .map_or_else(|| "–".to_owned(), ToString::to_string),
                     step["lost"],
                     step["reordered"],
                     ms(&step["latency"]["p50_us"]),
@@ -352,7 +357,7 @@ impl Report {
                 }
                 let _ = writeln!(
                     md,
-                    "| Kafka alone (floor) | {}/s | {}/{} | – | – | {} | {} | {} | {} | {} (ack) | – | – |",
+                    "| Kafka alone (floor) | {}/s | {}/{} | – | – | – | {} | {} | {} | {} | {} (ack) | – | – |",
                     fmt_num(floor["rate"].as_f64().unwrap_or(f64::NAN)),
                     floor["consumed"],
                     floor["scheduled"],

@@ -726,7 +726,11 @@ async fn measure(
             "first_error": first_error,
             "expected": expected,
             "delivered": delivered,
-            "lost": after.lost - before.lost,
+            // Accepted by logic and never delivered. The generator's gap
+            // count also spans pushes logic refused (their numbers were
+            // handed out before the answer), so it is kept apart.
+            "lost": expected.saturating_sub(delivered),
+            "gaps": after.lost - before.lost,
             "reordered": after.reordered - before.reordered,
             "latency": latency,
             "http_latency": Percentiles::of(&http_latency),
@@ -862,8 +866,14 @@ impl KeyRun<'_> {
             "injected": injected,
             "expected": injected.ok,
             "delivered": delivered,
-            "lost": after.lost - before.lost,
+            // As for rooms: accepted and never delivered. A key's pushes
+            // overlap in flight (concurrent HTTP requests have no order),
+            // so once logic is behind they may be accepted out of order:
+            // `reordered` then counts the injector's overlap, not the path's.
+            "lost": injected.ok.saturating_sub(delivered),
+            "gaps": after.lost - before.lost,
             "reordered": after.reordered - before.reordered,
+            "refused": injected.errors,
             "latency": latency,
             "http_latency": injected.rpc_latency.as_ref().map(Percentiles::of),
             "cost": cost,

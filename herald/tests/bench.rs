@@ -90,6 +90,7 @@ fn bench_s5_smoke_delivers_every_push_through_kafka() {
     assert_eq!(rooms[0]["expected"].as_u64(), Some(50), "{}", rooms[0]);
     assert_eq!(rooms[0]["delivered"].as_u64(), Some(50), "{}", rooms[0]);
     assert_eq!(rooms[0]["lost"].as_u64(), Some(0), "{}", rooms[0]);
+    assert_eq!(rooms[0]["gaps"].as_u64(), Some(0), "{}", rooms[0]);
     // One room's pushes are serial and go through one partition: in order.
     assert_eq!(rooms[0]["reordered"].as_u64(), Some(0), "{}", rooms[0]);
     let keys = &s5["key_step"];
