@@ -203,15 +203,7 @@ impl FloorProc {
         core: Option<usize>,
     ) -> Result<FloorProc> {
         let io = |step| move |source| Error::Io { step, source };
-        let mut cmd = match core {
-            Some(core) => {
-                let mut cmd = std::process::Command::new("taskset");
-                cmd.arg("-c").arg(core.to_string()).arg(binary);
-                cmd
-            }
-            None => std::process::Command::new(binary),
-        };
-        let mut child = cmd
+        let mut child = crate::server::child_command(binary, core)
             .args(["bench", target, "--clients", &connections.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

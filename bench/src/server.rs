@@ -61,6 +61,37 @@ pub(crate) struct Comet {
 /// `binary` (a herald binary; the role and flags are for the caller to add),
 /// pinned to `core` with `taskset` when given, stdin closed, stdout and
 /// stderr into `log`, logging at `HERALD_BENCH_COMET_LOG` (default `warn`).
+/// A command running `binary`, pinned to `core` with `taskset` when given,
+/// and killed by the kernel when the tool dies: the tool stops its servers
+/// in `Drop`, which a signal (Ctrl-C, a CI timeout) skips, and a comet left
+/// behind would hold its ports and a core. `setpriv --pdeathsig` sets that
+/// up in the child and `exec`s, so the pid stays the server's (no `unsafe`
+/// `pre_exec` here: the workspace forbids it). util-linux, like `taskset`;
+/// without it the servers start unguarded.
+pub(crate) fn child_command(binary: &Path, core: Option<usize>) -> Command {
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    if has_setpriv() {
+        argv.extend(["setpriv", "--pdeathsig", "KILL", "--"].map(Into::into));
+    }
+    if let Some(core) = core {
+        argv.extend(["taskset".into(), "-c".into(), core.to_string().into()]);
+    }
+    argv.push(binary.into());
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    cmd
+}
+
+/// Whether `setpriv` is on `PATH` (looked up once).
+fn has_setpriv() -> bool {
+    static FOUND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FOUND.get_or_init(|| {
+        std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| dir.join("setpriv").is_file())
+        })
+    })
+}
+
 pub(crate) fn server_command(binary: &Path, core: Option<usize>, log: &Path) -> Result<Command> {
     let log_error = |source| Error::Log {
         path: log.to_owned(),
@@ -68,14 +99,7 @@ pub(crate) fn server_command(binary: &Path, core: Option<usize>, log: &Path) -> 
     };
     let file = std::fs::File::create(log).map_err(log_error)?;
     let err_file = file.try_clone().map_err(log_error)?;
-    let mut cmd = match core {
-        Some(core) => {
-            let mut cmd = Command::new("taskset");
-            cmd.arg("-c").arg(core.to_string()).arg(binary);
-            cmd
-        }
-        None => Command::new(binary),
-    };
+    let mut cmd = child_command(binary, core);
     cmd.env(
         "RUST_LOG",
         std::env::var("HERALD_BENCH_COMET_LOG").unwrap_or_else(|_| "warn".to_owned()),

@@ -109,3 +109,70 @@ fn bench_s5_smoke_delivers_every_push_through_kafka() {
     assert!(md.contains("| Kafka alone (floor) |"), "{md}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// The children of `pid` whose command line contains `word`.
+fn children_with(pid: u32, word: &str) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .filter(|child| {
+            std::fs::read(format!("/proc/{child}/cmdline"))
+                .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(word))
+        })
+        .collect()
+}
+
+/// Whether `pid` is still a live process (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name in parentheses.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+    })
+}
+
+#[test]
+fn a_killed_bench_takes_its_servers_with_it() {
+    use std::time::{Duration, Instant};
+    let out = std::env::temp_dir().join(format!("herald-bench-kill-{}", std::process::id()));
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["bench", "s1", "--clients", "1000", "--out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start herald bench s1");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let comet = loop {
+        if let Some(&pid) = children_with(bench.id(), "comet").first() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "bench started no comet");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(alive(comet));
+    // SIGKILL: no destructor in the bench runs.
+    bench.kill().expect("kill the bench");
+    bench.wait().expect("reap the bench");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(comet) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let outlived = alive(comet);
+    if outlived {
+        // Not left running when the test fails.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(comet).unwrap_or(i32::MAX)),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(!outlived, "comet {comet} outlived its bench");
+}
