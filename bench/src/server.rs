@@ -58,9 +58,6 @@ pub(crate) struct Comet {
     pub(crate) grpc: SocketAddr,
 }
 
-/// `binary` (a herald binary; the role and flags are for the caller to add),
-/// pinned to `core` with `taskset` when given, stdin closed, stdout and
-/// stderr into `log`, logging at `HERALD_BENCH_COMET_LOG` (default `warn`).
 /// A command running `binary`, pinned to `core` with `taskset` when given,
 /// and killed by the kernel when the tool dies: the tool stops its servers
 /// in `Drop`, which a signal (Ctrl-C, a CI timeout) skips, and a comet left
@@ -92,6 +89,9 @@ fn has_setpriv() -> bool {
     })
 }
 
+/// `binary` (a herald binary; the role and flags are for the caller to add),
+/// run by [`child_command`], stdin closed, stdout and stderr into `log`,
+/// logging at `HERALD_BENCH_COMET_LOG` (default `warn`).
 pub(crate) fn server_command(binary: &Path, core: Option<usize>, log: &Path) -> Result<Command> {
     let log_error = |source| Error::Log {
         path: log.to_owned(),

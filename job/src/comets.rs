@@ -561,42 +561,36 @@ impl Worker {
                             None => rooms.push((room, vec![(frame, done)])),
                         }
                     }
-                    call => others.push((call, done)),
+                    call => others.push((Request::from_call(call), done)),
                 }
             }
             let mut others = others.into_iter().peekable();
-            while let Some((call, done)) = others.next() {
-                let Call::Push { keys, op, frame } = call else {
-                    if self.deliver(&Request::from_call(call)).await.is_none() {
+            while let Some((req, done)) = others.next() {
+                let Request::Push(push) = req else {
+                    if self.deliver(&req).await.is_none() {
                         return;
                     }
                     let _ = done.send(());
                     continue;
                 };
-                // A run of consecutive pushes, within the batch caps, goes
-                // out as one call: order within the run is kept by comet.
-                let settings = &self.directory.settings;
-                let mut bytes = frame.len();
-                let mut run = vec![(push_req(keys, op, frame), done)];
-                while run.len() < settings.batch_frames.max(1) {
-                    let Some((Call::Push { frame, .. }, _)) = others.peek() else {
-                        break;
-                    };
-                    if bytes + frame.len() > settings.batch_bytes {
-                        break;
-                    }
-                    bytes += frame.len();
-                    let Some((Call::Push { keys, op, frame }, done)) = others.next() else {
-                        break;
-                    };
-                    run.push((push_req(keys, op, frame), done));
+                // A run of consecutive pushes goes out in batches within the
+                // caps, as room frames do: comet keeps the order of a batch.
+                let mut run = vec![(push, done)];
+                while let Some((Request::Push(push), done)) =
+                    others.next_if(|(req, _)| matches!(req, Request::Push(_)))
+                {
+                    run.push((push, done));
                 }
-                if self.send_pushes(run).await.is_none() {
-                    return;
+                for batch in batches(run, &self.directory.settings, |(push, _)| {
+                    push.proto.as_ref().map_or(0, |p| p.body.len())
+                }) {
+                    if self.send_pushes(batch).await.is_none() {
+                        return;
+                    }
                 }
             }
             for (room, frames) in rooms {
-                for batch in batches(frames, &self.directory.settings) {
+                for batch in batches(frames, &self.directory.settings, |(f, _)| f.len()) {
                     let mut body =
                         BytesMut::with_capacity(batch.iter().map(|(f, _)| f.len()).sum());
                     for (frame, _) in &batch {
@@ -743,34 +737,28 @@ impl Worker {
     }
 }
 
-/// Splits one room's frames into batches within the frame and byte caps;
-/// a single frame above the byte cap goes alone.
-fn batches(frames: RoomFrames, settings: &CallSettings) -> Vec<RoomFrames> {
-    let mut out: Vec<RoomFrames> = Vec::new();
-    let mut current: RoomFrames = Vec::new();
+/// Splits one room's frames, or a run of pushes, into batches within the
+/// frame and byte caps (`size` gives an item's frame bytes), in order; a
+/// single item above the byte cap goes alone.
+fn batches<T>(items: Vec<T>, settings: &CallSettings, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
+    let mut current: Vec<T> = Vec::new();
     let mut bytes = 0;
-    for (frame, done) in frames {
+    for item in items {
+        let len = size(&item);
         let full = current.len() >= settings.batch_frames.max(1)
-            || (!current.is_empty() && bytes + frame.len() > settings.batch_bytes);
+            || (!current.is_empty() && bytes + len > settings.batch_bytes);
         if full {
             out.push(std::mem::take(&mut current));
             bytes = 0;
         }
-        bytes += frame.len();
-        current.push((frame, done));
+        bytes += len;
+        current.push(item);
     }
     if !current.is_empty() {
         out.push(current);
     }
     out
-}
-
-fn push_req(keys: Vec<String>, op: i32, frame: Bytes) -> PushMsgReq {
-    PushMsgReq {
-        keys,
-        proto_op: op,
-        proto: Some(ws::raw_proto(frame)),
-    }
 }
 
 fn retryable(code: tonic::Code) -> bool {
@@ -796,7 +784,11 @@ enum Request {
 impl Request {
     fn from_call(call: Call) -> Request {
         match call {
-            Call::Push { keys, op, frame } => Request::Push(push_req(keys, op, frame)),
+            Call::Push { keys, op, frame } => Request::Push(PushMsgReq {
+                keys,
+                proto_op: op,
+                proto: Some(ws::raw_proto(frame)),
+            }),
             Call::Broadcast { op, speed, frame } => Request::Broadcast(BroadcastReq {
                 proto_op: op,
                 proto: Some(ws::raw_proto(frame)),
@@ -864,13 +856,17 @@ mod tests {
 
     #[test]
     fn batches_respect_frame_cap_and_keep_order() {
-        let out = batches(frames(&[1, 2, 3, 4, 5]), &settings(2, 1000));
+        let out = batches(frames(&[1, 2, 3, 4, 5]), &settings(2, 1000), |(f, _)| {
+            f.len()
+        });
         assert_eq!(shape(&out), vec![vec![1, 2], vec![3, 4], vec![5]]);
     }
 
     #[test]
     fn batches_respect_byte_cap_and_pass_oversized_frames_alone() {
-        let out = batches(frames(&[10, 10, 10, 50, 5]), &settings(20, 25));
+        let out = batches(frames(&[10, 10, 10, 50, 5]), &settings(20, 25), |(f, _)| {
+            f.len()
+        });
         assert_eq!(shape(&out), vec![vec![10, 10], vec![10], vec![50], vec![5]]);
     }
 
