@@ -138,6 +138,30 @@ pub(crate) fn relay(connections: usize) -> Result<()> {
     }
 }
 
+/// Serves S5's round-trip floor in this process (the `floor-echo` target):
+/// accepts one client and answers each read with one write of the same
+/// bytes, with blocking calls, until the client hangs up. At a rate slow
+/// enough that every message finds the process asleep, its CPU per message
+/// is what one request and its answer cost the kernel on this machine: the
+/// wake-up, the read, the loopback send and going back to sleep, with no
+/// event loop, parsing or thread hand-off of any kind.
+pub(crate) fn echo() -> Result<()> {
+    use std::io::{ErrorKind, Read};
+    let io = |step| move |source| Error::Io { step, source };
+    let (_listener, mut socks) = accept_clients(1)?;
+    let mut sock = socks.pop().ok_or(Error::Gone)?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match sock.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+            Err(err) => return Err(io("read client")(err)),
+        };
+        sock.write_all(&buf[..n]).map_err(io("write client"))?;
+    }
+}
+
 /// Listens on loopback, announces the address on stdout (the benchmark
 /// reads it), and accepts `connections` clients.
 fn accept_clients(connections: usize) -> Result<(TcpListener, Vec<TcpStream>)> {
@@ -194,6 +218,17 @@ impl FloorProc {
         core: Option<usize>,
     ) -> Result<FloorProc> {
         FloorProc::spawn(binary, "floor-relay", connections, core)
+    }
+
+    /// Starts `binary bench floor-echo` (S5's round-trip floor), pinned to
+    /// `core`; it serves one client until it hangs up.
+    pub(crate) fn start_echo(binary: &Path, core: Option<usize>) -> Result<FloorProc> {
+        FloorProc::spawn(binary, "floor-echo", 1, core)
+    }
+
+    /// The floor process's id, for its CPU figures.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     fn spawn(

@@ -113,6 +113,9 @@ pub enum What {
     /// Internal: S3's floor relay process.
     #[value(hide = true)]
     FloorRelay,
+    /// Internal: S5's round-trip floor process.
+    #[value(hide = true)]
+    FloorEcho,
 }
 
 /// Flags of `herald bench`.
@@ -175,6 +178,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.what == What::FloorRelay {
         return Ok(floor::relay(args.clients.unwrap_or(1))?);
+    }
+    if args.what == What::FloorEcho {
+        return Ok(floor::echo()?);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -8,6 +8,13 @@
 //! of its own with the producer settings logic uses, is the floor the
 //! single-key figure is compared with: Herald adds an HTTP hop, a Redis
 //! lookup, job and comet on top of it.
+//!
+//! CPU per push has a floor of its own: a single-key push at the latency
+//! step's rate finds every process asleep, and each of the
+//! [`ROUND_TRIPS_PER_PUSH`] request/answer pairs the servers must handle for
+//! it costs at least what an echo server pinned to the same core spends on
+//! one round trip at that rate, measured in the same run
+//! ([`round_trip_floor`]).
 
 use std::cell::RefCell;
 use std::net::{SocketAddr, TcpListener};
@@ -40,6 +47,15 @@ const PARTITIONS: i32 = 3;
 const MESSAGE_TIMEOUT_MS: u64 = 5_000;
 /// How long a step waits with no new message before calling delivery done.
 const DRAIN_IDLE: Duration = Duration::from_secs(3);
+/// Request/answer pairs logic, job and comet handle per single-key push,
+/// counted from their side (each is one wake-up, one read and one send):
+/// logic 3 (the HTTP request and its answer, the Redis route lookup, the
+/// Kafka produce and its acknowledgement), job 2 (the fetch answer carrying
+/// the record and the next fetch, the comet call and its answer), comet 1.5
+/// (the call and its answer, and a send to the client with no answer).
+const ROUND_TRIPS_PER_PUSH: f64 = 6.5;
+/// Bytes per echo message (one small frame).
+const ECHO_BYTES: usize = 32;
 /// Every wait for a process or a topic is bounded by this.
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -60,6 +76,9 @@ pub enum Error {
     /// The comet under test.
     #[error(transparent)]
     Comet(#[from] crate::server::Error),
+    /// The round-trip floor's echo process.
+    #[error("round-trip floor: {0}")]
+    Floor(#[from] crate::floor::Error),
     /// A file could not be written.
     #[error("cannot write {path:?}")]
     Write {
@@ -378,6 +397,73 @@ fn per_push(
         });
     }
     v
+}
+
+// ------------------------------------------------------- round-trip floor
+
+/// Echo round trips at `rate`/s for `duration` against `herald bench
+/// floor-echo` pinned to `core` (where the servers ran): the echo process's
+/// CPU per round trip, and that times [`ROUND_TRIPS_PER_PUSH`], the least a
+/// single-key push can cost the three servers at this rate on this machine.
+/// The sender is a plain thread with its own absolute schedule: one 32-byte
+/// message, then its echo, then sleep to the next slot.
+async fn round_trip_floor(
+    binary: &Path,
+    core: Option<usize>,
+    rate: f64,
+    duration: Duration,
+) -> Result<serde_json::Value> {
+    use std::io::{Read, Write};
+    let floor = crate::floor::FloorProc::start_echo(binary, core)?;
+    let (addr, pid) = (floor.addr(), floor.pid());
+    let io = |step: &'static str| move |source| crate::floor::Error::Io { step, source };
+    let count = (rate * duration.as_secs_f64()).round().max(1.0) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1e-3));
+    let cpu_now = move || {
+        proc::precise_cpu_seconds(pid)
+            .ok_or_else(|| Error::Process("cannot read the echo process's CPU clock".to_owned()))
+    };
+    let run = tokio::task::spawn_blocking(move || -> Result<(f64, f64, Duration)> {
+        let mut sock = std::net::TcpStream::connect(addr).map_err(io("connect"))?;
+        sock.set_nodelay(true).map_err(io("nodelay"))?;
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(io("read timeout"))?;
+        let mut buf = [0u8; ECHO_BYTES];
+        // One round trip first, so the accept and connection set-up are
+        // not in the figure.
+        sock.write_all(&buf).map_err(io("write"))?;
+        sock.read_exact(&mut buf).map_err(io("read"))?;
+        let before = cpu_now()?;
+        let start = Instant::now();
+        for i in 1..=count {
+            if let Some(wait) = (start + interval * i as u32).checked_duration_since(Instant::now())
+            {
+                std::thread::sleep(wait);
+            }
+            sock.write_all(&buf).map_err(io("write"))?;
+            sock.read_exact(&mut buf).map_err(io("read"))?;
+        }
+        Ok((before, cpu_now()?, start.elapsed()))
+    });
+    let (before, after, wall) = run
+        .await
+        .map_err(|e| Error::Process(format!("round-trip floor sender: {e}")))??;
+    drop(floor);
+    let cpu_s = after - before;
+    let per_trip = cpu_s * 1e6 / count as f64;
+    eprintln!(
+        "  round-trip floor {rate}/s: {per_trip:.1} µs CPU per round trip, × {ROUND_TRIPS_PER_PUSH} = {:.0} µs per push",
+        per_trip * ROUND_TRIPS_PER_PUSH
+    );
+    Ok(json!({
+        "rate": rate,
+        "round_trips": count,
+        "cpu_s": cpu_s,
+        "wall_s": wall.as_secs_f64(),
+        "cpu_us_per_round_trip": per_trip,
+        "round_trips_per_push": ROUND_TRIPS_PER_PUSH,
+        "cpu_us_per_push": per_trip * ROUND_TRIPS_PER_PUSH,
+    }))
 }
 
 // ------------------------------------------------------------ Kafka floor
@@ -793,7 +879,17 @@ async fn measure(
         None
     };
 
-    let targets = targets(&room_steps, &key_steps, &floor);
+    // What the kernel alone charges the servers' core for a push's round
+    // trips at the latency step's rate.
+    let round_trip = round_trip_floor(
+        binary,
+        core,
+        plan.key_rates.first().copied().unwrap_or(1.0),
+        step,
+    )
+    .await?;
+
+    let targets = targets(&room_steps, &key_steps, &floor, &round_trip);
     Ok(Outcome {
         record: json!({
             "topic_partitions": PARTITIONS,
@@ -805,6 +901,7 @@ async fn measure(
             "key_steps": key_steps,
             "kafka_floor": floor,
             "kafka_floor_low_rate": floor_low,
+            "round_trip_floor": round_trip,
             "first_error": generator.first_error(),
         }),
         targets,
@@ -893,6 +990,7 @@ fn targets(
     room_steps: &[serde_json::Value],
     key_steps: &[serde_json::Value],
     floor: &serde_json::Value,
+    round_trip: &serde_json::Value,
 ) -> Vec<Target> {
     let f = |v: &serde_json::Value| v.as_f64();
     let null = serde_json::Value::Null;
@@ -985,23 +1083,29 @@ fn targets(
                 .unwrap_or(0.0)
                 .total_cmp(&f(&b["rate"]).unwrap_or(0.0))
         });
+    // Only the latency step has a floor: it runs at the echo's rate, where
+    // every round trip is a wake-up of its own.
+    let key_floor = f(&round_trip["cpu_us_per_push"]).filter(|v| *v > 0.0);
     let mut cpu_rows = vec![
         (
             busiest,
             "CPU per room push (logic + job + comet), busiest room step",
+            None,
         ),
         (
             key_steps.first(),
             "CPU per single-key push (logic + job + comet), latency step",
+            key_floor,
         ),
     ];
     if key_steps.len() > 1 {
         cpu_rows.push((
             fastest,
             "CPU per single-key push (logic + job + comet), fastest step delivered in full",
+            None,
         ));
     }
-    for (step, target) in cpu_rows {
+    for (step, target, floor) in cpu_rows {
         let value = step.and_then(|s| f(&s["cost"]["cpu_us_per_push"]));
         let per = |s: &serde_json::Value, p: &str| {
             f(&s["cost"][p]["cpu_us_per_push"]).unwrap_or(f64::NAN)
@@ -1012,18 +1116,22 @@ fn targets(
             goal: "≤ 100 µs".to_owned(),
             figure: match step {
                 Some(s) => format!(
-                    "{:.0} µs at {} (logic {:.0}, job {:.0}, comet {:.0}; {})",
+                    "{:.0} µs at {} (logic {:.0}, job {:.0}, comet {:.0}; {}){}",
                     value.unwrap_or(f64::NAN),
                     step_rate(s),
                     per(s, "logic"),
                     per(s, "job"),
                     per(s, "comet"),
-                    syscall_figure(&s["cost"])
+                    syscall_figure(&s["cost"]),
+                    floor.map_or(String::new(), |fl| format!(
+                        "; round-trip floor {fl:.0} µs ({ROUND_TRIPS_PER_PUSH} × {:.1} µs)",
+                        fl / ROUND_TRIPS_PER_PUSH
+                    ))
                 ),
                 None => "not run".to_owned(),
             },
             value,
-            floor_ratio: None,
+            floor_ratio: value.zip(floor).map(|(v, fl)| v / fl),
             met: value.map(|v| v <= 100.0),
             loadavg: proc::loadavg(),
         });

@@ -98,6 +98,13 @@ fn bench_s5_smoke_delivers_every_push_through_kafka() {
     assert_eq!(keys["delivered"].as_u64(), Some(50), "{keys}");
     // The floor ran at the same rate and Kafka delivered all of it.
     assert_eq!(s5["kafka_floor"]["consumed"].as_u64(), Some(50));
+    // The round-trip floor echoed the key step's rate for the step's length,
+    // and its CPU was read from its own process.
+    let echo = &s5["round_trip_floor"];
+    assert_eq!(echo["round_trips"].as_u64(), Some(50), "{echo}");
+    assert!(echo["wall_s"].as_f64().unwrap_or(0.0) > 0.5, "{echo}");
+    assert!(echo["cpu_s"].as_f64().unwrap_or(0.0) > 0.0, "{echo}");
+    assert_eq!(echo["round_trips_per_push"].as_f64(), Some(6.5), "{echo}");
     // CPU was read from all three servers.
     for part in ["logic", "job", "comet"] {
         assert!(
@@ -107,6 +114,7 @@ fn bench_s5_smoke_delivers_every_push_through_kafka() {
     }
     let md = std::fs::read_to_string(out.join("bench-s5-smoke.md")).expect("the markdown table");
     assert!(md.contains("| Kafka alone (floor) |"), "{md}");
+    assert!(md.contains("round-trip floor"), "{md}");
     let _ = std::fs::remove_dir_all(&out);
 }
 
