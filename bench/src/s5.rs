@@ -56,6 +56,8 @@ const DRAIN_IDLE: Duration = Duration::from_secs(3);
 const ROUND_TRIPS_PER_PUSH: f64 = 6.5;
 /// Bytes per echo message (one small frame).
 const ECHO_BYTES: usize = 32;
+/// Longest unmeasured single-key warm-up before the measured steps.
+const WARM_UP: Duration = Duration::from_secs(3);
 /// Every wait for a process or a topic is bounded by this.
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -736,6 +738,22 @@ async fn measure(
         .await;
     let warm_delivered = warm_total - before.messages;
     eprintln!("  warm-up: {warm_delivered}/{warm_expected} delivered");
+    // Then a few unmeasured seconds of single-key pushes at the latency
+    // step's rate: a broker that was idle until now is still compiling its
+    // hot paths, and the Kafka floor, which runs last, meets a warm one.
+    let mut key_seq = vec![0i32; keys.len()];
+    let warm_keys = KeyRun {
+        label: "warm-up key push",
+        cluster: &cluster,
+        clock,
+        rate: plan.key_rates.first().copied().unwrap_or(1.0),
+        duration: step.min(WARM_UP),
+        keys: &keys,
+        perf: false,
+        out,
+    }
+    .measure(&mut generator, &mut key_seq)
+    .await;
 
     let mut room_steps = Vec::new();
     for &rate in &plan.room_rates {
@@ -826,10 +844,10 @@ async fn measure(
     }
 
     // Single-key pushes, spread over the key clients, overlapping freely.
-    let mut key_seq = vec![0i32; keys.len()];
     let mut key_steps = Vec::new();
     for &rate in &plan.key_rates {
         let run = KeyRun {
+            label: "key push",
             cluster: &cluster,
             clock,
             rate,
@@ -896,6 +914,7 @@ async fn measure(
             "connect": connect,
             "key_connect": key_connect,
             "warm_up": { "expected": warm_expected, "delivered": warm_delivered },
+            "warm_up_keys": warm_keys,
             "room_steps": room_steps,
             "key_step": key_step,
             "key_steps": key_steps,
@@ -911,6 +930,8 @@ async fn measure(
 /// One single-key step: `rate` pushes/s spread over `keys`, each key's
 /// pushes numbered on from `key_seq` so order is checked across steps.
 struct KeyRun<'a> {
+    /// How the step's line on stderr starts.
+    label: &'static str,
     cluster: &'a Cluster,
     clock: Clock,
     rate: f64,
@@ -954,8 +975,13 @@ impl KeyRun<'_> {
         let latency = Percentiles::of(&generator.take_latency());
         let cost = per_push(&s0, &s1, counted, delivered);
         eprintln!(
-            "  key push {}/s: delivered {delivered}/{}, p50 {:.0} µs, p99 {:.0} µs, {:.0} µs CPU/push",
-            self.rate, injected.ok, latency.p50_us, latency.p99_us, cost["cpu_us_per_push"]
+            "  {} {}/s: delivered {delivered}/{}, p50 {:.0} µs, p99 {:.0} µs, {:.0} µs CPU/push",
+            self.label,
+            self.rate,
+            injected.ok,
+            latency.p50_us,
+            latency.p99_us,
+            cost["cpu_us_per_push"]
         );
         json!({
             "rate": self.rate,
