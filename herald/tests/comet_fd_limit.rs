@@ -11,18 +11,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use bytes::{Bytes, BytesMut};
-use herald_protocol::pb::goim::logic::{
-    DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq, NodesReply, NodesReq,
-    OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
-};
-use herald_protocol::pb::{CometClient, ConnectReply, ConnectReq, Logic, LogicServer, PushMsgReq};
+use herald_protocol::pb::{CometClient, PushMsgReq};
 use herald_protocol::ws::raw_proto;
 use herald_protocol::{Frame, Limits, op};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Request, Response, Status};
 
 type Result<T = (), E = anyhow::Error> = std::result::Result<T, E>;
 
@@ -32,54 +26,6 @@ const NOFILE: usize = 64;
 /// Connections opened at once: well past what the limit leaves for sessions,
 /// and what is not accepted fits the listen backlog.
 const FLOOD: usize = 2 * NOFILE;
-
-/// Accepts every token `{"key": ...}`; the key is the session's key.
-#[derive(Debug, Clone, Default)]
-struct Stub;
-
-#[tonic::async_trait]
-impl Logic for Stub {
-    async fn connect(&self, req: Request<ConnectReq>) -> Result<Response<ConnectReply>, Status> {
-        let token: serde_json::Value = serde_json::from_slice(&req.into_inner().token)
-            .map_err(|_| Status::invalid_argument("token is not JSON"))?;
-        Ok(Response::new(ConnectReply {
-            mid: 1,
-            key: token["key"].as_str().unwrap_or("").to_owned(),
-            room_id: String::new(),
-            accepts: vec![1000],
-            heartbeat: 600_000_000_000,
-        }))
-    }
-
-    async fn disconnect(
-        &self,
-        _req: Request<DisconnectReq>,
-    ) -> Result<Response<DisconnectReply>, Status> {
-        Ok(Response::new(DisconnectReply { has: true }))
-    }
-
-    async fn heartbeat(
-        &self,
-        _req: Request<HeartbeatReq>,
-    ) -> Result<Response<HeartbeatReply>, Status> {
-        Ok(Response::new(HeartbeatReply {}))
-    }
-
-    async fn renew_online(
-        &self,
-        _req: Request<OnlineReq>,
-    ) -> Result<Response<OnlineReply>, Status> {
-        Ok(Response::new(OnlineReply::default()))
-    }
-
-    async fn receive(&self, _req: Request<ReceiveReq>) -> Result<Response<ReceiveReply>, Status> {
-        Ok(Response::new(ReceiveReply {}))
-    }
-
-    async fn nodes(&self, _req: Request<NodesReq>) -> Result<Response<NodesReply>, Status> {
-        Err(Status::unimplemented("not in the stub"))
-    }
-}
 
 /// The comet child; killed and reaped by its pid when dropped.
 struct Comet {
@@ -245,11 +191,7 @@ fn metric(body: &str, series: &str) -> f64 {
 async fn comet_keeps_serving_through_descriptor_exhaustion() -> Result {
     let logic_listener = TcpListener::bind("127.0.0.1:0").await?;
     let logic = logic_listener.local_addr()?;
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(LogicServer::new(Stub))
-            .serve_with_incoming(TcpListenerStream::new(logic_listener)),
-    );
+    herald_e2e::stub_logic::serve(logic_listener);
     let mut comet = start(logic).await?;
 
     // A session and a gRPC connection opened before the flood.

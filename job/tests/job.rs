@@ -14,11 +14,7 @@ use bytes::{Bytes, BytesMut};
 use herald_job::{Config, Job, StaticComet, StatsSnapshot, source};
 use herald_logic::queue::PushQueue;
 use herald_logic::queue::memory::MemoryQueue;
-use herald_protocol::pb::goim::logic::{
-    DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq, NodesReply, NodesReq,
-    OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
-};
-use herald_protocol::pb::{ConnectReply, ConnectReq, Logic, LogicServer, PushMsg, push_msg};
+use herald_protocol::pb::{PushMsg, push_msg};
 use herald_protocol::{Frame, Limits, op};
 use prost::Message as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -188,63 +184,6 @@ fn broadcast(body: &[u8], speed: i32) -> PushMsg {
     }
 }
 
-// ------------------------------------------------------------ stub logic
-
-#[derive(Debug, Clone, Default)]
-struct Stub;
-
-#[tonic::async_trait]
-impl Logic for Stub {
-    async fn connect(&self, req: Request<ConnectReq>) -> Result<Response<ConnectReply>, Status> {
-        let v: serde_json::Value = serde_json::from_slice(&req.into_inner().token)
-            .map_err(|_| Status::invalid_argument("token is not JSON"))?;
-        Ok(Response::new(ConnectReply {
-            mid: v["mid"].as_i64().unwrap_or(0),
-            key: v["key"].as_str().unwrap_or("").to_owned(),
-            room_id: v["room_id"].as_str().unwrap_or("").to_owned(),
-            accepts: v["accepts"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_i64())
-                        .map(|x| x as i32)
-                        .collect()
-                })
-                .unwrap_or_default(),
-            heartbeat: 60_000_000_000,
-        }))
-    }
-
-    async fn disconnect(
-        &self,
-        _req: Request<DisconnectReq>,
-    ) -> Result<Response<DisconnectReply>, Status> {
-        Ok(Response::new(DisconnectReply { has: true }))
-    }
-
-    async fn heartbeat(
-        &self,
-        _req: Request<HeartbeatReq>,
-    ) -> Result<Response<HeartbeatReply>, Status> {
-        Ok(Response::new(HeartbeatReply {}))
-    }
-
-    async fn renew_online(
-        &self,
-        _req: Request<OnlineReq>,
-    ) -> Result<Response<OnlineReply>, Status> {
-        Ok(Response::new(OnlineReply::default()))
-    }
-
-    async fn receive(&self, _req: Request<ReceiveReq>) -> Result<Response<ReceiveReply>, Status> {
-        Ok(Response::new(ReceiveReply {}))
-    }
-
-    async fn nodes(&self, _req: Request<NodesReq>) -> Result<Response<NodesReply>, Status> {
-        Err(Status::unimplemented("not in the stub"))
-    }
-}
-
 // ------------------------------------------------------------------ comet
 
 struct Comet {
@@ -259,11 +198,7 @@ impl Comet {
     async fn start(name: &str) -> Result<Comet> {
         let logic = TcpListener::bind("127.0.0.1:0").await?;
         let logic_addr = logic.local_addr()?;
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(LogicServer::new(Stub))
-                .serve_with_incoming(TcpListenerStream::new(logic)),
-        );
+        herald_e2e::stub_logic::serve(logic);
         let mut config = herald_comet::Config::new(name, logic_addr.to_string());
         config.renew_online_interval = Duration::from_secs(3600);
         let listeners = herald_comet::Listeners {
