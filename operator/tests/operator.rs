@@ -322,7 +322,24 @@ async fn cluster_gets_owned_children_idempotently_and_recreates_them() -> anyhow
 
     // Idempotent: many more passes (poll every 500 ms) write nothing.
     let versions = |cluster: &PushCluster| cluster.resource_version();
-    let before_cluster = versions(&clusters.get("chat").await?);
+    // kube-controller-manager may still be filling in the Deployments'
+    // statuses after Progressing turned false, and the cluster's status
+    // follows them: start the window once the status held still for three
+    // passes. One rewritten on every pass never does, and fails here.
+    let mut before_cluster = versions(&clusters.get("chat").await?);
+    let settle_by = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let now = versions(&clusters.get("chat").await?);
+        if now == before_cluster {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < settle_by,
+            "the status never held still for three passes"
+        );
+        before_cluster = now;
+    }
     let mut before = BTreeMap::new();
     for name in ["chat-comet", "chat-comet-grpc", "chat-logic"] {
         before.insert(
