@@ -306,9 +306,7 @@ impl Report {
                     step["expected"],
                     // Pushes logic answered with an error: not accepted, so
                     // not owed to anyone.
-                    step.get("refused")
-                        .or_else(|| step.get("push_errors"))
-                        .map_or_else(|| "–".to_owned(), ToString::to_string),
+                    step["refused"],
                     step["lost"],
                     step["reordered"],
                     ms(&step["latency"]["p50_us"]),

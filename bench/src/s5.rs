@@ -826,7 +826,8 @@ async fn measure(
             "members_per_room": per_room,
             "seconds": seconds,
             "pushes_ok": ok,
-            "push_errors": errors,
+            // Pushes logic answered with an error, as for single keys.
+            "refused": errors,
             "first_error": first_error,
             "expected": expected,
             "delivered": delivered,

@@ -3,7 +3,8 @@
 //!
 //! It reads `mid`, `key` and `room_id` from goim's JSON token, hands back an
 //! idle timeout of an hour (benchmark clients are idle on purpose), and counts
-//! the calls it served.
+//! the calls it served. Job's and the binary's tests use it as their logic
+//! too, writing the session they want into the token.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ const IDLE_NS: i64 = 3_600 * 1_000_000_000;
 
 /// Calls the stub served.
 #[derive(Debug, Default)]
-pub(crate) struct Calls {
+pub struct Calls {
     pub(crate) connects: AtomicU64,
     pub(crate) disconnects: AtomicU64,
 }
@@ -93,7 +94,10 @@ impl Logic for Stub {
 
 /// Serves the stub on a loopback port of its own; returns its address and
 /// call counters. The server task lives as long as the runtime.
-pub(crate) async fn start() -> std::io::Result<(SocketAddr, Arc<Calls>)> {
+///
+/// # Errors
+/// No loopback port to bind.
+pub async fn start() -> std::io::Result<(SocketAddr, Arc<Calls>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let stub = Stub::default();

@@ -6,7 +6,6 @@
 
 pub mod kubelet;
 pub mod service_proxy;
-pub mod stub_logic;
 
 /// Reads a variable that the test bed exports.
 ///

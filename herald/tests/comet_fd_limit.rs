@@ -138,7 +138,7 @@ impl Client {
             stream: TcpStream::connect(addr).await?,
             buf: BytesMut::new(),
         };
-        let token = serde_json::json!({ "key": key }).to_string();
+        let token = serde_json::json!({ "key": key, "accepts": [1000] }).to_string();
         let auth = Frame {
             ver: 1,
             op: op::AUTH,
@@ -189,9 +189,7 @@ fn metric(body: &str, series: &str) -> f64 {
 
 #[tokio::test]
 async fn comet_keeps_serving_through_descriptor_exhaustion() -> Result {
-    let logic_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let logic = logic_listener.local_addr()?;
-    herald_e2e::stub_logic::serve(logic_listener);
+    let (logic, _) = herald_bench::stub::start().await?;
     let mut comet = start(logic).await?;
 
     // A session and a gRPC connection opened before the flood.

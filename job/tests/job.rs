@@ -196,9 +196,7 @@ struct Comet {
 
 impl Comet {
     async fn start(name: &str) -> Result<Comet> {
-        let logic = TcpListener::bind("127.0.0.1:0").await?;
-        let logic_addr = logic.local_addr()?;
-        herald_e2e::stub_logic::serve(logic);
+        let (logic_addr, _) = herald_bench::stub::start().await?;
         let mut config = herald_comet::Config::new(name, logic_addr.to_string());
         config.renew_online_interval = Duration::from_secs(3600);
         let listeners = herald_comet::Listeners {
