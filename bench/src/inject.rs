@@ -180,6 +180,8 @@ pub(crate) enum Call {
 /// What an injection run did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct Injected {
+    /// Calls per second the schedule asked for ([`run_closed`]: the rate
+    /// its callers achieved).
     pub(crate) offered_rate: f64,
     pub(crate) scheduled: u64,
     pub(crate) ok: u64,
@@ -315,6 +317,62 @@ pub(crate) async fn run_phased<S: Sender>(
         skipped,
         first_error: s.first_error.clone(),
         seconds: start.elapsed().as_secs_f64(),
+        started: Some(start),
+        rpc_latency: Some(s.latency.clone()),
+    }
+}
+
+/// Closed loop: `callers` callers, caller `c` sending its `j`-th call
+/// `make(c, j, now_ns)` as soon as its previous one is answered, for
+/// `duration`. Where [`run`]
+/// holds the offered rate and shows a slow server as latency, this holds the
+/// concurrency and shows what the server sustains: its capacity, and the
+/// cost of a call at it, without the pile of open connections an open-loop
+/// schedule above capacity builds up. Latency counts from each call's send.
+pub(crate) async fn run_closed<S: Sender>(
+    client: &S,
+    clock: Clock,
+    callers: usize,
+    duration: Duration,
+    make: impl FnMut(usize, u64, u64) -> S::Call,
+) -> Injected {
+    let shared = RefCell::new(Shared {
+        ok: 0,
+        errors: 0,
+        in_flight: 0,
+        first_error: None,
+        latency: new_histogram(),
+    });
+    let make = RefCell::new((0u64, make));
+    let start = Instant::now();
+    let end = start + duration;
+    let (make, shared_ref) = (&make, &shared);
+    let caller = |c| async move {
+        let mut j = 0;
+        while Instant::now() < end {
+            let sent = Instant::now();
+            let call = {
+                let (calls, make) = &mut *make.borrow_mut();
+                *calls += 1;
+                make(c, j, clock.at(sent))
+            };
+            j += 1;
+            shared_ref.borrow_mut().in_flight += 1;
+            send(client.clone(), call, sent, shared_ref).await;
+        }
+    };
+    futures::future::join_all((0..callers.max(1)).map(caller)).await;
+    let seconds = start.elapsed().as_secs_f64();
+    let scheduled = make.borrow().0;
+    let s = shared.borrow();
+    Injected {
+        offered_rate: scheduled as f64 / seconds.max(1e-9),
+        scheduled,
+        ok: s.ok,
+        errors: s.errors,
+        skipped: 0,
+        first_error: s.first_error.clone(),
+        seconds,
         started: Some(start),
         rpc_latency: Some(s.latency.clone()),
     }

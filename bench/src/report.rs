@@ -180,6 +180,8 @@ impl Report {
                     match t.met {
                         Some(true) => "yes",
                         Some(false) => "**no**",
+                        // A figure shown for information, with no goal.
+                        None if t.goal.starts_with("reported") => "–",
                         None => "?",
                     },
                     t.loadavg
@@ -346,6 +348,18 @@ impl Report {
                     &mut md,
                     format!("single key ({} keys)", key["keys"]),
                     format!("{}/s", fmt_num(key["rate"].as_f64().unwrap_or(f64::NAN))),
+                    key,
+                );
+            }
+            for key in s5["capacity_steps"].as_array().into_iter().flatten() {
+                row(
+                    &mut md,
+                    format!("single key, closed loop ({} keys)", key["keys"]),
+                    format!(
+                        "{} callers: {}/s",
+                        key["callers"],
+                        fmt_num(key["rate"].as_f64().unwrap_or(f64::NAN))
+                    ),
                     key,
                 );
             }

@@ -128,6 +128,7 @@ impl Plan {
                     room_min_seconds: 1.0,
                     key_clients: 10,
                     key_rates: vec![50.0],
+                    key_callers: vec![4],
                     seconds: seconds.unwrap_or(1.0),
                 }
             } else {
@@ -139,6 +140,7 @@ impl Plan {
                     room_min_seconds: if full { 30.0 } else { 10.0 },
                     key_clients: 200,
                     key_rates: vec![1_000.0, 3_000.0, 10_000.0],
+                    key_callers: if full { vec![16, 64] } else { vec![64] },
                     seconds: step.max(if full { 10.0 } else { 5.0 }),
                 }
             },
@@ -375,7 +377,8 @@ fn s5_smoke_check(report: &Report) -> Result<()> {
         .as_array()
         .into_iter()
         .flatten()
-        .chain(s5["key_steps"].as_array().into_iter().flatten());
+        .chain(s5["key_steps"].as_array().into_iter().flatten())
+        .chain(s5["capacity_steps"].as_array().into_iter().flatten());
     for step in steps {
         let delivered = step["delivered"].as_u64();
         let expected = step["expected"].as_u64();

@@ -96,6 +96,16 @@ fn bench_s5_smoke_delivers_every_push_through_kafka() {
     let keys = &s5["key_step"];
     assert_eq!(keys["injected"]["ok"].as_u64(), Some(50), "{keys}");
     assert_eq!(keys["delivered"].as_u64(), Some(50), "{keys}");
+    // The closed-loop step: 4 callers, each push sent once the last was
+    // answered, so with 10 keys a key's pushes never overlap: all delivered,
+    // in order, at a rate measured from what logic accepted.
+    let closed = &s5["capacity_steps"][0];
+    assert_eq!(closed["callers"].as_u64(), Some(4), "{closed}");
+    assert!(closed["expected"].as_u64().unwrap_or(0) > 0, "{closed}");
+    assert_eq!(closed["delivered"], closed["expected"], "{closed}");
+    assert_eq!(closed["refused"].as_u64(), Some(0), "{closed}");
+    assert_eq!(closed["reordered"].as_u64(), Some(0), "{closed}");
+    assert!(closed["rate"].as_f64().unwrap_or(0.0) > 0.0, "{closed}");
     // The floor ran at the same rate and Kafka delivered all of it.
     assert_eq!(s5["kafka_floor"]["consumed"].as_u64(), Some(50));
     // The round-trip floor echoed the key step's rate for the step's length,
@@ -115,6 +125,10 @@ fn bench_s5_smoke_delivers_every_push_through_kafka() {
     let md = std::fs::read_to_string(out.join("bench-s5-smoke.md")).expect("the markdown table");
     assert!(md.contains("| Kafka alone (floor) |"), "{md}");
     assert!(md.contains("round-trip floor"), "{md}");
+    assert!(
+        md.contains("| single key, closed loop (10 keys) | 4 callers: "),
+        "{md}"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 
