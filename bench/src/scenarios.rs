@@ -140,7 +140,11 @@ impl Plan {
                     room_min_seconds: if full { 30.0 } else { 10.0 },
                     key_clients: 200,
                     key_rates: vec![1_000.0, 3_000.0, 10_000.0],
-                    key_callers: if full { vec![16, 64] } else { vec![64] },
+                    key_callers: if full {
+                        vec![16, 64, 256]
+                    } else {
+                        vec![64, 256]
+                    },
                     seconds: step.max(if full { 10.0 } else { 5.0 }),
                 }
             },
