@@ -140,10 +140,11 @@ impl Plan {
                     room_min_seconds: if full { 30.0 } else { 10.0 },
                     key_clients: 200,
                     key_rates: vec![1_000.0, 3_000.0, 10_000.0],
+                    // At most one caller per key client (200).
                     key_callers: if full {
-                        vec![16, 64, 256]
+                        vec![16, 64, 200]
                     } else {
-                        vec![64, 256]
+                        vec![64, 200]
                     },
                     seconds: step.max(if full { 10.0 } else { 5.0 }),
                 }
