@@ -349,3 +349,76 @@ mod tests {
         assert!(Machine::describe().nproc >= 1);
     }
 }
+
+/// Steps of [`speed_probe`]'s walk.
+const PROBE_STEPS: usize = 4_000_000;
+/// Entries of its table: 8 MiB of `u32`, more than this VM's caches hold
+/// per core, so a neighbour's cache pressure shows along with a busy core.
+const PROBE_ENTRIES: usize = 2 * 1024 * 1024;
+
+/// Nanoseconds per step of a fixed workload run on `core` (the calling
+/// thread's cores when `None`): a dependent random walk over 8 MiB mixed
+/// with integer arithmetic, the median of three rounds. The same code on
+/// the same machine gives the same figure unless the host takes the core,
+/// its sibling hyperthread or its caches away, which no guest counter
+/// shows; recorded at a run's start and end, it says whether two runs can
+/// be compared at all.
+pub(crate) fn speed_probe(core: Option<usize>) -> Option<f64> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if let Some(core) = core {
+                    let mut set = nix::sched::CpuSet::new();
+                    set.set(core).ok()?;
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).ok()?;
+                }
+                // Sattolo's shuffle: one cycle through every entry, so the
+                // walk never settles into a short loop that fits a cache.
+                let mut table: Vec<u32> = (0..PROBE_ENTRIES as u32).collect();
+                let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+                let mut next = || {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x
+                };
+                for i in (1..table.len()).rev() {
+                    let j = (next() % i as u64) as usize;
+                    table.swap(i, j);
+                }
+                let mut rounds: Vec<f64> = (0..3)
+                    .map(|_| {
+                        let start = std::time::Instant::now();
+                        let (mut at, mut mix) = (0u32, 0u64);
+                        for _ in 0..PROBE_STEPS {
+                            at = table[at as usize];
+                            mix = mix.rotate_left(5) ^ u64::from(at).wrapping_mul(0x9E37_79B9);
+                        }
+                        std::hint::black_box(mix);
+                        start.elapsed().as_nanos() as f64 / PROBE_STEPS as f64
+                    })
+                    .collect();
+                rounds.sort_by(f64::total_cmp);
+                rounds.get(1).copied()
+            })
+            .join()
+            .ok()
+            .flatten()
+    })
+}
+
+/// [`speed_probe`] on the server's and the generator's cores.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub(crate) struct Speed {
+    pub(crate) server_ns: Option<f64>,
+    pub(crate) generator_ns: Option<f64>,
+}
+
+impl Speed {
+    pub(crate) fn probe(server: Option<usize>, generator: Option<usize>) -> Speed {
+        Speed {
+            server_ns: speed_probe(server),
+            generator_ns: speed_probe(generator),
+        }
+    }
+}

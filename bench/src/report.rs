@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use hdrhistogram::Histogram;
 
 use crate::What;
-use crate::proc::Machine;
+use crate::proc::{Machine, Speed};
 
 /// Why the report could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +86,9 @@ pub(crate) struct Report {
     pub(crate) pinned: Option<(usize, usize)>,
     pub(crate) loadavg_start: f64,
     pub(crate) loadavg_end: f64,
+    /// The machine's speed on the pinned cores at the start and the end.
+    pub(crate) speed_start: Speed,
+    pub(crate) speed_end: Option<Speed>,
     pub(crate) targets: Vec<Target>,
     pub(crate) scenarios: BTreeMap<String, serde_json::Value>,
     pub(crate) notes: Vec<String>,
@@ -162,6 +165,19 @@ impl Report {
                 Some((s, g)) => format!("; server pinned to core {s}, generator to core {g}"),
                 None => "; nothing pinned".to_owned(),
             }
+        );
+        let ns = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), |v| format!("{v:.1}"));
+        let end = self.speed_end.unwrap_or(Speed {
+            server_ns: None,
+            generator_ns: None,
+        });
+        let _ = writeln!(
+            md,
+            "Speed probe (ns per step of a fixed random walk over 8 MiB; lower is faster, and runs compare only at similar figures): server core {} at the start, {} at the end; generator core {}, {}.\n",
+            ns(self.speed_start.server_ns),
+            ns(end.server_ns),
+            ns(self.speed_start.generator_ns),
+            ns(end.generator_ns),
         );
         if !self.targets.is_empty() {
             md.push_str("| scenario | target | goal | figure | ratio to floor | met | load |\n");

@@ -849,34 +849,26 @@ async fn measure(
         }));
     }
 
+    let key_run = |load| KeyRun {
+        label: "key push",
+        cluster: &cluster,
+        clock,
+        load,
+        duration: step,
+        keys: &keys,
+        perf,
+        out,
+    };
     // Single-key pushes, spread over the key clients, overlapping freely.
     let mut key_steps = Vec::new();
     for &rate in &plan.key_rates {
-        let run = KeyRun {
-            label: "key push",
-            cluster: &cluster,
-            clock,
-            load: KeyLoad::Rate(rate),
-            duration: step,
-            keys: &keys,
-            perf,
-            out,
-        };
+        let run = key_run(KeyLoad::Rate(rate));
         key_steps.push(run.measure(&mut generator, &mut key_seq).await);
     }
     // Then closed loop: the capacity of the three on their core.
     let mut capacity_steps = Vec::new();
     for &callers in &plan.key_callers {
-        let run = KeyRun {
-            label: "key push",
-            cluster: &cluster,
-            clock,
-            load: KeyLoad::Callers(callers),
-            duration: step,
-            keys: &keys,
-            perf,
-            out,
-        };
+        let run = key_run(KeyLoad::Callers(callers));
         capacity_steps.push(run.measure(&mut generator, &mut key_seq).await);
     }
     let key_step = key_steps.first().cloned().unwrap_or_default();

@@ -266,6 +266,8 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             pinned,
             loadavg_start: proc::loadavg(),
             loadavg_end: f64::NAN,
+            speed_start: proc::Speed::probe(pinned.map(|(s, _)| s), pinned.map(|(_, g)| g)),
+            speed_end: None,
             targets: Vec::new(),
             scenarios: Default::default(),
             notes,
@@ -307,6 +309,10 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         drop(comet);
     }
     ctx.report.loadavg_end = proc::loadavg();
+    ctx.report.speed_end = Some(proc::Speed::probe(
+        ctx.report.pinned.map(|(s, _)| s),
+        ctx.report.pinned.map(|(_, g)| g),
+    ));
     let md = ctx.report.write(&out)?;
     let _ = report::plots(&ctx.report, &out);
     if let Some(docs) = docs {

@@ -54,8 +54,17 @@ fn bench_smoke_delivers_everything_in_order() {
             s3[0]
         );
     }
+    // The speed probe ran on both cores at the start and the end: a walk of
+    // 4 M steps cannot take under a nanosecond each or over a microsecond.
+    for at in ["speed_start", "speed_end"] {
+        for core in ["server_ns", "generator_ns"] {
+            let ns = report[at][core].as_f64().unwrap_or(0.0);
+            assert!(ns > 0.1 && ns < 1_000.0, "{at}.{core}: {}", report[at]);
+        }
+    }
     let md = std::fs::read_to_string(out.join("bench-smoke.md")).expect("the markdown table");
     assert!(md.contains("| S2 | room fan-out, 20 frames/push"), "{md}");
+    assert!(md.contains("Speed probe (ns per step"), "{md}");
     let _ = std::fs::remove_dir_all(&out);
 }
 
