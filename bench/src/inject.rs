@@ -208,6 +208,39 @@ struct Shared {
     latency: Histogram<u64>,
 }
 
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            ok: 0,
+            errors: 0,
+            in_flight: 0,
+            first_error: None,
+            latency: new_histogram(),
+        }
+    }
+
+    /// What a run that started at `start` did, counted here.
+    fn injected(
+        &self,
+        offered_rate: f64,
+        scheduled: u64,
+        skipped: u64,
+        start: Instant,
+    ) -> Injected {
+        Injected {
+            offered_rate,
+            scheduled,
+            ok: self.ok,
+            errors: self.errors,
+            skipped,
+            first_error: self.first_error.clone(),
+            seconds: start.elapsed().as_secs_f64(),
+            started: Some(start),
+            rpc_latency: Some(self.latency.clone()),
+        }
+    }
+}
+
 /// How calls may overlap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Order {
@@ -246,13 +279,7 @@ pub(crate) async fn run_phased<S: Sender>(
 ) -> Injected {
     let total = (rate * duration.as_secs_f64()).round().max(1.0) as u64;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1e-9));
-    let shared = Rc::new(RefCell::new(Shared {
-        ok: 0,
-        errors: 0,
-        in_flight: 0,
-        first_error: None,
-        latency: new_histogram(),
-    }));
+    let shared = Rc::new(RefCell::new(Shared::new()));
     let serial = (order == Order::Serial).then(|| {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(S::Call, Instant)>();
         let client = client.clone();
@@ -308,18 +335,7 @@ pub(crate) async fn run_phased<S: Sender>(
     while shared.borrow().in_flight > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let s = shared.borrow();
-    Injected {
-        offered_rate: rate,
-        scheduled: total,
-        ok: s.ok,
-        errors: s.errors,
-        skipped,
-        first_error: s.first_error.clone(),
-        seconds: start.elapsed().as_secs_f64(),
-        started: Some(start),
-        rpc_latency: Some(s.latency.clone()),
-    }
+    shared.borrow().injected(rate, total, skipped, start)
 }
 
 /// Closed loop: `callers` callers, caller `c` sending its `j`-th call
@@ -336,46 +352,26 @@ pub(crate) async fn run_closed<S: Sender>(
     duration: Duration,
     make: impl FnMut(usize, u64, u64) -> S::Call,
 ) -> Injected {
-    let shared = RefCell::new(Shared {
-        ok: 0,
-        errors: 0,
-        in_flight: 0,
-        first_error: None,
-        latency: new_histogram(),
-    });
-    let make = RefCell::new((0u64, make));
+    let shared = &RefCell::new(Shared::new());
+    let make = &RefCell::new(make);
     let start = Instant::now();
     let end = start + duration;
-    let (make, shared_ref) = (&make, &shared);
     let caller = |c| async move {
         let mut j = 0;
         while Instant::now() < end {
             let sent = Instant::now();
-            let call = {
-                let (calls, make) = &mut *make.borrow_mut();
-                *calls += 1;
-                make(c, j, clock.at(sent))
-            };
+            let call = make.borrow_mut()(c, j, clock.at(sent));
             j += 1;
-            shared_ref.borrow_mut().in_flight += 1;
-            send(client.clone(), call, sent, shared_ref).await;
+            shared.borrow_mut().in_flight += 1;
+            send(client.clone(), call, sent, shared).await;
         }
     };
     futures::future::join_all((0..callers.max(1)).map(caller)).await;
-    let seconds = start.elapsed().as_secs_f64();
-    let scheduled = make.borrow().0;
     let s = shared.borrow();
-    Injected {
-        offered_rate: scheduled as f64 / seconds.max(1e-9),
-        scheduled,
-        ok: s.ok,
-        errors: s.errors,
-        skipped: 0,
-        first_error: s.first_error.clone(),
-        seconds,
-        started: Some(start),
-        rpc_latency: Some(s.latency.clone()),
-    }
+    // Every call made was answered or failed before its caller went on.
+    let made = s.ok + s.errors;
+    let rate = made as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    s.injected(rate, made, 0, start)
 }
 
 async fn send<S: Sender>(client: S, call: S::Call, scheduled: Instant, shared: &RefCell<Shared>) {

@@ -408,17 +408,19 @@ pub(crate) fn speed_probe(core: Option<usize>) -> Option<f64> {
 }
 
 /// [`speed_probe`] on the server's and the generator's cores.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub(crate) struct Speed {
     pub(crate) server_ns: Option<f64>,
     pub(crate) generator_ns: Option<f64>,
 }
 
 impl Speed {
-    pub(crate) fn probe(server: Option<usize>, generator: Option<usize>) -> Speed {
+    /// On the `(server, generator)` cores when pinned, else twice on the
+    /// cores this process may use.
+    pub(crate) fn probe(pinned: Option<(usize, usize)>) -> Speed {
         Speed {
-            server_ns: speed_probe(server),
-            generator_ns: speed_probe(generator),
+            server_ns: speed_probe(pinned.map(|(s, _)| s)),
+            generator_ns: speed_probe(pinned.map(|(_, g)| g)),
         }
     }
 }

@@ -167,10 +167,7 @@ impl Report {
             }
         );
         let ns = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), |v| format!("{v:.1}"));
-        let end = self.speed_end.unwrap_or(Speed {
-            server_ns: None,
-            generator_ns: None,
-        });
+        let end = self.speed_end.unwrap_or_default();
         let _ = writeln!(
             md,
             "Speed probe (ns per step of a fixed random walk over 8 MiB; lower is faster, and runs compare only at similar figures): server core {} at the start, {} at the end; generator core {}, {}.\n",

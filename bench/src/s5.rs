@@ -987,7 +987,11 @@ impl KeyRun<'_> {
         };
         let http = &self.cluster.http;
         let n_keys = keys.len().max(1);
-        let injected = match self.load {
+        let load = match self.load {
+            KeyLoad::Callers(n) => KeyLoad::Callers(n.clamp(1, n_keys)),
+            rate => rate,
+        };
+        let injected = match load {
             KeyLoad::Rate(rate) => {
                 let each = |i: u64, sched| make(i as usize % n_keys, sched);
                 inject::run(
@@ -1004,7 +1008,6 @@ impl KeyRun<'_> {
             // is sent only once its last one was answered, so order holds
             // here as it would for a backend pushing each user from one task.
             KeyLoad::Callers(n) => {
-                let n = n.clamp(1, n_keys);
                 let each = |c: usize, j: u64, sched| {
                     let owned = (n_keys - c).div_ceil(n);
                     make(c + (j as usize % owned) * n, sched)
@@ -1012,12 +1015,9 @@ impl KeyRun<'_> {
                 inject::run_closed(http, self.clock, n, self.duration, each).await
             }
         };
-        let (rate, callers) = match self.load {
+        let (rate, callers) = match load {
             KeyLoad::Rate(rate) => (rate, None),
-            KeyLoad::Callers(n) => (
-                injected.ok as f64 / injected.seconds.max(1e-9),
-                Some(n.clamp(1, n_keys)),
-            ),
+            KeyLoad::Callers(n) => (injected.ok as f64 / injected.seconds.max(1e-9), Some(n)),
         };
         let (total, _) = generator
             .wait_delivered(before.messages + injected.ok, DRAIN_IDLE)
@@ -1068,10 +1068,10 @@ fn room_call(room: &str, seq: i32, sched_ns: u64) -> HttpCall {
     }
 }
 
-fn targets(
-    room_steps: &[serde_json::Value],
-    key_steps: &[serde_json::Value],
-    capacity_steps: &[serde_json::Value],
+fn targets<'a>(
+    room_steps: &'a [serde_json::Value],
+    key_steps: &'a [serde_json::Value],
+    capacity_steps: &'a [serde_json::Value],
     floor: &serde_json::Value,
     round_trip: &serde_json::Value,
 ) -> Vec<Target> {
@@ -1157,15 +1157,19 @@ fn targets(
     // The fastest single-key step that delivered every push: what a push
     // costs once the processes are busy enough to batch (at the first,
     // slower step most of it is waking idle threads).
-    let fastest = key_steps
-        .iter()
-        .skip(1)
-        .filter(|s| all(s) && s["expected"].as_u64().is_some_and(|n| n > 0))
-        .max_by(|a, b| {
-            f(&a["rate"])
-                .unwrap_or(0.0)
-                .total_cmp(&f(&b["rate"]).unwrap_or(0.0))
-        });
+    // Of some steps, the one with the highest rate that delivered every push.
+    let fastest_in_full = |steps: &'a [serde_json::Value], skip| {
+        steps
+            .iter()
+            .skip(skip)
+            .filter(|s| all(s) && s["expected"].as_u64().is_some_and(|n| n > 0))
+            .max_by(|a, b| {
+                f(&a["rate"])
+                    .unwrap_or(0.0)
+                    .total_cmp(&f(&b["rate"]).unwrap_or(0.0))
+            })
+    };
+    let fastest = fastest_in_full(key_steps, 1);
     // Only the latency step has a floor: it runs at the echo's rate, where
     // every round trip is a wake-up of its own.
     let key_floor = f(&round_trip["cpu_us_per_push"]).filter(|v| *v > 0.0);
@@ -1194,16 +1198,8 @@ fn targets(
     // The closed-loop step that pushed the most and delivered all of it:
     // the three at their capacity on one core.
     if !capacity_steps.is_empty() {
-        let capacity = capacity_steps
-            .iter()
-            .filter(|s| all(s) && s["expected"].as_u64().is_some_and(|n| n > 0))
-            .max_by(|a, b| {
-                f(&a["rate"])
-                    .unwrap_or(0.0)
-                    .total_cmp(&f(&b["rate"]).unwrap_or(0.0))
-            });
         cpu_rows.push((
-            capacity,
+            fastest_in_full(capacity_steps, 0),
             "CPU per single-key push (logic + job + comet) at capacity: closed loop, most pushes/s delivered in full",
             None,
         ));

@@ -266,7 +266,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             pinned,
             loadavg_start: proc::loadavg(),
             loadavg_end: f64::NAN,
-            speed_start: proc::Speed::probe(pinned.map(|(s, _)| s), pinned.map(|(_, g)| g)),
+            speed_start: proc::Speed::probe(pinned),
             speed_end: None,
             targets: Vec::new(),
             scenarios: Default::default(),
@@ -309,10 +309,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         drop(comet);
     }
     ctx.report.loadavg_end = proc::loadavg();
-    ctx.report.speed_end = Some(proc::Speed::probe(
-        ctx.report.pinned.map(|(s, _)| s),
-        ctx.report.pinned.map(|(_, g)| g),
-    ));
+    ctx.report.speed_end = Some(proc::Speed::probe(ctx.report.pinned));
     let md = ctx.report.write(&out)?;
     let _ = report::plots(&ctx.report, &out);
     if let Some(docs) = docs {
