@@ -1,7 +1,7 @@
 //! The kernel floors: a fan-out server that does nothing but write pre-encoded
 //! frames to N sockets, as fast as it can, on one pinned core (S0, for S2);
 //! and a relay that copies each frame it is sent to one of N sockets (S3's
-//! latency floor).
+//! latency floor); a handshake server for S4's connection storms.
 //!
 //! Whatever comet achieves at the same N and batch size is compared against
 //! this figure, taken in the same run, so a busy or slow machine moves both
@@ -16,6 +16,8 @@ use std::path::Path;
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use herald_protocol::frame::HEADER_LEN;
 
 use crate::load::Clock;
 use crate::proc;
@@ -162,6 +164,115 @@ pub(crate) fn echo() -> Result<()> {
     }
 }
 
+/// Serves S4's floor in this process (the `floor-handshake` target): the
+/// least a connection server does per authenticated connection, on one
+/// thread with a bare `epoll` loop (mio): accept, register, read the op-7
+/// frame, write a pre-encoded op-8 reply, and close when the client does.
+/// No token check, no call to logic, no task per connection: what is left
+/// is the kernel's share of a connection (accept, the socket, its epoll
+/// registration, one read and one write over loopback, the close), which
+/// every server pays. It runs until the benchmark stops it.
+pub(crate) fn handshake() -> Result<()> {
+    use mio::net::TcpListener as MioListener;
+    use mio::{Events, Interest, Poll, Token};
+    use std::io::{ErrorKind, Read};
+    let io = |step| move |source| Error::Io { step, source };
+    const LISTENER: Token = Token(usize::MAX);
+    let listener = listen().map_err(io("listen"))?;
+    listener.set_nonblocking(true).map_err(io("nonblocking"))?;
+    let addr = listener.local_addr().map_err(io("local address"))?;
+    let mut listener = MioListener::from_std(listener);
+    let mut poll = Poll::new().map_err(io("epoll"))?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)
+        .map_err(io("register listener"))?;
+    let mut out = std::io::stdout();
+    writeln!(out, "listening {addr}").map_err(io("stdout"))?;
+    out.flush().map_err(io("stdout"))?;
+    let reply = wire::auth_reply_frame();
+    // Slots indexed by token; freed slots are reused, so the table stays
+    // as large as the most connections open at once.
+    let mut conns: Vec<Option<HandshakeConn>> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    let mut events = Events::with_capacity(1024);
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Err(err) = poll.poll(&mut events, None) {
+            if err.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(io("epoll wait")(err));
+        }
+        for event in &events {
+            if event.token() == LISTENER {
+                loop {
+                    let mut stream = match listener.accept() {
+                        Ok((stream, _)) => stream,
+                        Err(err) if err.kind() == ErrorKind::WouldBlock => break,
+                        // Out of descriptors or a client gone before accept:
+                        // the storm's counts show it; keep serving.
+                        Err(_) => break,
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let slot = free.pop().unwrap_or_else(|| {
+                        conns.push(None);
+                        conns.len() - 1
+                    });
+                    if poll
+                        .registry()
+                        .register(&mut stream, Token(slot), Interest::READABLE)
+                        .is_ok()
+                    {
+                        conns[slot] = Some(HandshakeConn { stream, header: 0 });
+                    } else {
+                        free.push(slot);
+                    }
+                }
+                continue;
+            }
+            let slot = event.token().0;
+            let Some(conn) = conns.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            let open = loop {
+                match conn.stream.read(&mut buf) {
+                    Ok(0) => break false,
+                    Ok(n) => {
+                        // The reply goes out once the auth frame's header
+                        // is in; later bytes (heartbeats) are read and
+                        // dropped.
+                        let before = conn.header;
+                        conn.header = conn.header.saturating_add(n).min(HEADER_LEN);
+                        if before < HEADER_LEN
+                            && conn.header == HEADER_LEN
+                            && conn.stream.write_all(&reply).is_err()
+                        {
+                            break false;
+                        }
+                    }
+                    Err(err) if err.kind() == ErrorKind::WouldBlock => break true,
+                    Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => break false,
+                }
+            };
+            if !open {
+                if let Some(mut conn) = conns[slot].take() {
+                    let _ = poll.registry().deregister(&mut conn.stream);
+                }
+                free.push(slot);
+            }
+        }
+    }
+}
+
+/// One client of the handshake floor.
+#[derive(Debug)]
+struct HandshakeConn {
+    stream: mio::net::TcpStream,
+    /// Header bytes received so far, up to [`HEADER_LEN`].
+    header: usize,
+}
+
 /// Listens on loopback, announces the address on stdout (the benchmark
 /// reads it), and accepts `connections` clients.
 fn accept_clients(connections: usize) -> Result<(TcpListener, Vec<TcpStream>)> {
@@ -224,6 +335,12 @@ impl FloorProc {
     /// `core`; it serves one client until it hangs up.
     pub(crate) fn start_echo(binary: &Path, core: Option<usize>) -> Result<FloorProc> {
         FloorProc::spawn(binary, "floor-echo", 1, core)
+    }
+
+    /// Starts `binary bench floor-handshake` (S4's floor), pinned to
+    /// `core`; it serves until stopped.
+    pub(crate) fn start_handshake(binary: &Path, core: Option<usize>) -> Result<FloorProc> {
+        FloorProc::spawn(binary, "floor-handshake", 1, core)
     }
 
     /// The floor process's id, for its CPU figures.

@@ -116,6 +116,9 @@ pub enum What {
     /// Internal: S5's round-trip floor process.
     #[value(hide = true)]
     FloorEcho,
+    /// Internal: S4's handshake floor process.
+    #[value(hide = true)]
+    FloorHandshake,
 }
 
 /// Flags of `herald bench`.
@@ -181,6 +184,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.what == What::FloorEcho {
         return Ok(floor::echo()?);
+    }
+    if args.what == What::FloorHandshake {
+        return Ok(floor::handshake()?);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -270,6 +270,12 @@ pub(crate) struct Sample {
     at: std::time::Instant,
 }
 
+/// How many descriptors process `pid` holds (`/proc/<pid>/fd`), or `None`
+/// when it is gone or unreadable.
+pub(crate) fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
 impl Sample {
     pub(crate) fn take(pid: u32) -> Sample {
         let (user, system) = cpu(pid).unwrap_or((f64::NAN, f64::NAN));

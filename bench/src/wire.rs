@@ -40,6 +40,13 @@ pub(crate) fn auth_frame(token: &[u8]) -> Vec<u8> {
     buf.to_vec()
 }
 
+/// The op-8 reply to an authentication, as S4's floor sends it.
+pub(crate) fn auth_reply_frame() -> Vec<u8> {
+    let mut buf = BytesMut::with_capacity(HEADER_LEN);
+    put_header(&mut buf, 0, 1, op::AUTH_REPLY, 1);
+    buf.to_vec()
+}
+
 /// The op-2 heartbeat frame, encoded once and sent by every client.
 pub(crate) fn heartbeat_frame() -> Vec<u8> {
     let mut buf = BytesMut::with_capacity(HEADER_LEN);
@@ -364,10 +371,7 @@ mod tests {
     #[test]
     fn ws_batches_are_walked_into() {
         // Server frames: auth reply (unwrapped), then an op-9 batch of 3 messages.
-        let mut auth = Vec::new();
-        let mut b = BytesMut::new();
-        put_header(&mut b, 0, 1, op::AUTH_REPLY, 1);
-        auth.extend_from_slice(&b);
+        let auth = auth_reply_frame();
         let mut inner = Vec::new();
         for seq in 1..=3 {
             put_message(&mut inner, seq, 10);

@@ -120,6 +120,12 @@ pub struct Args {
     /// Deadline of every call to logic, in milliseconds.
     #[arg(long, env = "HERALD_COMET_LOGIC_TIMEOUT_MS", default_value_t = 3_000)]
     pub logic_timeout_ms: u64,
+    /// Most calls to logic in flight at once; further calls wait in comet
+    /// (their deadline starts when they are sent), so thousands of clients
+    /// closing together queue their `Disconnect`s instead of opening
+    /// thousands of HTTP/2 streams to logic at once.
+    #[arg(long, env = "HERALD_COMET_LOGIC_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub logic_max_in_flight: usize,
     /// Most client connections held at once; further ones are closed on accept.
     #[arg(long, env = "HERALD_COMET_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -193,6 +199,7 @@ impl Args {
             logic_addr,
             handshake_timeout_ms,
             logic_timeout_ms,
+            logic_max_in_flight,
             max_connections,
             queue_bytes,
             send_buffer_bytes,
@@ -212,6 +219,7 @@ impl Args {
             logic_addr,
             handshake_timeout: Duration::from_millis(handshake_timeout_ms),
             logic_timeout: Duration::from_millis(logic_timeout_ms),
+            logic_max_in_flight: logic_max_in_flight.max(1),
             max_connections,
             queue_bytes,
             send_buffer: (send_buffer_bytes > 0).then_some(send_buffer_bytes),
@@ -297,6 +305,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Deadline of each call to logic (goim sets none; §8).
     pub logic_timeout: Duration,
+    /// Most calls to logic in flight at once (at least 1).
+    pub logic_max_in_flight: usize,
     /// Most connections held at once.
     pub max_connections: usize,
     /// Per-connection outbound queue limit, in bytes.
@@ -339,6 +349,7 @@ impl Config {
             logic_addr: logic_addr.into(),
             handshake_timeout: Duration::from_secs(5),
             logic_timeout: Duration::from_secs(3),
+            logic_max_in_flight: 256,
             max_connections: 100_000,
             queue_bytes: 256 * 1024,
             send_buffer: Some(64 * 1024),
@@ -416,11 +427,17 @@ pub async fn run(
         Some(listener) => Some((listener, tls_acceptor(&config)?)),
         None => None,
     };
-    let logic = logic::Logic::new(&config.logic_addr, config.logic_timeout)?;
+    let metrics = metrics::Metrics::new();
+    let logic = logic::Logic::new(
+        &config.logic_addr,
+        config.logic_timeout,
+        config.logic_max_in_flight,
+        metrics.logic_failures(),
+    )?;
     let shared = Arc::new(Shared {
         buckets: buckets::Buckets::new(config.buckets),
         logic,
-        metrics: metrics::Metrics::new(),
+        metrics,
         draining: std::sync::atomic::AtomicBool::new(false),
         drained: CancellationToken::new(),
         shutdown: CancellationToken::new(),

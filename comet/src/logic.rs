@@ -14,9 +14,11 @@ use herald_protocol::pb::goim::logic::{
     ConnectReply, ConnectReq, DisconnectReq, HeartbeatReq, OnlineReq, ReceiveReq,
 };
 use herald_protocol::pb::{LogicClient, Proto};
+use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, warn};
 
+use crate::metrics::LogicFailures;
 use crate::{Error, Shared};
 
 /// Logic's client plus the latest cluster-wide room counts it reported.
@@ -31,14 +33,26 @@ pub struct Logic {
     /// Set once logic has been reached (a call succeeded or the probe
     /// connected); `/readyz` fails until then.
     reachable: AtomicBool,
+    failures: LogicFailures,
 }
 
 impl Logic {
-    /// A lazily connecting client; the first call dials.
+    /// A lazily connecting client; the first call dials. At most
+    /// `max_in_flight` calls are sent at once: without a bound, a few
+    /// thousand clients closing together sent as many `Disconnect` streams
+    /// over the one HTTP/2 connection, which then failed under them and
+    /// took every call on it along (the benchmark's reconnect storms lost
+    /// 68,500 of 95,000 `Disconnect`s so). Waiting calls queue in the
+    /// channel and their deadline starts when they are sent.
     ///
     /// # Errors
     /// [`Error::LogicAddr`] when `addr` is not a valid URI.
-    pub fn new(addr: &str, timeout: Duration) -> Result<Logic, Error> {
+    pub(crate) fn new(
+        addr: &str,
+        timeout: Duration,
+        max_in_flight: usize,
+        failures: LogicFailures,
+    ) -> Result<Logic, Error> {
         let uri = if addr.contains("://") {
             addr.to_owned()
         } else {
@@ -48,13 +62,17 @@ impl Logic {
             addr: addr.to_owned(),
             source,
         })?;
-        let endpoint = endpoint.connect_timeout(timeout).timeout(timeout);
+        let endpoint = endpoint
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .concurrency_limit(max_in_flight.max(1));
         let channel = endpoint.connect_lazy();
         Ok(Logic {
             client: LogicClient::new(channel),
             online: RwLock::new(Arc::new(HashMap::new())),
             endpoint,
             reachable: AtomicBool::new(false),
+            failures,
         })
     }
 
@@ -82,7 +100,22 @@ impl Logic {
             cookie,
             token,
         };
-        let reply = self.client.clone().connect(req).await?.into_inner();
+        let reply = self
+            .client
+            .clone()
+            .connect(req)
+            .await
+            .inspect_err(|status| {
+                // A refused token is logic's answer, counted as an auth
+                // outcome; the rest is the call failing.
+                if !matches!(
+                    status.code(),
+                    Code::Unauthenticated | Code::InvalidArgument | Code::PermissionDenied
+                ) {
+                    self.failures.failed("connect");
+                }
+            })?
+            .into_inner();
         self.mark_reachable();
         Ok(reply)
     }
@@ -95,6 +128,7 @@ impl Logic {
             server: server.to_owned(),
         };
         if let Err(status) = self.client.clone().disconnect(req).await {
+            self.failures.failed("disconnect");
             warn!(%key, cause = %status, "logic Disconnect failed");
         }
     }
@@ -107,6 +141,7 @@ impl Logic {
             server: server.to_owned(),
         };
         if let Err(status) = self.client.clone().heartbeat(req).await {
+            self.failures.failed("heartbeat");
             warn!(%key, cause = %status, "logic Heartbeat failed");
         }
     }
@@ -118,6 +153,7 @@ impl Logic {
             proto: Some(proto),
         };
         if let Err(status) = self.client.clone().receive(req).await {
+            self.failures.failed("receive");
             debug!(cause = %status, "logic Receive failed");
         }
     }
@@ -143,7 +179,10 @@ impl Logic {
                 let all = Arc::new(reply.into_inner().all_room_count);
                 *self.online.write().unwrap_or_else(PoisonError::into_inner) = all;
             }
-            Err(status) => warn!(cause = %status, "logic RenewOnline failed"),
+            Err(status) => {
+                self.failures.failed("renew_online");
+                warn!(cause = %status, "logic RenewOnline failed");
+            }
         }
     }
 }

@@ -40,7 +40,19 @@ pub struct Metrics {
     accept_errors: Counters,
     upgrade_refused: Counters,
     receives: Counters,
+    logic_failures: Counters,
     push_write_latency: Histogram,
+}
+
+/// Failed calls to logic, by rpc: handed to the logic client, which sees
+/// every call's outcome.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LogicFailures(Counters);
+
+impl LogicFailures {
+    pub(crate) fn failed(&self, rpc: &'static str) {
+        self.0.get_or_create(&[("rpc", rpc)]).inc();
+    }
 }
 
 impl Default for Metrics {
@@ -82,6 +94,10 @@ impl Metrics {
             "receives",
             "Client ops bound for logic Receive, by outcome (forwarded, rate_limited)",
         );
+        let logic_failures = counter(
+            "logic_call_failures",
+            "Calls to logic that failed or timed out, by rpc (connect, disconnect, heartbeat, renew_online, receive)",
+        );
         let push_waits = Counter::default();
         registry.register(
             "push_waits",
@@ -109,6 +125,7 @@ impl Metrics {
             accept_errors,
             upgrade_refused,
             receives,
+            logic_failures,
             push_write_latency,
         }
     }
@@ -179,6 +196,10 @@ impl Metrics {
 
     pub(crate) fn receive(&self, outcome: &'static str) {
         self.receives.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    pub(crate) fn logic_failures(&self) -> LogicFailures {
+        LogicFailures(self.logic_failures.clone())
     }
 
     pub(crate) fn push_written(&self, latency: std::time::Duration) {

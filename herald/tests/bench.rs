@@ -1,5 +1,6 @@
 //! The benchmark tool keeps working: `herald bench smoke` runs the floor, a
-//! tiny room fan-out and single-key pushes (comet, then the floor relay)
+//! tiny room fan-out, single-key pushes (comet, then the floor relay) and
+//! connection storms (the handshake floor, then comet)
 //! against real processes of this binary and must deliver every message, in
 //! order, to every client. No timing is asserted.
 
@@ -54,6 +55,21 @@ fn bench_smoke_delivers_everything_in_order() {
             s3[0]
         );
     }
+    // S4: a connect storm and reconnect storms of the 50 clients, against
+    // the handshake floor and against comet, every client authenticated
+    // (op 8 read) in each; the table compares comet with the floor.
+    let storms = report["scenarios"]["s4"]["storms"]
+        .as_array()
+        .expect("S4 storms");
+    for server in ["floor", "comet"] {
+        let of_server: Vec<_> = storms.iter().filter(|s| s["server"] == server).collect();
+        assert_eq!(of_server.len(), 5, "{server}: {storms:?}");
+        for storm in of_server {
+            assert_eq!(storm["connect"]["connected"].as_u64(), Some(50), "{storm}");
+            assert_eq!(storm["connect"]["failed"].as_u64(), Some(0), "{storm}");
+            assert!(storm["server_cpu"]["share"].as_f64().is_some(), "{storm}");
+        }
+    }
     // The speed probe ran on both cores at the start and the end: a walk of
     // 4 M steps cannot take under a nanosecond each or over a microsecond.
     for at in ["speed_start", "speed_end"] {
@@ -65,6 +81,11 @@ fn bench_smoke_delivers_everything_in_order() {
     let md = std::fs::read_to_string(out.join("bench-smoke.md")).expect("the markdown table");
     assert!(md.contains("| S2 | room fan-out, 20 frames/push"), "{md}");
     assert!(md.contains("Speed probe (ns per step"), "{md}");
+    assert!(
+        md.lines()
+            .any(|l| l.starts_with("| S4 | connection storm") && l.contains("floor")),
+        "{md}"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 
