@@ -17,7 +17,7 @@
 //! ([`round_trip_floor`]).
 
 use std::cell::RefCell;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::rc::Rc;
@@ -131,8 +131,7 @@ pub(crate) struct S5Plan {
 // ------------------------------------------------------------ processes
 
 fn free_port() -> Result<SocketAddr> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
+    crate::server::free_port()
         .map_err(|err| Error::Process(format!("cannot reserve a loopback port: {err}")))
 }
 

@@ -40,12 +40,40 @@ pub enum Error {
 /// Result with this module's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn free_port() -> Result<SocketAddr> {
-    // The port is released again before comet binds it; on a loopback-only
-    // benchmark machine nothing else races for it in that instant.
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(Error::Port)
+/// A loopback address nothing listens on, for a server this tool starts.
+///
+/// The port lies below the kernel's ephemeral range: one found by binding
+/// port 0 lies inside it, and between its release and the server's bind any
+/// outgoing connection (the generator opens thousands) may take it as its
+/// source port, and the server then fails with "Address already in use".
+/// Ports handed out by this process are not handed out again.
+pub(crate) fn free_port() -> Result<SocketAddr> {
+    use std::hash::BuildHasher;
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    const FIRST: u16 = 10_000;
+    let end = proc::ephemeral_ports_start().max(FIRST + 1_000);
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let seed = std::collections::hash_map::RandomState::new();
+    let mut last_err = None;
+    for attempt in 0..10_000u32 {
+        let port = FIRST + (seed.hash_one(attempt) % u64::from(end - FIRST)) as u16;
+        if handed_out.contains(&port) {
+            continue;
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        match TcpListener::bind(addr) {
+            Ok(_) => {
+                handed_out.push(port);
+                return Ok(addr);
+            }
+            Err(err) => last_err = Some(err),
+        }
+    }
+    Err(Error::Port(last_err.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::AddrInUse, "every port handed out")
+    })))
 }
 
 /// A running comet.

@@ -5,7 +5,7 @@
 //! over gRPC to comet, and arrives at the clients.
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,12 +36,6 @@ const ORDERED: usize = 200;
 /// The `herald` binary cargo built for this test, with the same features.
 fn herald_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_herald"))
-}
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local addr").port()
 }
 
 fn addr(port: u16) -> String {
@@ -133,13 +127,13 @@ impl Cluster {
             .join(&topic);
         std::fs::create_dir_all(&dir)?;
 
-        let logic_http = free_port();
-        let logic_grpc = free_port();
-        let comet_tcp = free_port();
-        let comet_ws = free_port();
-        let comet_grpc = free_port();
-        let comet_http = free_port();
-        let job_http = free_port();
+        let logic_http = herald_e2e::free_port();
+        let logic_grpc = herald_e2e::free_port();
+        let comet_tcp = herald_e2e::free_port();
+        let comet_ws = herald_e2e::free_port();
+        let comet_grpc = herald_e2e::free_port();
+        let comet_http = herald_e2e::free_port();
+        let job_http = herald_e2e::free_port();
 
         let nodes = dir.join("nodes.json");
         let list = serde_json::json!({

@@ -9,7 +9,7 @@
 //! into the topic with acks=all, each carrying its sequence number as body.
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -49,11 +49,6 @@ const TOTAL: Duration = Duration::from_secs(240);
 
 fn herald_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_herald"))
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local addr").port()
 }
 
 fn addr(port: u16) -> String {
@@ -277,7 +272,7 @@ async fn job_killed_five_times_loses_no_acknowledged_push() -> anyhow::Result<()
     std::fs::create_dir_all(&dir)?;
     let s = |v: &str| v.to_owned();
 
-    let (logic_http, logic_grpc) = (free_port(), free_port());
+    let (logic_http, logic_grpc) = (herald_e2e::free_port(), herald_e2e::free_port());
     let mut logic = Proc::spawn(
         "logic",
         s("logic"),
@@ -296,7 +291,12 @@ async fn job_killed_five_times_loses_no_acknowledged_push() -> anyhow::Result<()
         ],
     )?;
     wait_accepts(logic_grpc, &mut logic).await?;
-    let (tcp, ws, grpc, http) = (free_port(), free_port(), free_port(), free_port());
+    let (tcp, ws, grpc, http) = (
+        herald_e2e::free_port(),
+        herald_e2e::free_port(),
+        herald_e2e::free_port(),
+        herald_e2e::free_port(),
+    );
     let mut comet = Proc::spawn(
         "comet",
         s("comet"),
@@ -346,7 +346,7 @@ async fn job_killed_five_times_loses_no_acknowledged_push() -> anyhow::Result<()
     };
     let started = Instant::now();
     let producer = tokio::spawn(produce(brokers.clone(), topic.clone(), server.clone()));
-    let mut job = Proc::spawn("job", s("job-0"), &dir, &job_args(free_port()))?;
+    let mut job = Proc::spawn("job", s("job-0"), &dir, &job_args(herald_e2e::free_port()))?;
     let result = async {
         // Kill when a sixth, two sixths, ... of the pushes have arrived.
         for kill in 1..=KILLS {
@@ -368,7 +368,12 @@ async fn job_killed_five_times_loses_no_acknowledged_push() -> anyhow::Result<()
                 started.elapsed().as_secs_f64(),
                 received.load(Ordering::Relaxed)
             );
-            job = Proc::spawn("job", format!("job-{kill}"), &dir, &job_args(free_port()))?;
+            job = Proc::spawn(
+                "job",
+                format!("job-{kill}"),
+                &dir,
+                &job_args(herald_e2e::free_port()),
+            )?;
         }
         let acked = tokio::time::timeout(TOTAL, producer)
             .await

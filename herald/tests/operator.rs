@@ -131,21 +131,20 @@ mod drain {
 
     use super::*;
 
-    async fn free_port(ip: &str) -> Result<u16> {
-        Ok(TcpListener::bind((ip, 0)).await?.local_addr()?.port())
-    }
-
     /// `herald standalone` as the comet of pod `name`, at `ip`.
     async fn standalone(ip: &str, grpc_port: u16, name: &str) -> Result<(Running, SocketAddr)> {
-        let tcp: SocketAddr = format!("{ip}:{}", free_port(ip).await?).parse()?;
+        let tcp: SocketAddr = format!("{ip}:{}", herald_e2e::free_port_on(ip.parse()?)).parse()?;
         let addr = |port: u16| format!("{ip}:{port}");
         let child = Command::new(env!("CARGO_BIN_EXE_herald"))
             .arg("standalone")
             .args(["--tcp-addr", &tcp.to_string()])
-            .args(["--ws-addr", &addr(free_port(ip).await?)])
+            .args(["--ws-addr", &addr(herald_e2e::free_port_on(ip.parse()?))])
             .args(["--grpc-addr", &addr(grpc_port)])
-            .args(["--http-addr", &addr(free_port(ip).await?)])
-            .args(["--logic-grpc-addr", &addr(free_port(ip).await?)])
+            .args(["--http-addr", &addr(herald_e2e::free_port_on(ip.parse()?))])
+            .args([
+                "--logic-grpc-addr",
+                &addr(herald_e2e::free_port_on(ip.parse()?)),
+            ])
             .args(["--server-id", name])
             .env_remove("HERALD_REDIS_URL")
             .env_remove("HERALD_KAFKA_BROKERS")
@@ -214,7 +213,7 @@ mod drain {
             },
         ));
 
-        let grpc_port = free_port("127.0.0.1").await?;
+        let grpc_port = herald_e2e::free_port();
         let cluster: PushCluster = serde_json::from_value(json!({
             "apiVersion": "herald.dev/v1alpha1", "kind": "PushCluster",
             "metadata": {"name": "chat"},

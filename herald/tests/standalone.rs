@@ -14,7 +14,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -48,21 +48,16 @@ impl Drop for Standalone {
     }
 }
 
-/// Free loopback ports: bound together (so they differ), then released.
-async fn free_addrs(n: usize) -> Result<Vec<SocketAddr>> {
-    let mut listeners = Vec::new();
-    for _ in 0..n {
-        listeners.push(TcpListener::bind("127.0.0.1:0").await?);
-    }
-    listeners
-        .iter()
-        .map(|l| l.local_addr().map_err(Into::into))
+/// Free loopback ports (see [`herald_e2e::free_port`]).
+fn free_addrs(n: usize) -> Vec<SocketAddr> {
+    (0..n)
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], herald_e2e::free_port())))
         .collect()
 }
 
 impl Standalone {
     async fn start(extra: &[String]) -> Result<Standalone> {
-        let addrs = free_addrs(5).await?;
+        let addrs = free_addrs(5);
         let (tcp, ws, grpc, http, logic_grpc) = (addrs[0], addrs[1], addrs[2], addrs[3], addrs[4]);
         let child = Command::new(env!("CARGO_BIN_EXE_herald"))
             .arg("standalone")
