@@ -370,7 +370,9 @@ fn smoke_check(report: &Report) -> Result<()> {
         }
     }
     // S4: every storm against the floor and against comet authenticated
-    // every client it opened.
+    // every client it opened, and each began after the server had let go of
+    // every client of the one before (for comet: logic got every
+    // `Disconnect`).
     let storms = report
         .scenarios
         .get("s4")
@@ -385,6 +387,11 @@ fn smoke_check(report: &Report) -> Result<()> {
             let connect = &storm["connect"];
             if connect["connected"] != connect["requested"] || connect["failed"] != 0 {
                 problems.push(format!("s4 {server} storm: {connect}"));
+            }
+            if storm["previous_closed"] != true {
+                problems.push(format!(
+                    "s4 {server}: the last storm's closes were not all seen"
+                ));
             }
         }
     }
@@ -1275,8 +1282,9 @@ enum StormServer<'a> {
 }
 
 impl StormServer<'_> {
-    /// Waits (at most 30 s) until the `n` clients just closed are gone.
-    async fn wait_closed(self, n: usize, disconnects_before: u64) {
+    /// Waits (at most 30 s) until the `n` clients just closed are gone;
+    /// `false` when they were not (for comet: a `Disconnect` was lost).
+    async fn wait_closed(self, n: usize, disconnects_before: u64) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             let gone = match self {
@@ -1288,10 +1296,11 @@ impl StormServer<'_> {
                 }
             };
             if gone {
-                return;
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        false
     }
 }
 
@@ -1311,12 +1320,17 @@ async fn storms(
     let mut pooled = [StormPool::default(); 2];
     for round in 0..=S4_RECONNECTS {
         let kind = if round == 0 { "connect" } else { "reconnect" };
+        // Whether the server let go of every client of the last storm.
+        let mut previous_closed = true;
         if round > 0 {
             let disconnects = ctx.calls.disconnects.load(Ordering::Relaxed);
             generator.close_all().await;
             // Every close handled first, so the storm measures connects,
             // not a backlog of disconnects.
-            server.wait_closed(n, disconnects).await;
+            previous_closed = server.wait_closed(n, disconnects).await;
+            if !previous_closed {
+                eprintln!("  {label}: not every client of the last storm was let go within 30 s");
+            }
         }
         let s0 = Sample::take(pid);
         let g0 = self_sample();
@@ -1353,6 +1367,7 @@ async fn storms(
         records.push(json!({
             "server": label,
             "kind": kind,
+            "previous_closed": previous_closed,
             "connect": stats,
             "server_cpu": cpu,
             "per_server_core": per_core,
@@ -1395,6 +1410,14 @@ async fn s4(ctx: &mut Ctx) -> Result<()> {
     .await;
     drop(comet);
     records.extend(comet_records);
+    for record in &records {
+        if record["previous_closed"] != true {
+            ctx.report.notes.push(format!(
+                "S4: {} had not let go of every client of the previous storm after 30 s (for comet: logic did not get every Disconnect)",
+                record["server"]
+            ));
+        }
+    }
     let k = |rate: Option<f64>| rate.map_or_else(|| "?".to_owned(), |r| format!("{:.1}", r / 1e3));
     for (i, (pool, floor_pool)) in pools.into_iter().zip(floor_pools).enumerate() {
         let per_core = pool.per_core();

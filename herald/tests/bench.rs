@@ -68,6 +68,8 @@ fn bench_smoke_delivers_everything_in_order() {
             assert_eq!(storm["connect"]["connected"].as_u64(), Some(50), "{storm}");
             assert_eq!(storm["connect"]["failed"].as_u64(), Some(0), "{storm}");
             assert!(storm["server_cpu"]["share"].as_f64().is_some(), "{storm}");
+            // Comet's Disconnects (or the floor's closes) all arrived.
+            assert_eq!(storm["previous_closed"], true, "{storm}");
         }
     }
     // The speed probe ran on both cores at the start and the end: a walk of
