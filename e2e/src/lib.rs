@@ -23,12 +23,17 @@ pub fn testbed_var(name: &str) -> String {
 }
 
 /// A name that no earlier run used, for topics, groups and namespaces.
+///
+/// The clock alone is not enough: two tests of one process asked at the
+/// same instant (CI saw it) got the same name, so a counter follows it.
 pub fn unique_name(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or_default();
-    format!("{prefix}-{}-{nanos:x}", std::process::id())
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}-{}-{nanos:x}-{n}", std::process::id())
 }
 
 /// Polls `probe` every 200 ms until it returns `Some`, for at most `secs`.
@@ -129,6 +134,15 @@ fn ephemeral_low() -> u16 {
 #[cfg(test)]
 mod port_tests {
     use super::*;
+
+    #[test]
+    fn unique_names_differ_even_at_the_same_instant() {
+        let names: Vec<String> = (0..1_000).map(|_| unique_name("t")).collect();
+        let mut distinct = names.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), names.len());
+    }
 
     #[test]
     fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
