@@ -173,94 +173,62 @@ pub(crate) fn echo() -> Result<()> {
 /// registration, one read and one write over loopback, the close), which
 /// every server pays. It runs until the benchmark stops it.
 pub(crate) fn handshake() -> Result<()> {
-    use mio::net::TcpListener as MioListener;
     use mio::{Events, Interest, Poll, Token};
-    use std::io::{ErrorKind, Read};
     let io = |step| move |source| Error::Io { step, source };
     const LISTENER: Token = Token(usize::MAX);
-    let listener = listen().map_err(io("listen"))?;
+    let listener = announced_listener()?;
     listener.set_nonblocking(true).map_err(io("nonblocking"))?;
-    let addr = listener.local_addr().map_err(io("local address"))?;
-    let mut listener = MioListener::from_std(listener);
+    let mut listener = mio::net::TcpListener::from_std(listener);
     let mut poll = Poll::new().map_err(io("epoll"))?;
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)
         .map_err(io("register listener"))?;
-    let mut out = std::io::stdout();
-    writeln!(out, "listening {addr}").map_err(io("stdout"))?;
-    out.flush().map_err(io("stdout"))?;
     let reply = wire::auth_reply_frame();
-    // Slots indexed by token; freed slots are reused, so the table stays
-    // as large as the most connections open at once.
-    let mut conns: Vec<Option<HandshakeConn>> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
+    let mut conns = slab::Slab::new();
     let mut events = Events::with_capacity(1024);
     let mut buf = [0u8; 4096];
     loop {
         if let Err(err) = poll.poll(&mut events, None) {
-            if err.kind() == ErrorKind::Interrupted {
+            if err.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(io("epoll wait")(err));
         }
         for event in &events {
             if event.token() == LISTENER {
-                loop {
-                    let mut stream = match listener.accept() {
-                        Ok((stream, _)) => stream,
-                        Err(err) if err.kind() == ErrorKind::WouldBlock => break,
-                        // Out of descriptors or a client gone before accept:
-                        // the storm's counts show it; keep serving.
-                        Err(_) => break,
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let slot = free.pop().unwrap_or_else(|| {
-                        conns.push(None);
-                        conns.len() - 1
-                    });
-                    if poll
-                        .registry()
-                        .register(&mut stream, Token(slot), Interest::READABLE)
-                        .is_ok()
-                    {
-                        conns[slot] = Some(HandshakeConn { stream, header: 0 });
-                    } else {
-                        free.push(slot);
-                    }
-                }
+                accept_all(&listener, &poll, &mut conns);
                 continue;
             }
             let slot = event.token().0;
-            let Some(conn) = conns.get_mut(slot).and_then(Option::as_mut) else {
-                continue;
-            };
-            let open = loop {
-                match conn.stream.read(&mut buf) {
-                    Ok(0) => break false,
-                    Ok(n) => {
-                        // The reply goes out once the auth frame's header
-                        // is in; later bytes (heartbeats) are read and
-                        // dropped.
-                        let before = conn.header;
-                        conn.header = conn.header.saturating_add(n).min(HEADER_LEN);
-                        if before < HEADER_LEN
-                            && conn.header == HEADER_LEN
-                            && conn.stream.write_all(&reply).is_err()
-                        {
-                            break false;
-                        }
-                    }
-                    Err(err) if err.kind() == ErrorKind::WouldBlock => break true,
-                    Err(err) if err.kind() == ErrorKind::Interrupted => {}
-                    Err(_) => break false,
-                }
-            };
-            if !open {
-                if let Some(mut conn) = conns[slot].take() {
-                    let _ = poll.registry().deregister(&mut conn.stream);
-                }
-                free.push(slot);
+            let open = conns
+                .get_mut(slot)
+                .is_some_and(|conn: &mut HandshakeConn| conn.serve(&mut buf, &reply));
+            if !open && let Some(mut conn) = conns.try_remove(slot) {
+                let _ = poll.registry().deregister(&mut conn.stream);
             }
+        }
+    }
+}
+
+/// Accepts every connection waiting on `listener` and registers it under
+/// its slot in `conns`.
+fn accept_all(
+    listener: &mio::net::TcpListener,
+    poll: &mio::Poll,
+    conns: &mut slab::Slab<HandshakeConn>,
+) {
+    // WouldBlock ends the batch; so do running out of descriptors and a
+    // client gone before accept: the storm's counts show those.
+    while let Ok((mut stream, _)) = listener.accept() {
+        let _ = stream.set_nodelay(true);
+        let entry = conns.vacant_entry();
+        let token = mio::Token(entry.key());
+        if poll
+            .registry()
+            .register(&mut stream, token, mio::Interest::READABLE)
+            .is_ok()
+        {
+            entry.insert(HandshakeConn { stream, header: 0 });
         }
     }
 }
@@ -273,15 +241,50 @@ struct HandshakeConn {
     header: usize,
 }
 
-/// Listens on loopback, announces the address on stdout (the benchmark
-/// reads it), and accepts `connections` clients.
-fn accept_clients(connections: usize) -> Result<(TcpListener, Vec<TcpStream>)> {
+impl HandshakeConn {
+    /// Reads what has arrived; writes `reply` once the auth frame's header
+    /// is in (later bytes, heartbeats, are read and dropped). `false` when
+    /// the client closed or the socket failed.
+    fn serve(&mut self, buf: &mut [u8], reply: &[u8]) -> bool {
+        use std::io::{ErrorKind, Read};
+        loop {
+            match self.stream.read(buf) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    let before = self.header;
+                    self.header = (self.header + n).min(HEADER_LEN);
+                    if before < HEADER_LEN
+                        && self.header == HEADER_LEN
+                        && self.stream.write_all(reply).is_err()
+                    {
+                        return false;
+                    }
+                }
+                Err(err) if err.kind() == ErrorKind::WouldBlock => return true,
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// A loopback listener (see [`listen`]) whose address is announced on
+/// stdout, where the benchmark reads it.
+fn announced_listener() -> Result<TcpListener> {
     let io = |step| move |source| Error::Io { step, source };
     let listener = listen().map_err(io("listen"))?;
     let addr = listener.local_addr().map_err(io("local address"))?;
     let mut out = std::io::stdout();
     writeln!(out, "listening {addr}").map_err(io("stdout"))?;
     out.flush().map_err(io("stdout"))?;
+    Ok(listener)
+}
+
+/// Listens on loopback, announces the address on stdout (the benchmark
+/// reads it), and accepts `connections` clients.
+fn accept_clients(connections: usize) -> Result<(TcpListener, Vec<TcpStream>)> {
+    let io = |step| move |source| Error::Io { step, source };
+    let listener = announced_listener()?;
     let mut socks = Vec::with_capacity(connections);
     while socks.len() < connections {
         let (sock, _) = listener.accept().map_err(io("accept"))?;

@@ -270,15 +270,6 @@ pub(crate) struct Sample {
     at: std::time::Instant,
 }
 
-/// The first port of `net.ipv4.ip_local_port_range`, where the kernel
-/// starts choosing source ports (32768 when unreadable).
-pub(crate) fn ephemeral_ports_start() -> u16 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32_768)
-}
-
 /// How many descriptors process `pid` holds (`/proc/<pid>/fd`), or `None`
 /// when it is gone or unreadable.
 pub(crate) fn open_fds(pid: u32) -> Option<usize> {

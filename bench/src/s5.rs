@@ -1153,9 +1153,6 @@ fn targets<'a>(
             .unwrap_or(0.0)
             .total_cmp(&f(&b["cost"]["pushes"]).unwrap_or(0.0))
     });
-    // The fastest single-key step that delivered every push: what a push
-    // costs once the processes are busy enough to batch (at the first,
-    // slower step most of it is waking idle threads).
     // Of some steps, the one with the highest rate that delivered every push.
     let fastest_in_full = |steps: &'a [serde_json::Value], skip| {
         steps
@@ -1168,6 +1165,9 @@ fn targets<'a>(
                     .total_cmp(&f(&b["rate"]).unwrap_or(0.0))
             })
     };
+    // The fastest single-key step that delivered every push: what a push
+    // costs once the processes are busy enough to batch (at the first,
+    // slower step most of it is waking idle threads).
     let fastest = fastest_in_full(key_steps, 1);
     // Only the latency step has a floor: it runs at the echo's rate, where
     // every round trip is a wake-up of its own.

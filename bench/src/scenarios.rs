@@ -1278,22 +1278,28 @@ enum StormServer<'a> {
     /// Comet: each close ends in a `Disconnect` to the stub logic.
     Comet(&'a Calls),
     /// The handshake floor: its descriptors fall back to `base`.
-    Floor { pid: u32, base: usize },
+    Floor { base: usize },
 }
 
 impl StormServer<'_> {
-    /// Waits (at most 30 s) until the `n` clients just closed are gone;
-    /// `false` when they were not (for comet: a `Disconnect` was lost).
-    async fn wait_closed(self, n: usize, disconnects_before: u64) -> bool {
+    /// Closes the server has reported so far (comet's `Disconnect`s).
+    fn closes(self) -> u64 {
+        match self {
+            StormServer::Comet(calls) => calls.disconnects.load(Ordering::Relaxed),
+            StormServer::Floor { .. } => 0,
+        }
+    }
+
+    /// Waits (at most 30 s) until the `n` clients just closed are gone from
+    /// process `pid`, `closes_before` being [`StormServer::closes`] before
+    /// they closed; `false` when they were not (for comet: a `Disconnect`
+    /// was lost).
+    async fn wait_closed(self, pid: u32, n: usize, closes_before: u64) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             let gone = match self {
-                StormServer::Comet(calls) => {
-                    calls.disconnects.load(Ordering::Relaxed) >= disconnects_before + n as u64
-                }
-                StormServer::Floor { pid, base } => {
-                    proc::open_fds(pid).is_none_or(|fds| fds <= base)
-                }
+                StormServer::Comet(_) => self.closes() >= closes_before + n as u64,
+                StormServer::Floor { base } => proc::open_fds(pid).is_none_or(|fds| fds <= base),
             };
             if gone {
                 return true;
@@ -1323,11 +1329,11 @@ async fn storms(
         // Whether the server let go of every client of the last storm.
         let mut previous_closed = true;
         if round > 0 {
-            let disconnects = ctx.calls.disconnects.load(Ordering::Relaxed);
+            let closes = server.closes();
             generator.close_all().await;
             // Every close handled first, so the storm measures connects,
             // not a backlog of disconnects.
-            previous_closed = server.wait_closed(n, disconnects).await;
+            previous_closed = server.wait_closed(pid, n, closes).await;
             if !previous_closed {
                 eprintln!("  {label}: not every client of the last storm was let go within 30 s");
             }
@@ -1392,10 +1398,7 @@ async fn s4(ctx: &mut Ctx) -> Result<()> {
         "floor",
         floor.addr(),
         floor.pid(),
-        StormServer::Floor {
-            pid: floor.pid(),
-            base,
-        },
+        StormServer::Floor { base },
     )
     .await;
     drop(floor);

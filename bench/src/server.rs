@@ -1,7 +1,7 @@
 //! The server under test: a real `herald comet` process started by the tool,
 //! pinned to its own core, pointed at the stub logic, stopped by its pid.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,40 +40,14 @@ pub enum Error {
 /// Result with this module's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A loopback address nothing listens on, for a server this tool starts.
-///
-/// The port lies below the kernel's ephemeral range: one found by binding
-/// port 0 lies inside it, and between its release and the server's bind any
-/// outgoing connection (the generator opens thousands) may take it as its
-/// source port, and the server then fails with "Address already in use".
-/// Ports handed out by this process are not handed out again.
+/// A loopback address nothing listens on, for a server this tool starts:
+/// [`herald_e2e::try_free_port_on`], which keeps clear of the source ports
+/// the generator's thousands of connections take.
 pub(crate) fn free_port() -> Result<SocketAddr> {
-    use std::hash::BuildHasher;
-    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    const FIRST: u16 = 10_000;
-    let end = proc::ephemeral_ports_start().max(FIRST + 1_000);
-    let mut handed_out = HANDED_OUT
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let seed = std::collections::hash_map::RandomState::new();
-    let mut last_err = None;
-    for attempt in 0..10_000u32 {
-        let port = FIRST + (seed.hash_one(attempt) % u64::from(end - FIRST)) as u16;
-        if handed_out.contains(&port) {
-            continue;
-        }
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        match TcpListener::bind(addr) {
-            Ok(_) => {
-                handed_out.push(port);
-                return Ok(addr);
-            }
-            Err(err) => last_err = Some(err),
-        }
-    }
-    Err(Error::Port(last_err.unwrap_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::AddrInUse, "every port handed out")
-    })))
+    let ip = std::net::Ipv4Addr::LOCALHOST;
+    herald_e2e::try_free_port_on(ip.into())
+        .map(|port| SocketAddr::from((ip, port)))
+        .map_err(Error::Port)
 }
 
 /// A running comet.

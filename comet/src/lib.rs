@@ -219,7 +219,7 @@ impl Args {
             logic_addr,
             handshake_timeout: Duration::from_millis(handshake_timeout_ms),
             logic_timeout: Duration::from_millis(logic_timeout_ms),
-            logic_max_in_flight: logic_max_in_flight.max(1),
+            logic_max_in_flight,
             max_connections,
             queue_bytes,
             send_buffer: (send_buffer_bytes > 0).then_some(send_buffer_bytes),
@@ -305,7 +305,7 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Deadline of each call to logic (goim sets none; §8).
     pub logic_timeout: Duration,
-    /// Most calls to logic in flight at once (at least 1).
+    /// Most calls to logic in flight at once (0 is taken as 1).
     pub logic_max_in_flight: usize,
     /// Most connections held at once.
     pub max_connections: usize,

@@ -307,11 +307,6 @@ impl Harness {
         Ok(client)
     }
 
-    /// [`Harness::tcp_client`] with an owned token, for many at once.
-    async fn tcp_client_with(&self, token: String) -> Result<TcpClient> {
-        self.tcp_client(&token).await
-    }
-
     async fn ws_client(&self, token: &str) -> Result<WsClient> {
         let mut client = WsClient::connect(self.ws).await?;
         client.auth(token).await?;
@@ -2169,14 +2164,12 @@ async fn a_mass_close_disconnects_every_connection() -> Result {
     })
     .await?;
     let mut clients = Vec::with_capacity(N);
-    let keys: Vec<String> = (0..N).map(|i| format!("mass{i}")).collect();
-    for chunk in keys.chunks(250) {
-        let opened = futures::future::try_join_all(
-            chunk
-                .iter()
-                .map(|key| h.tcp_client_with(token(key, "", &[]))),
-        )
-        .await?;
+    let tokens: Vec<String> = (0..N)
+        .map(|i| token(&format!("mass{i}"), "", &[]))
+        .collect();
+    for chunk in tokens.chunks(250) {
+        let opened =
+            futures::future::try_join_all(chunk.iter().map(|token| h.tcp_client(token))).await?;
         clients.extend(opened);
     }
     drop(clients);

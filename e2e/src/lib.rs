@@ -94,6 +94,15 @@ pub fn free_port() -> u16 {
 
 /// A port nothing listens on at `ip`, for a server process a test starts.
 ///
+/// # Panics
+/// When [`try_free_port_on`] finds none.
+pub fn free_port_on(ip: std::net::IpAddr) -> u16 {
+    try_free_port_on(ip).unwrap_or_else(|err| panic!("no free port at {ip}: {err}"))
+}
+
+/// A port nothing listens on at `ip`, for a server process a test (or the
+/// benchmark) starts.
+///
 /// Picked below the kernel's ephemeral range: a port found by binding port 0
 /// lies inside that range, and between its release and the server's own
 /// bind any outgoing connection on the machine may take it as its source
@@ -101,9 +110,10 @@ pub fn free_port() -> u16 {
 /// port is ever chosen below the range. Ports handed out by this process
 /// are not handed out again.
 ///
-/// # Panics
-/// When no port in the range can be bound after many tries.
-pub fn free_port_on(ip: std::net::IpAddr) -> u16 {
+/// # Errors
+/// The last bind error when no port in the range could be bound after many
+/// tries.
+pub fn try_free_port_on(ip: std::net::IpAddr) -> std::io::Result<u16> {
     use std::hash::BuildHasher;
     static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     const LOWEST: u16 = 10_000;
@@ -112,15 +122,24 @@ pub fn free_port_on(ip: std::net::IpAddr) -> u16 {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let random = std::collections::hash_map::RandomState::new();
+    let mut last_err = None;
     for attempt in 0..10_000u32 {
         let offset = random.hash_one((attempt, std::process::id())) % u64::from(below - LOWEST);
         let port = LOWEST + u16::try_from(offset).unwrap_or(0);
-        if !taken.contains(&port) && std::net::TcpListener::bind((ip, port)).is_ok() {
-            taken.push(port);
-            return port;
+        if taken.contains(&port) {
+            continue;
+        }
+        match std::net::TcpListener::bind((ip, port)) {
+            Ok(_) => {
+                taken.push(port);
+                return Ok(port);
+            }
+            Err(err) => last_err = Some(err),
         }
     }
-    panic!("no free port at {ip} in {LOWEST}..{below}");
+    Err(last_err.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::AddrInUse, "every port handed out")
+    }))
 }
 
 /// The first port of `net.ipv4.ip_local_port_range` (32768 when unreadable).
