@@ -1,7 +1,8 @@
 //! The kernel floors: a fan-out server that does nothing but write pre-encoded
 //! frames to N sockets, as fast as it can, on one pinned core (S0, for S2);
 //! and a relay that copies each frame it is sent to one of N sockets (S3's
-//! latency floor); a handshake server for S4's connection storms.
+//! latency floor); a handshake server for S4's connection storms, and a
+//! `Connect` caller for the part of S4's floor that asks logic.
 //!
 //! Whatever comet achieves at the same N and batch size is compared against
 //! this figure, taken in the same run, so a busy or slow machine moves both
@@ -357,31 +358,7 @@ impl FloorProc {
         connections: usize,
         core: Option<usize>,
     ) -> Result<FloorProc> {
-        let io = |step| move |source| Error::Io { step, source };
-        let mut child = crate::server::child_command(binary, core)
-            .args(["bench", target, "--clients", &connections.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(io("spawn floor process"))?;
-        let stdin = child.stdin.take().ok_or(Error::Gone)?;
-        let stdout = child.stdout.take().ok_or(Error::Gone)?;
-        let (tx, results) = mpsc::channel();
-        // A reader thread turns stdout lines into messages the event loop
-        // can poll without blocking.
-        std::thread::Builder::new()
-            .name("floor-stdout".to_owned())
-            .spawn(move || {
-                use std::io::BufRead;
-                for line in std::io::BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            })
-            .map_err(io("spawn reader thread"))?;
+        let (child, stdin, results) = spawn_child(binary, target, connections, core)?;
         let first = results
             .recv_timeout(Duration::from_secs(20))
             .map_err(|_| Error::Gone)?;
@@ -428,6 +405,184 @@ impl FloorProc {
             Err(mpsc::TryRecvError::Empty) => None,
             Err(mpsc::TryRecvError::Disconnected) => Some(Err(Error::Gone)),
         }
+    }
+}
+
+/// Starts `binary bench <target> --clients N`, pinned to `core`, with its
+/// stdin piped and its stdout lines delivered by a reader thread, so the
+/// benchmark's event loop can poll for them without blocking.
+fn spawn_child(
+    binary: &Path,
+    target: &str,
+    connections: usize,
+    core: Option<usize>,
+) -> Result<(Child, ChildStdin, mpsc::Receiver<String>)> {
+    let io = |step| move |source| Error::Io { step, source };
+    let mut child = crate::server::child_command(binary, core)
+        .args(["bench", target, "--clients", &connections.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(io("spawn floor process"))?;
+    let stdin = child.stdin.take().ok_or(Error::Gone)?;
+    let stdout = child.stdout.take().ok_or(Error::Gone)?;
+    let (tx, results) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("floor-stdout".to_owned())
+        .spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(io("spawn reader thread"))?;
+    Ok((child, stdin, results))
+}
+
+/// One batch of the call floor's `Connect` calls.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub(crate) struct CallRun {
+    pub(crate) calls: u64,
+    /// Calls logic answered with a reply (not an error status).
+    pub(crate) ok: u64,
+    pub(crate) seconds: f64,
+}
+
+/// Serves S4's call floor in this process (the `floor-connect` target):
+/// for each stdin line `<logic address> <calls> <in flight>`, makes that many
+/// unary `goim.logic.Logic/Connect` calls with a plain tonic client (one
+/// HTTP/2 connection, no deadline, concurrency limit or task per call), at
+/// most `in flight` at once, and answers with one JSON line. Its CPU per call
+/// is the least an authenticating server adds per connection by asking
+/// logic, as goim's contract has it, on top of the handshake floor.
+pub(crate) fn connect() -> Result<()> {
+    use std::io::BufRead;
+    let io = |step| move |source| Error::Io { step, source };
+    // Pinned to one core, this has one worker, like comet's runtime there.
+    let runtime = tokio::runtime::Runtime::new().map_err(io("runtime"))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")
+        .and_then(|()| out.flush())
+        .map_err(io("answer"))?;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(io("read command"))?;
+        let bad = || Error::Command(line.clone());
+        let mut words = line.split_whitespace();
+        let addr: SocketAddr = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
+        let calls: u64 = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
+        let in_flight: usize = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
+        let run = runtime.block_on(runtime.spawn(connect_calls(addr, calls, in_flight.max(1))));
+        let run = run.map_err(|_| Error::Gone)?;
+        let json = serde_json::to_string(&run).map_err(|_| bad())?;
+        writeln!(out, "{json}")
+            .and_then(|()| out.flush())
+            .map_err(io("answer"))?;
+    }
+    Ok(())
+}
+
+/// `calls` `Connect` calls to the logic at `addr`, `in_flight` at a time.
+async fn connect_calls(addr: SocketAddr, calls: u64, in_flight: usize) -> CallRun {
+    use futures::StreamExt;
+    use herald_protocol::pb::LogicClient;
+    use herald_protocol::pb::goim::logic::ConnectReq;
+    let start = Instant::now();
+    let client = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map(|endpoint| LogicClient::new(endpoint.connect_lazy()));
+    let ok = match client {
+        Ok(client) => {
+            futures::stream::iter(0..calls)
+                .map(|i| {
+                    let mut client = client.clone();
+                    let req = ConnectReq {
+                        server: "floor".to_owned(),
+                        cookie: String::new(),
+                        token: wire::token(CALL_FLOOR_MID + i, "live://storm").into(),
+                    };
+                    async move { client.connect(req).await.is_ok() }
+                })
+                .buffer_unordered(in_flight)
+                .filter(|ok| std::future::ready(*ok))
+                .count()
+                .await
+        }
+        Err(_) => 0,
+    };
+    CallRun {
+        calls,
+        ok: ok as u64,
+        seconds: start.elapsed().as_secs_f64(),
+    }
+}
+
+/// The call floor's clients' first mid: apart from any storm's.
+const CALL_FLOOR_MID: u64 = 9_000_000;
+
+/// The call floor process, seen from the benchmark.
+#[derive(Debug)]
+pub(crate) struct CallFloor {
+    child: Child,
+    stdin: ChildStdin,
+    results: mpsc::Receiver<String>,
+}
+
+impl CallFloor {
+    /// Starts `binary bench floor-connect`, pinned to `core`.
+    pub(crate) fn start(binary: &Path, core: Option<usize>) -> Result<CallFloor> {
+        let (child, stdin, results) = spawn_child(binary, "floor-connect", 1, core)?;
+        match results.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) if line == "ready" => Ok(CallFloor {
+                child,
+                stdin,
+                results,
+            }),
+            Ok(line) => Err(Error::Command(line)),
+            Err(_) => Err(Error::Gone),
+        }
+    }
+
+    /// The floor process's id, for its CPU figures.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Makes `calls` calls to the logic at `logic`, `in_flight` at a time,
+    /// and returns their figures. Waits without blocking the event loop,
+    /// which may be serving that logic.
+    pub(crate) async fn run(
+        &mut self,
+        logic: SocketAddr,
+        calls: u64,
+        in_flight: usize,
+    ) -> Result<CallRun> {
+        writeln!(self.stdin, "{logic} {calls} {in_flight}")
+            .and_then(|()| self.stdin.flush())
+            .map_err(|source| Error::Io {
+                step: "send command",
+                source,
+            })?;
+        loop {
+            match self.results.try_recv() {
+                Ok(line) => {
+                    return serde_json::from_str(&line).map_err(|_| Error::Command(line));
+                }
+                Err(mpsc::TryRecvError::Empty) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => return Err(Error::Gone),
+            }
+        }
+    }
+}
+
+impl Drop for CallFloor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

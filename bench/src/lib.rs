@@ -119,6 +119,9 @@ pub enum What {
     /// Internal: S4's handshake floor process.
     #[value(hide = true)]
     FloorHandshake,
+    /// Internal: S4's call floor process (`Connect` calls to logic).
+    #[value(hide = true)]
+    FloorConnect,
 }
 
 /// Flags of `herald bench`.
@@ -187,6 +190,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.what == What::FloorHandshake {
         return Ok(floor::handshake()?);
+    }
+    if args.what == What::FloorConnect {
+        return Ok(floor::connect()?);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

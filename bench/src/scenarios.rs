@@ -17,7 +17,7 @@ use herald_protocol::ws::raw_proto;
 use serde_json::json;
 use tonic::transport::Channel;
 
-use crate::floor::{FloorProc, FloorRun};
+use crate::floor::{CallFloor, FloorProc, FloorRun};
 use crate::inject::{self, Call, Order};
 use crate::load::{ClientSpec, Clock, Generator, Totals, Transport};
 use crate::proc::{self, Machine, PerfCount, Sample};
@@ -394,6 +394,13 @@ fn smoke_check(report: &Report) -> Result<()> {
                 ));
             }
         }
+    }
+    // And the call floor's `Connect` calls were all answered.
+    let run = report.scenarios.get("s4").map(|s| &s["call_floor"]["run"]);
+    if !run.is_some_and(|run| {
+        run["calls"].as_u64().is_some_and(|n| n > 0) && run["ok"] == run["calls"]
+    }) {
+        problems.push(format!("s4 call floor: {run:?}"));
     }
     if problems.is_empty() {
         Ok(())
@@ -1402,6 +1409,7 @@ async fn s4(ctx: &mut Ctx) -> Result<()> {
     )
     .await;
     drop(floor);
+    let calls = call_floor(ctx).await?;
     let comet = start_comet(ctx, &[])?;
     let (pools, comet_records, first_error) = storms(
         ctx,
@@ -1422,9 +1430,15 @@ async fn s4(ctx: &mut Ctx) -> Result<()> {
         }
     }
     let k = |rate: Option<f64>| rate.map_or_else(|| "?".to_owned(), |r| format!("{:.1}", r / 1e3));
+    // A connection on the handshake floor, then its `Connect` call: the
+    // least per connection for a server that asks logic, as comet must.
+    let call_s = calls["cpu_per_call_s"].as_f64();
     for (i, (pool, floor_pool)) in pools.into_iter().zip(floor_pools).enumerate() {
         let per_core = pool.per_core();
         let floor_per_core = floor_pool.per_core().filter(|_| floor_pool.failed == 0);
+        let with_call = floor_per_core
+            .zip(call_s)
+            .map(|(floor, call)| 1.0 / (1.0 / floor + call));
         ctx.report.targets.push(Target {
             scenario: "S4",
             target: if i == 0 {
@@ -1434,7 +1448,7 @@ async fn s4(ctx: &mut Ctx) -> Result<()> {
             },
             goal: "≥ 25 k/s".to_owned(),
             figure: format!(
-                "{} k/s ({:.1} k/s at {:.0} % comet CPU{}; generator up to {:.0} %); floor {} k/s per core",
+                "{} k/s ({:.1} k/s at {:.0} % comet CPU{}; generator up to {:.0} %); handshake floor {} k/s per core, {} k/s with its `Connect` call ({} µs of CPU per call)",
                 k(per_core),
                 pool.rate() / 1e3,
                 100.0 * pool.server_cpu_s / pool.wall_s.max(1e-9),
@@ -1445,18 +1459,48 @@ async fn s4(ctx: &mut Ctx) -> Result<()> {
                 },
                 pool.generator_share * 100.0,
                 k(floor_per_core),
+                k(with_call),
+                call_s.map_or_else(|| "?".to_owned(), |s| format!("{:.1}", s * 1e6)),
             ),
             value: per_core,
-            floor_ratio: per_core.zip(floor_per_core).map(|(c, f)| c / f),
+            floor_ratio: per_core.zip(with_call).map(|(c, f)| c / f),
             met: per_core.map(|c| c >= 25_000.0 && pool.failed == 0),
             loadavg: proc::loadavg(),
         });
     }
     ctx.report.scenarios.insert(
         "s4".to_owned(),
-        json!({ "storms": records, "first_error": first_error, "floor_first_error": floor_error }),
+        json!({
+            "storms": records,
+            "call_floor": calls,
+            "first_error": first_error,
+            "floor_first_error": floor_error,
+        }),
     );
     Ok(())
+}
+
+/// S4's call floor: as many `Connect` calls as the storms make, from a
+/// plain tonic client on the server core to the stub logic, with as many
+/// in flight as the storms have handshakes; its CPU per call.
+async fn call_floor(ctx: &Ctx) -> Result<serde_json::Value> {
+    let mut floor = CallFloor::start(&ctx.binary, ctx.server_core)?;
+    let calls = (ctx.plan.clients * (1 + S4_RECONNECTS)) as u64;
+    // A first small batch opens the connection, outside the measurement.
+    floor.run(ctx.stub, 100, 100).await?;
+    let s0 = Sample::take(floor.pid());
+    let run = floor.run(ctx.stub, calls, CONNECT_CONCURRENCY).await?;
+    let cpu = s0.since(&Sample::take(floor.pid()));
+    let cpu_s = cpu.user_s + cpu.system_s;
+    let per_call = (run.ok == run.calls && cpu_s >= STORM_MIN_CPU_S).then(|| cpu_s / run.ok as f64);
+    eprintln!(
+        "  call floor: {} of {} Connect calls answered in {:.2} s, {} µs of CPU per call",
+        run.ok,
+        run.calls,
+        run.seconds,
+        per_call.map_or_else(|| "?".to_owned(), |s| format!("{:.1}", s * 1e6)),
+    );
+    Ok(json!({ "run": run, "cpu": cpu, "cpu_per_call_s": per_call }))
 }
 
 // ------------------------------------------------------------------ S7

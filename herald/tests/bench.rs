@@ -72,6 +72,19 @@ fn bench_smoke_delivers_everything_in_order() {
             assert_eq!(storm["previous_closed"], true, "{storm}");
         }
     }
+    // The call floor made as many `Connect` calls to the stub as the storms
+    // connect clients (5 × 50), every one answered, with a CPU figure.
+    let call_floor = &report["scenarios"]["s4"]["call_floor"];
+    assert_eq!(
+        call_floor["run"]["calls"].as_u64(),
+        Some(250),
+        "{call_floor}"
+    );
+    assert_eq!(call_floor["run"]["ok"].as_u64(), Some(250), "{call_floor}");
+    assert!(
+        call_floor["cpu"]["user_s"].as_f64().is_some(),
+        "{call_floor}"
+    );
     // The speed probe ran on both cores at the start and the end: a walk of
     // 4 M steps cannot take under a nanosecond each or over a microsecond.
     for at in ["speed_start", "speed_end"] {
@@ -84,8 +97,9 @@ fn bench_smoke_delivers_everything_in_order() {
     assert!(md.contains("| S2 | room fan-out, 20 frames/push"), "{md}");
     assert!(md.contains("Speed probe (ns per step"), "{md}");
     assert!(
-        md.lines()
-            .any(|l| l.starts_with("| S4 | connection storm") && l.contains("floor")),
+        md.lines().any(|l| l.starts_with("| S4 | connection storm")
+            && l.contains("handshake floor")
+            && l.contains("with its `Connect` call")),
         "{md}"
     );
     let _ = std::fs::remove_dir_all(&out);
