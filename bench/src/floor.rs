@@ -19,6 +19,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use herald_protocol::frame::HEADER_LEN;
+use herald_protocol::pb::LogicClient;
+use herald_protocol::pb::goim::logic::ConnectReq;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::load::Clock;
 use crate::proc;
@@ -306,13 +309,96 @@ fn listen() -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
+/// A floor process, seen from the benchmark: commands go to its stdin, and
+/// a reader thread turns its stdout lines into messages the event loop can
+/// poll without blocking. Killed when dropped.
+#[derive(Debug)]
+struct FloorChild {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl FloorChild {
+    /// Starts `binary bench <target> --clients N`, pinned to `core`, and
+    /// returns it with the first line it printed (its greeting).
+    fn spawn(
+        binary: &Path,
+        target: &str,
+        connections: usize,
+        core: Option<usize>,
+    ) -> Result<(FloorChild, String)> {
+        let io = |step| move |source| Error::Io { step, source };
+        let mut child = crate::server::child_command(binary, core)
+            .args(["bench", target, "--clients", &connections.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(io("spawn floor process"))?;
+        let stdin = child.stdin.take().ok_or(Error::Gone)?;
+        let stdout = child.stdout.take().ok_or(Error::Gone)?;
+        let (tx, lines) = mpsc::channel();
+        let floor = FloorChild {
+            child,
+            stdin,
+            lines,
+        };
+        std::thread::Builder::new()
+            .name("floor-stdout".to_owned())
+            .spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(io("spawn reader thread"))?;
+        let first = floor
+            .lines
+            .recv_timeout(Duration::from_secs(20))
+            .map_err(|_| Error::Gone)?;
+        Ok((floor, first))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends one command line.
+    fn send(&mut self, line: &str) -> Result<()> {
+        writeln!(self.stdin, "{line}")
+            .and_then(|()| self.stdin.flush())
+            .map_err(|source| Error::Io {
+                step: "send command",
+                source,
+            })
+    }
+
+    /// The next answer line, parsed, once there is one.
+    fn try_answer<T: serde::de::DeserializeOwned>(&self) -> Option<Result<T>> {
+        match self.lines.try_recv() {
+            Ok(line) => Some(serde_json::from_str(&line).map_err(|_| Error::Command(line))),
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => Some(Err(Error::Gone)),
+        }
+    }
+}
+
+impl Drop for FloorChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The floor server process, seen from the benchmark.
 #[derive(Debug)]
 pub(crate) struct FloorProc {
-    child: Child,
+    proc: FloorChild,
     addr: SocketAddr,
-    stdin: ChildStdin,
-    results: mpsc::Receiver<String>,
 }
 
 impl FloorProc {
@@ -349,29 +435,22 @@ impl FloorProc {
 
     /// The floor process's id, for its CPU figures.
     pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid()
     }
 
+    /// Starts `target`, which greets with the address it listens on.
     fn spawn(
         binary: &Path,
         target: &str,
         connections: usize,
         core: Option<usize>,
     ) -> Result<FloorProc> {
-        let (child, stdin, results) = spawn_child(binary, target, connections, core)?;
-        let first = results
-            .recv_timeout(Duration::from_secs(20))
-            .map_err(|_| Error::Gone)?;
+        let (proc, first) = FloorChild::spawn(binary, target, connections, core)?;
         let addr = first
             .strip_prefix("listening ")
             .and_then(|a| a.parse().ok())
             .ok_or_else(|| Error::Command(first.clone()))?;
-        Ok(FloorProc {
-            child,
-            addr,
-            stdin,
-            results,
-        })
+        Ok(FloorProc { proc, addr })
     }
 
     /// Where clients connect.
@@ -386,61 +465,16 @@ impl FloorProc {
         duration: Duration,
         first_seq: i32,
     ) -> Result<()> {
-        writeln!(
-            self.stdin,
+        self.proc.send(&format!(
             "{frames_per_push} {} {first_seq}",
             duration.as_millis()
-        )
-        .and_then(|()| self.stdin.flush())
-        .map_err(|source| Error::Io {
-            step: "send command",
-            source,
-        })
+        ))
     }
 
     /// The figures of the last run, once it finished.
     pub(crate) fn try_result(&self) -> Option<Result<FloorRun>> {
-        match self.results.try_recv() {
-            Ok(line) => Some(serde_json::from_str(&line).map_err(|_| Error::Command(line))),
-            Err(mpsc::TryRecvError::Empty) => None,
-            Err(mpsc::TryRecvError::Disconnected) => Some(Err(Error::Gone)),
-        }
+        self.proc.try_answer()
     }
-}
-
-/// Starts `binary bench <target> --clients N`, pinned to `core`, with its
-/// stdin piped and its stdout lines delivered by a reader thread, so the
-/// benchmark's event loop can poll for them without blocking.
-fn spawn_child(
-    binary: &Path,
-    target: &str,
-    connections: usize,
-    core: Option<usize>,
-) -> Result<(Child, ChildStdin, mpsc::Receiver<String>)> {
-    let io = |step| move |source| Error::Io { step, source };
-    let mut child = crate::server::child_command(binary, core)
-        .args(["bench", target, "--clients", &connections.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(io("spawn floor process"))?;
-    let stdin = child.stdin.take().ok_or(Error::Gone)?;
-    let stdout = child.stdout.take().ok_or(Error::Gone)?;
-    let (tx, results) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("floor-stdout".to_owned())
-        .spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        })
-        .map_err(io("spawn reader thread"))?;
-    Ok((child, stdin, results))
 }
 
 /// One batch of the call floor's `Connect` calls.
@@ -458,7 +492,9 @@ pub(crate) struct CallRun {
 /// HTTP/2 connection, no deadline, concurrency limit or task per call), at
 /// most `in flight` at once, and answers with one JSON line. Its CPU per call
 /// is the least an authenticating server adds per connection by asking
-/// logic, as goim's contract has it, on top of the handshake floor.
+/// logic, as goim's contract has it, on top of the handshake floor. The
+/// client, and its connection, stay from one line to the next while the
+/// address does.
 pub(crate) fn connect() -> Result<()> {
     use std::io::BufRead;
     let io = |step| move |source| Error::Io { step, source };
@@ -468,6 +504,7 @@ pub(crate) fn connect() -> Result<()> {
     writeln!(out, "ready")
         .and_then(|()| out.flush())
         .map_err(io("answer"))?;
+    let mut client: Option<(SocketAddr, LogicClient<Channel>)> = None;
     for line in std::io::stdin().lock().lines() {
         let line = line.map_err(io("read command"))?;
         let bad = || Error::Command(line.clone());
@@ -475,7 +512,19 @@ pub(crate) fn connect() -> Result<()> {
         let addr: SocketAddr = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
         let calls: u64 = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
         let in_flight: usize = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
-        let run = runtime.block_on(runtime.spawn(connect_calls(addr, calls, in_flight.max(1))));
+        let logic = match &client {
+            Some((at, logic)) if *at == addr => logic.clone(),
+            _ => {
+                // The channel's worker task starts on this runtime.
+                let _entered = runtime.enter();
+                let endpoint =
+                    Endpoint::from_shared(format!("http://{addr}")).map_err(|_| bad())?;
+                let logic = LogicClient::new(endpoint.connect_lazy());
+                client = Some((addr, logic.clone()));
+                logic
+            }
+        };
+        let run = runtime.block_on(runtime.spawn(connect_calls(logic, calls, in_flight.max(1))));
         let run = run.map_err(|_| Error::Gone)?;
         let json = serde_json::to_string(&run).map_err(|_| bad())?;
         writeln!(out, "{json}")
@@ -485,33 +534,24 @@ pub(crate) fn connect() -> Result<()> {
     Ok(())
 }
 
-/// `calls` `Connect` calls to the logic at `addr`, `in_flight` at a time.
-async fn connect_calls(addr: SocketAddr, calls: u64, in_flight: usize) -> CallRun {
+/// `calls` `Connect` calls through `client`, `in_flight` at a time.
+async fn connect_calls(client: LogicClient<Channel>, calls: u64, in_flight: usize) -> CallRun {
     use futures::StreamExt;
-    use herald_protocol::pb::LogicClient;
-    use herald_protocol::pb::goim::logic::ConnectReq;
     let start = Instant::now();
-    let client = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map(|endpoint| LogicClient::new(endpoint.connect_lazy()));
-    let ok = match client {
-        Ok(client) => {
-            futures::stream::iter(0..calls)
-                .map(|i| {
-                    let mut client = client.clone();
-                    let req = ConnectReq {
-                        server: "floor".to_owned(),
-                        cookie: String::new(),
-                        token: wire::token(CALL_FLOOR_MID + i, "live://storm").into(),
-                    };
-                    async move { client.connect(req).await.is_ok() }
-                })
-                .buffer_unordered(in_flight)
-                .filter(|ok| std::future::ready(*ok))
-                .count()
-                .await
-        }
-        Err(_) => 0,
-    };
+    let ok = futures::stream::iter(0..calls)
+        .map(|i| {
+            let mut client = client.clone();
+            let req = ConnectReq {
+                server: "floor".to_owned(),
+                cookie: String::new(),
+                token: wire::token(CALL_FLOOR_MID + i, "live://storm").into(),
+            };
+            async move { client.connect(req).await.is_ok() }
+        })
+        .buffer_unordered(in_flight)
+        .filter(|ok| std::future::ready(*ok))
+        .count()
+        .await;
     CallRun {
         calls,
         ok: ok as u64,
@@ -524,30 +564,20 @@ const CALL_FLOOR_MID: u64 = 9_000_000;
 
 /// The call floor process, seen from the benchmark.
 #[derive(Debug)]
-pub(crate) struct CallFloor {
-    child: Child,
-    stdin: ChildStdin,
-    results: mpsc::Receiver<String>,
-}
+pub(crate) struct CallFloor(FloorChild);
 
 impl CallFloor {
     /// Starts `binary bench floor-connect`, pinned to `core`.
     pub(crate) fn start(binary: &Path, core: Option<usize>) -> Result<CallFloor> {
-        let (child, stdin, results) = spawn_child(binary, "floor-connect", 1, core)?;
-        match results.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) if line == "ready" => Ok(CallFloor {
-                child,
-                stdin,
-                results,
-            }),
-            Ok(line) => Err(Error::Command(line)),
-            Err(_) => Err(Error::Gone),
+        match FloorChild::spawn(binary, "floor-connect", 1, core)? {
+            (proc, first) if first == "ready" => Ok(CallFloor(proc)),
+            (_, first) => Err(Error::Command(first)),
         }
     }
 
     /// The floor process's id, for its CPU figures.
     pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
+        self.0.pid()
     }
 
     /// Makes `calls` calls to the logic at `logic`, `in_flight` at a time,
@@ -559,37 +589,13 @@ impl CallFloor {
         calls: u64,
         in_flight: usize,
     ) -> Result<CallRun> {
-        writeln!(self.stdin, "{logic} {calls} {in_flight}")
-            .and_then(|()| self.stdin.flush())
-            .map_err(|source| Error::Io {
-                step: "send command",
-                source,
-            })?;
+        self.0.send(&format!("{logic} {calls} {in_flight}"))?;
         loop {
-            match self.results.try_recv() {
-                Ok(line) => {
-                    return serde_json::from_str(&line).map_err(|_| Error::Command(line));
-                }
-                Err(mpsc::TryRecvError::Empty) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(mpsc::TryRecvError::Disconnected) => return Err(Error::Gone),
+            if let Some(answer) = self.0.try_answer() {
+                return answer;
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-}
-
-impl Drop for CallFloor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for FloorProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -373,9 +373,8 @@ fn smoke_check(report: &Report) -> Result<()> {
     // every client it opened, and each began after the server had let go of
     // every client of the one before (for comet: logic got every
     // `Disconnect`).
-    let storms = report
-        .scenarios
-        .get("s4")
+    let s4 = report.scenarios.get("s4");
+    let storms = s4
         .and_then(|s| s["storms"].as_array())
         .map_or(&[][..], Vec::as_slice);
     for server in ["floor", "comet"] {
@@ -396,7 +395,7 @@ fn smoke_check(report: &Report) -> Result<()> {
         }
     }
     // And the call floor's `Connect` calls were all answered.
-    let run = report.scenarios.get("s4").map(|s| &s["call_floor"]["run"]);
+    let run = s4.map(|s| &s["call_floor"]["run"]);
     if !run.is_some_and(|run| {
         run["calls"].as_u64().is_some_and(|n| n > 0) && run["ok"] == run["calls"]
     }) {
@@ -1261,6 +1260,12 @@ struct StormPool {
 /// storm takes a few milliseconds).
 const STORM_MIN_CPU_S: f64 = 0.05;
 
+/// `value` times `scale` with `decimals` decimals, or "?" when there is
+/// none (a figure too small to measure).
+fn shown(value: Option<f64>, scale: f64, decimals: usize) -> String {
+    value.map_or_else(|| "?".to_owned(), |v| format!("{:.*}", decimals, v * scale))
+}
+
 /// Connections per second of server CPU, when the CPU is measurable.
 fn per_core(connections: f64, cpu_s: f64) -> Option<f64> {
     (cpu_s >= STORM_MIN_CPU_S).then(|| connections / cpu_s)
@@ -1368,7 +1373,7 @@ async fn storms(
             "  {label} {kind} storm: {:.0} conns/s, {label} cpu {:.0} % -> {} conns/s per {label} core, generator cpu {:.0} %",
             stats.per_second,
             cpu.share * 100.0,
-            per_core.map_or_else(|| "?".to_owned(), |r| format!("{r:.0}")),
+            shown(per_core, 1.0, 0),
             g.share * 100.0
         );
         let pool = &mut pooled[usize::from(round > 0)];
@@ -1429,7 +1434,7 @@ async fn s4(ctx: &mut Ctx) -> Result<()> {
             ));
         }
     }
-    let k = |rate: Option<f64>| rate.map_or_else(|| "?".to_owned(), |r| format!("{:.1}", r / 1e3));
+    let k = |rate: Option<f64>| shown(rate, 1e-3, 1);
     // A connection on the handshake floor, then its `Connect` call: the
     // least per connection for a server that asks logic, as comet must.
     let call_s = calls["cpu_per_call_s"].as_f64();
@@ -1460,7 +1465,7 @@ async fn s4(ctx: &mut Ctx) -> Result<()> {
                 pool.generator_share * 100.0,
                 k(floor_per_core),
                 k(with_call),
-                call_s.map_or_else(|| "?".to_owned(), |s| format!("{:.1}", s * 1e6)),
+                shown(call_s, 1e6, 1),
             ),
             value: per_core,
             floor_ratio: per_core.zip(with_call).map(|(c, f)| c / f),
@@ -1486,7 +1491,8 @@ async fn s4(ctx: &mut Ctx) -> Result<()> {
 async fn call_floor(ctx: &Ctx) -> Result<serde_json::Value> {
     let mut floor = CallFloor::start(&ctx.binary, ctx.server_core)?;
     let calls = (ctx.plan.clients * (1 + S4_RECONNECTS)) as u64;
-    // A first small batch opens the connection, outside the measurement.
+    // A first small batch opens the connection, which the floor keeps,
+    // outside the measurement.
     floor.run(ctx.stub, 100, 100).await?;
     let s0 = Sample::take(floor.pid());
     let run = floor.run(ctx.stub, calls, CONNECT_CONCURRENCY).await?;
@@ -1498,7 +1504,7 @@ async fn call_floor(ctx: &Ctx) -> Result<serde_json::Value> {
         run.ok,
         run.calls,
         run.seconds,
-        per_call.map_or_else(|| "?".to_owned(), |s| format!("{:.1}", s * 1e6)),
+        shown(per_call, 1e6, 1),
     );
     Ok(json!({ "run": run, "cpu": cpu, "cpu_per_call_s": per_call }))
 }
