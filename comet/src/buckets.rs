@@ -1,4 +1,4 @@
-//! Connections sharded into buckets by CityHash32(key) mod N (goim §12).
+//! Connections sharded into buckets by CityHash32(key) mod N (§12).
 //!
 //! Each bucket owns its key → connection map and its room → members map
 //! behind one std `Mutex`. Sharding keeps lock contention proportional to

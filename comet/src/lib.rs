@@ -1,9 +1,11 @@
 //! Comet: holds client connections (raw TCP, WebSocket, WSS) and delivers pushes.
 //!
-//! Speaks goim 2.0's client protocol (`spec/goim-protocol.md` §2–5), calls
+//! Speaks goim 2.0's client protocol (§2–5), calls
 //! logic's `goim.logic.Logic` to authenticate and report, serves goim's
 //! `goim.comet.Comet` to job, and Herald's `herald.admin.v1.CometAdmin` to the
 //! operator (load reports, drain with op-18 redirects).
+//!
+//! `§N` refers to docs/protocol.md.
 //!
 //! # Layout
 //! In data-flow order, after mini-redis:

@@ -272,7 +272,7 @@ impl Comet for Service {
     }
 }
 
-/// The op-18 body (herald-extensions.md).
+/// The op-18 body (§15.2).
 #[derive(Debug, serde::Serialize)]
 struct Redirect<'a> {
     reason: &'a str,

@@ -1,4 +1,4 @@
-//! Accept loops and the per-connection session (goim-protocol.md §4–5).
+//! Accept loops and the per-connection session (§4–5).
 //!
 //! A session runs in two phases. The handshake — WebSocket upgrade, waiting
 //! for op 7, logic `Connect` — runs under one deadline; frames other than op 7

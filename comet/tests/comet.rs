@@ -1,6 +1,6 @@
 //! Black-box tests: a comet started with `run` on 127.0.0.1:0, a stub
 //! `goim.logic.Logic` that records calls, real TCP and WebSocket clients, and
-//! a tonic client for the comet's gRPC services. Byte vectors are spec §14's.
+//! a tonic client for the comet's gRPC services. Byte vectors are docs/protocol.md §14's.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,5 +1,7 @@
-//! Job: takes goim push records (`goim.logic.PushMsg`, goim-protocol.md §10)
+//! Job: takes goim push records (`goim.logic.PushMsg`, §10)
 //! and delivers them to comets over `goim.comet.Comet` gRPC (§8.3).
+//!
+//! `§N` refers to docs/protocol.md.
 //!
 //! # Layout
 //! In data-flow order:
@@ -113,7 +115,7 @@ pub struct Args {
     /// default would stall a restarted job that long.
     #[arg(long, env = "HERALD_JOB_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub kafka_session_timeout_ms: u64,
-    /// Node list JSON file (herald-extensions.md); every node gets pushes.
+    /// Node list JSON file (docs/protocol.md §15.4); every node gets pushes.
     #[arg(
         long,
         env = "HERALD_JOB_NODE_LIST",

@@ -1,4 +1,4 @@
-//! goim's logic HTTP API (goim-protocol.md §7) on axum.
+//! goim's logic HTTP API (§7) on axum.
 //!
 //! Every answer is goim's envelope `{"code","message","data"}` (`data`
 //! omitted when empty). Unlike goim, failures also carry a real HTTP status

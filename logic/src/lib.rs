@@ -1,5 +1,7 @@
 //! Logic: goim's HTTP push API and `goim.logic.Logic` gRPC, routing in Redis,
-//! push records to Kafka (goim-protocol.md §6–§12).
+//! push records to Kafka (§6–§12).
+//!
+//! `§N` refers to docs/protocol.md.
 //!
 //! # Layout
 //! Data-flow order, as in goim's `internal/logic/{http,grpc,dao}`:
@@ -111,7 +113,7 @@ pub struct Args {
     /// TTL of routing and online keys in Redis, in seconds (§9 `E`).
     #[arg(long, env = "HERALD_LOGIC_ROUTING_TTL_SECS", default_value_t = 1800)]
     pub routing_ttl_secs: u64,
-    /// Node list JSON file (herald-extensions.md format); none = no nodes.
+    /// Node list JSON file (docs/protocol.md §15.4 format); none = no nodes.
     #[arg(
         long,
         env = "HERALD_LOGIC_NODE_LIST",

@@ -1,4 +1,4 @@
-//! The comet node list (herald-extensions.md "The node list"), and the
+//! The comet node list (§15.4), and the
 //! balancer pick served by `/goim/nodes/weighted` and the `Nodes` rpc (§11).
 //!
 //! Outside Kubernetes the list is a file whose mtime is polled; inside, the

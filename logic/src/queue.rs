@@ -1,5 +1,5 @@
 //! The push queue between logic and job: one `goim.logic.PushMsg` per record
-//! (goim-protocol.md §10).
+//! (§10).
 //!
 //! [`PushQueue`] is a trait because `herald standalone` hands records to an
 //! in-process job instead of Kafka; [`kafka::KafkaQueue`] serves clusters, [`memory::MemoryQueue`] a single process.

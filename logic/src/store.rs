@@ -1,5 +1,5 @@
 //! Session routing and room counts: where each key/mid is connected and how
-//! many members each room has on each comet (goim-protocol.md §9).
+//! many members each room has on each comet (§9).
 //!
 //! [`SessionStore`] is a trait because `herald standalone` swaps Redis for an
 //! in-memory map; [`redis::RedisStore`] serves clusters, [`memory::MemoryStore`] a single process.

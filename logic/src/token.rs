@@ -1,5 +1,5 @@
 //! The auth token a client sends in op 7 and comet forwards in `Connect`
-//! (goim-protocol.md §6, herald-extensions.md for the JWT form).
+//! (§6, §15.1 for the JWT form).
 //!
 //! goim verifies nothing; Herald keeps accepting goim's JSON unchanged
 //! ([`TokenMode::Goim`]) and can instead require a signed JWT carrying the

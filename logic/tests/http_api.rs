@@ -1,4 +1,4 @@
-//! The §7 HTTP API end to end: each push route's exact Kafka record (value
+//! The docs/protocol.md §7 HTTP API end to end: each push route's exact Kafka record (value
 //! bytes and record key), the envelope and status of every bad input, API
 //! key, body limit, compat-200 mode, backend outages, and the node list.
 

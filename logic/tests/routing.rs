@@ -1,4 +1,4 @@
-//! gRPC `goim.logic.Logic` against the real Redis: routing entries (§9),
+//! gRPC `goim.logic.Logic` against the real Redis: routing entries (docs/protocol.md §9),
 //! Disconnect's reconnect-race fix, Heartbeat recreation, `ol_` shards and
 //! the cluster-wide count aggregation.
 

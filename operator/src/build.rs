@@ -284,7 +284,7 @@ fn hash_config(config: &ConfigMap) -> String {
     format!("{:016x}", hasher.finish())
 }
 
-/// The node-list ConfigMap holding `body` (see herald-extensions.md).
+/// The node-list ConfigMap holding `body` (§15.4).
 ///
 /// # Errors
 /// Only [`Error::Shape`].

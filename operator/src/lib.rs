@@ -1,6 +1,8 @@
 //! Operator: reconciles `PushCluster` resources into comet, logic and job
 //! deployments, scales comets by connections and drains them before removal.
 //!
+//! `§N` refers to docs/protocol.md.
+//!
 //! # Layout
 //! - [`crd`]: the resource types (source of the CRD, `herald crdgen`).
 //! - [`validate`] → [`build`] → [`controller`]: the reconcile pipeline.

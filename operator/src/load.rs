@@ -1,6 +1,6 @@
 //! Comet load: the `herald.admin.v1.CometAdmin` calls (`Load`, `Drain`) the
 //! operator makes to each comet pod at `<podIP>:<grpc port>`, and the node-list
-//! document (herald-extensions.md) built from their answers.
+//! document (§15.4) built from their answers.
 
 use std::time::Duration;
 

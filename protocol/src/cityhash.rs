@@ -4,7 +4,7 @@
 //! Herald logic that shares Redis with goim must hash exactly the same way or a
 //! room would live in two shards. No maintained crate provides the 32-bit
 //! variant of v1.1 with matching output, so it is written out here and checked
-//! against the reference table (goim-protocol.md T14).
+//! against the reference table (§14, T14).
 
 const C1: u32 = 0xcc9e_2d51;
 const C2: u32 = 0x1b87_3593;
@@ -128,7 +128,7 @@ fn hash_len_13_to_24(s: &[u8]) -> u32 {
 mod tests {
     use super::city_hash32;
 
-    /// goim-protocol.md T14, with the shard (mod 64) and bucket (mod 32) columns.
+    /// §14's T14, with the shard (mod 64) and bucket (mod 32) columns.
     const T14: &[(&str, u32, u32, u32)] = &[
         ("", 0xdc56_d17a, 58, 26),
         ("a", 0x3c97_3d4d, 13, 13),

@@ -1,4 +1,4 @@
-//! The client frame: a fixed 16-byte header and a body (goim-protocol.md §2).
+//! The client frame: a fixed 16-byte header and a body (§2).
 //!
 //! ```text
 //! 0..4 pack_len i32 | 4..6 header_len i16 = 16 | 6..8 ver i16 | 8..12 op i32 | 12..16 seq i32 | body

@@ -1,7 +1,9 @@
 //! goim's wire format, with no sockets in it.
 //!
 //! Herald speaks goim 2.0's protocol to unmodified goim clients and services;
-//! this crate is the single place that knows the bytes (`spec/goim-protocol.md`).
+//! this crate is the single place that knows the bytes (docs/protocol.md).
+//!
+//! `§N` refers to docs/protocol.md.
 //!
 //! # Layout
 //! - [`frame`]: the 16-byte-header client frame, its encoder and a streaming

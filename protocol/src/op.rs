@@ -1,7 +1,7 @@
-//! Operation codes carried in a frame's `op` field (goim-protocol.md §3).
+//! Operation codes carried in a frame's `op` field (§3).
 //!
 //! Codes 0–17 are goim's; 18–31 are reserved for Herald
-//! (herald-extensions.md). Business pushes should use codes above 31.
+//! (§15). Business pushes should use codes above 31.
 
 /// Named in goim, no behaviour.
 pub const HANDSHAKE: i32 = 0;

@@ -1,5 +1,5 @@
 //! The body of subscribe (op 14) and unsubscribe (op 16): decimal i32 values
-//! joined by `,` (goim-protocol.md §5.2). On any parse error the caller changes
+//! joined by `,` (§5.2). On any parse error the caller changes
 //! nothing, so parsing is all-or-nothing.
 
 /// Why an op list was refused.

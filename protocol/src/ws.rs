@@ -1,4 +1,4 @@
-//! WebSocket push wrapping and batched frames (goim-protocol.md §4, §8.3).
+//! WebSocket push wrapping and batched frames (§4, §8.3).
 //!
 //! Job sends comets a pre-encoded proto `{ver 1, op 9, body = client frame(s)}`.
 //! A TCP client gets the body bytes as they are (several frames back to back);

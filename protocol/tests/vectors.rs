@@ -1,4 +1,4 @@
-//! The hex test vectors T1–T14 of goim-protocol.md §14 (T14 lives beside
+//! The hex test vectors T1–T14 of docs/protocol.md §14 (T14 lives beside
 //! CityHash32 in `src/cityhash.rs`). Each vector is checked both ways: what we
 //! encode equals the bytes, and the bytes decode to what we expect.
 
@@ -8,7 +8,7 @@ use herald_protocol::pb::{self, Proto, PushMsg, push_msg};
 use herald_protocol::{op, ws};
 use prost::Message;
 
-/// Parses the spec's space-separated hex.
+/// Parses docs/protocol.md's space-separated hex.
 fn hex(text: &str) -> Vec<u8> {
     text.split_whitespace()
         .map(|b| u8::from_str_radix(b, 16).expect("hex byte"))
