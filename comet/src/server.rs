@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::SplitStream;
-use herald_protocol::{Frame, Limits, op, ops};
+use herald_protocol::{Frame, Limits, op};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -789,13 +789,13 @@ async fn serve(
                 frame.reply(op::CHANGE_ROOM_REPLY, frame.body.clone())
             }
             op::SUB => {
-                if let Ok(list) = ops::parse(&frame.body) {
+                if let Ok(list) = op::parse_list(&frame.body) {
                     conn.accept(&list);
                 }
                 frame.reply(op::SUB_REPLY, frame.body.clone())
             }
             op::UNSUB => {
-                if let Ok(list) = ops::parse(&frame.body) {
+                if let Ok(list) = op::parse_list(&frame.body) {
                     conn.unaccept(&list);
                 }
                 frame.reply(op::UNSUB_REPLY, frame.body.clone())

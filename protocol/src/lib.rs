@@ -8,10 +8,10 @@
 //! # Layout
 //! - [`frame`]: the 16-byte-header client frame, its encoder and a streaming
 //!   decoder that enforces the inbound limits (§2).
-//! - [`op`]: operation codes (§3), plus Herald's reserved ops 18–20.
+//! - [`op`]: operation codes (§3), plus Herald's reserved ops 18–20, and the
+//!   decimal op lists of subscribe / unsubscribe bodies (§5.2).
 //! - [`ws`]: the op-9 wrapping that WebSocket clients expect for pushes (§4.2)
 //!   and iteration over batched frames.
-//! - [`ops`]: the decimal op lists of subscribe / unsubscribe bodies (§5.2).
 //! - [`cityhash`]: CityHash32 v1.1, which picks `ol_` shards in Redis (§9).
 //! - [`pb`]: prost/tonic types for `goim.protocol`, `goim.comet`, `goim.logic`
 //!   (including the Kafka `PushMsg`) and Herald's `herald.admin.v1`.
@@ -19,7 +19,6 @@
 pub mod cityhash;
 pub mod frame;
 pub mod op;
-pub mod ops;
 pub mod pb;
 pub mod ws;
 

@@ -51,3 +51,81 @@ pub const RESUME: i32 = 20;
 pub fn is_internal(op: i32) -> bool {
     op == PROTO_READY || op == PROTO_FINISH
 }
+
+/// Why an op list was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ListError {
+    /// The body was not UTF-8.
+    #[error("op list is not UTF-8")]
+    NotUtf8,
+    /// One element was not a decimal i32.
+    #[error("op list element {element:?} is not a 32-bit integer")]
+    BadElement {
+        /// The offending element, as sent.
+        element: String,
+    },
+}
+
+/// Parses the body of subscribe (op 14) or unsubscribe (op 16), decimal
+/// i32 values joined by `,`: `1001,1002` into `[1001, 1002]`. On any error
+/// the caller changes nothing, so parsing is all-or-nothing.
+///
+/// An empty body is an empty list; whitespace around elements is not accepted
+/// (goim's `strconv.ParseInt` refuses it too).
+///
+/// # Errors
+/// [`ListError`] when the body is not UTF-8 or any element is not an i32.
+pub fn parse_list(body: &[u8]) -> Result<Vec<i32>, ListError> {
+    let text = std::str::from_utf8(body).map_err(|_| ListError::NotUtf8)?;
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    text.split(',')
+        .map(|element| {
+            element.parse::<i32>().map_err(|_| ListError::BadElement {
+                element: element.to_owned(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_t9_body() {
+        assert_eq!(parse_list(b"1001,1002"), Ok(vec![1001, 1002]));
+    }
+
+    #[test]
+    fn empty_is_empty_list() {
+        assert_eq!(parse_list(b""), Ok(vec![]));
+    }
+
+    #[test]
+    fn negative_values_are_i32() {
+        assert_eq!(parse_list(b"-1,7"), Ok(vec![-1, 7]));
+    }
+
+    #[test]
+    fn rejects_bad_elements_whole() {
+        assert!(matches!(
+            parse_list(b"1001,x"),
+            Err(ListError::BadElement { .. })
+        ));
+        assert!(matches!(
+            parse_list(b"1001,"),
+            Err(ListError::BadElement { .. })
+        ));
+        assert!(matches!(
+            parse_list(b" 1"),
+            Err(ListError::BadElement { .. })
+        ));
+        assert!(matches!(
+            parse_list(b"2147483648"),
+            Err(ListError::BadElement { .. })
+        ));
+        assert_eq!(parse_list(&[0xff]), Err(ListError::NotUtf8));
+    }
+}

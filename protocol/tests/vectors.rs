@@ -174,7 +174,7 @@ fn t9_subscribe() {
     ));
     assert_eq!((frame.op, frame.seq), (op::SUB, 4));
     assert_eq!(
-        herald_protocol::ops::parse(&frame.body),
+        herald_protocol::op::parse_list(&frame.body),
         Ok(vec![1001, 1002])
     );
 }
