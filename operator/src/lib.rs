@@ -5,7 +5,10 @@
 //!
 //! # Layout
 //! - [`crd`]: the resource types (source of the CRD, `herald crdgen`).
-//! - [`validate`] → [`build`] → [`controller`]: the reconcile pipeline.
+//! - [`validate`] → [`build`] → [`controller`]: the reconcile pipeline;
+//!   `controller` holds the pipeline, one submodule per step (fetch,
+//!   observe comets and node list, autoscale, drain, apply, status and
+//!   Events, error policy).
 //! - [`load`]: the comet admin calls and the node-list document.
 //! - [`scale`]: pure scaling and drain decisions.
 //! - [`metrics`]: `/metrics` and `/healthz`.

@@ -1,0 +1,120 @@
+//! Pipeline step: apply the children. Builds every child object and
+//! server-side applies it (one field manager, forced), in the order pods
+//! need them; generates the API-key Secret when none is referenced.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::EventType;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::fetch::Fetched;
+use super::status::publish;
+use super::{Context, Error, Result};
+use crate::build::{self, MANAGER, Names, ServiceAddresses};
+use crate::crd::PushCluster;
+
+pub(super) async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let name = object.name_any();
+    Api::<K>::namespaced(client.clone(), namespace)
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(object),
+        )
+        .await
+        .map_err(|source| Error::Apply {
+            what: format!("{} {name}", K::kind(&())),
+            source,
+        })
+}
+
+/// Builds and applies every child. Order matters: what pods reference
+/// (ServiceAccount, ConfigMap, Secrets) exists before the Deployments, else
+/// the ReplicaSets fail to create pods and back off. Returns the applied
+/// Deployments (comet, logic, job) with their current status.
+pub(super) async fn apply_children(
+    ctx: &Context,
+    cluster: &PushCluster,
+    names: &Names,
+    fetched: &Fetched,
+    comet_replicas: i32,
+) -> Result<Vec<Deployment>> {
+    let client = &ctx.client;
+    let spec = &cluster.spec;
+    let logic = names.component("logic");
+    let mut children = build::children(names, spec, comet_replicas, &logic)?;
+    let ns = names.namespace.as_str();
+    apply(client, ns, &children.service_account).await?;
+    apply(client, ns, &children.role).await?;
+    apply(client, ns, &children.role_binding).await?;
+    apply(client, ns, &children.config).await?;
+    if spec.auth.api_key_secret_ref.is_none() && !fetched.api_key_exists {
+        create_api_key(client, names).await?;
+        publish(
+            ctx,
+            cluster,
+            EventType::Normal,
+            "GeneratedApiKey",
+            format!("Secret {}", names.api_key()),
+        )
+        .await;
+    }
+    let mut logic_ip = None;
+    for service in &children.services {
+        let applied = apply(client, ns, service).await?;
+        if applied.name_any() == logic {
+            logic_ip = applied.spec.and_then(|s| s.cluster_ip);
+        }
+    }
+    // The ClusterIP exists only once the Service does: rebuild with it.
+    if ctx.service_addresses == ServiceAddresses::ClusterIp {
+        let ip = logic_ip.filter(|ip| !ip.is_empty() && ip != "None");
+        let ip = ip.ok_or_else(|| Error::NoClusterIp(logic.clone()))?;
+        children = build::children(names, spec, comet_replicas, &ip)?;
+    }
+    let mut deployments = Vec::new();
+    for deployment in &children.deployments {
+        deployments.push(apply(client, ns, deployment).await?);
+    }
+    for pdb in &children.pdbs {
+        apply(client, ns, pdb).await?;
+    }
+    Ok(deployments)
+}
+
+async fn create_api_key(client: &Client, names: &Names) -> Result<()> {
+    let key: String = {
+        use rand::Rng;
+        let bytes: [u8; 24] = rand::rng().random();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let secret = build::api_key_secret(names, &key)?;
+    match Api::<Secret>::namespaced(client.clone(), &names.namespace)
+        .create(
+            &PostParams {
+                field_manager: Some(MANAGER.to_owned()),
+                ..Default::default()
+            },
+            &secret,
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Another pass created it first: keep that value.
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(source) => Err(Error::Apply {
+            what: format!("Secret {}", names.api_key()),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,160 @@
+//! Pipeline step: drain before removal. Decides the drain step for this
+//! pass (see [`crate::scale::drain_step`]) and carries it out: marks the pod,
+//! calls its `Drain`, lowers its deletion cost once it is empty, or replaces
+//! a drained pod after a scale-up.
+
+use std::time::Duration;
+
+use herald_protocol::pb::admin::DrainRequest;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch};
+use kube::runtime::events::EventType;
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::fetch::Fetched;
+use super::observe::Polled;
+use super::status::publish;
+use super::{Context, DELETION_COST, DRAIN_ANNOTATION, Error, Result, merge_params, now_secs};
+use crate::build::Names;
+use crate::crd::{PushCluster, PushClusterSpec};
+use crate::load;
+use crate::scale::{self, CometPod, DrainStep};
+
+/// Drain before removal, whoever lowered the count; returns the replicas the
+/// comet Deployment gets on this pass.
+pub(super) async fn drain(
+    ctx: &Context,
+    cluster: &PushCluster,
+    names: &Names,
+    fetched: &Fetched,
+    polled: &[Polled],
+    spec_replicas: i32,
+) -> Result<i32> {
+    let deployed = fetched
+        .comet_deployment
+        .as_ref()
+        .and_then(|d| d.spec.as_ref()?.replicas)
+        .unwrap_or(spec_replicas);
+    let comet_pods: Vec<CometPod> = polled
+        .iter()
+        .map(|p| CometPod {
+            name: p.name.clone(),
+            ready: p.ready,
+            connections: p.load.as_ref().map(|l| l.connections),
+            drain_started: p.drain_started,
+            terminating: p.terminating,
+        })
+        .collect();
+    let deadline =
+        Duration::from_secs(u64::try_from(cluster.spec.comet.drain.deadline_seconds).unwrap_or(0));
+    let step = scale::drain_step(spec_replicas, deployed, &comet_pods, deadline, now_secs());
+    carry_out(ctx, cluster, names, &cluster.spec, polled, step).await
+}
+
+/// Carries out the drain step; returns the comet Deployment's replicas.
+async fn carry_out(
+    ctx: &Context,
+    cluster: &PushCluster,
+    names: &Names,
+    spec: &PushClusterSpec,
+    polled: &[Polled],
+    step: DrainStep,
+) -> Result<i32> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let annotate = |pod: String, key: &'static str, value: String| {
+        let pods = pods.clone();
+        async move {
+            pods.patch(
+                &pod,
+                &merge_params(),
+                &Patch::Merge(json!({"metadata": {"annotations": {key: value}}})),
+            )
+            .await
+            .map_err(|source| Error::Apply {
+                what: format!("annotation {key} on pod {pod}"),
+                source,
+            })
+        }
+    };
+    match step {
+        DrainStep::Set(replicas) => Ok(replicas),
+        DrainStep::Wait { replicas, .. } => Ok(replicas),
+        DrainStep::Start { pod, replicas } => {
+            annotate(pod.clone(), DRAIN_ANNOTATION, now_secs().to_string()).await?;
+            let others: Vec<String> = polled
+                .iter()
+                .filter(|p| p.name != pod && p.ready && p.drain_started.is_none())
+                .filter_map(|p| p.ip.clone())
+                .collect();
+            let nodes = if spec.node_list.domain.is_empty() {
+                others
+            } else {
+                vec![spec.node_list.domain.clone()]
+            };
+            let request = DrainRequest {
+                deadline_ms: u64::try_from(spec.comet.drain.deadline_seconds).unwrap_or(0) * 1000,
+                close_rate: u32::try_from(spec.comet.drain.close_rate).unwrap_or(0),
+                nodes,
+                tcp_port: spec.comet.ports.tcp,
+                ws_port: spec.comet.ports.ws,
+                wss_port: spec.comet.ports.wss,
+                reconnect_within_ms: 2000,
+            };
+            let addr = polled
+                .iter()
+                .find(|p| p.name == pod)
+                .and_then(|p| p.ip.clone())
+                .map(|ip| format!("{ip}:{}", spec.comet.ports.grpc));
+            // A failed Drain call is not retried here: the pod is marked, so
+            // the deadline still bounds the wait and the pod is removed then.
+            match addr {
+                Some(addr) => match load::drain(&addr, request, ctx.call_timeout).await {
+                    Ok(_) => {}
+                    Err(err) => warn!(%pod, cause = %err, "drain call failed"),
+                },
+                None => warn!(%pod, "draining pod has no IP"),
+            }
+            info!(%pod, "comet drain started");
+            publish(
+                ctx,
+                cluster,
+                EventType::Normal,
+                "DrainStarted",
+                format!("draining comet {pod}"),
+            )
+            .await;
+            Ok(replicas)
+        }
+        DrainStep::Finish { pod, replicas } => {
+            annotate(pod.clone(), DELETION_COST, i32::MIN.to_string()).await?;
+            info!(%pod, replicas, "comet drained; removing it");
+            publish(
+                ctx,
+                cluster,
+                EventType::Normal,
+                "DrainFinished",
+                format!("comet {pod} drained; comets -> {replicas}"),
+            )
+            .await;
+            Ok(replicas)
+        }
+        DrainStep::Replace { pod, replicas } => {
+            pods.delete(&pod, &Default::default())
+                .await
+                .map_err(|source| Error::Apply {
+                    what: format!("delete drained pod {pod}"),
+                    source,
+                })?;
+            publish(
+                ctx,
+                cluster,
+                EventType::Normal,
+                "ReplacedComet",
+                format!("drained comet {pod} replaced after a scale-up"),
+            )
+            .await;
+            Ok(replicas)
+        }
+    }
+}

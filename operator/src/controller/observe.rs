@@ -1,0 +1,175 @@
+//! Pipeline step: observe the comets. Every comet pod is asked for its
+//! `Load`; the answers feed the scaling and drain decisions, the status, and
+//! the node list, which this module also writes (only when it changed).
+
+use herald_protocol::pb::admin::LoadReply;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use tracing::warn;
+
+use super::apply::apply;
+use super::fetch::Fetched;
+use super::{Context, DRAIN_ANNOTATION, Result, now_rfc3339};
+use crate::build::{self, Names};
+use crate::crd::PushClusterSpec;
+use crate::load::{self, Node, NodeList};
+
+/// A comet pod with its address and the answer to `Load`, if any.
+pub(super) struct Polled {
+    pub(super) name: String,
+    pub(super) ip: Option<String>,
+    pub(super) ready: bool,
+    pub(super) terminating: bool,
+    pub(super) drain_started: Option<u64>,
+    pub(super) load: Option<LoadReply>,
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+pub(super) async fn poll(ctx: &Context, spec: &PushClusterSpec, pods: &[Pod]) -> Vec<Polled> {
+    let port = spec.comet.ports.grpc;
+    let calls = pods.iter().map(|pod| async move {
+        let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+        let ready = pod_ready(pod) && ip.is_some();
+        // Unready pods are polled too: a draining comet reports itself unready
+        // while it still holds clients.
+        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        let load = match (&ip, running) {
+            (Some(ip), true) => match load::load(&format!("{ip}:{port}"), ctx.call_timeout).await {
+                Ok(reply) => Some(reply),
+                Err(err) => {
+                    warn!(pod = %pod.name_any(), cause = %err, "comet load poll failed");
+                    ctx.metrics.poll_error();
+                    None
+                }
+            },
+            _ => None,
+        };
+        Polled {
+            name: pod.name_any(),
+            ip,
+            ready,
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+            drain_started: pod
+                .annotations()
+                .get(DRAIN_ANNOTATION)
+                .and_then(|v| v.parse().ok()),
+            load,
+        }
+    });
+    futures::future::join_all(calls).await
+}
+
+/// The node list from this poll; written only when it changed.
+pub(super) async fn write_node_list(
+    ctx: &Context,
+    names: &Names,
+    spec: &PushClusterSpec,
+    fetched: &Fetched,
+    polled: &[Polled],
+) -> Result<NodeList> {
+    let nodes = polled.iter().filter_map(|p| node(spec, p)).collect();
+    let node_list = load::next(fetched.node_list.as_ref(), nodes, &now_rfc3339());
+    if fetched.node_list.as_ref() != Some(&node_list) {
+        let body = serde_json::to_string(&node_list)?;
+        apply(
+            &ctx.client,
+            &names.namespace,
+            &build::nodes_config_map(names, &body)?,
+        )
+        .await?;
+    }
+    Ok(node_list)
+}
+
+/// A comet's node-list entry, if it belongs in the list: it answered the
+/// poll and is ready, or draining (job still pushes to its clients). An
+/// unready comet that is not draining (e.g. logic unreachable) is no place
+/// for clients.
+fn node(spec: &PushClusterSpec, p: &Polled) -> Option<Node> {
+    let load = p.load.as_ref()?;
+    let ip = p.ip.clone()?;
+    let draining = load.draining || p.drain_started.is_some();
+    if !p.ready && !draining {
+        return None;
+    }
+    Some(Node {
+        name: p.name.clone(),
+        grpc: format!("{ip}:{}", spec.comet.ports.grpc),
+        hosts: [spec.node_list.domain.clone()]
+            .into_iter()
+            .filter(|d| !d.is_empty())
+            .collect(),
+        addrs: vec![ip],
+        tcp_port: spec.comet.ports.tcp,
+        ws_port: spec.comet.ports.ws,
+        wss_port: spec.comet.ports.wss,
+        weight: load::weight(
+            load.connections,
+            spec.comet.autoscaling.target_connections_per_replica,
+            draining,
+        ),
+        connections: load.connections,
+        client_ips: load.client_ips,
+        draining,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn polled(ready: bool, drain_started: Option<u64>, load: Option<LoadReply>) -> Polled {
+        Polled {
+            name: "chat-comet-1".to_owned(),
+            ip: Some("127.0.0.9".to_owned()),
+            ready,
+            terminating: false,
+            drain_started,
+            load,
+        }
+    }
+
+    #[test]
+    fn node_list_entries_follow_readiness_and_drain() {
+        let spec: PushClusterSpec = serde_json::from_value(json!({
+            "image": "i", "redis": {"addr": "r:1"}, "kafka": {"brokers": ["k:1"]},
+            "nodeList": {"domain": "push.example.com"}
+        }))
+        .unwrap();
+        let load = LoadReply {
+            connections: 7,
+            client_ips: 3,
+            ..LoadReply::default()
+        };
+        let entry = node(&spec, &polled(true, None, Some(load.clone()))).unwrap();
+        assert_eq!(entry.grpc, "127.0.0.9:3109");
+        assert_eq!(entry.hosts, ["push.example.com"]);
+        assert_eq!(
+            (entry.connections, entry.client_ips, entry.draining),
+            (7, 3, false)
+        );
+        assert!(entry.weight > 0);
+        assert!(
+            node(&spec, &polled(false, None, Some(load.clone()))).is_none(),
+            "unready, not draining"
+        );
+        let draining = node(&spec, &polled(false, Some(1), Some(load))).unwrap();
+        assert_eq!((draining.draining, draining.weight), (true, 0));
+        assert!(
+            node(&spec, &polled(true, None, None)).is_none(),
+            "no answer to Load"
+        );
+    }
+}

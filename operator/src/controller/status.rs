@@ -1,0 +1,302 @@
+//! Pipeline step: report. Computes the PushCluster's status and conditions
+//! from what was applied and polled, writes it only when it changed,
+//! publishes Events, and reports an invalid spec as `Degraded`.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Client, Resource};
+use serde_json::json;
+use tracing::warn;
+
+use super::observe::Polled;
+use super::{Context, Error, Result, now_rfc3339};
+use crate::build::{MANAGER, Names};
+use crate::crd::{CometPodStatus, ComponentStatus, Condition, PushCluster, PushClusterStatus};
+use crate::validate;
+
+pub(super) async fn publish(
+    ctx: &Context,
+    cluster: &PushCluster,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: reason.to_owned(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
+        warn!(cause = %err, reason, "cannot publish event");
+    }
+}
+
+/// An invalid spec: `Degraded` with the reason, nothing built. Only a spec
+/// change can fix a spec error; a missing Secret is looked for again.
+pub(super) async fn degrade(
+    ctx: &Context,
+    cluster: &PushCluster,
+    names: &Names,
+    previous: &PushClusterStatus,
+    invalid: validate::Invalid,
+) -> Result<Action> {
+    let mut status = previous.clone();
+    status.observed_generation = cluster.metadata.generation;
+    status.selector = Some(names.selector("comet"));
+    set_condition(
+        &mut status.conditions,
+        "Degraded",
+        true,
+        invalid.reason,
+        &invalid.message,
+    );
+    set_condition(
+        &mut status.conditions,
+        "Available",
+        false,
+        "Degraded",
+        &invalid.message,
+    );
+    if !condition_is(&previous.conditions, "Degraded", true, invalid.reason) {
+        publish(
+            ctx,
+            cluster,
+            EventType::Warning,
+            invalid.reason,
+            invalid.message.clone(),
+        )
+        .await;
+    }
+    write_status(&ctx.client, names, previous, status).await?;
+    ctx.metrics.reconcile_ok();
+    Ok(if invalid.spec_only {
+        Action::await_change()
+    } else {
+        // A Secret appearing is not watched: look again every few polls.
+        Action::requeue(ctx.poll_interval * 4)
+    })
+}
+
+fn component_status(deployment: Option<&Deployment>) -> ComponentStatus {
+    ComponentStatus {
+        desired_replicas: deployment
+            .and_then(|d| d.spec.as_ref()?.replicas)
+            .unwrap_or(0),
+        ready_replicas: deployment
+            .and_then(|d| d.status.as_ref()?.ready_replicas)
+            .unwrap_or(0),
+    }
+}
+
+fn progressing(deployment: &Deployment) -> bool {
+    let desired = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(0);
+    let Some(status) = &deployment.status else {
+        return true;
+    };
+    status.observed_generation < deployment.metadata.generation
+        || status.updated_replicas.unwrap_or(0) < desired
+        || status.replicas.unwrap_or(0) > desired
+}
+
+pub(super) fn compute_status(
+    cluster: &PushCluster,
+    names: &Names,
+    previous: &PushClusterStatus,
+    deployments: &[Deployment],
+    polled: &[Polled],
+    spec_replicas: i32,
+    node_list_generation: i64,
+) -> PushClusterStatus {
+    let comet = component_status(deployments.first());
+    let logic = component_status(deployments.get(1));
+    let job = component_status(deployments.get(2));
+    let draining: Vec<&Polled> = polled
+        .iter()
+        .filter(|p| p.drain_started.is_some() && !p.terminating)
+        .collect();
+    let mut conditions = previous.conditions.clone();
+    let all_ready = [&comet, &logic, &job]
+        .iter()
+        .all(|c| c.ready_replicas >= c.desired_replicas);
+    let (reason, message) = if all_ready {
+        (
+            "AllReplicasReady",
+            "every component has its replicas ready".to_owned(),
+        )
+    } else {
+        (
+            "ReplicasNotReady",
+            format!(
+                "ready/desired: comet {}/{}, logic {}/{}, job {}/{}",
+                comet.ready_replicas,
+                comet.desired_replicas,
+                logic.ready_replicas,
+                logic.desired_replicas,
+                job.ready_replicas,
+                job.desired_replicas
+            ),
+        )
+    };
+    set_condition(&mut conditions, "Available", all_ready, reason, &message);
+    let rolling = deployments.iter().any(progressing) || comet.desired_replicas != spec_replicas;
+    if rolling {
+        set_condition(
+            &mut conditions,
+            "Progressing",
+            true,
+            "RollingOut",
+            "deployments are converging on the spec",
+        );
+    } else {
+        set_condition(
+            &mut conditions,
+            "Progressing",
+            false,
+            "Stable",
+            "deployments match the spec",
+        );
+    }
+    set_condition(
+        &mut conditions,
+        "Degraded",
+        false,
+        "Valid",
+        "spec is valid and its Secrets exist",
+    );
+    match draining.first() {
+        Some(pod) => set_condition(
+            &mut conditions,
+            "Draining",
+            true,
+            "CometDraining",
+            &format!("draining comet {}", pod.name),
+        ),
+        None => set_condition(
+            &mut conditions,
+            "Draining",
+            false,
+            "NoDrain",
+            "no comet is draining",
+        ),
+    }
+    PushClusterStatus {
+        observed_generation: cluster.metadata.generation,
+        conditions,
+        comets_ready: Some(format!("{}/{}", comet.ready_replicas, spec_replicas)),
+        comet,
+        logic,
+        job,
+        total_connections: i64::try_from(
+            polled
+                .iter()
+                .filter_map(|p| p.load.as_ref().map(|l| l.connections))
+                .sum::<u64>(),
+        )
+        .unwrap_or(i64::MAX),
+        draining_comets: i32::try_from(draining.len()).unwrap_or(i32::MAX),
+        pods: polled
+            .iter()
+            .map(|p| CometPodStatus {
+                name: p.name.clone(),
+                connections: p
+                    .load
+                    .as_ref()
+                    .map_or(0, |l| i64::try_from(l.connections).unwrap_or(i64::MAX)),
+                rooms: p
+                    .load
+                    .as_ref()
+                    .map_or(0, |l| i64::try_from(l.rooms).unwrap_or(i64::MAX)),
+                draining: p.drain_started.is_some() || p.load.as_ref().is_some_and(|l| l.draining),
+            })
+            .collect(),
+        node_list_generation,
+        selector: Some(names.selector("comet")),
+    }
+}
+
+fn condition_is(conditions: &[Condition], type_: &str, status: bool, reason: &str) -> bool {
+    conditions.iter().any(|c| {
+        c.type_ == type_ && c.status == if status { "True" } else { "False" } && c.reason == reason
+    })
+}
+
+/// Sets a condition, keeping `lastTransitionTime` unless the status flips.
+fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+) {
+    let status = if status { "True" } else { "False" };
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(existing) => {
+            if existing.status != status {
+                existing.last_transition_time = now_rfc3339();
+            }
+            existing.status = status.to_owned();
+            existing.reason = reason.to_owned();
+            existing.message = message.to_owned();
+        }
+        None => conditions.push(Condition {
+            type_: type_.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+            last_transition_time: now_rfc3339(),
+        }),
+    }
+}
+
+pub(super) async fn write_status(
+    client: &Client,
+    names: &Names,
+    previous: &PushClusterStatus,
+    status: PushClusterStatus,
+) -> Result<()> {
+    if *previous == status {
+        return Ok(());
+    }
+    let patch = json!({
+        "apiVersion": "herald.dev/v1alpha1", "kind": "PushCluster",
+        "status": status,
+    });
+    Api::<PushCluster>::namespaced(client.clone(), &names.namespace)
+        .patch_status(
+            &names.cluster,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::Apply {
+            what: "PushCluster status".to_owned(),
+            source,
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_time_kept_unless_status_flips() {
+        let mut conditions = Vec::new();
+        set_condition(&mut conditions, "Available", false, "A", "m");
+        conditions[0].last_transition_time = "old".to_owned();
+        set_condition(&mut conditions, "Available", false, "B", "m2");
+        assert_eq!(conditions[0].last_transition_time, "old");
+        assert_eq!(conditions[0].reason, "B");
+        set_condition(&mut conditions, "Available", true, "C", "m3");
+        assert_ne!(conditions[0].last_transition_time, "old");
+        assert!(condition_is(&conditions, "Available", true, "C"));
+    }
+}
