@@ -76,7 +76,7 @@ pub enum Refused {
     Closed(#[from] Closed),
     /// The queue is full, but its writer is not waiting on the client's
     /// socket: comet itself is behind (its core is saturated), not the
-    /// client. Nothing was queued and the connection stays; [`ROOM`] is
+    /// client. Nothing was queued and the connection stays; [`QUEUE_SPACE`] is
     /// notified once the writer takes the queue.
     #[error("queue full while the client keeps up")]
     Behind,
@@ -85,7 +85,7 @@ pub enum Refused {
 /// Notified whenever a writer takes a queue that a refused push
 /// ([`Refused::Behind`]) waits on. One for the process: waiters look again
 /// at their own connection, so a wake-up meant for another costs one look.
-pub static ROOM: Notify = Notify::const_new();
+pub static QUEUE_SPACE: Notify = Notify::const_new();
 
 /// One queued message; pushes remember when they were queued so the writer
 /// can report push-to-write latency.
@@ -151,12 +151,12 @@ impl Outbound {
     }
 }
 
-/// Wakes the pushes waiting for room ([`Refused::Behind`]) when one waited
+/// Wakes the pushes waiting for queue space ([`Refused::Behind`]) when one waited
 /// on this queue: it was taken, or the connection is closing, and either
 /// way the waiting push should look again rather than sit out its deadline.
 fn wake_waiting_pushes(awaited: bool) {
     if awaited {
-        ROOM.notify_waiters();
+        QUEUE_SPACE.notify_waiters();
     }
 }
 
@@ -510,9 +510,9 @@ mod tests {
         );
     }
 
-    /// The tests that wait on the process-wide [`ROOM`] take turns, so a
+    /// The tests that wait on the process-wide [`QUEUE_SPACE`] take turns, so a
     /// wake-up one of them sees is its own.
-    static ROOM_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    static QUEUE_SPACE_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     fn push(c: &Conn, bytes: &'static [u8]) -> Result<(), Refused> {
         c.push(&Bytes::from_static(bytes), &Bytes::from_static(bytes))
@@ -532,36 +532,36 @@ mod tests {
     /// taking the queue notifies the refused push.
     #[tokio::test]
     async fn a_full_queue_of_a_client_that_keeps_up_refuses_without_closing() {
-        let _turn = ROOM_TESTS.lock().await;
+        let _turn = QUEUE_SPACE_TESTS.lock().await;
         let c = behind();
         assert_eq!(c.close_reason(), None, "the connection stays open");
-        let room = ROOM.notified();
-        tokio::pin!(room);
-        room.as_mut().enable();
+        let space = QUEUE_SPACE.notified();
+        tokio::pin!(space);
+        space.as_mut().enable();
         assert!(matches!(c.take_batch(), Poll::Ready(Some(b)) if b.len() == 1));
-        tokio::time::timeout(Duration::from_secs(1), room)
+        tokio::time::timeout(Duration::from_secs(1), space)
             .await
             .expect("taking the queue wakes the waiting push");
-        assert_eq!(push(&c, b"abc"), Ok(()), "room again");
+        assert_eq!(push(&c, b"abc"), Ok(()), "space again");
     }
 
     /// A waiting push also wakes when its connection closes, and then finds
     /// it closed instead of sitting out its deadline.
     #[tokio::test]
     async fn closing_a_connection_wakes_the_push_waiting_on_it() {
-        let _turn = ROOM_TESTS.lock().await;
+        let _turn = QUEUE_SPACE_TESTS.lock().await;
         let c = behind();
-        let room = ROOM.notified();
-        tokio::pin!(room);
-        room.as_mut().enable();
+        let space = QUEUE_SPACE.notified();
+        tokio::pin!(space);
+        space.as_mut().enable();
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), room.as_mut())
+            tokio::time::timeout(Duration::from_millis(50), space.as_mut())
                 .await
                 .is_err(),
             "nothing wakes it before the close"
         );
         c.close(CloseReason::Replaced);
-        tokio::time::timeout(Duration::from_secs(1), room)
+        tokio::time::timeout(Duration::from_secs(1), space)
             .await
             .expect("closing wakes the waiting push");
         assert_eq!(

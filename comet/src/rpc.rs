@@ -83,7 +83,7 @@ impl Encoded {
     }
 }
 
-/// How long a push waits for room in the queue of a client that keeps up
+/// How long a push waits for space in the queue of a client that keeps up
 /// while comet itself is behind, before that client is closed as a slow
 /// consumer after all. Under job's default 3 s call timeout, so a call that
 /// waited still answers before job gives up on it and sends it again.
@@ -118,10 +118,10 @@ async fn deliver(shared: &Shared, conns: impl IntoIterator<Item = Arc<Conn>>, en
     // whole wait is about the slowest one's, and each wake-up costs one look.
     'conns: for conn in behind {
         loop {
-            let room = conn::ROOM.notified();
-            tokio::pin!(room);
+            let space = conn::QUEUE_SPACE.notified();
+            tokio::pin!(space);
             // Registered before the look: a take between the two is seen.
-            room.as_mut().enable();
+            space.as_mut().enable();
             match conn.push(&encoded.tcp, &encoded.ws) {
                 Ok(()) => continue 'conns,
                 Err(Refused::Closed(closed)) => {
@@ -131,7 +131,7 @@ async fn deliver(shared: &Shared, conns: impl IntoIterator<Item = Arc<Conn>>, en
                 Err(Refused::Behind) => {}
             }
             tokio::select! {
-                () = room => {}
+                () = space => {}
                 () = tokio::time::sleep_until(deadline) => {
                     conn.close(CloseReason::SlowConsumer);
                     shared.metrics.drop_push(CloseReason::SlowConsumer.as_str());

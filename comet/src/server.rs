@@ -657,9 +657,9 @@ async fn upgrade(
             Err(httparse::Error::TooManyHeaders) => break Err(Refusal::TooManyHeaders),
             Err(_) => break Err(Refusal::Malformed),
         }
-        let room = (MAX_UPGRADE_HEAD - buf.len()) as u64;
+        let space = (MAX_UPGRADE_HEAD - buf.len()) as u64;
         let read = (&mut stream)
-            .take(room)
+            .take(space)
             .read_buf(&mut buf)
             .await
             .map_err(Error::UpgradeIo)?;

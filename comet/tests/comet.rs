@@ -1144,7 +1144,7 @@ async fn slow_consumer_is_closed_and_others_still_receive() -> Result {
 /// Room pushes that outrun comet's own writing (a hundred calls in flight at
 /// once against a 1 KiB queue) fill the queue of a client that reads all the
 /// time. That is comet falling behind, not a slow client: the pushes wait
-/// for room and the client gets every one, in no particular order, and is
+/// for queue space and the client gets every one, in no particular order, and is
 /// not closed. (Before, it was closed as a slow consumer.)
 #[tokio::test]
 async fn a_client_that_keeps_up_is_not_closed_when_comet_falls_behind() -> Result {
