@@ -41,11 +41,11 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A loopback address nothing listens on, for a server this tool starts:
-/// [`herald_e2e::try_free_port_on`], which keeps clear of the source ports
+/// [`herald_runtime::listen::try_free_port_on`], which keeps clear of the source ports
 /// the generator's thousands of connections take.
 pub(crate) fn free_port() -> Result<SocketAddr> {
     let ip = std::net::Ipv4Addr::LOCALHOST;
-    herald_e2e::try_free_port_on(ip.into())
+    herald_runtime::listen::try_free_port_on(ip.into())
         .map(|port| SocketAddr::from((ip, port)))
         .map_err(Error::Port)
 }

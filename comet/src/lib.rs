@@ -503,7 +503,11 @@ pub async fn run(
         )
     };
     let http_task = http.map(|listener| {
-        tokio::spawn(metrics::serve(listener, shared.clone()).instrument(info_span!("http")))
+        let stop = shared.shutdown.clone().cancelled_owned();
+        tokio::spawn(
+            herald_runtime::admin::serve(listener, shared.clone(), stop)
+                .instrument(info_span!("http")),
+        )
     });
 
     let probe_task = tokio::spawn(

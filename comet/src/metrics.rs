@@ -1,23 +1,16 @@
-//! Prometheus metrics and the admin HTTP listener (`/metrics`, `/healthz`,
-//! `/readyz`).
+//! Prometheus metrics, and what comet's admin endpoints (`/metrics`,
+//! `/healthz`, `/readyz`, served by `herald_runtime::admin`) report.
 //!
 //! Labels are fixed, low-cardinality strings (transport, outcome, rpc,
 //! reason); never keys, rooms or user ids.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 
 use crate::Shared;
 use crate::server::Transport;
@@ -208,45 +201,25 @@ impl Metrics {
 
     /// The registry in Prometheus text format.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        herald_runtime::admin::encode(&self.registry)
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until shutdown.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
-    let token = shared.shutdown.clone();
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .with_state(shared);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(token.cancelled_owned())
-        .await
-}
+impl herald_runtime::admin::Health for Shared {
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        shared.metrics.encode(),
-    )
-}
-
-/// Ready once logic has been reached and while accepting connections; a
-/// comet that cannot authenticate yet, or is draining, says 503 so load
-/// balancers do not send it clients.
-async fn ready(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    if shared.draining.load(Ordering::SeqCst) {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else if !shared.logic.reachable() {
-        (StatusCode::SERVICE_UNAVAILABLE, "logic not reached yet")
-    } else {
-        (StatusCode::OK, "ready")
+    /// Ready once logic has been reached and while accepting connections; a
+    /// comet that cannot authenticate yet, or is draining, is not ready, so
+    /// load balancers do not send it clients.
+    async fn ready(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::SeqCst) {
+            Err("draining".to_owned())
+        } else if !self.logic.reachable() {
+            Err("logic not reached yet".to_owned())
+        } else {
+            Ok(())
+        }
     }
 }

@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::signal;
 use crate::telemetry::LogFormat;
+use herald_runtime::shutdown::signal;
 
 /// Herald: a goim-compatible push server and its Kubernetes operator.
 #[derive(Debug, Parser)]
@@ -58,10 +58,7 @@ impl Args {
             Role::Comet(args) => serve("comet", comet(*args)),
             Role::Logic(args) => serve("logic", logic(*args)),
             Role::Job(args) => serve("job", job(*args)),
-            Role::Standalone(args) => serve(
-                "standalone",
-                crate::standalone::run(*args, signal::shutdown()),
-            ),
+            Role::Standalone(args) => serve("standalone", crate::standalone::run(*args, signal())),
             Role::Operator(args) => serve("operator", operator(*args)),
             Role::Crdgen => crdgen(),
             Role::Bench(args) => bench(*args),
@@ -70,7 +67,9 @@ impl Args {
 }
 
 async fn operator(args: herald_operator::Args) -> anyhow::Result<()> {
-    herald_operator::main(args, signal::shutdown()).await?;
+    let config = args.into_config();
+    let listeners = herald_operator::Listeners::bind(config.metrics_addr).await?;
+    herald_operator::run(config, listeners, signal()).await?;
     Ok(())
 }
 
@@ -90,21 +89,21 @@ fn crdgen() -> ExitCode {
 
 async fn comet(args: herald_comet::Args) -> anyhow::Result<()> {
     let listeners = args.bind().await?;
-    herald_comet::run(args.config(), listeners, signal::shutdown()).await?;
+    herald_comet::run(args.config(), listeners, signal()).await?;
     Ok(())
 }
 
 async fn logic(args: herald_logic::Args) -> anyhow::Result<()> {
     let config = args.into_config()?;
     let listeners = herald_logic::Listeners::bind(config.http_addr, config.grpc_addr).await?;
-    herald_logic::run(config, listeners, signal::shutdown()).await?;
+    herald_logic::run(config, listeners, signal()).await?;
     Ok(())
 }
 
 async fn job(args: herald_job::Args) -> anyhow::Result<()> {
     let config = args.into_config()?;
     let listeners = herald_job::Listeners::bind(config.http_addr).await?;
-    herald_job::run(config, listeners, signal::shutdown()).await?;
+    herald_job::run(config, listeners, signal()).await?;
     Ok(())
 }
 

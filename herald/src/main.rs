@@ -1,7 +1,6 @@
 //! `herald`: parse arguments, start telemetry, run the chosen role.
 
 mod args;
-mod signal;
 mod standalone;
 mod telemetry;
 

@@ -4,16 +4,17 @@
 //! routes in memory, so nothing else is needed; `--redis` and `--kafka`
 //! switch either side to the real backend (then several processes can share
 //! them, as in a cluster). The node list is this one comet: job gets it as a
-//! static comet, logic as a node-list file written to a temporary directory.
+//! static comet, logic as an in-memory node list.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use herald_logic::queue::PushQueue;
 use herald_logic::store::SessionStore;
+use herald_runtime::nodes::{Node, NodeList, Source};
+use herald_runtime::{Shutdown, listen};
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -78,11 +79,7 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
         kafka_group,
         api_key,
     } = args;
-    let bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))
-    };
+    let bind = listen::bind;
     // Client listeners get the comet's deeper accept backlog.
     let bind_client = |addr: SocketAddr| {
         herald_comet::bind_client_listener(addr).with_context(|| format!("binding {addr}"))
@@ -111,23 +108,27 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
     let comet_grpc = local(&comet_listeners.grpc)?;
     let logic_grpc = local(&logic_listeners.grpc)?;
 
-    let nodes = NodeListFile::write(
-        &server_id,
-        comet_grpc,
-        &public_host,
-        comet_listeners.tcp.local_addr()?.port(),
-        comet_listeners.ws.local_addr()?.port(),
-    )?;
+    let nodes = NodeList {
+        generation: 1,
+        updated: String::new(),
+        nodes: vec![Node {
+            name: server_id.clone(),
+            grpc: comet_grpc.to_string(),
+            hosts: vec![public_host.clone()],
+            addrs: vec![public_host],
+            tcp_port: i32::from(comet_listeners.tcp.local_addr()?.port()),
+            ws_port: i32::from(comet_listeners.ws.local_addr()?.port()),
+            weight: 1,
+            ..Node::default()
+        }],
+    };
 
     let mut logic_config = herald_logic::Config::new(
         redis.as_deref().unwrap_or_default(),
         kafka.as_deref().unwrap_or_default(),
         &kafka_topic,
     );
-    logic_config.node_list = Some(herald_logic::nodes::Source::File {
-        path: nodes.path.clone(),
-        poll: std::time::Duration::from_secs(2),
-    });
+    logic_config.node_list = Some(Source::Memory(nodes));
     logic_config.http.api_key = api_key.filter(|k| !k.is_empty());
     let store: Arc<dyn SessionStore> = match &redis {
         Some(_) => Arc::new(herald_logic::store::redis::RedisStore::new(
@@ -170,35 +171,28 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
     // Shutdown in two steps: comet first, so its sessions can still tell
     // logic `Disconnect`, then logic and job. If any role fails, `try_join!`
     // drops the others and the process exits.
-    let (comet_stop, comet_stopped) = tokio::sync::watch::channel(false);
-    let (rest_stop, rest_stopped) = tokio::sync::watch::channel(false);
-    let on = |rx: &tokio::sync::watch::Receiver<bool>| {
-        let mut rx = rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
+    let (comet_stop, rest_stop) = (Shutdown::new(), Shutdown::new());
     let logic = async {
         herald_logic::run_with(
             logic_config,
             store,
             queue,
             logic_listeners,
-            on(&rest_stopped),
+            rest_stop.wait(),
         )
         .await
         .context("logic")
     };
     let comet = async {
-        let result = herald_comet::run(comet_config, comet_listeners, on(&comet_stopped)).await;
-        let _ = rest_stop.send(true);
+        let result = herald_comet::run(comet_config, comet_listeners, comet_stop.wait()).await;
+        rest_stop.trigger();
         result.context("comet")
     };
     let job = async {
         match records {
-            Some(records) => herald_job::run_channel(job_config, records, on(&rest_stopped)).await,
+            Some(records) => herald_job::run_channel(job_config, records, rest_stop.wait()).await,
             None => {
-                herald_job::run(job_config, herald_job::Listeners::none(), on(&rest_stopped)).await
+                herald_job::run(job_config, herald_job::Listeners::none(), rest_stop.wait()).await
             }
         }
         .context("job")
@@ -207,56 +201,10 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
         // Also ends when comet stopped by itself, so nothing waits forever.
         tokio::select! {
             () = shutdown => {}
-            () = on(&rest_stopped) => {}
+            () = rest_stop.wait() => {}
         }
-        let _ = comet_stop.send(true);
+        comet_stop.trigger();
         anyhow::Ok(())
     };
-    let result = tokio::try_join!(signal, logic, comet, job).map(|_| ());
-    drop(nodes);
-    result
-}
-
-/// The one-comet node list for logic; removed when dropped.
-#[derive(Debug)]
-struct NodeListFile {
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl NodeListFile {
-    fn write(
-        name: &str,
-        grpc: SocketAddr,
-        host: &str,
-        tcp_port: u16,
-        ws_port: u16,
-    ) -> anyhow::Result<Self> {
-        let list = herald_logic::nodes::NodeList {
-            generation: 1,
-            updated: String::new(),
-            nodes: vec![herald_logic::nodes::Node {
-                name: name.to_owned(),
-                grpc: grpc.to_string(),
-                hosts: vec![host.to_owned()],
-                addrs: vec![host.to_owned()],
-                tcp_port: i32::from(tcp_port),
-                ws_port: i32::from(ws_port),
-                weight: 1,
-                ..herald_logic::nodes::Node::default()
-            }],
-        };
-        let dir = std::env::temp_dir().join(format!("herald-standalone-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join("nodes.json");
-        std::fs::write(&path, serde_json::to_vec(&list)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        Ok(NodeListFile { dir, path })
-    }
-}
-
-impl Drop for NodeListFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    tokio::try_join!(signal, logic, comet, job).map(|_| ())
 }

@@ -196,7 +196,7 @@ mod drain {
 
         let metrics = Arc::new(herald_operator::Metrics::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let operator = tokio::spawn(herald_operator::run(
+        let operator = tokio::spawn(herald_operator::lead(
             client.clone(),
             herald_operator::Config {
                 namespaces: vec![ns.clone()],
@@ -206,6 +206,7 @@ mod drain {
                 lease_secs: 4,
                 poll_interval: Duration::from_millis(300),
                 service_addresses: herald_operator::ServiceAddresses::Dns,
+                metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             },
             metrics,
             async move {

@@ -306,7 +306,7 @@ impl Bed {
     fn start_operator(&mut self, identity: &str) {
         let metrics = Arc::new(herald_operator::Metrics::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(herald_operator::run(
+        let task = tokio::spawn(herald_operator::lead(
             self.client.clone(),
             herald_operator::Config {
                 namespaces: vec![self.namespace.clone()],
@@ -316,6 +316,7 @@ impl Bed {
                 lease_secs: 4,
                 poll_interval: Duration::from_millis(300),
                 service_addresses: herald_operator::ServiceAddresses::ClusterIp,
+                metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             },
             metrics.clone(),
             async move {

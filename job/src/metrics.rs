@@ -1,5 +1,5 @@
-//! Prometheus metrics and the admin HTTP listener (`/metrics`, `/healthz`,
-//! `/readyz`).
+//! Prometheus metrics, and what job's admin endpoints (`/metrics`,
+//! `/healthz`, `/readyz`, served by `herald_runtime::admin`) report.
 //!
 //! Labels are low-cardinality: push type, rpc, reason, and the comet name
 //! (bounded by the node list, not by traffic). Names that come from records
@@ -9,18 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::comets::Stats;
 
@@ -224,10 +217,7 @@ impl Metrics {
 
     /// The registry in Prometheus text format.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        herald_runtime::admin::encode(&self.registry)
     }
 }
 
@@ -240,41 +230,18 @@ pub(crate) struct Health {
     pub(crate) ready: Arc<AtomicBool>,
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until `stop`.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    health: Health,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .with_state(Arc::new(health));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-}
+impl herald_runtime::admin::Health for Health {
+    fn metrics(&self) -> String {
+        self.stats.metrics.encode()
+    }
 
-async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        health.stats.metrics.encode(),
-    )
-}
-
-/// 503 until the consumer is assigned, so a rollout waits for a job that
-/// really consumes before it stops the old one.
-async fn ready(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    if health.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "kafka consumer not assigned yet",
-        )
+    /// Not ready until the consumer is assigned, so a rollout waits for a
+    /// job that really consumes before it stops the old one.
+    async fn ready(&self) -> Result<(), String> {
+        if self.ready.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("kafka consumer not assigned yet".to_owned())
+        }
     }
 }

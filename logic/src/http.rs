@@ -144,7 +144,7 @@ pub fn router(service: Arc<Service>, config: HttpConfig) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::map_response_with_state(state.clone(), compat))
         .with_state(state);
-    api.merge(crate::metrics::router(service.clone()))
+    api.merge(herald_runtime::admin::router(service.clone()))
         .layer(middleware::from_fn_with_state(service, count))
 }
 

@@ -1,17 +1,12 @@
-//! Logic's Prometheus metrics and the unauthenticated probe routes
-//! (`/metrics`, `/healthz`, `/readyz`) served beside the push API.
+//! Logic's Prometheus metrics, and what its probe routes (`/metrics`,
+//! `/healthz`, `/readyz`, served beside the push API) report.
 //!
 //! Labels are fixed, low-cardinality strings (route template, status,
 //! method, outcome); never keys, mids or rooms.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::http::StatusCode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -138,10 +133,7 @@ impl Metrics {
 
     /// The registry in OpenMetrics text format.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        herald_runtime::admin::encode(&self.registry)
     }
 }
 
@@ -149,31 +141,17 @@ fn outcome(ok: bool) -> String {
     if ok { "ok" } else { "error" }.to_owned()
 }
 
-/// `/metrics`, `/healthz`, `/readyz`: outside the API key, because probes
-/// and scrapers do not hold it and these routes reveal no user data.
-pub fn router(service: Arc<Service>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .with_state(service)
-}
+/// What logic's `/metrics` and `/readyz` report (served by
+/// [`herald_runtime::admin::router`] beside the push API, outside the API
+/// key: probes and scrapers hold none, and these routes show no user data).
+impl herald_runtime::admin::Health for Service {
+    fn metrics(&self) -> String {
+        Service::metrics(self).encode()
+    }
 
-async fn metrics(State(service): State<Arc<Service>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        service.metrics().encode(),
-    )
-}
-
-/// Ready when the session store and the push queue both answer: a logic
-/// that would refuse every push with 503 should not get traffic.
-async fn ready(State(service): State<Arc<Service>>) -> impl IntoResponse {
-    match service.ready().await {
-        Ok(()) => (StatusCode::OK, "ready".to_owned()),
-        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
+    /// Ready when the session store and the push queue both answer: a logic
+    /// that would refuse every push with 503 should not get traffic.
+    async fn ready(&self) -> Result<(), String> {
+        Service::ready(self).await.map_err(|err| err.to_string())
     }
 }

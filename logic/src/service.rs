@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use herald_protocol::pb::goim::logic::{Backoff, NodesReply};
 use herald_protocol::pb::{ConnectReply, Proto, PushMsg, push_msg};
+use herald_runtime::nodes::Nodes;
 
 use crate::metrics::Metrics;
-use crate::nodes::Nodes;
 use crate::queue::{self, PushQueue, RecordId, Upstream};
 use crate::store::{self, Online, SessionStore, redis::unix_now};
 use crate::token::{self, Verifier};
@@ -43,6 +43,12 @@ pub struct Settings {
     /// Missed heartbeats before comet drops a connection; Connect's idle
     /// timeout is `heartbeat × heartbeat_max`.
     pub heartbeat_max: u32,
+    /// `domain` of the node answer (`spec.nodeList.domain`).
+    pub node_domain: String,
+    /// Most addresses in one node answer.
+    pub node_count: usize,
+    /// `backoff.base_delay` of the node answer.
+    pub node_backoff: Duration,
     /// Comets silent longer than this are left out of room counts.
     pub online_stale: Duration,
 }
@@ -233,19 +239,21 @@ impl Service {
     /// The balancer answer for a client (§11).
     pub fn nodes_reply(&self, platform: &str) -> NodesReply {
         let list = self.nodes.get();
-        let (nodes, first) = list.pick(platform);
+        let (nodes, first) = list.pick(platform, self.settings.node_count);
+        let base_delay = i32::try_from(self.settings.node_backoff.as_secs()).unwrap_or(i32::MAX);
         let (tcp_port, ws_port, wss_port) =
             first.map_or((0, 0, 0), |n| (n.tcp_port, n.ws_port, n.wss_port));
         NodesReply {
-            domain: String::new(),
+            domain: self.settings.node_domain.clone(),
             tcp_port,
             ws_port,
             wss_port,
             heartbeat: i32::try_from(self.settings.heartbeat.as_secs()).unwrap_or(i32::MAX),
             nodes,
             backoff: Some(Backoff {
-                max_delay: 300,
-                base_delay: 3,
+                // goim's ceiling, raised if the base is above it.
+                max_delay: base_delay.max(300),
+                base_delay,
                 factor: 1.8,
                 jitter: 0.3,
             }),
@@ -360,12 +368,8 @@ impl Service {
         let sends = msgs.iter().zip(&keys).map(|(msg, key)| async move {
             let start = std::time::Instant::now();
             let res = self.queue.push(key, msg).await;
-            let kind = match msg.r#type() {
-                push_msg::Type::Push => "push",
-                push_msg::Type::Room => "room",
-                push_msg::Type::Broadcast => "broadcast",
-            };
-            self.metrics.record(kind, res.is_ok(), start.elapsed());
+            self.metrics
+                .record(msg.r#type().label(), res.is_ok(), start.elapsed());
             res
         });
         let mut ids = Vec::with_capacity(msgs.len());
@@ -401,7 +405,7 @@ impl Service {
     }
 
     /// `(connections, client IPs)` from the node list.
-    pub fn online_total(&self) -> (i64, i64) {
+    pub fn online_total(&self) -> (u64, u64) {
         self.nodes.get().totals()
     }
 }
@@ -426,14 +430,14 @@ fn sum_rooms(servers: &HashMap<String, HashMap<String, i32>>) -> HashMap<String,
 pub async fn aggregate_online(
     service: Arc<Service>,
     interval: Duration,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: herald_runtime::Shutdown,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = shutdown.changed() => return,
+            () = shutdown.token().cancelled() => return,
         }
         if let Err(err) = service.refresh_online().await {
             tracing::warn!(cause = %err, source = ?std::error::Error::source(&err), "online aggregation failed; keeping previous counts");

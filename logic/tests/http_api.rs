@@ -362,7 +362,7 @@ async fn nodes_follow_the_node_list_file_and_skip_draining_comets() {
     let file = dir.join("nodes.json");
     std::fs::write(&file, node_list(1, false).to_string()).unwrap();
     let mut cfg = config(&unique("unused"));
-    cfg.node_list = Some(herald_logic::nodes::Source::File {
+    cfg.node_list = Some(herald_runtime::nodes::Source::File {
         path: file.clone(),
         poll: Duration::from_millis(100),
     });
@@ -460,7 +460,7 @@ async fn a_node_list_file_that_appears_later_is_picked_up() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("nodes.json");
     let mut cfg = config(&unique("unused"));
-    cfg.node_list = Some(herald_logic::nodes::Source::File {
+    cfg.node_list = Some(herald_runtime::nodes::Source::File {
         path: file.clone(),
         poll: Duration::from_millis(100),
     });

@@ -294,7 +294,7 @@ async fn node_list_configmap_is_watched() {
 
     // Logic starts before the ConfigMap exists: empty list, not an error.
     let mut cfg = config(&unique("unused"));
-    cfg.node_list = Some(herald_logic::nodes::Source::ConfigMap {
+    cfg.node_list = Some(herald_runtime::nodes::Source::ConfigMap {
         namespace: ns.clone(),
         name: name.to_owned(),
     });

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
+use herald_runtime::contract;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -50,8 +51,8 @@ pub const TERMINATION_MARGIN_SECS: i64 = 15;
 pub const JOB_HTTP_PORT: i32 = 3193;
 /// Key of the generated API-key Secret.
 pub const API_KEY_KEY: &str = "api-key";
-/// Key of the node-list ConfigMap.
-pub const NODES_KEY: &str = "nodes.json";
+/// Key of the node list in its ConfigMap (one name with the readers).
+pub use herald_protocol::nodes::CONFIGMAP_KEY as NODES_KEY;
 /// Field manager of every server-side apply the operator makes.
 pub const MANAGER: &str = "herald-operator";
 
@@ -251,21 +252,18 @@ pub fn children(
 /// rolls the pods because the pod templates carry its hash.
 fn config_map(names: &Names, spec: &PushClusterSpec) -> Result<ConfigMap> {
     let data = BTreeMap::from([
-        ("HERALD_KAFKA_BROKERS", spec.kafka.brokers.join(",")),
-        ("HERALD_KAFKA_TOPIC", spec.kafka.topic.clone()),
-        ("HERALD_JOB_GROUP", spec.kafka.group.clone()),
+        (contract::KAFKA_BROKERS, spec.kafka.brokers.join(",")),
+        (contract::KAFKA_TOPIC, spec.kafka.topic.clone()),
+        (contract::JOB_GROUP, spec.kafka.group.clone()),
+        (contract::TOKEN_MODE, spec.auth.mode.as_str().to_owned()),
         (
-            "HERALD_LOGIC_TOKEN_MODE",
-            spec.auth.mode.as_str().to_owned(),
-        ),
-        (
-            "HERALD_LOGIC_HEARTBEAT_SECS",
+            contract::HEARTBEAT_SECS,
             spec.node_list.heartbeat.to_string(),
         ),
-        ("HERALD_NODE_DOMAIN", spec.node_list.domain.clone()),
-        ("HERALD_NODE_COUNT", spec.node_list.count.to_string()),
+        (contract::NODE_DOMAIN, spec.node_list.domain.clone()),
+        (contract::NODE_COUNT, spec.node_list.count.to_string()),
         (
-            "HERALD_NODE_BACKOFF_SECS",
+            contract::NODE_BACKOFF_SECS,
             spec.node_list.backoff.to_string(),
         ),
     ]);
@@ -312,9 +310,9 @@ pub fn api_key_secret(names: &Names, key: &str) -> Result<Secret> {
 
 fn downward_env() -> Vec<Value> {
     [
-        ("POD_IP", "status.podIP"),
-        ("POD_NAME", "metadata.name"),
-        ("POD_NAMESPACE", "metadata.namespace"),
+        (contract::POD_IP, "status.podIP"),
+        (contract::POD_NAME, "metadata.name"),
+        (contract::POD_NAMESPACE, "metadata.namespace"),
     ]
     .into_iter()
     .map(|(name, path)| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}))
@@ -330,12 +328,12 @@ fn secret_env(name: &str, secret: &SecretKeyRef) -> Value {
 fn redis_env(spec: &PushClusterSpec) -> Vec<Value> {
     match &spec.redis.password_secret_ref {
         Some(secret) => vec![
-            secret_env("HERALD_REDIS_PASSWORD", secret),
-            json!({"name": "HERALD_REDIS_URL",
-                   "value": format!("redis://:$(HERALD_REDIS_PASSWORD)@{}", spec.redis.addr)}),
+            secret_env(contract::REDIS_PASSWORD, secret),
+            json!({"name": contract::REDIS_URL,
+                   "value": format!("redis://:$({})@{}", contract::REDIS_PASSWORD, spec.redis.addr)}),
         ],
         None => vec![
-            json!({"name": "HERALD_REDIS_URL", "value": format!("redis://{}", spec.redis.addr)}),
+            json!({"name": contract::REDIS_URL, "value": format!("redis://{}", spec.redis.addr)}),
         ],
     }
 }
@@ -461,7 +459,7 @@ fn logic_deployment(
     let ports = &spec.logic.ports;
     let mut env = redis_env(spec);
     if let Some(secret) = &spec.auth.jwt_secret_ref {
-        env.push(secret_env("HERALD_LOGIC_JWT_SECRET", secret));
+        env.push(secret_env(contract::JWT_SECRET, secret));
     }
     let api_key = spec
         .auth
@@ -471,7 +469,7 @@ fn logic_deployment(
             name: names.api_key(),
             key: API_KEY_KEY.to_owned(),
         });
-    env.push(secret_env("HERALD_LOGIC_API_KEY", &api_key));
+    env.push(secret_env(contract::API_KEY, &api_key));
     deployment(
         names,
         spec,

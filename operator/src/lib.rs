@@ -11,11 +11,12 @@
 //!   Events, error policy).
 //! - [`load`]: the comet admin calls and the node-list document.
 //! - [`scale`]: pure scaling and drain decisions.
-//! - [`metrics`]: `/metrics` and `/healthz`.
-//! - [`run`]: leader election (a coordination.k8s.io Lease) around the
+//! - [`metrics`]: what `/metrics` reports.
+//! - [`run`] / [`lead`]: leader election (a coordination.k8s.io Lease) around the
 //!   controllers, so that of several replicas only one ever acts.
 
 pub mod build;
+mod config;
 pub mod controller;
 pub mod crd;
 pub mod load;
@@ -28,110 +29,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use herald_runtime::{Shutdown, admin, listen};
 use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{Instrument, info, info_span, warn};
 
 pub use build::ServiceAddresses;
+pub use config::{Args, Config};
 pub use metrics::Metrics;
-
-/// `herald operator` flags.
-#[derive(Clone, Debug, clap::Args)]
-pub struct Args {
-    /// Namespaces whose PushClusters are reconciled (repeat or comma-separate);
-    /// none means every namespace.
-    #[arg(
-        long = "namespace",
-        env = "HERALD_OPERATOR_NAMESPACES",
-        value_delimiter = ','
-    )]
-    pub namespaces: Vec<String>,
-    /// HTTP listener for `/metrics` and `/healthz`.
-    #[arg(
-        long,
-        env = "HERALD_OPERATOR_METRICS_ADDR",
-        default_value = "0.0.0.0:3180"
-    )]
-    pub metrics_addr: SocketAddr,
-    /// Name of the coordination.k8s.io Lease that elects the acting replica.
-    #[arg(
-        long,
-        env = "HERALD_OPERATOR_LEASE_NAME",
-        default_value = "herald-operator"
-    )]
-    pub lease_name: String,
-    /// Namespace of the Lease (the operator's own).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    pub lease_namespace: String,
-    /// Lease holder identity; defaults to the pod name, else a random one.
-    #[arg(long, env = "POD_NAME")]
-    pub identity: Option<String>,
-    /// Lease duration in seconds: how long a dead leader blocks a successor.
-    #[arg(long, env = "HERALD_OPERATOR_LEASE_SECS", default_value_t = 15)]
-    pub lease_secs: u64,
-    /// How often each PushCluster's comets are polled for load, in milliseconds.
-    #[arg(long, env = "HERALD_OPERATOR_POLL_MS", default_value_t = 5000)]
-    pub poll_interval_ms: u64,
-    /// How comet pods are given the logic Service's address: `dns` (its
-    /// name) or `cluster-ip` (for clusters without DNS for pods).
-    #[arg(
-        long,
-        env = "HERALD_OPERATOR_SERVICE_ADDRESSES",
-        value_enum,
-        default_value_t = ServiceAddresses::Dns
-    )]
-    pub service_addresses: ServiceAddresses,
-}
-
-/// Runtime settings of [`run`].
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// Namespaces watched; empty = all.
-    pub namespaces: Vec<String>,
-    /// Lease name.
-    pub lease_name: String,
-    /// Lease namespace.
-    pub lease_namespace: String,
-    /// Holder identity.
-    pub identity: String,
-    /// Lease duration.
-    pub lease_secs: u64,
-    /// Load poll interval.
-    pub poll_interval: Duration,
-    /// How pods are told Service addresses.
-    pub service_addresses: ServiceAddresses,
-}
-
-impl Args {
-    /// Splits the flags into the metrics address and the run settings.
-    pub fn into_config(self) -> (SocketAddr, Config) {
-        // Destructured so that a new flag cannot be silently ignored.
-        let Args {
-            namespaces,
-            metrics_addr,
-            lease_name,
-            lease_namespace,
-            identity,
-            lease_secs,
-            poll_interval_ms,
-            service_addresses,
-        } = self;
-        let identity =
-            identity.unwrap_or_else(|| format!("herald-operator-{:016x}", rand::random::<u64>()));
-        (
-            metrics_addr,
-            Config {
-                namespaces,
-                lease_name,
-                lease_namespace,
-                identity,
-                lease_secs,
-                poll_interval: Duration::from_millis(poll_interval_ms),
-                service_addresses,
-            },
-        )
-    }
-}
 
 /// Why the operator stopped.
 #[derive(Debug, thiserror::Error)]
@@ -142,9 +47,9 @@ pub enum Error {
     /// The Lease could not be read or created.
     #[error("cannot set up leader election")]
     Lease(#[source] kube_lease_manager::LeaseManagerError),
-    /// The metrics listener failed.
-    #[error("metrics listener")]
-    Metrics(#[source] std::io::Error),
+    /// The metrics listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] listen::BindError),
     /// The API server does not serve PushClusters: the CRD is not installed.
     #[error(
         "the PushCluster CRD (pushclusters.herald.dev) is not installed: \
@@ -159,37 +64,46 @@ pub enum Error {
 /// Result of this crate's entry points.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Binds the metrics listener and runs the operator until `shutdown`.
+/// What the operator listens on; bound before [`run`] so tests can use port 0.
+#[derive(Debug)]
+pub struct Listeners {
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics: tokio::net::TcpListener,
+}
+
+impl Listeners {
+    /// Binds the metrics address.
+    ///
+    /// # Errors
+    /// The bind failing.
+    pub async fn bind(metrics: SocketAddr) -> Result<Self> {
+        Ok(Listeners {
+            metrics: listen::bind(metrics).await?,
+        })
+    }
+}
+
+/// Serves `/metrics` and runs the operator until `shutdown`.
 ///
 /// # Errors
 /// See [`Error`].
-pub async fn main(
-    args: Args,
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let (metrics_addr, config) = args.into_config();
     let client = Client::try_default().await.map_err(Error::Client)?;
     crd_installed(&client).await?;
-    let listener = tokio::net::TcpListener::bind(metrics_addr)
-        .await
-        .map_err(Error::Metrics)?;
-    info!(addr = %metrics_addr, "metrics listening");
+    if let Ok(addr) = listeners.metrics.local_addr() {
+        info!(%addr, "metrics listening");
+    }
     let metrics = Arc::new(Metrics::default());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = Shutdown::on(shutdown);
     let server = tokio::spawn(
-        metrics::serve(listener, metrics.clone(), {
-            let mut stop = stop_rx.clone();
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            }
-        })
-        .instrument(info_span!("metrics")),
+        admin::serve(listeners.metrics, metrics.clone(), shutdown.wait())
+            .instrument(info_span!("metrics")),
     );
-    let result = run(client, config, metrics, async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    })
-    .await;
+    let result = lead(client, config, metrics, shutdown.wait()).await;
     match server.await {
         Ok(Err(err)) => warn!(cause = %err, "metrics listener failed"),
         Err(err) => warn!(cause = %err, "metrics task failed"),
@@ -213,13 +127,15 @@ async fn crd_installed(client: &Client) -> Result<()> {
 /// reconciles are short API calls, a drain waits across passes, not within one.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// Runs the controllers while this instance holds the Lease, until `shutdown`.
+/// Runs the controllers while this instance holds the Lease, until
+/// `shutdown`; [`run`] without the metrics server, for tests that read
+/// `metrics` directly.
 /// On losing the Lease the controllers stop (after in-flight passes) and the
 /// instance waits to win it again.
 ///
 /// # Errors
 /// [`Error::Lease`] when the Lease cannot be set up.
-pub async fn run(
+pub async fn lead(
     client: Client,
     config: Config,
     metrics: Arc<Metrics>,
@@ -233,6 +149,7 @@ pub async fn run(
         lease_secs,
         poll_interval,
         service_addresses,
+        metrics_addr: _,
     } = config;
     let manager = LeaseManagerBuilder::new(client.clone(), lease_name)
         .with_namespace(lease_namespace)

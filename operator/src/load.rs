@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
+pub use herald_protocol::nodes::{Node, NodeList};
 use herald_protocol::pb::admin::{
     DrainRequest, LoadReply, LoadRequest, comet_admin_client::CometAdminClient,
 };
-use serde::{Deserialize, Serialize};
 
 /// A failed admin call to one comet.
 #[derive(Debug, thiserror::Error)]
@@ -91,44 +91,6 @@ pub async fn drain(addr: &str, request: DrainRequest, timeout: Duration) -> Resu
             addr: addr.to_owned(),
             status,
         })
-}
-
-/// The node-list document in ConfigMap `<pushcluster>-nodes`, key `nodes.json`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeList {
-    /// Incremented whenever `nodes` changes.
-    pub generation: i64,
-    /// When `nodes` last changed (RFC 3339).
-    pub updated: String,
-    /// Every comet that answered its last poll, draining ones included.
-    pub nodes: Vec<Node>,
-}
-
-/// One comet in the node list.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Node {
-    /// Server id (= pod name).
-    pub name: String,
-    /// Where job reaches it: `ip:port`.
-    pub grpc: String,
-    /// Host names for web clients (the spec's domain), possibly none.
-    pub hosts: Vec<String>,
-    /// Addresses for native clients.
-    pub addrs: Vec<String>,
-    /// Client ports.
-    pub tcp_port: i32,
-    /// WebSocket port.
-    pub ws_port: i32,
-    /// WebSocket-over-TLS port.
-    pub wss_port: i32,
-    /// Relative weight for handing it out.
-    pub weight: u32,
-    /// Connections at the last poll.
-    pub connections: u64,
-    /// Distinct client IPs at the last poll.
-    pub client_ips: u64,
-    /// Leaving: job still pushes to it, logic no longer hands it out.
-    pub draining: bool,
 }
 
 /// Weight of a comet handed out to clients: full for an idle comet, falling

@@ -1,18 +1,10 @@
-//! The operator's Prometheus metrics and its HTTP listener (`/metrics`,
-//! `/healthz`). Labels are low-cardinality: outcomes and error kinds only.
+//! The operator's Prometheus metrics, served on `/metrics` by
+//! `herald_runtime::admin`. Labels are low-cardinality: outcomes and error kinds only.
 
-use std::sync::Arc;
-
-use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 
 type Labels = Vec<(String, String)>;
 
@@ -97,37 +89,19 @@ impl Metrics {
 
     /// The registry in Prometheus text format.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        herald_runtime::admin::encode(&self.registry)
     }
 }
 
-/// Serves `/metrics` and `/healthz` until `shutdown` resolves.
-///
-/// # Errors
-/// When accepting connections fails.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(encode))
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(metrics);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
+/// What the operator's admin endpoints report. Ready as soon as it serves:
+/// a standby replica is healthy too, and leadership is a metric
+/// (`herald_operator_leader`), not a reason to take the pod out of service.
+impl herald_runtime::admin::Health for Metrics {
+    fn metrics(&self) -> String {
+        self.encode()
+    }
 
-async fn encode(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.encode(),
-    )
+    async fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 }

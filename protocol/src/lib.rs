@@ -12,12 +12,15 @@
 //!   decimal op lists of subscribe / unsubscribe bodies (§5.2).
 //! - [`ws`]: the op-9 wrapping that WebSocket clients expect for pushes (§4.2)
 //!   and iteration over batched frames.
+//! - [`nodes`]: the node-list document the operator writes and logic and
+//!   job read (§15.4), with goim's balancer pick (§11).
 //! - [`cityhash`]: CityHash32 v1.1, which picks `ol_` shards in Redis (§9).
 //! - [`pb`]: prost/tonic types for `goim.protocol`, `goim.comet`, `goim.logic`
 //!   (including the Kafka `PushMsg`) and Herald's `herald.admin.v1`.
 
 pub mod cityhash;
 pub mod frame;
+pub mod nodes;
 pub mod op;
 pub mod pb;
 pub mod ws;

@@ -65,3 +65,15 @@ impl From<crate::Frame> for Proto {
         }
     }
 }
+
+impl push_msg::Type {
+    /// The kind's lower-case name (`push`, `room`, `broadcast`): the label
+    /// logic and job both count records under.
+    pub fn label(self) -> &'static str {
+        match self {
+            push_msg::Type::Push => "push",
+            push_msg::Type::Room => "room",
+            push_msg::Type::Broadcast => "broadcast",
+        }
+    }
+}

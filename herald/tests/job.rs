@@ -387,7 +387,7 @@ async fn push_room_and_broadcast_reach_clients_with_exact_bytes() -> Result {
         .to_string(),
     )?;
     let mut config = job_config(&topic, &unique("job-basic-group"), &[]);
-    config.node_list = Some(herald_logic::nodes::Source::File {
+    config.node_list = Some(herald_runtime::nodes::Source::File {
         path: list,
         poll: Duration::from_secs(2),
     });
@@ -590,7 +590,7 @@ async fn calls_to_a_comet_that_leaves_the_node_list_are_dropped() -> Result {
         {"name": "comet-dead", "grpc": dead.to_string()},
     ]))?;
     let mut config = job_config(&topic, &group, &[]);
-    config.node_list = Some(herald_logic::nodes::Source::File {
+    config.node_list = Some(herald_runtime::nodes::Source::File {
         path: list.clone(),
         poll: Duration::from_millis(50),
     });

@@ -66,8 +66,9 @@ impl Operator {
             lease_secs: 4,
             poll_interval: Duration::from_millis(500),
             service_addresses: herald_operator::ServiceAddresses::Dns,
+            metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         };
-        let task = tokio::spawn(herald_operator::run(
+        let task = tokio::spawn(herald_operator::lead(
             client.clone(),
             config,
             metrics.clone(),

@@ -1,0 +1,43 @@
+//! The contract between the operator and the roles it deploys: the names of
+//! the environment variables the operator sets (in the cluster's config
+//! ConfigMap, read through `envFrom`, or on the container) and the roles'
+//! flags read (`#[arg(env = ...)]`). Both sides compile against these
+//! constants, so a rename cannot leave one side reading a variable the other
+//! no longer writes. Flags the operator passes as arguments are checked the
+//! other way: `herald/tests/operator_contract.rs` runs every generated
+//! command line through the role's real parser (`herald <role> --check-config`).
+
+/// Kafka bootstrap brokers, comma-separated (logic, job).
+pub const KAFKA_BROKERS: &str = "HERALD_KAFKA_BROKERS";
+/// The push topic (logic, job).
+pub const KAFKA_TOPIC: &str = "HERALD_KAFKA_TOPIC";
+/// Job's consumer group.
+pub const JOB_GROUP: &str = "HERALD_JOB_GROUP";
+/// Redis URL (logic).
+pub const REDIS_URL: &str = "HERALD_REDIS_URL";
+/// Redis password, spliced into [`REDIS_URL`] by the kubelet's `$(VAR)`
+/// expansion so it never appears in a Deployment.
+pub const REDIS_PASSWORD: &str = "HERALD_REDIS_PASSWORD";
+/// How logic checks client tokens (`goim`, `jwt`).
+pub const TOKEN_MODE: &str = "HERALD_LOGIC_TOKEN_MODE";
+/// HS256 secret for signed tokens (logic).
+pub const JWT_SECRET: &str = "HERALD_LOGIC_JWT_SECRET";
+/// The HTTP push API's bearer key (logic).
+pub const API_KEY: &str = "HERALD_LOGIC_API_KEY";
+/// Heartbeat interval logic advertises to clients, in seconds
+/// (`spec.nodeList.heartbeat`).
+pub const HEARTBEAT_SECS: &str = "HERALD_LOGIC_HEARTBEAT_SECS";
+/// Host name logic's node answer gives web clients (`spec.nodeList.domain`).
+pub const NODE_DOMAIN: &str = "HERALD_NODE_DOMAIN";
+/// How many addresses one node answer lists (`spec.nodeList.count`).
+pub const NODE_COUNT: &str = "HERALD_NODE_COUNT";
+/// Reconnect back-off logic advertises, in seconds (`spec.nodeList.backoff`).
+pub const NODE_BACKOFF_SECS: &str = "HERALD_NODE_BACKOFF_SECS";
+/// The node-list ConfigMap logic and job watch.
+pub const NODE_LIST_CONFIGMAP: &str = "HERALD_NODE_LIST_CONFIGMAP";
+/// The pod's namespace (downward API), where that ConfigMap lives.
+pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+/// The pod's name (downward API): comet's server id.
+pub const POD_NAME: &str = "POD_NAME";
+/// The pod's IP (downward API): where a role binds.
+pub const POD_IP: &str = "POD_IP";

@@ -1,0 +1,26 @@
+//! What every Herald role shares, so each exists once: the roles (comet,
+//! logic, job, operator) depend on this crate and on `herald-protocol`, never
+//! on each other; they meet over gRPC, Kafka and the node-list document.
+//!
+//! `§N` refers to docs/protocol.md.
+//!
+//! # Layout
+//! - [`shutdown`]: one stop signal, fanned out to every task of a role, and
+//!   the process signals (SIGTERM, Ctrl-C) that fire it.
+//! - [`listen`]: binding a role's listeners with an error that names the address.
+//! - [`admin`]: the `/metrics`, `/healthz`, `/readyz` server every role runs.
+//! - [`nodes`]: where logic and job get the node list (file, ConfigMap watch
+//!   behind the `kube` feature, or in memory for `herald standalone`).
+//! - [`contract`]: the environment variable names the operator sets and the
+//!   roles read, compiled into both sides.
+//! - [`args`]: flag defaults taken from the clap definitions themselves, so a
+//!   default is written once, on its flag.
+
+pub mod admin;
+pub mod args;
+pub mod contract;
+pub mod listen;
+pub mod nodes;
+pub mod shutdown;
+
+pub use shutdown::Shutdown;
