@@ -12,7 +12,10 @@
 //! - [`Job::submit`] (here): decodes one record into comet calls;
 //! - [`comets`]: the comet directory (node-list file and static flags), one
 //!   worker per comet with retries and adaptive room batching, and a `Rooms`
-//!   poller per comet so room pushes skip comets without members;
+//!   poller per comet so room pushes skip comets without members; one
+//!   submodule per step: the comet set (`directory`), the queued call
+//!   (`queue`), the worker (`worker`), batching (`batch`), the call and its
+//!   retries (`call`), the rooms view (`rooms`) and the counters (`stats`);
 //! - [`metrics`]: Prometheus counters and the admin HTTP endpoints.
 //!
 //! # Poison records
