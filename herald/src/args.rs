@@ -21,6 +21,11 @@ pub(crate) struct Args {
     )]
     pub(crate) log_format: LogFormat,
 
+    /// Parse and check the role's settings (flags and `HERALD_*` variables),
+    /// print them and exit: 0 when the role would start, 2 when not.
+    #[arg(long, global = true)]
+    check_config: bool,
+
     #[command(subcommand)]
     role: Role,
 }
@@ -52,8 +57,12 @@ impl Args {
     pub(crate) fn run(self) -> ExitCode {
         let Args {
             log_format: _,
+            check_config,
             role,
         } = self;
+        if check_config {
+            return role.check_config();
+        }
         match role {
             Role::Comet(args) => serve("comet", comet(*args)),
             Role::Logic(args) => serve("logic", logic(*args)),
@@ -62,6 +71,42 @@ impl Args {
             Role::Operator(args) => serve("operator", operator(*args)),
             Role::Crdgen => crdgen(),
             Role::Bench(args) => bench(*args),
+        }
+    }
+}
+
+impl Role {
+    /// `--check-config`: what the role would run with, or why it would not
+    /// start. The operator's tests run every command line it generates
+    /// through this, so a flag or variable the role does not know fails there.
+    fn check_config(self) -> ExitCode {
+        let checked: Result<String, String> = match self {
+            Role::Comet(args) => {
+                let listeners = format!("{args:#?}");
+                Ok(format!("{listeners}\n{:#?}", args.config()))
+            }
+            Role::Logic(args) => args
+                .into_config()
+                .map(|c| format!("{c:#?}"))
+                .map_err(|e| e.to_string()),
+            Role::Job(args) => args
+                .into_config()
+                .map(|c| format!("{c:#?}"))
+                .map_err(|e| e.to_string()),
+            Role::Operator(args) => Ok(format!("{:#?}", args.into_config())),
+            Role::Standalone(args) => Ok(format!("{args:#?}")),
+            Role::Bench(args) => Ok(format!("{args:#?}")),
+            Role::Crdgen => Ok("crdgen takes no settings".to_owned()),
+        };
+        match checked {
+            Ok(shown) => {
+                println!("{shown}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("herald: invalid configuration: {err}");
+                ExitCode::from(2)
+            }
         }
     }
 }
