@@ -20,7 +20,9 @@
 //! - [`inject`]: open-loop injectors for comet's gRPC and logic's HTTP API
 //!   (latency from the scheduled time).
 //! - [`s5`]: S5, the end-to-end path through real logic, job, Redis and Kafka.
-//! - [`scenarios`]: S0–S7 and the `quick`/`full`/`smoke` profiles.
+//! - [`scenarios`]: S0–S7 and the `quick`/`full`/`smoke` profiles; one
+//!   submodule per scenario (`s0` … `s7`), plus the profiles' sizes
+//!   (`plan`) and the smoke checks (`smoke`).
 //! - [`report`]: the JSON record and the markdown table.
 //! - [`plot`]: PNG plots, with labels from a built-in bitmap font.
 //! - [`proc`]: CPU, RSS, pinning and machine facts from `/proc`.
