@@ -1,4 +1,4 @@
-//! One connection's shared handle and its writer.
+//! One connection's shared handle and its outbound queue.
 //!
 //! Everything that sends to a client — the session's replies, pushes from
 //! gRPC, drain redirects — appends an already-encoded buffer to the
@@ -8,10 +8,12 @@
 //! consumer instead of blocking the pusher, so one stuck client cannot hold up
 //! a room broadcast.
 //!
-//! The writer takes everything queued at once and writes it with one call
-//! (TCP: the buffers concatenated, by the session task itself, see
-//! [`crate::tcp`]; WebSocket: every message fed, then one flush, by a writer
-//! task), so a burst of pushes costs one syscall rather than one each.
+//! Queueing wakes the connection's writer ([`Outbound::wake_writer`]), which
+//! takes everything queued at once and writes it with one call (TCP: the
+//! buffers concatenated, by the session task itself, see
+//! [`crate::tcp::TcpWriter`]; WebSocket: every message fed, then one flush,
+//! by a writer task, see [`crate::websocket::run_writer`]), so a burst of
+//! pushes costs one syscall rather than one each.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -21,11 +23,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::SinkExt;
-use futures::stream::SplitSink;
 use futures::task::AtomicWaker;
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::server::Transport;
 
@@ -117,11 +116,11 @@ struct QueueState {
 pub struct Outbound {
     // A std Mutex: held only to push or swap a VecDeque, never across an await.
     state: Mutex<QueueState>,
-    /// Wakes whoever writes: the writer task (WebSocket) or the session (TCP).
+    /// Wakes the writer: the writer task (WebSocket) or the session (TCP).
     /// One waiter, so a waker slot: no waiter future to keep per connection.
-    wake: AtomicWaker,
+    writer: AtomicWaker,
     /// Wakes a WebSocket session's reader when the server closes it; a TCP
-    /// session learns it through `wake`.
+    /// session learns it through `writer`.
     closing: Notify,
     limit: usize,
 }
@@ -130,17 +129,27 @@ impl Outbound {
     fn new(limit: usize) -> Outbound {
         Outbound {
             state: Mutex::new(QueueState::default()),
-            wake: AtomicWaker::new(),
+            writer: AtomicWaker::new(),
             closing: Notify::new(),
             limit,
         }
+    }
+
+    /// Wakes the connection's writer, which then takes the queue and writes
+    /// it: for TCP the session task, in [`TcpWriter::poll_write`]; for a
+    /// WebSocket the writer task, [`run_writer`].
+    ///
+    /// [`TcpWriter::poll_write`]: crate::tcp::TcpWriter::poll_write
+    /// [`run_writer`]: crate::websocket::run_writer
+    fn wake_writer(&self) {
+        self.writer.wake();
     }
 
     /// Wakes everyone who waits for this connection: its writer (TCP
     /// session or WebSocket writer task) and a WebSocket session's reader.
     fn wake_all(&self) {
         self.closing.notify_waiters();
-        self.wake.wake();
+        self.wake_writer();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
@@ -269,12 +278,15 @@ impl Conn {
         self.enqueue(msg, None).map_err(|refused| match refused {
             Refused::Closed(closed) => closed,
             Refused::Behind => Closed(CloseReason::SlowConsumer),
-        })
+        })?;
+        self.out.wake_writer();
+        Ok(())
     }
 
     /// Queues `msg`; with `pushed_at` (a push, not a session reply) a full
     /// queue whose writer is not blocked on the socket is refused as
-    /// [`Refused::Behind`] instead of closing the connection.
+    /// [`Refused::Behind`] instead of closing the connection. The caller
+    /// wakes the writer once it is queued.
     fn enqueue(&self, msg: Bytes, pushed_at: Option<Instant>) -> Result<(), Refused> {
         let mut state = self.out.lock();
         if let Some(reason) = state.reason {
@@ -303,23 +315,31 @@ impl Conn {
             bytes: msg,
             pushed_at,
         });
-        drop(state);
-        self.out.wake.wake();
         Ok(())
     }
 
     /// Queues a push given in both encodings, picking this connection's one;
     /// its queueing time starts the push-to-write latency measurement.
     ///
+    /// The way to the socket: [`Conn::enqueue`] appends it to the queue,
+    /// then [`Outbound::wake_writer`] wakes the connection's writer, which
+    /// takes the queue and writes it ([`TcpWriter::poll_write`] in the TCP
+    /// session task, or the WebSocket writer task [`run_writer`]).
+    ///
     /// # Errors
     /// [`Refused::Closed`] as [`Conn::send`], except that a full queue whose
     /// client keeps up is [`Refused::Behind`] and leaves the connection open.
+    ///
+    /// [`TcpWriter::poll_write`]: crate::tcp::TcpWriter::poll_write
+    /// [`run_writer`]: crate::websocket::run_writer
     pub fn push(&self, tcp: &Bytes, ws: &Bytes) -> Result<(), Refused> {
         let msg = match self.transport {
             Transport::Tcp => tcp.clone(),
             Transport::Ws | Transport::Wss => ws.clone(),
         };
-        self.enqueue(msg, Some(Instant::now()))
+        self.enqueue(msg, Some(Instant::now()))?;
+        self.out.wake_writer();
+        Ok(())
     }
 
     /// Closes the connection for `reason` after what is already queued is written.
@@ -361,9 +381,9 @@ impl Conn {
     }
 
     /// Wakes the current task on the next push or close (the queue's one
-    /// waiter: a TCP session or a WebSocket writer).
-    pub(crate) fn register(&self, cx: &Context<'_>) {
-        self.out.wake.register(cx.waker());
+    /// waiter, its writer: a TCP session or a WebSocket writer task).
+    pub(crate) fn register_writer(&self, cx: &Context<'_>) {
+        self.out.writer.register(cx.waker());
     }
 
     /// Everything queued, once there is something; `None` once nothing more
@@ -375,13 +395,13 @@ impl Conn {
         }
         // Register, then look again: a push between the first look and the
         // registration is seen by the second.
-        self.register(cx);
+        self.register_writer(cx);
         self.take_batch()
     }
 
     /// Takes everything queued, if anything.
     /// [`Conn::poll_batch`] without registering: for a caller that already
-    /// registered with [`Conn::register`] before looking.
+    /// registered with [`Conn::register_writer`] before looking.
     pub(crate) fn take_batch(&self) -> Poll<Option<VecDeque<Queued>>> {
         let mut state = self.out.lock();
         if state.reason == Some(CloseReason::SlowConsumer) {
@@ -413,7 +433,7 @@ impl Conn {
         state.finishing = true;
         let awaited = std::mem::take(&mut state.awaited);
         drop(state);
-        self.out.wake.wake();
+        self.out.wake_writer();
         wake_waiting_pushes(awaited);
     }
 
@@ -426,52 +446,6 @@ impl Conn {
     pub(crate) async fn next_batch(&self) -> Option<VecDeque<Queued>> {
         std::future::poll_fn(|cx| self.poll_batch(cx)).await
     }
-}
-
-/// The write half of a WebSocket client (TCP clients are written by their
-/// session task, see [`crate::tcp`]).
-pub type WsSink = SplitSink<crate::server::WsStream, Message>;
-
-/// Drains `conn`'s queue into `sink` until the connection finishes or a write
-/// fails; `written(n)` is told the size of every batch written, and
-/// `push_written(latency)` the queue-to-written time of every push in it.
-pub async fn write_loop(
-    conn: std::sync::Arc<Conn>,
-    mut ws: WsSink,
-    written: impl Fn(usize),
-    push_written: impl Fn(Duration),
-) {
-    while let Some(batch) = conn.next_batch().await {
-        let n = batch.len();
-        // Empty for reply-only batches, so nothing is allocated then.
-        let pushed: Vec<Instant> = batch.iter().filter_map(|q| q.pushed_at).collect();
-        let mut result = Ok(());
-        // Blocked while the sink waits on the socket: a queue that fills
-        // meanwhile is the client's doing, not comet's.
-        conn.set_blocked(true);
-        for item in batch {
-            if let Err(err) = ws.feed(Message::Binary(item.bytes)).await {
-                result = Err(err);
-                break;
-            }
-        }
-        let result = match result {
-            Ok(()) => ws.flush().await,
-            Err(err) => Err(err),
-        };
-        conn.set_blocked(false);
-        if let Err(err) = result {
-            tracing::debug!(cause = %err, "write failed");
-            conn.close(CloseReason::WriteFailed);
-            return;
-        }
-        written(n);
-        let done = Instant::now();
-        for at in pushed {
-            push_written(done.saturating_duration_since(at));
-        }
-    }
-    let _ = ws.send(Message::Close(None)).await;
 }
 
 #[cfg(test)]

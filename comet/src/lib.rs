@@ -8,18 +8,30 @@
 //! `§N` refers to docs/protocol.md.
 //!
 //! # Layout
-//! In data-flow order, after mini-redis:
-//! - [`server`]: accept loops for TCP, WebSocket and WSS, the TLS and WebSocket upgrades,
-//!   the handshake (op 7 → logic `Connect` → op 8) and the per-connection
-//!   session loop (§5).
-//! - [`conn`]: one connection's shared handle: accepted ops, a byte-bounded
-//!   outbound queue and the writer task that drains it in batches.
+//! In data-flow order, after mini-redis: a client comes in through
+//! [`server`], is authenticated by [`logic`] and registered in [`buckets`];
+//! a push comes in through [`rpc`], finds its connections in [`buckets`], is
+//! queued on each one's [`conn`], and that connection's writer (`tcp` or
+//! `websocket`) writes it to the socket.
+//! - [`server`]: the client side, one submodule per step: `accept` (accept
+//!   loops for TCP, WebSocket and WSS, the connection limit, the back-off
+//!   while accepts fail), `upgrade` (the WebSocket upgrade and its limits),
+//!   `session` (the handshake op 7 → logic `Connect` → op 8 under one
+//!   deadline, then the per-connection session loop, §5) and `receive_limit`
+//!   (the rate limit on ops forwarded to logic `Receive`).
+//! - [`logic`]: the gRPC client to logic, with deadlines, and the periodic
+//!   room-count report (`RenewOnline`).
 //! - [`buckets`]: connections sharded by CityHash32(key) into buckets, each
 //!   with its key map and room membership; every push looks up here.
 //! - [`rpc`]: the gRPC services (`goim.comet.Comet`, `herald.admin.v1.CometAdmin`).
-//! - [`logic`]: the gRPC client to logic, with deadlines, and the periodic
-//!   room-count report (`RenewOnline`).
-//! - [`metrics`]: Prometheus metrics and the admin HTTP listener.
+//! - [`conn`]: one connection's shared handle: accepted ops and a
+//!   byte-bounded outbound queue; queueing wakes the connection's writer.
+//! - `tcp`: a TCP connection, read by its session task, which also runs its
+//!   writer (`TcpWriter`: the queue drained into the socket in batches).
+//! - `websocket`: a WebSocket connection's read half, read by the session,
+//!   and its writer task (`run_writer`) that drains the queue into the write
+//!   half in batches.
+//! - [`metrics`]: Prometheus metrics, and what the admin endpoints report.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -39,6 +51,7 @@ pub mod metrics;
 pub mod rpc;
 pub mod server;
 mod tcp;
+mod websocket;
 
 /// Why the comet could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]

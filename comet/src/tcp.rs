@@ -2,11 +2,15 @@
 //!
 //! An idle connection is most of what a comet holds, so this keeps one
 //! cheap: no writer task (WebSocket connections have one, see
-//! [`crate::conn::write_loop`]) and no buffer while idle. The session waits
-//! for the socket's readiness, not inside a read, so the read buffer exists
-//! only while a frame is incomplete or being decoded; queued pushes are taken
-//! from the connection's [`Outbound`](crate::conn) queue in one batch and
-//! written with as few `write` calls as the socket allows.
+//! [`crate::websocket::run_writer`]) and no buffer while idle. The session
+//! waits for the socket's readiness, not inside a read, so the read buffer
+//! exists only while a frame is incomplete or being decoded.
+//!
+//! The writer is [`TcpWriter`]: while the session waits for the next frame
+//! ([`TcpLink::next`]), it also polls [`TcpWriter::poll_write`], which takes
+//! the connection's [`Outbound`](crate::conn) queue in one batch when a push
+//! or reply woke it ([`Conn::push`] → the queue → this writer) and writes it
+//! with as few `write` calls as the socket allows.
 
 use std::collections::VecDeque;
 use std::io;
@@ -68,13 +72,23 @@ impl Pending {
     }
 }
 
-/// One client's socket, its partial inbound frame and its unwritten batch.
+/// One client's socket, its partial inbound frame and its writer.
 #[derive(Debug)]
 pub(crate) struct TcpLink {
     stream: TcpStream,
     /// Bytes read and not yet decoded; unallocated between frames.
     buf: BytesMut,
     limits: Limits,
+    /// Writes the connection's queue to `stream`, polled by [`TcpLink::next`].
+    writer: TcpWriter,
+}
+
+/// The writer of a TCP connection: drains its outbound queue into the
+/// socket. Not a task of its own: the session task polls it while it waits
+/// for the next frame ([`TcpLink::next`]), and after the session
+/// ([`TcpLink::flush`]).
+#[derive(Debug, Default)]
+struct TcpWriter {
     /// Boxed: rarely there, and the session future would carry it always.
     pending: Option<Box<Pending>>,
     /// The outbound queue said it is finished: nothing more to write.
@@ -87,16 +101,16 @@ impl TcpLink {
             stream,
             buf: BytesMut::new(),
             limits,
-            pending: None,
-            queue_done: false,
+            writer: TcpWriter::default(),
         }
     }
 
     /// The next frame; `None` when the client closed. Meanwhile, once `conn`
-    /// is given (after authentication), writes what its queue holds, and
-    /// ends with [`Error::Closed`] as soon as the server closes `conn`: what
-    /// is still queued is then left to [`TcpLink::flush`]. Cancel-safe: a
-    /// partial frame stays buffered and a taken batch stays pending.
+    /// is given (after authentication), writes what its queue holds
+    /// ([`TcpWriter::poll_write`]), and ends with [`Error::Closed`] as soon
+    /// as the server closes `conn`: what is still queued is then left to
+    /// [`TcpLink::flush`]. Cancel-safe: a partial frame stays buffered and a
+    /// taken batch stays pending.
     pub(crate) async fn next(
         &mut self,
         conn: Option<&Conn>,
@@ -117,8 +131,9 @@ impl TcpLink {
         loop {
             if let Some(conn) = conn {
                 // Registered before the look, and even while a write waits
-                // for the socket: closing a connection wakes it this way.
-                conn.register(cx);
+                // for the socket: closing a connection wakes it this way,
+                // and a push wakes the writer polled below.
+                conn.register_writer(cx);
                 if let Some(reason) = conn.close_reason() {
                     return Poll::Ready(Err(Error::Closed(reason.as_str())));
                 }
@@ -132,42 +147,13 @@ impl TcpLink {
                 // Between frames: give the memory back while the client is quiet.
                 self.buf = BytesMut::new();
             }
-            if let Some(conn) = conn
-                && self.pending.is_none()
-                && !self.queue_done
-            {
-                // Registered above, before this look.
-                match conn.take_batch() {
-                    Poll::Ready(Some(batch)) => self.pending = Some(Box::new(Pending::new(batch))),
-                    Poll::Ready(None) => self.queue_done = true,
-                    Poll::Pending => {}
-                }
-            }
-            if self.pending.is_some() {
-                match self.stream.poll_write_ready(cx) {
-                    Poll::Ready(Ok(())) => {
-                        let was_blocked = self.pending.as_ref().is_some_and(|p| p.blocked);
-                        // Most batches fit the socket buffer: written now.
-                        if let Err(err) = self.write_pending(metrics) {
-                            return Poll::Ready(Err(err));
-                        }
-                        // Tell pushes whether a full queue is the client's
-                        // doing (see `Refused::Behind`); only on changes.
-                        if let Some(conn) = conn {
-                            match &mut self.pending {
-                                Some(pending) if !pending.blocked => {
-                                    pending.blocked = true;
-                                    conn.set_blocked(true);
-                                }
-                                None if was_blocked => conn.set_blocked(false),
-                                _ => {}
-                            }
-                        }
-                        // Written, or the socket filled up (readiness now
-                        // cleared, so the next poll registers for it).
-                        continue;
-                    }
-                    Poll::Ready(Err(err)) => return Poll::Ready(Err(write_failed(err))),
+            if let Some(conn) = conn {
+                match self.writer.poll_write(&self.stream, cx, conn, metrics) {
+                    // Written, or the socket filled up (readiness now
+                    // cleared, so the next poll registers for it).
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                    // Nothing to write, or the socket is not writable yet.
                     Poll::Pending => {}
                 }
             }
@@ -191,6 +177,64 @@ impl TcpLink {
     /// Writes everything still queued or pending (the session ended), then
     /// shuts the write side down so the client sees the end of the stream.
     pub(crate) async fn flush(&mut self, conn: &Conn, metrics: &Metrics) -> Result<(), Error> {
+        self.writer.flush(&mut self.stream, conn, metrics).await
+    }
+}
+
+impl TcpWriter {
+    /// Writes `conn`'s queue to `stream`: takes everything queued as one
+    /// batch when none is pending, and writes as much of it as the socket
+    /// takes now. Ready when it wrote or the socket filled up (look again);
+    /// pending when there is nothing to write or the socket is not writable,
+    /// with the task registered for either (the caller registered it with
+    /// [`Conn::register_writer`] before looking).
+    fn poll_write(
+        &mut self,
+        stream: &TcpStream,
+        cx: &mut Context<'_>,
+        conn: &Conn,
+        metrics: &Metrics,
+    ) -> Poll<Result<(), Error>> {
+        if self.pending.is_none() && !self.queue_done {
+            // Registered by the caller, before this look.
+            match conn.take_batch() {
+                Poll::Ready(Some(batch)) => self.pending = Some(Box::new(Pending::new(batch))),
+                Poll::Ready(None) => self.queue_done = true,
+                Poll::Pending => {}
+            }
+        }
+        if self.pending.is_none() {
+            return Poll::Pending;
+        }
+        match stream.poll_write_ready(cx) {
+            Poll::Ready(Ok(())) => {
+                let was_blocked = self.pending.as_ref().is_some_and(|p| p.blocked);
+                // Most batches fit the socket buffer: written now.
+                self.write_pending(stream, metrics)?;
+                // Tell pushes whether a full queue is the client's doing
+                // (see `Refused::Behind`); only on changes.
+                match &mut self.pending {
+                    Some(pending) if !pending.blocked => {
+                        pending.blocked = true;
+                        conn.set_blocked(true);
+                    }
+                    None if was_blocked => conn.set_blocked(false),
+                    _ => {}
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(err)) => Poll::Ready(Err(write_failed(err))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// [`TcpLink::flush`]: everything still queued or pending, written.
+    async fn flush(
+        &mut self,
+        stream: &mut TcpStream,
+        conn: &Conn,
+        metrics: &Metrics,
+    ) -> Result<(), Error> {
         loop {
             if self.pending.is_none() && !self.queue_done {
                 match conn.next_batch().await {
@@ -199,23 +243,23 @@ impl TcpLink {
                 }
             }
             if self.pending.is_some() {
-                self.stream.writable().await.map_err(write_failed)?;
-                self.write_pending(metrics)?;
+                stream.writable().await.map_err(write_failed)?;
+                self.write_pending(stream, metrics)?;
             } else if self.queue_done {
                 break;
             }
         }
-        let _ = self.stream.shutdown().await;
+        let _ = stream.shutdown().await;
         Ok(())
     }
 
     /// Writes as much of the pending batch as the socket takes now.
-    fn write_pending(&mut self, metrics: &Metrics) -> Result<(), Error> {
+    fn write_pending(&mut self, stream: &TcpStream, metrics: &Metrics) -> Result<(), Error> {
         let Some(pending) = &mut self.pending else {
             return Ok(());
         };
         while pending.written < pending.buf.len() {
-            match self.stream.try_write(&pending.buf[pending.written..]) {
+            match stream.try_write(&pending.buf[pending.written..]) {
                 Ok(0) => return Err(write_failed(io::ErrorKind::WriteZero.into())),
                 Ok(n) => pending.written += n,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(()),

@@ -1,0 +1,429 @@
+//! One client connection's session, from the handshake to `Disconnect`.
+//!
+//! A session runs in two phases. The handshake — WebSocket upgrade, waiting
+//! for op 7, logic `Connect` — runs under one deadline; frames other than op 7
+//! are discarded meanwhile. After op 8 the connection is registered in the
+//! buckets and the session answers client frames until the idle timeout, the
+//! client, the server (replacement, slow consumer, drain) or shutdown ends it.
+//! Every authenticated session calls logic `Disconnect` exactly once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_protocol::{Frame, Limits, op};
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, timeout_at};
+use tracing::{Instrument, debug};
+
+use super::Error;
+use super::accept::{Accepted, Listen};
+use super::receive_limit::{ReceiveLimit, Verdict};
+use super::upgrade::upgrade;
+use crate::Shared;
+use crate::conn::{CloseReason, Conn, Identity};
+use crate::metrics::Metrics;
+use crate::tcp::TcpLink;
+use crate::websocket::{WsReader, WsSink, run_writer};
+
+/// How long a finished session lets its writer flush (e.g. an op-18 redirect).
+const WRITER_GRACE: Duration = Duration::from_secs(2);
+/// Idle timeout when logic returns a non-positive heartbeat (it must not).
+const DEFAULT_IDLE: Duration = Duration::from_secs(480);
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The session's end of the client socket: frames are read here, under
+/// the inbound limits.
+enum Link {
+    /// TCP: the session task reads, and its link also runs the connection's
+    /// writer ([`crate::tcp::TcpWriter`]) while it waits for a frame.
+    Tcp(TcpLink),
+    /// WebSocket: the read half; the write half belongs to the writer task
+    /// ([`run_writer`]).
+    Ws(WsReader),
+}
+
+impl Link {
+    /// The next frame; `None` when the client closed. Cancel-safe. A TCP
+    /// link also writes `conn`'s queued pushes meanwhile.
+    async fn next(
+        &mut self,
+        conn: Option<&Conn>,
+        metrics: &Metrics,
+    ) -> Result<Option<Frame>, Error> {
+        match self {
+            Link::Tcp(tcp) => tcp.next(conn, metrics).await,
+            Link::Ws(reader) => reader.next(conn).await,
+        }
+    }
+}
+
+/// Whether the token asks for op-18 redirects (`"herald":{"redirect":true}`).
+/// Lenient like goim's token parsing: anything unexpected means "no".
+fn wants_redirect(token: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(token)
+        .ok()
+        .and_then(|v| v.get("herald")?.get("redirect")?.as_bool())
+        .unwrap_or(false)
+}
+
+/// One client connection, from accept to `Disconnect`; holds its slot of
+/// the connection limit throughout.
+pub(super) async fn run(
+    accepted: Box<Accepted>,
+    _permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+) {
+    let transport = accepted.listen.transport();
+    // Boxed, like every logic call and the ending below: an async fn's
+    // future is as large as everything live at its largest await, and the
+    // task keeps that size for the whole connection. Unboxed, the handshake
+    // (a tonic call) made every idle session ~4.6 KB.
+    let Session {
+        mut link,
+        conn,
+        mut room,
+        writer,
+        idle,
+    } = match Box::pin(authenticate(accepted, &shared)).await {
+        Ok(Some(session)) => session,
+        Ok(None) => return,
+        Err(err) => {
+            debug!(cause = %err, "session ended");
+            return;
+        }
+    };
+    let result = serve(&mut link, &conn, &mut room, &shared, idle).await;
+    shared.metrics.connection_closed(
+        transport,
+        match &result {
+            Ok(()) => "client",
+            Err(Error::Closed(reason)) => reason,
+            Err(Error::Frame(herald_protocol::frame::Error::ShortPackLen(_))) => "short_pack_len",
+            Err(Error::Frame(_)) => "invalid_frame",
+            Err(_) => "io",
+        },
+    );
+    if let Err(err) = result {
+        debug!(cause = %err, "session ended");
+    }
+
+    shared.buckets.remove(&conn, room.as_deref());
+    conn.finish();
+    Box::pin(end(link, writer, &conn, &shared)).await;
+}
+
+/// What an authenticated session keeps: only this lives as long as the
+/// connection.
+struct Session {
+    link: Link,
+    conn: Arc<Conn>,
+    room: Option<String>,
+    writer: Option<tokio::task::JoinHandle<()>>,
+    idle: Duration,
+}
+
+/// Handshake under its deadline, then the connection registered and op 8
+/// queued. `None` when the client or the comet went away first.
+async fn authenticate(
+    accepted: Box<Accepted>,
+    shared: &Arc<Shared>,
+) -> Result<Option<Session>, Error> {
+    let Accepted {
+        stream,
+        peer,
+        listen,
+    } = *accepted;
+    let transport = listen.transport();
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let handshake = tokio::select! {
+        () = shared.shutdown.cancelled() => return Ok(None),
+        handshake = timeout_at(deadline, handshake(stream, listen, shared)) => {
+            handshake.map_err(|_| Error::HandshakeTimeout).and_then(|inner| inner)
+        }
+    };
+    shared.metrics.auth(match &handshake {
+        Ok(Some(_)) => "ok",
+        Ok(None) => "client_gone",
+        Err(Error::HandshakeTimeout) => "timeout",
+        Err(Error::Auth(_)) => "refused",
+        Err(_) => "invalid",
+    });
+    let Some(Handshake {
+        link,
+        sink,
+        auth,
+        reply,
+        redirect,
+    }) = handshake?
+    else {
+        return Ok(None);
+    };
+
+    let conn = Arc::new(Conn::new(
+        Identity {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            key: reply.key,
+            mid: reply.mid,
+            transport,
+            ip: peer.ip(),
+            redirect,
+        },
+        &reply.accepts,
+        shared.config.queue_bytes,
+    ));
+    let writer = sink.map(|sink| {
+        let shared = shared.clone();
+        let latency = shared.clone();
+        let written = move |n| shared.metrics.frames_out(transport, n);
+        let push_written = move |elapsed| latency.metrics.push_written(elapsed);
+        tokio::spawn(run_writer(conn.clone(), sink, written, push_written).in_current_span())
+    });
+    shared.metrics.connection_opened(transport);
+    // Op 8 goes out before the connection is findable, so it precedes any
+    // push. The auth frame is dropped here: its body shares the handshake's
+    // read buffer, which would otherwise stay allocated for the session.
+    let _ = conn.send(auth.reply(op::AUTH_REPLY, Bytes::new()).to_bytes());
+    drop(auth);
+    let room = (!reply.room_id.is_empty()).then_some(reply.room_id);
+    if let Some(old) = shared.buckets.put(&conn, room.as_deref()) {
+        old.close(CloseReason::Replaced);
+    }
+    if shared.draining.load(Ordering::SeqCst) {
+        conn.close(CloseReason::Drain);
+    }
+    // Shutdown closes what the buckets hold once it starts; one registered
+    // just after that closes itself here.
+    if shared.shutdown.is_cancelled() {
+        conn.close(CloseReason::Shutdown);
+    }
+    let idle = u64::try_from(reply.heartbeat)
+        .ok()
+        .filter(|&ns| ns > 0)
+        .map_or(DEFAULT_IDLE, Duration::from_nanos);
+    conn.touch(idle);
+    Ok(Some(Session {
+        link,
+        conn,
+        room,
+        writer,
+        idle,
+    }))
+}
+
+/// After the session: what is still queued (an op-18 redirect, say) is
+/// written, within [`WRITER_GRACE`], while logic forgets the route.
+async fn end(
+    mut link: Link,
+    writer: Option<tokio::task::JoinHandle<()>>,
+    conn: &Conn,
+    shared: &Shared,
+) {
+    // A client that does not read would pin a write forever.
+    let slow = conn.close_reason() == Some(CloseReason::SlowConsumer);
+    let flush = async {
+        if let Some(writer) = writer {
+            let abort = writer.abort_handle();
+            if slow || tokio::time::timeout(WRITER_GRACE, writer).await.is_err() {
+                abort.abort();
+            }
+        } else if let (Link::Tcp(tcp), false) = (&mut link, slow) {
+            let _ = tokio::time::timeout(WRITER_GRACE, tcp.flush(conn, &shared.metrics)).await;
+        }
+    };
+    let forget = async {
+        let server = &shared.config.server_id;
+        shared.logic.disconnect(conn.mid, &conn.key, server).await;
+        // Logic keys routes by key and server, so the Disconnect of a
+        // connection replaced by a same-key successor on this comet just
+        // deleted the successor's route (goim defect, §13.3). A session
+        // refresh recreates it.
+        if let Some(successor) = shared.buckets.get(&conn.key).filter(|c| c.id != conn.id) {
+            shared
+                .logic
+                .heartbeat(successor.mid, &successor.key, server)
+                .await;
+        }
+    };
+    tokio::join!(flush, forget);
+}
+
+struct Handshake {
+    link: Link,
+    /// The WebSocket's write half, for its writer task; a TCP link is its
+    /// own writer.
+    sink: Option<WsSink>,
+    auth: Frame,
+    reply: herald_protocol::pb::ConnectReply,
+    redirect: bool,
+}
+
+/// Upgrade (WebSocket), wait for op 7, call logic `Connect`. `None` when the
+/// client went away first.
+async fn handshake(
+    stream: TcpStream,
+    listen: Listen,
+    shared: &Shared,
+) -> Result<Option<Handshake>, Error> {
+    let mut cookie = String::new();
+    let limits = Limits {
+        strict: shared.config.strict_pack_len,
+        ..Limits::INBOUND
+    };
+    let (mut link, sink): (Link, Option<WsSink>) = match listen {
+        Listen::Tcp => (Link::Tcp(TcpLink::new(stream, limits)), None),
+        Listen::Ws => {
+            let (reader, sink) = upgrade(Box::new(stream), &mut cookie, limits, shared).await?;
+            (Link::Ws(reader), Some(sink))
+        }
+        Listen::Wss(acceptor) => {
+            let tls = acceptor.accept(stream).await.map_err(Error::Tls)?;
+            let (reader, sink) = upgrade(Box::new(tls), &mut cookie, limits, shared).await?;
+            (Link::Ws(reader), Some(sink))
+        }
+    };
+    let auth = loop {
+        let Some(frame) = link.next(None, &shared.metrics).await? else {
+            return Ok(None);
+        };
+        if frame.op == op::AUTH {
+            break frame;
+        }
+        // Anything before op 7 is dropped without reply (§5.1).
+    };
+    let redirect = wants_redirect(&auth.body);
+    let reply = shared
+        .logic
+        .connect(&shared.config.server_id, cookie, auth.body.clone())
+        .await
+        .map_err(Error::Auth)?;
+    Ok(Some(Handshake {
+        link,
+        sink,
+        auth,
+        reply,
+        redirect,
+    }))
+}
+
+/// The authenticated phase: answer frames until something ends the session.
+async fn serve(
+    link: &mut Link,
+    conn: &Arc<Conn>,
+    room: &mut Option<String>,
+    shared: &Arc<Shared>,
+    idle: Duration,
+) -> Result<(), Error> {
+    // goim draws the refresh interval per connection; jitter spreads the
+    // refreshes of connections that arrived together.
+    let refresh_every = shared
+        .config
+        .session_refresh
+        .mul_f64(rand::rng().random_range(0.75..1.25));
+    let mut last_refresh = Instant::now();
+    // Most clients never send such ops: the bucket exists once one does.
+    let mut receive_limit: Option<Box<ReceiveLimit>> = None;
+    loop {
+        // The link also ends the session when the server closes `conn`
+        // (slow consumer, replaced, drain, idle sweep, shutdown); no timer
+        // or cancellation future per connection.
+        let Some(frame) = link.next(Some(conn), &shared.metrics).await? else {
+            return Ok(());
+        };
+        shared.metrics.frame_in(conn.transport);
+        let reply = match frame.op {
+            op::HEARTBEAT => {
+                conn.touch(idle);
+                if last_refresh.elapsed() >= refresh_every {
+                    last_refresh = Instant::now();
+                    let shared = shared.clone();
+                    let conn = conn.clone();
+                    tokio::spawn(
+                        async move {
+                            let server = &shared.config.server_id;
+                            shared.logic.heartbeat(conn.mid, &conn.key, server).await;
+                        }
+                        .in_current_span(),
+                    );
+                }
+                let count = online_count(shared, room.as_deref());
+                frame.reply(op::HEARTBEAT_REPLY, count.to_be_bytes().to_vec())
+            }
+            op::CHANGE_ROOM => {
+                // A non-UTF-8 room cannot be named by anyone; the move fails
+                // and the body is echoed anyway (§5.2).
+                if let Ok(to) = std::str::from_utf8(&frame.body) {
+                    let to = (!to.is_empty()).then(|| to.to_owned());
+                    shared
+                        .buckets
+                        .change_room(conn, room.as_deref(), to.as_deref());
+                    *room = to;
+                }
+                frame.reply(op::CHANGE_ROOM_REPLY, frame.body.clone())
+            }
+            op::SUB => {
+                if let Ok(list) = op::parse_list(&frame.body) {
+                    conn.accept(&list);
+                }
+                frame.reply(op::SUB_REPLY, frame.body.clone())
+            }
+            op::UNSUB => {
+                if let Ok(list) = op::parse_list(&frame.body) {
+                    conn.unaccept(&list);
+                }
+                frame.reply(op::UNSUB_REPLY, frame.body.clone())
+            }
+            other => {
+                let limit = receive_limit
+                    .get_or_insert_with(|| Box::new(ReceiveLimit::new(&shared.config)));
+                match limit.check(Instant::now()) {
+                    Verdict::Forward => shared.metrics.receive("forwarded"),
+                    Verdict::Drop => {
+                        // Dropped without a reply: the reply is goim's
+                        // acknowledgement that logic got the op.
+                        shared.metrics.receive("rate_limited");
+                        continue;
+                    }
+                    Verdict::Close => {
+                        shared.metrics.receive("rate_limited");
+                        return Err(Error::Closed("receive_flood"));
+                    }
+                }
+                let reply = frame.reply(other, Bytes::new());
+                Box::pin(shared.logic.receive(conn.mid, frame.into())).await;
+                reply
+            }
+        };
+        conn.send(reply.to_bytes())
+            .map_err(|closed| Error::Closed(closed.0.as_str()))?;
+    }
+}
+
+/// §5.4: the cluster count if logic reported a positive one, else the local
+/// count, else 0 outside any room.
+fn online_count(shared: &Shared, room: Option<&str>) -> i32 {
+    let Some(room) = room else {
+        return 0;
+    };
+    shared
+        .logic
+        .cluster_count(room)
+        .unwrap_or_else(|| i32::try_from(shared.buckets.room_count(room)).unwrap_or(i32::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_flag_is_read_leniently() {
+        assert!(wants_redirect(br#"{"mid":1,"herald":{"redirect":true}}"#));
+        assert!(!wants_redirect(br#"{"mid":1,"herald":{"redirect":"yes"}}"#));
+        assert!(!wants_redirect(br#"{"mid":1}"#));
+        assert!(!wants_redirect(b"not json"));
+    }
+}
