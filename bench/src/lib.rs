@@ -19,7 +19,9 @@
 //! - [`server`]: starting and stopping the comet under test.
 //! - [`inject`]: open-loop injectors for comet's gRPC and logic's HTTP API
 //!   (latency from the scheduled time).
-//! - [`s5`]: S5, the end-to-end path through real logic, job, Redis and Kafka.
+//! - [`s5`]: S5, the end-to-end path through real logic, job, Redis and Kafka;
+//!   its setup (`cluster`), steps (`steps`, `keys`), `floors`, `cost` and
+//!   table rows (`targets`) in submodules.
 //! - [`scenarios`]: S0–S7 and the `quick`/`full`/`smoke` profiles; one
 //!   submodule per scenario (`s0` … `s7`), plus the profiles' sizes
 //!   (`plan`) and the smoke checks (`smoke`).
