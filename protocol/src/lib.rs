@@ -14,6 +14,7 @@
 //!   and iteration over batched frames.
 //! - [`nodes`]: the node-list document the operator writes and logic and
 //!   job read (§15.4), with goim's balancer pick (§11).
+//! - [`redirect`]: the op-18 body a draining comet sends (§15.2).
 //! - [`cityhash`]: CityHash32 v1.1, which picks `ol_` shards in Redis (§9).
 //! - [`pb`]: prost/tonic types for `goim.protocol`, `goim.comet`, `goim.logic`
 //!   (including the Kafka `PushMsg`) and Herald's `herald.admin.v1`.
@@ -23,6 +24,7 @@ pub mod frame;
 pub mod nodes;
 pub mod op;
 pub mod pb;
+pub mod redirect;
 pub mod ws;
 
 pub use frame::{Frame, FrameCodec, Limits};
