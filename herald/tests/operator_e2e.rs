@@ -28,7 +28,7 @@ use herald_protocol::frame::Limits;
 use herald_protocol::{Frame, op};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -243,11 +243,23 @@ async fn node_list(configmaps: &Api<ConfigMap>) -> anyhow::Result<BTreeMap<Strin
 
 /// POSTs to logic's HTTP API (with the API key) and checks `"code":0`.
 async fn logic_post(addr: SocketAddr, key: &str, path: &str, body: &[u8]) -> anyhow::Result<()> {
+    logic_call(addr, key, "POST", path, body).await.map(drop)
+}
+
+/// One request to logic's HTTP API through the Service proxy; the JSON
+/// answer of a 200 with `code` 0, else an error naming the answer.
+async fn logic_call(
+    addr: SocketAddr,
+    key: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<serde_json::Value> {
     let mut stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
         .await
         .context("connecting to logic")??;
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: logic\r\nAuthorization: Bearer {key}\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: logic\r\nAuthorization: Bearer {key}\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
@@ -260,9 +272,10 @@ async fn logic_post(addr: SocketAddr, key: &str, path: &str, body: &[u8]) -> any
     let response = String::from_utf8_lossy(&response);
     ensure!(
         response.starts_with("HTTP/1.1 200") && response.contains("\"code\":0"),
-        "POST {path}: {response}"
+        "{method} {path}: {response}"
     );
-    Ok(())
+    let json = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    Ok(serde_json::from_str(json)?)
 }
 
 /// `kubectl get pushclusters` as a user runs it: header and our row.
@@ -440,6 +453,10 @@ async fn scenario(
                                 "scaleDownStabilizationSeconds": 3},
                 "drain": {"deadlineSeconds": 10, "closeRate": 1},
             },
+            // What logic hands clients; count 1 shows it is not goim's 5. The
+            // domain comes last (step 6): op 18 would name it, and the test's
+            // clients cannot resolve it.
+            "nodeList": {"count": 1, "heartbeat": 30, "backoff": 7},
         }
     }))?;
     clusters.create(&PostParams::default(), &cluster).await?;
@@ -567,6 +584,21 @@ async fn scenario(
     })
     .await?;
     let second = SocketAddr::from((pod_ip(&comets[&second_name])?, TCP_PORT));
+
+    // spec.nodeList reached logic: PushCluster -> config ConfigMap -> logic's
+    // flags -> /goim/nodes/weighted (through the logic Service, as a client).
+    let nodes = |platform: &'static str| {
+        let key = key.clone();
+        async move {
+            let path = format!("/goim/nodes/weighted?platform={platform}");
+            logic_call(logic_http, &key, "GET", &path, b"").await
+        }
+    };
+    let native = nodes("android").await?;
+    ensure!(native["data"]["heartbeat"] == 30, "{native}");
+    ensure!(native["data"]["backoff"]["base_delay"] == 7, "{native}");
+    let picked = native["data"]["nodes"].as_array().context("nodes")?;
+    ensure!(picked.len() == 1, "count 1 with two comets up: {native}");
 
     // 4b. Clients leave until one comet is enough; the first keeps fewer
     // clients than the second, so it is the one drained.
@@ -739,6 +771,29 @@ async fn scenario(
         Ok(answered.ok())
     })
     .await?;
+
+    // 6. A domain set on the running cluster reaches logic's answer once the
+    // pods roll onto the new settings.
+    clusters
+        .patch(
+            CLUSTER,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"nodeList": {"domain": "push.example.test"}}})),
+        )
+        .await?;
+    let web = eventually(WAIT, "the domain in logic's node answer", || async {
+        let path = "/goim/nodes/weighted?platform=web";
+        let answer = logic_call(recreated_http, &key, "GET", path, b"").await;
+        Ok(answer
+            .ok()
+            .filter(|web| web["data"]["domain"] == "push.example.test"))
+    })
+    .await?;
+    ensure!(
+        web["data"]["nodes"] == json!(["push.example.test"]),
+        "{web}"
+    );
+    ensure!(web["data"]["heartbeat"] == 30, "{web}");
     Ok(())
 }
 
