@@ -1,0 +1,371 @@
+//! A comet's life around its connections: load and drain (RPC and on
+//! shutdown), shutdown, readiness, the admin HTTP endpoints, and a mass close
+//! whose every `Disconnect` reaches logic.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use herald_comet::Config;
+use herald_protocol::pb::BroadcastRoomReq;
+use herald_protocol::pb::admin::{DrainRequest, LoadRequest};
+use herald_protocol::{Frame, Limits, op};
+use tokio::net::TcpListener;
+use tokio::time::timeout;
+
+use common::{Event, Harness, Result, Stub, T3, TcpClient, WAIT, auth_frame, hex, raw_push, token};
+
+#[tokio::test]
+async fn load_and_drain_redirect_then_close_everything() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let redirect = serde_json::json!({
+        "key": "r1", "room_id": "a", "herald": {"redirect": true}
+    })
+    .to_string();
+    let mut w = h.ws_client(&redirect).await?;
+    let mut t = h.tcp_client(&token("plain", "b", &[])).await?;
+    let mut admin = h.admin_client().await?;
+
+    let load = admin.load(LoadRequest {}).await?.into_inner();
+    assert_eq!(load.server, "comet-test");
+    assert_eq!((load.connections, load.client_ips, load.rooms), (2, 1, 2));
+    assert!(!load.draining);
+    assert_eq!(load.version, env!("CARGO_PKG_VERSION"));
+
+    let drain = DrainRequest {
+        deadline_ms: 2000,
+        close_rate: 100,
+        nodes: vec!["comet-b.example.com".into()],
+        tcp_port: 3101,
+        ws_port: 3102,
+        wss_port: 3103,
+        reconnect_within_ms: 1500,
+    };
+    let reply = admin.drain(drain.clone()).await?.into_inner();
+    assert!(reply.started);
+    assert_eq!(reply.connections, 2);
+
+    let msgs = w.closed().await?;
+    assert_eq!(msgs.len(), 1, "one op 18 before the close: {msgs:?}");
+    let frame = Frame::from_message(msgs[0].clone(), Limits::OUTBOUND)?;
+    assert_eq!(frame.op, op::REDIRECT, "op 18 unwrapped on WebSocket");
+    let body: serde_json::Value = serde_json::from_slice(&frame.body)?;
+    assert_eq!(
+        body,
+        serde_json::json!({"reason": "drain", "nodes": ["comet-b.example.com"],
+            "tcp_port": 3101, "ws_port": 3102, "wss_port": 3103, "reconnect_within_ms": 1500})
+    );
+    assert!(
+        t.closed().await?.is_empty(),
+        "no redirect for a client that did not ask"
+    );
+
+    let load = admin.load(LoadRequest {}).await?.into_inner();
+    assert!(load.draining);
+    timeout(WAIT, async {
+        while admin.load(LoadRequest {}).await?.into_inner().connections != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        anyhow::Ok(())
+    })
+    .await??;
+    // New connections are refused while draining; a second drain changes nothing.
+    let mut late = TcpClient::connect(h.tcp).await?;
+    let _ = late.send(&auth_frame(&token("late", "", &[]))).await;
+    assert!(late.closed().await?.is_empty());
+    assert!(!admin.drain(drain).await?.into_inner().started);
+    let (status, _) = h.http_get("/readyz").await?;
+    assert!(
+        status.contains("503"),
+        "draining comet is not ready: {status}"
+    );
+    h.stub
+        .wait_for("both Disconnects", |_| {
+            h.stub.disconnects("r1") == 1 && h.stub.disconnects("plain") == 1
+        })
+        .await?;
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn drain_meets_its_deadline_even_at_a_slow_close_rate() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        clients.push(h.tcp_client(&token(&format!("d{i}"), "", &[])).await?);
+    }
+    let mut admin = h.admin_client().await?;
+    let start = tokio::time::Instant::now();
+    // One close per second would take 3 s; the 800 ms deadline wins.
+    let reply = admin
+        .drain(DrainRequest {
+            deadline_ms: 800,
+            close_rate: 1,
+            ..DrainRequest::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!((reply.started, reply.connections), (true, 4));
+    for c in &mut clients {
+        assert!(
+            c.closed().await?.is_empty(),
+            "no op 18 without the herald opt-in"
+        );
+    }
+    let took = start.elapsed();
+    assert!(took < Duration::from_millis(1500), "drain took {took:?}");
+    // ...yet the closes were spread out rather than all at once.
+    assert!(took >= Duration::from_millis(400), "drain took {took:?}");
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn shutdown_closes_connections_and_disconnects_them() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut t = h.tcp_client(&token("s1", "", &[])).await?;
+    let mut w = h.ws_client(&token("s2", "", &[])).await?;
+    h.shutdown().await?;
+    t.closed().await?;
+    w.closed().await?;
+    assert_eq!((h.stub.disconnects("s1"), h.stub.disconnects("s2")), (1, 1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_drains_paced_with_redirects_then_returns() -> Result {
+    let deadline = Duration::from_secs(5);
+    let mut h = Harness::start(|c| {
+        c.drain_deadline = deadline;
+        c.drain_close_rate = 5;
+    })
+    .await?;
+    h.wait_readyz("200").await?;
+    let redirect = serde_json::json!({"key": "sr", "herald": {"redirect": true}}).to_string();
+    let mut w = h.ws_client(&redirect).await?;
+    let t1 = h.tcp_client(&token("st1", "", &[])).await?;
+    let t2 = h.tcp_client(&token("st2", "", &[])).await?;
+
+    // Each client records when it saw EOF (and what came before it).
+    let ws_task = tokio::spawn(async move {
+        let msgs = w.closed().await;
+        (msgs, std::time::Instant::now())
+    });
+    let tcp_tasks = [t1, t2].map(|mut t| {
+        tokio::spawn(async move {
+            let frames = t.closed().await;
+            (frames, std::time::Instant::now())
+        })
+    });
+
+    let started = std::time::Instant::now();
+    let _ = h.stop.take().context("stop")?.send(());
+    // Draining: not ready, new connections refused.
+    h.wait_readyz("503").await?;
+    // (A refused TCP connect, should the drain already be over, is fine too.)
+    if let Ok(mut late) = TcpClient::connect(h.tcp).await {
+        let _ = late.send(&auth_frame(&token("late", "", &[]))).await;
+        assert!(late.closed().await?.is_empty(), "refused while draining");
+    }
+
+    let comet = h.comet.take().context("comet")?;
+    timeout(deadline + Duration::from_secs(2), comet)
+        .await
+        .context("run did not return")???;
+    let took = started.elapsed();
+    assert!(took < deadline, "run returned after the deadline: {took:?}");
+
+    let (msgs, ws_closed) = ws_task.await?;
+    let msgs = msgs?;
+    assert_eq!(msgs.len(), 1, "one op 18 before EOF: {msgs:?}");
+    let frame = Frame::from_message(msgs[0].clone(), Limits::OUTBOUND)?;
+    assert_eq!(frame.op, op::REDIRECT);
+    let body: serde_json::Value = serde_json::from_slice(&frame.body)?;
+    assert_eq!(body["reason"], "drain");
+    assert_eq!(body["nodes"], serde_json::json!([]), "no nodes configured");
+    assert_eq!(body["ws_port"], i64::from(h.ws.port()));
+    let mut closes = vec![ws_closed];
+    for task in tcp_tasks {
+        let (frames, closed) = task.await?;
+        assert!(frames?.is_empty(), "no op 18 without the opt-in");
+        closes.push(closed);
+    }
+    let first = closes.iter().min().context("closes")?;
+    let last = closes.iter().max().context("closes")?;
+    // 5/s spaces 3 closes 400 ms apart end to end; a loose lower bound.
+    let span = last.duration_since(*first);
+    assert!(
+        span >= Duration::from_millis(250),
+        "closes not paced: {span:?}"
+    );
+    for key in ["sr", "st1", "st2"] {
+        assert_eq!(h.stub.disconnects(key), 1, "Disconnect of {key}");
+    }
+    let disconnects = h
+        .stub
+        .events()
+        .iter()
+        .filter(|e| matches!(e, Event::Disconnect { .. }))
+        .count();
+    assert_eq!(disconnects, 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_a_running_drain_within_the_deadline() -> Result {
+    let deadline = Duration::from_millis(600);
+    let mut h = Harness::start(|c| c.drain_deadline = deadline).await?;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(h.tcp_client(&token(&format!("w{i}"), "", &[])).await?);
+    }
+    let mut admin = h.admin_client().await?;
+    // An RPC drain far slower than the shutdown deadline.
+    let reply = admin
+        .drain(DrainRequest {
+            deadline_ms: 60_000,
+            close_rate: 1,
+            ..DrainRequest::default()
+        })
+        .await?
+        .into_inner();
+    assert!(reply.started);
+    let started = std::time::Instant::now();
+    let _ = h.stop.take().context("stop")?.send(());
+    let comet = h.comet.take().context("comet")?;
+    timeout(WAIT, comet)
+        .await
+        .context("run did not return")???;
+    let took = started.elapsed();
+    // It waited for the running drain, but only until its own deadline.
+    assert!(took >= Duration::from_millis(400), "did not wait: {took:?}");
+    assert!(
+        took < Duration::from_millis(3000),
+        "waited too long: {took:?}"
+    );
+    for c in &mut clients {
+        c.closed().await?;
+    }
+    for i in 0..3 {
+        assert_eq!(h.stub.disconnects(&format!("w{i}")), 1);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn readyz_waits_for_logic() -> Result {
+    // A logic address nobody listens on.
+    let closed = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+    let mut config = Config::new("comet-test", closed.to_string());
+    config.renew_online_interval = Duration::from_secs(3600);
+    let mut h = Harness::start_comet(config, Stub::default()).await?;
+    for _ in 0..3 {
+        let (status, body) = h.http_get("/readyz").await?;
+        assert!(status.contains("503"), "{status}: {body}");
+        let (status, _) = h.http_get("/healthz").await?;
+        assert!(status.contains("200"), "{status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.shutdown().await?;
+
+    let mut h = Harness::start(|_| {}).await?;
+    h.wait_readyz("200").await?;
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn admin_http_serves_health_and_metrics() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let (status, body) = h.http_get("/healthz").await?;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, "ok");
+    h.wait_readyz("200").await?;
+
+    let mut c = h.tcp_client(&token("m", "r", &[1000])).await?;
+    c.send_raw(&hex(T3)).await?;
+    c.recv().await?;
+    let mut refused = TcpClient::connect(h.tcp).await?;
+    refused.send(&auth_frame(r#"{"fail":true}"#)).await?;
+    refused.closed().await?;
+    let mut grpc = h.comet_client().await?;
+    grpc.broadcast_room(BroadcastRoomReq {
+        room_id: "r".into(),
+        proto: Some(raw_push(1000, b"x")),
+    })
+    .await?;
+    c.recv().await?;
+
+    let (status, body) = h.http_get("/metrics").await?;
+    assert!(status.contains("200"), "{status}");
+    for line in [
+        r#"herald_comet_connections{transport="tcp"} 1"#,
+        r#"herald_comet_auth_total{outcome="ok"} 1"#,
+        r#"herald_comet_auth_total{outcome="refused"} 1"#,
+        r#"herald_comet_frames_in_total{transport="tcp"} 1"#,
+        r#"herald_comet_pushes_total{rpc="broadcast_room"} 1"#,
+    ] {
+        assert!(
+            body.lines().any(|l| l == line),
+            "missing {line:?} in\n{body}"
+        );
+    }
+    h.shutdown().await
+}
+
+/// Thousands of clients closing at once: comet queues their `Disconnect`s
+/// (at most `logic_max_in_flight` in flight) and every one reaches logic.
+/// Unbounded, a mass close sent every `Disconnect` at once and those logic
+/// could not answer within the deadline were lost (216 of 2,000 arrived
+/// here), leaving their routes in Redis until the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mass_close_disconnects_every_connection() -> Result {
+    const N: usize = 2_000;
+    // Logic serves 1,000 Disconnects a second: the burst takes it 2 s, four
+    // times the calls' deadline, so only calls queued in comet (not sent)
+    // can wait that long.
+    let stub = Stub {
+        disconnect_cost: Some(Duration::from_millis(1)),
+        ..Stub::default()
+    };
+    let h = Harness::start_with(stub, |config| {
+        config.logic_max_in_flight = 64;
+        config.logic_timeout = Duration::from_millis(500);
+    })
+    .await?;
+    let mut clients = Vec::with_capacity(N);
+    let tokens: Vec<String> = (0..N)
+        .map(|i| token(&format!("mass{i}"), "", &[]))
+        .collect();
+    for chunk in tokens.chunks(250) {
+        let opened =
+            futures::future::try_join_all(chunk.iter().map(|token| h.tcp_client(token))).await?;
+        clients.extend(opened);
+    }
+    drop(clients);
+    let disconnects = |events: &[Event]| {
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Disconnect { key, .. } if key.starts_with("mass")))
+            .count()
+    };
+    let start = std::time::Instant::now();
+    timeout(Duration::from_secs(30), async {
+        while disconnects(&h.stub.events()) < N {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "logic saw {} of {N} Disconnects",
+            disconnects(&h.stub.events())
+        )
+    })?;
+    eprintln!("{N} Disconnects in {:?}", start.elapsed());
+    assert_eq!(
+        h.metric(r#"herald_comet_logic_call_failures_total{rpc="disconnect"}"#)
+            .await?,
+        0.0
+    );
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! What a client may send: invalid frames, the connection limit, the
+//! `Receive` rate limit and flood close, and short `pack_len` (lenient or
+//! strict).
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::bail;
+use bytes::Bytes;
+use herald_protocol::pb::BroadcastRoomReq;
+use herald_protocol::{Frame, Limits, op};
+use tokio::time::timeout;
+
+use common::{
+    Harness, Result, T3, T10_REQ, TcpClient, WAIT, auth_frame, hex, raw_push, token, token_mid,
+};
+
+#[tokio::test]
+async fn invalid_frames_close_only_the_offender() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut healthy = h.tcp_client(&token("ok", "room", &[])).await?;
+    let mut grpc = h.comet_client().await?;
+    let mut check_healthy = async |body: &'static [u8]| -> Result {
+        grpc.broadcast_room(BroadcastRoomReq {
+            room_id: "room".into(),
+            proto: Some(raw_push(1000, body)),
+        })
+        .await?;
+        assert_eq!(healthy.recv().await?, Frame::push(1000, body));
+        Ok(())
+    };
+
+    // TCP: pack_len 4113 (> 4112).
+    let mut big = h.tcp_client(&token("big", "room", &[])).await?;
+    let mut header = hex(T3);
+    header[..4].copy_from_slice(&4113i32.to_be_bytes());
+    big.send_raw(&header).await?;
+    big.closed().await?;
+    check_healthy(b"1").await?;
+
+    // TCP: header_len 15.
+    let mut bad = h.tcp_client(&token("hl", "room", &[])).await?;
+    let mut header = hex(T3);
+    header[4..6].copy_from_slice(&15i16.to_be_bytes());
+    bad.send_raw(&header).await?;
+    bad.closed().await?;
+    check_healthy(b"2").await?;
+
+    // WebSocket: a message shorter than its pack_len.
+    let mut short = h.ws_client(&token("short", "room", &[])).await?;
+    let mut msg = hex(T10_REQ);
+    msg[..4].copy_from_slice(&32i32.to_be_bytes());
+    short.send_raw(msg).await?;
+    short.closed().await?;
+    check_healthy(b"3").await?;
+
+    // WebSocket: a message past the size limit.
+    let mut huge = h.ws_client(&token("huge", "room", &[])).await?;
+    let frame = Frame {
+        ver: 1,
+        op: 4,
+        seq: 1,
+        body: Bytes::from(vec![0u8; 9000]),
+    };
+    let _ = huge.send(&frame).await;
+    huge.closed().await?;
+    check_healthy(b"4").await?;
+
+    for key in ["big", "hl", "short", "huge"] {
+        h.stub
+            .wait_for("Disconnect", |_| h.stub.disconnects(key) == 1)
+            .await?;
+    }
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_are_refused() -> Result {
+    let mut h = Harness::start(|c| c.max_connections = 1).await?;
+    let mut first = h.tcp_client(&token("one", "", &[])).await?;
+    let mut second = TcpClient::connect(h.tcp).await?;
+    let _ = second.send(&auth_frame(&token("two", "", &[]))).await;
+    assert!(second.closed().await?.is_empty(), "refused without op 8");
+    // The held connection is unaffected, and its slot frees when it leaves.
+    first.send_raw(&hex(T3)).await?;
+    assert_eq!(first.recv().await?.op, op::HEARTBEAT_REPLY);
+    drop(first);
+    h.stub
+        .wait_for("Disconnect", |_| h.stub.disconnects("one") == 1)
+        .await?;
+    timeout(WAIT, async {
+        loop {
+            let mut c = TcpClient::connect(h.tcp).await?;
+            c.send(&auth_frame(&token("three", "", &[]))).await?;
+            if c.recv().await.is_ok_and(|f| f.op == op::AUTH_REPLY) {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await??;
+    h.shutdown().await
+}
+
+/// `n` op-4 frames (T10) back to back, then one heartbeat (T3).
+fn op4_burst_then_heartbeat(n: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for _ in 0..n {
+        bytes.extend(hex(T10_REQ));
+    }
+    bytes.extend(hex(T3));
+    bytes
+}
+
+#[tokio::test]
+async fn receive_is_rate_limited_per_connection() -> Result {
+    let mut h = Harness::start(|c| {
+        c.receive_rate = 5;
+        c.receive_burst = 10;
+        c.receive_flood_close = 0;
+    })
+    .await?;
+    let mut flooder = h.tcp_client(&token_mid(31, "flooder")).await?;
+    let mut quiet = h.tcp_client(&token_mid(32, "quiet")).await?;
+
+    let started = std::time::Instant::now();
+    flooder.send_raw(&op4_burst_then_heartbeat(50)).await?;
+    // Frames are handled in order: the heartbeat reply comes after every
+    // op 4 was either forwarded (and acknowledged) or dropped (no reply).
+    let mut acknowledged = 0;
+    loop {
+        let frame = flooder.recv().await?;
+        match frame.op {
+            4 => acknowledged += 1,
+            op::HEARTBEAT_REPLY => break,
+            other => bail!("unexpected op {other}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ceiling = 10 + (5.0 * elapsed).ceil() as usize;
+    assert!(
+        (10..=ceiling).contains(&acknowledged),
+        "{acknowledged} forwarded in {elapsed:.3}s, expected 10..={ceiling}"
+    );
+    h.stub
+        .wait_for("the forwarded Receives", |_| {
+            h.stub.receives(31) == acknowledged
+        })
+        .await?;
+
+    // Another connection has its own bucket.
+    quiet.send_raw(&op4_burst_then_heartbeat(8)).await?;
+    for _ in 0..8 {
+        assert_eq!(quiet.recv().await?.op, 4);
+    }
+    assert_eq!(quiet.recv().await?.op, op::HEARTBEAT_REPLY);
+    h.stub
+        .wait_for("8 Receives", |_| h.stub.receives(32) == 8)
+        .await?;
+
+    assert_eq!(
+        h.metric(r#"herald_comet_receives_total{outcome="forwarded"}"#)
+            .await?,
+        (acknowledged + 8) as f64
+    );
+    assert_eq!(
+        h.metric(r#"herald_comet_receives_total{outcome="rate_limited"}"#)
+            .await?,
+        (50 - acknowledged) as f64
+    );
+    // Dropping is not closing (flood close is off): the flooder still works.
+    flooder.send_raw(&hex(T3)).await?;
+    assert_eq!(flooder.recv().await?.op, op::HEARTBEAT_REPLY);
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn a_sustained_receive_flood_closes_the_connection() -> Result {
+    let mut h = Harness::start(|c| {
+        c.receive_rate = 5;
+        c.receive_burst = 5;
+        c.receive_flood_close = 20;
+    })
+    .await?;
+    let mut healthy = h.tcp_client(&token_mid(41, "calm")).await?;
+    let mut flooder = h.tcp_client(&token_mid(42, "flood")).await?;
+    let _ = flooder.send_raw(&op4_burst_then_heartbeat(100)).await;
+    let frames = flooder.closed().await?;
+    assert!(
+        frames.iter().all(|f| f.op == 4) && (5..=7).contains(&frames.len()),
+        "only the burst is acknowledged before the close: {frames:?}"
+    );
+    h.stub
+        .wait_for("Disconnect", |_| h.stub.disconnects("flood") == 1)
+        .await?;
+    assert_eq!(h.stub.receives(42), frames.len());
+    assert_eq!(
+        h.metric(r#"herald_comet_disconnects_total{reason="receive_flood"}"#)
+            .await?,
+        1.0
+    );
+    healthy.send_raw(&hex(T10_REQ)).await?;
+    assert_eq!(healthy.recv().await?.op, 4);
+    h.shutdown().await
+}
+
+/// T3 (heartbeat) with `pack_len` 10, shorter than its own header.
+fn short_heartbeat() -> Vec<u8> {
+    let mut frame = hex(T3);
+    frame[..4].copy_from_slice(&10i32.to_be_bytes());
+    frame
+}
+
+#[tokio::test]
+async fn short_pack_len_is_lenient_by_default() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut c = h.tcp_client(&token("lenient", "", &[])).await?;
+    c.send_raw(&short_heartbeat()).await?;
+    assert_eq!(
+        c.recv().await?.op,
+        op::HEARTBEAT_REPLY,
+        "goim reads it as no body"
+    );
+    let mut w = h.ws_client(&token("lenient-ws", "", &[])).await?;
+    w.send_raw(short_heartbeat()).await?;
+    let reply = Frame::from_message(w.recv_msg().await?, Limits::OUTBOUND)?;
+    assert_eq!(reply.op, op::HEARTBEAT_REPLY);
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn strict_pack_len_closes_short_frames() -> Result {
+    let mut h = Harness::start(|c| c.strict_pack_len = true).await?;
+    let mut healthy = h.tcp_client(&token("fine", "", &[])).await?;
+    let mut c = h.tcp_client(&token("strict", "", &[])).await?;
+    c.send_raw(&short_heartbeat()).await?;
+    assert!(c.closed().await?.is_empty(), "closed without a reply");
+    let mut w = h.ws_client(&token("strict-ws", "", &[])).await?;
+    w.send_raw(short_heartbeat()).await?;
+    assert!(w.closed().await?.is_empty(), "closed without a reply");
+    h.wait_metric(
+        r#"herald_comet_disconnects_total{reason="short_pack_len"}"#,
+        2.0,
+    )
+    .await?;
+    healthy.send_raw(&hex(T3)).await?;
+    assert_eq!(healthy.recv().await?.op, op::HEARTBEAT_REPLY);
+    h.shutdown().await
+}

@@ -1,0 +1,426 @@
+//! WebSocket and WSS clients: the spec vectors, the upgrade on `/sub` and
+//! its limits, bytes sent with the upgrade head, TLS, and a real browser.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use herald_protocol::pb::{BroadcastRoomReq, PushMsgReq};
+use herald_protocol::ws;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Message, http};
+
+use common::{
+    Event, Harness, Result, T1, T2, T3, T4, T7, T7_WS_HEADER, T8_REPLY, T8_REQ, T10_REPLY, T10_REQ,
+    TcpClient, WAIT, WsClient, hex, raw_push, token, upgrade_head,
+};
+
+#[tokio::test]
+async fn ws_session_matches_spec_vectors() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let _b = h.tcp_client(&token("b", "live://1000", &[])).await?;
+    let _c = h.tcp_client(&token("c", "live://1000", &[])).await?;
+    let mut req = format!("ws://{}/sub", h.ws).into_client_request()?;
+    req.headers_mut().insert("cookie", "sid=abc".parse()?);
+    let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let mut w = WsClient { ws };
+    w.send_raw(hex(T1)).await?;
+    assert_eq!(w.recv_msg().await?.to_vec(), hex(T2), "T2");
+    let connect = Event::Connect {
+        token: String::from_utf8(hex(T1)[16..].to_vec())?,
+        server: "comet-test".into(),
+        cookie: "sid=abc".into(),
+    };
+    assert!(
+        h.stub.events().contains(&connect),
+        "server id and cookie reach logic"
+    );
+    w.send_raw(hex(T3)).await?;
+    assert_eq!(w.recv_msg().await?.to_vec(), hex(T4), "T4");
+    w.send_raw(hex(T8_REQ)).await?;
+    assert_eq!(w.recv_msg().await?.to_vec(), hex(T8_REPLY), "T8");
+    w.send_raw(hex(T10_REQ)).await?;
+    assert_eq!(w.recv_msg().await?.to_vec(), hex(T10_REPLY), "T10");
+    // Pings are answered.
+    w.ws.send(Message::Ping(Bytes::from_static(b"p"))).await?;
+    let pong = timeout(WAIT, w.ws.next()).await?.context("ended")??;
+    assert_eq!(pong, Message::Pong(Bytes::from_static(b"p")));
+    // Text messages carry frames too.
+    w.ws.send(Message::Text(String::from_utf8(hex(T3))?.into()))
+        .await?;
+    assert_eq!(w.recv_msg().await?.to_vec()[..12], hex(T4)[..12]);
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn websocket_upgrade_checks_the_path() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let upgrade = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+    for path in ["/foo", "/sub?x=1"] {
+        let mut c = TcpClient::connect(h.ws).await?;
+        c.send_raw(upgrade(path).as_bytes()).await?;
+        let head = c.read_bytes(12).await?;
+        assert_eq!(head, b"HTTP/1.1 400", "path {path}");
+    }
+    let mut c = TcpClient::connect(h.ws).await?;
+    c.send_raw(upgrade("/sub").as_bytes()).await?;
+    let head = c.read_bytes(12).await?;
+    assert_eq!(head, b"HTTP/1.1 101");
+    let mut rest = Vec::new();
+    while !rest.ends_with(b"\r\n\r\n") {
+        rest.extend(c.read_bytes(1).await?);
+    }
+    let rest = String::from_utf8(rest)?;
+    assert!(
+        rest.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "T11 accept value in {rest}"
+    );
+    h.shutdown().await
+}
+
+/// Sends a raw HTTP request head to the WebSocket port and returns everything
+/// the server answers until it closes.
+async fn raw_upgrade(addr: SocketAddr, head: &[u8]) -> Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    // The server may answer and close before reading all of an oversized head.
+    let _ = stream.write_all(head).await;
+    let mut answer = Vec::new();
+    let _ = timeout(WAIT, stream.read_to_end(&mut answer))
+        .await
+        .context("server never closed")?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[tokio::test]
+async fn websocket_upgrade_limits_answer_431_and_spare_healthy_clients() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut healthy = h.ws_client(&token("healthy", "room", &[])).await?;
+    let mut grpc = h.comet_client().await?;
+    let mut pushed = Vec::new();
+    let mut push = async |body: &'static [u8]| -> Result {
+        grpc.broadcast_room(BroadcastRoomReq {
+            room_id: "room".into(),
+            proto: Some(raw_push(1000, body)),
+        })
+        .await?;
+        pushed.push(body);
+        Ok(())
+    };
+    push(b"before").await?;
+
+    // A head past 8 KiB: one 10 KiB header.
+    let big = upgrade_head(&format!("X-Big: {}\r\n", "a".repeat(10 * 1024)));
+    let answer = raw_upgrade(h.ws, big.as_bytes()).await?;
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
+    push(b"after big head").await?;
+
+    // 100 small headers (limit 64), a 2 KiB head in all.
+    let many: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let answer = raw_upgrade(h.ws, upgrade_head(&many).as_bytes()).await?;
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
+
+    // Not HTTP at all, and HTTP without the upgrade headers.
+    let answer = raw_upgrade(h.ws, b"\x00\x01garbage\r\n\r\n").await?;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    let answer = raw_upgrade(h.ws, b"GET /sub HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    push(b"after many headers").await?;
+
+    // Just under both limits still upgrades: 60 headers of a real client.
+    let mut req = format!("ws://{}/sub", h.ws).into_client_request()?;
+    for i in 0..54 {
+        req.headers_mut().insert(
+            format!("x-pad-{i}").parse::<http::HeaderName>()?,
+            "x".repeat(80).parse()?,
+        );
+    }
+    assert!(req.headers().len() <= 60, "{}", req.headers().len());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let mut padded = WsClient { ws };
+    padded.auth(&token("padded", "room", &[])).await?;
+    push(b"last").await?;
+
+    for body in &pushed {
+        let msg = healthy.recv_msg().await?;
+        assert_eq!(
+            msg,
+            ws::push_for_ws(&raw_push(1000, body)),
+            "healthy client lost {body:?}"
+        );
+    }
+    let msg = padded.recv_msg().await?;
+    assert_eq!(msg, ws::push_for_ws(&raw_push(1000, b"last")));
+    for (reason, n) in [
+        ("head_too_large", 1.0),
+        ("too_many_headers", 1.0),
+        ("malformed", 1.0),
+        ("not_websocket", 1.0),
+    ] {
+        let series = format!(r#"herald_comet_ws_upgrade_refused_total{{reason="{reason}"}}"#);
+        assert_eq!(h.metric(&series).await?, n, "{series}");
+    }
+    assert_eq!(
+        h.metric(r#"herald_comet_connections{transport="ws"}"#)
+            .await?,
+        2.0
+    );
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn bytes_sent_right_after_the_upgrade_head_are_not_lost() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    // The upgrade request and a masked binary WebSocket message carrying T1,
+    // in one write: the frame arrives in the same read as the head.
+    let mut bytes = upgrade_head("").into_bytes();
+    let payload = hex(T1);
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    bytes.push(0x82);
+    bytes.push(0x80 | u8::try_from(payload.len())?);
+    bytes.extend(mask);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut c = TcpClient::connect(h.ws).await?;
+    c.send_raw(&bytes).await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.extend(c.read_bytes(1).await?);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+    // An unmasked binary message from the server: T2, the auth reply.
+    assert_eq!(c.read_bytes(2).await?, [0x82, 16]);
+    assert_eq!(c.read_bytes(16).await?, hex(T2));
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn wss_serves_the_same_protocol_over_tls() -> Result {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let dir = std::env::temp_dir().join(format!("herald-comet-wss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem())?;
+    std::fs::write(&key_path, cert.signing_key.serialize_pem())?;
+    let mut h = Harness::start(|c| {
+        c.tls_cert = Some(cert_path.clone());
+        c.tls_key = Some(key_path.clone());
+    })
+    .await?;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = TcpStream::connect(h.wss.context("wss listener")?).await?;
+    let stream = connector.connect("localhost".try_into()?, tcp).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://localhost/sub", stream).await?;
+
+    ws.send(Message::Binary(hex(T1).into())).await?;
+    let reply = timeout(WAIT, ws.next()).await?.context("ended")??;
+    assert_eq!(reply.into_data().to_vec(), hex(T2), "T2 over WSS");
+    let mut grpc = h.comet_client().await?;
+    grpc.broadcast_room(BroadcastRoomReq {
+        room_id: "live://1000".into(),
+        proto: Some(ws::raw_proto(hex(T7).into())),
+    })
+    .await?;
+    let mut expected = hex(T7_WS_HEADER);
+    expected.extend(hex(T7));
+    let push = timeout(WAIT, ws.next()).await?.context("ended")??;
+    assert_eq!(push.into_data().to_vec(), expected, "T7 over WSS");
+    // WSS is counted under its own transport label.
+    assert_eq!(
+        h.metric(r#"herald_comet_connections{transport="wss"}"#)
+            .await?,
+        1.0
+    );
+    assert_eq!(
+        h.metric(r#"herald_comet_connections{transport="ws"}"#)
+            .await?,
+        0.0
+    );
+    h.shutdown().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+// ------------------------------------------------------ a real browser client
+
+/// What the page reported, in order: (what, JSON body).
+type Reports = tokio::sync::mpsc::UnboundedReceiver<(String, String)>;
+
+/// Serves the goim page, its `/config` and the `/report/{what}` endpoint on a
+/// loopback port.
+async fn serve_page(config: serde_json::Value) -> Result<(SocketAddr, Reports)> {
+    use axum::extract::{Path, State};
+    use axum::routing::{get, post};
+
+    type Tx = tokio::sync::mpsc::UnboundedSender<(String, String)>;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let page = || async { axum::response::Html(include_str!("fixtures/goim-page.html")) };
+    let app = axum::Router::new()
+        .route("/page.html", get(page))
+        .route("/config", get(move || async move { axum::Json(config) }))
+        .route(
+            "/report/{what}",
+            post(
+                |State(tx): State<Tx>, Path(what): Path<String>, body: String| async move {
+                    let _ = tx.send((what, body));
+                },
+            ),
+        )
+        .with_state(tx);
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((addr, rx))
+}
+
+/// Headless Chromium on one URL; stopped by its pid when dropped.
+struct Browser {
+    child: std::process::Child,
+    profile: std::path::PathBuf,
+}
+
+impl Browser {
+    fn open(url: &str) -> Result<Browser> {
+        let binary = herald_e2e::testbed_var("HERALD_CHROMIUM");
+        let profile = std::env::temp_dir().join(format!(
+            "herald-chromium-{}-{}",
+            std::process::id(),
+            NEXT_PROFILE.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&profile)?;
+        let log = std::fs::File::create(profile.join("chromium.log"))?;
+        let child = std::process::Command::new(binary)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-default-apps",
+                "--disable-extensions",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--mute-audio",
+                // Every name fails to resolve: nothing leaves loopback.
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(url)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting chromium")?;
+        Ok(Browser { child, profile })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.profile.join("chromium.log")).unwrap_or_default()
+    }
+}
+
+static NEXT_PROFILE: AtomicU64 = AtomicU64::new(0);
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // TERM lets chromium end its renderer and helper processes; KILL if
+        // it has not exited in 5 s.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// The next report from the page, failing on `/report/error`.
+async fn next_report(reports: &mut Reports, browser: &Browser) -> Result<(String, String)> {
+    // Chromium starts slowly on a loaded machine.
+    let report = timeout(Duration::from_secs(60), reports.recv())
+        .await
+        .with_context(|| {
+            format!(
+                "the page reported nothing; chromium's log:\n{}",
+                browser.log()
+            )
+        })?
+        .context("report channel closed")?;
+    if report.0 == "error" {
+        bail!("the page failed: {}", report.1);
+    }
+    Ok(report)
+}
+
+#[tokio::test]
+async fn a_browser_page_authenticates_and_receives_key_and_room_pushes() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let (page, mut reports) = serve_page(serde_json::json!({
+        "ws": format!("ws://{}/sub", h.ws),
+        "token": token("browser", "live://browser", &[1000]),
+    }))
+    .await?;
+    let browser = Browser::open(&format!("http://{page}/page.html"))?;
+
+    let (what, _) = next_report(&mut reports, &browser).await?;
+    assert_eq!(what, "authed");
+    let mut grpc = h.comet_client().await?;
+    grpc.push_msg(PushMsgReq {
+        keys: vec!["browser".into()],
+        proto_op: 1000,
+        proto: Some(raw_push(1000, b"to the key")),
+    })
+    .await?;
+    grpc.broadcast_room(BroadcastRoomReq {
+        room_id: "live://browser".into(),
+        proto: Some(raw_push(1000, b"to the room")),
+    })
+    .await?;
+    let (what, body) = next_report(&mut reports, &browser).await?;
+    assert_eq!(what, "result");
+    let body: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        body["pushes"],
+        serde_json::json!(["to the key", "to the room"]),
+        "{body}"
+    );
+    // The page closed its WebSocket: the comet saw a browser session end.
+    h.stub
+        .wait_for("Disconnect", |_| h.stub.disconnects("browser") == 1)
+        .await?;
+    drop(browser);
+    h.shutdown().await
+}
