@@ -10,6 +10,12 @@
 //! process of its own (`herald bench floor-server`), with blocking sockets: a
 //! write that blocks means the reader (the generator) fell behind, which the
 //! generator's CPU figure shows.
+//!
+//! The handshake floor is in `handshake`, the call floor in `call`; this
+//! file holds the fan-out, relay and echo floors and the process handles.
+
+mod call;
+mod handshake;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -18,11 +24,8 @@ use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use herald_protocol::frame::HEADER_LEN;
-use herald_protocol::pb::LogicClient;
-use herald_protocol::pb::goim::logic::ConnectReq;
-use tonic::transport::{Channel, Endpoint};
-
+pub(crate) use self::call::{CallFloor, connect};
+pub(crate) use self::handshake::handshake;
 use crate::load::Clock;
 use crate::proc;
 use crate::wire;
@@ -165,110 +168,6 @@ pub(crate) fn echo() -> Result<()> {
             Err(err) => return Err(io("read client")(err)),
         };
         sock.write_all(&buf[..n]).map_err(io("write client"))?;
-    }
-}
-
-/// Serves S4's floor in this process (the `floor-handshake` target): the
-/// least a connection server does per authenticated connection, on one
-/// thread with a bare `epoll` loop (mio): accept, register, read the op-7
-/// frame, write a pre-encoded op-8 reply, and close when the client does.
-/// No token check, no call to logic, no task per connection: what is left
-/// is the kernel's share of a connection (accept, the socket, its epoll
-/// registration, one read and one write over loopback, the close), which
-/// every server pays. It runs until the benchmark stops it.
-pub(crate) fn handshake() -> Result<()> {
-    use mio::{Events, Interest, Poll, Token};
-    let io = |step| move |source| Error::Io { step, source };
-    const LISTENER: Token = Token(usize::MAX);
-    let listener = announced_listener()?;
-    listener.set_nonblocking(true).map_err(io("nonblocking"))?;
-    let mut listener = mio::net::TcpListener::from_std(listener);
-    let mut poll = Poll::new().map_err(io("epoll"))?;
-    poll.registry()
-        .register(&mut listener, LISTENER, Interest::READABLE)
-        .map_err(io("register listener"))?;
-    let reply = wire::auth_reply_frame();
-    let mut conns = slab::Slab::new();
-    let mut events = Events::with_capacity(1024);
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Err(err) = poll.poll(&mut events, None) {
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(io("epoll wait")(err));
-        }
-        for event in &events {
-            if event.token() == LISTENER {
-                accept_all(&listener, &poll, &mut conns);
-                continue;
-            }
-            let slot = event.token().0;
-            let open = conns
-                .get_mut(slot)
-                .is_some_and(|conn: &mut HandshakeConn| conn.serve(&mut buf, &reply));
-            if !open && let Some(mut conn) = conns.try_remove(slot) {
-                let _ = poll.registry().deregister(&mut conn.stream);
-            }
-        }
-    }
-}
-
-/// Accepts every connection waiting on `listener` and registers it under
-/// its slot in `conns`.
-fn accept_all(
-    listener: &mio::net::TcpListener,
-    poll: &mio::Poll,
-    conns: &mut slab::Slab<HandshakeConn>,
-) {
-    // WouldBlock ends the batch; so do running out of descriptors and a
-    // client gone before accept: the storm's counts show those.
-    while let Ok((mut stream, _)) = listener.accept() {
-        let _ = stream.set_nodelay(true);
-        let entry = conns.vacant_entry();
-        let token = mio::Token(entry.key());
-        if poll
-            .registry()
-            .register(&mut stream, token, mio::Interest::READABLE)
-            .is_ok()
-        {
-            entry.insert(HandshakeConn { stream, header: 0 });
-        }
-    }
-}
-
-/// One client of the handshake floor.
-#[derive(Debug)]
-struct HandshakeConn {
-    stream: mio::net::TcpStream,
-    /// Header bytes received so far, up to [`HEADER_LEN`].
-    header: usize,
-}
-
-impl HandshakeConn {
-    /// Reads what has arrived; writes `reply` once the auth frame's header
-    /// is in (later bytes, heartbeats, are read and dropped). `false` when
-    /// the client closed or the socket failed.
-    fn serve(&mut self, buf: &mut [u8], reply: &[u8]) -> bool {
-        use std::io::{ErrorKind, Read};
-        loop {
-            match self.stream.read(buf) {
-                Ok(0) => return false,
-                Ok(n) => {
-                    let before = self.header;
-                    self.header = (self.header + n).min(HEADER_LEN);
-                    if before < HEADER_LEN
-                        && self.header == HEADER_LEN
-                        && self.stream.write_all(reply).is_err()
-                    {
-                        return false;
-                    }
-                }
-                Err(err) if err.kind() == ErrorKind::WouldBlock => return true,
-                Err(err) if err.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return false,
-            }
-        }
     }
 }
 
@@ -474,128 +373,6 @@ impl FloorProc {
     /// The figures of the last run, once it finished.
     pub(crate) fn try_result(&self) -> Option<Result<FloorRun>> {
         self.proc.try_answer()
-    }
-}
-
-/// One batch of the call floor's `Connect` calls.
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
-pub(crate) struct CallRun {
-    pub(crate) calls: u64,
-    /// Calls logic answered with a reply (not an error status).
-    pub(crate) ok: u64,
-    pub(crate) seconds: f64,
-}
-
-/// Serves S4's call floor in this process (the `floor-connect` target):
-/// for each stdin line `<logic address> <calls> <in flight>`, makes that many
-/// unary `goim.logic.Logic/Connect` calls with a plain tonic client (one
-/// HTTP/2 connection, no deadline, concurrency limit or task per call), at
-/// most `in flight` at once, and answers with one JSON line. Its CPU per call
-/// is the least an authenticating server adds per connection by asking
-/// logic, as goim's contract has it, on top of the handshake floor. The
-/// client, and its connection, stay from one line to the next while the
-/// address does.
-pub(crate) fn connect() -> Result<()> {
-    use std::io::BufRead;
-    let io = |step| move |source| Error::Io { step, source };
-    // Pinned to one core, this has one worker, like comet's runtime there.
-    let runtime = tokio::runtime::Runtime::new().map_err(io("runtime"))?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "ready")
-        .and_then(|()| out.flush())
-        .map_err(io("answer"))?;
-    let mut client: Option<(SocketAddr, LogicClient<Channel>)> = None;
-    for line in std::io::stdin().lock().lines() {
-        let line = line.map_err(io("read command"))?;
-        let bad = || Error::Command(line.clone());
-        let mut words = line.split_whitespace();
-        let addr: SocketAddr = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
-        let calls: u64 = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
-        let in_flight: usize = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
-        let logic = match &client {
-            Some((at, logic)) if *at == addr => logic.clone(),
-            _ => {
-                // The channel's worker task starts on this runtime.
-                let _entered = runtime.enter();
-                let endpoint =
-                    Endpoint::from_shared(format!("http://{addr}")).map_err(|_| bad())?;
-                let logic = LogicClient::new(endpoint.connect_lazy());
-                client = Some((addr, logic.clone()));
-                logic
-            }
-        };
-        let run = runtime.block_on(runtime.spawn(connect_calls(logic, calls, in_flight.max(1))));
-        let run = run.map_err(|_| Error::Gone)?;
-        let json = serde_json::to_string(&run).map_err(|_| bad())?;
-        writeln!(out, "{json}")
-            .and_then(|()| out.flush())
-            .map_err(io("answer"))?;
-    }
-    Ok(())
-}
-
-/// `calls` `Connect` calls through `client`, `in_flight` at a time.
-async fn connect_calls(client: LogicClient<Channel>, calls: u64, in_flight: usize) -> CallRun {
-    use futures::StreamExt;
-    let start = Instant::now();
-    let ok = futures::stream::iter(0..calls)
-        .map(|i| {
-            let mut client = client.clone();
-            let req = ConnectReq {
-                server: "floor".to_owned(),
-                cookie: String::new(),
-                token: wire::token(CALL_FLOOR_MID + i, "live://storm").into(),
-            };
-            async move { client.connect(req).await.is_ok() }
-        })
-        .buffer_unordered(in_flight)
-        .filter(|ok| std::future::ready(*ok))
-        .count()
-        .await;
-    CallRun {
-        calls,
-        ok: ok as u64,
-        seconds: start.elapsed().as_secs_f64(),
-    }
-}
-
-/// The call floor's clients' first mid: apart from any storm's.
-const CALL_FLOOR_MID: u64 = 9_000_000;
-
-/// The call floor process, seen from the benchmark.
-#[derive(Debug)]
-pub(crate) struct CallFloor(FloorChild);
-
-impl CallFloor {
-    /// Starts `binary bench floor-connect`, pinned to `core`.
-    pub(crate) fn start(binary: &Path, core: Option<usize>) -> Result<CallFloor> {
-        match FloorChild::spawn(binary, "floor-connect", 1, core)? {
-            (proc, first) if first == "ready" => Ok(CallFloor(proc)),
-            (_, first) => Err(Error::Command(first)),
-        }
-    }
-
-    /// The floor process's id, for its CPU figures.
-    pub(crate) fn pid(&self) -> u32 {
-        self.0.pid()
-    }
-
-    /// Makes `calls` calls to the logic at `logic`, `in_flight` at a time,
-    /// and returns their figures. Waits without blocking the event loop,
-    /// which may be serving that logic.
-    pub(crate) async fn run(
-        &mut self,
-        logic: SocketAddr,
-        calls: u64,
-        in_flight: usize,
-    ) -> Result<CallRun> {
-        self.0.send(&format!("{logic} {calls} {in_flight}"))?;
-        loop {
-            if let Some(answer) = self.0.try_answer() {
-                return answer;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 }
 

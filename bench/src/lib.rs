@@ -14,7 +14,8 @@
 //! - [`wire`]: pre-encoded client frames and the allocation-free scanner that
 //!   counts inbound frames and checks sequence numbers.
 //! - [`load`]: the generator: bulk TCP/WebSocket clients, lazy sinks, eager probes.
-//! - [`floor`]: the kernel-floor fan-out server (its own process).
+//! - [`floor`]: the kernel-floor fan-out server (its own process); S4's
+//!   handshake and call floors in submodules (`handshake`, `call`).
 //! - [`stub`]: the stub `goim.logic.Logic` that accepts every token.
 //! - [`server`]: starting and stopping the comet under test.
 //! - [`inject`]: open-loop injectors for comet's gRPC and logic's HTTP API
