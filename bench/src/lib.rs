@@ -13,7 +13,8 @@
 //! # Layout
 //! - [`wire`]: pre-encoded client frames and the allocation-free scanner that
 //!   counts inbound frames and checks sequence numbers.
-//! - [`load`]: the generator: bulk TCP/WebSocket clients, lazy sinks, eager probes.
+//! - [`load`]: the generator: bulk TCP/WebSocket clients, lazy sinks, eager probes;
+//!   opening one client (connect, upgrade, authenticate) in `open`.
 //! - [`floor`]: the kernel-floor fan-out server (its own process); S4's
 //!   handshake and call floors in submodules (`handshake`, `call`).
 //! - [`stub`]: the stub `goim.logic.Logic` that accepts every token.
