@@ -27,7 +27,8 @@
 //! - [`scenarios`]: S0–S7 and the `quick`/`full`/`smoke` profiles; one
 //!   submodule per scenario (`s0` … `s7`), plus the profiles' sizes
 //!   (`plan`) and the smoke checks (`smoke`).
-//! - [`report`]: the JSON record and the markdown table.
+//! - [`report`]: the JSON record and the markdown table; the table in
+//!   `markdown`, the plots' series in `plots`.
 //! - [`plot`]: PNG plots, with labels from a built-in bitmap font.
 //! - [`proc`]: CPU, RSS, pinning and machine facts from `/proc`.
 //! - `timer`: the injectors' microsecond-precision sleep (a `timerfd`).
