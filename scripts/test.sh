@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine of this kind to a summary line:
-#   1. cargo fmt --check
+#   1. cargo fmt --check, and the crate graph (no test code in the binary,
+#      no component crate importing another)
 #   2. the real-service test bed: installs (cached under ~/.cache/herald) and
 #      starts Redis, Kafka (KRaft), etcd + kube-apiserver + controller-manager
 #      and helm, all on 127.0.0.1
@@ -74,6 +75,29 @@ helm_chart() {
     die "$chart/crds/pushcluster.yaml differs from crds/pushcluster.yaml: copy it over"
 }
 
+# crate_graph: the architecture, as the crate graph must show it. The shipped
+# binary links no test-support crate, and the components (comet, logic, job,
+# operator) depend on none of each other, not even for their tests: they meet
+# over gRPC, Kafka and the node-list document; tests that run several roles
+# live in herald/tests.
+crate_graph() {
+  local tree bad=0 c sib
+  tree=$(cargo tree -p herald -e normal --prefix none)
+  if grep -qE '^herald-(e2e|testkit) ' <<<"$tree"; then
+    log "ERROR: the herald binary links test code: $(grep -oE '^herald-(e2e|testkit)' <<<"$tree" | sort -u | tr '\n' ' ')"
+    bad=1
+  fi
+  for c in comet logic job operator; do
+    sib=$(cargo tree -p "herald-$c" -e normal,dev --depth 1 --prefix none |
+      tail -n +2 | grep -oE '^herald-(comet|logic|job|operator) ' | sort -u | tr '\n' ' ' || true)
+    if [[ -n $sib ]]; then
+      log "ERROR: herald-$c depends on $sib(components meet over gRPC, Kafka or the node list)"
+      bad=1
+    fi
+  done
+  return $bad
+}
+
 # cargo_test: runs the suite, then prints one line summing every test binary.
 cargo_test() {
   local out="$HERALD_RUN/cargo-test.log" status=0
@@ -85,6 +109,7 @@ cargo_test() {
 }
 
 timed "cargo fmt --check" cargo fmt --all -- --check
+timed "crate graph" crate_graph
 timed "test bed (install + start)" bash e2e/services/up.sh
 source "$HERALD_RUN/env"
 timed "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings

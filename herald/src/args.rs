@@ -47,6 +47,9 @@ enum Role {
     Operator(Box<herald_operator::Args>),
     /// Print the PushCluster CustomResourceDefinition as YAML.
     Crdgen,
+    /// Print the flag reference (docs/configuration.md) as markdown.
+    #[command(hide = true)]
+    ConfigReference,
     /// Benchmark a comet (started by the tool) against its targets and the
     /// kernel floor; prints figures, writes JSON and markdown.
     Bench(Box<herald_bench::Args>),
@@ -70,6 +73,10 @@ impl Args {
             Role::Standalone(args) => serve("standalone", crate::standalone::run(*args, signal())),
             Role::Operator(args) => serve("operator", operator(*args)),
             Role::Crdgen => crdgen(),
+            Role::ConfigReference => {
+                print!("{}", crate::reference::markdown());
+                ExitCode::SUCCESS
+            }
             Role::Bench(args) => bench(*args),
         }
     }
@@ -96,7 +103,7 @@ impl Role {
             Role::Operator(args) => Ok(format!("{:#?}", args.into_config())),
             Role::Standalone(args) => Ok(format!("{args:#?}")),
             Role::Bench(args) => Ok(format!("{args:#?}")),
-            Role::Crdgen => Ok("crdgen takes no settings".to_owned()),
+            Role::Crdgen | Role::ConfigReference => Ok("no settings".to_owned()),
         };
         match checked {
             Ok(shown) => {
