@@ -411,8 +411,8 @@ pub(crate) struct Shared {
     /// Cancelled when the drain task (RPC or shutdown) has closed its last
     /// connection or given up.
     pub(crate) drained: CancellationToken,
-    /// Cancelled when the comet shuts down; every task watches it.
-    pub(crate) shutdown: CancellationToken,
+    /// Fired when the comet shuts down; every task watches it.
+    pub(crate) shutdown: herald_runtime::Shutdown,
     /// Tracks sessions so shutdown can wait for their `Disconnect` calls.
     pub(crate) tasks: TaskTracker,
 }
@@ -455,7 +455,7 @@ pub async fn run(
         metrics,
         draining: std::sync::atomic::AtomicBool::new(false),
         drained: CancellationToken::new(),
-        shutdown: CancellationToken::new(),
+        shutdown: herald_runtime::Shutdown::new(),
         tasks: TaskTracker::new(),
         config,
     });
@@ -508,7 +508,7 @@ pub async fn run(
                 let result = rpc::serve(grpc, shared.clone()).await;
                 // Without gRPC, job cannot push here: stop rather than linger.
                 if result.is_err() {
-                    shared.shutdown.cancel();
+                    shared.shutdown.trigger();
                 }
                 result
             }
@@ -516,7 +516,7 @@ pub async fn run(
         )
     };
     let http_task = http.map(|listener| {
-        let stop = shared.shutdown.clone().cancelled_owned();
+        let stop = shared.shutdown.wait();
         tokio::spawn(
             herald_runtime::admin::serve(listener, shared.clone(), stop)
                 .instrument(info_span!("http")),
@@ -550,7 +550,7 @@ pub async fn run(
         }
     }
     info!("comet shutting down");
-    shared.shutdown.cancel();
+    shared.shutdown.trigger();
     // Sessions wait on their sockets only; this ends what the drain left.
     for conn in shared.buckets.all() {
         conn.close(conn::CloseReason::Shutdown);

@@ -34,12 +34,12 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) -> Result<
     let service = Service {
         shared: shared.clone(),
     };
-    let token = shared.shutdown.clone();
+    let stop = shared.shutdown.wait();
     tonic::transport::Server::builder()
         .add_service(CometServer::new(service.clone()))
         .add_service(CometPushServer::new(service.clone()))
         .add_service(CometAdminServer::new(service))
-        .serve_with_incoming_shutdown(incoming(listener, shared), token.cancelled_owned())
+        .serve_with_incoming_shutdown(incoming(listener, shared), stop)
         .await
         .map_err(Error::Grpc)
 }

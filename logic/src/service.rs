@@ -437,7 +437,7 @@ pub async fn aggregate_online(
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            () = shutdown.token().cancelled() => return,
+            () = shutdown.cancelled() => return,
         }
         if let Err(err) = service.refresh_online().await {
             tracing::warn!(cause = %err, source = ?std::error::Error::source(&err), "online aggregation failed; keeping previous counts");

@@ -8,7 +8,7 @@
 
 use std::future::Future;
 
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 /// A stop signal that many tasks wait on; cheap to clone.
 #[derive(Clone, Debug, Default)]
@@ -55,9 +55,10 @@ impl Shutdown {
         self.token.clone().cancelled_owned()
     }
 
-    /// The token underneath, for code that selects on `cancelled()` itself.
-    pub fn token(&self) -> &CancellationToken {
-        &self.token
+    /// [`Shutdown::wait`] borrowing the signal: cheaper in a `select!` loop
+    /// that polls it on every turn.
+    pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.token.cancelled()
     }
 }
 

@@ -198,7 +198,7 @@ async fn authenticate(
     }
     // Shutdown closes what the buckets hold once it starts; one registered
     // just after that closes itself here.
-    if shared.shutdown.is_cancelled() {
+    if shared.shutdown.is_triggered() {
         conn.close(CloseReason::Shutdown);
     }
     let idle = u64::try_from(reply.heartbeat)
