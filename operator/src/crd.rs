@@ -5,17 +5,23 @@
 //! Admission refuses what a schema or CEL rule can express (negative counts,
 //! `min > max`, unknown auth modes); everything else that can be wrong (a
 //! missing Secret) is reported by the controller as a `Degraded` condition.
+//!
+//! The spec types are here; the status types are in `status`.
 
 // kube's `KubeSchema` derive declares helper copies of the types in a private
 // scope, which trips `unreachable_pub` on every deriving struct; and clippy
 // reads repeated `printcolumn(type_ = ..)` arguments as duplicated attributes.
 #![allow(unreachable_pub, clippy::duplicated_attributes)]
 
+mod status;
+
 use std::collections::BTreeMap;
 
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+pub use self::status::{CometPodStatus, ComponentStatus, Condition, PushClusterStatus};
 
 /// A Herald push cluster: comet, logic and job deployments, scaled by live
 /// client connections and described to clients through a node list.
@@ -445,89 +451,6 @@ pub struct SecretKeyRef {
     /// Key inside the Secret.
     #[x_kube(validation = Rule::new("self != ''").message("secret key must not be empty"))]
     pub key: String,
-}
-
-/// What the operator observed and did.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PushClusterStatus {
-    /// The spec generation this status describes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    /// `Available`, `Progressing`, `Degraded` and `Draining`.
-    #[serde(default)]
-    pub conditions: Vec<Condition>,
-    /// Comet replicas.
-    #[serde(default)]
-    pub comet: ComponentStatus,
-    /// Logic replicas.
-    #[serde(default)]
-    pub logic: ComponentStatus,
-    /// Job replicas.
-    #[serde(default)]
-    pub job: ComponentStatus,
-    /// `ready/desired` comets, for the printer column.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub comets_ready: Option<String>,
-    /// Client connections across all comets at the last poll.
-    #[serde(default)]
-    pub total_connections: i64,
-    /// Comets being drained.
-    #[serde(default)]
-    pub draining_comets: i32,
-    /// Load of each comet pod at the last poll.
-    #[serde(default)]
-    pub pods: Vec<CometPodStatus>,
-    /// Generation of the node-list ConfigMap (`<name>-nodes`).
-    #[serde(default)]
-    pub node_list_generation: i64,
-    /// Label selector of the comet pods (used by `/scale` and HPAs).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selector: Option<String>,
-}
-
-/// A status condition, in the usual Kubernetes shape.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Condition {
-    /// `Available`, `Progressing`, `Degraded` or `Draining`.
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// `True`, `False` or `Unknown`.
-    pub status: String,
-    /// One CamelCase word saying why.
-    pub reason: String,
-    /// Details for humans.
-    #[serde(default)]
-    pub message: String,
-    /// When `status` last changed (RFC 3339).
-    pub last_transition_time: String,
-}
-
-/// Replica counts of one component.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ComponentStatus {
-    /// Replicas asked for.
-    #[serde(default)]
-    pub desired_replicas: i32,
-    /// Replicas ready.
-    #[serde(default)]
-    pub ready_replicas: i32,
-}
-
-/// Load of one comet pod.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct CometPodStatus {
-    /// Pod name (also the comet's server id).
-    pub name: String,
-    /// Client connections.
-    pub connections: i64,
-    /// Rooms with at least one member.
-    pub rooms: i64,
-    /// Whether the comet is being drained.
-    pub draining: bool,
 }
 
 fn one() -> i32 {

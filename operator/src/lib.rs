@@ -4,7 +4,8 @@
 //! `§N` refers to docs/protocol.md.
 //!
 //! # Layout
-//! - [`crd`]: the resource types (source of the CRD, `herald crdgen`).
+//! - [`crd`]: the resource types (source of the CRD, `herald crdgen`); the
+//!   status types in `crd::status`.
 //! - [`validate`] → [`build`] → [`controller`]: the reconcile pipeline;
 //!   `controller` holds the pipeline, one submodule per step (fetch,
 //!   observe comets and node list, autoscale, drain, apply, status and
