@@ -3,21 +3,14 @@
 //! pushes through the HTTP API. No Redis or Kafka involved.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use bytes::{Bytes, BytesMut};
-use futures::{SinkExt, StreamExt};
-use herald_protocol::{Frame, Limits, op};
+use herald_client::{Client, Frame, Limits, Token, op};
+use herald_testkit::{Herald, HeraldProcess, http};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::time::timeout;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Result<T = (), E = anyhow::Error> = std::result::Result<T, E>;
 
@@ -35,17 +28,10 @@ const T6: &str = "00 00 00 25 00 10 00 01 00 00 00 09 00 00 00 00
 
 /// The running binary; killed by pid when dropped, also on failure.
 struct Standalone {
-    child: Child,
+    _process: HeraldProcess,
     tcp: SocketAddr,
     ws: SocketAddr,
     http: SocketAddr,
-}
-
-impl Drop for Standalone {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Free loopback ports (see [`herald_e2e::free_port`]).
@@ -59,155 +45,48 @@ impl Standalone {
     async fn start(extra: &[String]) -> Result<Standalone> {
         let addrs = free_addrs(5);
         let (tcp, ws, grpc, http, logic_grpc) = (addrs[0], addrs[1], addrs[2], addrs[3], addrs[4]);
-        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .arg("standalone")
+        // The test bed's HERALD_* variables are kept out: they would switch
+        // backends on. Killed without a chance to clean up, its node-list
+        // file stays in its own TMPDIR under the target dir.
+        let mut process = Herald::new(env!("CARGO_BIN_EXE_herald"), "standalone")
             .args(["--tcp-addr", &tcp.to_string()])
             .args(["--ws-addr", &ws.to_string()])
             .args(["--grpc-addr", &grpc.to_string()])
             .args(["--http-addr", &http.to_string()])
             .args(["--logic-grpc-addr", &logic_grpc.to_string()])
             .args(extra)
-            // The test bed's variables must not switch backends on.
-            .env_remove("HERALD_REDIS_URL")
-            .env_remove("HERALD_KAFKA_BROKERS")
-            .env("RUST_LOG", "warn")
-            // Killed without a chance to clean up: keep its node-list file
-            // out of the system temp dir.
-            .env("TMPDIR", env!("CARGO_TARGET_TMPDIR"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting herald standalone")?;
-        let mut standalone = Standalone {
-            child,
+            .dir(Path::new(env!("CARGO_TARGET_TMPDIR")).join("standalone"))
+            .name(format!("standalone-{}", tcp.port()))
+            .start()?;
+        for addr in [tcp, ws, http] {
+            process.wait_for_port(addr, WAIT).await?;
+        }
+        Ok(Standalone {
+            _process: process,
             tcp,
             ws,
             http,
-        };
-        timeout(WAIT, async {
-            for addr in [tcp, ws, http] {
-                while TcpStream::connect(addr).await.is_err() {
-                    if let Some(status) = standalone.child.try_wait()? {
-                        bail!("herald standalone exited early: {status}");
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-            anyhow::Ok(())
         })
-        .await
-        .context("herald standalone did not start listening")??;
-        Ok(standalone)
     }
 
     /// `POST path` with `body`; returns the response body.
     async fn post(&self, path: &str, body: &[u8]) -> Result<String> {
-        let mut stream = TcpStream::connect(self.http).await?;
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body).await?;
-        let mut resp = Vec::new();
-        timeout(WAIT, stream.read_to_end(&mut resp)).await??;
-        let resp = String::from_utf8(resp)?;
-        let (head, body) = resp.split_once("\r\n\r\n").context("no body")?;
-        if !head.starts_with("HTTP/1.1 200") {
-            bail!("{path}: {head}\n{body}");
-        }
-        Ok(body.to_owned())
+        Ok(http::post(self.http, path, body).await?.ok()?.body)
     }
 }
 
-fn auth_frame(token: &serde_json::Value) -> Frame {
-    Frame {
-        ver: 1,
-        op: op::AUTH,
-        seq: 1,
-        body: Bytes::from(token.to_string()),
-    }
+async fn tcp_client(addr: SocketAddr, token: &Token) -> Result<Client> {
+    let mut client = Client::connect_tcp(addr).await?.with_timeout(WAIT);
+    client.auth(token).await?;
+    Ok(client)
 }
 
-struct TcpClient {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl TcpClient {
-    async fn connect(addr: SocketAddr, token: &serde_json::Value) -> Result<TcpClient> {
-        let mut client = TcpClient {
-            stream: TcpStream::connect(addr).await?,
-            buf: BytesMut::new(),
-        };
-        client
-            .stream
-            .write_all(&auth_frame(token).to_bytes())
-            .await?;
-        let reply = client.recv().await?;
-        if reply.op != op::AUTH_REPLY {
-            bail!("expected op 8, got {reply:?}");
-        }
-        Ok(client)
-    }
-
-    async fn fill(&mut self) -> Result {
-        let read = timeout(WAIT, self.stream.read_buf(&mut self.buf))
-            .await
-            .context("timed out waiting for bytes")??;
-        if read == 0 {
-            bail!("connection closed");
-        }
-        Ok(())
-    }
-
-    async fn read_bytes(&mut self, n: usize) -> Result<Vec<u8>> {
-        while self.buf.len() < n {
-            self.fill().await?;
-        }
-        Ok(self.buf.split_to(n).to_vec())
-    }
-
-    async fn recv(&mut self) -> Result<Frame> {
-        loop {
-            if let Some(frame) = Frame::decode(&mut self.buf, Limits::OUTBOUND)? {
-                return Ok(frame);
-            }
-            self.fill().await?;
-        }
-    }
-}
-
-struct WsClient {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-}
-
-impl WsClient {
-    async fn connect(addr: SocketAddr, token: &serde_json::Value) -> Result<WsClient> {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/sub")).await?;
-        let mut client = WsClient { ws };
-        let auth = auth_frame(token).to_bytes();
-        client.ws.send(Message::Binary(auth)).await?;
-        let reply = Frame::from_message(client.recv().await?, Limits::OUTBOUND)?;
-        if reply.op != op::AUTH_REPLY {
-            bail!("expected op 8, got {reply:?}");
-        }
-        Ok(client)
-    }
-
-    async fn recv(&mut self) -> Result<Bytes> {
-        loop {
-            let msg = timeout(WAIT, self.ws.next())
-                .await
-                .context("timed out waiting for a message")?
-                .context("stream ended")??;
-            match msg {
-                Message::Binary(b) => return Ok(b),
-                Message::Ping(_) | Message::Pong(_) => continue,
-                other => bail!("unexpected message {other:?}"),
-            }
-        }
-    }
+async fn ws_client(addr: SocketAddr, token: &Token) -> Result<Client> {
+    let mut client = Client::connect_ws(format!("ws://{addr}/sub"))
+        .await?
+        .with_timeout(WAIT);
+    client.auth(token).await?;
+    Ok(client)
 }
 
 #[tokio::test]
@@ -265,14 +144,20 @@ async fn standalone_on_the_real_redis_and_kafka() -> Result {
 
 async fn pushes_reach_both_clients(herald: &Standalone, tcp_key: &str, ws_key: &str) -> Result {
     let room = "live://1000";
-    let mut tcp = TcpClient::connect(
+    let mut tcp = tcp_client(
         herald.tcp,
-        &serde_json::json!({"mid": 1, "key": tcp_key, "room_id": room, "platform": "android", "accepts": [1000]}),
+        &Token::new(1, tcp_key)
+            .room(room)
+            .platform("android")
+            .accepts([1000]),
     )
     .await?;
-    let mut ws = WsClient::connect(
+    let mut ws = ws_client(
         herald.ws,
-        &serde_json::json!({"mid": 2, "key": ws_key, "room_id": room, "platform": "web", "accepts": [1000]}),
+        &Token::new(2, ws_key)
+            .room(room)
+            .platform("web")
+            .accepts([1000]),
     )
     .await?;
 
@@ -284,11 +169,15 @@ async fn pushes_reach_both_clients(herald: &Standalone, tcp_key: &str, ws_key: &
         .await?;
     assert!(reply.contains("\"code\":0"), "{reply}");
     assert_eq!(
-        tcp.read_bytes(21).await?,
+        tcp.next_message().await?.to_bytes().to_vec(),
         hex(T5),
         "TCP gets the bare frame"
     );
-    assert_eq!(ws.recv().await?.to_vec(), hex(T6), "WS gets it in op 9");
+    assert_eq!(
+        ws.next_message().await?.to_bytes().to_vec(),
+        hex(T6),
+        "WS gets it in op 9"
+    );
 
     let reply = herald
         .post(
@@ -297,10 +186,9 @@ async fn pushes_reach_both_clients(herald: &Standalone, tcp_key: &str, ws_key: &
         )
         .await?;
     assert!(reply.contains("\"code\":0"), "{reply}");
-    let frame = tcp.recv().await?;
+    let frame = tcp.next_message().await?;
     assert_eq!((frame.op, &frame.body[..]), (1000, &b"to the room"[..]));
-    let message = ws.recv().await?;
-    let outer = Frame::from_message(message, Limits::OUTBOUND)?;
+    let outer = ws.next_message().await?;
     assert_eq!(outer.op, op::RAW);
     let inner = Frame::from_message(outer.body, Limits::OUTBOUND)?;
     assert_eq!((inner.op, &inner.body[..]), (1000, &b"to the room"[..]));
