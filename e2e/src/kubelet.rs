@@ -22,6 +22,8 @@
 //! # Layout
 //! `node` (Node + heartbeat) → scheduling (here) → `pod` (one task per pod:
 //! processes, `probe`, status) with `expand` (env and args) and `ippool`.
+//! The pod task's steps are `pod::start`, `pod::exit` (exits, restarts,
+//! deletion), `pod::probes` and `pod::status`.
 
 mod expand;
 mod ippool;
