@@ -4,25 +4,17 @@
 //! at logic's HTTP API, through Redis routing and a Kafka topic, out of job
 //! over gRPC to comet, and arrives at the clients.
 
-use std::fs::File;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail, ensure};
-use bytes::{Bytes, BytesMut};
-use futures::{SinkExt, StreamExt};
+use anyhow::{Context, anyhow, ensure};
+use herald_client::{Client, Frame, Limits, Token, Transport, op};
 use herald_e2e::{testbed_var, unique_name};
-use herald_protocol::frame::{Frame, Limits};
-use herald_protocol::{op, ws};
+use herald_protocol::ws;
+use herald_testkit::{Herald, HeraldProcess, http};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Every wait in these tests is bounded by this.
 const WAIT: Duration = Duration::from_secs(30);
@@ -33,80 +25,14 @@ const ORDERED: usize = 200;
 
 // ---------------------------------------------------------------- processes
 
-/// The `herald` binary cargo built for this test, with the same features.
-fn herald_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_herald"))
-}
-
 fn addr(port: u16) -> String {
     format!("127.0.0.1:{port}")
-}
-
-/// One child process, killed and reaped when dropped.
-#[derive(Debug)]
-struct Proc {
-    name: &'static str,
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, dir: &Path, args: &[String]) -> anyhow::Result<Proc> {
-        let stdout = dir.join(format!("{name}.out"));
-        let stderr = dir.join(format!("{name}.err"));
-        let mut command = Command::new(herald_bin());
-        command
-            .arg(name)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout)?)
-            .stderr(File::create(&stderr)?)
-            .env("RUST_LOG", "warn");
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("HERALD_") {
-                command.env_remove(key);
-            }
-        }
-        let child = command
-            .spawn()
-            .with_context(|| format!("spawn herald {name}"))?;
-        Ok(Proc {
-            name,
-            child,
-            stdout,
-            stderr,
-        })
-    }
-
-    /// Fails when the process has already exited.
-    fn check_running(&mut self) -> anyhow::Result<()> {
-        match self.child.try_wait()? {
-            Some(status) => bail!("herald {} exited early: {status}", self.name),
-            None => Ok(()),
-        }
-    }
-
-    fn print_logs(&self) {
-        for path in [&self.stdout, &self.stderr] {
-            let text = std::fs::read_to_string(path).unwrap_or_default();
-            eprintln!("----- {} -----\n{text}", path.display());
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // Ends this child only, by its pid.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Logic, comet and job running against one fresh Kafka topic.
 #[derive(Debug)]
 struct Cluster {
-    procs: Vec<Proc>,
+    procs: Vec<HeraldProcess>,
     topic: String,
     logic_http: u16,
     comet_tcp: u16,
@@ -193,12 +119,10 @@ impl Cluster {
         [logic_grpc, comet_grpc, comet_http, job_http]: [u16; 4],
     ) -> anyhow::Result<()> {
         let topic = self.topic.clone();
-        let args = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-
-        self.procs.push(Proc::spawn(
+        self.spawn(
             "logic",
             dir,
-            &args(&[
+            &[
                 "--http-addr",
                 &addr(self.logic_http),
                 "--grpc-addr",
@@ -211,15 +135,14 @@ impl Cluster {
                 &topic,
                 "--node-list",
                 nodes,
-            ]),
-        )?);
-        self.wait_accepts(self.logic_http).await?;
-        self.wait_accepts(logic_grpc).await?;
-
-        self.procs.push(Proc::spawn(
+            ],
+            &[self.logic_http, logic_grpc],
+        )
+        .await?;
+        self.spawn(
             "comet",
             dir,
-            &args(&[
+            &[
                 "--server-id",
                 server_id,
                 "--logic-addr",
@@ -232,16 +155,14 @@ impl Cluster {
                 &addr(comet_grpc),
                 "--http-addr",
                 &addr(comet_http),
-            ]),
-        )?);
-        for port in [self.comet_tcp, self.comet_ws, comet_grpc, comet_http] {
-            self.wait_accepts(port).await?;
-        }
-
-        self.procs.push(Proc::spawn(
+            ],
+            &[self.comet_tcp, self.comet_ws, comet_grpc, comet_http],
+        )
+        .await?;
+        self.spawn(
             "job",
             dir,
-            &args(&[
+            &[
                 "--kafka-brokers",
                 brokers,
                 "--kafka-topic",
@@ -252,10 +173,36 @@ impl Cluster {
                 nodes,
                 "--http-addr",
                 &addr(job_http),
-            ]),
-        )?);
-        self.wait_accepts(job_http).await?;
+            ],
+            &[job_http],
+        )
+        .await?;
         self.check_running()
+    }
+
+    /// Starts `herald role args` and waits until each of `ports` accepts,
+    /// failing early if any child exits.
+    async fn spawn(
+        &mut self,
+        role: &str,
+        dir: &Path,
+        args: &[&str],
+        ports: &[u16],
+    ) -> anyhow::Result<()> {
+        self.check_running()?;
+        let mut process = Herald::new(env!("CARGO_BIN_EXE_herald"), role)
+            .args(args)
+            .dir(dir)
+            .start()?;
+        let waited = async {
+            for &port in ports {
+                process.wait_for_port(("127.0.0.1", port), WAIT).await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        self.procs.push(process);
+        waited
     }
 
     fn check_running(&mut self) -> anyhow::Result<()> {
@@ -263,20 +210,6 @@ impl Cluster {
             proc.check_running()?;
         }
         Ok(())
-    }
-
-    /// Polls until `port` accepts a connection, failing early if a child exits.
-    async fn wait_accepts(&mut self, port: u16) -> anyhow::Result<()> {
-        let deadline = Instant::now() + WAIT;
-        let target: SocketAddr = addr(port).parse()?;
-        loop {
-            self.check_running()?;
-            if TcpStream::connect(target).await.is_ok() {
-                return Ok(());
-            }
-            ensure!(Instant::now() < deadline, "nothing accepts on {target}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     fn print_logs(&self) {
@@ -327,152 +260,42 @@ async fn create_topic(brokers: &str, topic: &str) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------- clients
 
-fn token(mid: i64, key: &str) -> Bytes {
-    let token = serde_json::json!({
-        "mid": mid,
-        "key": key,
-        "room_id": "live://1000",
-        "platform": "web",
-        "accepts": [PUSH_OP],
-    });
-    Bytes::from(token.to_string())
+fn token(mid: i64, key: &str) -> Token {
+    Token::new(mid, key)
+        .room("live://1000")
+        .platform("web")
+        .accepts([PUSH_OP])
 }
 
-fn auth_frame(mid: i64, key: &str) -> Frame {
-    Frame {
-        ver: 1,
-        op: op::AUTH,
-        seq: 1,
-        body: token(mid, key),
-    }
+/// A raw TCP goim client, authenticated.
+async fn tcp_client(port: u16, mid: i64, key: &str) -> anyhow::Result<Client> {
+    let mut client = Client::connect_tcp(addr(port)).await?.with_timeout(WAIT);
+    client.auth(&token(mid, key)).await.context("tcp auth")?;
+    Ok(client)
 }
 
-/// A raw TCP goim client.
-#[derive(Debug)]
-struct TcpClient {
-    stream: TcpStream,
-    buf: BytesMut,
+/// A WebSocket goim client, authenticated.
+async fn ws_client(port: u16, mid: i64, key: &str) -> anyhow::Result<Client> {
+    let url = format!("ws://127.0.0.1:{port}/sub");
+    let mut client = tokio::time::timeout(WAIT, Client::connect_ws(url))
+        .await
+        .context("websocket upgrade took too long")??
+        .with_timeout(WAIT);
+    client.auth(&token(mid, key)).await.context("ws auth")?;
+    Ok(client)
 }
 
-impl TcpClient {
-    async fn connect(port: u16, mid: i64, key: &str) -> anyhow::Result<TcpClient> {
-        let stream = TcpStream::connect(addr(port)).await?;
-        let mut client = TcpClient {
-            stream,
-            buf: BytesMut::new(),
-        };
-        client
-            .stream
-            .write_all(&auth_frame(mid, key).to_bytes())
-            .await?;
-        let reply = client.next_frame().await?;
-        ensure!(reply.op == op::AUTH_REPLY, "tcp auth answered {reply:?}");
-        Ok(client)
-    }
-
-    /// Reads until at least `n` bytes are buffered.
-    async fn fill(&mut self, n: usize) -> anyhow::Result<()> {
-        while self.buf.len() < n {
-            let read = tokio::time::timeout(WAIT, self.stream.read_buf(&mut self.buf))
-                .await
-                .context("tcp client waited too long")??;
-            ensure!(read > 0, "comet closed the tcp connection");
-        }
-        Ok(())
-    }
-
-    /// The next `n` raw bytes from the stream.
-    async fn next_bytes(&mut self, n: usize) -> anyhow::Result<Bytes> {
-        self.fill(n).await?;
-        Ok(self.buf.split_to(n).freeze())
-    }
-
-    async fn next_frame(&mut self) -> anyhow::Result<Frame> {
-        loop {
-            if let Some(frame) = Frame::decode(&mut self.buf, Limits::OUTBOUND)? {
-                return Ok(frame);
-            }
-            let need = self.buf.len() + 1;
-            self.fill(need).await?;
-        }
-    }
-
-    /// The body of the next push of [`PUSH_OP`], skipping anything else.
-    async fn next_push(&mut self) -> anyhow::Result<Bytes> {
-        loop {
-            let frame = self.next_frame().await?;
-            if frame.op == PUSH_OP {
-                return Ok(frame.body);
-            }
-        }
-    }
-}
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// A WebSocket goim client.
-#[derive(Debug)]
-struct WsClient {
-    ws: Ws,
-    /// Frames unwrapped from an op-9 message and not yet taken.
-    pending: std::collections::VecDeque<Frame>,
-}
-
-impl WsClient {
-    async fn connect(port: u16, mid: i64, key: &str) -> anyhow::Result<WsClient> {
-        let url = format!("ws://127.0.0.1:{port}/sub");
-        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
-            .await
-            .context("websocket upgrade took too long")??;
-        let mut client = WsClient {
-            ws,
-            pending: Default::default(),
-        };
-        client
-            .ws
-            .send(Message::Binary(auth_frame(mid, key).to_bytes()))
-            .await?;
-        let reply = client.next_message().await?;
-        ensure!(reply.op == op::AUTH_REPLY, "ws auth answered {reply:?}");
-        Ok(client)
-    }
-
-    /// The next whole frame a binary message carries, unwrapped or not.
-    async fn next_message(&mut self) -> anyhow::Result<Frame> {
-        loop {
-            let message = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .context("ws client waited too long")?
-                .ok_or_else(|| anyhow!("comet closed the websocket"))??;
-            match message {
-                Message::Binary(data) => return Ok(Frame::from_message(data, Limits::OUTBOUND)?),
-                Message::Close(close) => bail!("comet closed the websocket: {close:?}"),
-                _ => {}
-            }
-        }
-    }
-
-    /// The body of the next push of [`PUSH_OP`]; pushes must arrive in op 9.
-    async fn next_push(&mut self) -> anyhow::Result<Bytes> {
-        loop {
-            if let Some(frame) = self.pending.pop_front() {
-                if frame.op == PUSH_OP {
-                    return Ok(frame.body);
-                }
-                continue;
-            }
-            let message = self.next_message().await?;
-            ensure!(
-                message.op == op::RAW,
-                "a push reached the websocket outside op 9: {message:?}"
-            );
-            ensure!(
-                message.ver == 1 && message.seq == 0,
-                "op 9 header: {message:?}"
-            );
-            for frame in ws::frames(message.body, Limits::OUTBOUND) {
-                self.pending.push_back(frame?);
-            }
+/// The body of the next push of [`PUSH_OP`], skipping anything else.
+async fn next_push(client: &mut Client) -> anyhow::Result<bytes::Bytes> {
+    loop {
+        let push = client.next_push().await?;
+        // On WebSocket pushes must arrive in op 9.
+        ensure!(
+            push.batched || client.transport() == Transport::Tcp,
+            "a push reached the websocket outside op 9: {push:?}"
+        );
+        if push.op == PUSH_OP {
+            return Ok(push.body);
         }
     }
 }
@@ -481,28 +304,14 @@ impl WsClient {
 
 /// POSTs `body` to logic's HTTP API and checks the answer is 200 with code 0.
 async fn push(http: u16, path_and_query: &str, body: &[u8]) -> anyhow::Result<()> {
-    let mut stream = tokio::time::timeout(WAIT, TcpStream::connect(addr(http)))
-        .await
-        .context("connect to logic http")??;
-    let head = format!(
-        "POST {path_and_query} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body).await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
-        .await
-        .context("logic http answer took too long")??;
-    let response = String::from_utf8_lossy(&response);
+    let response = http::post(addr(http), path_and_query, body).await?;
     ensure!(
-        response.starts_with("HTTP/1.1 200"),
-        "POST {path_and_query}: {response}"
+        response.status == 200,
+        "POST {path_and_query}: {response:?}"
     );
     ensure!(
-        response.contains("\"code\":0"),
-        "POST {path_and_query}: {response}"
+        response.body.contains("\"code\":0"),
+        "POST {path_and_query}: {response:?}"
     );
     Ok(())
 }
@@ -516,8 +325,8 @@ async fn every_push_kind_crosses_logic_kafka_job_and_comet() -> anyhow::Result<(
     let cluster = Cluster::start("kinds").await?;
     cluster
         .run(|http, tcp_port, ws_port| async move {
-            let mut tcp = TcpClient::connect(tcp_port, 1, "k-tcp").await?;
-            let mut ws = WsClient::connect(ws_port, 2, "k-ws").await?;
+            let mut tcp = tcp_client(tcp_port, 1, "k-tcp").await?;
+            let mut ws = ws_client(ws_port, 2, "k-ws").await?;
 
             // Keys: exactly the T5 bytes on the TCP stream.
             push(http, "/goim/push/keys?operation=1000&keys=k-tcp", b"hello").await?;
@@ -525,7 +334,7 @@ async fn every_push_kind_crosses_logic_kafka_job_and_comet() -> anyhow::Result<(
                 0x00, 0x00, 0x00, 0x15, 0x00, 0x10, 0x00, 0x01, 0x00, 0x00, 0x03, 0xe8, 0x00, 0x00,
                 0x00, 0x00, 0x68, 0x65, 0x6c, 0x6c, 0x6f,
             ];
-            let got = tcp.next_bytes(t5.len()).await?;
+            let got = tcp.next_message().await?.to_bytes();
             ensure!(&got[..] == t5, "keys push on tcp: {:02x?}", &got[..]);
 
             // Mids: one op-9 message carrying the push frame (T6 shape).
@@ -549,13 +358,13 @@ async fn every_push_kind_crosses_logic_kafka_job_and_comet() -> anyhow::Result<(
                 b"to-room",
             )
             .await?;
-            ensure!(tcp.next_push().await? == "to-room", "room push on tcp");
-            ensure!(ws.next_push().await? == "to-room", "room push on ws");
+            ensure!(next_push(&mut tcp).await? == "to-room", "room push on tcp");
+            ensure!(next_push(&mut ws).await? == "to-room", "room push on ws");
 
             // Broadcast: both clients.
             push(http, "/goim/push/all?operation=1000", b"to-all").await?;
-            ensure!(tcp.next_push().await? == "to-all", "broadcast on tcp");
-            ensure!(ws.next_push().await? == "to-all", "broadcast on ws");
+            ensure!(next_push(&mut tcp).await? == "to-all", "broadcast on tcp");
+            ensure!(next_push(&mut ws).await? == "to-all", "broadcast on ws");
             Ok(())
         })
         .await
@@ -567,14 +376,14 @@ async fn room_pushes_keep_their_order_end_to_end() -> anyhow::Result<()> {
     let cluster = Cluster::start("order").await?;
     cluster
         .run(|http, tcp_port, ws_port| async move {
-            let mut tcp = TcpClient::connect(tcp_port, 11, "k-tcp-order").await?;
-            let mut ws = WsClient::connect(ws_port, 12, "k-ws-order").await?;
+            let mut tcp = tcp_client(tcp_port, 11, "k-tcp-order").await?;
+            let mut ws = ws_client(ws_port, 12, "k-ws-order").await?;
 
             let expected: Vec<String> = (0..ORDERED).map(|n| format!("{{\"seq\":{n}}}")).collect();
             let receive_tcp = tokio::spawn(async move {
                 let mut got = Vec::with_capacity(ORDERED);
                 while got.len() < ORDERED {
-                    let body = tcp.next_push().await.with_context(|| {
+                    let body = next_push(&mut tcp).await.with_context(|| {
                         format!("tcp client had {} of {ORDERED} pushes", got.len())
                     })?;
                     got.push(String::from_utf8(body.to_vec())?);
@@ -584,7 +393,7 @@ async fn room_pushes_keep_their_order_end_to_end() -> anyhow::Result<()> {
             let receive_ws = tokio::spawn(async move {
                 let mut got = Vec::with_capacity(ORDERED);
                 while got.len() < ORDERED {
-                    let body = ws.next_push().await.with_context(|| {
+                    let body = next_push(&mut ws).await.with_context(|| {
                         format!("ws client had {} of {ORDERED} pushes", got.len())
                     })?;
                     got.push(String::from_utf8(body.to_vec())?);
