@@ -8,30 +8,25 @@
 //! clients), and `herald job`, the one that gets killed. Records go straight
 //! into the topic with acks=all, each carrying its sequence number as body.
 
-use std::fs::File;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use herald_client::{Client, Token};
 use herald_e2e::{testbed_var, unique_name};
-use herald_protocol::frame::{Frame, Limits};
-use herald_protocol::op;
 use herald_protocol::pb::{PushMsg, push_msg};
+use herald_testkit::{Herald, HeraldProcess};
 use prost::Message as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Pushes produced.
 const PUSHES: usize = 100_000;
@@ -47,87 +42,18 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Bound on the whole delivery.
 const TOTAL: Duration = Duration::from_secs(240);
 
-fn herald_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_herald"))
-}
-
 fn addr(port: u16) -> String {
     format!("127.0.0.1:{port}")
 }
 
-/// One `herald` child process; killed (by its pid) and reaped when dropped.
-#[derive(Debug)]
-struct Proc {
-    name: String,
-    child: Child,
-    logs: [PathBuf; 2],
-}
-
-impl Proc {
-    fn spawn(role: &str, name: String, dir: &Path, args: &[String]) -> anyhow::Result<Proc> {
-        let logs = [
-            dir.join(format!("{name}.out")),
-            dir.join(format!("{name}.err")),
-        ];
-        let mut command = Command::new(herald_bin());
-        command
-            .arg(role)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&logs[0])?)
-            .stderr(File::create(&logs[1])?)
-            .env("RUST_LOG", "warn");
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("HERALD_") {
-                command.env_remove(key);
-            }
-        }
-        let child = command
-            .spawn()
-            .with_context(|| format!("spawn herald {role}"))?;
-        Ok(Proc { name, child, logs })
-    }
-
-    fn check_running(&mut self) -> anyhow::Result<()> {
-        match self.child.try_wait()? {
-            Some(status) => bail!("{} exited early: {status}", self.name),
-            None => Ok(()),
-        }
-    }
-
-    /// SIGKILL (what `Child::kill` sends on Unix), then reap.
-    fn kill9(&mut self) -> anyhow::Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
-        Ok(())
-    }
-
-    fn print_logs(&self) {
-        for path in &self.logs {
-            let text = std::fs::read_to_string(path).unwrap_or_default();
-            eprintln!("----- {} -----\n{text}", path.display());
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn wait_accepts(port: u16, proc: &mut Proc) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WAIT;
-    let target: SocketAddr = addr(port).parse()?;
-    loop {
-        proc.check_running()?;
-        if TcpStream::connect(target).await.is_ok() {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "nothing accepts on {target}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// `herald role` named `name`, logging into `dir`; killed (by its pid) and
+/// reaped when dropped.
+fn spawn(role: &str, name: String, dir: &Path, args: &[String]) -> anyhow::Result<HeraldProcess> {
+    Herald::new(env!("CARGO_BIN_EXE_herald"), role)
+        .name(name)
+        .dir(dir)
+        .args(args)
+        .start()
 }
 
 async fn create_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
@@ -154,48 +80,30 @@ async fn client(
     counts: Arc<Vec<AtomicU8>>,
     received: Arc<AtomicUsize>,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
-    let mut stream = TcpStream::connect(addr(port)).await?;
-    let token = serde_json::json!({
-        "mid": index + 1,
-        "key": format!("kill-{index}"),
-        "room_id": "",
-        "platform": "web",
-        "accepts": [PUSH_OP],
-    });
-    let auth = Frame {
-        ver: 1,
-        op: op::AUTH,
-        seq: 1,
-        body: Bytes::from(token.to_string()),
-    };
-    stream.write_all(&auth.to_bytes()).await?;
-    let mut buf = BytesMut::new();
-    let reply = loop {
-        if let Some(frame) = Frame::decode(&mut buf, Limits::OUTBOUND)? {
-            break frame;
-        }
-        let read = tokio::time::timeout(WAIT, stream.read_buf(&mut buf)).await??;
-        ensure!(read > 0, "comet closed the connection during auth");
-    };
-    ensure!(reply.op == op::AUTH_REPLY, "auth answered {reply:?}");
+    let mut client = Client::connect_tcp(addr(port)).await?.with_timeout(WAIT);
+    let token = Token::new(index as i64 + 1, format!("kill-{index}"))
+        .platform("web")
+        .accepts([PUSH_OP]);
+    client.auth(&token).await.context("auth")?;
+    // Heartbeats are 60 s apart by default; the test is shorter.
+    client.set_timeout(None);
     Ok(tokio::spawn(async move {
         loop {
-            while let Some(frame) = Frame::decode(&mut buf, Limits::OUTBOUND)? {
-                if frame.op != PUSH_OP {
-                    continue;
-                }
-                let seq: usize = std::str::from_utf8(&frame.body)?.parse()?;
-                ensure!(
-                    seq < PUSHES && seq % CLIENTS == index,
-                    "client {index} got push {seq}"
-                );
-                if counts[seq].fetch_add(1, Ordering::Relaxed) == 0 {
-                    received.fetch_add(1, Ordering::Relaxed);
-                }
+            let push = client
+                .next_push()
+                .await
+                .with_context(|| format!("client {index}"))?;
+            if push.op != PUSH_OP {
+                continue;
             }
-            // Heartbeats are 60 s apart by default; the test is shorter.
-            let read = stream.read_buf(&mut buf).await?;
-            ensure!(read > 0, "comet closed client {index}");
+            let seq: usize = std::str::from_utf8(&push.body)?.parse()?;
+            ensure!(
+                seq < PUSHES && seq % CLIENTS == index,
+                "client {index} got push {seq}"
+            );
+            if counts[seq].fetch_add(1, Ordering::Relaxed) == 0 {
+                received.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }))
 }
@@ -273,7 +181,7 @@ async fn job_killed_five_times_loses_no_acknowledged_push() -> anyhow::Result<()
     let s = |v: &str| v.to_owned();
 
     let (logic_http, logic_grpc) = (herald_e2e::free_port(), herald_e2e::free_port());
-    let mut logic = Proc::spawn(
+    let mut logic = spawn(
         "logic",
         s("logic"),
         &dir,
@@ -290,14 +198,14 @@ async fn job_killed_five_times_loses_no_acknowledged_push() -> anyhow::Result<()
             topic.clone(),
         ],
     )?;
-    wait_accepts(logic_grpc, &mut logic).await?;
+    logic.wait_for_port(addr(logic_grpc).as_str(), WAIT).await?;
     let (tcp, ws, grpc, http) = (
         herald_e2e::free_port(),
         herald_e2e::free_port(),
         herald_e2e::free_port(),
         herald_e2e::free_port(),
     );
-    let mut comet = Proc::spawn(
+    let mut comet = spawn(
         "comet",
         s("comet"),
         &dir,
@@ -317,7 +225,7 @@ async fn job_killed_five_times_loses_no_acknowledged_push() -> anyhow::Result<()
         ],
     )?;
     for port in [tcp, grpc] {
-        wait_accepts(port, &mut comet).await?;
+        comet.wait_for_port(addr(port).as_str(), WAIT).await?;
     }
 
     let counts: Arc<Vec<AtomicU8>> = Arc::new((0..PUSHES).map(|_| AtomicU8::new(0)).collect());
@@ -346,7 +254,7 @@ async fn job_killed_five_times_loses_no_acknowledged_push() -> anyhow::Result<()
     };
     let started = Instant::now();
     let producer = tokio::spawn(produce(brokers.clone(), topic.clone(), server.clone()));
-    let mut job = Proc::spawn("job", s("job-0"), &dir, &job_args(herald_e2e::free_port()))?;
+    let mut job = spawn("job", s("job-0"), &dir, &job_args(herald_e2e::free_port()))?;
     let result = async {
         // Kill when a sixth, two sixths, ... of the pushes have arrived.
         for kill in 1..=KILLS {
@@ -361,14 +269,15 @@ async fn job_killed_five_times_loses_no_acknowledged_push() -> anyhow::Result<()
                 );
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            job.kill9()?;
+            // SIGKILL to its pid, then reaped.
+            job.kill()?;
             eprintln!(
                 "kill {kill}: SIGKILL to job pid {} at {:.1} s, {} pushes received",
-                job.child.id(),
+                job.pid(),
                 started.elapsed().as_secs_f64(),
                 received.load(Ordering::Relaxed)
             );
-            job = Proc::spawn(
+            job = spawn(
                 "job",
                 format!("job-{kill}"),
                 &dir,
