@@ -5,16 +5,15 @@
 //! free — with every failed accept counted in `accept_errors_total`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
-use bytes::{Bytes, BytesMut};
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use herald_client::{Client, Frame, Token, op};
 use herald_protocol::pb::{CometClient, PushMsgReq};
 use herald_protocol::ws::raw_proto;
-use herald_protocol::{Frame, Limits, op};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use herald_testkit::{Herald, HeraldProcess, http};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
@@ -29,40 +28,24 @@ const FLOOD: usize = 2 * NOFILE;
 
 /// The comet child; killed and reaped by its pid when dropped.
 struct Comet {
-    child: Child,
-    stderr: PathBuf,
+    process: HeraldProcess,
     tcp: SocketAddr,
     grpc: SocketAddr,
     http: SocketAddr,
 }
 
-impl Drop for Comet {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Comet {
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        self.process.stderr()
     }
 
     fn alive(&mut self) -> Result {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("comet exited ({status}); its log:\n{}", self.log());
-        }
-        Ok(())
+        self.process.check_running()
     }
 
-    /// `GET path` on the admin listener: the whole answer.
+    /// `GET path` on the admin listener: the body.
     async fn http_get(&self, path: &str) -> Result<String> {
-        let mut stream = TcpStream::connect(self.http).await?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(req.as_bytes()).await?;
-        let mut resp = Vec::new();
-        timeout(WAIT, stream.read_to_end(&mut resp)).await??;
-        Ok(String::from_utf8(resp)?)
+        Ok(http::get(self.http, path).await?.body)
     }
 }
 
@@ -77,14 +60,8 @@ async fn start(logic: SocketAddr) -> Result<Comet> {
         .collect::<std::io::Result<Vec<_>>>()?;
     drop(listeners);
     let (tcp, ws, grpc, http) = (addrs[0], addrs[1], addrs[2], addrs[3]);
-    let stderr = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("comet-fd-limit-{}.err", std::process::id()));
-    let mut command = Command::new("sh");
-    command
-        .arg("-c")
-        .arg(format!("ulimit -n {NOFILE} && exec \"$0\" \"$@\""))
-        .arg(env!("CARGO_BIN_EXE_herald"))
-        .arg("comet")
+    let process = Herald::new(env!("CARGO_BIN_EXE_herald"), "comet")
+        .nofile(NOFILE as u64)
         .args(["--tcp-addr", &tcp.to_string()])
         .args(["--ws-addr", &ws.to_string()])
         .args(["--grpc-addr", &grpc.to_string()])
@@ -95,87 +72,45 @@ async fn start(logic: SocketAddr) -> Result<Comet> {
         // for the whole test instead of timing out.
         .args(["--handshake-timeout-ms", "120000"])
         .args(["--drain-deadline-ms", "100"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr)?);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("HERALD_") {
-            command.env_remove(key);
-        }
-    }
+        .name(format!("comet-fd-limit-{}", std::process::id()))
+        .dir(Path::new(env!("CARGO_TARGET_TMPDIR")))
+        .start()?;
     let mut comet = Comet {
-        child: command.spawn().context("spawn herald comet")?,
-        stderr,
+        process,
         tcp,
         grpc,
         http,
     };
-    timeout(WAIT, async {
-        loop {
-            comet.alive()?;
-            if let Ok(resp) = comet.http_get("/readyz").await
-                && resp.starts_with("HTTP/1.1 200")
-            {
-                return anyhow::Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .context("comet never became ready")??;
+    comet
+        .process
+        .wait_until(WAIT, "a ready comet", || async {
+            let ready = http::get(http, "/readyz").await;
+            Ok(ready.is_ok_and(|r| r.status == 200).then_some(()))
+        })
+        .await
+        .context("comet never became ready")?;
     Ok(comet)
 }
 
-struct Client {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl Client {
-    async fn connect(addr: SocketAddr, key: &str) -> Result<Client> {
-        let mut client = Client {
-            stream: TcpStream::connect(addr).await?,
-            buf: BytesMut::new(),
-        };
-        let token = serde_json::json!({ "key": key, "accepts": [1000] }).to_string();
-        let auth = Frame {
+/// A TCP client that has sent op 7 with `key` (the reply is not awaited).
+async fn connect(addr: SocketAddr, key: &str) -> Result<Client> {
+    let mut client = Client::connect_tcp(addr).await?;
+    let token = Token::new(0, key).accepts([1000]);
+    client
+        .send(Frame {
             ver: 1,
             op: op::AUTH,
             seq: 1,
-            body: Bytes::from(token),
-        };
-        client.stream.write_all(&auth.to_bytes()).await?;
-        Ok(client)
-    }
-
-    async fn recv(&mut self, wait: Duration) -> Result<Frame> {
-        timeout(wait, async {
-            loop {
-                if let Some(frame) = Frame::decode(&mut self.buf, Limits::OUTBOUND)? {
-                    return Ok(frame);
-                }
-                if self.stream.read_buf(&mut self.buf).await? == 0 {
-                    bail!("connection closed");
-                }
-            }
+            body: Bytes::from(&token),
         })
-        .await
-        .context("timed out waiting for a frame")?
-    }
+        .await?;
+    Ok(client)
+}
 
-    async fn heartbeat(&mut self) -> Result {
-        let frame = Frame {
-            ver: 1,
-            op: op::HEARTBEAT,
-            seq: 2,
-            body: Bytes::new(),
-        };
-        self.stream.write_all(&frame.to_bytes()).await?;
-        let reply = self.recv(WAIT).await?;
-        ensure!(reply.op == op::HEARTBEAT_REPLY, "got {reply:?}");
-        Ok(())
-    }
+/// The next frame, waiting at most `wait`.
+async fn recv(client: &mut Client, wait: Duration) -> Result<Frame> {
+    client.set_timeout(Some(wait));
+    Ok(client.next_frame().await?)
 }
 
 fn metric(body: &str, series: &str) -> f64 {
@@ -189,12 +124,12 @@ fn metric(body: &str, series: &str) -> f64 {
 
 #[tokio::test]
 async fn comet_keeps_serving_through_descriptor_exhaustion() -> Result {
-    let (logic, _) = herald_bench::stub::start().await?;
+    let (logic, _) = herald_testkit::stub::start().await?;
     let mut comet = start(logic).await?;
 
     // A session and a gRPC connection opened before the flood.
-    let mut held = Client::connect(comet.tcp, "held").await?;
-    ensure!(held.recv(WAIT).await?.op == op::AUTH_REPLY);
+    let mut held = connect(comet.tcp, "held").await?;
+    ensure!(recv(&mut held, WAIT).await?.op == op::AUTH_REPLY);
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", comet.grpc))?
         .connect()
         .await?;
@@ -218,9 +153,11 @@ async fn comet_keeps_serving_through_descriptor_exhaustion() -> Result {
     .with_context(|| format!("no EMFILE logged:\n{}", comet.log()))?;
 
     // A client that arrives now waits in the backlog: not answered yet.
-    let mut waiting = Client::connect(comet.tcp, "waiting").await?;
+    let mut waiting = connect(comet.tcp, "waiting").await?;
     ensure!(
-        waiting.recv(Duration::from_millis(300)).await.is_err(),
+        recv(&mut waiting, Duration::from_millis(300))
+            .await
+            .is_err(),
         "a client was authenticated while descriptors were exhausted: no exhaustion"
     );
 
@@ -233,15 +170,15 @@ async fn comet_keeps_serving_through_descriptor_exhaustion() -> Result {
         proto: Some(raw_proto(Frame::push(1000, &b"during"[..]).to_bytes())),
     })
     .await?;
-    let push = held.recv(WAIT).await?;
+    let push = recv(&mut held, WAIT).await?;
     ensure!(push.op == 1000 && push.body == b"during"[..], "{push:?}");
 
     // Descriptors free up: the waiting client is accepted and authenticated,
     // and so is a new one.
     drop(flood);
-    ensure!(waiting.recv(WAIT).await?.op == op::AUTH_REPLY);
-    let mut late = Client::connect(comet.tcp, "late").await?;
-    ensure!(late.recv(WAIT).await?.op == op::AUTH_REPLY);
+    ensure!(recv(&mut waiting, WAIT).await?.op == op::AUTH_REPLY);
+    let mut late = connect(comet.tcp, "late").await?;
+    ensure!(recv(&mut late, WAIT).await?.op == op::AUTH_REPLY);
     late.heartbeat().await?;
     held.heartbeat().await?;
     comet.alive()?;
