@@ -10,20 +10,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use herald_client::{Client, Token};
 use herald_job::{Config, Job, StaticComet, StatsSnapshot, source};
 use herald_logic::queue::PushQueue;
 use herald_logic::queue::memory::MemoryQueue;
 use herald_protocol::pb::{PushMsg, push_msg};
-use herald_protocol::{Frame, Limits, op};
+use herald_testkit::{expect_silence, http};
 use prost::Message as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -196,7 +196,7 @@ struct Comet {
 
 impl Comet {
     async fn start(name: &str) -> Result<Comet> {
-        let (logic_addr, _) = herald_bench::stub::start().await?;
+        let (logic_addr, _) = herald_testkit::stub::start().await?;
         let mut config = herald_comet::Config::new(name, logic_addr.to_string());
         config.renew_online_interval = Duration::from_secs(3600);
         let listeners = herald_comet::Listeners {
@@ -228,23 +228,12 @@ impl Comet {
         }
     }
 
-    async fn client(&self, key: &str, room: &str) -> Result<TcpClient> {
-        let mut client = TcpClient {
-            stream: TcpStream::connect(self.tcp).await?,
-            buf: BytesMut::new(),
-        };
-        let token = serde_json::json!({"mid": 1, "key": key, "room_id": room, "accepts": [1000]});
-        let auth = Frame {
-            ver: 1,
-            op: op::AUTH,
-            seq: 1,
-            body: Bytes::from(token.to_string()),
-        };
-        client.stream.write_all(&auth.to_bytes()).await?;
-        let reply = client.recv().await?;
-        if reply.op != op::AUTH_REPLY {
-            bail!("expected op 8, got {reply:?}");
-        }
+    /// A TCP client of this comet, authenticated with `key` in `room`.
+    async fn client(&self, key: &str, room: &str) -> Result<Client> {
+        let mut client = Client::connect_tcp(self.tcp).await?.with_timeout(WAIT);
+        client
+            .auth(&Token::new(1, key).room(room).accepts([1000]))
+            .await?;
         Ok(client)
     }
 }
@@ -255,50 +244,6 @@ impl Drop for Comet {
             let _ = stop.send(());
         }
         self.task.abort();
-    }
-}
-
-struct TcpClient {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl TcpClient {
-    async fn fill(&mut self) -> Result {
-        let read = timeout(WAIT, self.stream.read_buf(&mut self.buf))
-            .await
-            .context("timed out waiting for bytes")??;
-        if read == 0 {
-            bail!("connection closed");
-        }
-        Ok(())
-    }
-
-    async fn read_bytes(&mut self, n: usize) -> Result<Vec<u8>> {
-        while self.buf.len() < n {
-            self.fill().await?;
-        }
-        Ok(self.buf.split_to(n).to_vec())
-    }
-
-    async fn recv(&mut self) -> Result<Frame> {
-        loop {
-            if let Some(frame) = Frame::decode(&mut self.buf, Limits::OUTBOUND)? {
-                return Ok(frame);
-            }
-            self.fill().await?;
-        }
-    }
-
-    /// Nothing arrives for `quiet`.
-    async fn silent(&mut self, quiet: Duration) -> Result {
-        if !self.buf.is_empty() {
-            bail!("unexpected bytes: {:?}", self.buf);
-        }
-        match timeout(quiet, self.stream.read_buf(&mut self.buf)).await {
-            Err(_) => Ok(()),
-            Ok(read) => bail!("unexpected read {read:?}: {:?}", self.buf),
-        }
     }
 }
 
@@ -398,7 +343,11 @@ async fn push_room_and_broadcast_reach_clients_with_exact_bytes() -> Result {
     producer
         .send("ka", &push("comet-a", &["ka"], b"hello"))
         .await?;
-    assert_eq!(client.read_bytes(21).await?, hex(T5), "T5 on TCP");
+    assert_eq!(
+        client.next_message().await?.to_bytes().to_vec(),
+        hex(T5),
+        "T5 on TCP"
+    );
 
     producer
         .send("live://1000", &room("live://1000", br#"{"test":1}"#))
@@ -406,10 +355,12 @@ async fn push_room_and_broadcast_reach_clients_with_exact_bytes() -> Result {
     producer
         .send("live://1000", &room("live://1000", br#"{"test":2}"#))
         .await?;
-    assert_eq!(client.read_bytes(52).await?, hex(T7), "T7 on TCP");
+    let mut t7 = client.next_message().await?.to_bytes().to_vec();
+    t7.extend_from_slice(&client.next_message().await?.to_bytes());
+    assert_eq!(t7, hex(T7), "T7 on TCP");
 
     producer.send("1000", &broadcast(b"all", 100)).await?;
-    let frame = client.recv().await?;
+    let frame = client.next_frame().await?;
     assert_eq!((frame.op, &frame.body[..]), (1000, &b"all"[..]));
 
     // A PUSH for a comet nobody lists is dropped and counted; later ones flow.
@@ -419,7 +370,7 @@ async fn push_room_and_broadcast_reach_clients_with_exact_bytes() -> Result {
     producer
         .send("ka", &push("comet-a", &["ka"], b"after"))
         .await?;
-    let frame = client.recv().await?;
+    let frame = client.next_frame().await?;
     assert_eq!(&frame.body[..], b"after");
     job.wait_stats("one unknown comet", |s| s.unknown_comet == 1)
         .await?;
@@ -452,13 +403,13 @@ async fn poison_records_are_skipped_and_committed_past() -> Result {
         .send("x", &push("comet-p", &["kp"], b"good"))
         .await?;
 
-    let frame = client.recv().await?;
+    let frame = client.next_frame().await?;
     assert_eq!(&frame.body[..], b"good");
     job.wait_stats("4 poison, 5 records", |s| s.poison == 4 && s.records == 5)
         .await?;
     job.stop().await?;
     assert_eq!(committed(&topic, &group)?, Offset::Offset(5));
-    client.silent(Duration::from_millis(200)).await?;
+    expect_silence(&mut client, Duration::from_millis(200)).await?;
     Ok(())
 }
 
@@ -538,7 +489,7 @@ async fn every_record_is_delivered_at_least_once_across_a_restart() -> Result {
     let first = RunningJob::start(config)?;
     let mut fast_seen = BTreeSet::new();
     while fast_seen.len() < want("m", false).len() {
-        fast_seen.insert(fast_client.recv().await?.body);
+        fast_seen.insert(fast_client.next_frame().await?.body);
     }
     first.stop().await?;
 
@@ -548,7 +499,7 @@ async fn every_record_is_delivered_at_least_once_across_a_restart() -> Result {
     let mut slow_seen = BTreeSet::new();
     timeout(WAIT, async {
         while slow_seen.len() < want("s", true).len() {
-            slow_seen.insert(slow_client.recv().await?.body);
+            slow_seen.insert(slow_client.next_frame().await?.body);
         }
         anyhow::Ok(())
     })
@@ -556,7 +507,7 @@ async fn every_record_is_delivered_at_least_once_across_a_restart() -> Result {
     .with_context(|| format!("only {} slow records arrived", slow_seen.len()))??;
     assert_eq!(slow_seen, want("s", true));
     assert_eq!(fast_seen, want("m", false));
-    let again = fast_client.recv().await?;
+    let again = fast_client.next_frame().await?;
     assert!(
         want("m", false).contains(&again.body),
         "a redelivered fast record: {again:?}"
@@ -606,7 +557,7 @@ async fn calls_to_a_comet_that_leaves_the_node_list_are_dropped() -> Result {
         .send("live://n", &room("live://n", b"room for both"))
         .await?;
     // The room record reaches the live comet while the dead one retries.
-    assert_eq!(&client.recv().await?.body[..], b"room for both");
+    assert_eq!(&client.next_frame().await?.body[..], b"room for both");
     // Still listed: retried, not dropped.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(job.stats().comet_gone, 0, "{:?}", job.stats());
@@ -620,7 +571,7 @@ async fn calls_to_a_comet_that_leaves_the_node_list_are_dropped() -> Result {
     producer
         .send("kn", &push("comet-n", &["kn"], b"still flowing"))
         .await?;
-    assert_eq!(&client.recv().await?.body[..], b"still flowing");
+    assert_eq!(&client.next_frame().await?.body[..], b"still flowing");
     job.wait_stats("one unknown comet", |s| s.unknown_comet == 1)
         .await?;
     job.stop().await?;
@@ -649,7 +600,7 @@ async fn room_pushes_arrive_in_order_in_batches() -> Result {
     producer.send_all(&records).await?;
     let job = RunningJob::start(job_config(&topic, &unique("job-order-group"), &[&comet]))?;
     for i in 0..N {
-        let frame = member.recv().await?;
+        let frame = member.next_frame().await?;
         assert_eq!(frame.op, 1000);
         assert_eq!(
             frame.body,
@@ -683,9 +634,9 @@ async fn memory_queue_feeds_job_without_kafka() -> Result {
     queue
         .push("km", &push("comet-m", &["km"], b"hello"))
         .await?;
-    assert_eq!(client.read_bytes(21).await?, hex(T5));
+    assert_eq!(client.next_message().await?.to_bytes().to_vec(), hex(T5));
     queue.push("live://m", &room("live://m", b"room")).await?;
-    assert_eq!(&client.recv().await?.body[..], b"room");
+    assert_eq!(&client.next_frame().await?.body[..], b"room");
     let _ = stop.send(());
     timeout(WAIT, task).await???;
     Ok(())
@@ -695,21 +646,8 @@ async fn memory_queue_feeds_job_without_kafka() -> Result {
 
 /// `GET path` on a plain HTTP/1.1 server: (status, body).
 async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut stream = timeout(WAIT, TcpStream::connect(addr)).await??;
-    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    stream.write_all(head.as_bytes()).await?;
-    let mut response = Vec::new();
-    timeout(WAIT, stream.read_to_end(&mut response)).await??;
-    let response = String::from_utf8(response)?;
-    let status = response
-        .get(9..12)
-        .context("short http answer")?
-        .parse::<u16>()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    let response = http::get(addr, path).await?;
+    Ok((response.status, response.body))
 }
 
 /// The value of one sample line (`name{labels} value`) in a metrics text.
@@ -846,7 +784,7 @@ async fn metrics_count_records_deliveries_poison_and_comet_failures() -> Result 
         .send("kr", &push("comet-refused", &["kr"], b"never"))
         .await?;
     for want in [&b"p1"[..], b"p2", b"p3"] {
-        assert_eq!(&client.recv().await?.body[..], want);
+        assert_eq!(&client.next_frame().await?.body[..], want);
     }
     job.wait_metric("herald_job_pushes_delivered_total{type=\"push\"}", |v| {
         v == 3.0
@@ -977,7 +915,7 @@ async fn poison_records_go_to_the_dead_letter_topic_before_their_offset_moves() 
     // create topics), so no write is acknowledged: the good record is
     // delivered, but the offset stays before the first poison record.
     let first = RunningJob::start(config())?;
-    assert_eq!(&client.recv().await?.body[..], b"good");
+    assert_eq!(&client.next_frame().await?.body[..], b"good");
     first
         .wait_stats("5 poison", |s| s.poison == 5 && s.records == 6)
         .await?;
@@ -996,7 +934,7 @@ async fn poison_records_go_to_the_dead_letter_topic_before_their_offset_moves() 
     second
         .wait_stats("5 dead-lettered", |s| s.dead_lettered == 5)
         .await?;
-    assert_eq!(&client.recv().await?.body[..], b"good", "redelivered");
+    assert_eq!(&client.next_frame().await?.body[..], b"good", "redelivered");
     second.stop().await?;
     assert_eq!(committed(&topic, &group)?, Offset::Offset(6));
 
@@ -1087,22 +1025,22 @@ async fn room_pushes_skip_comets_without_members_but_not_unknown_ones() -> Resul
     tokio::time::sleep(POLL * 5).await;
     let producer = Producer::new(&topic)?;
     producer.send("live://r", &room("live://r", b"one")).await?;
-    assert_eq!(&member.recv().await?.body[..], b"one");
+    assert_eq!(&member.next_frame().await?.body[..], b"one");
     job.wait_stats("one skipped send", |s| s.room_skipped == 1)
         .await?;
     // The comet whose Rooms fails got the push anyway.
     job.wait_stats("2 room calls", |s| s.room_batches == 2)
         .await?;
     assert_eq!(stub.room_calls.load(Ordering::SeqCst), 1);
-    other.silent(Duration::from_millis(200)).await?;
+    expect_silence(&mut other, Duration::from_millis(200)).await?;
 
     // A member joins on the empty comet; once a poll has seen it, it gets
     // room pushes too (its rooms just changed: sent to regardless).
     let mut joined = without.client("k3", "live://r").await?;
     tokio::time::sleep(POLL * 3).await;
     producer.send("live://r", &room("live://r", b"two")).await?;
-    assert_eq!(&member.recv().await?.body[..], b"two");
-    assert_eq!(&joined.recv().await?.body[..], b"two");
+    assert_eq!(&member.next_frame().await?.body[..], b"two");
+    assert_eq!(&joined.next_frame().await?.body[..], b"two");
     job.wait_stats("3 more room calls", |s| s.room_batches == 5)
         .await?;
     assert_eq!(job.stats().room_skipped, 1);
@@ -1139,16 +1077,16 @@ async fn nothing_is_lost_while_a_second_job_joins_and_the_first_leaves() -> Resu
     let first = RunningJob::start(job_config(&topic, &group, &[&comet]))?;
     let mut seen = BTreeSet::new();
     while seen.len() < N / 4 {
-        seen.insert(client.recv().await?.body);
+        seen.insert(client.next_frame().await?.body);
     }
     let second = RunningJob::start(job_config(&topic, &group, &[&comet]))?;
     while seen.len() < N / 2 {
-        seen.insert(client.recv().await?.body);
+        seen.insert(client.next_frame().await?.body);
     }
     first.stop().await?;
     timeout(Duration::from_secs(60), async {
         while seen.len() < N {
-            seen.insert(client.recv().await?.body);
+            seen.insert(client.next_frame().await?.body);
         }
         anyhow::Ok(())
     })
@@ -1207,7 +1145,7 @@ async fn a_dead_comet_cannot_hold_up_the_others() -> Result {
         anyhow::Ok(())
     });
     for i in (0..300u32).step_by(3) {
-        let frame = client.recv().await?;
+        let frame = client.next_frame().await?;
         assert_eq!(&frame.body[..], format!("n{i}").as_bytes());
     }
     timeout(WAIT, producer).await???;
