@@ -2,38 +2,21 @@
 //! against the test bed's kube-apiserver serves `/healthz` and `/metrics`,
 //! wins its Lease, and stops cleanly on SIGTERM; crdgen prints the committed CRD.
 
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use anyhow::Result;
+use herald_testkit::{Herald, http};
+use tokio::net::TcpListener;
 
-/// The running binary; killed by pid when dropped, also on failure.
-struct Running(std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    Ok(response)
+fn herald(role: &str) -> Herald {
+    Herald::new(env!("CARGO_BIN_EXE_herald"), role)
+        .dir(Path::new(env!("CARGO_TARGET_TMPDIR")).join("operator"))
 }
 
 #[test]
 fn crdgen_prints_the_committed_crd() -> Result<()> {
-    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("crdgen")
-        .output()?;
+    let output = herald("crdgen").output()?;
     assert!(output.status.success());
     let committed = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -50,61 +33,34 @@ async fn operator_serves_health_and_metrics_and_stops_on_sigterm() -> Result<()>
     herald_e2e::install_pushcluster_crd(&kube::Client::try_default().await?).await?;
     let addr = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let lease = herald_e2e::unique_name("herald-operator-bin");
-    let child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("operator")
+    let mut running = herald("operator")
         .args(["--namespace", "default", "--lease-namespace", "default"])
         .args(["--lease-name", &lease, "--metrics-addr", &addr.to_string()])
         .args(["--poll-interval-ms", "500"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting herald operator")?;
-    let mut running = Running(child);
+        .name(lease.clone())
+        .start()?;
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let metrics = loop {
-        if let Some(status) = running.0.try_wait()? {
-            bail!("herald operator exited early: {status}");
-        }
-        if let Ok(metrics) = get(addr, "/metrics").await
-            && metrics.contains("herald_operator_leader 1")
-        {
-            break metrics;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "never became leader"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert!(metrics.starts_with("HTTP/1.0 200"), "{metrics}");
+    let metrics = running
+        .wait_until(Duration::from_secs(30), "leadership", || async {
+            Ok(http::get(addr, "/metrics")
+                .await
+                .ok()
+                .filter(|m| m.body.contains("herald_operator_leader 1")))
+        })
+        .await?;
+    assert_eq!(metrics.status, 200, "{metrics:?}");
     assert!(
-        metrics.contains("herald_operator_reconciles_total"),
-        "{metrics}"
+        metrics.body.contains("herald_operator_reconciles_total"),
+        "{metrics:?}"
     );
-    let health = get(addr, "/healthz").await?;
+    let health = http::get(addr, "/healthz").await?;
     assert!(
-        health.starts_with("HTTP/1.0 200") && health.ends_with("ok"),
-        "{health}"
+        health.status == 200 && health.body.ends_with("ok"),
+        "{health:?}"
     );
 
     // SIGTERM by pid: the operator releases its Lease and exits 0.
-    let status = Command::new("kill")
-        .args(["-TERM", &running.0.id().to_string()])
-        .status()?;
-    assert!(status.success());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let exit = loop {
-        if let Some(exit) = running.0.try_wait()? {
-            break exit;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "did not stop on SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let exit = running.stop(Duration::from_secs(20)).await?;
     assert!(exit.success(), "{exit}");
     Ok(())
 }
@@ -120,9 +76,9 @@ mod drain {
     use std::net::SocketAddr;
     use std::sync::Arc;
 
-    use bytes::Bytes;
+    use herald_client::Token;
     use herald_operator::crd::PushCluster;
-    use herald_protocol::{Frame, op};
+    use herald_testkit::HeraldProcess;
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
     use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -132,11 +88,14 @@ mod drain {
     use super::*;
 
     /// `herald standalone` as the comet of pod `name`, at `ip`.
-    async fn standalone(ip: &str, grpc_port: u16, name: &str) -> Result<(Running, SocketAddr)> {
+    async fn standalone(
+        ip: &str,
+        grpc_port: u16,
+        name: &str,
+    ) -> Result<(HeraldProcess, SocketAddr)> {
         let tcp: SocketAddr = format!("{ip}:{}", herald_e2e::free_port_on(ip.parse()?)).parse()?;
         let addr = |port: u16| format!("{ip}:{port}");
-        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .arg("standalone")
+        let mut running = herald("standalone")
             .args(["--tcp-addr", &tcp.to_string()])
             .args(["--ws-addr", &addr(herald_e2e::free_port_on(ip.parse()?))])
             .args(["--grpc-addr", &addr(grpc_port)])
@@ -146,41 +105,23 @@ mod drain {
                 &addr(herald_e2e::free_port_on(ip.parse()?)),
             ])
             .args(["--server-id", name])
-            .env_remove("HERALD_REDIS_URL")
-            .env_remove("HERALD_KAFKA_BROKERS")
-            .env("RUST_LOG", "warn")
-            .env("TMPDIR", env!("CARGO_TARGET_TMPDIR"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting herald standalone")?;
-        let running = Running(child);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(tcp).await.is_err() {
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "standalone not listening"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            .name(name)
+            .start()?;
+        running.wait_for_port(tcp, Duration::from_secs(10)).await?;
         Ok((running, tcp))
     }
 
     /// A goim TCP client, authenticated (the auth reply has arrived).
-    async fn goim_client(addr: SocketAddr, mid: u64) -> Result<TcpStream> {
-        let mut stream = TcpStream::connect(addr).await?;
-        let token = json!({"mid": mid, "key": format!("k{mid}"), "room_id": "live://1",
-                           "platform": "web", "accepts": [1000]});
-        let frame = Frame {
-            ver: 1,
-            op: op::AUTH,
-            seq: 1,
-            body: Bytes::from(token.to_string()),
-        };
-        stream.write_all(&frame.to_bytes()).await?;
-        let mut head = [0u8; 16];
-        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut head)).await??;
-        Ok(stream)
+    async fn goim_client(addr: SocketAddr, mid: u64) -> Result<herald_client::Client> {
+        let mut client = herald_client::Client::connect_tcp(addr)
+            .await?
+            .with_timeout(Duration::from_secs(10));
+        let token = Token::new(mid as i64, format!("k{mid}"))
+            .room("live://1")
+            .platform("web")
+            .accepts([1000]);
+        client.auth(&token).await?;
+        Ok(client)
     }
 
     #[tokio::test]
