@@ -4,13 +4,19 @@
 //! against real processes of this binary and must deliver every message, in
 //! order, to every client. No timing is asserted.
 
-use std::process::Command;
+use herald_testkit::Herald;
+
+/// `herald bench`, with the test process's environment (the test bed's
+/// variables included) as a user's shell would pass it.
+fn bench() -> Herald {
+    Herald::new(env!("CARGO_BIN_EXE_herald"), "bench").keep_herald_env()
+}
 
 #[test]
 fn bench_smoke_delivers_everything_in_order() {
     let out = std::env::temp_dir().join(format!("herald-bench-smoke-{}", std::process::id()));
-    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["bench", "smoke", "--out"])
+    let output = bench()
+        .args(["smoke", "--out"])
         .arg(&out)
         .output()
         .expect("run herald bench smoke");
@@ -114,10 +120,8 @@ fn bench_s5_smoke_delivers_every_push_through_kafka() {
     let redis = herald_e2e::testbed_var("HERALD_REDIS_URL");
     let kafka = herald_e2e::testbed_var("HERALD_KAFKA_BROKERS");
     let out = std::env::temp_dir().join(format!("herald-bench-s5-smoke-{}", std::process::id()));
-    let output = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args([
-            "bench", "s5-smoke", "--redis", &redis, "--kafka", &kafka, "--out",
-        ])
+    let output = bench()
+        .args(["s5-smoke", "--redis", &redis, "--kafka", &kafka, "--out"])
         .arg(&out)
         .output()
         .expect("run herald bench s5-smoke");
@@ -211,16 +215,15 @@ fn alive(pid: u32) -> bool {
 fn a_killed_bench_takes_its_servers_with_it() {
     use std::time::{Duration, Instant};
     let out = std::env::temp_dir().join(format!("herald-bench-kill-{}", std::process::id()));
-    let mut bench = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["bench", "s1", "--clients", "1000", "--out"])
+    let mut bench = bench()
+        .args(["s1", "--clients", "1000", "--out"])
         .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
+        .dir(&out)
+        .start()
         .expect("start herald bench s1");
     let deadline = Instant::now() + Duration::from_secs(60);
     let comet = loop {
-        if let Some(&pid) = children_with(bench.id(), "comet").first() {
+        if let Some(&pid) = children_with(bench.pid(), "comet").first() {
             break pid;
         }
         assert!(Instant::now() < deadline, "bench started no comet");
@@ -228,8 +231,7 @@ fn a_killed_bench_takes_its_servers_with_it() {
     };
     assert!(alive(comet));
     // SIGKILL: no destructor in the bench runs.
-    bench.kill().expect("kill the bench");
-    bench.wait().expect("reap the bench");
+    bench.kill().expect("kill and reap the bench");
     let deadline = Instant::now() + Duration::from_secs(10);
     while alive(comet) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
