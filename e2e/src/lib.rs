@@ -22,6 +22,29 @@ pub fn testbed_var(name: &str) -> String {
     }
 }
 
+/// Runs the test bed's helm (`HERALD_HELM`) against its apiserver
+/// (`KUBECONFIG`) and returns its stdout.
+///
+/// # Errors
+/// helm cannot be started or exits unsuccessfully (its stderr is in the
+/// error).
+///
+/// # Panics
+/// As [`testbed_var`], when the test bed is not set up.
+pub fn helm(args: &[&str]) -> anyhow::Result<String> {
+    let output = std::process::Command::new(testbed_var("HERALD_HELM"))
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(testbed_var("KUBECONFIG"))
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "helm {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
 /// A name that no earlier run used, for topics, groups and namespaces.
 ///
 /// The clock alone is not enough: two tests of one process asked at the

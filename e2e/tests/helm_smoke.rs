@@ -1,30 +1,13 @@
 //! The test bed's helm is the real helm: it renders a chart and installs it
 //! into the test apiserver, where kube-rs sees what it created.
 
-use std::process::Command;
-
-use herald_e2e::{testbed_var, unique_name};
+use herald_e2e::{helm, unique_name};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::DeleteParams;
 use kube::{Api, Client};
 
 fn chart() -> String {
     format!("{}/fixtures/smoke-chart", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Runs helm with the test bed's kubeconfig and returns its stdout.
-fn helm(args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new(testbed_var("HERALD_HELM"))
-        .args(args)
-        .arg("--kubeconfig")
-        .arg(testbed_var("KUBECONFIG"))
-        .output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "helm {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?)
 }
 
 #[test]

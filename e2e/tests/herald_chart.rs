@@ -3,10 +3,9 @@
 //! served, and RBAC (enforced by the apiserver) gives the operator's
 //! ServiceAccount what it needs and nothing beyond it.
 
-use std::process::Command;
 use std::time::Duration;
 
-use herald_e2e::{testbed_var, unique_name};
+use herald_e2e::{helm, unique_name};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
@@ -19,21 +18,6 @@ use kube::{Api, Client};
 
 fn chart() -> String {
     format!("{}/../charts/herald", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Runs helm with the test bed's kubeconfig and returns its stdout.
-fn helm(args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new(testbed_var("HERALD_HELM"))
-        .args(args)
-        .arg("--kubeconfig")
-        .arg(testbed_var("KUBECONFIG"))
-        .output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "helm {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?)
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context, ensure};
 use herald_e2e::kubelet::{Config as KubeletConfig, IpPool, Kubelet, current_cluster};
-use herald_e2e::{eventually, testbed_var, unique_name};
+use herald_e2e::{eventually, helm, testbed_var, unique_name};
 use herald_operator::crd::PushCluster;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
@@ -22,20 +22,6 @@ use serde_json::json;
 
 /// The operator pod's /24 (other harness tests use 127.0.20-31.x).
 const POD_NET: u8 = 32;
-
-fn helm(args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new(testbed_var("HERALD_HELM"))
-        .args(args)
-        .arg("--kubeconfig")
-        .arg(testbed_var("KUBECONFIG"))
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "helm {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?)
-}
 
 async fn namespace(client: &Client, prefix: &str) -> anyhow::Result<String> {
     let name = unique_name(prefix);
