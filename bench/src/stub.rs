@@ -27,6 +27,7 @@ use herald_protocol::pb::goim::logic::{
     OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
 };
 use herald_protocol::pb::{ConnectReply, ConnectReq, Logic, LogicServer, Proto};
+use herald_protocol::token::Token;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
@@ -117,16 +118,11 @@ impl Default for StubLogic {
     }
 }
 
+/// The §6 token plus the stub's own members.
 #[derive(serde::Deserialize)]
-struct Token {
-    #[serde(default)]
-    mid: i64,
-    #[serde(default)]
-    key: String,
-    #[serde(default)]
-    room_id: String,
-    #[serde(default)]
-    accepts: Vec<i32>,
+struct StubToken {
+    #[serde(flatten)]
+    token: Token,
     #[serde(default)]
     fail: bool,
     heartbeat_ms: Option<i64>,
@@ -246,9 +242,13 @@ impl Logic for StubLogic {
                 cookie: req.cookie,
             });
         }
-        let token: Token = serde_json::from_slice(&req.token)
+        let StubToken {
+            token,
+            fail,
+            heartbeat_ms,
+        } = serde_json::from_slice(&req.token)
             .map_err(|err| Status::invalid_argument(format!("token: {err}")))?;
-        if token.fail {
+        if fail {
             return Err(Status::unauthenticated("refused"));
         }
         self.calls.connects.fetch_add(1, Ordering::Relaxed);
@@ -257,7 +257,7 @@ impl Logic for StubLogic {
         } else {
             token.key
         };
-        let idle_ns = match token.heartbeat_ms {
+        let idle_ns = match heartbeat_ms {
             Some(ms) => ms.saturating_mul(1_000_000),
             None => i64::try_from(self.idle.as_nanos()).unwrap_or(i64::MAX),
         };

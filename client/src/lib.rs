@@ -46,10 +46,9 @@
 
 mod client;
 mod error;
-mod token;
 
 pub use client::{Client, Event, Io, Push, Transport};
 pub use error::{Error, Result};
 pub use herald_protocol::redirect::Redirect;
+pub use herald_protocol::token::{Extensions, Token};
 pub use herald_protocol::{Frame, Limits, op};
-pub use token::{Extensions, Token};

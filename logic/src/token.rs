@@ -9,7 +9,6 @@
 //! `aud` and `iss` checked.
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
 
 /// Why a token was refused; every variant maps to gRPC `InvalidArgument`.
 #[derive(Debug, thiserror::Error)]
@@ -40,26 +39,10 @@ pub enum TokenMode {
     Jwt,
 }
 
-/// The members of a token that logic uses. Unknown members (e.g. `herald`)
-/// are ignored, as goim does.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-pub struct Token {
-    /// User id; 0 means anonymous (no `mid_` routing entry).
-    #[serde(default)]
-    pub mid: i64,
-    /// Connection key; empty means "invent one".
-    #[serde(default)]
-    pub key: String,
-    /// Initial room `type://id`, empty for none.
-    #[serde(default)]
-    pub room_id: String,
-    /// Informational only.
-    #[serde(default)]
-    pub platform: String,
-    /// Ops accepted for key/mid/broadcast pushes.
-    #[serde(default)]
-    pub accepts: Vec<i32>,
-}
+/// The token's members (§6). Logic uses `mid`, `key`, `room_id` and
+/// `accepts`; unknown members are ignored, as goim does, and Herald's
+/// `herald` member (§15.1) is read leniently and left to comet.
+pub use herald_protocol::token::Token;
 
 /// Optional registered claims a signed token must carry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -14,6 +14,8 @@
 //!   and iteration over batched frames.
 //! - [`nodes`]: the node-list document the operator writes and logic and
 //!   job read (§15.4), with goim's balancer pick (§11).
+//! - [`token`]: the op-7 authentication token (§6) with Herald's
+//!   extension member (§15.1).
 //! - [`redirect`]: the op-18 body a draining comet sends (§15.2).
 //! - [`cityhash`]: CityHash32 v1.1, which picks `ol_` shards in Redis (§9).
 //! - [`pb`]: prost/tonic types for `goim.protocol`, `goim.comet`, `goim.logic`
@@ -25,6 +27,7 @@ pub mod nodes;
 pub mod op;
 pub mod pb;
 pub mod redirect;
+pub mod token;
 pub mod ws;
 
 pub use frame::{Frame, FrameCodec, Limits};
