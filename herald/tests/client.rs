@@ -11,55 +11,18 @@ use herald_protocol::pb::PushMsgReq;
 use herald_protocol::pb::admin::DrainRequest;
 use herald_protocol::pb::admin::comet_admin_client::CometAdminClient;
 use herald_protocol::ws::raw_proto;
-use herald_testkit::stub::{Event as Call, StubLogic};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use herald_testkit::stub::Event as Call;
 use tonic::transport::Channel;
 
 type Result<T = (), E = anyhow::Error> = std::result::Result<T, E>;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A comet in this process, stopped when dropped.
-struct Comet {
-    tcp: std::net::SocketAddr,
-    ws: std::net::SocketAddr,
-    grpc: Channel,
-    logic: StubLogic,
-    _stop: oneshot::Sender<()>,
-}
+mod common;
+
+use common::LocalComet as Comet;
 
 impl Comet {
-    async fn start() -> Result<Comet> {
-        let logic = StubLogic::recording();
-        let logic_addr = logic.serve().await?;
-        let mut config = herald_comet::Config::new("comet-client", logic_addr.to_string());
-        config.renew_online_interval = Duration::from_secs(3600);
-        let listeners = herald_comet::Listeners {
-            tcp: TcpListener::bind("127.0.0.1:0").await?,
-            ws: TcpListener::bind("127.0.0.1:0").await?,
-            wss: None,
-            grpc: TcpListener::bind("127.0.0.1:0").await?,
-            http: None,
-        };
-        let (tcp, ws) = (listeners.tcp.local_addr()?, listeners.ws.local_addr()?);
-        let grpc = listeners.grpc.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(herald_comet::run(config, listeners, async {
-            let _ = stopped.await;
-        }));
-        let grpc = Channel::from_shared(format!("http://{grpc}"))?
-            .connect()
-            .await?;
-        Ok(Comet {
-            tcp,
-            ws,
-            grpc,
-            logic,
-            _stop: stop,
-        })
-    }
-
     async fn tcp(&self) -> Result<Client> {
         Ok(Client::connect_tcp(self.tcp).await?.with_timeout(WAIT))
     }
@@ -69,9 +32,15 @@ impl Comet {
         Ok(Client::connect_ws(url).await?.with_timeout(WAIT))
     }
 
+    async fn channel(&self) -> Result<Channel> {
+        Ok(Channel::from_shared(format!("http://{}", self.grpc))?
+            .connect()
+            .await?)
+    }
+
     /// Pushes `body` as op 1000 to `key` through comet's gRPC `PushMsg`.
     async fn push(&self, key: &str, body: &'static [u8]) -> Result {
-        CometClient::new(self.grpc.clone())
+        CometClient::new(self.channel().await?)
             .push_msg(PushMsgReq {
                 keys: vec![key.to_owned()],
                 proto_op: 1000,
@@ -130,25 +99,30 @@ async fn session(comet: &Comet, mut client: Client, key: &str) -> Result {
     Ok(())
 }
 
+/// [`session`] on a fresh comet over `transport`.
+async fn session_over(transport: Transport, key: &str) -> Result {
+    let comet = Comet::start("comet-client").await?;
+    let client = match transport {
+        Transport::Tcp => comet.tcp().await?,
+        Transport::WebSocket => comet.ws().await?,
+    };
+    ensure!(client.transport() == transport);
+    session(&comet, client, key).await
+}
+
 #[tokio::test]
 async fn a_tcp_session_authenticates_beats_moves_and_receives() -> Result {
-    let comet = Comet::start().await?;
-    let client = comet.tcp().await?;
-    ensure!(client.transport() == Transport::Tcp);
-    session(&comet, client, "tcp").await
+    session_over(Transport::Tcp, "tcp").await
 }
 
 #[tokio::test]
 async fn a_websocket_session_authenticates_beats_moves_and_receives() -> Result {
-    let comet = Comet::start().await?;
-    let client = comet.ws().await?;
-    ensure!(client.transport() == Transport::WebSocket);
-    session(&comet, client, "ws").await
+    session_over(Transport::WebSocket, "ws").await
 }
 
 #[tokio::test]
 async fn websocket_pushes_arrive_in_op_9_and_tcp_pushes_bare() -> Result {
-    let comet = Comet::start().await?;
+    let comet = Comet::start("comet-client").await?;
     let mut tcp = comet.tcp().await?;
     let mut ws = comet.ws().await?;
     tcp.auth(&token("bare")).await?;
@@ -166,7 +140,7 @@ async fn websocket_pushes_arrive_in_op_9_and_tcp_pushes_bare() -> Result {
 
 #[tokio::test]
 async fn a_refused_token_is_a_clear_error_on_both_transports() -> Result {
-    let comet = Comet::start().await?;
+    let comet = Comet::start("comet-client").await?;
     for mut client in [comet.tcp().await?, comet.ws().await?] {
         let got = client.auth(r#"{"key":"no","fail":true}"#).await;
         ensure!(matches!(got, Err(Error::AuthRefused)), "{got:?}");
@@ -183,7 +157,7 @@ async fn a_refused_token_is_a_clear_error_on_both_transports() -> Result {
 
 #[tokio::test]
 async fn a_drain_hands_out_the_redirect_then_closes() -> Result {
-    let comet = Comet::start().await?;
+    let comet = Comet::start("comet-client").await?;
     let mut asked = comet.tcp().await?;
     asked.auth(&token("asked").redirect()).await?;
     let mut web = comet.ws().await?;
@@ -191,7 +165,7 @@ async fn a_drain_hands_out_the_redirect_then_closes() -> Result {
     let mut plain = comet.tcp().await?;
     plain.auth(&token("plain")).await?;
 
-    CometAdminClient::new(comet.grpc.clone())
+    CometAdminClient::new(comet.channel().await?)
         .drain(DrainRequest {
             deadline_ms: 2000,
             close_rate: 0,

@@ -30,6 +30,10 @@ use tokio::time::timeout;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
+mod common;
+
+use common::LocalComet as Comet;
+
 type Result<T = (), E = anyhow::Error> = std::result::Result<T, E>;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -186,41 +190,7 @@ fn broadcast(body: &[u8], speed: i32) -> PushMsg {
 
 // ------------------------------------------------------------------ comet
 
-struct Comet {
-    name: String,
-    tcp: SocketAddr,
-    grpc: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<herald_comet::Result<()>>,
-}
-
 impl Comet {
-    async fn start(name: &str) -> Result<Comet> {
-        let (logic_addr, _) = herald_testkit::stub::start().await?;
-        let mut config = herald_comet::Config::new(name, logic_addr.to_string());
-        config.renew_online_interval = Duration::from_secs(3600);
-        let listeners = herald_comet::Listeners {
-            tcp: TcpListener::bind("127.0.0.1:0").await?,
-            ws: TcpListener::bind("127.0.0.1:0").await?,
-            wss: None,
-            grpc: TcpListener::bind("127.0.0.1:0").await?,
-            http: None,
-        };
-        let tcp = listeners.tcp.local_addr()?;
-        let grpc = listeners.grpc.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(herald_comet::run(config, listeners, async {
-            let _ = stopped.await;
-        }));
-        Ok(Comet {
-            name: name.to_owned(),
-            tcp,
-            grpc,
-            stop: Some(stop),
-            task,
-        })
-    }
-
     fn as_static(&self) -> StaticComet {
         StaticComet {
             name: self.name.clone(),
@@ -235,15 +205,6 @@ impl Comet {
             .auth(&Token::new(1, key).room(room).accepts([1000]))
             .await?;
         Ok(client)
-    }
-}
-
-impl Drop for Comet {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.task.abort();
     }
 }
 
