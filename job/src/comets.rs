@@ -45,7 +45,6 @@ use std::time::Duration;
 
 pub(crate) use self::directory::Directory;
 pub(crate) use self::queue::Call;
-pub(crate) use self::stats::bump;
 pub use self::stats::{Stats, StatsSnapshot};
 
 /// How workers call comets.

@@ -99,6 +99,15 @@ pub enum Poison {
 
 impl Poison {
     /// The metric label and dead-letter header value.
+    /// Every reason, for summing the counters.
+    pub const ALL: [Poison; 4] = [
+        Poison::Undecodable,
+        Poison::UnknownType,
+        Poison::EmptyKeys,
+        Poison::Oversized,
+    ];
+
+    /// The `reason` label it is counted under.
     pub fn reason(self) -> &'static str {
         match self {
             Poison::Undecodable => "undecodable",
@@ -204,13 +213,11 @@ impl Job {
     }
 
     fn record(&self) {
-        comets::bump(&self.stats.records);
         self.stats.metrics.record();
     }
 
     /// Counts and logs a poison record; returns it for the outcome.
     fn poison(&self, poison: Poison, len: usize) -> Poison {
-        comets::bump(&self.stats.poison);
         self.stats.metrics.poison(poison.reason());
         warn!(reason = poison.reason(), len, "poison push record");
         poison
@@ -262,7 +269,6 @@ impl Job {
                 match self.directory.send_to(&msg.server, call) {
                     Some(wait) => Ok(vec![wait]),
                     None => {
-                        comets::bump(&self.stats.unknown_comet);
                         self.stats.metrics.unknown_comet();
                         warn!(comet = %msg.server, "PUSH for a comet not in the list; dropped");
                         Ok(Vec::new())

@@ -15,7 +15,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::comets::Stats;
+use std::collections::BTreeSet;
+use std::sync::{Mutex, PoisonError};
+
+use crate::Poison;
+use crate::comets::{Stats, StatsSnapshot};
 
 type Label = [(&'static str, &'static str); 1];
 type CometLabel = [(&'static str, String); 1];
@@ -36,9 +40,18 @@ pub struct Metrics {
     dead_lettered: Counter,
     dead_letter_failures: Counter,
     room_skips: Family<CometLabel, Counter>,
+    calls_ok: Counter,
+    room_batches: Counter,
+    room_batch_frames: Counter,
+    push_batches: Counter,
+    push_batched: Counter,
     call_seconds: Latency,
     in_flight: Gauge,
     lag: Gauge,
+    /// Comet names seen in comet-labelled drops and skips, so the snapshot
+    /// can sum those families (bounded by the node list; std Mutex: only
+    /// held to insert or copy).
+    comets: Mutex<BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -116,6 +129,28 @@ impl Metrics {
             "Room pushes not sent to a comet whose fresh Rooms answer lacks the room",
             room_skips.clone(),
         );
+        let mut counter = |name: &str, help: &str| {
+            let counter = Counter::default();
+            registry.register(name, help, counter.clone());
+            counter
+        };
+        let calls_ok = counter("comet_calls_ok", "Comet gRPC calls that succeeded");
+        let room_batches = counter(
+            "room_batches",
+            "BroadcastRoom calls delivered (each one batch of room frames)",
+        );
+        let room_batch_frames = counter(
+            "room_batch_frames",
+            "Room frames carried by delivered BroadcastRoom calls",
+        );
+        let push_batches = counter(
+            "push_batches",
+            "PushMsgs calls delivered (single-key pushes batched)",
+        );
+        let push_batched = counter(
+            "push_batched",
+            "Single-key pushes carried by delivered PushMsgs calls",
+        );
         let call_seconds: Latency = Family::new_with_constructor(latency_histogram);
         registry.register(
             "comet_call_seconds",
@@ -147,9 +182,15 @@ impl Metrics {
             dead_lettered,
             dead_letter_failures,
             room_skips,
+            calls_ok,
+            room_batches,
+            room_batch_frames,
+            push_batches,
+            push_batched,
             call_seconds,
             in_flight,
             lag,
+            comets: Mutex::default(),
         }
     }
 
@@ -174,6 +215,7 @@ impl Metrics {
     }
 
     pub(crate) fn dropped(&self, comet: &str, reason: &'static str) {
+        self.seen(comet);
         self.drops
             .get_or_create(&[("comet", comet.to_owned()), ("reason", reason.to_owned())])
             .inc();
@@ -196,9 +238,79 @@ impl Metrics {
     }
 
     pub(crate) fn room_skipped(&self, comet: &str) {
+        self.seen(comet);
         self.room_skips
             .get_or_create(&[("comet", comet.to_owned())])
             .inc();
+    }
+
+    pub(crate) fn call_ok(&self) {
+        self.calls_ok.inc();
+    }
+
+    pub(crate) fn room_batch(&self, frames: u64) {
+        self.room_batches.inc();
+        self.room_batch_frames.inc_by(frames);
+    }
+
+    pub(crate) fn push_batch(&self, pushes: u64) {
+        self.push_batches.inc();
+        self.push_batched.inc_by(pushes);
+    }
+
+    fn seen(&self, comet: &str) {
+        let mut comets = self.comets.lock().unwrap_or_else(PoisonError::into_inner);
+        if !comets.contains(comet) {
+            comets.insert(comet.to_owned());
+        }
+    }
+
+    /// The counts so far, read from the registry's own counters: each event
+    /// is counted once, and logs, tests and `/metrics` see the same figure.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let comets: Vec<String> = self
+            .comets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect();
+        let drops = |reason: &str| -> u64 {
+            comets
+                .iter()
+                .filter_map(|c| {
+                    let labels = [("comet", c.clone()), ("reason", reason.to_owned())];
+                    self.drops.get(&labels).map(|m| m.get())
+                })
+                .sum()
+        };
+        let poison = Poison::ALL
+            .iter()
+            .filter_map(|p| self.poison.get(&[("reason", p.reason())]).map(|m| m.get()))
+            .sum();
+        let room_skipped = comets
+            .iter()
+            .filter_map(|c| {
+                self.room_skips
+                    .get(&[("comet", c.clone())])
+                    .map(|m| m.get())
+            })
+            .sum();
+        StatsSnapshot {
+            records: self.records.get(),
+            poison,
+            unknown_comet: self.unknown_comet.get(),
+            comet_gone: drops("comet_gone"),
+            rejected: drops("rejected"),
+            calls: self.calls_ok.get(),
+            room_batches: self.room_batches.get(),
+            room_frames: self.room_batch_frames.get(),
+            push_batches: self.push_batches.get(),
+            push_batched: self.push_batched.get(),
+            dead_lettered: self.dead_lettered.get(),
+            room_skipped,
+            queue_full: drops("comet_queue_full"),
+        }
     }
 
     pub(crate) fn call_took(&self, rpc: &'static str, took: Duration) {

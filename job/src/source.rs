@@ -23,7 +23,7 @@ use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::comets::{Stats, bump};
+use crate::comets::Stats;
 use crate::offsets::Tracker;
 use crate::{Config, Error, Job, Outcome, Poison, Result};
 
@@ -150,7 +150,6 @@ impl DeadLetter {
             }
             match self.producer.send(record, Duration::from_secs(10)).await {
                 Ok(_) => {
-                    bump(&self.stats.dead_lettered);
                     self.stats.metrics.dead_lettered();
                     return;
                 }

@@ -11,7 +11,6 @@ use herald_protocol::ws;
 use tracing::{debug, warn};
 
 use super::queue::Call;
-use super::stats::bump;
 use super::worker::{Clients, Sent, Worker};
 
 impl Worker {
@@ -33,7 +32,7 @@ impl Worker {
             let status = match result {
                 Ok(()) => {
                     self.failing.store(false, Ordering::Relaxed);
-                    bump(&stats.calls);
+                    stats.metrics.call_ok();
                     return Some(Sent::Delivered);
                 }
                 Err(status) => status,
@@ -44,7 +43,6 @@ impl Worker {
             self.failing.store(true, Ordering::Relaxed);
             stats.metrics.call_failed(&self.name);
             if !retryable(status.code()) {
-                bump(&stats.rejected);
                 stats.metrics.dropped(&self.name, "rejected");
                 warn!(rpc = req.name(), code = ?status.code(), message = status.message(), "comet refused the call; dropped");
                 return Some(Sent::Dropped);
@@ -52,7 +50,6 @@ impl Worker {
             attempt += 1;
             if attempt >= settings.attempts.max(1) {
                 if !self.directory.contains(&self.name, &self.addr) {
-                    bump(&stats.comet_gone);
                     stats.metrics.dropped(&self.name, "comet_gone");
                     warn!(
                         rpc = req.name(),

@@ -18,7 +18,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::CallSettings;
 use super::queue::{Call, Done, Item};
 use super::rooms::{RoomView, poll_rooms};
-use super::stats::{Stats, bump};
+use super::stats::Stats;
 use super::worker::{Clients, Worker};
 
 #[derive(Debug)]
@@ -122,7 +122,6 @@ impl Directory {
         let held = handle.queued.fetch_add(1, Ordering::Relaxed);
         let done = Done::new(tx, handle.queued.clone());
         if held >= self.settings.max_queued && handle.failing.load(Ordering::Relaxed) {
-            bump(&self.stats.queue_full);
             self.stats.metrics.dropped(name, "comet_queue_full");
             let _ = done.send(());
             return Some(rx);
@@ -149,7 +148,6 @@ impl Directory {
                         Err(poisoned) => poisoned.into_inner(),
                     };
                     if view.skips(room, every, now) {
-                        bump(&self.stats.room_skipped);
                         self.stats.metrics.room_skipped(name);
                         return None;
                     }

@@ -1,25 +1,11 @@
-//! What happened to records and calls: the counters job keeps for logs,
-//! tests and `/metrics`, and their snapshot.
+//! What happened to records and calls, as logs and tests read it: a
+//! snapshot of job's Prometheus counters.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-/// What happened to records, for logs, metrics and tests.
+/// What happened to records and calls, for logs, metrics and tests. The
+/// counts live only in job's Prometheus registry ([`crate::metrics::Metrics`]);
+/// [`Stats::snapshot`] reads them back.
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub(crate) records: AtomicU64,
-    pub(crate) poison: AtomicU64,
-    pub(crate) unknown_comet: AtomicU64,
-    pub(crate) comet_gone: AtomicU64,
-    pub(crate) rejected: AtomicU64,
-    pub(crate) calls: AtomicU64,
-    pub(crate) room_batches: AtomicU64,
-    pub(crate) room_frames: AtomicU64,
-    pub(crate) push_batches: AtomicU64,
-    pub(crate) push_batched: AtomicU64,
-    pub(crate) dead_lettered: AtomicU64,
-    pub(crate) room_skipped: AtomicU64,
-    pub(crate) queue_full: AtomicU64,
-    /// The same events (and more) for Prometheus.
     pub(crate) metrics: crate::metrics::Metrics,
 }
 
@@ -57,25 +43,6 @@ pub struct StatsSnapshot {
 impl Stats {
     /// The current counts.
     pub fn snapshot(&self) -> StatsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        StatsSnapshot {
-            records: get(&self.records),
-            poison: get(&self.poison),
-            unknown_comet: get(&self.unknown_comet),
-            comet_gone: get(&self.comet_gone),
-            rejected: get(&self.rejected),
-            calls: get(&self.calls),
-            room_batches: get(&self.room_batches),
-            room_frames: get(&self.room_frames),
-            push_batches: get(&self.push_batches),
-            push_batched: get(&self.push_batched),
-            dead_lettered: get(&self.dead_lettered),
-            room_skipped: get(&self.room_skipped),
-            queue_full: get(&self.queue_full),
-        }
+        self.metrics.snapshot()
     }
-}
-
-pub(crate) fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
 }

@@ -19,7 +19,6 @@ use super::batch::batches;
 use super::call::Request;
 use super::directory::Directory;
 use super::queue::{Call, Done, Item};
-use super::stats::bump;
 
 /// Frames of one room gathered in one drain, in arrival order.
 pub(super) type RoomFrames = Vec<(Bytes, Done)>;
@@ -135,9 +134,7 @@ impl Worker {
                     match self.deliver(&Request::Room(req)).await {
                         None => return,
                         Some(Sent::Delivered) => {
-                            let stats = &self.directory.stats;
-                            bump(&stats.room_batches);
-                            stats.room_frames.fetch_add(n, Ordering::Relaxed);
+                            self.directory.stats.metrics.room_batch(n);
                         }
                         Some(Sent::Dropped | Sent::Unsupported) => {}
                     }
@@ -168,9 +165,7 @@ impl Worker {
                     return self.send_each(pushes, dones).await;
                 }
                 Sent::Delivered => {
-                    let stats = &self.directory.stats;
-                    bump(&stats.push_batches);
-                    stats.push_batched.fetch_add(n, Ordering::Relaxed);
+                    self.directory.stats.metrics.push_batch(n);
                 }
                 Sent::Dropped => {}
             }
@@ -198,7 +193,6 @@ impl Worker {
         let max = self.directory.settings.max_queued;
         while self.queued.load(Ordering::Relaxed) > max {
             let Ok(item) = self.rx.try_recv() else { break };
-            bump(&self.directory.stats.queue_full);
             self.directory
                 .stats
                 .metrics
