@@ -263,23 +263,19 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::{CommandFactory, Parser};
 
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
+    fn parse(flags: &[&str]) -> Args {
+        herald_runtime::args::parse(flags).unwrap()
     }
 
     #[test]
     fn flags_are_consistent() {
-        Cli::command().debug_assert();
+        herald_runtime::args::assert_consistent::<Args>();
     }
 
     #[test]
     fn flags_become_config() {
-        let cli = Cli::parse_from([
-            "comet",
+        let args = parse(&[
             "--server-id",
             "comet-7",
             "--queue-bytes",
@@ -302,11 +298,11 @@ mod tests {
             "--receive-flood-close",
             "0",
         ]);
-        assert_eq!(cli.args.tcp_addr.port(), 3101);
-        assert_eq!(cli.args.ws_addr.port(), 3102);
-        assert_eq!(cli.args.grpc_addr.port(), 3109);
-        assert!(cli.args.wss_addr.is_none());
-        let config = cli.args.config();
+        assert_eq!(args.tcp_addr.port(), 3101);
+        assert_eq!(args.ws_addr.port(), 3102);
+        assert_eq!(args.grpc_addr.port(), 3109);
+        assert!(args.wss_addr.is_none());
+        let config = args.config();
         assert_eq!(config.server_id, "comet-7");
         assert_eq!(config.queue_bytes, 1024);
         assert_eq!(config.handshake_timeout, Duration::from_secs(8));
@@ -330,14 +326,14 @@ mod tests {
 
     #[test]
     fn config_new_starts_from_the_flag_defaults() {
-        let parsed = Cli::parse_from(["comet", "--server-id", "c", "--logic-addr", "l:1"]);
+        let parsed = parse(&["--server-id", "c", "--logic-addr", "l:1"]);
         let new = Config::new("c", "l:1");
-        assert_eq!(format!("{new:?}"), format!("{:?}", parsed.args.config()));
+        assert_eq!(format!("{new:?}"), format!("{:?}", parsed.config()));
     }
 
     #[test]
     fn server_id_defaults_to_a_host_name() {
-        let config = Cli::parse_from(["comet"]).args.config();
+        let config = parse(&[]).config();
         assert!(!config.server_id.is_empty());
         assert_eq!(config.drain_deadline, Duration::from_secs(30));
         assert_eq!(config.drain_close_rate, 0);

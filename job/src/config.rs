@@ -276,18 +276,11 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
-    }
 
     fn parse(argv: &[&str]) -> Result<Config> {
-        let mut full = vec!["job"];
-        full.extend_from_slice(argv);
-        Cli::try_parse_from(full).unwrap().args.into_config()
+        herald_runtime::args::parse::<Args>(argv)
+            .unwrap()
+            .into_config()
     }
 
     #[test]
@@ -311,8 +304,7 @@ mod tests {
         let c = parse(&["--comet", "a=127.0.0.1:3109", "--comet", "b=h:1"]).unwrap();
         assert_eq!(c.comets.len(), 2);
         assert_eq!(c.comets[1].grpc, "h:1");
-        let mut cli = vec!["job", "--comet", "nope"];
-        assert!(Cli::try_parse_from(cli.drain(..)).is_err());
+        assert!(herald_runtime::args::parse::<Args>(&["--comet", "nope"]).is_err());
         assert!(parse(&["--batch-frames", "0"]).is_err());
     }
 

@@ -336,18 +336,11 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
-    }
 
     fn parse(argv: &[&str]) -> Result<Config> {
-        let mut full = vec!["logic"];
-        full.extend_from_slice(argv);
-        Cli::try_parse_from(full).unwrap().args.into_config()
+        herald_runtime::args::parse::<Args>(argv)
+            .unwrap()
+            .into_config()
     }
 
     #[test]
