@@ -271,12 +271,8 @@ pub async fn run(
     if requested {
         // A drain already started through the RPC is waited for instead,
         // still bounded by the configured deadline.
-        match rpc::start_drain(&shared, &plan) {
-            Ok((connections, started)) => {
-                info!(connections, started, "comet draining before shutdown");
-            }
-            Err(err) => warn!(cause = %err, "shutdown drain failed to start"),
-        }
+        let (connections, started) = rpc::start_drain(&shared, &plan);
+        info!(connections, started, "comet draining before shutdown");
         if tokio::time::timeout(shared.config.drain_deadline, shared.drained.cancelled())
             .await
             .is_err()

@@ -21,6 +21,7 @@ use herald_protocol::pb::goim::comet::{
 use herald_protocol::pb::push::comet_push_server::{CometPush, CometPushServer};
 use herald_protocol::pb::push::{PushMsgsReply, PushMsgsReq};
 use herald_protocol::pb::{Comet, CometServer, Proto};
+use herald_protocol::redirect::Redirect;
 use herald_protocol::{Frame, op, ws};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -272,17 +273,6 @@ impl Comet for Service {
     }
 }
 
-/// The op-18 body (§15.2).
-#[derive(Debug, serde::Serialize)]
-struct Redirect<'a> {
-    reason: &'a str,
-    nodes: &'a [String],
-    tcp_port: i32,
-    ws_port: i32,
-    wss_port: i32,
-    reconnect_within_ms: u32,
-}
-
 #[tonic::async_trait]
 impl CometAdmin for Service {
     async fn load(&self, _req: Request<LoadRequest>) -> Result<Response<LoadReply>, Status> {
@@ -318,8 +308,7 @@ impl CometAdmin for Service {
                 wss_port,
                 reconnect_within_ms,
             },
-        )
-        .map_err(|err| Status::internal(err.to_string()))?;
+        );
         Ok(Response::new(DrainReply {
             connections,
             started,
@@ -347,23 +336,21 @@ pub(crate) struct DrainPlan {
 /// then close the current ones paced by `plan`, op 18 first to those that
 /// asked for it. Returns the connection count and whether this call started
 /// it; [`Shared::drained`] is cancelled when the drain task ends.
-pub(crate) fn start_drain(
-    shared: &Arc<Shared>,
-    plan: &DrainPlan,
-) -> Result<(u64, bool), serde_json::Error> {
+pub(crate) fn start_drain(shared: &Arc<Shared>, plan: &DrainPlan) -> (u64, bool) {
     let conns = shared.buckets.all();
     let connections = conns.len() as u64;
-    let body = serde_json::to_vec(&Redirect {
-        reason: "drain",
-        nodes: &plan.nodes,
+    if shared.draining.swap(true, Ordering::SeqCst) {
+        return (connections, false);
+    }
+    let body = Redirect {
+        reason: "drain".to_owned(),
+        nodes: plan.nodes.clone(),
         tcp_port: plan.tcp_port,
         ws_port: plan.ws_port,
         wss_port: plan.wss_port,
         reconnect_within_ms: plan.reconnect_within_ms,
-    })?;
-    if shared.draining.swap(true, Ordering::SeqCst) {
-        return Ok((connections, false));
     }
+    .to_body();
     // On both transports op 18 is a reply-like frame, never op-9 wrapped.
     let redirect = Frame::push(op::REDIRECT, body).to_bytes();
     // Space closes at `close_rate`/s, but never so slowly that the last
@@ -399,5 +386,5 @@ pub(crate) fn start_drain(
         }
         .instrument(info_span!("drain")),
     );
-    Ok((connections, true))
+    (connections, true)
 }
