@@ -11,10 +11,11 @@ use herald_comet::Config;
 use herald_protocol::pb::BroadcastRoomReq;
 use herald_protocol::pb::admin::{DrainRequest, LoadRequest};
 use herald_protocol::{Frame, Limits, op};
+use herald_testkit::stub::Event;
 use tokio::net::TcpListener;
 use tokio::time::timeout;
 
-use common::{Event, Harness, Result, Stub, T3, TcpClient, WAIT, auth_frame, hex, raw_push, token};
+use common::{Harness, Result, T3, TcpClient, WAIT, auth_frame, hex, raw_push, stub, token};
 
 #[tokio::test]
 async fn load_and_drain_redirect_then_close_everything() -> Result {
@@ -80,11 +81,10 @@ async fn load_and_drain_redirect_then_close_everything() -> Result {
         status.contains("503"),
         "draining comet is not ready: {status}"
     );
-    h.stub
-        .wait_for("both Disconnects", |_| {
-            h.stub.disconnects("r1") == 1 && h.stub.disconnects("plain") == 1
-        })
-        .await?;
+    h.logic_saw("both Disconnects", |_| {
+        h.stub.disconnects("r1") == 1 && h.stub.disconnects("plain") == 1
+    })
+    .await?;
     h.shutdown().await
 }
 
@@ -258,7 +258,7 @@ async fn readyz_waits_for_logic() -> Result {
     let closed = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let mut config = Config::new("comet-test", closed.to_string());
     config.renew_online_interval = Duration::from_secs(3600);
-    let mut h = Harness::start_comet(config, Stub::default()).await?;
+    let mut h = Harness::start_comet(config, stub()).await?;
     for _ in 0..3 {
         let (status, body) = h.http_get("/readyz").await?;
         assert!(status.contains("503"), "{status}: {body}");
@@ -323,11 +323,8 @@ async fn a_mass_close_disconnects_every_connection() -> Result {
     // Logic serves 1,000 Disconnects a second: the burst takes it 2 s, four
     // times the calls' deadline, so only calls queued in comet (not sent)
     // can wait that long.
-    let stub = Stub {
-        disconnect_cost: Some(Duration::from_millis(1)),
-        ..Stub::default()
-    };
-    let h = Harness::start_with(stub, |config| {
+    let logic = stub().disconnect_cost(Duration::from_millis(1));
+    let h = Harness::start_with(logic, |config| {
         config.logic_max_in_flight = 64;
         config.logic_timeout = Duration::from_millis(500);
     })

@@ -68,8 +68,7 @@ async fn invalid_frames_close_only_the_offender() -> Result {
     check_healthy(b"4").await?;
 
     for key in ["big", "hl", "short", "huge"] {
-        h.stub
-            .wait_for("Disconnect", |_| h.stub.disconnects(key) == 1)
+        h.logic_saw("Disconnect", |_| h.stub.disconnects(key) == 1)
             .await?;
     }
     h.shutdown().await
@@ -86,8 +85,7 @@ async fn connections_past_the_limit_are_refused() -> Result {
     first.send_raw(&hex(T3)).await?;
     assert_eq!(first.recv().await?.op, op::HEARTBEAT_REPLY);
     drop(first);
-    h.stub
-        .wait_for("Disconnect", |_| h.stub.disconnects("one") == 1)
+    h.logic_saw("Disconnect", |_| h.stub.disconnects("one") == 1)
         .await?;
     timeout(WAIT, async {
         loop {
@@ -143,11 +141,10 @@ async fn receive_is_rate_limited_per_connection() -> Result {
         (10..=ceiling).contains(&acknowledged),
         "{acknowledged} forwarded in {elapsed:.3}s, expected 10..={ceiling}"
     );
-    h.stub
-        .wait_for("the forwarded Receives", |_| {
-            h.stub.receives(31) == acknowledged
-        })
-        .await?;
+    h.logic_saw("the forwarded Receives", |_| {
+        h.stub.receives(31) == acknowledged
+    })
+    .await?;
 
     // Another connection has its own bucket.
     quiet.send_raw(&op4_burst_then_heartbeat(8)).await?;
@@ -155,8 +152,7 @@ async fn receive_is_rate_limited_per_connection() -> Result {
         assert_eq!(quiet.recv().await?.op, 4);
     }
     assert_eq!(quiet.recv().await?.op, op::HEARTBEAT_REPLY);
-    h.stub
-        .wait_for("8 Receives", |_| h.stub.receives(32) == 8)
+    h.logic_saw("8 Receives", |_| h.stub.receives(32) == 8)
         .await?;
 
     assert_eq!(
@@ -191,8 +187,7 @@ async fn a_sustained_receive_flood_closes_the_connection() -> Result {
         frames.iter().all(|f| f.op == 4) && (5..=7).contains(&frames.len()),
         "only the burst is acknowledged before the close: {frames:?}"
     );
-    h.stub
-        .wait_for("Disconnect", |_| h.stub.disconnects("flood") == 1)
+    h.logic_saw("Disconnect", |_| h.stub.disconnects("flood") == 1)
         .await?;
     assert_eq!(h.stub.receives(42), frames.len());
     assert_eq!(

@@ -300,8 +300,7 @@ async fn slow_consumer_is_closed_and_others_still_receive() -> Result {
         msg,
         ws::wrap(&Frame::push(1000, &b"still here"[..]).to_bytes())
     );
-    h.stub
-        .wait_for("slow Disconnect", |_| h.stub.disconnects("slow") == 1)
+    h.logic_saw("slow Disconnect", |_| h.stub.disconnects("slow") == 1)
         .await?;
     // The slow client's socket ends after whatever was in flight.
     slow.closed().await?;

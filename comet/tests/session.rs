@@ -12,12 +12,13 @@ use bytes::Bytes;
 use herald_comet::Config;
 use herald_protocol::pb::PushMsgReq;
 use herald_protocol::{Frame, op, ws};
+use herald_testkit::stub::Event;
 use tokio::net::TcpListener;
 use tokio::time::timeout;
 
 use common::{
-    Event, Harness, Result, Stub, T1, T2, T3, T4, T8_REPLY, T8_REQ, T10_REPLY, T10_REQ, TcpClient,
-    WAIT, WsClient, auth_frame, hex, raw_push, token,
+    Harness, Result, T1, T2, T3, T4, T8_REPLY, T8_REQ, T10_REPLY, T10_REQ, TcpClient, WAIT,
+    WsClient, auth_frame, hex, raw_push, stub, token,
 };
 
 #[tokio::test]
@@ -68,14 +69,13 @@ async fn tcp_session_matches_spec_vectors() -> Result {
 
     c.send_raw(&hex(T10_REQ)).await?;
     assert_eq!(c.read_bytes(16).await?, hex(T10_REPLY), "T10");
-    h.stub
-        .wait_for("Receive of op 4", |events| {
-            events.iter().any(|e| {
-                matches!(e, Event::Receive { mid: 123, proto }
+    h.logic_saw("Receive of op 4", |events| {
+        events.iter().any(|e| {
+            matches!(e, Event::Receive { mid: 123, proto }
                     if proto.op == 4 && proto.seq == 5 && proto.body.as_ref() == b"hi")
-            })
         })
-        .await?;
+    })
+    .await?;
     let connects = h
         .stub
         .events()
@@ -125,7 +125,7 @@ async fn auth_failures_close_without_reply() -> Result {
     let mut config = Config::new("comet-test", black_hole.local_addr()?.to_string());
     config.handshake_timeout = Duration::from_millis(500);
     config.logic_timeout = Duration::from_secs(30);
-    let mut h = Harness::start_comet(config, Stub::default()).await?;
+    let mut h = Harness::start_comet(config, stub()).await?;
     let start = tokio::time::Instant::now();
     let mut c = TcpClient::connect(h.tcp).await?;
     c.send(&auth_frame(&token("k", "", &[]))).await?;
@@ -161,22 +161,20 @@ async fn same_key_replaces_and_each_connection_disconnects_once() -> Result {
     .await?;
     let msg = new.recv_msg().await?;
     assert_eq!(msg, ws::wrap(&Frame::push(1000, &b"to-new"[..]).to_bytes()));
-    h.stub
-        .wait_for("old Disconnect", |_| h.stub.disconnects("dup") == 1)
+    h.logic_saw("old Disconnect", |_| h.stub.disconnects("dup") == 1)
         .await?;
     // The old Disconnect removed the route logic keeps per key and server; a
     // refresh for the successor must follow it to restore the route.
-    h.stub
-        .wait_for("route restored after the old Disconnect", |events| {
-            let disconnect = events
-                .iter()
-                .position(|e| matches!(e, Event::Disconnect { .. }));
-            let refresh = events
-                .iter()
-                .rposition(|e| *e == Event::Heartbeat { key: "dup".into() });
-            matches!((disconnect, refresh), (Some(d), Some(r)) if r > d)
-        })
-        .await?;
+    h.logic_saw("route restored after the old Disconnect", |events| {
+        let disconnect = events
+            .iter()
+            .position(|e| matches!(e, Event::Disconnect { .. }));
+        let refresh = events
+            .iter()
+            .rposition(|e| *e == Event::Heartbeat { key: "dup".into() });
+        matches!((disconnect, refresh), (Some(d), Some(r)) if r > d)
+    })
+    .await?;
 
     // An unauthenticated connection never causes a Disconnect.
     let mut anon = TcpClient::connect(h.tcp).await?;
@@ -184,8 +182,7 @@ async fn same_key_replaces_and_each_connection_disconnects_once() -> Result {
     drop(anon);
 
     new.ws.close(None).await?;
-    h.stub
-        .wait_for("new Disconnect", |_| h.stub.disconnects("dup") == 2)
+    h.logic_saw("new Disconnect", |_| h.stub.disconnects("dup") == 2)
         .await?;
     h.shutdown().await?;
     assert_eq!(h.stub.disconnects("dup"), 2, "exactly once per connection");
@@ -216,31 +213,26 @@ async fn idle_timeout_comes_from_connect_reply() -> Result {
     }
     // ...and silence ends it.
     c.closed().await?;
-    h.stub
-        .wait_for("Disconnect", |_| h.stub.disconnects("idle") == 1)
+    h.logic_saw("Disconnect", |_| h.stub.disconnects("idle") == 1)
         .await?;
     h.shutdown().await
 }
 
 #[tokio::test]
 async fn heartbeat_prefers_the_cluster_count_and_refreshes_the_session() -> Result {
-    let stub = Stub {
-        online: HashMap::from([("live://1000".to_owned(), 42)]),
-        ..Stub::default()
-    };
-    let mut h = Harness::start_with(stub, |c| {
+    let logic = stub().online(HashMap::from([("live://1000".to_owned(), 42)]));
+    let mut h = Harness::start_with(logic, |c| {
         c.renew_online_interval = Duration::from_millis(100);
         c.session_refresh = Duration::from_millis(100);
     })
     .await?;
     let mut c = h.tcp_client(&token("hb", "live://1000", &[])).await?;
-    h.stub
-        .wait_for("RenewOnline with the local count", |events| {
-            events.iter().any(
-                |e| matches!(e, Event::Renew { counts } if counts.get("live://1000") == Some(&1)),
-            )
-        })
-        .await?;
+    h.logic_saw("RenewOnline with the local count", |events| {
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Renew { counts } if counts.get("live://1000") == Some(&1)))
+    })
+    .await?;
     // The reply is stored after logic records the call; poll a little.
     let count = timeout(WAIT, async {
         loop {

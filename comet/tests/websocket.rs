@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use herald_protocol::pb::{BroadcastRoomReq, PushMsgReq};
 use herald_protocol::ws;
+use herald_testkit::stub::Event;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -20,7 +21,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Message, http};
 
 use common::{
-    Event, Harness, Result, T1, T2, T3, T4, T7, T7_WS_HEADER, T8_REPLY, T8_REQ, T10_REPLY, T10_REQ,
+    Harness, Result, T1, T2, T3, T4, T7, T7_WS_HEADER, T8_REPLY, T8_REQ, T10_REPLY, T10_REQ,
     TcpClient, WAIT, WsClient, hex, raw_push, token, upgrade_head,
 };
 
@@ -418,8 +419,7 @@ async fn a_browser_page_authenticates_and_receives_key_and_room_pushes() -> Resu
         "{body}"
     );
     // The page closed its WebSocket: the comet saw a browser session end.
-    h.stub
-        .wait_for("Disconnect", |_| h.stub.disconnects("browser") == 1)
+    h.logic_saw("Disconnect", |_| h.stub.disconnects("browser") == 1)
         .await?;
     drop(browser);
     h.shutdown().await

@@ -1,38 +1,29 @@
 //! The harness shared by comet's black-box tests: a comet started with
-//! `run` on 127.0.0.1:0, a stub `goim.logic.Logic` that records calls, real
-//! TCP and WebSocket clients, and a tonic client for the comet's gRPC
-//! services. Byte vectors are spec §14's.
+//! `run` on 127.0.0.1:0, herald-testkit's recording stub logic, real TCP and
+//! WebSocket clients, and a tonic client for the comet's gRPC services. Byte
+//! vectors are spec §14's.
 
 // Each test binary uses its own part of the harness.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use herald_comet::{Config, Listeners};
 use herald_protocol::pb::admin::comet_admin_client::CometAdminClient;
-use herald_protocol::pb::goim::logic::{
-    DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq, NodesReply, NodesReq,
-    OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
-};
-use herald_protocol::pb::{CometClient, ConnectReply, ConnectReq, Logic, LogicServer, Proto};
+use herald_protocol::pb::{CometClient, Proto};
 use herald_protocol::{Frame, Limits, op, ws};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
 
 pub(crate) type Result<T = (), E = anyhow::Error> = std::result::Result<T, E>;
 
@@ -79,161 +70,12 @@ pub(crate) const T10_REPLY: &str = "00 00 00 10 00 10 00 01 00 00 00 04 00 00 00
 
 // ---------------------------------------------------------------- stub logic
 
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Event {
-    Connect {
-        token: String,
-        server: String,
-        cookie: String,
-    },
-    Disconnect {
-        mid: i64,
-        key: String,
-    },
-    Heartbeat {
-        key: String,
-    },
-    Renew {
-        counts: HashMap<String, i32>,
-    },
-    Receive {
-        mid: i64,
-        proto: Proto,
-    },
-}
+use herald_testkit::stub::{Event, StubLogic};
 
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Stub {
-    pub(crate) events: Arc<Mutex<Vec<Event>>>,
-    pub(crate) online: HashMap<String, i32>,
-    pub(crate) auto_key: Arc<AtomicU64>,
-    /// When set, `Disconnect`s are served one at a time, each taking this
-    /// long: a logic with a finite rate.
-    pub(crate) disconnect_cost: Option<Duration>,
-    pub(crate) serial: Arc<tokio::sync::Mutex<()>>,
-}
-
-impl Stub {
-    pub(crate) fn record(&self, event: Event) {
-        self.events.lock().expect("events lock").push(event);
-    }
-
-    pub(crate) fn events(&self) -> Vec<Event> {
-        self.events.lock().expect("events lock").clone()
-    }
-
-    pub(crate) fn disconnects(&self, key: &str) -> usize {
-        self.events()
-            .iter()
-            .filter(|e| matches!(e, Event::Disconnect { key: k, .. } if k == key))
-            .count()
-    }
-
-    /// Polls the recorded calls until `pred` holds; bounded by [`WAIT`].
-    pub(crate) async fn wait_for(&self, what: &str, pred: impl Fn(&[Event]) -> bool) -> Result {
-        timeout(WAIT, async {
-            while !pred(&self.events()) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .with_context(|| format!("logic never saw {what}: {:?}", self.events()))
-    }
-}
-
-impl Stub {
-    pub(crate) fn receives(&self, of: i64) -> usize {
-        self.events()
-            .iter()
-            .filter(|e| matches!(e, Event::Receive { mid, .. } if *mid == of))
-            .count()
-    }
-}
-
-#[tonic::async_trait]
-impl Logic for Stub {
-    async fn connect(&self, req: Request<ConnectReq>) -> Result<Response<ConnectReply>, Status> {
-        let req = req.into_inner();
-        let token = String::from_utf8_lossy(&req.token).into_owned();
-        self.record(Event::Connect {
-            token: token.clone(),
-            server: req.server.clone(),
-            cookie: req.cookie,
-        });
-        let v: serde_json::Value = serde_json::from_str(&token)
-            .map_err(|_| Status::invalid_argument("token is not JSON"))?;
-        if v["fail"].as_bool() == Some(true) {
-            return Err(Status::unauthenticated("refused"));
-        }
-        let key = match v["key"].as_str() {
-            Some(key) if !key.is_empty() => key.to_owned(),
-            _ => format!("auto-{}", self.auto_key.fetch_add(1, Ordering::Relaxed)),
-        };
-        Ok(Response::new(ConnectReply {
-            mid: v["mid"].as_i64().unwrap_or(0),
-            key,
-            room_id: v["room_id"].as_str().unwrap_or("").to_owned(),
-            accepts: v["accepts"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_i64())
-                        .map(|x| x as i32)
-                        .collect()
-                })
-                .unwrap_or_default(),
-            heartbeat: v["heartbeat_ms"].as_i64().unwrap_or(60_000) * 1_000_000,
-        }))
-    }
-
-    async fn disconnect(
-        &self,
-        req: Request<DisconnectReq>,
-    ) -> Result<Response<DisconnectReply>, Status> {
-        let req = req.into_inner();
-        if let Some(cost) = self.disconnect_cost {
-            // One Disconnect at a time, like a logic bound by its Redis.
-            let _serial = self.serial.lock().await;
-            tokio::time::sleep(cost).await;
-        }
-        self.record(Event::Disconnect {
-            mid: req.mid,
-            key: req.key,
-        });
-        Ok(Response::new(DisconnectReply { has: true }))
-    }
-
-    async fn heartbeat(
-        &self,
-        req: Request<HeartbeatReq>,
-    ) -> Result<Response<HeartbeatReply>, Status> {
-        self.record(Event::Heartbeat {
-            key: req.into_inner().key,
-        });
-        Ok(Response::new(HeartbeatReply {}))
-    }
-
-    async fn renew_online(&self, req: Request<OnlineReq>) -> Result<Response<OnlineReply>, Status> {
-        self.record(Event::Renew {
-            counts: req.into_inner().room_count,
-        });
-        Ok(Response::new(OnlineReply {
-            all_room_count: self.online.clone(),
-        }))
-    }
-
-    async fn receive(&self, req: Request<ReceiveReq>) -> Result<Response<ReceiveReply>, Status> {
-        let req = req.into_inner();
-        self.record(Event::Receive {
-            mid: req.mid,
-            proto: req.proto.unwrap_or_default(),
-        });
-        Ok(Response::new(ReceiveReply {}))
-    }
-
-    async fn nodes(&self, _req: Request<NodesReq>) -> Result<Response<NodesReply>, Status> {
-        Err(Status::unimplemented("not in the stub"))
-    }
+/// The recording stub logic the tests run against: a minute of idle timeout
+/// unless the token says otherwise.
+pub(crate) fn stub() -> StubLogic {
+    StubLogic::recording().idle_timeout(Duration::from_secs(60))
 }
 
 // ------------------------------------------------------------------ harness
@@ -244,32 +86,28 @@ pub(crate) struct Harness {
     pub(crate) grpc: SocketAddr,
     pub(crate) http: SocketAddr,
     pub(crate) wss: Option<SocketAddr>,
-    pub(crate) stub: Stub,
+    pub(crate) stub: StubLogic,
     pub(crate) stop: Option<oneshot::Sender<()>>,
     pub(crate) comet: Option<JoinHandle<herald_comet::Result<()>>>,
 }
 
 impl Harness {
     pub(crate) async fn start(tweak: impl FnOnce(&mut Config)) -> Result<Harness> {
-        Harness::start_with(Stub::default(), tweak).await
+        Harness::start_with(stub(), tweak).await
     }
 
-    pub(crate) async fn start_with(stub: Stub, tweak: impl FnOnce(&mut Config)) -> Result<Harness> {
-        let logic_listener = TcpListener::bind("127.0.0.1:0").await?;
-        let logic_addr = logic_listener.local_addr()?;
-        let server = LogicServer::new(stub.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(server)
-                .serve_with_incoming(TcpListenerStream::new(logic_listener)),
-        );
+    pub(crate) async fn start_with(
+        stub: StubLogic,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Result<Harness> {
+        let logic_addr = stub.serve().await?;
         let mut config = Config::new("comet-test", logic_addr.to_string());
         config.renew_online_interval = Duration::from_secs(3600);
         tweak(&mut config);
         Harness::start_comet(config, stub).await
     }
 
-    pub(crate) async fn start_comet(config: Config, stub: Stub) -> Result<Harness> {
+    pub(crate) async fn start_comet(config: Config, stub: StubLogic) -> Result<Harness> {
         let listeners = Listeners {
             tcp: TcpListener::bind("127.0.0.1:0").await?,
             ws: TcpListener::bind("127.0.0.1:0").await?,
@@ -359,6 +197,17 @@ impl Harness {
         })
         .await
         .with_context(|| format!("/readyz never answered {expected}"))
+    }
+
+    /// Polls the stub logic's recorded calls until `pred` holds; bounded by
+    /// [`WAIT`].
+    pub(crate) async fn logic_saw(&self, what: &str, pred: impl Fn(&[Event]) -> bool) -> Result {
+        ensure!(
+            self.stub.wait_until(WAIT, pred).await,
+            "logic never saw {what}: {:?}",
+            self.stub.events()
+        );
+        Ok(())
     }
 
     /// Stops the comet and waits for `run` to return (sessions included).
