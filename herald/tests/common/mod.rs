@@ -1,15 +1,82 @@
 //! What more than one of herald's test binaries needs and herald-testkit
 //! cannot hold (testkit depends on no component crate). Each binary uses
 //! part of it.
+//!
+//! Here: a role or the operator run in this process with a stop signal
+//! ([`Stoppable`]), an in-process comet ([`LocalComet`]) and Kafka topics
+//! ([`create_topic`]). By subject: [`job`] (job against the real Kafka).
 #![allow(dead_code)]
 
+pub(crate) mod job;
+
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
+use anyhow::Context;
+
 use herald_testkit::stub::StubLogic;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+/// A task spawned with a stop signal (a role's `run`, the operator's
+/// `lead`): [`Stoppable::stop`] tells it and waits for a clean end; dropped,
+/// it is told and aborted.
+pub(crate) struct Stoppable<E> {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), E>>,
+}
+
+/// The shutdown signal a [`Stoppable`] task gets.
+pub(crate) type Stopped = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl<E: std::error::Error + Send + Sync + 'static> Stoppable<E> {
+    /// Spawns what `run` returns, handing it the shutdown signal.
+    pub(crate) fn spawn<F>(run: impl FnOnce(Stopped) -> F) -> Stoppable<E>
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+    {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(Box::pin(async move {
+            let _ = stopped.await;
+        })));
+        Stoppable {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Tells the task to stop, without waiting.
+    pub(crate) fn signal(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Tells the task to stop and waits, up to `within`, for it to end
+    /// without an error.
+    pub(crate) async fn stop(&mut self, within: Duration) -> anyhow::Result<()> {
+        self.signal();
+        tokio::time::timeout(within, &mut self.task)
+            .await
+            .with_context(|| format!("did not stop within {within:?}"))???;
+        Ok(())
+    }
+}
+
+impl<E> Drop for Stoppable<E> {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.abort();
+    }
+}
 
 /// A comet in this process (`herald_comet::run` on 127.0.0.1:0, no admin
 /// HTTP, RenewOnline hourly) against its own recording stub logic; stopped
@@ -25,8 +92,7 @@ pub(crate) struct LocalComet {
     pub(crate) grpc: SocketAddr,
     /// The logic it calls.
     pub(crate) logic: StubLogic,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<herald_comet::Result<()>>,
+    task: Stoppable<herald_comet::Error>,
 }
 
 impl LocalComet {
@@ -45,27 +111,38 @@ impl LocalComet {
         let tcp = listeners.tcp.local_addr()?;
         let ws = listeners.ws.local_addr()?;
         let grpc = listeners.grpc.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(herald_comet::run(config, listeners, async {
-            let _ = stopped.await;
-        }));
+        let task = Stoppable::spawn(|stopped| herald_comet::run(config, listeners, stopped));
         Ok(LocalComet {
             name: name.to_owned(),
             tcp,
             ws,
             grpc,
             logic,
-            stop: Some(stop),
             task,
         })
     }
 }
 
-impl Drop for LocalComet {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.task.abort();
+/// Creates `topic` with `partitions` (replication 1) on `brokers`; bounded
+/// by 20 s.
+pub(crate) async fn create_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let results = tokio::time::timeout(
+        Duration::from_secs(20),
+        admin.create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        ),
+    )
+    .await??;
+    for result in results {
+        result.map_err(|(name, code)| anyhow::anyhow!("create topic {name}: {code}"))?;
     }
+    Ok(())
 }
