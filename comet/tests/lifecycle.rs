@@ -8,14 +8,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use herald_comet::Config;
+use herald_protocol::op;
 use herald_protocol::pb::BroadcastRoomReq;
 use herald_protocol::pb::admin::{DrainRequest, LoadRequest};
-use herald_protocol::{Frame, Limits, op};
+use herald_testkit::http;
 use herald_testkit::stub::Event;
 use tokio::net::TcpListener;
 use tokio::time::timeout;
 
-use common::{Harness, Result, T3, TcpClient, WAIT, auth_frame, hex, raw_push, stub, token};
+use common::{
+    Harness, Result, T3, WAIT, auth_frame, closed, connect_tcp, hex, raw_push, stub, token,
+};
 
 #[tokio::test]
 async fn load_and_drain_redirect_then_close_everything() -> Result {
@@ -47,9 +50,9 @@ async fn load_and_drain_redirect_then_close_everything() -> Result {
     assert!(reply.started);
     assert_eq!(reply.connections, 2);
 
-    let msgs = w.closed().await?;
+    let msgs = closed(&mut w).await?;
     assert_eq!(msgs.len(), 1, "one op 18 before the close: {msgs:?}");
-    let frame = Frame::from_message(msgs[0].clone(), Limits::OUTBOUND)?;
+    let frame = &msgs[0];
     assert_eq!(frame.op, op::REDIRECT, "op 18 unwrapped on WebSocket");
     let body: serde_json::Value = serde_json::from_slice(&frame.body)?;
     assert_eq!(
@@ -58,7 +61,7 @@ async fn load_and_drain_redirect_then_close_everything() -> Result {
             "tcp_port": 3101, "ws_port": 3102, "wss_port": 3103, "reconnect_within_ms": 1500})
     );
     assert!(
-        t.closed().await?.is_empty(),
+        closed(&mut t).await?.is_empty(),
         "no redirect for a client that did not ask"
     );
 
@@ -72,14 +75,14 @@ async fn load_and_drain_redirect_then_close_everything() -> Result {
     })
     .await??;
     // New connections are refused while draining; a second drain changes nothing.
-    let mut late = TcpClient::connect(h.tcp).await?;
-    let _ = late.send(&auth_frame(&token("late", "", &[]))).await;
-    assert!(late.closed().await?.is_empty());
+    let mut late = connect_tcp(h.tcp).await?;
+    let _ = late.send(auth_frame(&token("late", "", &[]))).await;
+    assert!(closed(&mut late).await?.is_empty());
     assert!(!admin.drain(drain).await?.into_inner().started);
-    let (status, _) = h.http_get("/readyz").await?;
-    assert!(
-        status.contains("503"),
-        "draining comet is not ready: {status}"
+    let readyz = http::get(h.http, "/readyz").await?;
+    assert_eq!(
+        readyz.status, 503,
+        "draining comet is not ready: {readyz:?}"
     );
     h.logic_saw("both Disconnects", |_| {
         h.stub.disconnects("r1") == 1 && h.stub.disconnects("plain") == 1
@@ -109,7 +112,7 @@ async fn drain_meets_its_deadline_even_at_a_slow_close_rate() -> Result {
     assert_eq!((reply.started, reply.connections), (true, 4));
     for c in &mut clients {
         assert!(
-            c.closed().await?.is_empty(),
+            closed(c).await?.is_empty(),
             "no op 18 without the herald opt-in"
         );
     }
@@ -126,8 +129,8 @@ async fn shutdown_closes_connections_and_disconnects_them() -> Result {
     let mut t = h.tcp_client(&token("s1", "", &[])).await?;
     let mut w = h.ws_client(&token("s2", "", &[])).await?;
     h.shutdown().await?;
-    t.closed().await?;
-    w.closed().await?;
+    closed(&mut t).await?;
+    closed(&mut w).await?;
     assert_eq!((h.stub.disconnects("s1"), h.stub.disconnects("s2")), (1, 1));
     Ok(())
 }
@@ -140,7 +143,7 @@ async fn shutdown_drains_paced_with_redirects_then_returns() -> Result {
         c.drain_close_rate = 5;
     })
     .await?;
-    h.wait_readyz("200").await?;
+    h.wait_readyz(200).await?;
     let redirect = serde_json::json!({"key": "sr", "herald": {"redirect": true}}).to_string();
     let mut w = h.ws_client(&redirect).await?;
     let t1 = h.tcp_client(&token("st1", "", &[])).await?;
@@ -148,12 +151,12 @@ async fn shutdown_drains_paced_with_redirects_then_returns() -> Result {
 
     // Each client records when it saw EOF (and what came before it).
     let ws_task = tokio::spawn(async move {
-        let msgs = w.closed().await;
+        let msgs = closed(&mut w).await;
         (msgs, std::time::Instant::now())
     });
     let tcp_tasks = [t1, t2].map(|mut t| {
         tokio::spawn(async move {
-            let frames = t.closed().await;
+            let frames = closed(&mut t).await;
             (frames, std::time::Instant::now())
         })
     });
@@ -161,11 +164,14 @@ async fn shutdown_drains_paced_with_redirects_then_returns() -> Result {
     let started = std::time::Instant::now();
     let _ = h.stop.take().context("stop")?.send(());
     // Draining: not ready, new connections refused.
-    h.wait_readyz("503").await?;
+    h.wait_readyz(503).await?;
     // (A refused TCP connect, should the drain already be over, is fine too.)
-    if let Ok(mut late) = TcpClient::connect(h.tcp).await {
-        let _ = late.send(&auth_frame(&token("late", "", &[]))).await;
-        assert!(late.closed().await?.is_empty(), "refused while draining");
+    if let Ok(mut late) = connect_tcp(h.tcp).await {
+        let _ = late.send(auth_frame(&token("late", "", &[]))).await;
+        assert!(
+            closed(&mut late).await?.is_empty(),
+            "refused while draining"
+        );
     }
 
     let comet = h.comet.take().context("comet")?;
@@ -178,7 +184,7 @@ async fn shutdown_drains_paced_with_redirects_then_returns() -> Result {
     let (msgs, ws_closed) = ws_task.await?;
     let msgs = msgs?;
     assert_eq!(msgs.len(), 1, "one op 18 before EOF: {msgs:?}");
-    let frame = Frame::from_message(msgs[0].clone(), Limits::OUTBOUND)?;
+    let frame = &msgs[0];
     assert_eq!(frame.op, op::REDIRECT);
     let body: serde_json::Value = serde_json::from_slice(&frame.body)?;
     assert_eq!(body["reason"], "drain");
@@ -244,7 +250,7 @@ async fn shutdown_waits_for_a_running_drain_within_the_deadline() -> Result {
         "waited too long: {took:?}"
     );
     for c in &mut clients {
-        c.closed().await?;
+        closed(c).await?;
     }
     for i in 0..3 {
         assert_eq!(h.stub.disconnects(&format!("w{i}")), 1);
@@ -260,43 +266,44 @@ async fn readyz_waits_for_logic() -> Result {
     config.renew_online_interval = Duration::from_secs(3600);
     let mut h = Harness::start_comet(config, stub()).await?;
     for _ in 0..3 {
-        let (status, body) = h.http_get("/readyz").await?;
-        assert!(status.contains("503"), "{status}: {body}");
-        let (status, _) = h.http_get("/healthz").await?;
-        assert!(status.contains("200"), "{status}");
+        let readyz = http::get(h.http, "/readyz").await?;
+        assert_eq!(readyz.status, 503, "{readyz:?}");
+        let healthz = http::get(h.http, "/healthz").await?;
+        assert_eq!(healthz.status, 200, "{healthz:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     h.shutdown().await?;
 
     let mut h = Harness::start(|_| {}).await?;
-    h.wait_readyz("200").await?;
+    h.wait_readyz(200).await?;
     h.shutdown().await
 }
 
 #[tokio::test]
 async fn admin_http_serves_health_and_metrics() -> Result {
     let mut h = Harness::start(|_| {}).await?;
-    let (status, body) = h.http_get("/healthz").await?;
-    assert!(status.contains("200"), "{status}");
-    assert_eq!(body, "ok");
-    h.wait_readyz("200").await?;
+    let healthz = http::get(h.http, "/healthz").await?;
+    assert_eq!(healthz.status, 200, "{healthz:?}");
+    assert_eq!(healthz.body, "ok");
+    h.wait_readyz(200).await?;
 
     let mut c = h.tcp_client(&token("m", "r", &[1000])).await?;
-    c.send_raw(&hex(T3)).await?;
-    c.recv().await?;
-    let mut refused = TcpClient::connect(h.tcp).await?;
-    refused.send(&auth_frame(r#"{"fail":true}"#)).await?;
-    refused.closed().await?;
+    c.send_raw(hex(T3)).await?;
+    c.next_message().await?;
+    let mut refused = connect_tcp(h.tcp).await?;
+    refused.send(auth_frame(r#"{"fail":true}"#)).await?;
+    closed(&mut refused).await?;
     let mut grpc = h.comet_client().await?;
     grpc.broadcast_room(BroadcastRoomReq {
         room_id: "r".into(),
         proto: Some(raw_push(1000, b"x")),
     })
     .await?;
-    c.recv().await?;
+    c.next_message().await?;
 
-    let (status, body) = h.http_get("/metrics").await?;
-    assert!(status.contains("200"), "{status}");
+    let metrics = http::get(h.http, "/metrics").await?;
+    assert_eq!(metrics.status, 200, "{metrics:?}");
+    let body = metrics.body;
     for line in [
         r#"herald_comet_connections{transport="tcp"} 1"#,
         r#"herald_comet_auth_total{outcome="ok"} 1"#,

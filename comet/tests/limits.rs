@@ -9,11 +9,12 @@ use std::time::Duration;
 use anyhow::bail;
 use bytes::Bytes;
 use herald_protocol::pb::BroadcastRoomReq;
-use herald_protocol::{Frame, Limits, op};
+use herald_protocol::{Frame, op};
 use tokio::time::timeout;
 
 use common::{
-    Harness, Result, T3, T10_REQ, TcpClient, WAIT, auth_frame, hex, raw_push, token, token_mid,
+    Harness, Result, T3, T10_REQ, WAIT, auth_frame, closed, connect_tcp, hex, raw_push, token,
+    token_mid,
 };
 
 #[tokio::test]
@@ -27,7 +28,7 @@ async fn invalid_frames_close_only_the_offender() -> Result {
             proto: Some(raw_push(1000, body)),
         })
         .await?;
-        assert_eq!(healthy.recv().await?, Frame::push(1000, body));
+        assert_eq!(healthy.next_message().await?, Frame::push(1000, body));
         Ok(())
     };
 
@@ -35,16 +36,16 @@ async fn invalid_frames_close_only_the_offender() -> Result {
     let mut big = h.tcp_client(&token("big", "room", &[])).await?;
     let mut header = hex(T3);
     header[..4].copy_from_slice(&4113i32.to_be_bytes());
-    big.send_raw(&header).await?;
-    big.closed().await?;
+    big.send_raw(header).await?;
+    closed(&mut big).await?;
     check_healthy(b"1").await?;
 
     // TCP: header_len 15.
     let mut bad = h.tcp_client(&token("hl", "room", &[])).await?;
     let mut header = hex(T3);
     header[4..6].copy_from_slice(&15i16.to_be_bytes());
-    bad.send_raw(&header).await?;
-    bad.closed().await?;
+    bad.send_raw(header).await?;
+    closed(&mut bad).await?;
     check_healthy(b"2").await?;
 
     // WebSocket: a message shorter than its pack_len.
@@ -52,7 +53,7 @@ async fn invalid_frames_close_only_the_offender() -> Result {
     let mut msg = hex(T10_REQ);
     msg[..4].copy_from_slice(&32i32.to_be_bytes());
     short.send_raw(msg).await?;
-    short.closed().await?;
+    closed(&mut short).await?;
     check_healthy(b"3").await?;
 
     // WebSocket: a message past the size limit.
@@ -63,8 +64,8 @@ async fn invalid_frames_close_only_the_offender() -> Result {
         seq: 1,
         body: Bytes::from(vec![0u8; 9000]),
     };
-    let _ = huge.send(&frame).await;
-    huge.closed().await?;
+    let _ = huge.send(frame).await;
+    closed(&mut huge).await?;
     check_healthy(b"4").await?;
 
     for key in ["big", "hl", "short", "huge"] {
@@ -78,20 +79,23 @@ async fn invalid_frames_close_only_the_offender() -> Result {
 async fn connections_past_the_limit_are_refused() -> Result {
     let mut h = Harness::start(|c| c.max_connections = 1).await?;
     let mut first = h.tcp_client(&token("one", "", &[])).await?;
-    let mut second = TcpClient::connect(h.tcp).await?;
-    let _ = second.send(&auth_frame(&token("two", "", &[]))).await;
-    assert!(second.closed().await?.is_empty(), "refused without op 8");
+    let mut second = connect_tcp(h.tcp).await?;
+    let _ = second.send(auth_frame(&token("two", "", &[]))).await;
+    assert!(
+        closed(&mut second).await?.is_empty(),
+        "refused without op 8"
+    );
     // The held connection is unaffected, and its slot frees when it leaves.
-    first.send_raw(&hex(T3)).await?;
-    assert_eq!(first.recv().await?.op, op::HEARTBEAT_REPLY);
+    first.send_raw(hex(T3)).await?;
+    assert_eq!(first.next_message().await?.op, op::HEARTBEAT_REPLY);
     drop(first);
     h.logic_saw("Disconnect", |_| h.stub.disconnects("one") == 1)
         .await?;
     timeout(WAIT, async {
         loop {
-            let mut c = TcpClient::connect(h.tcp).await?;
-            c.send(&auth_frame(&token("three", "", &[]))).await?;
-            if c.recv().await.is_ok_and(|f| f.op == op::AUTH_REPLY) {
+            let mut c = connect_tcp(h.tcp).await?;
+            c.send(auth_frame(&token("three", "", &[]))).await?;
+            if c.next_message().await.is_ok_and(|f| f.op == op::AUTH_REPLY) {
                 return anyhow::Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -123,12 +127,12 @@ async fn receive_is_rate_limited_per_connection() -> Result {
     let mut quiet = h.tcp_client(&token_mid(32, "quiet")).await?;
 
     let started = std::time::Instant::now();
-    flooder.send_raw(&op4_burst_then_heartbeat(50)).await?;
+    flooder.send_raw(op4_burst_then_heartbeat(50)).await?;
     // Frames are handled in order: the heartbeat reply comes after every
     // op 4 was either forwarded (and acknowledged) or dropped (no reply).
     let mut acknowledged = 0;
     loop {
-        let frame = flooder.recv().await?;
+        let frame = flooder.next_message().await?;
         match frame.op {
             4 => acknowledged += 1,
             op::HEARTBEAT_REPLY => break,
@@ -147,11 +151,11 @@ async fn receive_is_rate_limited_per_connection() -> Result {
     .await?;
 
     // Another connection has its own bucket.
-    quiet.send_raw(&op4_burst_then_heartbeat(8)).await?;
+    quiet.send_raw(op4_burst_then_heartbeat(8)).await?;
     for _ in 0..8 {
-        assert_eq!(quiet.recv().await?.op, 4);
+        assert_eq!(quiet.next_message().await?.op, 4);
     }
-    assert_eq!(quiet.recv().await?.op, op::HEARTBEAT_REPLY);
+    assert_eq!(quiet.next_message().await?.op, op::HEARTBEAT_REPLY);
     h.logic_saw("8 Receives", |_| h.stub.receives(32) == 8)
         .await?;
 
@@ -166,8 +170,8 @@ async fn receive_is_rate_limited_per_connection() -> Result {
         (50 - acknowledged) as f64
     );
     // Dropping is not closing (flood close is off): the flooder still works.
-    flooder.send_raw(&hex(T3)).await?;
-    assert_eq!(flooder.recv().await?.op, op::HEARTBEAT_REPLY);
+    flooder.send_raw(hex(T3)).await?;
+    assert_eq!(flooder.next_message().await?.op, op::HEARTBEAT_REPLY);
     h.shutdown().await
 }
 
@@ -181,8 +185,8 @@ async fn a_sustained_receive_flood_closes_the_connection() -> Result {
     .await?;
     let mut healthy = h.tcp_client(&token_mid(41, "calm")).await?;
     let mut flooder = h.tcp_client(&token_mid(42, "flood")).await?;
-    let _ = flooder.send_raw(&op4_burst_then_heartbeat(100)).await;
-    let frames = flooder.closed().await?;
+    let _ = flooder.send_raw(op4_burst_then_heartbeat(100)).await;
+    let frames = closed(&mut flooder).await?;
     assert!(
         frames.iter().all(|f| f.op == 4) && (5..=7).contains(&frames.len()),
         "only the burst is acknowledged before the close: {frames:?}"
@@ -195,8 +199,8 @@ async fn a_sustained_receive_flood_closes_the_connection() -> Result {
             .await?,
         1.0
     );
-    healthy.send_raw(&hex(T10_REQ)).await?;
-    assert_eq!(healthy.recv().await?.op, 4);
+    healthy.send_raw(hex(T10_REQ)).await?;
+    assert_eq!(healthy.next_message().await?.op, 4);
     h.shutdown().await
 }
 
@@ -211,16 +215,15 @@ fn short_heartbeat() -> Vec<u8> {
 async fn short_pack_len_is_lenient_by_default() -> Result {
     let mut h = Harness::start(|_| {}).await?;
     let mut c = h.tcp_client(&token("lenient", "", &[])).await?;
-    c.send_raw(&short_heartbeat()).await?;
+    c.send_raw(short_heartbeat()).await?;
     assert_eq!(
-        c.recv().await?.op,
+        c.next_message().await?.op,
         op::HEARTBEAT_REPLY,
         "goim reads it as no body"
     );
     let mut w = h.ws_client(&token("lenient-ws", "", &[])).await?;
     w.send_raw(short_heartbeat()).await?;
-    let reply = Frame::from_message(w.recv_msg().await?, Limits::OUTBOUND)?;
-    assert_eq!(reply.op, op::HEARTBEAT_REPLY);
+    assert_eq!(w.next_message().await?.op, op::HEARTBEAT_REPLY);
     h.shutdown().await
 }
 
@@ -229,17 +232,17 @@ async fn strict_pack_len_closes_short_frames() -> Result {
     let mut h = Harness::start(|c| c.strict_pack_len = true).await?;
     let mut healthy = h.tcp_client(&token("fine", "", &[])).await?;
     let mut c = h.tcp_client(&token("strict", "", &[])).await?;
-    c.send_raw(&short_heartbeat()).await?;
-    assert!(c.closed().await?.is_empty(), "closed without a reply");
+    c.send_raw(short_heartbeat()).await?;
+    assert!(closed(&mut c).await?.is_empty(), "closed without a reply");
     let mut w = h.ws_client(&token("strict-ws", "", &[])).await?;
     w.send_raw(short_heartbeat()).await?;
-    assert!(w.closed().await?.is_empty(), "closed without a reply");
+    assert!(closed(&mut w).await?.is_empty(), "closed without a reply");
     h.wait_metric(
         r#"herald_comet_disconnects_total{reason="short_pack_len"}"#,
         2.0,
     )
     .await?;
-    healthy.send_raw(&hex(T3)).await?;
-    assert_eq!(healthy.recv().await?.op, op::HEARTBEAT_REPLY);
+    healthy.send_raw(hex(T3)).await?;
+    assert_eq!(healthy.next_message().await?.op, op::HEARTBEAT_REPLY);
     h.shutdown().await
 }

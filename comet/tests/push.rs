@@ -6,14 +6,16 @@ mod common;
 
 use std::collections::HashMap;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use herald_client::Client;
 use herald_protocol::pb::admin::LoadRequest;
 use herald_protocol::pb::goim::comet::RoomsReq;
 use herald_protocol::pb::{BroadcastReq, BroadcastRoomReq, Proto, PushMsgReq};
 use herald_protocol::{Frame, op, ws};
+use herald_testkit::http;
 
 use common::{
-    Harness, Result, T3, T5, T6, T7, T7_WS_HEADER, TcpClient, hex, metric_value, raw_push, token,
+    Harness, Result, T3, T5, T6, T7, WAIT, closed, hex, metric_value, raw_push, t7_ws, token,
 };
 
 #[tokio::test]
@@ -29,18 +31,26 @@ async fn pushes_match_t5_t6_t7_on_each_transport() -> Result {
         proto_op: 1000,
     })
     .await?;
-    assert_eq!(t.read_bytes(21).await?, hex(T5), "T5 on TCP");
-    assert_eq!(w.recv_msg().await?.to_vec(), hex(T6), "T6 on WebSocket");
+    assert_eq!(t.next_message().await?.to_bytes(), hex(T5), "T5 on TCP");
+    assert_eq!(
+        w.next_message().await?.to_bytes(),
+        hex(T6),
+        "T6 on WebSocket"
+    );
 
     grpc.broadcast_room(BroadcastRoomReq {
         room_id: "live://1000".into(),
         proto: Some(ws::raw_proto(hex(T7).into())),
     })
     .await?;
-    assert_eq!(t.read_bytes(52).await?, hex(T7), "T7 on TCP");
-    let mut expected = hex(T7_WS_HEADER);
-    expected.extend(hex(T7));
-    assert_eq!(w.recv_msg().await?.to_vec(), expected, "T7 on WebSocket");
+    let mut t7 = t.next_message().await?.to_bytes().to_vec();
+    t7.extend(t.next_message().await?.to_bytes());
+    assert_eq!(t7, hex(T7), "T7 on TCP");
+    assert_eq!(
+        w.next_message().await?.to_bytes(),
+        t7_ws(),
+        "T7 on WebSocket"
+    );
 
     // A non-op-9 proto is framed as one frame.
     grpc.push_msg(PushMsgReq {
@@ -54,7 +64,7 @@ async fn pushes_match_t5_t6_t7_on_each_transport() -> Result {
         proto_op: 1000,
     })
     .await?;
-    assert_eq!(t.read_bytes(21).await?, hex(T5));
+    assert_eq!(t.next_message().await?.to_bytes(), hex(T5));
 
     let rooms = grpc.rooms(RoomsReq {}).await?.into_inner().rooms;
     assert_eq!(rooms, HashMap::from([("live://1000".to_owned(), true)]));
@@ -85,10 +95,10 @@ async fn push_msgs_delivers_each_push_to_its_keys_in_order() -> Result {
         })
         .await?;
     for want in [&b"a1"[..], b"ab", b"a2"] {
-        assert_eq!(&a.recv().await?.body[..], want);
+        assert_eq!(&a.next_message().await?.body[..], want);
     }
     for want in [&b"b1"[..], b"ab"] {
-        let msg = b.recv_msg().await?;
+        let msg = b.next_message().await?.to_bytes();
         assert!(msg.ends_with(want), "{msg:?} for {want:?}");
     }
     // One bad push refuses the whole batch before any of it is delivered.
@@ -105,7 +115,7 @@ async fn push_msgs_delivers_each_push_to_its_keys_in_order() -> Result {
         .push_msg(push(&["a"], b"ok"))
         .await?;
     assert_eq!(
-        &a.recv().await?.body[..],
+        &a.next_message().await?.body[..],
         b"ok",
         "the refused batch sent nothing"
     );
@@ -168,43 +178,43 @@ async fn key_and_broadcast_pushes_respect_accepted_ops() -> Result {
     // 1001 is not accepted: the next frame seen is the 1000 marker.
     grpc.push_msg(push(1001, b"no")).await?;
     grpc.push_msg(push(1000, b"m1")).await?;
-    assert_eq!(c.recv().await?, Frame::push(1000, &b"m1"[..]));
+    assert_eq!(c.next_message().await?, Frame::push(1000, &b"m1"[..]));
 
-    c.send(&Frame {
+    c.send(Frame {
         ver: 1,
         op: op::SUB,
         seq: 4,
         body: Bytes::from_static(b"1001,1002"),
     })
     .await?;
-    let reply = c.recv().await?;
+    let reply = c.next_message().await?;
     assert_eq!(
         (reply.op, reply.seq, &reply.body[..]),
         (op::SUB_REPLY, 4, &b"1001,1002"[..])
     );
     grpc.push_msg(push(1001, b"yes")).await?;
-    assert_eq!(c.recv().await?, Frame::push(1001, &b"yes"[..]));
+    assert_eq!(c.next_message().await?, Frame::push(1001, &b"yes"[..]));
 
     // A bad list changes nothing but is still echoed.
-    c.send(&Frame {
+    c.send(Frame {
         ver: 1,
         op: op::UNSUB,
         seq: 5,
         body: Bytes::from_static(b"1001,x"),
     })
     .await?;
-    assert_eq!(c.recv().await?.op, op::UNSUB_REPLY);
+    assert_eq!(c.next_message().await?.op, op::UNSUB_REPLY);
     grpc.push_msg(push(1001, b"still")).await?;
-    assert_eq!(c.recv().await?, Frame::push(1001, &b"still"[..]));
+    assert_eq!(c.next_message().await?, Frame::push(1001, &b"still"[..]));
 
-    c.send(&Frame {
+    c.send(Frame {
         ver: 1,
         op: op::UNSUB,
         seq: 6,
         body: Bytes::from_static(b"1001"),
     })
     .await?;
-    assert_eq!(c.recv().await?.op, op::UNSUB_REPLY);
+    assert_eq!(c.next_message().await?.op, op::UNSUB_REPLY);
     grpc.push_msg(push(1001, b"gone")).await?;
     grpc.broadcast(BroadcastReq {
         proto_op: 1001,
@@ -218,7 +228,7 @@ async fn key_and_broadcast_pushes_respect_accepted_ops() -> Result {
         speed: 0,
     })
     .await?;
-    assert_eq!(c.recv().await?, Frame::push(1002, &b"bc"[..]));
+    assert_eq!(c.next_message().await?, Frame::push(1002, &b"bc"[..]));
     h.shutdown().await
 }
 
@@ -238,9 +248,9 @@ async fn paced_broadcast_reaches_every_accepting_connection() -> Result {
     })
     .await?;
     for c in &mut clients {
-        assert_eq!(c.recv().await?, Frame::push(1000, &b"all"[..]));
+        assert_eq!(c.next_message().await?, Frame::push(1000, &b"all"[..]));
     }
-    let msg = w.recv_msg().await?;
+    let msg = w.next_message().await?.to_bytes();
     assert_eq!(msg, ws::wrap(&Frame::push(1000, &b"all"[..]).to_bytes()));
     h.shutdown().await
 }
@@ -256,11 +266,8 @@ async fn slow_consumer_is_closed_and_others_still_receive() -> Result {
     .await?;
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.set_recv_buffer_size(4096)?;
-    let mut slow = TcpClient {
-        stream: socket.connect(h.tcp).await?,
-        buf: BytesMut::new(),
-    };
-    slow.auth(&token("slow", "", &[1000])).await?;
+    let mut slow = Client::tcp_over(socket.connect(h.tcp).await?).with_timeout(WAIT);
+    slow.auth(token("slow", "", &[1000])).await?;
     let mut fast = h.ws_client(&token("fast", "", &[1000])).await?;
     let mut grpc = h.comet_client().await?;
     let mut admin = h.admin_client().await?;
@@ -295,7 +302,7 @@ async fn slow_consumer_is_closed_and_others_still_receive() -> Result {
         proto_op: 1000,
     })
     .await?;
-    let msg = fast.recv_msg().await?;
+    let msg = fast.next_message().await?.to_bytes();
     assert_eq!(
         msg,
         ws::wrap(&Frame::push(1000, &b"still here"[..]).to_bytes())
@@ -303,7 +310,7 @@ async fn slow_consumer_is_closed_and_others_still_receive() -> Result {
     h.logic_saw("slow Disconnect", |_| h.stub.disconnects("slow") == 1)
         .await?;
     // The slow client's socket ends after whatever was in flight.
-    slow.closed().await?;
+    closed(&mut slow).await?;
     h.shutdown().await
 }
 
@@ -335,7 +342,7 @@ async fn a_client_that_keeps_up_is_not_closed_when_comet_falls_behind() -> Resul
     let (answers, frames) = tokio::join!(futures::future::join_all(calls), async {
         let mut frames = Vec::new();
         while frames.len() < CALLS {
-            frames.push(client.recv().await?);
+            frames.push(client.next_message().await?);
         }
         Result::<_>::Ok(frames)
     });
@@ -371,8 +378,8 @@ async fn push_to_write_latency_is_observed_for_pushes_only() -> Result {
     let mut tcp = h.tcp_client(&token("lat-tcp", "", &[1000])).await?;
     let mut web = h.ws_client(&token("lat-ws", "", &[1000])).await?;
     // Replies are not pushes: a heartbeat must not be observed.
-    tcp.send_raw(&hex(T3)).await?;
-    assert_eq!(tcp.recv().await?.op, op::HEARTBEAT_REPLY);
+    tcp.send_raw(hex(T3)).await?;
+    assert_eq!(tcp.next_message().await?.op, op::HEARTBEAT_REPLY);
     let mut grpc = h.comet_client().await?;
     for _ in 0..3 {
         grpc.push_msg(PushMsgReq {
@@ -381,12 +388,12 @@ async fn push_to_write_latency_is_observed_for_pushes_only() -> Result {
             proto: Some(raw_push(1000, b"hello")),
         })
         .await?;
-        assert_eq!(tcp.recv().await?, Frame::push(1000, &b"hello"[..]));
-        web.recv_msg().await?;
+        assert_eq!(tcp.next_message().await?, Frame::push(1000, &b"hello"[..]));
+        web.next_message().await?;
     }
     h.wait_metric("herald_comet_push_write_latency_seconds_count", 6.0)
         .await?;
-    let (_, body) = h.http_get("/metrics").await?;
+    let body = http::get(h.http, "/metrics").await?.body;
     let sum = metric_value(&body, "herald_comet_push_write_latency_seconds_sum");
     assert!(sum > 0.0 && sum < 6.0 * 5.0, "sum {sum}");
     assert_eq!(

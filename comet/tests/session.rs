@@ -17,58 +17,58 @@ use tokio::net::TcpListener;
 use tokio::time::timeout;
 
 use common::{
-    Harness, Result, T1, T2, T3, T4, T8_REPLY, T8_REQ, T10_REPLY, T10_REQ, TcpClient, WAIT,
-    WsClient, auth_frame, hex, raw_push, stub, token,
+    Harness, Result, T1, T2, T3, T4, T8_REPLY, T8_REQ, T10_REPLY, T10_REQ, WAIT, auth_frame,
+    closed, connect_tcp, connect_ws, hex, raw_push, stub, token,
 };
 
 #[tokio::test]
 async fn tcp_session_matches_spec_vectors() -> Result {
     let mut h = Harness::start(|_| {}).await?;
-    let mut c = TcpClient::connect(h.tcp).await?;
+    let mut c = connect_tcp(h.tcp).await?;
     // A frame before op 7 is discarded without reply.
-    c.send_raw(&hex(T3)).await?;
-    c.send_raw(&hex(T1)).await?;
-    assert_eq!(c.read_bytes(16).await?, hex(T2), "T2");
+    c.send_raw(hex(T3)).await?;
+    c.send_raw(hex(T1)).await?;
+    assert_eq!(c.next_message().await?.to_bytes(), hex(T2), "T2");
     let _b = h.tcp_client(&token("b", "live://1000", &[])).await?;
     let _d = h.ws_client(&token("d", "live://1000", &[])).await?;
 
-    c.send_raw(&hex(T3)).await?;
+    c.send_raw(hex(T3)).await?;
     assert_eq!(
-        c.read_bytes(20).await?,
+        c.next_message().await?.to_bytes(),
         hex(T4),
         "T4: three members of live://1000"
     );
 
-    c.send_raw(&hex(T8_REQ)).await?;
-    assert_eq!(c.read_bytes(27).await?, hex(T8_REPLY), "T8");
-    c.send_raw(&hex(T3)).await?;
+    c.send_raw(hex(T8_REQ)).await?;
+    assert_eq!(c.next_message().await?.to_bytes(), hex(T8_REPLY), "T8");
+    c.send_raw(hex(T3)).await?;
     assert_eq!(
-        c.read_bytes(20).await?[16..],
+        c.next_message().await?.to_bytes()[16..],
         [0, 0, 0, 1],
         "alone in live://1001"
     );
 
-    c.send(&Frame {
+    c.send(Frame {
         ver: 1,
         op: op::CHANGE_ROOM,
         seq: 9,
         body: Bytes::new(),
     })
     .await?;
-    let reply = c.recv().await?;
+    let reply = c.next_message().await?;
     assert_eq!(
         (reply.op, reply.seq, reply.body.len()),
         (op::CHANGE_ROOM_REPLY, 9, 0)
     );
-    c.send_raw(&hex(T3)).await?;
+    c.send_raw(hex(T3)).await?;
     assert_eq!(
-        c.read_bytes(20).await?[16..],
+        c.next_message().await?.to_bytes()[16..],
         [0, 0, 0, 0],
         "no stale count outside a room"
     );
 
-    c.send_raw(&hex(T10_REQ)).await?;
-    assert_eq!(c.read_bytes(16).await?, hex(T10_REPLY), "T10");
+    c.send_raw(hex(T10_REQ)).await?;
+    assert_eq!(c.next_message().await?.to_bytes(), hex(T10_REPLY), "T10");
     h.logic_saw("Receive of op 4", |events| {
         events.iter().any(|e| {
             matches!(e, Event::Receive { mid: 123, proto }
@@ -93,15 +93,15 @@ async fn tcp_session_matches_spec_vectors() -> Result {
 async fn handshake_deadline_closes_silent_connections() -> Result {
     let mut h = Harness::start(|c| c.handshake_timeout = Duration::from_millis(300)).await?;
     let start = tokio::time::Instant::now();
-    let mut tcp = TcpClient::connect(h.tcp).await?;
-    tcp.send_raw(&hex(T3)).await?;
+    let mut tcp = connect_tcp(h.tcp).await?;
+    tcp.send_raw(hex(T3)).await?;
     assert!(
-        tcp.closed().await?.is_empty(),
+        closed(&mut tcp).await?.is_empty(),
         "nothing answered before auth"
     );
     // A WebSocket-port client that never sends its upgrade is closed too.
-    let mut raw = TcpClient::connect(h.ws).await?;
-    assert!(raw.closed().await?.is_empty());
+    let mut raw = connect_tcp(h.ws).await?;
+    assert!(closed(&mut raw).await?.is_empty());
     assert!(start.elapsed() < Duration::from_secs(3));
     assert!(h.stub.events().is_empty(), "logic was never called");
     h.shutdown().await
@@ -111,12 +111,12 @@ async fn handshake_deadline_closes_silent_connections() -> Result {
 async fn auth_failures_close_without_reply() -> Result {
     // Logic refuses the token.
     let mut h = Harness::start(|_| {}).await?;
-    let mut c = TcpClient::connect(h.tcp).await?;
-    c.send(&auth_frame(r#"{"key":"x","fail":true}"#)).await?;
-    assert!(c.closed().await?.is_empty(), "no op 8");
-    let mut w = WsClient::connect(h.ws).await?;
-    w.send(&auth_frame("not json")).await?;
-    assert!(w.closed().await?.is_empty(), "no op 8");
+    let mut c = connect_tcp(h.tcp).await?;
+    c.send(auth_frame(r#"{"key":"x","fail":true}"#)).await?;
+    assert!(closed(&mut c).await?.is_empty(), "no op 8");
+    let mut w = connect_ws(h.ws).await?;
+    w.send(auth_frame("not json")).await?;
+    assert!(closed(&mut w).await?.is_empty(), "no op 8");
     h.shutdown().await?;
     assert_eq!(h.stub.disconnects("x"), 0);
 
@@ -127,9 +127,9 @@ async fn auth_failures_close_without_reply() -> Result {
     config.logic_timeout = Duration::from_secs(30);
     let mut h = Harness::start_comet(config, stub()).await?;
     let start = tokio::time::Instant::now();
-    let mut c = TcpClient::connect(h.tcp).await?;
-    c.send(&auth_frame(&token("k", "", &[]))).await?;
-    assert!(c.closed().await?.is_empty(), "no op 8");
+    let mut c = connect_tcp(h.tcp).await?;
+    c.send(auth_frame(&token("k", "", &[]))).await?;
+    assert!(closed(&mut c).await?.is_empty(), "no op 8");
     assert!(
         start.elapsed() < Duration::from_secs(2),
         "closed within the deadline"
@@ -137,9 +137,9 @@ async fn auth_failures_close_without_reply() -> Result {
 
     // Logic's port refuses connections.
     drop(black_hole);
-    let mut c = TcpClient::connect(h.tcp).await?;
-    c.send(&auth_frame(&token("k", "", &[]))).await?;
-    assert!(c.closed().await?.is_empty(), "no op 8");
+    let mut c = connect_tcp(h.tcp).await?;
+    c.send(auth_frame(&token("k", "", &[]))).await?;
+    assert!(closed(&mut c).await?.is_empty(), "no op 8");
     h.shutdown().await
 }
 
@@ -149,7 +149,7 @@ async fn same_key_replaces_and_each_connection_disconnects_once() -> Result {
     let mut old = h.tcp_client(&token("dup", "r", &[1000])).await?;
     let mut new = h.ws_client(&token("dup", "r", &[1000])).await?;
     assert!(
-        old.closed().await?.is_empty(),
+        closed(&mut old).await?.is_empty(),
         "old connection closed without more frames"
     );
     let mut grpc = h.comet_client().await?;
@@ -159,7 +159,7 @@ async fn same_key_replaces_and_each_connection_disconnects_once() -> Result {
         proto_op: 1000,
     })
     .await?;
-    let msg = new.recv_msg().await?;
+    let msg = new.next_message().await?.to_bytes();
     assert_eq!(msg, ws::wrap(&Frame::push(1000, &b"to-new"[..]).to_bytes()));
     h.logic_saw("old Disconnect", |_| h.stub.disconnects("dup") == 1)
         .await?;
@@ -177,11 +177,11 @@ async fn same_key_replaces_and_each_connection_disconnects_once() -> Result {
     .await?;
 
     // An unauthenticated connection never causes a Disconnect.
-    let mut anon = TcpClient::connect(h.tcp).await?;
-    anon.send_raw(&hex(T3)).await?;
+    let mut anon = connect_tcp(h.tcp).await?;
+    anon.send_raw(hex(T3)).await?;
     drop(anon);
 
-    new.ws.close(None).await?;
+    new.close().await?;
     h.logic_saw("new Disconnect", |_| h.stub.disconnects("dup") == 2)
         .await?;
     h.shutdown().await?;
@@ -208,11 +208,11 @@ async fn idle_timeout_comes_from_connect_reply() -> Result {
     // Heartbeats keep it alive past one idle period...
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        c.send_raw(&hex(T3)).await?;
-        assert_eq!(c.recv().await?.op, op::HEARTBEAT_REPLY);
+        c.send_raw(hex(T3)).await?;
+        assert_eq!(c.next_message().await?.op, op::HEARTBEAT_REPLY);
     }
     // ...and silence ends it.
-    c.closed().await?;
+    closed(&mut c).await?;
     h.logic_saw("Disconnect", |_| h.stub.disconnects("idle") == 1)
         .await?;
     h.shutdown().await
@@ -236,8 +236,8 @@ async fn heartbeat_prefers_the_cluster_count_and_refreshes_the_session() -> Resu
     // The reply is stored after logic records the call; poll a little.
     let count = timeout(WAIT, async {
         loop {
-            c.send_raw(&hex(T3)).await?;
-            let reply = c.recv().await?;
+            c.send_raw(hex(T3)).await?;
+            let reply = c.next_message().await?;
             let n = i32::from_be_bytes(reply.body[..4].try_into()?);
             if n == 42 {
                 return anyhow::Ok(n);
@@ -251,8 +251,8 @@ async fn heartbeat_prefers_the_cluster_count_and_refreshes_the_session() -> Resu
     let refreshed = |events: &[Event]| events.contains(&Event::Heartbeat { key: "hb".into() });
     timeout(WAIT, async {
         while !refreshed(&h.stub.events()) {
-            c.send_raw(&hex(T3)).await?;
-            c.recv().await?;
+            c.send_raw(hex(T3)).await?;
+            c.next_message().await?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         anyhow::Ok(())

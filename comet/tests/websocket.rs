@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
+use herald_client::Client;
 use herald_protocol::pb::{BroadcastRoomReq, PushMsgReq};
 use herald_protocol::ws;
 use herald_testkit::stub::Event;
@@ -21,8 +22,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Message, http};
 
 use common::{
-    Harness, Result, T1, T2, T3, T4, T7, T7_WS_HEADER, T8_REPLY, T8_REQ, T10_REPLY, T10_REQ,
-    TcpClient, WAIT, WsClient, hex, raw_push, token, upgrade_head,
+    Harness, Result, T1, T2, T3, T4, T7, T8_REPLY, T8_REQ, T10_REPLY, T10_REQ, WAIT, hex, raw_push,
+    t7_ws, token, upgrade_head,
 };
 
 #[tokio::test]
@@ -32,10 +33,9 @@ async fn ws_session_matches_spec_vectors() -> Result {
     let _c = h.tcp_client(&token("c", "live://1000", &[])).await?;
     let mut req = format!("ws://{}/sub", h.ws).into_client_request()?;
     req.headers_mut().insert("cookie", "sid=abc".parse()?);
-    let (ws, _) = tokio_tungstenite::connect_async(req).await?;
-    let mut w = WsClient { ws };
+    let mut w = Client::connect_ws(req).await?.with_timeout(WAIT);
     w.send_raw(hex(T1)).await?;
-    assert_eq!(w.recv_msg().await?.to_vec(), hex(T2), "T2");
+    assert_eq!(w.next_message().await?.to_bytes(), hex(T2), "T2");
     let connect = Event::Connect {
         token: String::from_utf8(hex(T1)[16..].to_vec())?,
         server: "comet-test".into(),
@@ -46,19 +46,24 @@ async fn ws_session_matches_spec_vectors() -> Result {
         "server id and cookie reach logic"
     );
     w.send_raw(hex(T3)).await?;
-    assert_eq!(w.recv_msg().await?.to_vec(), hex(T4), "T4");
+    assert_eq!(w.next_message().await?.to_bytes(), hex(T4), "T4");
     w.send_raw(hex(T8_REQ)).await?;
-    assert_eq!(w.recv_msg().await?.to_vec(), hex(T8_REPLY), "T8");
+    assert_eq!(w.next_message().await?.to_bytes(), hex(T8_REPLY), "T8");
     w.send_raw(hex(T10_REQ)).await?;
-    assert_eq!(w.recv_msg().await?.to_vec(), hex(T10_REPLY), "T10");
-    // Pings are answered.
-    w.ws.send(Message::Ping(Bytes::from_static(b"p"))).await?;
-    let pong = timeout(WAIT, w.ws.next()).await?.context("ended")??;
+    assert_eq!(w.next_message().await?.to_bytes(), hex(T10_REPLY), "T10");
+    // What a goim client never sends, on a raw WebSocket: pings are
+    // answered, and text messages carry frames too.
+    let (mut raw, _) = tokio_tungstenite::connect_async(format!("ws://{}/sub", h.ws)).await?;
+    raw.send(Message::Binary(hex(T1).into())).await?;
+    let reply = timeout(WAIT, raw.next()).await?.context("ended")??;
+    assert_eq!(reply.into_data().to_vec(), hex(T2), "T2");
+    raw.send(Message::Ping(Bytes::from_static(b"p"))).await?;
+    let pong = timeout(WAIT, raw.next()).await?.context("ended")??;
     assert_eq!(pong, Message::Pong(Bytes::from_static(b"p")));
-    // Text messages carry frames too.
-    w.ws.send(Message::Text(String::from_utf8(hex(T3))?.into()))
+    raw.send(Message::Text(String::from_utf8(hex(T3))?.into()))
         .await?;
-    assert_eq!(w.recv_msg().await?.to_vec()[..12], hex(T4)[..12]);
+    let reply = timeout(WAIT, raw.next()).await?.context("ended")??;
+    assert_eq!(reply.into_data()[..12], hex(T4)[..12]);
     h.shutdown().await
 }
 
@@ -73,25 +78,40 @@ async fn websocket_upgrade_checks_the_path() -> Result {
         )
     };
     for path in ["/foo", "/sub?x=1"] {
-        let mut c = TcpClient::connect(h.ws).await?;
-        c.send_raw(upgrade(path).as_bytes()).await?;
-        let head = c.read_bytes(12).await?;
+        let mut c = TcpStream::connect(h.ws).await?;
+        c.write_all(upgrade(path).as_bytes()).await?;
+        let head = read_bytes(&mut c, 12).await?;
         assert_eq!(head, b"HTTP/1.1 400", "path {path}");
     }
-    let mut c = TcpClient::connect(h.ws).await?;
-    c.send_raw(upgrade("/sub").as_bytes()).await?;
-    let head = c.read_bytes(12).await?;
+    let mut c = TcpStream::connect(h.ws).await?;
+    c.write_all(upgrade("/sub").as_bytes()).await?;
+    let head = read_bytes(&mut c, 12).await?;
     assert_eq!(head, b"HTTP/1.1 101");
-    let mut rest = Vec::new();
-    while !rest.ends_with(b"\r\n\r\n") {
-        rest.extend(c.read_bytes(1).await?);
-    }
-    let rest = String::from_utf8(rest)?;
+    let rest = String::from_utf8(read_head(&mut c).await?)?;
     assert!(
         rest.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
         "T11 accept value in {rest}"
     );
     h.shutdown().await
+}
+
+/// Exactly `n` bytes off a raw socket; bounded by [`WAIT`].
+async fn read_bytes(stream: &mut TcpStream, n: usize) -> Result<Vec<u8>> {
+    let mut bytes = vec![0; n];
+    timeout(WAIT, stream.read_exact(&mut bytes))
+        .await
+        .context("timed out reading")??;
+    Ok(bytes)
+}
+
+/// A raw socket read up to the end of an HTTP head (`\r\n\r\n`), byte by
+/// byte so that nothing after it is consumed.
+async fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.extend(read_bytes(stream, 1).await?);
+    }
+    Ok(head)
 }
 
 /// Sends a raw HTTP request head to the WebSocket port and returns everything
@@ -151,20 +171,19 @@ async fn websocket_upgrade_limits_answer_431_and_spare_healthy_clients() -> Resu
         );
     }
     assert!(req.headers().len() <= 60, "{}", req.headers().len());
-    let (ws, _) = tokio_tungstenite::connect_async(req).await?;
-    let mut padded = WsClient { ws };
-    padded.auth(&token("padded", "room", &[])).await?;
+    let mut padded = Client::connect_ws(req).await?.with_timeout(WAIT);
+    padded.auth(token("padded", "room", &[])).await?;
     push(b"last").await?;
 
     for body in &pushed {
-        let msg = healthy.recv_msg().await?;
+        let msg = healthy.next_message().await?.to_bytes();
         assert_eq!(
             msg,
             ws::push_for_ws(&raw_push(1000, body)),
             "healthy client lost {body:?}"
         );
     }
-    let msg = padded.recv_msg().await?;
+    let msg = padded.next_message().await?.to_bytes();
     assert_eq!(msg, ws::push_for_ws(&raw_push(1000, b"last")));
     for (reason, n) in [
         ("head_too_large", 1.0),
@@ -195,20 +214,17 @@ async fn bytes_sent_right_after_the_upgrade_head_are_not_lost() -> Result {
     bytes.push(0x80 | u8::try_from(payload.len())?);
     bytes.extend(mask);
     bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    let mut c = TcpClient::connect(h.ws).await?;
-    c.send_raw(&bytes).await?;
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.extend(c.read_bytes(1).await?);
-    }
+    let mut c = TcpStream::connect(h.ws).await?;
+    c.write_all(&bytes).await?;
+    let head = read_head(&mut c).await?;
     assert!(
         head.starts_with(b"HTTP/1.1 101"),
         "{:?}",
         String::from_utf8_lossy(&head)
     );
     // An unmasked binary message from the server: T2, the auth reply.
-    assert_eq!(c.read_bytes(2).await?, [0x82, 16]);
-    assert_eq!(c.read_bytes(16).await?, hex(T2));
+    assert_eq!(read_bytes(&mut c, 2).await?, [0x82, 16]);
+    assert_eq!(read_bytes(&mut c, 16).await?, hex(T2));
     h.shutdown().await
 }
 
@@ -236,21 +252,19 @@ async fn wss_serves_the_same_protocol_over_tls() -> Result {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
     let tcp = TcpStream::connect(h.wss.context("wss listener")?).await?;
     let stream = connector.connect("localhost".try_into()?, tcp).await?;
-    let (mut ws, _) = tokio_tungstenite::client_async("wss://localhost/sub", stream).await?;
+    let mut wss = Client::ws_over(stream, "wss://localhost/sub")
+        .await?
+        .with_timeout(WAIT);
 
-    ws.send(Message::Binary(hex(T1).into())).await?;
-    let reply = timeout(WAIT, ws.next()).await?.context("ended")??;
-    assert_eq!(reply.into_data().to_vec(), hex(T2), "T2 over WSS");
+    wss.send_raw(hex(T1)).await?;
+    assert_eq!(wss.next_message().await?.to_bytes(), hex(T2), "T2 over WSS");
     let mut grpc = h.comet_client().await?;
     grpc.broadcast_room(BroadcastRoomReq {
         room_id: "live://1000".into(),
         proto: Some(ws::raw_proto(hex(T7).into())),
     })
     .await?;
-    let mut expected = hex(T7_WS_HEADER);
-    expected.extend(hex(T7));
-    let push = timeout(WAIT, ws.next()).await?.context("ended")??;
-    assert_eq!(push.into_data().to_vec(), expected, "T7 over WSS");
+    assert_eq!(wss.next_message().await?.to_bytes(), t7_ws(), "T7 over WSS");
     // WSS is counted under its own transport label.
     assert_eq!(
         h.metric(r#"herald_comet_connections{transport="wss"}"#)

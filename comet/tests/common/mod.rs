@@ -1,7 +1,7 @@
 //! The harness shared by comet's black-box tests: a comet started with
-//! `run` on 127.0.0.1:0, herald-testkit's recording stub logic, real TCP and
-//! WebSocket clients, and a tonic client for the comet's gRPC services. Byte
-//! vectors are spec §14's.
+//! `run` on 127.0.0.1:0, herald-testkit's recording stub logic and HTTP
+//! client, herald-client's goim clients (TCP and WebSocket), and a tonic
+//! client for the comet's gRPC services. Byte vectors are spec §14's.
 
 // Each test binary uses its own part of the harness.
 #![allow(dead_code)]
@@ -9,20 +9,19 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
-use bytes::{Bytes, BytesMut};
-use futures::{SinkExt, StreamExt};
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use herald_client::{Client, Error as ClientError};
 use herald_comet::{Config, Listeners};
 use herald_protocol::pb::admin::comet_admin_client::CometAdminClient;
 use herald_protocol::pb::{CometClient, Proto};
-use herald_protocol::{Frame, Limits, op, ws};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use herald_protocol::{Frame, op, ws};
+use herald_testkit::http;
+use herald_testkit::stub::{Event, StubLogic};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tonic::transport::Channel;
 
 pub(crate) type Result<T = (), E = anyhow::Error> = std::result::Result<T, E>;
@@ -58,6 +57,14 @@ pub(crate) const T7: &str =
 
 pub(crate) const T7_WS_HEADER: &str = "00 00 00 44 00 10 00 01 00 00 00 09 00 00 00 00";
 
+/// T7 as a WebSocket client receives it: one op-9 message, [`T7_WS_HEADER`]
+/// then both frames.
+pub(crate) fn t7_ws() -> Vec<u8> {
+    let mut message = hex(T7_WS_HEADER);
+    message.extend(hex(T7));
+    message
+}
+
 pub(crate) const T8_REQ: &str =
     "00 00 00 1b 00 10 00 01 00 00 00 0c 00 00 00 03 6c 69 76 65 3a 2f 2f 31 30 30 31";
 
@@ -69,8 +76,6 @@ pub(crate) const T10_REQ: &str = "00 00 00 12 00 10 00 01 00 00 00 04 00 00 00 0
 pub(crate) const T10_REPLY: &str = "00 00 00 10 00 10 00 01 00 00 00 04 00 00 00 05";
 
 // ---------------------------------------------------------------- stub logic
-
-use herald_testkit::stub::{Event, StubLogic};
 
 /// The recording stub logic the tests run against: a minute of idle timeout
 /// unless the token says otherwise.
@@ -158,37 +163,26 @@ impl Harness {
         Ok(CometAdminClient::new(self.channel().await?))
     }
 
-    pub(crate) async fn tcp_client(&self, token: &str) -> Result<TcpClient> {
-        let mut client = TcpClient::connect(self.tcp).await?;
-        client.auth(token).await?;
+    /// A TCP client authenticated with `token`.
+    pub(crate) async fn tcp_client(&self, token: &str) -> Result<Client> {
+        let mut client = connect_tcp(self.tcp).await?;
+        client.auth(token.to_owned()).await?;
         Ok(client)
     }
 
-    pub(crate) async fn ws_client(&self, token: &str) -> Result<WsClient> {
-        let mut client = WsClient::connect(self.ws).await?;
-        client.auth(token).await?;
+    /// A WebSocket client authenticated with `token`.
+    pub(crate) async fn ws_client(&self, token: &str) -> Result<Client> {
+        let mut client = connect_ws(self.ws).await?;
+        client.auth(token.to_owned()).await?;
         Ok(client)
     }
 
-    /// `GET path` on the admin HTTP listener: (status line, body).
-    pub(crate) async fn http_get(&self, path: &str) -> Result<(String, String)> {
-        let mut stream = TcpStream::connect(self.http).await?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(req.as_bytes()).await?;
-        let mut resp = Vec::new();
-        timeout(WAIT, stream.read_to_end(&mut resp)).await??;
-        let resp = String::from_utf8(resp)?;
-        let (head, body) = resp.split_once("\r\n\r\n").context("no body")?;
-        let status = head.lines().next().unwrap_or_default().to_owned();
-        Ok((status, body.to_owned()))
-    }
-
-    /// Polls `/readyz` until it answers `expected` (e.g. "200"); bounded by [`WAIT`].
-    pub(crate) async fn wait_readyz(&self, expected: &str) -> Result {
+    /// Polls `/readyz` until it answers `expected` (e.g. 200); bounded by [`WAIT`].
+    pub(crate) async fn wait_readyz(&self, expected: u16) -> Result {
         timeout(WAIT, async {
             loop {
-                if let Ok((status, _)) = self.http_get("/readyz").await
-                    && status.contains(expected)
+                if let Ok(answer) = http::get(self.http, "/readyz").await
+                    && answer.status == expected
                 {
                     return;
                 }
@@ -228,8 +222,8 @@ impl Harness {
     /// The value of the metric line `series` (name with labels) on `/metrics`,
     /// 0 when absent.
     pub(crate) async fn metric(&self, series: &str) -> Result<f64> {
-        let (_, body) = self.http_get("/metrics").await?;
-        Ok(metric_value(&body, series))
+        let answer = http::get(self.http, "/metrics").await?;
+        Ok(metric_value(&answer.body, series))
     }
 
     /// Polls `series` until it equals `expected`; bounded by [`WAIT`].
@@ -283,138 +277,34 @@ pub(crate) fn token_mid(mid: i64, key: &str) -> String {
     serde_json::json!({"mid": mid, "key": key, "room_id": "", "accepts": []}).to_string()
 }
 
-pub(crate) struct TcpClient {
-    pub(crate) stream: TcpStream,
-    pub(crate) buf: BytesMut,
+/// A TCP client of `addr`, not authenticated; each of its waits bounded by
+/// [`WAIT`].
+pub(crate) async fn connect_tcp(addr: SocketAddr) -> Result<Client> {
+    Ok(Client::connect_tcp(addr).await?.with_timeout(WAIT))
 }
 
-impl TcpClient {
-    pub(crate) async fn connect(addr: SocketAddr) -> Result<TcpClient> {
-        Ok(TcpClient {
-            stream: TcpStream::connect(addr).await?,
-            buf: BytesMut::new(),
-        })
-    }
-
-    pub(crate) async fn send_raw(&mut self, bytes: &[u8]) -> Result {
-        self.stream.write_all(bytes).await?;
-        Ok(())
-    }
-
-    pub(crate) async fn send(&mut self, frame: &Frame) -> Result {
-        self.send_raw(&frame.to_bytes()).await
-    }
-
-    pub(crate) async fn auth(&mut self, token: &str) -> Result {
-        self.send(&auth_frame(token)).await?;
-        let reply = self.recv().await?;
-        if reply.op != op::AUTH_REPLY {
-            bail!("expected op 8, got {reply:?}");
-        }
-        Ok(())
-    }
-
-    /// Exactly `n` bytes off the stream.
-    pub(crate) async fn read_bytes(&mut self, n: usize) -> Result<Vec<u8>> {
-        while self.buf.len() < n {
-            let read = timeout(WAIT, self.stream.read_buf(&mut self.buf))
-                .await
-                .context("timed out reading")??;
-            if read == 0 {
-                bail!("connection closed after {} of {n} bytes", self.buf.len());
-            }
-        }
-        Ok(self.buf.split_to(n).to_vec())
-    }
-
-    pub(crate) async fn recv(&mut self) -> Result<Frame> {
-        loop {
-            if let Some(frame) = Frame::decode(&mut self.buf, Limits::OUTBOUND)? {
-                return Ok(frame);
-            }
-            let read = timeout(WAIT, self.stream.read_buf(&mut self.buf))
-                .await
-                .context("timed out waiting for a frame")??;
-            if read == 0 {
-                bail!("connection closed");
-            }
-        }
-    }
-
-    /// Waits for the server to close; returns the frames received meanwhile.
-    pub(crate) async fn closed(&mut self) -> Result<Vec<Frame>> {
-        let mut frames = Vec::new();
-        loop {
-            while let Some(frame) = Frame::decode(&mut self.buf, Limits::OUTBOUND)? {
-                frames.push(frame);
-            }
-            match timeout(WAIT, self.stream.read_buf(&mut self.buf))
-                .await
-                .context("connection was not closed")?
-            {
-                Ok(0) | Err(_) => return Ok(frames),
-                Ok(_) => {}
-            }
-        }
-    }
+/// A WebSocket client of `ws://{addr}/sub`, not authenticated; each of its
+/// waits bounded by [`WAIT`].
+pub(crate) async fn connect_ws(addr: SocketAddr) -> Result<Client> {
+    Ok(Client::connect_ws(format!("ws://{addr}/sub"))
+        .await?
+        .with_timeout(WAIT))
 }
 
-pub(crate) struct WsClient {
-    pub(crate) ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-}
-
-impl WsClient {
-    pub(crate) async fn connect(addr: SocketAddr) -> Result<WsClient> {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/sub")).await?;
-        Ok(WsClient { ws })
-    }
-
-    pub(crate) async fn send_raw(&mut self, bytes: Vec<u8>) -> Result {
-        self.ws.send(Message::Binary(bytes.into())).await?;
-        Ok(())
-    }
-
-    pub(crate) async fn send(&mut self, frame: &Frame) -> Result {
-        self.send_raw(frame.to_bytes().to_vec()).await
-    }
-
-    pub(crate) async fn auth(&mut self, token: &str) -> Result {
-        self.send(&auth_frame(token)).await?;
-        let reply = Frame::from_message(self.recv_msg().await?, Limits::OUTBOUND)?;
-        if reply.op != op::AUTH_REPLY {
-            bail!("expected op 8, got {reply:?}");
-        }
-        Ok(())
-    }
-
-    /// The next data message.
-    pub(crate) async fn recv_msg(&mut self) -> Result<Bytes> {
-        loop {
-            let msg = timeout(WAIT, self.ws.next())
-                .await
-                .context("timed out waiting for a message")?
-                .context("stream ended")??;
-            match msg {
-                Message::Binary(b) => return Ok(b),
-                Message::Close(_) => bail!("closed"),
-                Message::Ping(_) | Message::Pong(_) => continue,
-                other => bail!("unexpected message {other:?}"),
+/// Waits for the comet to close `client`'s connection; returns the messages
+/// (frames on TCP, one per message on WebSocket) received meanwhile.
+pub(crate) async fn closed(client: &mut Client) -> Result<Vec<Frame>> {
+    let mut frames = Vec::new();
+    loop {
+        match client.next_message().await {
+            Ok(frame) => frames.push(frame),
+            Err(ClientError::Closed | ClientError::Io(_) | ClientError::WebSocket(_)) => {
+                return Ok(frames);
             }
-        }
-    }
-
-    /// Waits for the server to close; returns the data messages received meanwhile.
-    pub(crate) async fn closed(&mut self) -> Result<Vec<Bytes>> {
-        let mut msgs = Vec::new();
-        loop {
-            match timeout(WAIT, self.ws.next())
-                .await
-                .context("connection was not closed")?
-            {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(msgs),
-                Some(Ok(Message::Binary(b))) => msgs.push(b),
-                Some(Ok(_)) => {}
+            Err(err @ ClientError::Timeout(_)) => {
+                return Err(err).context("connection was not closed");
             }
+            Err(err) => return Err(err.into()),
         }
     }
 }
