@@ -7,14 +7,16 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, ensure};
+use anyhow::{Context, ensure};
 use herald_client::{Client, Frame, Limits, Token, Transport, op};
 use herald_e2e::{testbed_var, unique_name};
 use herald_protocol::ws;
-use herald_testkit::{Herald, HeraldProcess, http};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use herald_testkit::{Herald, HeraldProcess};
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+
+mod common;
 
 /// Every wait in these tests is bounded by this.
 const WAIT: Duration = Duration::from_secs(30);
@@ -46,7 +48,7 @@ impl Cluster {
         let topic = unique_name(&format!("fullpath-{label}"));
         let group = unique_name(&format!("fullpath-{label}-job"));
         let server_id = unique_name(&format!("comet-{label}"));
-        create_topic(&brokers, &topic).await?;
+        common::create_topic(&brokers, &topic, 3).await?;
 
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join("full_path")
@@ -245,19 +247,6 @@ fn admin(brokers: &str) -> anyhow::Result<AdminClient<DefaultClientContext>> {
         .create()?)
 }
 
-async fn create_topic(brokers: &str, topic: &str) -> anyhow::Result<()> {
-    let results = admin(brokers)?
-        .create_topics(
-            &[NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await?;
-    for result in results {
-        result.map_err(|(name, code)| anyhow!("create topic {name}: {code}"))?;
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------- clients
 
 fn token(mid: i64, key: &str) -> Token {
@@ -285,6 +274,18 @@ async fn ws_client(port: u16, mid: i64, key: &str) -> anyhow::Result<Client> {
     Ok(client)
 }
 
+/// The bodies of the next [`ORDERED`] pushes of [`PUSH_OP`], as text.
+async fn receive(mut client: Client, label: &str) -> anyhow::Result<Vec<String>> {
+    let mut got = Vec::with_capacity(ORDERED);
+    while got.len() < ORDERED {
+        let body = next_push(&mut client)
+            .await
+            .with_context(|| format!("{label} client had {} of {ORDERED} pushes", got.len()))?;
+        got.push(String::from_utf8(body.to_vec())?);
+    }
+    Ok(got)
+}
+
 /// The body of the next push of [`PUSH_OP`], skipping anything else.
 async fn next_push(client: &mut Client) -> anyhow::Result<bytes::Bytes> {
     loop {
@@ -304,16 +305,9 @@ async fn next_push(client: &mut Client) -> anyhow::Result<bytes::Bytes> {
 
 /// POSTs `body` to logic's HTTP API and checks the answer is 200 with code 0.
 async fn push(http: u16, path_and_query: &str, body: &[u8]) -> anyhow::Result<()> {
-    let response = http::post(addr(http), path_and_query, body).await?;
-    ensure!(
-        response.status == 200,
-        "POST {path_and_query}: {response:?}"
-    );
-    ensure!(
-        response.body.contains("\"code\":0"),
-        "POST {path_and_query}: {response:?}"
-    );
-    Ok(())
+    common::logic_call(addr(http), None, "POST", path_and_query, body)
+        .await
+        .map(drop)
 }
 
 // ---------------------------------------------------------------- tests
@@ -376,30 +370,12 @@ async fn room_pushes_keep_their_order_end_to_end() -> anyhow::Result<()> {
     let cluster = Cluster::start("order").await?;
     cluster
         .run(|http, tcp_port, ws_port| async move {
-            let mut tcp = tcp_client(tcp_port, 11, "k-tcp-order").await?;
-            let mut ws = ws_client(ws_port, 12, "k-ws-order").await?;
+            let tcp = tcp_client(tcp_port, 11, "k-tcp-order").await?;
+            let ws = ws_client(ws_port, 12, "k-ws-order").await?;
 
             let expected: Vec<String> = (0..ORDERED).map(|n| format!("{{\"seq\":{n}}}")).collect();
-            let receive_tcp = tokio::spawn(async move {
-                let mut got = Vec::with_capacity(ORDERED);
-                while got.len() < ORDERED {
-                    let body = next_push(&mut tcp).await.with_context(|| {
-                        format!("tcp client had {} of {ORDERED} pushes", got.len())
-                    })?;
-                    got.push(String::from_utf8(body.to_vec())?);
-                }
-                anyhow::Ok(got)
-            });
-            let receive_ws = tokio::spawn(async move {
-                let mut got = Vec::with_capacity(ORDERED);
-                while got.len() < ORDERED {
-                    let body = next_push(&mut ws).await.with_context(|| {
-                        format!("ws client had {} of {ORDERED} pushes", got.len())
-                    })?;
-                    got.push(String::from_utf8(body.to_vec())?);
-                }
-                anyhow::Ok(got)
-            });
+            let receive_tcp = tokio::spawn(receive(tcp, "tcp"));
+            let receive_ws = tokio::spawn(receive(ws, "ws"));
 
             for body in &expected {
                 push(

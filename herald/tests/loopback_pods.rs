@@ -3,22 +3,25 @@
 //! standalone` processes bound to their own 127.0.0.0/8 pod IPs, with pod
 //! status, readiness, restarts and graceful deletion as a kubelet does them.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
+use herald_e2e::eventually;
 use herald_e2e::kubelet::{Config, IpPool, Kubelet, pod_ip, pod_ready};
-use herald_e2e::{eventually, testbed_var, unique_name};
+use herald_testkit::http;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{ContainerStateWaiting, Event, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+mod common;
+
+use common::k8s::{client, create_namespace, delete_namespace, start_kubelet};
 
 /// Every wait is bounded by this many seconds.
 const WAIT: u64 = 60;
@@ -26,47 +29,23 @@ const WAIT: u64 = 60;
 const HTTP_PORT: u16 = 3111;
 const TCP_PORT: u16 = 3101;
 
-async fn client() -> anyhow::Result<Client> {
-    testbed_var("KUBECONFIG");
-    Ok(Client::try_default().await?)
-}
-
-async fn create_namespace(client: &Client, prefix: &str) -> anyhow::Result<String> {
-    let name = unique_name(prefix);
-    let namespace: Namespace = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "labels": {"herald.dev/e2e": "loopback-pods"}}
-    }))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &namespace)
-        .await?;
-    Ok(name)
-}
-
-/// A harness that manages `namespace`, lending addresses from 127.0.<third>.0/24.
-async fn start_kubelet(client: &Client, namespace: &str, third: u8) -> anyhow::Result<Kubelet> {
-    start_kubelet_with(client, third, |config| {
-        config.namespaces = vec![namespace.to_owned()]
-    })
-    .await
-}
-
-async fn start_kubelet_with(
-    client: &Client,
+/// A fresh namespace named after `prefix`, a harness for it lending
+/// addresses from 127.0.<third>.0/24 (`configure` changes its settings, given
+/// the namespace), and the namespace's pods.
+async fn start(
+    prefix: &str,
     third: u8,
-    configure: impl FnOnce(&mut Config),
-) -> anyhow::Result<Kubelet> {
-    let node = unique_name("loopback");
-    let run_dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("loopback_pods")
-        .join(&node);
-    let mut config = Config::new(
-        &node,
-        PathBuf::from(env!("CARGO_BIN_EXE_herald")),
-        run_dir,
-        IpPool::slash24(third),
-    );
-    configure(&mut config);
-    Ok(Kubelet::start(client.clone(), config).await?)
+    configure: impl FnOnce(&mut Config, &str),
+) -> anyhow::Result<(Client, String, Kubelet, Api<Pod>)> {
+    let client = client().await?;
+    let namespace = create_namespace(&client, prefix, "loopback-pods").await?;
+    let kubelet = start_kubelet(&client, "loopback_pods", "loopback", third, |config| {
+        config.namespaces = vec![namespace.clone()];
+        configure(config, &namespace);
+    })
+    .await?;
+    let pods = Api::namespaced(client.clone(), &namespace);
+    Ok((client, namespace, kubelet, pods))
 }
 
 /// The pod template: `herald standalone` on the pod IP, ready when logic's
@@ -97,18 +76,56 @@ fn pod_spec() -> serde_json::Value {
     })
 }
 
-/// GET over a plain TCP connection to the pod's own address; returns the body.
-async fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect(SocketAddr::new(IpAddr::V4(ip), port)).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    ensure!(
-        response.starts_with("HTTP/1.1 200"),
-        "GET {path} on {ip}: {response}"
-    );
-    Ok(response)
+/// GET on logic's HTTP API at the pod's own address; the body of a 200.
+async fn http_get(ip: Ipv4Addr, path: &str) -> anyhow::Result<String> {
+    let response = http::get((ip, HTTP_PORT), path).await?;
+    Ok(response
+        .ok()
+        .with_context(|| format!("GET {path} on {ip}"))?
+        .body)
+}
+
+/// Creates pod `name` with `labels`, running `spec`.
+async fn create_pod(
+    pods: &Api<Pod>,
+    name: &str,
+    labels: serde_json::Value,
+    spec: serde_json::Value,
+) -> anyhow::Result<()> {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels}, "spec": spec,
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    Ok(())
+}
+
+/// Waits for pod `name` to be ready (`what` names that in the timeout
+/// error); the pod as it was then.
+async fn ready_pod(pods: &Api<Pod>, name: &str, what: &str) -> anyhow::Result<Pod> {
+    eventually(WAIT, what, || async {
+        let pod = pods.get(name).await?;
+        Ok(pod_ready(&pod).then_some(pod))
+    })
+    .await
+}
+
+/// Waits until pod `name`'s container waits with CreateContainerConfigError
+/// (`what` names that in the timeout error).
+async fn config_error(
+    pods: &Api<Pod>,
+    name: &str,
+    what: &str,
+) -> anyhow::Result<ContainerStateWaiting> {
+    eventually(WAIT, what, || async {
+        let pod = pods.get(name).await?;
+        let waiting = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|c| c[0].state.clone())
+            .and_then(|s| s.waiting);
+        Ok(waiting.filter(|w| w.reason.as_deref() == Some("CreateContainerConfigError")))
+    })
+    .await
 }
 
 fn alive(pid: u32) -> bool {
@@ -125,9 +142,7 @@ async fn finish(
     mut pids: Vec<u32>,
 ) -> anyhow::Result<()> {
     pids.extend(kubelet.processes().into_values());
-    Api::<Namespace>::all(client.clone())
-        .delete(namespace, &DeleteParams::default())
-        .await?;
+    delete_namespace(&client, namespace).await?;
     let pods = Api::<Pod>::namespaced(client, namespace);
     eventually(WAIT, "the namespace's pods gone", || async {
         Ok(pods
@@ -154,10 +169,7 @@ async fn finish(
 
 #[tokio::test]
 async fn deployment_pods_run_on_loopback_ips_and_scale_down_gracefully() -> anyhow::Result<()> {
-    let client = client().await?;
-    let namespace = create_namespace(&client, "lbpods").await?;
-    let kubelet = start_kubelet(&client, &namespace, 20).await?;
-    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
+    let (client, namespace, kubelet, pods) = start("lbpods", 20, |_, _| {}).await?;
 
     let deployment: Deployment = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "chat"},
@@ -220,7 +232,7 @@ async fn deployment_pods_run_on_loopback_ips_and_scale_down_gracefully() -> anyh
         // logic's HTTP API, which knows this comet by the name built from env.
         TcpStream::connect((ip, TCP_PORT)).await?;
         let name = pod.metadata.name.as_deref().context("name")?;
-        let nodes = http_get(ip, HTTP_PORT, "/goim/nodes/instances").await?;
+        let nodes = http_get(ip, "/goim/nodes/instances").await?;
         assert!(nodes.contains(&format!("grpc://{ip}:3109")), "{nodes}");
         assert!(
             nodes.contains(&format!("\"hostname\":\"{namespace}.{name}\"")),
@@ -320,19 +332,9 @@ async fn deployment_pods_run_on_loopback_ips_and_scale_down_gracefully() -> anyh
 
 #[tokio::test]
 async fn killed_process_restarts_and_counts() -> anyhow::Result<()> {
-    let client = client().await?;
-    let namespace = create_namespace(&client, "lbrestart").await?;
-    let kubelet = start_kubelet(&client, &namespace, 21).await?;
-    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "solo"}, "spec": pod_spec(),
-    }))?;
-    pods.create(&PostParams::default(), &pod).await?;
-    let first = eventually(WAIT, "pod ready", || async {
-        let pod = pods.get("solo").await?;
-        Ok(pod_ready(&pod).then_some(pod))
-    })
-    .await?;
+    let (client, namespace, kubelet, pods) = start("lbrestart", 21, |_, _| {}).await?;
+    create_pod(&pods, "solo", serde_json::json!({}), pod_spec()).await?;
+    let first = ready_pod(&pods, "solo", "pod ready").await?;
     let ip = pod_ip(&first)?;
     let old = kubelet.pid(&namespace, "solo", "herald").context("pid")?;
     kill(Pid::from_raw(i32::try_from(old)?), Signal::SIGKILL)?;
@@ -372,21 +374,19 @@ async fn killed_process_restarts_and_counts() -> anyhow::Result<()> {
         exits[0].signals_sent.is_empty(),
         "the harness did not kill it"
     );
-    http_get(ip, HTTP_PORT, "/goim/online/total").await?;
+    http_get(ip, "/goim/online/total").await?;
 
     finish(client, &namespace, kubelet, vec![old, new]).await
 }
 
 #[tokio::test]
 async fn schedules_only_selected_pods_and_refuses_other_commands() -> anyhow::Result<()> {
-    let client = client().await?;
-    let namespace = create_namespace(&client, "lbselect").await?;
-    let selector = format!("herald.dev/loopback-test={namespace}");
-    let kubelet = start_kubelet_with(&client, 22, |config| {
-        config.label_selector = Some(selector.clone());
+    // Pods are picked by their label only, not by namespace.
+    let (client, namespace, kubelet, pods) = start("lbselect", 22, |config, namespace| {
+        config.namespaces.clear();
+        config.label_selector = Some(format!("herald.dev/loopback-test={namespace}"));
     })
     .await?;
-    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
     let label = serde_json::json!({"herald.dev/loopback-test": namespace});
     let mut shell = pod_spec();
     shell["containers"][0]["command"] = serde_json::json!(["/bin/sh", "-c", "sleep 1000"]);
@@ -395,26 +395,11 @@ async fn schedules_only_selected_pods_and_refuses_other_commands() -> anyhow::Re
         ("shell", label.clone(), shell),
         ("selected", label, pod_spec()),
     ] {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "labels": labels}, "spec": spec,
-        }))?;
-        pods.create(&PostParams::default(), &pod).await?;
+        create_pod(&pods, name, labels, spec).await?;
     }
-    eventually(WAIT, "the selected pod ready", || async {
-        Ok(pod_ready(&pods.get("selected").await?).then_some(()))
-    })
-    .await?;
+    ready_pod(&pods, "selected", "the selected pod ready").await?;
     // A container that is not herald is refused with a reason, not run.
-    let refused = eventually(WAIT, "the shell pod refused", || async {
-        let pod = pods.get("shell").await?;
-        let waiting = pod
-            .status
-            .and_then(|s| s.container_statuses)
-            .and_then(|c| c[0].state.clone())
-            .and_then(|s| s.waiting);
-        Ok(waiting.filter(|w| w.reason.as_deref() == Some("CreateContainerConfigError")))
-    })
-    .await?;
+    let refused = config_error(&pods, "shell", "the shell pod refused").await?;
     let message = refused.message.unwrap_or_default();
     assert!(message.contains("only herald runs"), "{message}");
     assert!(kubelet.pid(&namespace, "shell", "herald").is_none());
@@ -434,18 +419,9 @@ async fn schedules_only_selected_pods_and_refuses_other_commands() -> anyhow::Re
 
 #[tokio::test]
 async fn dropping_the_harness_stops_its_processes() -> anyhow::Result<()> {
-    let client = client().await?;
-    let namespace = create_namespace(&client, "lbdrop").await?;
-    let kubelet = start_kubelet(&client, &namespace, 24).await?;
-    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "solo"}, "spec": pod_spec(),
-    }))?;
-    pods.create(&PostParams::default(), &pod).await?;
-    eventually(WAIT, "pod ready", || async {
-        Ok(pod_ready(&pods.get("solo").await?).then_some(()))
-    })
-    .await?;
+    let (client, namespace, kubelet, pods) = start("lbdrop", 24, |_, _| {}).await?;
+    create_pod(&pods, "solo", serde_json::json!({}), pod_spec()).await?;
+    ready_pod(&pods, "solo", "pod ready").await?;
     let pid = kubelet.pid(&namespace, "solo", "herald").context("pid")?;
     drop(kubelet);
     eventually(
@@ -455,28 +431,16 @@ async fn dropping_the_harness_stops_its_processes() -> anyhow::Result<()> {
     )
     .await?;
     // Its pod stays behind on a node nobody runs, as with a vanished kubelet.
-    Api::<Namespace>::all(client)
-        .delete(&namespace, &DeleteParams::default())
-        .await?;
-    Ok(())
+    delete_namespace(&client, &namespace).await
 }
 
 #[tokio::test]
 async fn no_grace_period_means_sigterm_then_sigkill() -> anyhow::Result<()> {
-    let client = client().await?;
-    let namespace = create_namespace(&client, "lbkill").await?;
-    let kubelet = start_kubelet(&client, &namespace, 25).await?;
-    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
+    let (client, namespace, kubelet, pods) = start("lbkill", 25, |_, _| {}).await?;
     let mut spec = pod_spec();
     spec["terminationGracePeriodSeconds"] = serde_json::json!(0);
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "solo"}, "spec": spec,
-    }))?;
-    pods.create(&PostParams::default(), &pod).await?;
-    eventually(WAIT, "pod ready", || async {
-        Ok(pod_ready(&pods.get("solo").await?).then_some(()))
-    })
-    .await?;
+    create_pod(&pods, "solo", serde_json::json!({}), spec).await?;
+    ready_pod(&pods, "solo", "pod ready").await?;
     let pid = kubelet.pid(&namespace, "solo", "herald").context("pid")?;
     pods.delete("solo", &DeleteParams::default()).await?;
     let exit = eventually(WAIT, "the process ended", || async {
@@ -496,20 +460,14 @@ async fn no_grace_period_means_sigterm_then_sigkill() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn failing_liveness_probe_restarts_the_process() -> anyhow::Result<()> {
-    let client = client().await?;
-    let namespace = create_namespace(&client, "lblive").await?;
-    let kubelet = start_kubelet(&client, &namespace, 27).await?;
-    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
+    let (client, namespace, kubelet, pods) = start("lblive", 27, |_, _| {}).await?;
     let mut spec = pod_spec();
     // Logic answers 404 here: the process is alive but fails its probe.
     spec["containers"][0]["livenessProbe"] = serde_json::json!({
         "httpGet": {"path": "/no-such-path", "port": "http"},
         "periodSeconds": 1, "failureThreshold": 2,
     });
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "solo"}, "spec": spec,
-    }))?;
-    pods.create(&PostParams::default(), &pod).await?;
+    create_pod(&pods, "solo", serde_json::json!({}), spec).await?;
     let first = eventually(WAIT, "the first process", || async {
         Ok(kubelet.pid(&namespace, "solo", "herald"))
     })
@@ -539,25 +497,15 @@ async fn failing_liveness_probe_restarts_the_process() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_full_pool_keeps_pods_pending_until_an_address_returns() -> anyhow::Result<()> {
-    let client = client().await?;
-    let namespace = create_namespace(&client, "lbpool").await?;
     let only = Ipv4Addr::new(127, 0, 28, 1);
-    let kubelet = start_kubelet_with(&client, 28, |config| {
-        config.namespaces = vec![namespace.clone()];
+    let (client, namespace, kubelet, pods) = start("lbpool", 28, |config, _| {
         config.pool = IpPool::new(only, only).expect("a one-address pool");
     })
     .await?;
-    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
     for name in ["first", "second"] {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name}, "spec": pod_spec(),
-        }))?;
-        pods.create(&PostParams::default(), &pod).await?;
+        create_pod(&pods, name, serde_json::json!({}), pod_spec()).await?;
         if name == "first" {
-            eventually(WAIT, "the first pod ready", || async {
-                Ok(pod_ready(&pods.get("first").await?).then_some(()))
-            })
-            .await?;
+            ready_pod(&pods, "first", "the first pod ready").await?;
         }
     }
     assert_eq!(pod_ip(&pods.get("first").await?)?, only);
@@ -582,15 +530,7 @@ async fn a_full_pool_keeps_pods_pending_until_an_address_returns() -> anyhow::Re
 
     let first_pid = kubelet.pid(&namespace, "first", "herald").context("pid")?;
     pods.delete("first", &DeleteParams::default()).await?;
-    let second = eventually(
-        WAIT,
-        "the second pod ready on the freed address",
-        || async {
-            let pod = pods.get("second").await?;
-            Ok(pod_ready(&pod).then_some(pod))
-        },
-    )
-    .await?;
+    let second = ready_pod(&pods, "second", "the second pod ready on the freed address").await?;
     assert_eq!(pod_ip(&second)?, only);
     finish(client, &namespace, kubelet, vec![first_pid]).await
 }
@@ -598,9 +538,7 @@ async fn a_full_pool_keeps_pods_pending_until_an_address_returns() -> anyhow::Re
 #[tokio::test]
 async fn env_from_config_maps_and_secrets_waits_for_a_missing_secret() -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-    let client = client().await?;
-    let namespace = create_namespace(&client, "lbenv").await?;
-    let kubelet = start_kubelet(&client, &namespace, 29).await?;
+    let (client, namespace, kubelet, pods) = start("lbenv", 29, |_, _| {}).await?;
     let config_map: ConfigMap = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "settings"}, "data": {"SITE": "eu"},
     }))?;
@@ -620,23 +558,10 @@ async fn env_from_config_maps_and_secrets_waits_for_a_missing_secret() -> anyhow
             *arg = serde_json::json!("--server-id=$(CFG_SITE)-$(SHARD)-$(POD_NAME)");
         }
     }
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "solo"}, "spec": spec,
-    }))?;
-    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
-    pods.create(&PostParams::default(), &pod).await?;
+    create_pod(&pods, "solo", serde_json::json!({}), spec).await?;
 
     // The Secret does not exist yet: the container waits with the reason.
-    let waiting = eventually(WAIT, "CreateContainerConfigError", || async {
-        let pod = pods.get("solo").await?;
-        let waiting = pod
-            .status
-            .and_then(|s| s.container_statuses)
-            .and_then(|c| c[0].state.clone())
-            .and_then(|s| s.waiting);
-        Ok(waiting.filter(|w| w.reason.as_deref() == Some("CreateContainerConfigError")))
-    })
-    .await?;
+    let waiting = config_error(&pods, "solo", "CreateContainerConfigError").await?;
     let message = waiting.message.unwrap_or_default();
     assert!(
         message.contains("shard") && message.contains("id"),
@@ -650,13 +575,9 @@ async fn env_from_config_maps_and_secrets_waits_for_a_missing_secret() -> anyhow
     Api::<Secret>::namespaced(client.clone(), &namespace)
         .create(&PostParams::default(), &secret)
         .await?;
-    let pod = eventually(WAIT, "pod ready once the Secret exists", || async {
-        let pod = pods.get("solo").await?;
-        Ok(pod_ready(&pod).then_some(pod))
-    })
-    .await?;
+    let pod = ready_pod(&pods, "solo", "pod ready once the Secret exists").await?;
     // Logic knows the comet by the name expanded from all three sources.
-    let nodes = http_get(pod_ip(&pod)?, HTTP_PORT, "/goim/nodes/instances").await?;
+    let nodes = http_get(pod_ip(&pod)?, "/goim/nodes/instances").await?;
     assert!(nodes.contains("\"hostname\":\"eu-7-solo\""), "{nodes}");
     finish(client, &namespace, kubelet, Vec::new()).await
 }

@@ -14,28 +14,30 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
-use bytes::{Bytes, BytesMut};
-use herald_e2e::kubelet::{Config as KubeletConfig, IpPool, Kubelet, pod_ip, pod_ready};
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use herald_client::{Client, Event, Redirect, Token};
+use herald_e2e::kubelet::{Kubelet, pod_ip};
 use herald_e2e::service_proxy::ServiceProxy;
 use herald_e2e::{eventually, testbed_var, unique_name};
+use herald_operator::ServiceAddresses;
 use herald_operator::crd::PushCluster;
-use herald_protocol::frame::Limits;
-use herald_protocol::{Frame, op};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client as KubeClient, ResourceExt};
+use serde_json::json;
+
+mod common;
+
+use common::k8s::{delete_namespace, start_kubelet};
+use common::operator::{
+    Operator, comet_replicas, comet_spec, container_args, has_condition, kubectl_get, owned_by,
+    ready_pods, secret_value, setup, wait_cluster, wait_node_flags,
+};
 
 /// The pods' /24 (other harness tests use 127.0.20-29.x).
 const POD_NET: u8 = 31;
@@ -51,74 +53,49 @@ const CLUSTER: &str = "chat";
 
 // ---------------------------------------------------------------- goim client
 
-/// A goim TCP client that asked for Herald's redirect (op 18).
+/// A goim TCP client that asked for Herald's redirect (op 18), and where it
+/// is connected.
+#[derive(Debug)]
 struct GoimClient {
     mid: u64,
-    stream: TcpStream,
-    buf: BytesMut,
+    addr: SocketAddr,
+    client: Client,
 }
 
 impl GoimClient {
+    /// Connected and authenticated (the auth reply has arrived) within 10 s;
+    /// reads then wait up to [`WAIT`].
     async fn connect(addr: SocketAddr, mid: u64) -> anyhow::Result<GoimClient> {
-        let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        let bound = Duration::from_secs(10);
+        let mut client = tokio::time::timeout(bound, Client::connect_tcp(addr))
             .await
-            .with_context(|| format!("connecting to {addr}"))??;
-        let mut client = GoimClient {
-            mid,
-            stream,
-            buf: BytesMut::new(),
-        };
-        let token = json!({"mid": mid, "key": format!("e2e-{mid}"), "room_id": "live://7",
-                           "platform": "android", "accepts": [PUSH_OP],
-                           "herald": {"redirect": true}});
-        let auth = Frame {
-            ver: 1,
-            op: op::AUTH,
-            seq: 1,
-            body: Bytes::from(token.to_string()),
-        };
-        client.stream.write_all(&auth.to_bytes()).await?;
-        let reply = client.next_frame(10).await?;
-        ensure!(reply.op == op::AUTH_REPLY, "auth to {addr}: {reply:?}");
-        Ok(client)
-    }
-
-    async fn next_frame(&mut self, secs: u64) -> anyhow::Result<Frame> {
-        loop {
-            if let Some(frame) = Frame::decode(&mut self.buf, Limits::OUTBOUND)? {
-                return Ok(frame);
-            }
-            let read = tokio::time::timeout(
-                Duration::from_secs(secs),
-                self.stream.read_buf(&mut self.buf),
-            )
+            .with_context(|| format!("connecting to {addr}"))??
+            .with_timeout(bound);
+        let token = Token::new(mid as i64, format!("e2e-{mid}"))
+            .room("live://7")
+            .platform("android")
+            .accepts([PUSH_OP])
+            .redirect();
+        client
+            .auth(&token)
             .await
-            .with_context(|| format!("client {} waited too long", self.mid))??;
-            ensure!(read > 0, "client {}: connection closed", self.mid);
-        }
+            .with_context(|| format!("auth to {addr}"))?;
+        client.set_timeout(Some(Duration::from_secs(WAIT)));
+        Ok(GoimClient { mid, addr, client })
     }
 }
 
 /// What a client saw until it had the push (and, on the drained comet,
 /// until it was moved).
+#[derive(Debug)]
 struct Outcome {
     mid: u64,
     /// Op-18 bodies received.
-    redirects: Vec<Value>,
+    redirects: Vec<Redirect>,
     /// Where the push arrived: `true` on the comet it started on.
     push_on_first_comet: bool,
     /// The connection it ends on, kept open until the test ends.
     client: GoimClient,
-}
-
-impl std::fmt::Debug for Outcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outcome")
-            .field("mid", &self.mid)
-            .field("redirects", &self.redirects)
-            .field("push_on_first_comet", &self.push_on_first_comet)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Reads until the push arrives and, with `until_redirected`, until an op
@@ -133,29 +110,33 @@ async fn follow(
     let mut redirects = Vec::new();
     let mut push_on_first_comet = None;
     while push_on_first_comet.is_none() || (until_redirected && redirects.is_empty()) {
-        let frame = client.next_frame(WAIT).await?;
-        match frame.op {
+        let event = client
+            .client
+            .next_event()
+            .await
+            .with_context(|| format!("client {}", client.mid))?;
+        match event {
             // A late warm-up push is not the one awaited.
-            PUSH_OP if frame.body == body => {
+            Event::Push(push) if push.op == PUSH_OP && push.body == body => {
                 push_on_first_comet.get_or_insert(redirects.is_empty());
             }
-            op::REDIRECT => {
-                let redirect: Value = serde_json::from_slice(&frame.body)?;
-                let host = redirect["nodes"][0]
-                    .as_str()
-                    .with_context(|| format!("op 18 without nodes: {redirect}"))?;
-                let port = redirect["tcp_port"]
-                    .as_u64()
-                    .and_then(|p| u16::try_from(p).ok())
-                    .with_context(|| format!("op 18 without tcp_port: {redirect}"))?;
+            Event::Redirect(redirect) => {
+                let host = redirect
+                    .nodes
+                    .first()
+                    .with_context(|| format!("op 18 without nodes: {redirect:?}"))?;
+                let port = u16::try_from(redirect.tcp_port)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .with_context(|| format!("op 18 without tcp_port: {redirect:?}"))?;
                 let ip: Ipv4Addr = host.parse()?;
-                ensure!(ip.is_loopback(), "redirected off loopback: {redirect}");
+                ensure!(ip.is_loopback(), "redirected off loopback: {redirect:?}");
                 let mid = client.mid;
                 client = GoimClient::connect(SocketAddr::from((ip, port)), mid).await?;
                 redirects.push(redirect);
                 let _ = reconnected.send(mid);
             }
-            _ => {}
+            Event::Push(_) => {}
         }
     }
     Ok(Outcome {
@@ -168,199 +149,52 @@ async fn follow(
 
 // ---------------------------------------------------------------- cluster
 
-/// The loopback kubelet for `namespace`, giving pods API access as their
-/// ServiceAccount (logic and job watch the node-list ConfigMap).
-async fn start_kubelet(client: &Client, namespace: &str) -> anyhow::Result<Kubelet> {
-    let cluster = herald_e2e::kubelet::current_cluster().map_err(anyhow::Error::msg)?;
-    let node = unique_name("loopback-e2e");
-    let run_dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("operator_e2e")
-        .join(&node);
-    let mut config = KubeletConfig::new(
-        &node,
-        PathBuf::from(env!("CARGO_BIN_EXE_herald")),
-        run_dir,
-        IpPool::slash24(POD_NET),
-    );
-    config.namespaces = vec![namespace.to_owned()];
-    config.api_cluster = Some(cluster);
-    config.shutdown_grace = Duration::from_secs(3);
-    Ok(Kubelet::start(client.clone(), config).await?)
-}
-
-/// The arguments the operator gave the comet container.
-async fn comet_args(deployments: &Api<Deployment>) -> anyhow::Result<Vec<String>> {
-    Ok(deployments
-        .get(&format!("{CLUSTER}-comet"))
-        .await?
-        .spec
-        .and_then(|s| s.template.spec)
-        .map(|s| s.containers[0].args.clone().unwrap_or_default())
-        .unwrap_or_default())
-}
-
-fn ready(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none() && pod_ready(pod)
-}
-
-/// Ready pods of one component, by name.
-async fn ready_pods(pods: &Api<Pod>, component: &str) -> anyhow::Result<BTreeMap<String, Pod>> {
-    let list = pods
-        .list(&ListParams::default().labels(&format!(
-            "app.kubernetes.io/instance={CLUSTER},app.kubernetes.io/component={component}"
-        )))
-        .await?;
-    Ok(list
-        .items
-        .into_iter()
-        .filter(ready)
-        .map(|p| (p.name_any(), p))
-        .collect())
-}
-
-/// The comet names in the node-list ConfigMap, with their draining flag.
-async fn node_list(configmaps: &Api<ConfigMap>) -> anyhow::Result<BTreeMap<String, bool>> {
-    let Some(cm) = configmaps.get_opt(&format!("{CLUSTER}-nodes")).await? else {
-        return Ok(BTreeMap::new());
-    };
-    let data = cm.data.unwrap_or_default();
-    let Some(text) = data.get("nodes.json") else {
-        return Ok(BTreeMap::new());
-    };
-    let list: Value = serde_json::from_str(text)?;
-    Ok(list["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|n| {
-            (
-                n["name"].as_str().unwrap_or_default().to_owned(),
-                n["draining"] == true,
-            )
-        })
-        .collect())
-}
-
-/// POSTs to logic's HTTP API (with the API key) and checks `"code":0`.
-async fn logic_post(addr: SocketAddr, key: &str, path: &str, body: &[u8]) -> anyhow::Result<()> {
-    logic_call(addr, key, "POST", path, body).await.map(drop)
-}
-
-/// One request to logic's HTTP API through the Service proxy; the JSON
-/// answer of a 200 with `code` 0, else an error naming the answer.
-async fn logic_call(
-    addr: SocketAddr,
-    key: &str,
-    method: &str,
-    path: &str,
-    body: &[u8],
-) -> anyhow::Result<serde_json::Value> {
-    let mut stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+/// A broadcast of `body` (op [`PUSH_OP`]) through logic's HTTP API.
+async fn broadcast(addr: SocketAddr, key: &str, body: &[u8]) -> anyhow::Result<()> {
+    let path = format!("/goim/push/all?operation={PUSH_OP}");
+    common::logic_call(addr, Some(key), "POST", &path, body)
         .await
-        .context("connecting to logic")??;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: logic\r\nAuthorization: Bearer {key}\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body).await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
-        .await
-        .context("logic answer took too long")??;
-    let response = String::from_utf8_lossy(&response);
-    ensure!(
-        response.starts_with("HTTP/1.1 200") && response.contains("\"code\":0"),
-        "{method} {path}: {response}"
-    );
-    let json = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
-    Ok(serde_json::from_str(json)?)
-}
-
-/// `kubectl get pushclusters` as a user runs it: header and our row.
-fn kubectl_get(namespace: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
-    let output = std::process::Command::new(testbed_var("HERALD_KUBECTL"))
-        .args(["get", "pushclusters", "-n", namespace])
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "kubectl: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout)?;
-    let mut lines = text.lines();
-    let split = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
-    let header = split(lines.next().unwrap_or_default());
-    let row = lines
-        .map(split)
-        .find(|r| r.first().map(String::as_str) == Some(CLUSTER))
-        .with_context(|| format!("no {CLUSTER} row in:\n{text}"))?;
-    Ok((header, row))
+        .map(drop)
 }
 
 /// Everything the scenario started, stopped in order also when it fails.
 struct Bed {
-    client: Client,
+    client: KubeClient,
     namespace: String,
-    kubelet: Option<Kubelet>,
-    proxy: Option<ServiceProxy>,
-    /// Stop signal and task of each operator instance.
-    operators: Vec<(
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<herald_operator::Result<()>>,
-    )>,
-    /// Their metrics, in start order.
-    metrics: Vec<Arc<herald_operator::Metrics>>,
+    kubelet: Kubelet,
+    proxy: ServiceProxy,
+    /// The operator instances, in start order.
+    operators: Vec<Operator>,
 }
 
 impl Bed {
     /// An in-process operator (`--service-addresses=cluster-ip`) for `ns`.
     fn start_operator(&mut self, identity: &str) {
-        let metrics = Arc::new(herald_operator::Metrics::default());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(herald_operator::lead(
-            self.client.clone(),
-            herald_operator::Config {
-                namespaces: vec![self.namespace.clone()],
-                lease_name: "herald-operator".to_owned(),
-                lease_namespace: self.namespace.clone(),
-                identity: identity.to_owned(),
-                lease_secs: 4,
-                poll_interval: Duration::from_millis(300),
-                service_addresses: herald_operator::ServiceAddresses::ClusterIp,
-                metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-            },
-            metrics.clone(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        self.operators.push((stop, task));
-        self.metrics.push(metrics);
+        let operator = Operator::start_with(&self.client, &self.namespace, identity, |config| {
+            config.poll_interval = Duration::from_millis(300);
+            config.service_addresses = ServiceAddresses::ClusterIp;
+        });
+        self.operators.push(operator);
     }
-}
 
-impl Bed {
-    async fn stop(mut self) -> anyhow::Result<()> {
+    async fn stop(self) -> anyhow::Result<()> {
+        let Bed {
+            client,
+            namespace,
+            kubelet,
+            proxy,
+            mut operators,
+        } = self;
         // All are told at once, so no follower takes over in between.
-        let (stops, tasks): (Vec<_>, Vec<_>) = self.operators.drain(..).unzip();
-        for stop in stops {
-            let _ = stop.send(());
+        for operator in &mut operators {
+            operator.signal();
         }
-        for task in tasks {
-            tokio::time::timeout(Duration::from_secs(30), task).await???;
+        for operator in operators {
+            operator.stop().await?;
         }
-        if let Some(proxy) = self.proxy.take() {
-            proxy.stop().await;
-        }
-        if let Some(kubelet) = self.kubelet.take() {
-            kubelet.stop().await;
-        }
-        Api::<Namespace>::all(self.client.clone())
-            .delete(&self.namespace, &DeleteParams::default())
-            .await?;
-        Ok(())
+        proxy.stop().await;
+        kubelet.stop().await;
+        delete_namespace(&client, &namespace).await
     }
 }
 
@@ -374,35 +208,34 @@ async fn operator_runs_a_push_cluster_of_real_pods_and_drains_without_loss() -> 
         )
         .with_test_writer()
         .try_init();
-    testbed_var("KUBECONFIG");
     let redis_url = testbed_var("HERALD_REDIS_URL");
     let redis_addr = redis_url
         .trim_start_matches("redis://")
         .trim_end_matches('/')
         .to_owned();
     let brokers = testbed_var("HERALD_KAFKA_BROKERS");
-    let client = Client::try_default().await?;
-    herald_e2e::install_pushcluster_crd(&client).await?;
-    let ns = unique_name("op-e2e");
-    let namespace: Namespace = serde_json::from_value(
-        json!({"metadata": {"name": ns, "labels": {"herald.dev/e2e": "operator"}}}),
-    )?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &namespace)
-        .await?;
+    let (client, ns) = setup("op-e2e").await?;
 
-    // 1. Harness, proxy and operator, all aimed at the fresh namespace.
+    // 1. Harness, proxy and operator, all aimed at the fresh namespace. The
+    // kubelet gives pods API access as their ServiceAccount (logic and job
+    // watch the node-list ConfigMap).
+    let api_cluster = herald_e2e::kubelet::current_cluster().map_err(anyhow::Error::msg)?;
+    let kubelet = start_kubelet(&client, "operator_e2e", "loopback-e2e", POD_NET, |config| {
+        config.namespaces = vec![ns.clone()];
+        config.api_cluster = Some(api_cluster);
+        config.shutdown_grace = Duration::from_secs(3);
+    })
+    .await?;
     let mut bed = Bed {
         client: client.clone(),
         namespace: ns.clone(),
-        kubelet: Some(start_kubelet(&client, &ns).await?),
-        proxy: Some(ServiceProxy::start(client.clone(), vec![ns.clone()])),
+        kubelet,
+        proxy: ServiceProxy::start(client.clone(), vec![ns.clone()]),
         operators: Vec::new(),
-        metrics: Vec::new(),
     };
     bed.start_operator("op-e2e-1");
     eventually(30, "the first operator leads", || async {
-        Ok(bed.metrics[0].is_leader().then_some(()))
+        Ok(bed.operators[0].metrics.is_leader().then_some(()))
     })
     .await?;
     // A second instance on the same Lease must stay passive throughout.
@@ -422,7 +255,7 @@ async fn operator_runs_a_push_cluster_of_real_pods_and_drains_without_loss() -> 
 }
 
 async fn scenario(
-    client: &Client,
+    client: &KubeClient,
     ns: &str,
     redis_addr: &str,
     brokers: &str,
@@ -437,7 +270,7 @@ async fn scenario(
     // 2. A PushCluster on the test bed's Redis and Kafka (a topic of its own,
     // provisioned first as in production: logic is Ready only once it exists).
     let topic = unique_name("op-e2e");
-    create_topic(brokers, &topic).await?;
+    common::create_topic(brokers, &topic, 2).await?;
     let cluster: PushCluster = serde_json::from_value(json!({
         "apiVersion": "herald.dev/v1alpha1", "kind": "PushCluster",
         "metadata": {"name": CLUSTER},
@@ -463,14 +296,14 @@ async fn scenario(
 
     // 3. Every component Running and Ready as a real process; Available.
     let (comets, logic_pod) = eventually(WAIT, "comet, logic and job pods Ready", || async {
-        let comets = ready_pods(&pods, "comet").await?;
-        let logic = ready_pods(&pods, "logic").await?;
-        let job = ready_pods(&pods, "job").await?;
+        let comets = ready_pods(&pods, CLUSTER, "comet").await?;
+        let logic = ready_pods(&pods, CLUSTER, "logic").await?;
+        let job = ready_pods(&pods, CLUSTER, "job").await?;
         let done = comets.len() == 1 && logic.len() == 1 && job.len() == 1;
         Ok(done.then(|| (comets, logic.into_values().next())))
     })
     .await?;
-    let kubelet = bed.kubelet.as_ref().context("kubelet")?;
+    let kubelet = &bed.kubelet;
     for pod in comets.values().chain(logic_pod.iter()) {
         let ip = pod_ip(pod)?;
         ensure!(
@@ -484,27 +317,18 @@ async fn scenario(
             pod.name_any()
         );
     }
-    eventually(WAIT, "Available True", || async {
-        let status = clusters.get(CLUSTER).await?.status.unwrap_or_default();
-        Ok(status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Available" && c.status == "True")
-            .then_some(()))
+    wait_cluster(&clusters, CLUSTER, WAIT, "Available True", |cluster| {
+        has_condition(cluster, "Available", "True")
     })
     .await?;
-    let owner_uid = clusters.get(CLUSTER).await?.uid().context("uid")?;
+    let cluster = clusters.get(CLUSTER).await?;
     for component in ["comet", "logic", "job"] {
         let deployment = deployments.get(&format!("{CLUSTER}-{component}")).await?;
-        let owner = &deployment.owner_references()[0];
-        ensure!(
-            owner.kind == "PushCluster" && owner.uid == owner_uid && owner.controller == Some(true),
-            "{component} owner: {owner:?}"
-        );
+        owned_by(&deployment.metadata, &cluster, component)?;
     }
     for name in ["comet", "comet-grpc", "logic"] {
         let service = services.get(&format!("{CLUSTER}-{name}")).await?;
-        ensure!(service.owner_references()[0].uid == owner_uid);
+        owned_by(&service.metadata, &cluster, name)?;
     }
     // The comet was told logic's ClusterIP, which only the proxy serves.
     let logic_ip = services
@@ -513,14 +337,14 @@ async fn scenario(
         .spec
         .and_then(|s| s.cluster_ip)
         .context("logic ClusterIP")?;
-    let args = comet_args(&deployments).await?;
+    let args = container_args(comet_spec(&deployments, CLUSTER).await?);
     ensure!(
         args.contains(&format!("--logic-addr={logic_ip}:3119")),
         "{args:?}"
     );
-    let proxy = bed.proxy.as_ref().context("proxy")?;
+    let proxy = &bed.proxy;
     ensure!(proxy.forwarded() > 0, "the comet never reached logic");
-    let (header, row) = kubectl_get(ns)?;
+    let (header, row) = kubectl_get(ns, CLUSTER).await?;
     ensure!(
         header[..5] == ["NAME", "READY", "COMETS", "CONNECTIONS", "DRAINING"],
         "{header:?}"
@@ -535,23 +359,17 @@ async fn scenario(
     let (first_name, first_pod) = comets.iter().next().context("comet")?;
     let first_name = first_name.clone();
     let first = SocketAddr::from((pod_ip(first_pod)?, TCP_PORT));
-    let mut warm = GoimClient::connect(first, 999).await?;
+    let mut warm = GoimClient::connect(first, 999).await?.client;
+    warm.set_timeout(Some(Duration::from_secs(1)));
     let warm_deadline = tokio::time::Instant::now() + Duration::from_secs(WAIT);
     'warm: loop {
-        logic_post(
-            logic_http,
-            &key,
-            &format!("/goim/push/all?operation={PUSH_OP}"),
-            b"warm-up",
-        )
-        .await?;
+        broadcast(logic_http, &key, b"warm-up").await?;
         let round = tokio::time::Instant::now() + Duration::from_secs(2);
         while tokio::time::Instant::now() < round {
-            match warm.next_frame(1).await {
-                Ok(frame) if frame.op == PUSH_OP => break 'warm,
-                Ok(_) => {}
-                Err(err) if err.to_string().contains("waited too long") => {}
-                Err(err) => return Err(err),
+            match warm.next_event().await {
+                Ok(Event::Push(push)) if push.op == PUSH_OP => break 'warm,
+                Ok(_) | Err(herald_client::Error::Timeout(_)) => {}
+                Err(err) => return Err(err.into()),
             }
         }
         ensure!(
@@ -568,21 +386,21 @@ async fn scenario(
         on_first.push(GoimClient::connect(first, 1000 + mid).await?);
     }
     let (second_name, comets) = eventually(WAIT, "a second comet Ready", || async {
-        let comets = ready_pods(&pods, "comet").await?;
+        let comets = ready_pods(&pods, CLUSTER, "comet").await?;
         let second = comets.keys().find(|n| **n != first_name).cloned();
         Ok(second.map(|name| (name, comets)))
     })
     .await?;
     let replicas = clusters.get(CLUSTER).await?.spec.comet.replicas;
     ensure!(replicas == 2, "spec.comet.replicas {replicas}");
-    eventually(WAIT, "both comets in the node list", || async {
-        let list = node_list(&configmaps).await?;
-        Ok(
-            (list.get(&first_name) == Some(&false) && list.get(&second_name) == Some(&false))
-                .then_some(()),
-        )
-    })
-    .await?;
+    let flags = |first: bool| {
+        let (first_name, second_name) = (&first_name, &second_name);
+        move |list: &BTreeMap<String, bool>| {
+            list.get(first_name) == Some(&first) && list.get(second_name) == Some(&false)
+        }
+    };
+    let what = "both comets in the node list";
+    wait_node_flags(&configmaps, CLUSTER, WAIT, what, flags(false)).await?;
     let second = SocketAddr::from((pod_ip(&comets[&second_name])?, TCP_PORT));
 
     // spec.nodeList reached logic: PushCluster -> config ConfigMap -> logic's
@@ -591,7 +409,7 @@ async fn scenario(
         let key = key.clone();
         async move {
             let path = format!("/goim/nodes/weighted?platform={platform}");
-            logic_call(logic_http, &key, "GET", &path, b"").await
+            common::logic_call(logic_http, Some(&key), "GET", &path, b"").await
         }
     };
     let native = nodes("android").await?;
@@ -625,24 +443,12 @@ async fn scenario(
         .context("no client was redirected")?
         .context("followers ended before any redirect")?;
     // Through the logic Service's ClusterIP: the proxy forwards to the pod.
-    logic_post(
-        logic_http,
-        &key,
-        &format!("/goim/push/all?operation={PUSH_OP}"),
-        &push_body,
-    )
-    .await?;
+    broadcast(logic_http, &key, &push_body).await?;
 
     // The node list marks it on the operator's next pass (job keeps pushing
     // to it; logic stops handing it out).
-    eventually(10, "the drained comet marked in the node list", || async {
-        let list = node_list(&configmaps).await?;
-        Ok(
-            (list.get(&first_name) == Some(&true) && list.get(&second_name) == Some(&false))
-                .then_some(()),
-        )
-    })
-    .await?;
+    let what = "the drained comet marked in the node list";
+    wait_node_flags(&configmaps, CLUSTER, 10, what, flags(true)).await?;
 
     let mut outcomes = Vec::new();
     while let Some(joined) = tokio::time::timeout(Duration::from_secs(WAIT), followers.join_next())
@@ -660,10 +466,10 @@ async fn scenario(
                 outcome.mid < 2000,
                 "a client of the kept comet was redirected"
             );
-            ensure!(redirect["reason"] == "drain", "{redirect}");
+            ensure!(redirect.reason == "drain", "{redirect:?}");
             ensure!(
-                redirect["nodes"] == json!([second.ip().to_string()]),
-                "op 18 must name only the other comet (not {first_ip}): {redirect}"
+                redirect.nodes == [second.ip().to_string()],
+                "op 18 must name only the other comet (not {first_ip}): {redirect:?}"
             );
         }
     }
@@ -697,45 +503,46 @@ async fn scenario(
     // 4c. The drained comet is removed only once empty; the other stays.
     eventually(WAIT, "the drained comet's pod gone", || async {
         let gone = pods.get_opt(&first_name).await?.is_none();
-        let replicas = deployments
-            .get(&format!("{CLUSTER}-comet"))
-            .await?
-            .spec
-            .and_then(|s| s.replicas);
+        let replicas = comet_replicas(&deployments, CLUSTER).await?;
         Ok((gone && replicas == Some(1)).then_some(()))
     })
     .await?;
-    ensure!(ready_pods(&pods, "comet").await?.contains_key(&second_name));
+    ensure!(
+        ready_pods(&pods, CLUSTER, "comet")
+            .await?
+            .contains_key(&second_name)
+    );
     // Every client is now on the kept comet, as the operator sees it.
-    eventually(WAIT, "14 connections on the kept comet", || async {
-        let status = clusters.get(CLUSTER).await?.status.unwrap_or_default();
+    let what = "14 connections on the kept comet";
+    wait_cluster(&clusters, CLUSTER, WAIT, what, |cluster| {
+        let status = cluster.status.clone().unwrap_or_default();
         let kept = status
             .pods
             .iter()
             .find(|p| p.name == second_name)
             .map(|p| p.connections);
-        Ok((kept == Some(14) && status.total_connections == 14).then_some(()))
+        kept == Some(14) && status.total_connections == 14
     })
     .await?;
     for outcome in &outcomes {
         ensure!(
-            outcome.client.stream.peer_addr()? == second,
+            outcome.client.addr == second,
             "client {} is not on the kept comet",
             outcome.mid
         );
     }
-    eventually(WAIT, "node list without the drained comet", || async {
-        let list = node_list(&configmaps).await?;
-        Ok((!list.contains_key(&first_name) && list.contains_key(&second_name)).then_some(()))
+    let what = "node list without the drained comet";
+    wait_node_flags(&configmaps, CLUSTER, WAIT, what, |list| {
+        !list.contains_key(&first_name) && list.contains_key(&second_name)
     })
     .await?;
 
     ensure!(
-        bed.metrics[0].is_leader() && !bed.metrics[1].is_leader(),
+        bed.operators[0].metrics.is_leader() && !bed.operators[1].metrics.is_leader(),
         "leadership moved"
     );
     ensure!(
-        bed.metrics[1].reconciles() == 0,
+        bed.operators[1].metrics.reconciles() == 0,
         "the passive operator reconciled"
     );
 
@@ -751,8 +558,8 @@ async fn scenario(
     if recreated != logic_ip {
         // A new ClusterIP: the comet pods are rolled onto it.
         eventually(WAIT, "comet args follow the new ClusterIP", || async {
-            Ok(comet_args(&deployments)
-                .await?
+            let args = container_args(comet_spec(&deployments, CLUSTER).await?);
+            Ok(args
                 .contains(&format!("--logic-addr={recreated}:3119"))
                 .then_some(()))
         })
@@ -761,13 +568,7 @@ async fn scenario(
     // The proxy follows the recreated Service: logic answers on its address.
     let recreated_http = SocketAddr::from((recreated.parse::<Ipv4Addr>()?, LOGIC_HTTP));
     eventually(WAIT, "logic through the recreated Service", || async {
-        let answered = logic_post(
-            recreated_http,
-            &key,
-            &format!("/goim/push/all?operation={PUSH_OP}"),
-            b"after-recreate",
-        )
-        .await;
+        let answered = broadcast(recreated_http, &key, b"after-recreate").await;
         Ok(answered.ok())
     })
     .await?;
@@ -783,7 +584,7 @@ async fn scenario(
         .await?;
     let web = eventually(WAIT, "the domain in logic's node answer", || async {
         let path = "/goim/nodes/weighted?platform=web";
-        let answer = logic_call(recreated_http, &key, "GET", path, b"").await;
+        let answer = common::logic_call(recreated_http, Some(&key), "GET", path, b"").await;
         Ok(answer
             .ok()
             .filter(|web| web["data"]["domain"] == "push.example.test"))
@@ -795,30 +596,4 @@ async fn scenario(
     );
     ensure!(web["data"]["heartbeat"] == 30, "{web}");
     Ok(())
-}
-
-async fn create_topic(brokers: &str, topic: &str) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(topic, 2, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await?;
-    for result in results {
-        result.map_err(|(name, code)| anyhow::anyhow!("create topic {name}: {code}"))?;
-    }
-    Ok(())
-}
-
-async fn secret_value(client: &Client, ns: &str, name: &str, key: &str) -> anyhow::Result<String> {
-    let secret = Api::<Secret>::namespaced(client.clone(), ns)
-        .get(name)
-        .await?;
-    let Some(value) = secret.data.unwrap_or_default().remove(key) else {
-        bail!("Secret {name} has no {key}");
-    };
-    Ok(String::from_utf8(value.0)?)
 }

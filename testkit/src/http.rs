@@ -60,10 +60,29 @@ pub async fn request(
     path: &str,
     body: &[u8],
 ) -> anyhow::Result<Response> {
+    request_with(addr, method, path, &[], body).await
+}
+
+/// `method path` with more header lines (`name`, `value`: an
+/// `Authorization`, say) and `body`.
+///
+/// # Errors
+/// As [`get`].
+pub async fn request_with(
+    addr: impl ToSocketAddrs,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<Response> {
     let answer = tokio::time::timeout(WAIT, async {
         let mut stream = TcpStream::connect(addr).await?;
+        let extra: String = headers
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}\r\n"))
+            .collect();
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Length: {}\r\n\
              Connection: close\r\n\r\n",
             body.len()
         );

@@ -4,10 +4,15 @@
 //!
 //! Here: a role or the operator run in this process with a stop signal
 //! ([`Stoppable`]), an in-process comet ([`LocalComet`]) and Kafka topics
-//! ([`create_topic`]). By subject: [`job`] (job against the real Kafka).
+//! ([`create_topic`]), logic's HTTP API ([`logic_call`]). By subject: [`job`] (job against the real Kafka),
+//! [`k8s`] (the test bed's apiserver: namespaces, the loopback kubelet),
+//! [`operator`] (the operator in this process, PushCluster status and
+//! children).
 #![allow(dead_code)]
 
 pub(crate) mod job;
+pub(crate) mod k8s;
+pub(crate) mod operator;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -145,4 +150,27 @@ pub(crate) async fn create_topic(
         result.map_err(|(name, code)| anyhow::anyhow!("create topic {name}: {code}"))?;
     }
     Ok(())
+}
+
+/// One request to logic's HTTP API, with `Authorization: Bearer {key}` when
+/// there is a key: the JSON answer of a 200 with `"code":0`, else an error
+/// naming the answer.
+pub(crate) async fn logic_call(
+    addr: impl tokio::net::ToSocketAddrs,
+    key: Option<&str>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<serde_json::Value> {
+    let bearer = key.map(|key| format!("Bearer {key}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|bearer| ("Authorization", bearer.as_str()))
+        .collect();
+    let response = herald_testkit::http::request_with(addr, method, path, &headers, body).await?;
+    anyhow::ensure!(
+        response.status == 200 && response.body.contains("\"code\":0"),
+        "{method} {path}: {response:?}"
+    );
+    Ok(serde_json::from_str(&response.body)?)
 }

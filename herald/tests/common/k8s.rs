@@ -1,0 +1,63 @@
+//! The test bed's kube-apiserver: a client, namespaces, and the loopback
+//! kubelet (`herald_e2e::kubelet`) running pods as `herald` processes of
+//! this build.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use herald_e2e::kubelet::{Config, IpPool, Kubelet};
+use herald_e2e::{testbed_var, unique_name};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Client;
+use kube::api::{Api, DeleteParams, PostParams};
+
+/// A client of the test bed's apiserver (`KUBECONFIG`): without it this
+/// fails, never skips.
+pub(crate) async fn client() -> Result<Client> {
+    testbed_var("KUBECONFIG");
+    Ok(Client::try_default().await?)
+}
+
+/// A fresh namespace named after `prefix`, labelled `herald.dev/e2e:
+/// {suite}`.
+pub(crate) async fn create_namespace(client: &Client, prefix: &str, suite: &str) -> Result<String> {
+    let name = unique_name(prefix);
+    let namespace: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"herald.dev/e2e": suite}}
+    }))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await?;
+    Ok(name)
+}
+
+/// Deletes a namespace, and with it everything in it.
+pub(crate) async fn delete_namespace(client: &Client, name: &str) -> Result<()> {
+    Api::<Namespace>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await?;
+    Ok(())
+}
+
+/// The loopback kubelet as a fresh node named after `node`, running this
+/// build's `herald`, lending pod addresses from 127.0.`third`.0/24, with the
+/// pods' logs under `$CARGO_TARGET_TMPDIR/{dir}/{node name}`; `configure`
+/// sets the rest.
+pub(crate) async fn start_kubelet(
+    client: &Client,
+    dir: &str,
+    node: &str,
+    third: u8,
+    configure: impl FnOnce(&mut Config),
+) -> Result<Kubelet> {
+    let node = unique_name(node);
+    let run_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(dir).join(&node);
+    let mut config = Config::new(
+        &node,
+        PathBuf::from(env!("CARGO_BIN_EXE_herald")),
+        run_dir,
+        IpPool::slash24(third),
+    );
+    configure(&mut config);
+    Ok(Kubelet::start(client.clone(), config).await?)
+}

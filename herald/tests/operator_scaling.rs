@@ -1,0 +1,408 @@
+//! Scaling a PushCluster on the test bed's real kube-apiserver + etcd +
+//! controller-manager, the operator in this process: `/scale` and the
+//! `kubectl get` columns, the autoscaler within min and max, and the
+//! scale-down drain of a comet backed by a real comet (pod status is patched
+//! to point at it on loopback, as a kubelet would): in this process, and as
+//! `herald standalone` processes holding clients.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use herald_client::Token;
+use herald_e2e::eventually;
+use herald_operator::crd::PushCluster;
+use herald_testkit::{Herald, HeraldProcess};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use serde_json::json;
+
+mod common;
+
+use common::k8s::delete_namespace;
+use common::operator::{
+    CHEAPEST, Operator, create_cluster, deletion_cost, draining, fake_running, has_condition,
+    kubectl, kubectl_get, node_list, scale, setup, wait_cluster, wait_comet_pods,
+    wait_comet_replicas, wait_node_flags,
+};
+
+#[tokio::test]
+async fn kubectl_columns_and_scale_subresource() -> anyhow::Result<()> {
+    let (client, ns) = setup("op-scale").await?;
+    let operator = Operator::start(&client, &ns, "op-a");
+    create_cluster(&client, &ns, "chat", json!({})).await?;
+    let clusters = Api::<PushCluster>::namespaced(client.clone(), &ns);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    wait_cluster(&clusters, "chat", 60, "status", |cluster| {
+        cluster
+            .status
+            .as_ref()
+            .and_then(|s| s.comets_ready.as_deref())
+            == Some("0/2")
+    })
+    .await?;
+
+    let (header, row) = kubectl_get(&ns, "chat").await?;
+    assert_eq!(
+        header,
+        ["NAME", "READY", "COMETS", "CONNECTIONS", "DRAINING", "AGE"],
+        "{row:?}"
+    );
+    assert_eq!(&row[..5], ["chat", "False", "0/2", "0", "0"], "{header:?}");
+
+    // /scale reports the spec'd replicas and the comet selector, as an HPA reads it.
+    let scale_now = clusters.get_scale("chat").await?;
+    assert_eq!(scale_now.spec.and_then(|s| s.replicas), Some(2));
+    assert_eq!(
+        scale_now.status.and_then(|s| s.selector).as_deref(),
+        Some(
+            "app.kubernetes.io/component=comet,app.kubernetes.io/instance=chat,app.kubernetes.io/name=herald"
+        )
+    );
+
+    // kubectl scale (what an HPA does through /scale) up: applied at once.
+    kubectl(&["scale", "pushcluster/chat", "--replicas=4", "-n", &ns]).await?;
+    wait_comet_replicas(&deployments, "chat", 4, 30).await?;
+    // Down: the comets hold no clients (no kubelet runs them, none is ready),
+    // so they go without a drain, one step per pass.
+    scale(&clusters, "chat", 1).await?;
+    wait_comet_replicas(&deployments, "chat", 1, 30).await?;
+    let cluster = clusters.get("chat").await?;
+    assert_eq!(
+        cluster.status.and_then(|s| s.comets_ready).as_deref(),
+        Some("0/1")
+    );
+
+    operator.stop().await?;
+    delete_namespace(&client, &ns).await
+}
+
+#[tokio::test]
+async fn autoscaler_follows_load_within_min_and_max() -> anyhow::Result<()> {
+    let (client, ns) = setup("op-auto").await?;
+    let operator = Operator::start(&client, &ns, "op-a");
+    // No comet holds connections, so the load asks for minReplicas.
+    let autoscaling = |replicas: i32, min: i32, window: i32| {
+        json!({"comet": {"replicas": replicas, "autoscaling": {"enabled": true,
+            "minReplicas": min, "maxReplicas": 5, "scaleDownStabilizationSeconds": window}}})
+    };
+    create_cluster(&client, &ns, "up", autoscaling(1, 3, 0)).await?;
+    let start = tokio::time::Instant::now();
+    create_cluster(&client, &ns, "down", autoscaling(4, 1, 2)).await?;
+    let clusters = Api::<PushCluster>::namespaced(client.clone(), &ns);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let replicas = |name: &'static str| {
+        let (clusters, deployments) = (clusters.clone(), deployments.clone());
+        async move {
+            let spec = clusters.get(name).await?.spec.comet.replicas;
+            let deployed = deployments
+                .get_opt(&format!("{name}-comet"))
+                .await?
+                .and_then(|d| d.spec?.replicas);
+            anyhow::Ok((spec, deployed))
+        }
+    };
+    eventually(30, "scale up to minReplicas", || async {
+        Ok((replicas("up").await? == (3, Some(3))).then_some(()))
+    })
+    .await?;
+    // Down waits for the stabilisation window, then goes to the minimum.
+    eventually(60, "scale down to minReplicas", || async {
+        Ok((replicas("down").await? == (1, Some(1))).then_some(()))
+    })
+    .await?;
+    assert!(
+        start.elapsed() >= Duration::from_secs(2),
+        "scaled down inside the window"
+    );
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?;
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ScaledComets")),
+        "a ScaledComets event"
+    );
+
+    operator.stop().await?;
+    delete_namespace(&client, &ns).await
+}
+
+// ------------------------------------------------ drain, comets in process
+
+#[derive(clap::Parser)]
+struct CometCli {
+    #[command(flatten)]
+    args: herald_comet::Args,
+}
+
+/// A real comet (the library `herald comet` runs) on `ip`, gRPC on `grpc_port`.
+async fn start_comet(
+    ip: &str,
+    grpc_port: u16,
+    server_id: &str,
+) -> anyhow::Result<tokio::sync::oneshot::Sender<()>> {
+    use clap::Parser;
+    let cli = CometCli::try_parse_from([
+        "comet".to_owned(),
+        format!("--tcp-addr={ip}:0"),
+        format!("--ws-addr={ip}:0"),
+        format!("--grpc-addr={ip}:{grpc_port}"),
+        format!("--http-addr={ip}:0"),
+        format!("--server-id={server_id}"),
+        // No logic: the admin service works without one.
+        "--logic-addr=127.0.0.1:9".to_owned(),
+        "--drain-deadline-ms=2000".to_owned(),
+    ])?;
+    let listeners = cli.args.bind().await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(herald_comet::run(
+        cli.args.config(),
+        listeners,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(stop)
+}
+
+#[tokio::test]
+async fn scale_down_drains_a_real_comet_first() -> anyhow::Result<()> {
+    let (client, ns) = setup("op-drain").await?;
+    let grpc_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.port()
+    };
+    let operator = Operator::start(&client, &ns, "op-a");
+    let comet =
+        json!({"replicas": 2, "ports": {"grpc": grpc_port}, "drain": {"deadlineSeconds": 20}});
+    create_cluster(&client, &ns, "chat", json!({ "comet": comet })).await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let names = wait_comet_pods(&pods, "chat", 2).await?;
+    // Each pod gets its own loopback address, where a real comet listens.
+    let mut comets = Vec::new();
+    let mut ips = BTreeMap::new();
+    for (i, name) in names.iter().enumerate() {
+        let ip = format!("127.0.0.{}", i + 2);
+        comets.push(start_comet(&ip, grpc_port, name).await?);
+        fake_running(&pods, name, &ip).await?;
+        ips.insert(name.clone(), ip);
+    }
+
+    // Polled: both comets in status and in the node list.
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    let nodes = eventually(30, "2 nodes", || async {
+        let list = node_list(&configmaps, "chat").await?;
+        Ok(list.filter(|nodes| nodes["nodes"].as_array().map(Vec::len) == Some(2)))
+    })
+    .await?;
+    assert!(nodes["generation"].as_i64() >= Some(2));
+    for node in nodes["nodes"].as_array().into_iter().flatten() {
+        let name = node["name"].as_str().unwrap_or_default();
+        assert_eq!(node["grpc"], format!("{}:{grpc_port}", ips[name]));
+        assert_eq!(node["draining"], false);
+        assert_eq!(node["connections"], 0);
+    }
+    let clusters = Api::<PushCluster>::namespaced(client.clone(), &ns);
+    let status = clusters.get("chat").await?.status.unwrap_or_default();
+    assert_eq!(status.pods.len(), 2, "{status:?}");
+
+    // Scale down through /scale: one comet is drained, then removed.
+    scale(&clusters, "chat", 1).await?;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    wait_comet_replicas(&deployments, "chat", 1, 30).await?;
+    // The drained comet was told to drain, and marked cheapest to delete
+    // before the replicas went down.
+    let mut drained = Vec::new();
+    for name in &names {
+        let pod = pods.get_opt(name).await?;
+        let started = pod.filter(|p| p.annotations().contains_key("herald.dev/drain-started"));
+        if let Some(pod) = started {
+            assert_eq!(deletion_cost(&pod), Some(CHEAPEST));
+            drained.push(name.clone());
+        }
+        let load = herald_operator::load::load(
+            &format!("{}:{grpc_port}", ips[name]),
+            Duration::from_secs(2),
+        )
+        .await?;
+        if load.draining {
+            drained.push(name.clone());
+        }
+    }
+    drained.dedup();
+    assert_eq!(drained.len(), 1, "exactly one comet drained: {drained:?}");
+
+    // The ReplicaSet removes that pod; the node list and status follow.
+    let kept: Vec<&String> = names.iter().filter(|n| **n != drained[0]).collect();
+    let what = "the drained pod gone from the node list";
+    wait_node_flags(&configmaps, "chat", 30, what, |listed| {
+        listed.keys().eq([kept[0]])
+    })
+    .await?;
+    // Draining turns False once the drained pod is terminating; the status
+    // lists it until a later reconcile no longer finds it.
+    let what = "Draining False and one pod in the status";
+    wait_cluster(&clusters, "chat", 30, what, |cluster| {
+        let drained = has_condition(cluster, "Draining", "False");
+        let pods = cluster.status.as_ref().map(|s| s.pods.len());
+        drained && pods == Some(1)
+    })
+    .await?;
+
+    operator.stop().await?;
+    for stop in comets {
+        let _ = stop.send(());
+    }
+    delete_namespace(&client, &ns).await
+}
+
+// ------------------------------------------- drain, `herald standalone`s
+
+/// `herald standalone` as the comet of pod `name`, at `ip`.
+async fn standalone(
+    ip: &str,
+    grpc_port: u16,
+    name: &str,
+) -> anyhow::Result<(HeraldProcess, SocketAddr)> {
+    let tcp: SocketAddr = format!("{ip}:{}", herald_e2e::free_port_on(ip.parse()?)).parse()?;
+    let addr = |port: u16| format!("{ip}:{port}");
+    let mut running = Herald::new(env!("CARGO_BIN_EXE_herald"), "standalone")
+        .dir(Path::new(env!("CARGO_TARGET_TMPDIR")).join("operator"))
+        .args(["--tcp-addr", &tcp.to_string()])
+        .args(["--ws-addr", &addr(herald_e2e::free_port_on(ip.parse()?))])
+        .args(["--grpc-addr", &addr(grpc_port)])
+        .args(["--http-addr", &addr(herald_e2e::free_port_on(ip.parse()?))])
+        .args([
+            "--logic-grpc-addr",
+            &addr(herald_e2e::free_port_on(ip.parse()?)),
+        ])
+        .args(["--server-id", name])
+        .name(name)
+        .start()?;
+    running.wait_for_port(tcp, Duration::from_secs(10)).await?;
+    Ok((running, tcp))
+}
+
+/// A goim TCP client, authenticated (the auth reply has arrived).
+async fn goim_client(addr: SocketAddr, mid: u64) -> anyhow::Result<herald_client::Client> {
+    let mut client = herald_client::Client::connect_tcp(addr)
+        .await?
+        .with_timeout(Duration::from_secs(10));
+    let token = Token::new(mid as i64, format!("k{mid}"))
+        .room("live://1")
+        .platform("web")
+        .accepts([1000]);
+    client.auth(&token).await?;
+    Ok(client)
+}
+
+/// Scale-down of a PushCluster whose comet pods are backed by `herald
+/// standalone` processes: the operator drains the least-loaded comet, keeps
+/// its replica while clients are still being closed, then removes exactly
+/// that pod.
+#[tokio::test]
+async fn scale_down_waits_for_the_drained_comets_clients() -> anyhow::Result<()> {
+    let (client, ns) = setup("op-drain-bin").await?;
+    let operator = Operator::start_with(&client, &ns, "op-test", |config| {
+        config.poll_interval = Duration::from_millis(300);
+    });
+
+    let grpc_port = herald_e2e::free_port();
+    let cluster: PushCluster = serde_json::from_value(json!({
+        "apiVersion": "herald.dev/v1alpha1", "kind": "PushCluster",
+        "metadata": {"name": "chat"},
+        "spec": {"image": "herald:test", "redis": {"addr": "r:6379"},
+                 "kafka": {"brokers": ["k:9092"]},
+                 "comet": {"replicas": 2, "ports": {"grpc": grpc_port},
+                           "drain": {"deadlineSeconds": 60, "closeRate": 1}}}
+    }))?;
+    let clusters = Api::<PushCluster>::namespaced(client.clone(), &ns);
+    clusters
+        .create(&kube::api::PostParams::default(), &cluster)
+        .await?;
+
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let names = wait_comet_pods(&pods, "chat", 2).await?;
+    // Pod 0 gets 3 clients, pod 1 gets 5: pod 0 is the one to drain.
+    let mut processes = Vec::new();
+    let mut clients = Vec::new();
+    for (i, (name, count)) in names.iter().zip([3u64, 5]).enumerate() {
+        let ip = format!("127.0.0.{}", i + 2);
+        let (process, tcp) = standalone(&ip, grpc_port, name).await?;
+        processes.push(process);
+        for mid in 0..count {
+            clients.push(goim_client(tcp, mid + 100 * i as u64).await?);
+        }
+        fake_running(&pods, name, &ip).await?;
+    }
+    wait_cluster(
+        &clusters,
+        "chat",
+        30,
+        "8 connections in status",
+        |cluster| cluster.status.as_ref().map(|s| s.total_connections) == Some(8),
+    )
+    .await?;
+
+    scale(&clusters, "chat", 1).await?;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    // While the drained comet still holds clients (closed at 1/s), the
+    // condition says so, the node list marks it, and the replica stays.
+    let draining_pod = |cluster: &PushCluster| {
+        let status = cluster.status.clone().unwrap_or_default();
+        let draining = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Draining" && c.status == "True");
+        let pod = status
+            .pods
+            .iter()
+            .find(|p| p.draining && p.connections > 0)
+            .map(|p| p.name.clone());
+        if draining { pod } else { None }
+    };
+    let cluster = wait_cluster(&clusters, "chat", 20, "Draining True", |cluster| {
+        draining_pod(cluster).is_some()
+    })
+    .await?;
+    assert_eq!(
+        draining_pod(&cluster).as_ref(),
+        Some(&names[0]),
+        "the least-loaded comet is drained"
+    );
+    let replicas = deployments
+        .get("chat-comet")
+        .await?
+        .spec
+        .and_then(|s| s.replicas);
+    assert_eq!(replicas, Some(2), "removed before its clients left");
+    let list = node_list(&configmaps, "chat").await?.unwrap_or_default();
+    let flags = draining(&list);
+    assert_eq!(flags.get(&names[0]), Some(&true), "{list}");
+    assert_eq!(flags.get(&names[1]), Some(&false), "{list}");
+
+    // Once it is empty: marked cheapest to delete, then one replica less.
+    wait_comet_replicas(&deployments, "chat", 1, 30).await?;
+    if let Some(pod) = pods.get_opt(&names[0]).await? {
+        assert_eq!(deletion_cost(&pod), Some(CHEAPEST));
+    }
+    let status = clusters.get("chat").await?.status.unwrap_or_default();
+    let kept = status
+        .pods
+        .iter()
+        .find(|p| p.name == names[1])
+        .map(|p| p.connections);
+    assert_eq!(kept, Some(5), "the other comet's clients are untouched");
+
+    operator.stop().await?;
+    drop(clients);
+    drop(processes);
+    delete_namespace(&client, &ns).await
+}
