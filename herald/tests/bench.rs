@@ -222,8 +222,15 @@ fn a_killed_bench_takes_its_servers_with_it() {
         .start()
         .expect("start herald bench s1");
     let deadline = Instant::now() + Duration::from_secs(60);
+    // Wait for the comet itself, not its `setpriv` launcher: until setpriv
+    // has set the parent-death signal and exec'd herald, a kill would orphan
+    // it (a race of the launch, not of a running bench; CI once hit it).
     let comet = loop {
-        if let Some(&pid) = children_with(bench.pid(), "comet").first() {
+        let launched = children_with(bench.pid(), "comet").into_iter().find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "herald")
+        });
+        if let Some(pid) = launched {
             break pid;
         }
         assert!(Instant::now() < deadline, "bench started no comet");
