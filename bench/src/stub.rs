@@ -126,6 +126,11 @@ struct StubToken {
     #[serde(default)]
     fail: bool,
     heartbeat_ms: Option<i64>,
+    /// Grant op-18 redirects in the answer although the token's own
+    /// `herald` member does not ask (what Herald's logic does for a signed
+    /// token, whose claims comet cannot read).
+    #[serde(default)]
+    grant_redirect: bool,
 }
 
 impl StubLogic {
@@ -246,6 +251,7 @@ impl Logic for StubLogic {
             token,
             fail,
             heartbeat_ms,
+            grant_redirect,
         } = serde_json::from_slice(&req.token)
             .map_err(|err| Status::invalid_argument(format!("token: {err}")))?;
         if fail {
@@ -262,6 +268,7 @@ impl Logic for StubLogic {
             None => i64::try_from(self.idle.as_nanos()).unwrap_or(i64::MAX),
         };
         Ok(Response::new(ConnectReply {
+            herald_redirect: grant_redirect || token.herald.is_some_and(|h| h.redirect),
             mid: token.mid,
             key,
             room_id: token.room_id,

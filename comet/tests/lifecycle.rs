@@ -91,6 +91,33 @@ async fn load_and_drain_redirect_then_close_everything() -> Result {
     h.shutdown().await
 }
 
+/// The opt-in logic verified counts, not only the token's own JSON: a signed
+/// token (here: the stub's `grant_redirect`, standing for the claims logic
+/// read from a JWT) gets op 18 although comet cannot read it.
+#[tokio::test]
+async fn a_redirect_granted_by_logic_gets_op_18_without_the_json_member() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let granted = serde_json::json!({"key": "g1", "grant_redirect": true}).to_string();
+    let mut g = h.tcp_client(&granted).await?;
+    let mut admin = h.admin_client().await?;
+    let drain = DrainRequest {
+        deadline_ms: 2000,
+        close_rate: 100,
+        nodes: vec!["comet-b.example.com".into()],
+        tcp_port: 3101,
+        ws_port: 3102,
+        wss_port: 3103,
+        reconnect_within_ms: 1500,
+    };
+    assert!(admin.drain(drain).await?.into_inner().started);
+    let msgs = closed(&mut g).await?;
+    assert_eq!(msgs.len(), 1, "one op 18 before the close: {msgs:?}");
+    assert_eq!(msgs[0].op, op::REDIRECT);
+    let body: serde_json::Value = serde_json::from_slice(&msgs[0].body)?;
+    assert_eq!(body["nodes"], serde_json::json!(["comet-b.example.com"]));
+    h.shutdown().await
+}
+
 #[tokio::test]
 async fn drain_meets_its_deadline_even_at_a_slow_close_rate() -> Result {
     let mut h = Harness::start(|_| {}).await?;

@@ -131,6 +131,7 @@ impl Service {
             .await?;
         let idle = self.settings.heartbeat * self.settings.heartbeat_max.max(1);
         Ok(ConnectReply {
+            herald_redirect: token.herald.is_some_and(|h| h.redirect),
             mid: token.mid,
             key: token.key,
             room_id: token.room_id,

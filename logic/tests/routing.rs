@@ -119,6 +119,16 @@ async fn jwt_mode_accepts_signed_tokens_only() {
     .unwrap();
     let reply = connect(&mut client, "c", &token).await;
     assert_eq!((reply.mid, reply.key.as_str()), (5, key.as_str()));
+    assert!(!reply.herald_redirect, "no herald claim, no redirect");
+    // The op-18 opt-in travels as a claim; logic hands it to comet, which
+    // cannot read a JWT itself.
+    let asking = encode(
+        &Header::new(Algorithm::HS256),
+        &serde_json::json!({"mid": 5, "key": key, "exp": exp, "herald": {"redirect": true}}),
+        &EncodingKey::from_secret(b"s3cret"),
+    )
+    .unwrap();
+    assert!(connect(&mut client, "c", &asking).await.herald_redirect);
     let err = client
         .connect(ConnectReq {
             server: "c".to_owned(),

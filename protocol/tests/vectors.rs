@@ -299,6 +299,8 @@ fn t13_grpc_payloads() {
             room_id: "live://1000".into(),
             accepts: vec![1000, 1001, 1002],
             heartbeat: 480_000_000_000,
+            // Herald's field 16 is absent from goim's bytes: false.
+            herald_redirect: false,
         },
         "08 7b 12 02 6b 31 1a 0b 6c 69 76 65 3a 2f 2f 31 30 30 30 22 06 e8 07 e9 07 ea 07 28 80 80 eb 91 fc 0d",
     );

@@ -62,8 +62,9 @@ impl Link {
     }
 }
 
-/// Whether the token asks for op-18 redirects (`"herald":{"redirect":true}`).
-/// Lenient like goim's token parsing: anything unexpected means "no".
+/// Whether a JSON token asks for op-18 redirects (`"herald":{"redirect":true}`),
+/// for a goim logic that does not answer `herald_redirect`. Lenient like
+/// goim's token parsing: anything unexpected means "no".
 fn wants_redirect(token: &[u8]) -> bool {
     serde_json::from_slice::<serde_json::Value>(token)
         .ok()
@@ -295,12 +296,15 @@ async fn handshake(
         }
         // Anything before op 7 is dropped without reply (§5.1).
     };
-    let redirect = wants_redirect(&auth.body);
     let reply = shared
         .logic
         .connect(&shared.config.server_id, cookie, auth.body.clone())
         .await
         .map_err(Error::Auth)?;
+    // Herald's logic answers from the verified token, whatever its mode (a
+    // JWT is no JSON to read here); goim's logic never sets the field, so
+    // the token's own JSON still counts.
+    let redirect = reply.herald_redirect || wants_redirect(&auth.body);
     Ok(Some(Handshake {
         link,
         sink,
