@@ -20,6 +20,19 @@ use common::{
     Harness, Result, T3, WAIT, auth_frame, closed, connect_tcp, hex, raw_push, stub, token,
 };
 
+/// A drain that redirects to `comet-b.example.com`, closing 100/s within 2 s.
+fn drain_to_comet_b() -> DrainRequest {
+    DrainRequest {
+        deadline_ms: 2000,
+        close_rate: 100,
+        nodes: vec!["comet-b.example.com".into()],
+        tcp_port: 3101,
+        ws_port: 3102,
+        wss_port: 3103,
+        reconnect_within_ms: 1500,
+    }
+}
+
 #[tokio::test]
 async fn load_and_drain_redirect_then_close_everything() -> Result {
     let mut h = Harness::start(|_| {}).await?;
@@ -37,15 +50,7 @@ async fn load_and_drain_redirect_then_close_everything() -> Result {
     assert!(!load.draining);
     assert_eq!(load.version, env!("CARGO_PKG_VERSION"));
 
-    let drain = DrainRequest {
-        deadline_ms: 2000,
-        close_rate: 100,
-        nodes: vec!["comet-b.example.com".into()],
-        tcp_port: 3101,
-        ws_port: 3102,
-        wss_port: 3103,
-        reconnect_within_ms: 1500,
-    };
+    let drain = drain_to_comet_b();
     let reply = admin.drain(drain.clone()).await?.into_inner();
     assert!(reply.started);
     assert_eq!(reply.connections, 2);
@@ -100,16 +105,7 @@ async fn a_redirect_granted_by_logic_gets_op_18_without_the_json_member() -> Res
     let granted = serde_json::json!({"key": "g1", "grant_redirect": true}).to_string();
     let mut g = h.tcp_client(&granted).await?;
     let mut admin = h.admin_client().await?;
-    let drain = DrainRequest {
-        deadline_ms: 2000,
-        close_rate: 100,
-        nodes: vec!["comet-b.example.com".into()],
-        tcp_port: 3101,
-        ws_port: 3102,
-        wss_port: 3103,
-        reconnect_within_ms: 1500,
-    };
-    assert!(admin.drain(drain).await?.into_inner().started);
+    assert!(admin.drain(drain_to_comet_b()).await?.into_inner().started);
     let msgs = closed(&mut g).await?;
     assert_eq!(msgs.len(), 1, "one op 18 before the close: {msgs:?}");
     assert_eq!(msgs[0].op, op::REDIRECT);

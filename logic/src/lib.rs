@@ -251,7 +251,9 @@ async fn serve(
             Ok(())
         }
     };
-    // Also when a server failed without a shutdown: nothing outlives `run`.
+    // Also when a server failed without a shutdown: nothing outlives `run`
+    // (triggering also ends the task that waits on the caller's signal).
+    shutdown.trigger();
     for task in background {
         task.abort();
     }

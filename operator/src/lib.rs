@@ -106,6 +106,9 @@ pub async fn run(
             .instrument(info_span!("metrics")),
     );
     let result = lead(client, config, metrics, shutdown.wait()).await;
+    // Also when leading failed (no Lease) without a shutdown: the metrics
+    // server would otherwise keep `run` from returning.
+    shutdown.trigger();
     match server.await {
         Ok(Err(err)) => warn!(cause = %err, "metrics listener failed"),
         Err(err) => warn!(cause = %err, "metrics task failed"),
