@@ -9,7 +9,7 @@
 //!   told to manage to that node, through `pods/binding`;
 //! - for each pod on the node it lends a unique address from a 127.0.0.0/8
 //!   pool and runs each container as a process of the `herald` binary with the
-//!   container's args, the pod's env (`fieldRef`, ConfigMap/Secret refs) and
+//!   container's args, the pod's env (Service link variables, `fieldRef`, ConfigMap/Secret refs) and
 //!   `$(VAR)` expansion as kubelet does;
 //! - it writes pods/status (phase, podIP, containers, Ready from the readiness
 //!   probe), restarts exited processes (and those failing their liveness

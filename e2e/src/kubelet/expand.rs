@@ -1,12 +1,14 @@
 //! A container's environment and command line, resolved the way kubelet does:
-//! `envFrom` first, then `env` in order, where each value may use `$(NAME)`
+//! the Service link variables of the pod's namespace first
+//! (`<NAME>_SERVICE_HOST`, ...: the portable way to reach a Service without
+//! cluster DNS, which the test bed lacks), then `envFrom`, then `env` in order, where each value may use `$(NAME)`
 //! references to variables defined before it, and `command`/`args` may use
 //! all of them. `$$` is a literal `$`; a reference to an unknown name stays as
 //! written, exactly as in Kubernetes.
 
 use std::collections::{BTreeMap, HashMap};
 
-use k8s_openapi::api::core::v1::{Container, ObjectFieldSelector, Pod};
+use k8s_openapi::api::core::v1::{Container, ObjectFieldSelector, Pod, Service};
 
 /// Why a container's environment cannot be built. The pod waits with reason
 /// `CreateContainerConfigError` and the message, as with a real kubelet.
@@ -31,6 +33,8 @@ pub(super) enum EnvError {
 /// (`None` when the object does not exist).
 #[derive(Debug, Default)]
 pub(super) struct Sources {
+    /// The Service link variables ([`service_links`]), defined before the rest.
+    pub(super) service_links: Vec<(String, String)>,
     pub(super) config_maps: HashMap<String, Option<BTreeMap<String, String>>>,
     pub(super) secrets: HashMap<String, Option<BTreeMap<String, String>>>,
 }
@@ -81,7 +85,7 @@ pub(super) fn container_env(
     addrs: PodAddrs<'_>,
     sources: &Sources,
 ) -> Result<Vec<(String, String)>, EnvError> {
-    let mut env: Vec<(String, String)> = Vec::new();
+    let mut env: Vec<(String, String)> = sources.service_links.clone();
     let set = |env: &mut Vec<(String, String)>, name: String, value: String| {
         env.retain(|(n, _)| *n != name);
         env.push((name, value));
@@ -146,6 +150,65 @@ pub(super) fn container_env(
         set(&mut env, var.name.clone(), value);
     }
     Ok(env)
+}
+
+/// The variables kubelet defines for every Service of the pod's namespace
+/// that has a ClusterIP (`enableServiceLinks`, on by default): for Service
+/// `chat-comet` with ports `tcp` 3101 and `ws` 3102, `CHAT_COMET_SERVICE_HOST`,
+/// `CHAT_COMET_SERVICE_PORT` (the first port), `CHAT_COMET_SERVICE_PORT_TCP`,
+/// `CHAT_COMET_SERVICE_PORT_WS`, and the Docker-link form
+/// `CHAT_COMET_PORT=tcp://<ip>:3101` and `CHAT_COMET_PORT_3101_TCP_ADDR`, ...
+pub(super) fn service_links(services: &[Service]) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for service in services {
+        let Some(spec) = &service.spec else { continue };
+        let Some(ip) = spec
+            .cluster_ip
+            .as_deref()
+            .filter(|ip| !ip.is_empty() && *ip != "None")
+        else {
+            continue;
+        };
+        let prefix = service
+            .metadata
+            .name
+            .as_deref()
+            .unwrap_or_default()
+            .to_uppercase()
+            .replace('-', "_");
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        let Some(first) = ports.first() else { continue };
+        env.push((format!("{prefix}_SERVICE_HOST"), ip.to_owned()));
+        env.push((format!("{prefix}_SERVICE_PORT"), first.port.to_string()));
+        for port in ports {
+            if let Some(name) = port.name.as_deref().filter(|n| !n.is_empty()) {
+                let name = name.to_uppercase().replace('-', "_");
+                env.push((
+                    format!("{prefix}_SERVICE_PORT_{name}"),
+                    port.port.to_string(),
+                ));
+            }
+        }
+        let proto = |p: &k8s_openapi::api::core::v1::ServicePort| {
+            p.protocol.as_deref().unwrap_or("TCP").to_owned()
+        };
+        env.push((
+            format!("{prefix}_PORT"),
+            format!("{}://{ip}:{}", proto(first).to_lowercase(), first.port),
+        ));
+        for port in ports {
+            let (number, proto) = (port.port, proto(port));
+            let var = format!("{prefix}_PORT_{number}_{proto}");
+            env.push((
+                var.clone(),
+                format!("{}://{ip}:{number}", proto.to_lowercase()),
+            ));
+            env.push((format!("{var}_PROTO"), proto.to_lowercase()));
+            env.push((format!("{var}_PORT"), number.to_string()));
+            env.push((format!("{var}_ADDR"), ip.to_owned()));
+        }
+    }
+    env
 }
 
 /// One key of a ConfigMap or Secret; `Ok(None)` when it is optional and absent.
@@ -276,6 +339,49 @@ mod tests {
         assert_eq!(expand("cost $5", &lookup), "cost $5");
         assert_eq!(expand("end$", &lookup), "end$");
         assert_eq!(expand("ünï$(POD_IP)cødé", &lookup), "ünï127.0.20.1cødé");
+    }
+
+    #[test]
+    fn service_links_are_named_as_kubelet_names_them() {
+        let services: Vec<Service> = serde_json::from_value(serde_json::json!([
+            {"metadata": {"name": "chat-comet"},
+             "spec": {"clusterIP": "127.100.0.9", "ports": [
+                 {"name": "tcp", "port": 3101, "protocol": "TCP"},
+                 {"name": "ws", "port": 3102}]}},
+            {"metadata": {"name": "chat-comet-grpc"},
+             "spec": {"clusterIP": "None", "ports": [{"name": "grpc", "port": 3109}]}},
+        ]))
+        .unwrap();
+        let env = service_links(&services);
+        let get = |name: &str| env.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        assert_eq!(get("CHAT_COMET_SERVICE_HOST"), Some("127.100.0.9"));
+        assert_eq!(get("CHAT_COMET_SERVICE_PORT"), Some("3101"));
+        assert_eq!(get("CHAT_COMET_SERVICE_PORT_WS"), Some("3102"));
+        assert_eq!(get("CHAT_COMET_PORT"), Some("tcp://127.100.0.9:3101"));
+        assert_eq!(get("CHAT_COMET_PORT_3102_TCP_ADDR"), Some("127.100.0.9"));
+        // Headless Services have no link variables.
+        assert!(!env.iter().any(|(n, _)| n.starts_with("CHAT_COMET_GRPC")));
+        // They are defined first, so `env` may refer to them.
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns"},
+            "spec": {"containers": [{"name": "main", "env": [
+                {"name": "COMET", "value": "$(CHAT_COMET_SERVICE_HOST):$(CHAT_COMET_SERVICE_PORT_TCP)"}]}]}
+        }))
+        .unwrap();
+        let container = pod.spec.as_ref().unwrap().containers[0].clone();
+        let sources = Sources {
+            service_links: env,
+            ..Sources::default()
+        };
+        let addrs = PodAddrs {
+            pod_ip: "127.0.20.1",
+            host_ip: "127.0.0.1",
+        };
+        let built = container_env(&pod, &container, addrs, &sources).unwrap();
+        assert_eq!(
+            built.last(),
+            Some(&("COMET".to_owned(), "127.100.0.9:3101".to_owned()))
+        );
     }
 
     fn pod() -> Pod {

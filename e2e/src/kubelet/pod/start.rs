@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, ContainerState, ContainerStateRunning, Secret, ServiceAccount,
+    ConfigMap, Container, ContainerState, ContainerStateRunning, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -141,7 +141,6 @@ impl PodTask {
         Ok(())
     }
 
-    /// ConfigMaps and Secrets the container's environment refers to.
     /// What a kubelet's projected service-account token gives a pod: the
     /// identity of the pod's ServiceAccount (a TokenRequest, so RBAC applies
     /// as in a cluster). No process here can read the fixed in-cluster token
@@ -181,10 +180,20 @@ impl PodTask {
         Ok(path.display().to_string())
     }
 
+    /// The Service link variables of the namespace, and the ConfigMaps and
+    /// Secrets the container's environment refers to.
     async fn fetch_sources(&self, spec: &Container) -> Result<Sources, String> {
         let (config_maps, secrets) = expand::referenced_sources(spec);
         let mut sources = Sources::default();
         let client = &self.shared.client;
+        let links = self.pod.spec.as_ref().and_then(|s| s.enable_service_links);
+        if links != Some(false) {
+            let services = Api::<Service>::namespaced(client.clone(), &self.namespace)
+                .list(&Default::default())
+                .await
+                .map_err(|e| format!("list Services: {e}"))?;
+            sources.service_links = expand::service_links(&services.items);
+        }
         for name in config_maps {
             let found = Api::<ConfigMap>::namespaced(client.clone(), &self.namespace)
                 .get_opt(&name)
