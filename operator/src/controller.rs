@@ -143,7 +143,7 @@ pub async fn run(
 /// Apiserver errors; the error policy requeues them.
 #[tracing::instrument(skip_all, fields(cluster = %cluster.name_any()))]
 pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<Action> {
-    ctx.metrics.reconcile_started();
+    let _pass = ctx.metrics.reconcile_started(&cluster);
     let names = Names::of(&cluster)?;
     let spec = &cluster.spec;
     let previous = cluster.status.clone().unwrap_or_default();

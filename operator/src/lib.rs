@@ -95,7 +95,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let client = Client::try_default().await.map_err(Error::Client)?;
-    crd_installed(&client).await?;
+    crd_installed(&client, &config.namespaces).await?;
     if let Ok(addr) = listeners.metrics.local_addr() {
         info!(%addr, "metrics listening");
     }
@@ -119,8 +119,15 @@ pub async fn run(
 
 /// Fails fast when PushClusters are not served: a controller started without
 /// its CRD waits for a store that never fills, and would not even stop.
-async fn crd_installed(client: &Client) -> Result<()> {
-    let api: kube::Api<crd::PushCluster> = kube::Api::all(client.clone());
+/// Lists where the operator will watch (the first of `namespaces`, or all
+/// namespaces when none is given), so it needs no right beyond its watches:
+/// with namespaced Roles a cluster-wide list is forbidden, and an unknown
+/// resource answers 404 in a namespace too.
+async fn crd_installed(client: &Client, namespaces: &[String]) -> Result<()> {
+    let api: kube::Api<crd::PushCluster> = match namespaces.first() {
+        Some(namespace) => kube::Api::namespaced(client.clone(), namespace),
+        None => kube::Api::all(client.clone()),
+    };
     match api.list(&kube::api::ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 404 => Err(Error::CrdMissing),
