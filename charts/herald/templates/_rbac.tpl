@@ -1,0 +1,58 @@
+{{/*
+What the operator does in a namespace it watches, one rule per kind with the
+verbs it calls and no others (docs/kubernetes.md, "RBAC"). Children are
+written by server-side apply (patch, and create for one that does not exist
+yet); the Controller lists and watches every kind it owns; nothing is deleted
+by the operator but a drained comet pod (children go with their PushCluster
+through owner references).
+*/}}
+{{- define "herald.operatorRules" -}}
+# Read and watch the PushClusters it reconciles; update and patch only touch
+# metadata.finalizers (the teardown that drains comets first).
+- apiGroups: [herald.dev]
+  resources: [pushclusters]
+  verbs: [get, list, watch, update, patch]
+# Report observed state, conditions and per-comet load (server-side apply).
+- apiGroups: [herald.dev]
+  resources: [pushclusters/status]
+  verbs: [get, patch]
+# Autoscaling sets the comet count through /scale, the same door HPA/KEDA use.
+- apiGroups: [herald.dev]
+  resources: [pushclusters/scale]
+  verbs: [get, patch]
+# The comet, logic and job Deployments it owns.
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch]
+# Services of each component, the node-list and settings ConfigMaps, and the
+# ServiceAccount the components run as.
+- apiGroups: [""]
+  resources: [services, configmaps, serviceaccounts]
+  verbs: [get, list, watch, create, patch]
+# Secrets: reads the ones a spec references, creates the generated API-key
+# Secret once; never updates or deletes one.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, watch, create]
+# The Role + RoleBinding that let logic and job read the node-list
+# ConfigMap. Creating a Role needs the operator to hold what it grants
+# (configmaps get/list/watch, above); no escalate or bind verbs.
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, list, watch, create, patch]
+# PodDisruptionBudgets for comet and logic.
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch]
+# Comet pods: listed by label to poll their load, annotated with
+# pod-deletion-cost so the drained comet is the one a scale-down removes,
+# and deleted once drained. Never created.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, patch, delete]
+# Events about what it changed (scaling, draining, invalid specs); patch
+# updates the count of a repeated event.
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}
