@@ -11,6 +11,7 @@
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -59,6 +60,8 @@ pub(crate) struct HttpCall {
 pub(crate) struct LogicHttp {
     client: Client<HttpConnector, Full<Bytes>>,
     addr: SocketAddr,
+    /// `Authorization: Bearer <key>` on every call, when logic wants one.
+    api_key: Option<Arc<str>>,
 }
 
 impl LogicHttp {
@@ -68,6 +71,39 @@ impl LogicHttp {
         LogicHttp {
             client: Client::builder(TokioExecutor::new()).build(connector),
             addr,
+            api_key: None,
+        }
+    }
+
+    /// Sends `key` as the bearer key on every call.
+    pub(crate) fn with_api_key(mut self, key: Option<String>) -> LogicHttp {
+        self.api_key = key.map(Into::into);
+        self
+    }
+
+    /// POSTs `body` to `path_and_query`. A push counts as done when logic
+    /// answered 200 with goim's `"code":0` (the record is in Kafka); anything
+    /// else is an error with its status and body.
+    pub(crate) async fn post(&self, path_and_query: &str, body: Bytes) -> Result<(), String> {
+        let uri = format!("http://{}{path_and_query}", self.addr);
+        let mut req = http::Request::post(uri);
+        if let Some(key) = &self.api_key {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
+        let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        if status.is_success() && text.contains("\"code\":0") {
+            Ok(())
+        } else {
+            Err(format!("{status}: {text}"))
         }
     }
 
@@ -85,27 +121,8 @@ impl LogicHttp {
 impl Sender for LogicHttp {
     type Call = HttpCall;
 
-    /// A push counts as done when logic answered 200 with goim's `"code":0`
-    /// (the record is in Kafka); anything else is an error with its body.
     async fn send(&self, call: HttpCall) -> Result<(), String> {
-        let uri = format!("http://{}{}", self.addr, call.path_and_query);
-        let req = http::Request::post(uri)
-            .body(Full::new(call.body))
-            .map_err(|e| e.to_string())?;
-        let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        let text = String::from_utf8_lossy(&body);
-        if status.is_success() && text.contains("\"code\":0") {
-            Ok(())
-        } else {
-            Err(format!("{status}: {text}"))
-        }
+        self.post(&call.path_and_query, call.body).await
     }
 }
 

@@ -30,6 +30,8 @@
 //! - [`report`]: the JSON record and the markdown table; the table in
 //!   `markdown`, the plots' series in `plots`.
 //! - [`plot`]: PNG plots, with labels from a built-in bitmap font.
+//! - [`probe`]: `herald probe`, one push through a deployed cluster (what
+//!   the chart's `helm test` runs).
 //! - [`proc`]: CPU, RSS, pinning and machine facts from `/proc`.
 //! - `timer`: the injectors' microsecond-precision sleep (a `timerfd`).
 
@@ -39,6 +41,7 @@ pub mod floor;
 pub mod inject;
 pub mod load;
 pub mod plot;
+pub mod probe;
 pub mod proc;
 pub mod report;
 pub mod s5;

@@ -53,6 +53,10 @@ enum Role {
     /// Benchmark a comet (started by the tool) against its targets and the
     /// kernel floor; prints figures, writes JSON and markdown.
     Bench(Box<herald_bench::Args>),
+    /// Check a deployed cluster end to end: a goim client on a comet receives
+    /// a push to its member id and one to its room, sent through logic's HTTP
+    /// API. Exit status 0 when both arrived (the chart's `helm test`).
+    Probe(Box<herald_bench::probe::Args>),
 }
 
 impl Args {
@@ -78,6 +82,7 @@ impl Args {
                 ExitCode::SUCCESS
             }
             Role::Bench(args) => bench(*args),
+            Role::Probe(args) => probe(*args),
         }
     }
 }
@@ -103,6 +108,7 @@ impl Role {
             Role::Operator(args) => Ok(format!("{:#?}", args.into_config())),
             Role::Standalone(args) => Ok(format!("{args:#?}")),
             Role::Bench(args) => Ok(format!("{args:#?}")),
+            Role::Probe(args) => Ok(format!("{args:#?}")),
             Role::Crdgen | Role::ConfigReference => Ok("no settings".to_owned()),
         };
         match checked {
@@ -174,6 +180,41 @@ fn bench(args: herald_bench::Args) -> ExitCode {
             }
             tracing::error!(cause, "benchmark failed");
             eprintln!("herald bench: {cause}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `herald probe`: prints what it measured, or why it failed (exit 1).
+fn probe(args: herald_bench::probe::Args) -> ExitCode {
+    let (comet, logic) = (args.comet.clone(), args.logic.clone());
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("herald probe: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(herald_bench::probe::run(args)) {
+        Ok(report) => {
+            println!(
+                "herald probe: ok: a client on comet {comet} received a member-id push in {:?} and a room push in {:?}, both sent through logic {logic}",
+                report.mid_push, report.room_push
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            let mut cause = err.to_string();
+            let mut source = std::error::Error::source(&err);
+            while let Some(e) = source {
+                cause.push_str(": ");
+                cause.push_str(&e.to_string());
+                source = e.source();
+            }
+            eprintln!("herald probe: FAILED: {cause}");
             ExitCode::FAILURE
         }
     }

@@ -95,6 +95,46 @@ async fn standalone_pushes_to_tcp_and_websocket_clients() -> Result {
     pushes_reach_both_clients(&herald, "tcp-key", "ws-key").await
 }
 
+/// `herald probe`, what the chart's `helm test` runs: against standalone
+/// with an API key it reports both pushes received; with a wrong key it
+/// fails with logic's 401, and with a dead comet address it fails naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_reports_both_pushes_and_fails_clearly() -> Result {
+    let herald = Standalone::start(&["--api-key".to_owned(), "k3y".to_owned()]).await?;
+    let probe = |comet: String, key: &str| {
+        let command = Herald::new(env!("CARGO_BIN_EXE_herald"), "probe")
+            .args(["--comet", &comet, "--logic", &herald.http.to_string()])
+            .args(["--api-key", key, "--timeout-secs", "5"])
+            .dir(Path::new(env!("CARGO_TARGET_TMPDIR")).join("probe"));
+        tokio::task::spawn_blocking(move || command.output())
+    };
+    let ok = probe(herald.tcp.to_string(), "k3y").await??;
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success()
+            && stdout.contains("received a member-id push")
+            && stdout.contains("a room push"),
+        "probe failed: {stdout}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let refused = probe(herald.tcp.to_string(), "wrong").await??;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("FAILED: push through logic") && stderr.contains("401"),
+        "{stderr}"
+    );
+    let nowhere = SocketAddr::from(([127, 0, 0, 1], herald_e2e::free_port()));
+    let unreachable = probe(nowhere.to_string(), "k3y").await??;
+    let stderr = String::from_utf8_lossy(&unreachable.stderr);
+    assert_eq!(unreachable.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("client at comet {nowhere}")),
+        "{stderr}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn standalone_on_the_real_redis_and_kafka() -> Result {
     let var = |name: &str| {
