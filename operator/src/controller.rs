@@ -3,6 +3,11 @@
 //! → scaling and drain decision → build → apply (server-side, one field
 //! manager, forced) → node list → status (patched only when it changed).
 //!
+//! A spec error (what admission refuses) stops the pipeline before polling.
+//! A referenced Secret that is missing does not: the running cluster is
+//! still polled, scaled, drained and reported, and only the apply step
+//! shrinks to the comet replicas until the Secret exists.
+//!
 //! A pass that changes nothing writes nothing: server-side apply of an
 //! unchanged object is a no-op in the apiserver, the node list is written only
 //! when its content moves, and the status only when it differs.
@@ -32,18 +37,18 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
-use self::apply::apply_children;
+use self::apply::{apply_children, scale_only};
 use self::autoscale::autoscale;
 use self::drain::drain;
 use self::error::error_policy;
 pub use self::error::{Error, Result};
 use self::fetch::fetch;
 use self::observe::{poll, write_node_list};
-use self::status::{compute_status, degrade, publish, write_status};
+use self::status::{Observed, compute_status, degrade, report_degraded, write_status};
 use crate::build::{MANAGER, Names, ServiceAddresses};
 use crate::crd::PushCluster;
 use crate::metrics::Metrics;
@@ -149,38 +154,30 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
     let previous = cluster.status.clone().unwrap_or_default();
 
     let fetched = fetch(&ctx.client, &names, spec).await?;
-    if let Err(invalid) = validate::check(spec, &fetched.secrets) {
+    if let Err(invalid) = validate::check_spec(spec) {
         return degrade(&ctx, &cluster, &names, &previous, invalid).await;
     }
+    // Missing Secrets keep the spec from being applied, not the running
+    // cluster from being observed, scaled and reported.
+    let missing = validate::missing_secrets(spec, &fetched.secrets);
     let polled = poll(&ctx, spec, &fetched.pods).await;
     let spec_replicas = autoscale(&ctx, &cluster, &names, &polled).await?;
     let comet_replicas = drain(&ctx, &cluster, &names, &fetched, &polled, spec_replicas).await?;
-    let deployments = apply_children(&ctx, &cluster, &names, &fetched, comet_replicas).await?;
+    let deployments = match &missing {
+        None => apply_children(&ctx, &cluster, &names, &fetched, comet_replicas).await?,
+        Some(_) => scale_only(&ctx, &names, &fetched, comet_replicas).await?,
+    };
     let node_list = write_node_list(&ctx, &names, spec, &fetched, &polled).await?;
 
-    let status = compute_status(
-        &cluster,
-        &names,
-        &previous,
-        &deployments,
-        &polled,
+    let observed = Observed {
+        deployments: &deployments,
+        polled: &polled,
         spec_replicas,
-        node_list.generation,
-    );
-    let was_degraded = previous
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Degraded" && c.status == "True");
-    if was_degraded {
-        publish(
-            &ctx,
-            &cluster,
-            EventType::Normal,
-            "Recovered",
-            "spec is valid again".to_owned(),
-        )
-        .await;
-    }
+        node_list_generation: node_list.generation,
+        missing: missing.as_ref(),
+    };
+    let status = compute_status(&cluster, &names, &previous, &observed);
+    report_degraded(&ctx, &cluster, &previous, missing.as_ref()).await;
     write_status(&ctx.client, &names, &previous, status).await?;
     ctx.metrics.reconcile_ok();
     Ok(Action::requeue(ctx.poll_interval))

@@ -1,12 +1,18 @@
 //! Checks the schema and CEL rules cannot make: Secrets that must exist with
 //! the named key. Also repeats the admission rules, because a CRD applied
 //! without them (or an older stored object) must degrade, never crash.
+//!
+//! The two kinds of problem are reported apart because the controller treats
+//! them apart: a spec error ([`check_spec`]) stops building, while missing
+//! Secrets ([`missing_secrets`]) leave a running cluster running, observed
+//! and scaled, until they appear.
 
 use std::collections::BTreeMap;
 
 use crate::crd::{PushClusterSpec, SecretKeyRef};
 
-/// Why a spec cannot be reconciled: shown as the `Degraded` condition.
+/// Why a spec cannot be reconciled as it stands: shown as the `Degraded`
+/// condition.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}: {message}")]
 pub struct Invalid {
@@ -14,17 +20,10 @@ pub struct Invalid {
     pub reason: &'static str,
     /// What to fix.
     pub message: String,
-    /// Whether only a change to the spec can fix it (else e.g. a Secret
-    /// appearing can, so the controller looks again later).
-    pub spec_only: bool,
 }
 
 fn spec_error(reason: &'static str, message: String) -> Invalid {
-    Invalid {
-        reason,
-        message,
-        spec_only: true,
-    }
+    Invalid { reason, message }
 }
 
 /// The Secrets a spec references: every `(name, key)` it reads.
@@ -39,15 +38,12 @@ pub fn referenced_secrets(spec: &PushClusterSpec) -> Vec<&SecretKeyRef> {
     .collect()
 }
 
-/// Validates a spec. `secrets` maps each referenced Secret that exists to its
-/// keys.
+/// Checks what only a change to the spec can fix (admission normally refuses
+/// all of it).
 ///
 /// # Errors
 /// The first problem found, as an [`Invalid`].
-pub fn check(
-    spec: &PushClusterSpec,
-    secrets: &BTreeMap<String, Vec<String>>,
-) -> Result<(), Invalid> {
+pub fn check_spec(spec: &PushClusterSpec) -> Result<(), Invalid> {
     if spec.image.trim().is_empty() {
         return Err(spec_error("InvalidSpec", "image is empty".to_owned()));
     }
@@ -91,26 +87,34 @@ pub fn check(
             "auth.mode jwt needs auth.jwtSecretRef".to_owned(),
         ));
     }
+    Ok(())
+}
+
+/// Every referenced Secret that does not exist and every referenced key a
+/// Secret lacks, as one `SecretMissing` problem naming them all (in the
+/// order the spec references them, each once); `None` when all are there.
+/// `secrets` maps each referenced Secret that exists to its keys.
+pub fn missing_secrets(
+    spec: &PushClusterSpec,
+    secrets: &BTreeMap<String, Vec<String>>,
+) -> Option<Invalid> {
+    let mut missing: Vec<String> = Vec::new();
     for secret in referenced_secrets(spec) {
-        match secrets.get(&secret.name) {
-            None => {
-                return Err(Invalid {
-                    reason: "SecretMissing",
-                    message: format!("Secret {} does not exist", secret.name),
-                    spec_only: false,
-                });
-            }
+        let problem = match secrets.get(&secret.name) {
+            None => format!("Secret {} does not exist", secret.name),
             Some(keys) if !keys.contains(&secret.key) => {
-                return Err(Invalid {
-                    reason: "SecretKeyMissing",
-                    message: format!("Secret {} has no key {}", secret.name, secret.key),
-                    spec_only: false,
-                });
+                format!("Secret {} has no key {}", secret.name, secret.key)
             }
-            Some(_) => {}
+            Some(_) => continue,
+        };
+        if !missing.contains(&problem) {
+            missing.push(problem);
         }
     }
-    Ok(())
+    (!missing.is_empty()).then(|| Invalid {
+        reason: "SecretMissing",
+        message: missing.join("; "),
+    })
 }
 
 #[cfg(test)]
@@ -127,25 +131,47 @@ mod tests {
 
     #[test]
     fn minimal_spec_is_valid() {
-        assert_eq!(check(&spec(), &BTreeMap::new()), Ok(()));
+        assert_eq!(check_spec(&spec()), Ok(()));
+        assert_eq!(missing_secrets(&spec(), &BTreeMap::new()), None);
+    }
+
+    fn reference(name: &str, key: &str) -> Option<SecretKeyRef> {
+        Some(SecretKeyRef {
+            name: name.to_owned(),
+            key: key.to_owned(),
+        })
     }
 
     #[test]
-    fn missing_secret_and_key_are_reported_and_retryable() {
+    fn every_missing_secret_and_key_is_named() {
         let mut spec = spec();
-        spec.auth.api_key_secret_ref = Some(SecretKeyRef {
-            name: "keys".to_owned(),
-            key: "api".to_owned(),
-        });
-        let err = check(&spec, &BTreeMap::new()).unwrap_err();
-        assert_eq!((err.reason, err.spec_only), ("SecretMissing", false));
+        spec.auth.api_key_secret_ref = reference("keys", "api");
+        spec.auth.jwt_secret_ref = reference("jwt", "secret");
+        spec.redis.password_secret_ref = reference("keys", "redis");
+        let err = missing_secrets(&spec, &BTreeMap::new()).unwrap();
+        assert_eq!(err.reason, "SecretMissing");
+        assert_eq!(
+            err.message, "Secret keys does not exist; Secret jwt does not exist",
+            "each missing Secret once"
+        );
         let secrets = BTreeMap::from([("keys".to_owned(), vec!["other".to_owned()])]);
         assert_eq!(
-            check(&spec, &secrets).unwrap_err().reason,
-            "SecretKeyMissing"
+            missing_secrets(&spec, &secrets).unwrap().message,
+            "Secret keys has no key redis; Secret jwt does not exist; Secret keys has no key api"
         );
-        let secrets = BTreeMap::from([("keys".to_owned(), vec!["api".to_owned()])]);
-        assert_eq!(check(&spec, &secrets), Ok(()));
+        let secrets = BTreeMap::from([
+            (
+                "keys".to_owned(),
+                vec!["api".to_owned(), "redis".to_owned()],
+            ),
+            ("jwt".to_owned(), vec!["secret".to_owned()]),
+        ]);
+        assert_eq!(missing_secrets(&spec, &secrets), None);
+        assert_eq!(
+            check_spec(&spec),
+            Ok(()),
+            "a missing Secret is no spec error"
+        );
     }
 
     #[test]
@@ -153,21 +179,15 @@ mod tests {
         let mut bad = spec();
         bad.comet.autoscaling.min_replicas = 5;
         bad.comet.autoscaling.max_replicas = 2;
-        assert_eq!(
-            check(&bad, &BTreeMap::new()).unwrap_err().reason,
-            "InvalidAutoscaling"
-        );
+        assert_eq!(check_spec(&bad).unwrap_err().reason, "InvalidAutoscaling");
         let mut bad = spec();
         bad.comet.replicas = -1;
-        assert!(check(&bad, &BTreeMap::new()).unwrap_err().spec_only);
+        assert_eq!(check_spec(&bad).unwrap_err().reason, "InvalidSpec");
         let mut bad = spec();
         bad.auth.mode = AuthMode::Jwt;
-        assert_eq!(
-            check(&bad, &BTreeMap::new()).unwrap_err().reason,
-            "InvalidAuth"
-        );
+        assert_eq!(check_spec(&bad).unwrap_err().reason, "InvalidAuth");
         let mut bad = spec();
         bad.kafka.brokers = vec![];
-        assert!(check(&bad, &BTreeMap::new()).is_err());
+        assert!(check_spec(&bad).is_err());
     }
 }

@@ -1,6 +1,8 @@
 //! The operator in this process against the test bed's apiserver, and what
 //! its tests read back: PushCluster conditions, the comet Deployment's
-//! replicas and pods, the node-list ConfigMap, `kubectl get` columns.
+//! replicas and pods, the node-list ConfigMap, `kubectl get` columns, the
+//! operator's Events. And what stands in for a kubelet: a real comet in this
+//! process behind a comet pod ([`PodComet`]), with goim clients.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,8 +19,8 @@ use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use super::Stoppable;
 use super::k8s;
+use super::{Stoppable, Stopped};
 
 /// The Lease every operator of a test runs for, in the namespace it watches.
 pub(crate) const LEASE: &str = "herald-operator";
@@ -378,4 +380,118 @@ pub(crate) async fn secret_value(
         bail!("Secret {name} has no {key}");
     };
     Ok(String::from_utf8(value.0)?)
+}
+
+// ---------------------------------------------------- comets behind pods
+
+/// A real comet in this process, with its own stub logic (which accepts any
+/// token), standing in for comet pod `name`: gRPC on `ip:grpc_port`, where
+/// the operator polls it; the pod is marked Running and Ready at `ip`.
+/// Stopped when dropped.
+pub(crate) struct PodComet {
+    /// Where goim TCP clients connect.
+    pub(crate) tcp: std::net::SocketAddr,
+    _logic: herald_testkit::stub::StubLogic,
+    _task: Stoppable<herald_comet::Error>,
+}
+
+impl PodComet {
+    pub(crate) async fn start(
+        pods: &Api<Pod>,
+        name: &str,
+        ip: &str,
+        grpc_port: u16,
+    ) -> Result<PodComet> {
+        use tokio::net::TcpListener;
+        let logic = herald_testkit::stub::StubLogic::recording();
+        let logic_addr = logic.serve().await?;
+        let config = herald_comet::Config::new(name, logic_addr.to_string());
+        let listeners = herald_comet::Listeners {
+            tcp: TcpListener::bind((ip, 0)).await?,
+            ws: TcpListener::bind((ip, 0)).await?,
+            wss: None,
+            grpc: TcpListener::bind((ip, grpc_port)).await?,
+            http: None,
+        };
+        let tcp = listeners.tcp.local_addr()?;
+        let task =
+            Stoppable::spawn(|stopped: Stopped| herald_comet::run(config, listeners, stopped));
+        fake_running(pods, name, ip).await?;
+        Ok(PodComet {
+            tcp,
+            _logic: logic,
+            _task: task,
+        })
+    }
+}
+
+/// A goim TCP client of `addr` as member `mid`, authenticated (the auth
+/// reply has arrived).
+pub(crate) async fn goim_client(
+    addr: std::net::SocketAddr,
+    mid: u64,
+) -> Result<herald_client::Client> {
+    let mut client = herald_client::Client::connect_tcp(addr)
+        .await?
+        .with_timeout(Duration::from_secs(10));
+    let token = herald_client::Token::new(i64::try_from(mid)?, format!("k{mid}"))
+        .room("live://1")
+        .platform("web")
+        .accepts([1000]);
+    client.auth(&token).await?;
+    Ok(client)
+}
+
+/// Waits up to 60 s for `count` pods of `component` of `cluster`; their
+/// names.
+pub(crate) async fn wait_pods(
+    pods: &Api<Pod>,
+    cluster: &str,
+    component: &str,
+    count: usize,
+) -> Result<Vec<String>> {
+    let selector =
+        format!("app.kubernetes.io/component={component},app.kubernetes.io/instance={cluster}");
+    eventually(60, &format!("{count} {component} pods"), || async {
+        let list = pods.list(&ListParams::default().labels(&selector)).await?;
+        let names: Vec<String> = list
+            .items
+            .iter()
+            .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+            .map(ResourceExt::name_any)
+            .collect();
+        Ok((names.len() == count).then_some(names))
+    })
+    .await
+}
+
+// ---------------------------------------------------------------- Events
+
+/// The operator's events.k8s.io Events about PushCluster `cluster`, as
+/// `(type, reason, note)`, oldest first.
+pub(crate) async fn events_of(
+    client: &Client,
+    namespace: &str,
+    cluster: &str,
+) -> Result<Vec<(String, String, String)>> {
+    let mut list =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), namespace)
+            .list(&ListParams::default())
+            .await?
+            .items;
+    list.retain(|e| {
+        e.reporting_controller.as_deref() == Some("herald-operator")
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(cluster)
+    });
+    list.sort_by_key(|e| e.event_time.clone().map(|t| t.0));
+    Ok(list
+        .into_iter()
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect())
 }

@@ -1,6 +1,8 @@
 //! Pipeline step: apply the children. Builds every child object and
 //! server-side applies it (one field manager, forced), in the order pods
-//! need them; generates the API-key Secret when none is referenced.
+//! need them; generates the API-key Secret when none is referenced. While a
+//! referenced Secret is missing it only scales the comet Deployment
+//! ([`scale_only`]).
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
@@ -9,10 +11,11 @@ use kube::runtime::events::EventType;
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::json;
 
 use super::fetch::Fetched;
 use super::status::publish;
-use super::{Context, Error, Result};
+use super::{Context, Error, Result, merge_params};
 use crate::build::{self, MANAGER, Names, ServiceAddresses};
 use crate::crd::PushCluster;
 
@@ -88,6 +91,54 @@ pub(super) async fn apply_children(
     }
     for pdb in &children.pdbs {
         apply(client, ns, pdb).await?;
+    }
+    Ok(deployments)
+}
+
+/// While a referenced Secret is missing: the spec is not applied (its pods
+/// would reference a Secret that is not there, and a rollout onto them would
+/// replace working pods with ones that cannot start), so every child stays as
+/// it runs, except the comet Deployment's replicas, which follow the
+/// autoscaler and the drains. Returns the Deployments that exist (none on a
+/// cluster never built).
+pub(super) async fn scale_only(
+    ctx: &Context,
+    names: &Names,
+    fetched: &Fetched,
+    comet_replicas: i32,
+) -> Result<Vec<Deployment>> {
+    let api = Api::<Deployment>::namespaced(ctx.client.clone(), &names.namespace);
+    let mut deployments = Vec::new();
+    if let Some(comet) = &fetched.comet_deployment {
+        let deployed = comet.spec.as_ref().and_then(|s| s.replicas);
+        if deployed == Some(comet_replicas) {
+            deployments.push(comet.clone());
+        } else {
+            // A merge patch of the one field: an apply of a partial object
+            // would drop every field this manager applied before.
+            let patched = api
+                .patch(
+                    &comet.name_any(),
+                    &merge_params(),
+                    &Patch::Merge(json!({"spec": {"replicas": comet_replicas}})),
+                )
+                .await
+                .map_err(|source| Error::Apply {
+                    what: format!("replicas of Deployment {}", comet.name_any()),
+                    source,
+                })?;
+            deployments.push(patched);
+        }
+    }
+    for component in ["logic", "job"] {
+        let found = api
+            .get_opt(&names.component(component))
+            .await
+            .map_err(|source| Error::Fetch {
+                what: "a Deployment",
+                source,
+            })?;
+        deployments.extend(found);
     }
     Ok(deployments)
 }

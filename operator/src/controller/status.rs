@@ -1,14 +1,16 @@
 //! Pipeline step: report. Computes the PushCluster's status and conditions
 //! from what was applied and polled, writes it only when it changed,
-//! publishes Events, and reports an invalid spec as `Degraded`.
+//! publishes Events, and reports what keeps the spec from being applied as
+//! `Degraded`: a spec error stops the pipeline ([`degrade`]), missing
+//! Secrets do not ([`report_degraded`]).
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::{Client, Resource};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::observe::Polled;
 use super::{Context, Error, Result, now_rfc3339};
@@ -35,8 +37,8 @@ pub(super) async fn publish(
     }
 }
 
-/// An invalid spec: `Degraded` with the reason, nothing built. Only a spec
-/// change can fix a spec error; a missing Secret is looked for again.
+/// A spec error (admission normally refuses it): `Degraded` with the reason,
+/// nothing built, and no look again until the spec changes.
 pub(super) async fn degrade(
     ctx: &Context,
     cluster: &PushCluster,
@@ -61,24 +63,51 @@ pub(super) async fn degrade(
         "Degraded",
         &invalid.message,
     );
-    if !condition_is(&previous.conditions, "Degraded", true, invalid.reason) {
-        publish(
-            ctx,
-            cluster,
-            EventType::Warning,
-            invalid.reason,
-            invalid.message.clone(),
-        )
-        .await;
-    }
+    report_degraded(ctx, cluster, previous, Some(&invalid)).await;
     write_status(&ctx.client, names, previous, status).await?;
     ctx.metrics.reconcile_ok();
-    Ok(if invalid.spec_only {
-        Action::await_change()
-    } else {
-        // A Secret appearing is not watched: look again every few polls.
-        Action::requeue(ctx.poll_interval * 4)
-    })
+    Ok(Action::await_change())
+}
+
+/// Publishes and logs a change of `Degraded`: a Warning each time the problem
+/// appears or its message changes (another Secret went missing), `Recovered`
+/// when it is gone. Nothing while it stays the same.
+pub(super) async fn report_degraded(
+    ctx: &Context,
+    cluster: &PushCluster,
+    previous: &PushClusterStatus,
+    now: Option<&validate::Invalid>,
+) {
+    let was = previous
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded" && c.status == "True");
+    match (was, now) {
+        (Some(was), Some(now)) if was.reason == now.reason && was.message == now.message => {}
+        (_, Some(now)) => {
+            info!(cluster = %cluster.name_any(), reason = now.reason, message = %now.message, "degraded");
+            publish(
+                ctx,
+                cluster,
+                EventType::Warning,
+                now.reason,
+                now.message.clone(),
+            )
+            .await;
+        }
+        (Some(was), None) => {
+            info!(cluster = %cluster.name_any(), was = %was.reason, "recovered");
+            publish(
+                ctx,
+                cluster,
+                EventType::Normal,
+                "Recovered",
+                format!("recovered from {}: {}", was.reason, was.message),
+            )
+            .await;
+        }
+        (None, None) => {}
+    }
 }
 
 fn component_status(deployment: Option<&Deployment>) -> ComponentStatus {
@@ -106,18 +135,38 @@ fn progressing(deployment: &Deployment) -> bool {
         || status.replicas.unwrap_or(0) > desired
 }
 
+/// What a pass found and did, for its status.
+pub(super) struct Observed<'a> {
+    /// The comet, logic and job Deployments that exist, as applied.
+    pub(super) deployments: &'a [Deployment],
+    pub(super) polled: &'a [Polled],
+    /// The comet count the spec asks for after this pass's autoscaling.
+    pub(super) spec_replicas: i32,
+    pub(super) node_list_generation: i64,
+    /// Referenced Secrets that are missing.
+    pub(super) missing: Option<&'a validate::Invalid>,
+}
+
 pub(super) fn compute_status(
     cluster: &PushCluster,
     names: &Names,
     previous: &PushClusterStatus,
-    deployments: &[Deployment],
-    polled: &[Polled],
-    spec_replicas: i32,
-    node_list_generation: i64,
+    observed: &Observed<'_>,
 ) -> PushClusterStatus {
-    let comet = component_status(deployments.first());
-    let logic = component_status(deployments.get(1));
-    let job = component_status(deployments.get(2));
+    let Observed {
+        deployments,
+        polled,
+        spec_replicas,
+        node_list_generation,
+        missing,
+    } = *observed;
+    let deployment = |component: &str| {
+        let name = names.component(component);
+        deployments.iter().find(|d| d.name_any() == name)
+    };
+    let comet = component_status(deployment("comet"));
+    let logic = component_status(deployment("logic"));
+    let job = component_status(deployment("job"));
     let draining: Vec<&Polled> = polled
         .iter()
         .filter(|p| p.drain_started.is_some() && !p.terminating)
@@ -147,7 +196,16 @@ pub(super) fn compute_status(
     };
     set_condition(&mut conditions, "Available", all_ready, reason, &message);
     let rolling = deployments.iter().any(progressing) || comet.desired_replicas != spec_replicas;
-    if rolling {
+    if let (Some(invalid), true) = (missing, deployments.is_empty()) {
+        // Nothing built yet, and nothing will be until the Secrets exist.
+        set_condition(
+            &mut conditions,
+            "Progressing",
+            false,
+            invalid.reason,
+            "waiting for the referenced Secrets",
+        );
+    } else if rolling {
         set_condition(
             &mut conditions,
             "Progressing",
@@ -164,13 +222,22 @@ pub(super) fn compute_status(
             "deployments match the spec",
         );
     }
-    set_condition(
-        &mut conditions,
-        "Degraded",
-        false,
-        "Valid",
-        "spec is valid and its Secrets exist",
-    );
+    match missing {
+        Some(invalid) => set_condition(
+            &mut conditions,
+            "Degraded",
+            true,
+            invalid.reason,
+            &invalid.message,
+        ),
+        None => set_condition(
+            &mut conditions,
+            "Degraded",
+            false,
+            "Valid",
+            "spec is valid and its Secrets exist",
+        ),
+    }
     match draining.first() {
         Some(pod) => set_condition(
             &mut conditions,
@@ -220,12 +287,6 @@ pub(super) fn compute_status(
         node_list_generation,
         selector: Some(names.selector("comet")),
     }
-}
-
-fn condition_is(conditions: &[Condition], type_: &str, status: bool, reason: &str) -> bool {
-    conditions.iter().any(|c| {
-        c.type_ == type_ && c.status == if status { "True" } else { "False" } && c.reason == reason
-    })
 }
 
 /// Sets a condition, keeping `lastTransitionTime` unless the status flips.
@@ -286,6 +347,14 @@ pub(super) async fn write_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn condition_is(conditions: &[Condition], type_: &str, status: bool, reason: &str) -> bool {
+        conditions.iter().any(|c| {
+            c.type_ == type_
+                && c.status == if status { "True" } else { "False" }
+                && c.reason == reason
+        })
+    }
 
     #[test]
     fn transition_time_kept_unless_status_flips() {
