@@ -5,7 +5,9 @@
 //! a PushCluster. This is what proves the chart's least-privilege RBAC is
 //! enough for the operator's real work (RBAC is enforced by the apiserver).
 //! Only the operator's namespace is run by the kubelet: the PushCluster's own
-//! pods stay Pending (`operator_e2e.rs` runs those).
+//! pods stay Pending (`operator_e2e.rs` runs those). With `watchNamespaces`
+//! set the chart grants only Roles in the watched namespace, and the Lease is
+//! the chart's: the operator holds it, and `helm uninstall` removes it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,7 +16,9 @@ use anyhow::{Context, ensure};
 use herald_e2e::kubelet::{Config as KubeletConfig, IpPool, Kubelet, current_cluster};
 use herald_e2e::{eventually, helm, testbed_var, unique_name};
 use herald_operator::crd::PushCluster;
+use herald_testkit::http;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -74,6 +78,7 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
         installed?;
         // The operator pod: Running and Ready (its /healthz probed on its pod IP).
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ops);
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &ops);
         let pod = eventually(60, "the operator pod Ready", || async {
             let list = pods.list(&Default::default()).await?;
             Ok(list.items.into_iter().find(|p| {
@@ -93,6 +98,17 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
             ip.starts_with("127.0.32."),
             "pod IP {ip} is not the loopback pool's"
         );
+        // It leads through the Lease the chart created (its RBAC has no
+        // `create` on Leases): the holder is the pod.
+        let pod_name = pod.name_any();
+        eventually(30, "the operator pod holding the chart's Lease", || async {
+            let lease = leases.get("herald-operator").await?;
+            Ok(
+                (lease.spec.and_then(|s| s.holder_identity).as_deref() == Some(pod_name.as_str()))
+                    .then_some(()),
+            )
+        })
+        .await?;
 
         // The README's example PushCluster in the watched namespace: it names
         // Secrets that do not exist yet, so it is Degraded and nothing is built.
@@ -154,6 +170,23 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
             degraded.is_none_or(|c| c.status == "False"),
             "still degraded: {degraded:?}"
         );
+        // The pod's /metrics, through the chart's metrics Service port name:
+        // the cluster is no longer Degraded there either, and passes are timed.
+        let series = format!(r#"{{namespace="{chat}",cluster="chat"}}"#);
+        let metrics = eventually(30, "cluster_degraded 0 in the pod's /metrics", || async {
+            let body = http::get((ip.as_str(), 3180), "/metrics").await?.ok()?.body;
+            Ok(body
+                .contains(&format!("herald_operator_cluster_degraded{series} 0"))
+                .then_some(body))
+        })
+        .await?;
+        for name in [
+            format!("herald_operator_cluster_connections{series} "),
+            format!("herald_operator_cluster_draining_comets{series} 0"),
+            "herald_operator_reconcile_duration_seconds_count ".to_owned(),
+        ] {
+            ensure!(metrics.contains(&name), "{name} missing:\n{metrics}");
+        }
         // What a platform team reads.
         let out = Command::new(testbed_var("HERALD_KUBECTL"))
             .args(["get", "pushclusters", "-n", &chat])
@@ -184,6 +217,15 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
     .await;
 
     let uninstalled = helm(&["uninstall", release, "--namespace", &ops, "--wait"]);
+    // The chart owned the Lease: uninstall removed it, and the operator,
+    // still stopping, cannot bring it back.
+    let lease_left = async {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        Api::<Lease>::namespaced(client.clone(), &ops)
+            .get_opt("herald-operator")
+            .await
+    }
+    .await;
     let exits = kubelet.stop().await;
     let namespaces = Api::<Namespace>::all(client.clone());
     for ns in [&ops, &chat] {
@@ -198,6 +240,7 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
     }
     result?;
     uninstalled?;
+    ensure!(lease_left?.is_none(), "the Lease survived helm uninstall");
     ensure!(!exits.is_empty(), "the kubelet ran no process");
     Ok(())
 }
