@@ -314,13 +314,23 @@ pub fn api_key_secret(names: &Names, key: &str) -> Result<Secret> {
     )
 }
 
+/// `metadata` with `annotations` (none: the member is left out, so a
+/// server-side apply does not claim an empty map).
+fn with_annotations(mut metadata: Value, annotations: &BTreeMap<String, String>) -> Value {
+    if let (Some(metadata), false) = (metadata.as_object_mut(), annotations.is_empty()) {
+        metadata.insert("annotations".to_owned(), json!(annotations));
+    }
+    metadata
+}
+
 fn services(names: &Names, spec: &PushClusterSpec) -> Result<Vec<Service>> {
     let comet = &spec.comet.ports;
     let logic = &spec.logic.ports;
     let port = |name: &str, port: i32| json!({"name": name, "port": port, "targetPort": port, "protocol": "TCP"});
     [
         json!({"apiVersion": "v1", "kind": "Service",
-               "metadata": names.metadata(&names.component("comet"), "comet"),
+               "metadata": with_annotations(names.metadata(&names.component("comet"), "comet"),
+                                            &spec.comet.service_annotations),
                "spec": {"type": spec.comet.service_type.as_str(),
                         "selector": names.labels("comet"),
                         "ports": [port("tcp", comet.tcp), port("ws", comet.ws)]}}),
@@ -331,7 +341,8 @@ fn services(names: &Names, spec: &PushClusterSpec) -> Result<Vec<Service>> {
                         "selector": names.labels("comet"),
                         "ports": [port("grpc", comet.grpc)]}}),
         json!({"apiVersion": "v1", "kind": "Service",
-               "metadata": names.metadata(&names.component("logic"), "logic"),
+               "metadata": with_annotations(names.metadata(&names.component("logic"), "logic"),
+                                            &spec.logic.service_annotations),
                "spec": {"selector": names.labels("logic"),
                         "ports": [port("http", logic.http), port("grpc", logic.grpc)]}}),
     ]

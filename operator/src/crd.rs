@@ -13,14 +13,17 @@
 // reads repeated `printcolumn(type_ = ..)` arguments as duplicated attributes.
 #![allow(unreachable_pub, clippy::duplicated_attributes)]
 
+mod pod;
 mod status;
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::LocalObjectReference;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use self::pod::{LOG_FORMAT_ENV, LogFormat, MAX_ENV, OPERATOR_ENV, PodTemplate, PullPolicy};
 pub use self::status::{CometPodStatus, ComponentStatus, Condition, PushClusterStatus};
 
 /// A Herald push cluster: comet, logic and job deployments, scaled by live
@@ -76,6 +79,17 @@ pub struct PushClusterSpec {
     /// with its role as the first argument.
     #[x_kube(validation = Rule::new("self != ''").message("image must not be empty"))]
     pub image: String,
+    /// Pull policy of every container; unset, Kubernetes decides (`Always`
+    /// for a `:latest` tag, else `IfNotPresent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    /// Secrets (in the PushCluster's namespace) for pulling `image`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "pod::kubernetes_schema::<Vec<LocalObjectReference>>")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// Log format of every component (`json` or `text`).
+    #[serde(default)]
+    pub log_format: LogFormat,
     /// Comets hold client connections.
     #[serde(default)]
     pub comet: CometSpec,
@@ -118,9 +132,15 @@ pub struct CometSpec {
     /// Type of the Service in front of the client ports.
     #[serde(default)]
     pub service_type: ServiceType,
+    /// Annotations of that Service, e.g. a cloud load balancer's settings.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_annotations: BTreeMap<String, String>,
     /// CPU and memory requests and limits of the comet container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// Pod-template settings of the comet pods.
+    #[serde(flatten)]
+    pub pod: PodTemplate,
 }
 
 impl Default for CometSpec {
@@ -131,7 +151,9 @@ impl Default for CometSpec {
             drain: DrainSpec::default(),
             ports: CometPorts::default(),
             service_type: ServiceType::default(),
+            service_annotations: BTreeMap::new(),
             resources: None,
+            pod: PodTemplate::default(),
         }
     }
 }
@@ -275,6 +297,12 @@ pub struct LogicSpec {
     /// Container ports.
     #[serde(default)]
     pub ports: LogicPorts,
+    /// Annotations of the logic Service.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_annotations: BTreeMap<String, String>,
+    /// Pod-template settings of the logic pods.
+    #[serde(flatten)]
+    pub pod: PodTemplate,
 }
 
 impl Default for LogicSpec {
@@ -283,6 +311,8 @@ impl Default for LogicSpec {
             replicas: 1,
             resources: None,
             ports: LogicPorts::default(),
+            service_annotations: BTreeMap::new(),
+            pod: PodTemplate::default(),
         }
     }
 }
@@ -321,6 +351,9 @@ pub struct JobSpec {
     /// CPU and memory requests and limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// Pod-template settings of the job pods.
+    #[serde(flatten)]
+    pub pod: PodTemplate,
 }
 
 impl Default for JobSpec {
@@ -328,6 +361,7 @@ impl Default for JobSpec {
         Self {
             replicas: 1,
             resources: None,
+            pod: PodTemplate::default(),
         }
     }
 }
@@ -532,6 +566,59 @@ mod tests {
         assert_eq!(spec.logic.ports.http, 3111);
         assert_eq!(spec.kafka.topic, "goim-push-topic");
         assert_eq!(spec.auth.mode, AuthMode::Goim);
+    }
+
+    #[test]
+    fn pod_settings_sit_in_each_component_and_images_settings_at_the_top() {
+        let spec: PushClusterSpec = serde_json::from_value(serde_json::json!({
+            "image": "herald:dev", "imagePullPolicy": "Never",
+            "imagePullSecrets": [{"name": "registry"}],
+            "redis": {"addr": "redis:6379"},
+            "kafka": {"brokers": ["kafka:9092"]},
+            "comet": {"nodeSelector": {"pool": "push"}, "topologySpreadConstraints": [],
+                      "serviceAnnotations": {"lb": "nlb"}},
+            "job": {"env": [{"name": "TZ", "value": "UTC"}]}
+        }))
+        .unwrap();
+        assert_eq!(spec.log_format, LogFormat::Json);
+        assert_eq!(spec.image_pull_policy, Some(PullPolicy::Never));
+        assert_eq!(spec.image_pull_secrets[0].name, "registry");
+        assert_eq!(spec.comet.pod.node_selector["pool"], "push");
+        assert_eq!(spec.comet.pod.topology_spread_constraints, Some(vec![]));
+        assert_eq!(spec.comet.service_annotations["lb"], "nlb");
+        assert_eq!(spec.logic.pod, PodTemplate::default());
+        assert_eq!(spec.job.pod.env[0].name, "TZ");
+        let back = serde_json::to_value(&spec).unwrap();
+        assert_eq!(back["comet"]["nodeSelector"]["pool"], "push");
+        assert!(back["logic"].get("env").is_none(), "{back}");
+    }
+
+    #[test]
+    fn crd_refuses_env_the_operator_sets_and_keeps_kubernetes_schemas_short() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(PushCluster::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        for component in ["comet", "logic", "job"] {
+            let env = &spec["properties"][component]["properties"]["env"];
+            assert_eq!(env["maxItems"], MAX_ENV, "{component}");
+            let rule = &env["items"]["x-kubernetes-validations"][0];
+            let text = rule["rule"].as_str().unwrap();
+            for name in OPERATOR_ENV {
+                assert!(text.contains(&format!("'{name}'")), "{name} in {text}");
+            }
+            assert!(rule["messageExpression"].is_string(), "{rule}");
+            let spread = &spec["properties"][component]["properties"]["topologySpreadConstraints"];
+            assert_eq!(spread["items"]["properties"]["maxSkew"]["type"], "integer");
+            assert!(
+                spread["items"]["properties"]["maxSkew"]
+                    .get("description")
+                    .is_none()
+            );
+        }
+        let yaml = crd_yaml().unwrap();
+        // The limit of `kubectl apply` without --server-side (the
+        // last-applied annotation) is 256 KiB.
+        assert!(yaml.len() < 200 * 1024, "{} bytes", yaml.len());
     }
 
     #[test]
