@@ -1,16 +1,16 @@
 //! Scaling a PushCluster on the test bed's real kube-apiserver + etcd +
 //! controller-manager, the operator in this process: `/scale` and the
-//! `kubectl get` columns, the autoscaler within min and max, and the
-//! scale-down drain of a comet backed by a real comet (pod status is patched
-//! to point at it on loopback, as a kubelet would): in this process, and as
-//! `herald standalone` processes holding clients.
+//! `kubectl get` columns, the autoscaler within min and max and over a
+//! `kubectl scale`, an Event per scaling and drain, and the scale-down drain
+//! of a comet backed by a real comet (pod status is patched to point at it
+//! on loopback, as a kubelet would): in this process, and as `herald
+//! standalone` processes holding clients.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use herald_client::Token;
 use herald_e2e::eventually;
 use herald_operator::crd::PushCluster;
 use herald_testkit::{Herald, HeraldProcess};
@@ -24,9 +24,9 @@ mod common;
 
 use common::k8s::delete_namespace;
 use common::operator::{
-    CHEAPEST, Operator, create_cluster, deletion_cost, draining, fake_running, has_condition,
-    kubectl, kubectl_get, node_list, scale, setup, wait_cluster, wait_comet_pods,
-    wait_comet_replicas, wait_node_flags,
+    CHEAPEST, Operator, PodComet, comet_replicas, create_cluster, deletion_cost, draining,
+    events_of, fake_running, goim_client, has_condition, kubectl, kubectl_get, node_list, scale,
+    setup, wait_cluster, wait_comet_pods, wait_comet_replicas, wait_node_flags, wait_pods,
 };
 
 #[tokio::test]
@@ -130,6 +130,161 @@ async fn autoscaler_follows_load_within_min_and_max() -> anyhow::Result<()> {
     );
 
     operator.stop().await?;
+    delete_namespace(&client, &ns).await
+}
+
+/// `kubectl scale` while autoscaling is on: the autoscaler wins (as over an
+/// HPA's target), undoes it on the next pass, and says so in a Warning Event
+/// and the `AutoscalingOverride` condition, naming both counts.
+#[tokio::test]
+async fn kubectl_scale_is_overridden_by_the_autoscaler_and_said_so() -> anyhow::Result<()> {
+    let (client, ns) = setup("op-override").await?;
+    let operator = Operator::start(&client, &ns, "op-a");
+    let comet = json!({"replicas": 1, "autoscaling": {"enabled": true, "minReplicas": 1,
+        "maxReplicas": 4, "scaleDownStabilizationSeconds": 300}});
+    create_cluster(&client, &ns, "chat", json!({ "comet": comet })).await?;
+    let clusters = Api::<PushCluster>::namespaced(client.clone(), &ns);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    wait_cluster(
+        &clusters,
+        "chat",
+        30,
+        "the autoscaler in control",
+        |cluster| {
+            let status = cluster.status.clone().unwrap_or_default();
+            status.scaled_replicas == Some(1)
+                && has_condition(cluster, "AutoscalingOverride", "False")
+        },
+    )
+    .await?;
+    wait_comet_replicas(&deployments, "chat", 1, 30).await?;
+
+    kubectl(&["scale", "pushcluster/chat", "--replicas=3", "-n", &ns]).await?;
+    let overridden = |cluster: &PushCluster| {
+        let status = cluster.status.clone().unwrap_or_default();
+        status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "AutoscalingOverride" && c.status == "True")
+    };
+    let cluster = wait_cluster(&clusters, "chat", 30, "AutoscalingOverride True", |c| {
+        overridden(c).is_some() && c.spec.comet.replicas == 1
+    })
+    .await?;
+    let why = overridden(&cluster).unwrap_or_default();
+    assert_eq!(why.reason, "ManualScaleOverridden");
+    assert!(
+        why.message.contains("set to 3 by kubectl") && why.message.contains("keeps 1 comets"),
+        "{}",
+        why.message
+    );
+    assert_eq!(
+        comet_replicas(&deployments, "chat").await?,
+        Some(1),
+        "the manual count never reached the Deployment"
+    );
+    let events = events_of(&client, &ns, "chat").await?;
+    assert!(
+        events.iter().any(|(type_, reason, note)| type_ == "Warning"
+            && reason == "ManualScaleOverridden"
+            && note == &why.message),
+        "{events:?}"
+    );
+
+    // The override holds: the spec stays at the autoscaler's count.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cluster = clusters.get("chat").await?;
+    assert_eq!(cluster.spec.comet.replicas, 1);
+    assert_eq!(comet_replicas(&deployments, "chat").await?, Some(1));
+
+    operator.stop().await?;
+    delete_namespace(&client, &ns).await
+}
+
+/// Scaling 1 -> 2 -> 3 -> 1 through the spec (autoscaling off) and the two
+/// drains that takes: each is an Event with its own, accurate note, not one
+/// series that keeps the first.
+#[tokio::test]
+async fn each_scaling_and_drain_is_its_own_event() -> anyhow::Result<()> {
+    let (client, ns) = setup("op-events").await?;
+    let operator = Operator::start(&client, &ns, "op-a");
+    let grpc_port = herald_e2e::free_port();
+    let comet =
+        json!({"replicas": 1, "ports": {"grpc": grpc_port}, "drain": {"deadlineSeconds": 20}});
+    create_cluster(&client, &ns, "chat", json!({ "comet": comet })).await?;
+    let clusters = Api::<PushCluster>::namespaced(client.clone(), &ns);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+
+    // A real comet behind every comet pod, each on its own address.
+    let mut comets: BTreeMap<String, PodComet> = BTreeMap::new();
+    for count in [1, 2, 3] {
+        if count > 1 {
+            scale(&clusters, "chat", count).await?;
+        }
+        let names = wait_pods(&pods, "chat", "comet", usize::try_from(count)?).await?;
+        for name in names {
+            if !comets.contains_key(&name) {
+                let ip = format!("127.0.0.{}", comets.len() + 2);
+                comets.insert(
+                    name.clone(),
+                    PodComet::start(&pods, &name, &ip, grpc_port).await?,
+                );
+            }
+        }
+        let what = format!("{count} comets in the node list");
+        wait_node_flags(&configmaps, "chat", 30, &what, |listed| {
+            listed.len() == comets.len()
+        })
+        .await?;
+    }
+
+    // 3 -> 1: two drains, one comet at a time.
+    scale(&clusters, "chat", 1).await?;
+    wait_comet_replicas(&deployments, "chat", 1, 60).await?;
+    let events = events_of(&client, &ns, "chat").await?;
+    let notes = |reason: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e.1 == reason)
+            .map(|e| e.2.clone())
+            .collect()
+    };
+    assert_eq!(
+        notes("ScaledComets"),
+        [
+            "comets 1 -> 2 (comet.replicas)",
+            "comets 2 -> 3 (comet.replicas)",
+            "comets 3 -> 1 (comet.replicas)"
+        ],
+        "{events:?}"
+    );
+    let started = notes("DrainStarted");
+    assert_eq!(started.len(), 2, "{events:?}");
+    let drained: Vec<&String> = comets
+        .keys()
+        .filter(|name| started.contains(&format!("draining comet {name}")))
+        .collect();
+    assert_eq!(drained.len(), 2, "both drained pods named: {started:?}");
+    let finished = notes("DrainFinished");
+    assert_eq!(
+        finished,
+        [
+            format!(
+                "comet {} drained; comets 3 -> 2",
+                started[0].trim_start_matches("draining comet ")
+            ),
+            format!(
+                "comet {} drained; comets 2 -> 1",
+                started[1].trim_start_matches("draining comet ")
+            ),
+        ],
+        "{events:?}"
+    );
+
+    operator.stop().await?;
+    drop(comets);
     delete_namespace(&client, &ns).await
 }
 
@@ -287,19 +442,6 @@ async fn standalone(
         .start()?;
     running.wait_for_port(tcp, Duration::from_secs(10)).await?;
     Ok((running, tcp))
-}
-
-/// A goim TCP client, authenticated (the auth reply has arrived).
-async fn goim_client(addr: SocketAddr, mid: u64) -> anyhow::Result<herald_client::Client> {
-    let mut client = herald_client::Client::connect_tcp(addr)
-        .await?
-        .with_timeout(Duration::from_secs(10));
-    let token = Token::new(mid as i64, format!("k{mid}"))
-        .room("live://1")
-        .platform("web")
-        .accepts([1000]);
-    client.auth(&token).await?;
-    Ok(client)
 }
 
 /// Scale-down of a PushCluster whose comet pods are backed by `herald

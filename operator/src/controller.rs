@@ -15,13 +15,14 @@
 //! This file holds the pipeline ([`reconcile`]), its [`Context`] and the
 //! controller loop ([`run`]); each step lives in its own module: `fetch`,
 //! `observe` (load poll and node list), `autoscale`, `drain`, `apply`,
-//! `status` (status, conditions, Events, `Degraded`) and `error` (the step
-//! errors and the error policy).
+//! `status` (status, conditions, Events, `Degraded`), `events` (publishing
+//! them) and `error` (the step errors and the error policy).
 
 mod apply;
 mod autoscale;
 mod drain;
 mod error;
+mod events;
 mod fetch;
 mod observe;
 mod status;
@@ -37,7 +38,6 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
@@ -63,7 +63,7 @@ pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 /// Shared by every reconcile.
 pub struct Context {
     client: Client,
-    recorder: Recorder,
+    events: events::Events,
     metrics: Arc<Metrics>,
     poll_interval: Duration,
     service_addresses: ServiceAddresses,
@@ -71,10 +71,13 @@ pub struct Context {
     /// Scale-down windows per PushCluster (`namespace/name`). In memory: a new
     /// leader starts the window afresh, which only delays a scale-down.
     windows: Mutex<HashMap<String, DownWindow>>,
+    /// The uid of each child last applied (`namespace/Kind/name`), to tell a
+    /// recreated child in the log. In memory: a new leader knows none yet.
+    children: Mutex<HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for Context {
-    // Client and Recorder have no Debug; the settings are what matters in logs.
+    // Client and Events have no Debug; the settings are what matters in logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
             .field("poll_interval", &self.poll_interval)
@@ -92,18 +95,15 @@ impl Context {
         poll_interval: Duration,
         service_addresses: ServiceAddresses,
     ) -> Self {
-        let reporter = Reporter {
-            controller: MANAGER.to_owned(),
-            instance: Some(identity.to_owned()),
-        };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: events::Events::new(client.clone(), MANAGER, identity),
             client,
             metrics,
             poll_interval,
             service_addresses,
             call_timeout: Duration::from_secs(2),
             windows: Mutex::new(HashMap::new()),
+            children: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -161,8 +161,8 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
     // cluster from being observed, scaled and reported.
     let missing = validate::missing_secrets(spec, &fetched.secrets);
     let polled = poll(&ctx, spec, &fetched.pods).await;
-    let spec_replicas = autoscale(&ctx, &cluster, &names, &polled).await?;
-    let comet_replicas = drain(&ctx, &cluster, &names, &fetched, &polled, spec_replicas).await?;
+    let scaled = autoscale(&ctx, &cluster, &names, &previous, &polled).await?;
+    let comet_replicas = drain(&ctx, &cluster, &names, &fetched, &polled, scaled.replicas).await?;
     let deployments = match &missing {
         None => apply_children(&ctx, &cluster, &names, &fetched, comet_replicas).await?,
         Some(_) => scale_only(&ctx, &names, &fetched, comet_replicas).await?,
@@ -172,7 +172,7 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
     let observed = Observed {
         deployments: &deployments,
         polled: &polled,
-        spec_replicas,
+        scaled: &scaled,
         node_list_generation: node_list.generation,
         missing: missing.as_ref(),
     };

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Client, Resource, ResourceExt};
+use tracing::info;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -19,7 +20,10 @@ use super::{Context, Error, Result, merge_params};
 use crate::build::{self, MANAGER, Names, ServiceAddresses};
 use crate::crd::PushCluster;
 
-pub(super) async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K>
+/// Server-side applies `object` in `namespace`. A child whose uid changed
+/// since this operator last applied it was deleted and has just been created
+/// again: logged.
+pub(super) async fn apply<K>(ctx: &Context, namespace: &str, object: &K) -> Result<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -28,7 +32,8 @@ where
         + std::fmt::Debug,
 {
     let name = object.name_any();
-    Api::<K>::namespaced(client.clone(), namespace)
+    let kind = K::kind(&());
+    let applied = Api::<K>::namespaced(ctx.client.clone(), namespace)
         .patch(
             &name,
             &PatchParams::apply(MANAGER).force(),
@@ -36,9 +41,20 @@ where
         )
         .await
         .map_err(|source| Error::Apply {
-            what: format!("{} {name}", K::kind(&())),
+            what: format!("{kind} {name}"),
             source,
-        })
+        })?;
+    if let Some(uid) = applied.meta().uid.clone() {
+        let before = ctx
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(format!("{namespace}/{kind}/{name}"), uid.clone());
+        if before.is_some_and(|before| before != uid) {
+            info!(%kind, %name, "recreated a deleted child");
+        }
+    }
+    Ok(applied)
 }
 
 /// Builds and applies every child. Order matters: what pods reference
@@ -57,10 +73,10 @@ pub(super) async fn apply_children(
     let logic = names.component("logic");
     let mut children = build::children(names, spec, comet_replicas, &logic)?;
     let ns = names.namespace.as_str();
-    apply(client, ns, &children.service_account).await?;
-    apply(client, ns, &children.role).await?;
-    apply(client, ns, &children.role_binding).await?;
-    apply(client, ns, &children.config).await?;
+    apply(ctx, ns, &children.service_account).await?;
+    apply(ctx, ns, &children.role).await?;
+    apply(ctx, ns, &children.role_binding).await?;
+    apply(ctx, ns, &children.config).await?;
     if spec.auth.api_key_secret_ref.is_none() && !fetched.api_key_exists {
         create_api_key(client, names).await?;
         publish(
@@ -74,7 +90,7 @@ pub(super) async fn apply_children(
     }
     let mut logic_ip = None;
     for service in &children.services {
-        let applied = apply(client, ns, service).await?;
+        let applied = apply(ctx, ns, service).await?;
         if applied.name_any() == logic {
             logic_ip = applied.spec.and_then(|s| s.cluster_ip);
         }
@@ -87,10 +103,10 @@ pub(super) async fn apply_children(
     }
     let mut deployments = Vec::new();
     for deployment in &children.deployments {
-        deployments.push(apply(client, ns, deployment).await?);
+        deployments.push(apply(ctx, ns, deployment).await?);
     }
     for pdb in &children.pdbs {
-        apply(client, ns, pdb).await?;
+        apply(ctx, ns, pdb).await?;
     }
     Ok(deployments)
 }

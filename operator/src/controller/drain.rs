@@ -134,7 +134,7 @@ async fn carry_out(
                 cluster,
                 EventType::Normal,
                 "DrainFinished",
-                format!("comet {pod} drained; comets -> {replicas}"),
+                format!("comet {pod} drained; comets {} -> {replicas}", replicas + 1),
             )
             .await;
             Ok(replicas)
@@ -146,6 +146,7 @@ async fn carry_out(
                     what: format!("delete drained pod {pod}"),
                     source,
                 })?;
+            info!(%pod, replicas, "drained comet replaced after a scale-up");
             publish(
                 ctx,
                 cluster,

@@ -82,7 +82,7 @@ pub(super) async fn write_node_list(
     if fetched.node_list.as_ref() != Some(&node_list) {
         let body = serde_json::to_string(&node_list)?;
         apply(
-            &ctx.client,
+            ctx,
             &names.namespace,
             &build::nodes_config_map(names, &body)?,
         )

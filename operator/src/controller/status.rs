@@ -7,11 +7,12 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::autoscale::{OVERRIDE_CONDITION, Scaled};
 use super::observe::Polled;
 use super::{Context, Error, Result, now_rfc3339};
 use crate::build::{MANAGER, Names};
@@ -25,14 +26,12 @@ pub(super) async fn publish(
     reason: &str,
     note: String,
 ) {
-    let event = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(note),
-        action: reason.to_owned(),
-        secondary: None,
-    };
-    if let Err(err) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
+    let regarding = cluster.object_ref(&());
+    if let Err(err) = ctx
+        .events
+        .publish(&regarding, type_, reason, reason, note)
+        .await
+    {
         warn!(cause = %err, reason, "cannot publish event");
     }
 }
@@ -140,8 +139,8 @@ pub(super) struct Observed<'a> {
     /// The comet, logic and job Deployments that exist, as applied.
     pub(super) deployments: &'a [Deployment],
     pub(super) polled: &'a [Polled],
-    /// The comet count the spec asks for after this pass's autoscaling.
-    pub(super) spec_replicas: i32,
+    /// The comet count the spec asks for after this pass's scaling step.
+    pub(super) scaled: &'a Scaled,
     pub(super) node_list_generation: i64,
     /// Referenced Secrets that are missing.
     pub(super) missing: Option<&'a validate::Invalid>,
@@ -156,10 +155,11 @@ pub(super) fn compute_status(
     let Observed {
         deployments,
         polled,
-        spec_replicas,
+        scaled,
         node_list_generation,
         missing,
     } = *observed;
+    let spec_replicas = scaled.replicas;
     let deployment = |component: &str| {
         let name = names.component(component);
         deployments.iter().find(|d| d.name_any() == name)
@@ -238,6 +238,7 @@ pub(super) fn compute_status(
             "spec is valid and its Secrets exist",
         ),
     }
+    autoscaling_override(&mut conditions, scaled);
     match draining.first() {
         Some(pod) => set_condition(
             &mut conditions,
@@ -285,7 +286,36 @@ pub(super) fn compute_status(
             })
             .collect(),
         node_list_generation,
+        scaled_replicas: Some(spec_replicas),
         selector: Some(names.selector("comet")),
+    }
+}
+
+/// `AutoscalingOverride`, present while autoscaling is on: `True` from a
+/// manual scale the autoscaler undid (the message names both counts) until
+/// the autoscaler next changes the count for the load.
+fn autoscaling_override(conditions: &mut Vec<Condition>, scaled: &Scaled) {
+    if !scaled.autoscaling {
+        conditions.retain(|c| c.type_ != OVERRIDE_CONDITION);
+        return;
+    }
+    let present = conditions.iter().any(|c| c.type_ == OVERRIDE_CONDITION);
+    match &scaled.overridden {
+        Some(overridden) => set_condition(
+            conditions,
+            OVERRIDE_CONDITION,
+            true,
+            "ManualScaleOverridden",
+            &overridden.message(),
+        ),
+        None if !present || scaled.by_load => set_condition(
+            conditions,
+            OVERRIDE_CONDITION,
+            false,
+            "AutoscalerInControl",
+            "comet.replicas follows the load",
+        ),
+        None => {}
     }
 }
 

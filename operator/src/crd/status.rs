@@ -12,7 +12,8 @@ pub struct PushClusterStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Available`, `Progressing`, `Degraded` and `Draining`.
+    /// `Available`, `Progressing`, `Degraded`, `Draining`, and with
+    /// autoscaling on `AutoscalingOverride`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Comet replicas.
@@ -39,6 +40,11 @@ pub struct PushClusterStatus {
     /// Generation of the node-list ConfigMap (`<name>-nodes`).
     #[serde(default)]
     pub node_list_generation: i64,
+    /// The `comet.replicas` the operator last acted on (with autoscaling on,
+    /// the count its autoscaler last wrote): a spec that says otherwise is a
+    /// new scaling request, with autoscaling on one made by someone else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaled_replicas: Option<i32>,
     /// Label selector of the comet pods (used by `/scale` and HPAs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
@@ -48,7 +54,8 @@ pub struct PushClusterStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Available`, `Progressing`, `Degraded` or `Draining`.
+    /// `Available`, `Progressing`, `Degraded`, `Draining` or
+    /// `AutoscalingOverride`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
