@@ -543,8 +543,38 @@ async fn install_creates_operator_rbac_crd_lease_and_example() -> anyhow::Result
             .as_deref(),
         Some("metrics")
     );
+    // The chart's Lease, held the way the operator holds it (kube-lease-manager
+    // applies the holder fields with its own field manager): `helm upgrade`
+    // leaves the holder alone.
     let leases = Api::<Lease>::namespaced(client.clone(), &namespace);
     leases.get("herald-operator").await?;
+    leases
+        .patch(
+            "herald-operator",
+            &kube::api::PatchParams::apply("herald-operator-pod"),
+            &kube::api::Patch::Apply(json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "spec": {"holderIdentity": "operator-pod-0", "leaseDurationSeconds": 15}
+            })),
+        )
+        .await?;
+    helm(&[
+        "upgrade",
+        &release,
+        &chart(),
+        "--namespace",
+        &namespace,
+        "--reuse-values",
+        "--set",
+        "replicas=2",
+    ])?;
+    let held = leases
+        .get("herald-operator")
+        .await?
+        .spec
+        .unwrap_or_default();
+    assert_eq!(held.holder_identity.as_deref(), Some("operator-pod-0"));
+    assert_eq!(held.lease_duration_seconds, Some(15));
 
     // The example PushCluster was accepted by the CRD's schema.
     let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
