@@ -320,7 +320,8 @@ fn check_defaults(deployment: &Deployment) -> Result<()> {
 }
 
 /// The CRD's rule on `env`, as the real apiserver runs it: a name the
-/// operator sets is refused with a message naming it; others pass.
+/// operator sets is refused with a message naming it; others pass. And the
+/// schemas of the new fields refuse what does not fit them.
 async fn refuses_env_the_operator_sets(client: &Client, ns: &str) -> Result<()> {
     let raw = Api::<DynamicObject>::namespaced_with(
         client.clone(),
@@ -349,6 +350,37 @@ async fn refuses_env_the_operator_sets(client: &Client, ns: &str) -> Result<()> 
             ),
             other => panic!("{component} env {name}: {other:?}"),
         }
+    }
+    // The embedded Kubernetes types keep their schemas: wrong shapes are
+    // refused as they would be in a Deployment.
+    for (what, extra) in [
+        (
+            "affinity",
+            json!({"comet": {"affinity": {"nodeAffinity": 5}}}),
+        ),
+        (
+            "tolerations",
+            json!({"logic": {"tolerations": "dedicated"}}),
+        ),
+        (
+            "spread",
+            json!({"job": {"topologySpreadConstraints": [{"maxSkew": "one"}]}}),
+        ),
+        (
+            "security",
+            json!({"comet": {"securityContext": {"capabilities": {"drop": "ALL"}}}}),
+        ),
+        ("env", json!({"comet": {"env": [{"value": "no name"}]}})),
+        ("pull-policy", json!({"imagePullPolicy": "Sometimes"})),
+        ("log-format", json!({"logFormat": "xml"})),
+    ] {
+        let object: DynamicObject =
+            serde_json::from_value(cluster_json(&format!("bad-{what}"), extra))?;
+        let refused = raw.create(&PostParams::default(), &object).await;
+        assert!(
+            matches!(&refused, Err(kube::Error::Api(status)) if status.code == 422),
+            "{what}: {refused:?}"
+        );
     }
     let allowed: DynamicObject = serde_json::from_value(cluster_json(
         "env-ok",

@@ -171,7 +171,8 @@ impl LogFormat {
     }
 }
 
-/// When the kubelet pulls the image.
+/// When the kubelet pulls the image, on every container; unset, Kubernetes
+/// decides (`Always` for a `:latest` tag, else `IfNotPresent`).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum PullPolicy {
     /// On every container start.
