@@ -258,12 +258,18 @@ mod tests {
         let text = metrics.encode();
         let series = r#"{namespace="team",cluster="chat"}"#;
         assert_eq!(
-            sample(&text, &format!("herald_operator_cluster_connections{series}")),
+            sample(
+                &text,
+                &format!("herald_operator_cluster_connections{series}")
+            ),
             Some("33"),
             "{text}"
         );
         assert_eq!(
-            sample(&text, &format!("herald_operator_cluster_draining_comets{series}")),
+            sample(
+                &text,
+                &format!("herald_operator_cluster_draining_comets{series}")
+            ),
             Some("1")
         );
         assert_eq!(
@@ -281,13 +287,19 @@ mod tests {
             Some("0")
         );
         assert_eq!(
-            sample(&text, &format!("herald_operator_cluster_connections{series}")),
+            sample(
+                &text,
+                &format!("herald_operator_cluster_connections{series}")
+            ),
             Some("40")
         );
         metrics.forget_cluster("team", "chat");
         assert!(!metrics.encode().contains(series));
         drop(metrics.reconcile_started(&cluster(1, 0, false)));
         metrics.set_leader(false);
-        assert!(!metrics.encode().contains(series), "a standby reports no cluster");
+        assert!(
+            !metrics.encode().contains(series),
+            "a standby reports no cluster"
+        );
     }
 }
