@@ -211,8 +211,12 @@ async fn await_push(
     }
 }
 
-/// The token's members as HS256 JWT claims, valid for five minutes (§15.1).
-fn sign(token: &Token, secret: &str) -> Result<String, Error> {
+/// The token's members as HS256 JWT claims, valid for five minutes, as
+/// logic in `jwt` mode verifies them (§15.1).
+///
+/// # Errors
+/// Only [`Error::Sign`].
+pub fn sign(token: &Token, secret: &str) -> Result<String, Error> {
     use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
     let mut claims = serde_json::to_value(token).unwrap_or_default();
     let exp = SystemTime::now()

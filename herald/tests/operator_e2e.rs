@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use bytes::Bytes;
-use herald_client::{Client, Event, Redirect, Token};
 use herald_e2e::kubelet::{Kubelet, pod_ip};
 use herald_e2e::service_proxy::ServiceProxy;
 use herald_e2e::{eventually, testbed_var, unique_name};
@@ -33,6 +32,7 @@ use serde_json::json;
 
 mod common;
 
+use common::goim::{GoimClient, PUSH_OP, follow, json_token, warm_up};
 use common::k8s::{delete_namespace, start_kubelet};
 use common::operator::{
     Operator, comet_replicas, comet_spec, container_args, has_condition, kubectl_get, owned_by,
@@ -43,109 +43,11 @@ use common::operator::{
 const POD_NET: u8 = 31;
 /// Every wait is bounded by this many seconds.
 const WAIT: u64 = 60;
-/// The push operation the clients accept.
-const PUSH_OP: i32 = 1000;
 /// Autoscaling target: connections per comet.
 const TARGET: usize = 20;
 const TCP_PORT: u16 = 3101;
 const LOGIC_HTTP: u16 = 3111;
 const CLUSTER: &str = "chat";
-
-// ---------------------------------------------------------------- goim client
-
-/// A goim TCP client that asked for Herald's redirect (op 18), and where it
-/// is connected.
-#[derive(Debug)]
-struct GoimClient {
-    mid: u64,
-    addr: SocketAddr,
-    client: Client,
-}
-
-impl GoimClient {
-    /// Connected and authenticated (the auth reply has arrived) within 10 s;
-    /// reads then wait up to [`WAIT`].
-    async fn connect(addr: SocketAddr, mid: u64) -> anyhow::Result<GoimClient> {
-        let bound = Duration::from_secs(10);
-        let mut client = tokio::time::timeout(bound, Client::connect_tcp(addr))
-            .await
-            .with_context(|| format!("connecting to {addr}"))??
-            .with_timeout(bound);
-        let token = Token::new(mid as i64, format!("e2e-{mid}"))
-            .room("live://7")
-            .platform("android")
-            .accepts([PUSH_OP])
-            .redirect();
-        client
-            .auth(&token)
-            .await
-            .with_context(|| format!("auth to {addr}"))?;
-        client.set_timeout(Some(Duration::from_secs(WAIT)));
-        Ok(GoimClient { mid, addr, client })
-    }
-}
-
-/// What a client saw until it had the push (and, on the drained comet,
-/// until it was moved).
-#[derive(Debug)]
-struct Outcome {
-    mid: u64,
-    /// Op-18 bodies received.
-    redirects: Vec<Redirect>,
-    /// Where the push arrived: `true` on the comet it started on.
-    push_on_first_comet: bool,
-    /// The connection it ends on, kept open until the test ends.
-    client: GoimClient,
-}
-
-/// Reads until the push arrives and, with `until_redirected`, until an op
-/// 18 moved it. On op 18 it connects to the first node the redirect names
-/// (as a client SDK does), tells `reconnected`, and goes on reading there.
-async fn follow(
-    mut client: GoimClient,
-    body: Bytes,
-    until_redirected: bool,
-    reconnected: tokio::sync::mpsc::UnboundedSender<u64>,
-) -> anyhow::Result<Outcome> {
-    let mut redirects = Vec::new();
-    let mut push_on_first_comet = None;
-    while push_on_first_comet.is_none() || (until_redirected && redirects.is_empty()) {
-        let event = client
-            .client
-            .next_event()
-            .await
-            .with_context(|| format!("client {}", client.mid))?;
-        match event {
-            // A late warm-up push is not the one awaited.
-            Event::Push(push) if push.op == PUSH_OP && push.body == body => {
-                push_on_first_comet.get_or_insert(redirects.is_empty());
-            }
-            Event::Redirect(redirect) => {
-                let host = redirect
-                    .nodes
-                    .first()
-                    .with_context(|| format!("op 18 without nodes: {redirect:?}"))?;
-                let port = u16::try_from(redirect.tcp_port)
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .with_context(|| format!("op 18 without tcp_port: {redirect:?}"))?;
-                let ip: Ipv4Addr = host.parse()?;
-                ensure!(ip.is_loopback(), "redirected off loopback: {redirect:?}");
-                let mid = client.mid;
-                client = GoimClient::connect(SocketAddr::from((ip, port)), mid).await?;
-                redirects.push(redirect);
-                let _ = reconnected.send(mid);
-            }
-            Event::Push(_) => {}
-        }
-    }
-    Ok(Outcome {
-        mid: client.mid,
-        redirects,
-        push_on_first_comet: push_on_first_comet.unwrap_or_default(),
-        client,
-    })
-}
 
 // ---------------------------------------------------------------- cluster
 
@@ -359,31 +261,17 @@ async fn scenario(
     let (first_name, first_pod) = comets.iter().next().context("comet")?;
     let first_name = first_name.clone();
     let first = SocketAddr::from((pod_ip(first_pod)?, TCP_PORT));
-    let mut warm = GoimClient::connect(first, 999).await?.client;
-    warm.set_timeout(Some(Duration::from_secs(1)));
-    let warm_deadline = tokio::time::Instant::now() + Duration::from_secs(WAIT);
-    'warm: loop {
-        broadcast(logic_http, &key, b"warm-up").await?;
-        let round = tokio::time::Instant::now() + Duration::from_secs(2);
-        while tokio::time::Instant::now() < round {
-            match warm.next_event().await {
-                Ok(Event::Push(push)) if push.op == PUSH_OP => break 'warm,
-                Ok(_) | Err(herald_client::Error::Timeout(_)) => {}
-                Err(err) => return Err(err.into()),
-            }
-        }
-        ensure!(
-            tokio::time::Instant::now() < warm_deadline,
-            "no push ever reached a client"
-        );
-    }
+    let mut warm = GoimClient::connect(first, 999, json_token(999))
+        .await?
+        .client;
+    warm_up(&mut warm, WAIT, || broadcast(logic_http, &key, b"warm-up")).await?;
     drop(warm);
 
     // 4a. Load past the target: the operator adds a comet, which joins the
     // node list.
     let mut on_first = Vec::new();
     for mid in 0..TARGET as u64 + 5 {
-        on_first.push(GoimClient::connect(first, 1000 + mid).await?);
+        on_first.push(GoimClient::connect(first, 1000 + mid, json_token(1000 + mid)).await?);
     }
     let (second_name, comets) = eventually(WAIT, "a second comet Ready", || async {
         let comets = ready_pods(&pods, CLUSTER, "comet").await?;
@@ -422,7 +310,7 @@ async fn scenario(
     // clients than the second, so it is the one drained.
     let mut on_second = Vec::new();
     for mid in 0..8 {
-        on_second.push(GoimClient::connect(second, 2000 + mid).await?);
+        on_second.push(GoimClient::connect(second, 2000 + mid, json_token(2000 + mid)).await?);
     }
     on_first.truncate(6);
     let push_body = Bytes::from_static(b"sent-during-the-drain");

@@ -5,11 +5,12 @@
 //! Here: a role or the operator run in this process with a stop signal
 //! ([`Stoppable`]), an in-process comet ([`LocalComet`]) and Kafka topics
 //! ([`create_topic`]), logic's HTTP API ([`logic_call`]). By subject: [`job`] (job against the real Kafka),
-//! [`k8s`] (the test bed's apiserver: namespaces, the loopback kubelet),
+//! [`goim`] (clients that follow op 18), [`k8s`] (the test bed's apiserver: namespaces, the loopback kubelet),
 //! [`operator`] (the operator in this process, PushCluster status and
 //! children).
 #![allow(dead_code)]
 
+pub(crate) mod goim;
 pub(crate) mod job;
 pub(crate) mod k8s;
 pub(crate) mod operator;
