@@ -1,6 +1,9 @@
-//! Runs the loopback kubelet by hand against the test bed, to try a chart or
-//! the operator with kubectl: `source target/testbed/env` first, then e.g.
-//! `loopback-kubelet --herald target/debug/herald --namespace demo`.
+//! Runs the loopback kubelet and the Service proxy by hand against the test
+//! bed, to try the chart, the operator and a PushCluster with kubectl and
+//! helm: `source target/testbed/env` first, then e.g.
+//! `loopback-kubelet --herald target/debug/herald --namespace herald --namespace demo`.
+//! Pods get API access as their ServiceAccount (as in a cluster) and every
+//! ClusterIP Service of the namespaces answers on its ClusterIP.
 //! Stops (and stops every process it started) on Ctrl-C or SIGTERM.
 
 use std::net::Ipv4Addr;
@@ -8,7 +11,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use herald_e2e::kubelet::{Config, IpPool, Kubelet};
+use herald_e2e::kubelet::{Config, IpPool, Kubelet, current_cluster};
+use herald_e2e::service_proxy::ServiceProxy;
 use tracing_subscriber::EnvFilter;
 
 /// A stand-in kubelet + scheduler: pods become herald processes on 127.0.0.0/8 IPs.
@@ -34,6 +38,10 @@ struct Args {
     /// Schedule unbound pods matching this label selector, in any namespace.
     #[arg(long)]
     selector: Option<String>,
+    /// Give pods no API access (by default each gets a kubeconfig with a
+    /// token of its ServiceAccount, so RBAC applies as in a cluster).
+    #[arg(long)]
+    no_api: bool,
 }
 
 #[tokio::main]
@@ -52,16 +60,22 @@ async fn main() -> anyhow::Result<()> {
         last_ip,
         namespaces,
         selector,
+        no_api,
     } = Args::parse();
     let pool = IpPool::new(first_ip, last_ip)?;
     let mut config = Config::new(&node, herald, run_dir, pool);
-    config.namespaces = namespaces;
+    config.namespaces = namespaces.clone();
     config.label_selector = selector;
+    if !no_api {
+        config.api_cluster = Some(current_cluster().map_err(anyhow::Error::msg)?);
+    }
     let client = kube::Client::try_default()
         .await
         .context("no cluster: source the test bed's env (KUBECONFIG) first")?;
-    let kubelet = Kubelet::start(client, config).await?;
+    let kubelet = Kubelet::start(client.clone(), config).await?;
+    let proxy = ServiceProxy::start(client, namespaces);
     shutdown().await;
+    proxy.stop().await;
     let exits = kubelet.stop().await;
     tracing::info!(processes = exits.len(), "stopped");
     Ok(())
