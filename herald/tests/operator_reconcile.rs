@@ -21,11 +21,10 @@ use serde_json::json;
 
 mod common;
 
-use common::k8s::delete_namespace;
 use common::operator::{
-    Operator, PodComet, cluster_json, condition, create_cluster, events_of, fake_running,
-    goim_client, has_condition, node_list, owned_by, setup, wait_cluster, wait_comet_replicas,
-    wait_pods,
+    Operator, PodComet, cluster_json, condition, create_cluster, delete_namespace, events_of,
+    fake_running, goim_client, has_condition, node_list, owned_by, setup, wait_cluster,
+    wait_comet_replicas, wait_pods,
 };
 
 #[tokio::test]

@@ -22,11 +22,10 @@ use serde_json::json;
 
 mod common;
 
-use common::k8s::delete_namespace;
 use common::operator::{
-    CHEAPEST, Operator, PodComet, comet_replicas, create_cluster, deletion_cost, draining,
-    events_of, fake_running, goim_client, has_condition, kubectl, kubectl_get, node_list, scale,
-    setup, wait_cluster, wait_comet_pods, wait_comet_replicas, wait_node_flags, wait_pods,
+    CHEAPEST, Operator, PodComet, comet_replicas, create_cluster, delete_namespace, deletion_cost,
+    draining, events_of, fake_running, goim_client, has_condition, kubectl, kubectl_get, node_list,
+    scale, setup, wait_cluster, wait_comet_pods, wait_comet_replicas, wait_node_flags, wait_pods,
 };
 
 #[tokio::test]

@@ -3,6 +3,9 @@
 //! → scaling and drain decision → build → apply (server-side, one field
 //! manager, forced) → node list → status (patched only when it changed).
 //!
+//! A PushCluster being deleted takes another, short path (`teardown`): its
+//! comets are drained before its finalizer lets the children go.
+//!
 //! A spec error (what admission refuses) stops the pipeline before polling.
 //! A referenced Secret that is missing does not: the running cluster is
 //! still polled, scaled, drained and reported, and only the apply step
@@ -16,7 +19,8 @@
 //! controller loop ([`run`]); each step lives in its own module: `fetch`,
 //! `observe` (load poll and node list), `autoscale`, `drain`, `apply`,
 //! `status` (status, conditions, Events, `Degraded`), `events` (publishing
-//! them) and `error` (the step errors and the error policy).
+//! them), `teardown` (the finalizer) and `error` (the step errors and the
+//! error policy).
 
 mod apply;
 mod autoscale;
@@ -26,6 +30,7 @@ mod events;
 mod fetch;
 mod observe;
 mod status;
+mod teardown;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -49,6 +54,8 @@ pub use self::error::{Error, Result};
 use self::fetch::fetch;
 use self::observe::{poll, write_node_list};
 use self::status::{Observed, compute_status, degrade, report_degraded, write_status};
+pub use self::teardown::FINALIZER;
+use self::teardown::{ensure_finalizer, teardown};
 use crate::build::{MANAGER, Names, ServiceAddresses};
 use crate::crd::PushCluster;
 use crate::metrics::Metrics;
@@ -152,6 +159,12 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
     let names = Names::of(&cluster)?;
     let spec = &cluster.spec;
     let previous = cluster.status.clone().unwrap_or_default();
+    if cluster.metadata.deletion_timestamp.is_some() {
+        let action = teardown(&ctx, &cluster, &names).await?;
+        ctx.metrics.reconcile_ok();
+        return Ok(action);
+    }
+    ensure_finalizer(&ctx, &cluster, &names).await;
 
     let fetched = fetch(&ctx.client, &names, spec).await?;
     if let Err(invalid) = validate::check_spec(spec) {

@@ -87,6 +87,26 @@ pub(crate) async fn setup(prefix: &str) -> Result<(Client, String)> {
     Ok((client, namespace))
 }
 
+/// Deletes `namespace` and everything in it, its PushClusters' finalizers
+/// removed first: with the operator stopped, nothing else would remove them,
+/// and the namespace would stay `Terminating`.
+pub(crate) async fn delete_namespace(client: &Client, namespace: &str) -> Result<()> {
+    let clusters = Api::<PushCluster>::namespaced(client.clone(), namespace);
+    for cluster in clusters.list(&ListParams::default()).await?.items {
+        if !cluster.finalizers().is_empty() {
+            let release = json!({"metadata": {"finalizers": null}});
+            clusters
+                .patch(
+                    &cluster.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&release),
+                )
+                .await?;
+        }
+    }
+    k8s::delete_namespace(client, namespace).await
+}
+
 // ------------------------------------------------------------ PushCluster
 
 /// A PushCluster `name` on made-up Redis and Kafka addresses, 2 comets;

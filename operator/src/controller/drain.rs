@@ -17,7 +17,7 @@ use super::observe::Polled;
 use super::status::publish;
 use super::{Context, DELETION_COST, DRAIN_ANNOTATION, Error, Result, merge_params, now_secs};
 use crate::build::Names;
-use crate::crd::{PushCluster, PushClusterSpec};
+use crate::crd::PushCluster;
 use crate::load;
 use crate::scale::{self, CometPod, DrainStep};
 
@@ -49,7 +49,74 @@ pub(super) async fn drain(
     let deadline =
         Duration::from_secs(u64::try_from(cluster.spec.comet.drain.deadline_seconds).unwrap_or(0));
     let step = scale::drain_step(spec_replicas, deployed, &comet_pods, deadline, now_secs());
-    carry_out(ctx, cluster, names, &cluster.spec, polled, step).await
+    carry_out(ctx, cluster, names, polled, step).await
+}
+
+/// Marks comet `pod` as draining (its annotation, which also bounds the
+/// drain by the deadline) and tells it to `Drain`, redirecting its clients to
+/// `others` (comet addresses), or to `nodeList.domain` when one is set.
+///
+/// # Errors
+/// Annotating the pod failing. A failed `Drain` call is only logged: the
+/// pod is marked, so the deadline still bounds the wait.
+pub(super) async fn start_drain(
+    ctx: &Context,
+    cluster: &PushCluster,
+    names: &Names,
+    polled: &[Polled],
+    pod: &str,
+    others: Vec<String>,
+) -> Result<()> {
+    let spec = &cluster.spec;
+    Api::<Pod>::namespaced(ctx.client.clone(), &names.namespace)
+        .patch(
+            pod,
+            &merge_params(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {DRAIN_ANNOTATION: now_secs().to_string()}}}),
+            ),
+        )
+        .await
+        .map_err(|source| Error::Apply {
+            what: format!("annotation {DRAIN_ANNOTATION} on pod {pod}"),
+            source,
+        })?;
+    let nodes = if spec.node_list.domain.is_empty() {
+        others
+    } else {
+        vec![spec.node_list.domain.clone()]
+    };
+    let request = DrainRequest {
+        deadline_ms: u64::try_from(spec.comet.drain.deadline_seconds).unwrap_or(0) * 1000,
+        close_rate: u32::try_from(spec.comet.drain.close_rate).unwrap_or(0),
+        nodes,
+        tcp_port: spec.comet.ports.tcp,
+        ws_port: spec.comet.ports.ws,
+        wss_port: spec.comet.ports.wss,
+        reconnect_within_ms: 2000,
+    };
+    let addr = polled
+        .iter()
+        .find(|p| p.name == pod)
+        .and_then(|p| p.ip.clone())
+        .map(|ip| format!("{ip}:{}", spec.comet.ports.grpc));
+    match addr {
+        Some(addr) => match load::drain(&addr, request, ctx.call_timeout).await {
+            Ok(_) => {}
+            Err(err) => warn!(%pod, cause = %err, "drain call failed"),
+        },
+        None => warn!(%pod, "draining pod has no IP"),
+    }
+    info!(%pod, "comet drain started");
+    publish(
+        ctx,
+        cluster,
+        EventType::Normal,
+        "DrainStarted",
+        format!("draining comet {pod}"),
+    )
+    .await;
+    Ok(())
 }
 
 /// Carries out the drain step; returns the comet Deployment's replicas.
@@ -57,7 +124,6 @@ async fn carry_out(
     ctx: &Context,
     cluster: &PushCluster,
     names: &Names,
-    spec: &PushClusterSpec,
     polled: &[Polled],
     step: DrainStep,
 ) -> Result<i32> {
@@ -81,49 +147,12 @@ async fn carry_out(
         DrainStep::Set(replicas) => Ok(replicas),
         DrainStep::Wait { replicas, .. } => Ok(replicas),
         DrainStep::Start { pod, replicas } => {
-            annotate(pod.clone(), DRAIN_ANNOTATION, now_secs().to_string()).await?;
             let others: Vec<String> = polled
                 .iter()
                 .filter(|p| p.name != pod && p.ready && p.drain_started.is_none())
                 .filter_map(|p| p.ip.clone())
                 .collect();
-            let nodes = if spec.node_list.domain.is_empty() {
-                others
-            } else {
-                vec![spec.node_list.domain.clone()]
-            };
-            let request = DrainRequest {
-                deadline_ms: u64::try_from(spec.comet.drain.deadline_seconds).unwrap_or(0) * 1000,
-                close_rate: u32::try_from(spec.comet.drain.close_rate).unwrap_or(0),
-                nodes,
-                tcp_port: spec.comet.ports.tcp,
-                ws_port: spec.comet.ports.ws,
-                wss_port: spec.comet.ports.wss,
-                reconnect_within_ms: 2000,
-            };
-            let addr = polled
-                .iter()
-                .find(|p| p.name == pod)
-                .and_then(|p| p.ip.clone())
-                .map(|ip| format!("{ip}:{}", spec.comet.ports.grpc));
-            // A failed Drain call is not retried here: the pod is marked, so
-            // the deadline still bounds the wait and the pod is removed then.
-            match addr {
-                Some(addr) => match load::drain(&addr, request, ctx.call_timeout).await {
-                    Ok(_) => {}
-                    Err(err) => warn!(%pod, cause = %err, "drain call failed"),
-                },
-                None => warn!(%pod, "draining pod has no IP"),
-            }
-            info!(%pod, "comet drain started");
-            publish(
-                ctx,
-                cluster,
-                EventType::Normal,
-                "DrainStarted",
-                format!("draining comet {pod}"),
-            )
-            .await;
+            start_drain(ctx, cluster, names, polled, &pod, others).await?;
             Ok(replicas)
         }
         DrainStep::Finish { pod, replicas } => {
