@@ -231,6 +231,8 @@ fn metrics_service_monitors_and_dashboard_render_when_enabled() -> anyhow::Resul
     assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
     assert_eq!(monitor["metadata"]["labels"]["release"], "prom");
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    // The per-PushCluster series keep their own `namespace` label.
+    assert_eq!(monitor["spec"]["endpoints"][0]["honorLabels"], true);
     assert_eq!(
         monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
         "operator"
@@ -238,6 +240,7 @@ fn metrics_service_monitors_and_dashboard_render_when_enabled() -> anyhow::Resul
     let pods = &docs["PodMonitor/demo-herald"];
     assert_eq!(pods["apiVersion"], "monitoring.coreos.com/v1");
     assert_eq!(pods["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    assert_eq!(pods["spec"]["podMetricsEndpoints"][0]["honorLabels"], true);
     assert_eq!(pods["spec"]["namespaceSelector"]["matchNames"][0], "ops");
 
     let dashboards: ConfigMap = typed(&docs, "ConfigMap/demo-herald-dashboards")?;

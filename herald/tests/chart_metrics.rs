@@ -30,13 +30,14 @@ fn dashboard() -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
 }
 
-/// Every `expr` in the dashboard, panels in rows included.
+/// Every query in the dashboard: each panel's `expr` (panels in rows
+/// included) and each template variable's `definition`.
 fn exprs(value: &serde_json::Value, out: &mut Vec<String>) {
     match value {
         serde_json::Value::Object(map) => {
             for (key, v) in map {
                 match (key.as_str(), v) {
-                    ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                    ("expr" | "definition", serde_json::Value::String(e)) => out.push(e.clone()),
                     _ => exprs(v, out),
                 }
             }
@@ -73,6 +74,37 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
         }
     }
     names
+}
+
+/// The label names each `herald_*{...}` selector of `expr` matches on, as
+/// `(metric, label)`.
+fn matchers(expr: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(start) = rest.find("herald_") {
+        rest = &rest[start..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(rest.len());
+        let metric = &rest[..end];
+        rest = &rest[end..];
+        let Some(body) = rest.strip_prefix('{') else {
+            continue;
+        };
+        let close = body.find('}').unwrap_or(body.len());
+        for matcher in body[..close].split(',') {
+            let label = matcher
+                .split(['=', '!', '~'])
+                .next()
+                .unwrap_or_default()
+                .trim();
+            if !label.is_empty() {
+                out.push((metric.to_owned(), label.to_owned()));
+            }
+        }
+        rest = &body[close..];
+    }
+    out
 }
 
 /// The sample names an exposition offers: every sample line's name, and for
@@ -128,6 +160,14 @@ fn metric_names_are_read_from_promql() {
         assert!(exposed.contains(name), "{name}");
     }
     assert!(!exposed.contains("herald_a"));
+    assert_eq!(
+        matchers(r#"sum(rate(herald_a_total{outcome="ok", x=~"$x"}[5m])) / herald_b{y!="z"}"#),
+        [
+            ("herald_a_total".to_owned(), "outcome".to_owned()),
+            ("herald_a_total".to_owned(), "x".to_owned()),
+            ("herald_b".to_owned(), "y".to_owned())
+        ]
+    );
 }
 
 fn addr(port: u16) -> String {
@@ -163,7 +203,7 @@ async fn scrape_until(
     role: &str,
     port: u16,
     wanted: &BTreeSet<String>,
-) -> anyhow::Result<BTreeSet<String>> {
+) -> anyhow::Result<(BTreeSet<String>, String)> {
     let prefix = format!("herald_{role}_");
     let mine: BTreeSet<&String> = wanted.iter().filter(|n| n.starts_with(&prefix)).collect();
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -176,7 +216,7 @@ async fn scrape_until(
         let offered = exposed(&body);
         let missing: Vec<&&String> = mine.iter().filter(|n| !offered.contains(**n)).collect();
         if missing.is_empty() {
-            return Ok(offered);
+            return Ok((offered, body));
         }
         ensure!(
             tokio::time::Instant::now() < deadline,
@@ -403,24 +443,49 @@ async fn dashboard_queries_read_metrics_the_processes_expose() -> anyhow::Result
         tcp.next_push().await?;
         // job retries the broadcast towards the comet that is down until it
         // leaves the list, then gives it up.
-        let mut offered = scrape_until("logic", logic_http, &wanted).await?;
+        let (mut offered, mut bodies) = scrape_until("logic", logic_http, &wanted).await?;
         let failing = BTreeSet::from(["herald_job_comet_call_failures_total".to_owned()]);
         scrape_until("job", job_http, &failing).await?;
         write_nodes(&nodes, 2, &[live])?;
-        offered.extend(scrape_until("job", job_http, &wanted).await?);
-        offered.extend(scrape_until("operator", operator, &wanted).await?);
+        // The operator's gauges for the PushCluster, once its pass ran.
+        let cluster_series = BTreeSet::from([format!(
+            r#"herald_operator_cluster_connections{{namespace="{namespace}",pushcluster="{long}"}}"#
+        )]);
+        for (role, port) in [("job", job_http), ("operator", operator)] {
+            let (names, body) = scrape_until(role, port, &wanted).await?;
+            offered.extend(names);
+            bodies.push_str(&body);
+        }
+        ensure!(
+            cluster_series.iter().all(|s| bodies.contains(s.as_str())),
+            "no {cluster_series:?} in the operator's /metrics:\n{bodies}"
+        );
 
         // Logic goes away; the client leaving makes comet's Disconnect fail.
         let logic = procs.remove(0);
         drop(logic);
         tcp.close().await.ok();
-        offered.extend(scrape_until("comet", comet_http, &wanted).await?);
+        let (names, body) = scrape_until("comet", comet_http, &wanted).await?;
+        offered.extend(names);
+        bodies.push_str(&body);
 
         let missing: Vec<&String> = wanted.difference(&offered).collect();
         ensure!(
             missing.is_empty(),
             "the dashboard queries metrics no process exposes: {missing:?}"
         );
+        // Labels the queries select on are labels those metrics carry.
+        for (metric, label) in all.iter().flat_map(|e| matchers(e)) {
+            let carried = bodies.lines().any(|line| {
+                line.strip_prefix(metric.as_str())
+                    .and_then(|rest| rest.strip_prefix('{'))
+                    .is_some_and(|labels| labels.contains(&format!("{label}=\"")))
+            });
+            ensure!(
+                carried,
+                "no {metric} sample carries the label {label:?} the dashboard selects on"
+            );
+        }
         anyhow::Ok(())
     }
     .await;

@@ -172,7 +172,7 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
         );
         // The pod's /metrics, through the chart's metrics Service port name:
         // the cluster is no longer Degraded there either, and passes are timed.
-        let series = format!(r#"{{namespace="{chat}",cluster="chat"}}"#);
+        let series = format!(r#"{{namespace="{chat}",pushcluster="chat"}}"#);
         let metrics = eventually(30, "cluster_degraded 0 in the pod's /metrics", || async {
             let body = http::get((ip.as_str(), 3180), "/metrics").await?.ok()?.body;
             Ok(body

@@ -1,7 +1,11 @@
 //! The operator's Prometheus metrics, served on `/metrics` by
 //! `herald_runtime::admin`. Labels are low-cardinality: outcomes, error
-//! kinds, and `namespace`/`cluster` on the per-PushCluster gauges (one series
-//! per PushCluster the operator manages, so bounded by their number).
+//! kinds, and `namespace`/`pushcluster` on the per-PushCluster gauges (one
+//! series per PushCluster the operator manages, so bounded by their number).
+//! Not `cluster`: multi-cluster Prometheus setups use that label for the
+//! Kubernetes cluster. `namespace` is the PushCluster's, as kube-state-metrics
+//! does it: scrape with `honor_labels` (the chart's monitors set it), else it
+//! arrives as `exported_namespace`.
 //!
 //! What an SRE alerts on (docs/operator.md lists every metric):
 //! `herald_operator_reconcile_errors_total` by failed step,
@@ -127,7 +131,7 @@ impl Drop for Pass<'_> {
 fn cluster_labels(namespace: &str, name: &str) -> Labels {
     vec![
         ("namespace".to_owned(), namespace.to_owned()),
-        ("cluster".to_owned(), name.to_owned()),
+        ("pushcluster".to_owned(), name.to_owned()),
     ]
 }
 
@@ -256,7 +260,7 @@ mod tests {
         let metrics = Metrics::default();
         drop(metrics.reconcile_started(&cluster(33, 1, true)));
         let text = metrics.encode();
-        let series = r#"{namespace="team",cluster="chat"}"#;
+        let series = r#"{namespace="team",pushcluster="chat"}"#;
         assert_eq!(
             sample(
                 &text,
