@@ -202,7 +202,8 @@ async fn kubectl_scale_is_overridden_by_the_autoscaler_and_said_so() -> anyhow::
 
 /// Scaling 1 -> 2 -> 3 -> 1 through the spec (autoscaling off) and the two
 /// drains that takes: each is an Event with its own, accurate note, not one
-/// series that keeps the first.
+/// series that keeps the first; only the very same note again (1 -> 2 once
+/// more) counts in its Event's series.
 #[tokio::test]
 async fn each_scaling_and_drain_is_its_own_event() -> anyhow::Result<()> {
     let (client, ns) = setup("op-events").await?;
@@ -281,6 +282,25 @@ async fn each_scaling_and_drain_is_its_own_event() -> anyhow::Result<()> {
         ],
         "{events:?}"
     );
+
+    // The same change again is the same note: one Event, counted twice.
+    scale(&clusters, "chat", 2).await?;
+    wait_comet_replicas(&deployments, "chat", 2, 30).await?;
+    let again = "comets 1 -> 2 (comet.replicas)";
+    let counts = eventually(30, "the repeated note in its series", || async {
+        let list = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default())
+            .await?;
+        let counts: Vec<Option<i32>> = list
+            .items
+            .into_iter()
+            .filter(|e| e.note.as_deref() == Some(again))
+            .map(|e| e.series.map(|s| s.count))
+            .collect();
+        Ok((counts.iter().any(Option::is_some)).then_some(counts))
+    })
+    .await?;
+    assert_eq!(counts, [Some(2)], "one Event for the repeated note");
 
     operator.stop().await?;
     drop(comets);
