@@ -247,8 +247,8 @@ fn write_nodes(path: &Path, generation: u64, nodes: &[serde_json::Value]) -> any
 /// the panels watch: a client connected and pushed to, a broadcast that
 /// fails towards a comet that is down and is given up once that comet
 /// leaves the node list, a PushCluster the operator reports and fails to
-/// reconcile (its name is too long for its Services), and a comet whose
-/// logic has gone when a client leaves.
+/// reconcile (its name is too long for its Services) and stops reporting
+/// once deleted, and a comet whose logic has gone when a client leaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_queries_read_metrics_the_processes_expose() -> anyhow::Result<()> {
     // What the dashboard asks, checked first: nothing to run if it is empty.
@@ -485,6 +485,27 @@ async fn dashboard_queries_read_metrics_the_processes_expose() -> anyhow::Result
                 carried,
                 "no {metric} sample carries the label {label:?} the dashboard selects on"
             );
+        }
+        // A deleted PushCluster's series go with it (once its finalizer
+        // is released), so the gauges stay bounded by the clusters that exist.
+        Api::<PushCluster>::namespaced(client.clone(), &namespace)
+            .delete(long, &DeleteParams::default())
+            .await?;
+        let gone = format!(r#"pushcluster="{long}""#);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let body = http::get(("127.0.0.1", operator), "/metrics")
+                .await?
+                .ok()?
+                .body;
+            if !body.contains(&gone) {
+                break;
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the deleted PushCluster is still reported:\n{body}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         anyhow::Ok(())
     }

@@ -161,6 +161,7 @@ pub(super) async fn teardown(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&key);
+    ctx.metrics.forget_cluster(&names.namespace, &names.cluster);
     // Child keys are `namespace/Kind/name`, every name `<cluster>-...`.
     let (prefix, owned) = (
         format!("{}/", names.namespace),
