@@ -7,7 +7,7 @@
 use herald_e2e::eventually;
 use herald_operator::crd::PushCluster;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -15,7 +15,7 @@ mod common;
 
 use common::operator::{
     Operator, PodComet, condition, create_cluster, delete_namespace, events_of, fake_running,
-    goim_client, has_condition, setup, wait_cluster, wait_comet_replicas, wait_pods,
+    goim_client, has_condition, node_list, setup, wait_cluster, wait_comet_replicas, wait_pods,
 };
 
 #[tokio::test]
@@ -221,6 +221,16 @@ async fn missing_secrets_leave_a_running_cluster_observed_and_scaled() -> anyhow
         cluster.status
     );
     wait_comet_replicas(&deployments, "chat", 2, 30).await?;
+    // The node list logic hands out follows the comet's load too.
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    let list = node_list(&configmaps, "chat").await?.unwrap_or_default();
+    let listed = list["nodes"].as_array().cloned().unwrap_or_default();
+    assert!(
+        listed
+            .iter()
+            .any(|n| n["name"] == comet_pod[0].as_str() && n["connections"] == 3),
+        "{list}"
+    );
     assert_eq!(
         logic_api_key_ref(&deployments).await?.as_deref(),
         Some("keys"),

@@ -376,6 +376,7 @@ pub(super) async fn write_status(
 
 #[cfg(test)]
 mod tests {
+    use super::super::autoscale::Override;
     use super::*;
 
     fn condition_is(conditions: &[Condition], type_: &str, status: bool, reason: &str) -> bool {
@@ -384,6 +385,59 @@ mod tests {
                 && c.status == if status { "True" } else { "False" }
                 && c.reason == reason
         })
+    }
+
+    fn scaled(autoscaling: bool, by_load: bool, overridden: Option<Override>) -> Scaled {
+        Scaled {
+            replicas: 1,
+            autoscaling,
+            by_load,
+            overridden,
+        }
+    }
+
+    #[test]
+    fn an_override_holds_until_the_autoscaler_moves_for_the_load() {
+        let mut conditions = Vec::new();
+        autoscaling_override(&mut conditions, &scaled(true, false, None));
+        assert!(condition_is(
+            &conditions,
+            OVERRIDE_CONDITION,
+            false,
+            "AutoscalerInControl"
+        ));
+        let kubectl = Override {
+            requested: 3,
+            by: "kubectl".to_owned(),
+            kept: 1,
+        };
+        autoscaling_override(&mut conditions, &scaled(true, false, Some(kubectl)));
+        assert!(condition_is(
+            &conditions,
+            OVERRIDE_CONDITION,
+            true,
+            "ManualScaleOverridden"
+        ));
+        assert!(conditions[0].message.contains("set to 3 by kubectl"));
+        autoscaling_override(&mut conditions, &scaled(true, false, None));
+        assert!(
+            condition_is(
+                &conditions,
+                OVERRIDE_CONDITION,
+                true,
+                "ManualScaleOverridden"
+            ),
+            "a quiet pass keeps it"
+        );
+        autoscaling_override(&mut conditions, &scaled(true, true, None));
+        assert!(condition_is(
+            &conditions,
+            OVERRIDE_CONDITION,
+            false,
+            "AutoscalerInControl"
+        ));
+        autoscaling_override(&mut conditions, &scaled(false, false, None));
+        assert!(conditions.is_empty(), "gone with autoscaling off");
     }
 
     #[test]

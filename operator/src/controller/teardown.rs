@@ -177,3 +177,35 @@ pub(super) async fn teardown(
     ctx.metrics.forget_cluster(&names.namespace, &names.cluster);
     Ok(Action::await_change())
 }
+
+#[cfg(test)]
+mod tests {
+    use herald_protocol::pb::admin::LoadReply;
+
+    use super::*;
+
+    fn polled(ip: Option<&str>, connections: Option<u64>) -> Polled {
+        Polled {
+            name: "chat-comet-1".to_owned(),
+            ip: ip.map(str::to_owned),
+            ready: true,
+            terminating: false,
+            drain_started: None,
+            load: connections.map(|connections| LoadReply {
+                connections,
+                ..LoadReply::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_comet_is_empty_when_it_says_so_or_never_ran() {
+        assert!(empty(&polled(Some("10.0.0.1"), Some(0))));
+        assert!(!empty(&polled(Some("10.0.0.1"), Some(2))));
+        assert!(
+            !empty(&polled(Some("10.0.0.1"), None)),
+            "unreachable: waits for the deadline"
+        );
+        assert!(empty(&polled(None, None)), "no address, no clients");
+    }
+}
