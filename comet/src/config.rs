@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use herald_runtime::nodes;
 use tokio::net::TcpListener;
 
 use crate::{Listeners, bind_client_listener};
@@ -90,8 +91,10 @@ pub struct Args {
     #[arg(long, env = "HERALD_COMET_DRAIN_CLOSE_RATE", default_value_t = 0)]
     pub drain_close_rate: u32,
     /// Comma-separated hosts put in the op-18 `nodes` of the shutdown drain.
-    /// Empty (the default) still sends op 18 to redirect-capable clients, with
-    /// an empty `nodes` list: they then reconnect through logic's node API.
+    /// Empty (the default): the other comets of the node list that are not
+    /// draining, if there is a node list; else op 18 still goes to
+    /// redirect-capable clients with an empty `nodes` list, and they
+    /// reconnect through logic's node API.
     #[arg(
         long,
         env = "HERALD_COMET_DRAIN_REDIRECT_NODES",
@@ -99,6 +102,11 @@ pub struct Args {
         default_value = ""
     )]
     pub drain_redirect_nodes: Vec<String>,
+    /// The node list (the operator's): where the shutdown drain redirects
+    /// clients, and its `drain` settings, which override the two drain flags
+    /// above, read live so changing them restarts nothing.
+    #[command(flatten)]
+    pub node_list: nodes::SourceArgs,
     /// Refuse client frames whose `pack_len` is shorter than the 16-byte
     /// header (closing the connection) instead of reading them as "no body"
     /// like goim does. Off by default for goim compatibility.
@@ -143,6 +151,7 @@ impl Args {
             drain_deadline_ms,
             drain_close_rate,
             drain_redirect_nodes,
+            node_list,
             strict_pack_len,
             receive_rate,
             receive_burst,
@@ -169,6 +178,7 @@ impl Args {
                 .map(|node| node.trim().to_owned())
                 .filter(|node| !node.is_empty())
                 .collect(),
+            node_list: node_list.source(),
             strict_pack_len,
             receive_rate,
             receive_burst,
@@ -231,6 +241,8 @@ pub struct Config {
     /// Op-18 `nodes` of the shutdown drain; empty sends op 18 with no nodes,
     /// so redirect-capable clients reconnect through the node API.
     pub drain_redirect_nodes: Vec<String>,
+    /// Where the node list comes from, if anywhere.
+    pub node_list: Option<nodes::Source>,
     /// Refuse client frames with `pack_len` < 16 (goim reads them as "no body").
     pub strict_pack_len: bool,
     /// Per-connection `Receive` rate (ops per second); 0 = unlimited.

@@ -89,6 +89,9 @@ pub enum Error {
     /// The admin HTTP server failed.
     #[error("admin HTTP server failed")]
     Http(#[source] std::io::Error),
+    /// The node-list file exists but cannot be read or parsed.
+    #[error("node list")]
+    NodeList(#[from] herald_runtime::nodes::Error),
 }
 
 /// Result with this crate's [`Error`].
@@ -177,6 +180,10 @@ pub async fn run(
         Some(listener) => Some((listener, tls_acceptor(&config)?)),
         None => None,
     };
+    let nodes = match &config.node_list {
+        Some(source) => herald_runtime::nodes::Nodes::new(source.initial()?),
+        None => herald_runtime::nodes::Nodes::default(),
+    };
     let metrics = metrics::Metrics::new();
     let logic = logic::Logic::new(
         &config.logic_addr,
@@ -202,16 +209,24 @@ pub async fn run(
         "comet listening"
     );
 
-    let plan = rpc::DrainPlan {
-        deadline: shared.config.drain_deadline,
-        close_rate: shared.config.drain_close_rate,
-        nodes: shared.config.drain_redirect_nodes.clone(),
-        tcp_port: port(&tcp),
-        ws_port: port(&ws),
-        wss_port: wss.as_ref().map_or(0, |(listener, _)| port(listener)),
-        reconnect_within_ms: u32::try_from(shared.config.drain_deadline.as_millis())
-            .unwrap_or(u32::MAX),
-    };
+    let ports = (
+        port(&tcp),
+        port(&ws),
+        wss.as_ref().map_or(0, |(listener, _)| port(listener)),
+    );
+    shared.metrics.node_list(nodes.get().generation);
+    let nodes_task = shared.config.node_list.clone().map(|source| {
+        let (nodes, stop, shared) = (nodes.clone(), shared.shutdown.wait(), shared.clone());
+        let apply = move |list: herald_runtime::nodes::NodeList| {
+            shared.metrics.node_list(list.generation);
+            nodes.set(list);
+        };
+        tokio::spawn(
+            source
+                .watch(apply, stop)
+                .instrument(info_span!("node_list")),
+        )
+    });
     // One limit for both client listeners.
     let limit = Arc::new(tokio::sync::Semaphore::new(shared.config.max_connections));
     let tcp_task = tokio::spawn(
@@ -271,9 +286,11 @@ pub async fn run(
     if requested {
         // A drain already started through the RPC is waited for instead,
         // still bounded by the configured deadline.
+        let plan = shutdown_plan(&shared.config, &nodes.get(), ports);
         let (connections, started) = rpc::start_drain(&shared, &plan);
-        info!(connections, started, "comet draining before shutdown");
-        if tokio::time::timeout(shared.config.drain_deadline, shared.drained.cancelled())
+        info!(connections, started, deadline = ?plan.deadline, close_rate = plan.close_rate,
+              nodes = ?plan.nodes, "comet draining before shutdown");
+        if tokio::time::timeout(plan.deadline, shared.drained.cancelled())
             .await
             .is_err()
         {
@@ -288,6 +305,9 @@ pub async fn run(
     }
     let _ = probe_task.await;
     let _ = sweep_task.await;
+    if let Some(task) = nodes_task {
+        let _ = task.await;
+    }
     let _ = tcp_task.await;
     let _ = ws_task.await;
     if let Some(task) = wss_task {
@@ -330,6 +350,35 @@ async fn idle_sweep(shared: Arc<Shared>) {
 }
 
 /// A listener's port as op 18 carries it; 0 when unknown.
+/// The shutdown drain: the node list's `drain` settings when it has them
+/// (the operator's, changed without a restart), else the flags; op 18 names
+/// `--drain-redirect-nodes`, else the other comets of the node list that
+/// are not draining.
+fn shutdown_plan(
+    config: &Config,
+    list: &herald_runtime::nodes::NodeList,
+    (tcp_port, ws_port, wss_port): (i32, i32, i32),
+) -> rpc::DrainPlan {
+    let (deadline, close_rate) = match list.drain {
+        Some(drain) => (Duration::from_millis(drain.deadline_ms), drain.close_rate),
+        None => (config.drain_deadline, config.drain_close_rate),
+    };
+    let nodes = if config.drain_redirect_nodes.is_empty() {
+        list.redirect_targets(&config.server_id, herald_protocol::nodes::DEFAULT_PICKED)
+    } else {
+        config.drain_redirect_nodes.clone()
+    };
+    rpc::DrainPlan {
+        deadline,
+        close_rate,
+        nodes,
+        tcp_port,
+        ws_port,
+        wss_port,
+        reconnect_within_ms: u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX),
+    }
+}
+
 fn port(listener: &TcpListener) -> i32 {
     listener
         .local_addr()

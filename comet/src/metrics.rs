@@ -35,6 +35,7 @@ pub struct Metrics {
     receives: Counters,
     logic_failures: Counters,
     push_write_latency: Histogram,
+    node_list_generation: Gauge,
 }
 
 /// Failed calls to logic, by rpc: handed to the logic client, which sees
@@ -105,6 +106,12 @@ impl Metrics {
             "Time from a push RPC queueing a frame to the socket write containing it completing",
             push_write_latency.clone(),
         );
+        let node_list_generation = Gauge::default();
+        registry.register(
+            "node_list_generation",
+            "Generation of the node list in use (where the shutdown drain redirects, and its settings); 0 without one",
+            node_list_generation.clone(),
+        );
         Metrics {
             registry,
             connections,
@@ -120,7 +127,12 @@ impl Metrics {
             receives,
             logic_failures,
             push_write_latency,
+            node_list_generation,
         }
+    }
+
+    pub(crate) fn node_list(&self, generation: i64) {
+        self.node_list_generation.set(generation);
     }
 
     fn transport(transport: Transport) -> Labels {

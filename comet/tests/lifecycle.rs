@@ -240,6 +240,80 @@ async fn shutdown_drains_paced_with_redirects_then_returns() -> Result {
     Ok(())
 }
 
+/// With a node list (the operator's), the shutdown drain takes its deadline
+/// and pace from the document as it is at shutdown (here changed after the
+/// start: read live, no restart) and op 18 names the other comets that are
+/// not draining, not itself and not the draining one.
+#[tokio::test]
+async fn shutdown_drain_follows_the_node_list() -> Result {
+    use herald_runtime::nodes::{DrainSettings, Node, NodeList, Source};
+    let dir = std::env::temp_dir().join(format!("comet-nodes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("nodes.json");
+    let node = |name: &str, addr: &str, draining| Node {
+        name: name.to_owned(),
+        addrs: vec![addr.to_owned()],
+        weight: 10,
+        draining,
+        ..Node::default()
+    };
+    let mut list = NodeList {
+        generation: 1,
+        nodes: vec![
+            node("comet-test", "127.0.0.1", false),
+            node("comet-b", "127.0.0.2", false),
+            node("comet-c", "127.0.0.3", true),
+        ],
+        drain: Some(DrainSettings {
+            deadline_ms: 60_000,
+            close_rate: 0,
+        }),
+        ..NodeList::default()
+    };
+    std::fs::write(&path, serde_json::to_vec(&list)?)?;
+    let poll = Duration::from_millis(50);
+    let mut h = Harness::start(|c| {
+        // The flags say a minute; the document will say 1.5 s.
+        c.drain_deadline = Duration::from_secs(60);
+        c.node_list = Some(Source::File {
+            path: path.clone(),
+            poll,
+        });
+    })
+    .await?;
+    h.wait_readyz(200).await?;
+    let redirect = serde_json::json!({"key": "nl", "herald": {"redirect": true}}).to_string();
+    let mut client = h.tcp_client(&redirect).await?;
+    // The operator changes the drain on the running cluster.
+    list.generation = 2;
+    list.drain = Some(DrainSettings {
+        deadline_ms: 1500,
+        close_rate: 0,
+    });
+    // A new mtime even on a coarse-grained filesystem clock.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    std::fs::write(&path, serde_json::to_vec(&list)?)?;
+    tokio::time::sleep(poll * 6).await;
+
+    let started = std::time::Instant::now();
+    let _ = h.stop.take().context("stop")?.send(());
+    let frames = closed(&mut client).await?;
+    let comet = h.comet.take().context("comet")?;
+    timeout(Duration::from_secs(10), comet)
+        .await
+        .context("run did not return within the document's deadline")???;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the flag's minute was used"
+    );
+    assert_eq!(frames.len(), 1, "one op 18 before EOF: {frames:?}");
+    let body: serde_json::Value = serde_json::from_slice(&frames[0].body)?;
+    assert_eq!(body["nodes"], serde_json::json!(["127.0.0.2"]), "{body}");
+    assert_eq!(body["reconnect_within_ms"], 1500, "{body}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 #[tokio::test]
 async fn shutdown_waits_for_a_running_drain_within_the_deadline() -> Result {
     let deadline = Duration::from_millis(600);

@@ -121,6 +121,7 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
             weight: 1,
             ..Node::default()
         }],
+        drain: None,
     };
 
     let mut logic_config = herald_logic::Config::new(

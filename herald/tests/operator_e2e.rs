@@ -47,6 +47,8 @@ const WAIT: u64 = 60;
 const TARGET: usize = 20;
 const TCP_PORT: u16 = 3101;
 const LOGIC_HTTP: u16 = 3111;
+/// The comet pods' `/metrics` port (the spec's default `ports.admin`).
+const COMET_ADMIN: u16 = 3190;
 const CLUSTER: &str = "chat";
 
 // ---------------------------------------------------------------- cluster
@@ -483,5 +485,74 @@ async fn scenario(
         "{web}"
     );
     ensure!(web["data"]["heartbeat"] == 30, "{web}");
+
+    // 7. The drain settings change on the running cluster without moving a
+    // client: no comet pod is replaced, the node list carries them, and each
+    // comet has read that node list (its generation on comet's /metrics).
+    let comets_before = wait_stable_comets(&pods, &deployments).await?;
+    let template_before = comet_spec(&deployments, CLUSTER).await?.map(|s| s.template);
+    clusters
+        .patch(
+            CLUSTER,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"comet": {"drain": {"deadlineSeconds": 33, "closeRate": 3}}}}),
+            ),
+        )
+        .await?;
+    let generation = eventually(WAIT, "the new drain settings in the node list", || async {
+        let list = common::operator::node_list(&configmaps, CLUSTER).await?;
+        Ok(list
+            .filter(|l| l["drain"] == json!({"deadline_ms": 33_000, "close_rate": 3}))
+            .and_then(|l| l["generation"].as_i64()))
+    })
+    .await?;
+    for (name, pod) in &comets_before {
+        let metrics = SocketAddr::from((pod_ip(pod)?, COMET_ADMIN));
+        eventually(WAIT, "the comet read the new node list", || async {
+            let body = herald_testkit::http::get(metrics, "/metrics").await?.body;
+            let seen = body
+                .lines()
+                .find_map(|l| l.strip_prefix("herald_comet_node_list_generation "))
+                .and_then(|v| v.trim().parse::<i64>().ok());
+            Ok(seen.filter(|g| *g >= generation).map(drop))
+        })
+        .await
+        .with_context(|| format!("comet {name}"))?;
+    }
+    let template_after = comet_spec(&deployments, CLUSTER).await?.map(|s| s.template);
+    ensure!(
+        template_before == template_after,
+        "the drain change touched the comet pod template"
+    );
+    let comets_after = ready_pods(&pods, CLUSTER, "comet").await?;
+    ensure!(
+        comets_after.keys().eq(comets_before.keys()),
+        "comets replaced: {:?} -> {:?}",
+        comets_before.keys(),
+        comets_after.keys()
+    );
     Ok(())
+}
+
+/// The comet pods once the Deployment has rolled out (every replica Ready,
+/// none terminating).
+async fn wait_stable_comets(
+    pods: &Api<Pod>,
+    deployments: &Api<Deployment>,
+) -> anyhow::Result<BTreeMap<String, Pod>> {
+    eventually(WAIT, "comets rolled out", || async {
+        let ready = ready_pods(pods, CLUSTER, "comet").await?;
+        let all = pods
+            .list(&kube::api::ListParams::default().labels(&format!(
+                "app.kubernetes.io/instance={CLUSTER},app.kubernetes.io/component=comet"
+            )))
+            .await?
+            .items
+            .len();
+        let wanted = comet_replicas(deployments, CLUSTER).await?;
+        let stable = wanted == Some(i32::try_from(ready.len())?) && all == ready.len();
+        Ok(stable.then_some(ready))
+    })
+    .await
 }

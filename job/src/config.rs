@@ -3,7 +3,6 @@
 //! same defaults.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use herald_runtime::{contract, nodes};
@@ -50,22 +49,9 @@ pub struct Args {
     /// default would stall a restarted job that long.
     #[arg(long, env = "HERALD_JOB_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub kafka_session_timeout_ms: u64,
-    /// Node list JSON file (§15.4); every node gets pushes.
-    #[arg(
-        long,
-        env = "HERALD_JOB_NODE_LIST",
-        conflicts_with = "node_list_configmap"
-    )]
-    pub node_list: Option<PathBuf>,
-    /// Watch the node list in this ConfigMap (key `nodes.json`) instead of a file.
-    #[arg(long, env = contract::NODE_LIST_CONFIGMAP)]
-    pub node_list_configmap: Option<String>,
-    /// Namespace of `--node-list-configmap` (in a pod: its own namespace).
-    #[arg(long, env = contract::POD_NAMESPACE, default_value = "default")]
-    pub node_list_namespace: String,
-    /// How often the node list file's mtime is checked, in milliseconds.
-    #[arg(long, env = "HERALD_JOB_NODE_LIST_POLL_MS", default_value_t = 2000)]
-    pub node_list_poll_ms: u64,
+    /// Where the node list comes from; every node in it gets pushes.
+    #[command(flatten)]
+    pub node_list: nodes::SourceArgs,
     /// A comet as `NAME=HOST:PORT` (repeatable), besides the node list.
     #[arg(long = "comet", env = "HERALD_JOB_COMETS", value_delimiter = ',')]
     pub comets: Vec<StaticComet>,
@@ -177,9 +163,6 @@ impl Args {
             kafka_group,
             kafka_session_timeout_ms,
             node_list,
-            node_list_configmap,
-            node_list_namespace,
-            node_list_poll_ms,
             comets,
             call_timeout_ms,
             retry_attempts,
@@ -201,12 +184,7 @@ impl Args {
                 group: kafka_group,
                 session_timeout: Duration::from_millis(kafka_session_timeout_ms),
             },
-            node_list: nodes::Source::from_flags(
-                node_list,
-                node_list_configmap,
-                node_list_namespace,
-                Duration::from_millis(node_list_poll_ms),
-            ),
+            node_list: node_list.source(),
             comets,
             calls: CallSettings {
                 timeout: Duration::from_millis(call_timeout_ms),

@@ -55,25 +55,12 @@ pub struct Args {
     /// TTL of routing and online keys in Redis, in seconds (§9 `E`).
     #[arg(long, env = "HERALD_LOGIC_ROUTING_TTL_SECS", default_value_t = 1800)]
     pub routing_ttl_secs: u64,
-    /// Node list JSON file (docs/protocol.md §15.4 format); none = no nodes.
-    #[arg(
-        long,
-        env = "HERALD_LOGIC_NODE_LIST",
-        conflicts_with = "node_list_configmap"
-    )]
-    pub node_list: Option<PathBuf>,
-    /// Watch the node list in this ConfigMap (key `nodes.json`) instead of a file.
-    #[arg(long, env = contract::NODE_LIST_CONFIGMAP)]
-    pub node_list_configmap: Option<String>,
-    /// Namespace of `--node-list-configmap` (in a pod: its own namespace).
-    #[arg(long, env = contract::POD_NAMESPACE, default_value = "default")]
-    pub node_list_namespace: String,
+    /// Where the node list comes from.
+    #[command(flatten)]
+    pub node_list: nodes::SourceArgs,
     /// Kafka topic for client upstream messages (`Receive`); none = logged only.
     #[arg(long, env = "HERALD_LOGIC_RECEIVE_TOPIC")]
     pub receive_topic: Option<String>,
-    /// How often the node list file's mtime is checked, in milliseconds.
-    #[arg(long, env = "HERALD_LOGIC_NODE_LIST_POLL_MS", default_value_t = 2000)]
-    pub node_list_poll_ms: u64,
     /// API key required as `Authorization: Bearer <key>` on the HTTP API.
     #[arg(long, env = contract::API_KEY, hide_env_values = true)]
     pub api_key: Option<String>,
@@ -202,10 +189,7 @@ impl Args {
             kafka_busy_in_flight,
             routing_ttl_secs,
             node_list,
-            node_list_configmap,
-            node_list_namespace,
             receive_topic,
-            node_list_poll_ms,
             api_key,
             compat_status_200,
             token_mode,
@@ -240,12 +224,7 @@ impl Args {
                 busy_linger: Duration::from_micros(kafka_busy_linger_us),
                 busy_in_flight: kafka_busy_in_flight,
             },
-            node_list: nodes::Source::from_flags(
-                node_list,
-                node_list_configmap,
-                node_list_namespace,
-                Duration::from_millis(node_list_poll_ms),
-            ),
+            node_list: node_list.source(),
             receive_topic: receive_topic.filter(|t| !t.is_empty()),
             http: http::HttpConfig {
                 api_key: api_key.filter(|k| !k.is_empty()),

@@ -389,15 +389,19 @@ mod tests {
         let comet = &children.deployments[0];
         assert_eq!(comet.spec.as_ref().unwrap().replicas, Some(4));
         let pod = comet.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
-        assert_eq!(pod.termination_grace_period_seconds, Some(55));
+        // 40 s deadline + 15 s margin, rounded up to the 300 s step: a
+        // deadline change within the step rolls no comet.
+        assert_eq!(pod.termination_grace_period_seconds, Some(300));
+        assert_eq!(pod.service_account_name.as_deref(), Some("chat-herald"));
         let c = container(comet);
         assert_eq!(c.command, None);
         let args = c.args.as_ref().unwrap();
         assert_eq!(args[0], "comet");
         assert!(args.contains(&"--server-id=$(POD_NAME)".to_owned()));
         assert!(args.contains(&"--grpc-addr=$(POD_IP):3109".to_owned()));
-        assert!(args.contains(&"--drain-deadline-ms=40000".to_owned()));
-        assert!(args.contains(&"--drain-close-rate=100".to_owned()));
+        // The drain settings travel in the node list, read live.
+        assert!(!args.iter().any(|a| a.starts_with("--drain-")), "{args:?}");
+        assert!(args.contains(&"--node-list-configmap=chat-nodes".to_owned()));
         assert!(args.contains(&"--logic-addr=chat-logic:3119".to_owned()));
         for arg in args
             .iter()

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-pub use herald_protocol::nodes::{Node, NodeList};
+pub use herald_protocol::nodes::{DrainSettings, Node, NodeList};
 use herald_protocol::pb::admin::{
     DrainRequest, LoadReply, LoadRequest, comet_admin_client::CometAdminClient,
 };
@@ -104,16 +104,23 @@ pub fn weight(connections: u64, target: i64, draining: bool) -> u32 {
     u32::try_from(free_tenths.max(1)).unwrap_or(1)
 }
 
-/// The next node list: the same generation when `nodes` did not change (so
-/// nothing is written), else the next one stamped with `now`.
-pub fn next(previous: Option<&NodeList>, mut nodes: Vec<Node>, now: &str) -> NodeList {
+/// The next node list: the same generation when neither `nodes` nor the
+/// comets' `drain` settings changed (so nothing is written), else the next
+/// one stamped with `now`.
+pub fn next(
+    previous: Option<&NodeList>,
+    mut nodes: Vec<Node>,
+    drain: Option<DrainSettings>,
+    now: &str,
+) -> NodeList {
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     match previous {
-        Some(previous) if previous.nodes == nodes => previous.clone(),
+        Some(previous) if previous.nodes == nodes && previous.drain == drain => previous.clone(),
         previous => NodeList {
             generation: previous.map_or(0, |p| p.generation) + 1,
             updated: now.to_owned(),
             nodes,
+            drain,
         },
     }
 }
@@ -132,16 +139,23 @@ mod tests {
 
     #[test]
     fn generation_moves_only_on_change() {
-        let first = next(None, vec![node("b", 1), node("a", 2)], "t1");
+        let first = next(None, vec![node("b", 1), node("a", 2)], None, "t1");
         assert_eq!(first.generation, 1);
         assert_eq!(
             first.nodes[0].name, "a",
             "sorted, so order cannot fake a change"
         );
-        let same = next(Some(&first), vec![node("a", 2), node("b", 1)], "t2");
+        let same = next(Some(&first), vec![node("a", 2), node("b", 1)], None, "t2");
         assert_eq!(same, first);
-        let changed = next(Some(&first), vec![node("a", 3), node("b", 1)], "t3");
+        let changed = next(Some(&first), vec![node("a", 3), node("b", 1)], None, "t3");
         assert_eq!((changed.generation, changed.updated.as_str()), (2, "t3"));
+        // New drain settings are a change too: comets read them live.
+        let drain = Some(DrainSettings {
+            deadline_ms: 9000,
+            close_rate: 3,
+        });
+        let redrained = next(Some(&changed), changed.nodes.clone(), drain, "t4");
+        assert_eq!((redrained.generation, redrained.drain), (3, drain));
     }
 
     #[test]

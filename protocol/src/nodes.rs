@@ -27,6 +27,21 @@ pub struct NodeList {
     /// Every comet, draining or not.
     #[serde(default)]
     pub nodes: Vec<Node>,
+    /// How comets drain on shutdown, for every comet of the cluster: read
+    /// live, so changing it moves no client. Absent: each comet's flags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainSettings>,
+}
+
+/// The shutdown drain of every comet (§15.4), set by the operator from
+/// `spec.comet.drain`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainSettings {
+    /// Every connection is closed by then, in milliseconds.
+    pub deadline_ms: u64,
+    /// Connections closed per second; 0 spreads them over the deadline.
+    #[serde(default)]
+    pub close_rate: u32,
 }
 
 /// One comet.
@@ -118,6 +133,32 @@ impl NodeList {
         (out, first)
     }
 
+    /// Where a client of comet `own` goes when it drains: the other
+    /// comets that are not draining, best ranked first, as host names when
+    /// they have them (a domain) and addresses otherwise; at most `count`.
+    pub fn redirect_targets(&self, own: &str, count: usize) -> Vec<String> {
+        let others: Vec<&Node> = self
+            .ranked()
+            .into_iter()
+            .filter(|n| n.name != own)
+            .collect();
+        let hosts: Vec<String> = others
+            .iter()
+            .flat_map(|n| n.hosts.iter().cloned())
+            .collect();
+        let mut out = if hosts.is_empty() {
+            others
+                .iter()
+                .flat_map(|n| n.addrs.iter().cloned())
+                .collect()
+        } else {
+            hosts
+        };
+        out.dedup();
+        out.truncate(count);
+        out
+    }
+
     /// `(connections, client IPs)` summed over every node (`/goim/online/total`).
     pub fn totals(&self) -> (u64, u64) {
         self.nodes.iter().fold((0, 0), |(c, i), n| {
@@ -132,6 +173,40 @@ impl NodeList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redirect_targets_skip_self_and_draining_nodes() {
+        let mut list = NodeList {
+            nodes: vec![
+                node("a", 10, 0, false),
+                node("bb", 10, 0, true),
+                node("ccc", 10, 0, false),
+            ],
+            ..NodeList::default()
+        };
+        for n in &mut list.nodes {
+            n.hosts.clear();
+        }
+        assert_eq!(list.redirect_targets("a", 5), ["10.0.0.3"]);
+        assert_eq!(list.redirect_targets("x", 1), ["10.0.0.1"]);
+        // A domain wins over addresses.
+        list.nodes[2].hosts = vec!["push.example.com".to_owned()];
+        assert_eq!(list.redirect_targets("a", 5), ["push.example.com"]);
+        // The drain settings are optional on read and left out when unset.
+        let parsed = NodeList::parse(br#"{"nodes":[],"drain":{"deadline_ms":5000}}"#).unwrap();
+        assert_eq!(
+            parsed.drain,
+            Some(DrainSettings {
+                deadline_ms: 5000,
+                close_rate: 0
+            })
+        );
+        assert!(
+            !serde_json::to_string(&NodeList::default())
+                .unwrap()
+                .contains("drain")
+        );
+    }
 
     fn node(name: &str, weight: u32, conns: u64, draining: bool) -> Node {
         Node {
@@ -180,6 +255,7 @@ mod tests {
             generation: 1,
             updated: String::new(),
             nodes: vec![node("c", 1, 5, false)],
+            drain: None,
         })
         .unwrap();
         for key in [

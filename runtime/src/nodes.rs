@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-pub use herald_protocol::nodes::{CONFIGMAP_KEY, Node, NodeList};
+pub use herald_protocol::nodes::{CONFIGMAP_KEY, DrainSettings, Node, NodeList};
 
 /// Why the node list could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -116,23 +116,50 @@ pub enum Source {
     Memory(NodeList),
 }
 
-impl Source {
-    /// The source named by logic's and job's flags: a file wins over a
-    /// ConfigMap (clap refuses both), neither means no node list.
-    #[cfg(feature = "kube")]
-    pub fn from_flags(
-        file: Option<PathBuf>,
-        configmap: Option<String>,
-        namespace: String,
-        poll: Duration,
-    ) -> Option<Source> {
-        match (file, configmap) {
+/// The node-list flags of every role that reads the list (logic, job,
+/// comet), flattened into each role's arguments: one definition, so the
+/// roles cannot drift apart in names, variables or defaults.
+#[cfg(feature = "kube")]
+#[derive(Clone, Debug, clap::Args)]
+pub struct SourceArgs {
+    /// Node list JSON file (docs/protocol.md §15.4 format); none = no nodes.
+    #[arg(long, env = "HERALD_NODE_LIST", conflicts_with = "node_list_configmap")]
+    pub node_list: Option<PathBuf>,
+    /// Watch the node list in this ConfigMap (key `nodes.json`) instead of a file.
+    #[arg(long, env = crate::contract::NODE_LIST_CONFIGMAP)]
+    pub node_list_configmap: Option<String>,
+    /// Namespace of `--node-list-configmap` (in a pod: its own namespace).
+    #[arg(long, env = crate::contract::POD_NAMESPACE, default_value = "default")]
+    pub node_list_namespace: String,
+    /// How often the node list file's mtime is checked, in milliseconds.
+    #[arg(long, env = "HERALD_NODE_LIST_POLL_MS", default_value_t = 2000)]
+    pub node_list_poll_ms: u64,
+}
+
+#[cfg(feature = "kube")]
+impl SourceArgs {
+    /// The source these flags name: a file wins over a ConfigMap (clap
+    /// refuses both), neither means no node list.
+    pub fn source(self) -> Option<Source> {
+        let SourceArgs {
+            node_list,
+            node_list_configmap,
+            node_list_namespace,
+            node_list_poll_ms,
+        } = self;
+        let poll = Duration::from_millis(node_list_poll_ms);
+        match (node_list, node_list_configmap) {
             (Some(path), _) => Some(Source::File { path, poll }),
-            (None, Some(name)) => Some(Source::ConfigMap { namespace, name }),
+            (None, Some(name)) => Some(Source::ConfigMap {
+                namespace: node_list_namespace,
+                name,
+            }),
             (None, None) => None,
         }
     }
+}
 
+impl Source {
     /// Whether the source is a file polled every zero seconds (a config error).
     pub fn polls_zero(&self) -> bool {
         matches!(self, Source::File { poll, .. } if poll.is_zero())
@@ -301,6 +328,7 @@ mod tests {
                 name: "c".to_owned(),
                 ..Node::default()
             }],
+            drain: None,
         }
     }
 

@@ -229,8 +229,9 @@ pub(super) fn comet_deployment(
         format!("--http-addr=$(POD_IP):{}", ports.admin),
         "--server-id=$(POD_NAME)".to_owned(),
         format!("--logic-addr={logic_host}:{}", spec.logic.ports.grpc),
-        format!("--drain-deadline-ms={}", drain.deadline_seconds * 1000),
-        format!("--drain-close-rate={}", drain.close_rate),
+        // Drain deadline and pace come from the node list, read live: a
+        // change to them rolls no comet and moves no client.
+        format!("--node-list-configmap={}", names.nodes()),
     ];
     deployment(
         names,
@@ -252,9 +253,24 @@ pub(super) fn comet_deployment(
             pod: &spec.comet.pod,
             spread: Some(default_comet_spread(names)),
         },
-        json!({"terminationGracePeriodSeconds": drain.deadline_seconds + TERMINATION_MARGIN_SECS}),
+        json!({"terminationGracePeriodSeconds": grace_period(drain.deadline_seconds),
+               "serviceAccountName": names.service_account()}),
     )
 }
+
+/// The comet pods' grace period: the drain deadline plus a margin, rounded
+/// up to whole [`GRACE_STEP_SECS`], so that a deadline change within the
+/// step changes no pod template (the comets read the deadline live from the
+/// node list); only a deadline that outgrows the grace rolls them. A comet
+/// exits on its own once drained or at its deadline, so a longer grace
+/// never delays it; it only bounds a comet that hangs.
+fn grace_period(deadline_seconds: i64) -> i64 {
+    let needed = deadline_seconds.max(0) + TERMINATION_MARGIN_SECS;
+    (needed + GRACE_STEP_SECS - 1) / GRACE_STEP_SECS * GRACE_STEP_SECS
+}
+
+/// See [`grace_period`].
+const GRACE_STEP_SECS: i64 = 300;
 
 pub(super) fn logic_deployment(
     names: &Names,

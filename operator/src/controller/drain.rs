@@ -92,7 +92,8 @@ pub(super) async fn start_drain(
         nodes,
         tcp_port: spec.comet.ports.tcp,
         ws_port: spec.comet.ports.ws,
-        wss_port: spec.comet.ports.wss,
+        // No TLS listener on operator-run comets (see the node list).
+        wss_port: 0,
         reconnect_within_ms: 2000,
     };
     let addr = polled

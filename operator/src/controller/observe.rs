@@ -78,7 +78,18 @@ pub(super) async fn write_node_list(
     polled: &[Polled],
 ) -> Result<NodeList> {
     let nodes = polled.iter().filter_map(|p| node(spec, p)).collect();
-    let node_list = load::next(fetched.node_list.as_ref(), nodes, &now_rfc3339());
+    // The comets' shutdown drain, read live by every comet: changing it
+    // rolls no pod.
+    let drain = load::DrainSettings {
+        deadline_ms: u64::try_from(spec.comet.drain.deadline_seconds).unwrap_or(0) * 1000,
+        close_rate: u32::try_from(spec.comet.drain.close_rate).unwrap_or(0),
+    };
+    let node_list = load::next(
+        fetched.node_list.as_ref(),
+        nodes,
+        Some(drain),
+        &now_rfc3339(),
+    );
     if fetched.node_list.as_ref() != Some(&node_list) {
         let body = serde_json::to_string(&node_list)?;
         apply(
@@ -98,7 +109,9 @@ pub(super) async fn write_node_list(
 fn node(spec: &PushClusterSpec, p: &Polled) -> Option<Node> {
     let load = p.load.as_ref()?;
     let ip = p.ip.clone()?;
-    let draining = load.draining || p.drain_started.is_some();
+    // A pod being deleted is about to drain on SIGTERM: no place for new
+    // clients from this poll on.
+    let draining = load.draining || p.drain_started.is_some() || p.terminating;
     if !p.ready && !draining {
         return None;
     }
@@ -112,7 +125,9 @@ fn node(spec: &PushClusterSpec, p: &Polled) -> Option<Node> {
         addrs: vec![ip],
         tcp_port: spec.comet.ports.tcp,
         ws_port: spec.comet.ports.ws,
-        wss_port: spec.comet.ports.wss,
+        // Comets the operator runs have no TLS listener (yet): advertising
+        // the port would send clients to nothing.
+        wss_port: 0,
         weight: load::weight(
             load.connections,
             spec.comet.autoscaling.target_connections_per_replica,
