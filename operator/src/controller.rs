@@ -81,6 +81,13 @@ pub struct Context {
     /// The uid of each child last applied (`namespace/Kind/name`), to tell a
     /// recreated child in the log. In memory: a new leader knows none yet.
     children: Mutex<HashMap<String, String>>,
+    /// The comet count last acted on per PushCluster (`namespace/name`), so a
+    /// pass that gets the PushCluster one write behind (its own `/scale` or
+    /// status not yet in the watch cache) neither undoes nor re-announces it.
+    scaled: Mutex<HashMap<String, autoscale::Handled>>,
+    /// The `Degraded` reason and message last reported per PushCluster, for
+    /// the same reason.
+    degraded: Mutex<HashMap<String, Option<(String, String)>>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -111,7 +118,27 @@ impl Context {
             call_timeout: Duration::from_secs(2),
             windows: Mutex::new(HashMap::new()),
             children: Mutex::new(HashMap::new()),
+            scaled: Mutex::new(HashMap::new()),
+            degraded: Mutex::new(HashMap::new()),
         }
+    }
+}
+
+impl Context {
+    /// Drops what is remembered per PushCluster in `namespace` (all with
+    /// `None`).
+    fn forget(&self, namespace: Option<&str>) {
+        let prefix = namespace.map(|ns| format!("{ns}/"));
+        let keep = |key: &String| prefix.as_ref().is_some_and(|p| !key.starts_with(p));
+        fn retain<V>(map: &Mutex<HashMap<String, V>>, keep: impl Fn(&String) -> bool) {
+            map.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|key, _| keep(key));
+        }
+        retain(&self.windows, keep);
+        retain(&self.children, keep);
+        retain(&self.scaled, keep);
+        retain(&self.degraded, keep);
     }
 }
 
@@ -122,6 +149,9 @@ pub async fn run(
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    // What an earlier term of leadership remembered may be outdated by
+    // another leader's passes since.
+    ctx.forget(namespace.as_deref());
     let client = ctx.client.clone();
     fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
     where

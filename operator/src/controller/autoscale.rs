@@ -75,12 +75,12 @@ fn replicas_owners(cluster: &PushCluster) -> Vec<String> {
         .collect()
 }
 
-/// Who changed `comet.replicas` from the count the operator last acted on,
-/// if that was not the operator: `None` when it still holds that count, or
-/// when the operator wrote the new one (a pass that wrote `/scale` but not
-/// its status).
-fn manual_change(cluster: &PushCluster, previous: &PushClusterStatus) -> Option<String> {
-    let last = previous.scaled_replicas?;
+/// Who changed `comet.replicas` from `last`, the count the operator last
+/// acted on, if that was not the operator: `None` when it still holds that
+/// count, or when the operator wrote the new one (a pass that wrote `/scale`
+/// but not its status).
+fn manual_change(cluster: &PushCluster, last: Option<i32>) -> Option<String> {
+    let last = last?;
     if last == cluster.spec.comet.replicas {
         return None;
     }
@@ -96,6 +96,54 @@ fn manual_change(cluster: &PushCluster, previous: &PushClusterStatus) -> Option<
     )
 }
 
+/// The comet count this leader last acted on for a PushCluster, and the
+/// newest generation of it seen then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Handled {
+    generation: i64,
+    replicas: i32,
+}
+
+/// The count asked for on this pass and the count last acted on. The
+/// PushCluster a pass gets can be one write behind this leader (its own
+/// `/scale` or status write not yet in the watch cache): a generation it
+/// already handled asks for nothing new, and the count it acted on stands.
+/// Without memory (a new leader) the status says what was acted on.
+fn requested_and_last(
+    ctx: &Context,
+    key: &str,
+    cluster: &PushCluster,
+    previous: &PushClusterStatus,
+) -> (i32, Option<i32>, bool) {
+    let handled = ctx
+        .scaled
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(key)
+        .copied();
+    let generation = cluster.metadata.generation.unwrap_or(0);
+    match handled {
+        Some(h) if generation <= h.generation => (h.replicas, Some(h.replicas), true),
+        Some(h) => (cluster.spec.comet.replicas, Some(h.replicas), false),
+        None => (cluster.spec.comet.replicas, previous.scaled_replicas, false),
+    }
+}
+
+fn remember(ctx: &Context, key: String, cluster: &PushCluster, replicas: i32) {
+    let generation = cluster.metadata.generation.unwrap_or(0);
+    let mut scaled = ctx.scaled.lock().unwrap_or_else(|e| e.into_inner());
+    let newest = scaled
+        .get(&key)
+        .map_or(generation, |h| h.generation.max(generation));
+    scaled.insert(
+        key,
+        Handled {
+            generation: newest,
+            replicas,
+        },
+    );
+}
+
 /// Decides this pass's comet count, writes the autoscaler's decision
 /// through `/scale` (as an HPA would), and publishes and logs each change.
 pub(super) async fn autoscale(
@@ -105,10 +153,11 @@ pub(super) async fn autoscale(
     previous: &PushClusterStatus,
     polled: &[Polled],
 ) -> Result<Scaled> {
-    let requested = cluster.spec.comet.replicas;
+    let key = format!("{}/{}", names.namespace, names.cluster);
+    let (requested, last, stale) = requested_and_last(ctx, &key, cluster, previous);
     let auto = &cluster.spec.comet.autoscaling;
     if !auto.enabled {
-        if let Some(last) = previous.scaled_replicas.filter(|last| *last != requested) {
+        if let Some(last) = last.filter(|last| *last != requested && !stale) {
             info!(cluster = %cluster.name_any(), from = last, to = requested, "comet.replicas changed");
             publish(
                 ctx,
@@ -119,6 +168,7 @@ pub(super) async fn autoscale(
             )
             .await;
         }
+        remember(ctx, key, cluster, requested);
         return Ok(Scaled {
             replicas: requested,
             autoscaling: false,
@@ -133,12 +183,12 @@ pub(super) async fn autoscale(
         .conditions
         .iter()
         .any(|c| c.type_ == OVERRIDE_CONDITION);
-    let manual = if was_on {
-        manual_change(cluster, previous)
+    let manual = if was_on && !stale {
+        manual_change(cluster, last)
     } else {
         None
     };
-    let base = match (&manual, previous.scaled_replicas) {
+    let base = match (&manual, last) {
         (Some(_), Some(last)) => last,
         _ => requested,
     };
@@ -196,6 +246,7 @@ pub(super) async fn autoscale(
         )
         .await;
     }
+    remember(ctx, key, cluster, next);
     let by_load = next != base;
     if by_load {
         info!(cluster = %cluster.name_any(), from = base, to = next, connections = total, "autoscaled comets");
@@ -247,29 +298,18 @@ mod tests {
         .unwrap()
     }
 
-    fn last(replicas: i32) -> PushClusterStatus {
-        PushClusterStatus {
-            scaled_replicas: Some(replicas),
-            ..PushClusterStatus::default()
-        }
-    }
-
     #[test]
     fn a_count_someone_else_set_is_a_manual_change() {
         let scaled = cluster(4, &[("kubectl", true), (MANAGER, false)]);
-        assert_eq!(manual_change(&scaled, &last(2)).as_deref(), Some("kubectl"));
-        assert_eq!(manual_change(&scaled, &last(4)), None, "unchanged");
-        assert_eq!(
-            manual_change(&scaled, &PushClusterStatus::default()),
-            None,
-            "nothing acted on yet"
-        );
+        assert_eq!(manual_change(&scaled, Some(2)).as_deref(), Some("kubectl"));
+        assert_eq!(manual_change(&scaled, Some(4)), None, "unchanged");
+        assert_eq!(manual_change(&scaled, None), None, "nothing acted on yet");
     }
 
     #[test]
     fn a_count_the_operator_wrote_is_not() {
         // Its /scale write landed but its status did not.
         let scaled = cluster(4, &[("kubectl", false), (MANAGER, true)]);
-        assert_eq!(manual_change(&scaled, &last(2)), None);
+        assert_eq!(manual_change(&scaled, Some(2)), None);
     }
 }

@@ -77,12 +77,29 @@ pub(super) async fn report_degraded(
     previous: &PushClusterStatus,
     now: Option<&validate::Invalid>,
 ) {
-    let was = previous
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Degraded" && c.status == "True");
+    // What this leader last reported; without memory, what the status says.
+    let key = format!(
+        "{}/{}",
+        cluster.namespace().unwrap_or_default(),
+        cluster.name_any()
+    );
+    let remembered = ctx
+        .degraded
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            key,
+            now.map(|now| (now.reason.to_owned(), now.message.clone())),
+        );
+    let was = remembered.unwrap_or_else(|| {
+        previous
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded" && c.status == "True")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    });
     match (was, now) {
-        (Some(was), Some(now)) if was.reason == now.reason && was.message == now.message => {}
+        (Some((reason, message)), Some(now)) if reason == now.reason && message == now.message => {}
         (_, Some(now)) => {
             info!(cluster = %cluster.name_any(), reason = now.reason, message = %now.message, "degraded");
             publish(
@@ -94,14 +111,14 @@ pub(super) async fn report_degraded(
             )
             .await;
         }
-        (Some(was), None) => {
-            info!(cluster = %cluster.name_any(), was = %was.reason, "recovered");
+        (Some((reason, message)), None) => {
+            info!(cluster = %cluster.name_any(), was = %reason, "recovered");
             publish(
                 ctx,
                 cluster,
                 EventType::Normal,
                 "Recovered",
-                format!("recovered from {}: {}", was.reason, was.message),
+                format!("recovered from {reason}: {message}"),
             )
             .await;
         }

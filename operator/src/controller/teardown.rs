@@ -161,6 +161,14 @@ pub(super) async fn teardown(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&key);
+    ctx.scaled
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key);
+    ctx.degraded
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key);
     ctx.metrics.forget_cluster(&names.namespace, &names.cluster);
     // Child keys are `namespace/Kind/name`, every name `<cluster>-...`.
     let (prefix, owned) = (
