@@ -226,10 +226,14 @@ impl herald_runtime::admin::Health for Shared {
     /// comet that cannot authenticate yet, or is draining, is not ready, so
     /// load balancers do not send it clients.
     async fn ready(&self) -> Result<(), String> {
+        use herald_runtime::contract::unready;
         if self.draining.load(Ordering::SeqCst) {
-            Err("draining".to_owned())
+            Err(unready::body(unready::DRAINING, "no new clients"))
         } else if !self.logic.reachable() {
-            Err("logic not reached yet".to_owned())
+            Err(unready::body(
+                unready::LOGIC_UNREACHABLE,
+                format!("logic {} not reached yet", self.config.logic_addr),
+            ))
         } else {
             Ok(())
         }

@@ -91,7 +91,7 @@ async fn readyz_waits_for_the_kafka_assignment() -> Result {
     let (status, body) = http_get(job.http, "/readyz").await?;
     assert_eq!(
         (status, body.as_str()),
-        (503, "kafka consumer not assigned yet")
+        (503, "KafkaNotAssigned: kafka consumer not assigned yet")
     );
     job.stop().await?;
 

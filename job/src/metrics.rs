@@ -353,7 +353,10 @@ impl herald_runtime::admin::Health for Health {
         if self.ready.load(Ordering::SeqCst) {
             Ok(())
         } else {
-            Err("kafka consumer not assigned yet".to_owned())
+            Err(herald_runtime::contract::unready::body(
+                herald_runtime::contract::unready::KAFKA_NOT_ASSIGNED,
+                "kafka consumer not assigned yet",
+            ))
         }
     }
 }

@@ -4,6 +4,7 @@
 //! Labels are fixed, low-cardinality strings (route template, status,
 //! method, outcome); never keys, mids or rooms.
 
+use herald_runtime::contract::unready;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -150,8 +151,39 @@ impl herald_runtime::admin::Health for Service {
     }
 
     /// Ready when the session store and the push queue both answer: a logic
-    /// that would refuse every push with 503 should not get traffic.
+    /// that would refuse every push with 503 should not get traffic. The
+    /// answer names the cause for the operator (`contract::unready`).
     async fn ready(&self) -> Result<(), String> {
-        Service::ready(self).await.map_err(|err| err.to_string())
+        Service::ready(self).await.map_err(|err| {
+            let mut detail = err.to_string();
+            let mut source = std::error::Error::source(&err);
+            while let Some(cause) = source {
+                detail.push_str(": ");
+                detail.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            unready::body(unready_reason(&err), detail)
+        })
+    }
+}
+
+/// Which dependency a readiness failure is about.
+fn unready_reason(err: &crate::service::Error) -> &'static str {
+    use crate::service::Error;
+    use crate::{queue, store};
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+    match err {
+        Error::Store(store::Error::Redis(e))
+            if e.kind() == redis::ErrorKind::AuthenticationFailed
+                || e.code().is_some_and(|c| c == "NOAUTH" || c == "WRONGPASS") =>
+        {
+            unready::REDIS_AUTH_FAILED
+        }
+        Error::Store(_) => unready::REDIS_UNREACHABLE,
+        Error::Queue(queue::Error::Produce(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
+        ))) => unready::KAFKA_TOPIC_MISSING,
+        Error::Queue(_) | Error::Token(_) | Error::BadRequest(_) => unready::KAFKA_UNREACHABLE,
     }
 }

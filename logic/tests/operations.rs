@@ -120,10 +120,15 @@ struct OwnRedis {
 
 impl OwnRedis {
     async fn start(port: u16) -> OwnRedis {
+        OwnRedis::start_with(port, &[]).await
+    }
+
+    async fn start_with(port: u16, extra: &[&str]) -> OwnRedis {
         // The test bed installs redis-server (e2e/services/redis.sh).
         let child = tokio::process::Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -142,6 +147,30 @@ impl OwnRedis {
     async fn stop(mut self) {
         self.child.kill().await.expect("kill own redis");
     }
+}
+
+/// `/readyz` names the dependency that fails (`contract::unready`): the
+/// operator reads it from unready pods into the PushCluster's conditions.
+#[tokio::test]
+async fn readiness_names_the_failing_dependency() {
+    // Redis wants a password logic does not send.
+    let port = closed_port().await;
+    let redis = OwnRedis::start_with(port, &["--requirepass", "s3cret"]).await;
+    let mut cfg = config(&unique("unused"));
+    cfg.redis.url = format!("redis://127.0.0.1:{port}/");
+    let logic = Logic::start(cfg).await;
+    let (status, body) = get_text(logic.http, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.starts_with("RedisAuthFailed: "), "{body}");
+    logic.stop().await;
+    redis.stop().await;
+    // Redis answers; the topic does not exist (the test bed's Kafka does
+    // not create topics on first use).
+    let logic = Logic::start(config(&unique("never-created"))).await;
+    let (status, body) = get_text(logic.http, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.starts_with("KafkaTopicMissing: "), "{body}");
+    logic.stop().await;
 }
 
 #[tokio::test]
@@ -180,7 +209,9 @@ async fn redis_stopped_fails_fast_and_recovers_without_a_restart() {
         "failing took {:?}",
         started.elapsed()
     );
-    assert_eq!(get_text(logic.http, "/readyz").await.0, 503);
+    let (status, body) = get_text(logic.http, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.starts_with("RedisUnreachable: "), "{body}");
 
     // Same port, empty store: logic reconnects on its own.
     let redis = OwnRedis::start(port).await;

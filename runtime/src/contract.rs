@@ -41,3 +41,54 @@ pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
 pub const POD_NAME: &str = "POD_NAME";
 /// The pod's IP (downward API): where a role binds.
 pub const POD_IP: &str = "POD_IP";
+
+/// Why a role is not ready: its `/readyz` answers 503 with
+/// `"<Reason>: <detail>"`, the reason one of these. The operator reads it
+/// from pods that are not Ready and reports it in the PushCluster's
+/// conditions, so a platform team sees the cause without reading pod logs.
+pub mod unready {
+    /// Logic cannot reach Redis (refused, timed out, server error).
+    pub const REDIS_UNREACHABLE: &str = "RedisUnreachable";
+    /// Redis refused logic's password (or wants one logic does not send).
+    pub const REDIS_AUTH_FAILED: &str = "RedisAuthFailed";
+    /// Logic cannot reach the Kafka brokers.
+    pub const KAFKA_UNREACHABLE: &str = "KafkaUnreachable";
+    /// The brokers answer but the push topic does not exist.
+    pub const KAFKA_TOPIC_MISSING: &str = "KafkaTopicMissing";
+    /// Job's consumer has no partitions assigned (yet).
+    pub const KAFKA_NOT_ASSIGNED: &str = "KafkaNotAssigned";
+    /// Comet has not reached logic's gRPC server.
+    pub const LOGIC_UNREACHABLE: &str = "LogicUnreachable";
+    /// Comet is draining: no new clients.
+    pub const DRAINING: &str = "Draining";
+
+    /// `"<reason>: <detail>"`, the `/readyz` body.
+    pub fn body(reason: &str, detail: impl std::fmt::Display) -> String {
+        format!("{reason}: {detail}")
+    }
+
+    /// The reason and detail of a `/readyz` body; `None` for a body that
+    /// does not start with a CamelCase reason (another server, an older role).
+    pub fn parse(body: &str) -> Option<(&str, &str)> {
+        let (reason, detail) = body.split_once(": ")?;
+        let camel = reason.starts_with(|c: char| c.is_ascii_uppercase())
+            && reason.chars().all(|c| c.is_ascii_alphanumeric());
+        camel.then(|| (reason, detail.trim()))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_body_round_trips_and_plain_text_has_no_reason() {
+            let body = body(KAFKA_TOPIC_MISSING, "topic goim-push: unknown");
+            assert_eq!(
+                parse(&body),
+                Some((KAFKA_TOPIC_MISSING, "topic goim-push: unknown"))
+            );
+            assert_eq!(parse("not ready: later"), None);
+            assert_eq!(parse("ready"), None);
+        }
+    }
+}
