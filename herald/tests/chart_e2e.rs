@@ -9,7 +9,9 @@
 //! the comet and logic Services) → JWT clients connect to the comets logic
 //! names → `kubectl scale` to one comet → the drained comet's JWT clients
 //! get op 18, reconnect to the other comet, and a push sent during the drain
-//! reaches every client → `helm uninstall`.
+//! reaches every client → `kubectl delete pushcluster`: the operator drains
+//! the last comet, closing every client, before the cluster goes →
+//! `helm uninstall`.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -31,7 +33,7 @@ use serde_json::{Value, json};
 mod common;
 
 use common::goim::{GoimClient, PUSH_OP, follow, warm_up};
-use common::k8s::{create_namespace, delete_namespace, start_kubelet};
+use common::k8s::{create_namespace, start_kubelet};
 use common::operator::{
     comet_replicas, has_condition, kubectl, ready_pods, secret_value, wait_cluster,
 };
@@ -111,7 +113,7 @@ async fn helm_install_to_helm_test_to_a_drain_with_jwt_clients() -> anyhow::Resu
     proxy.stop().await;
     kubelet.stop().await;
     for ns in [&ops, &chat] {
-        delete_namespace(&client, ns).await?;
+        common::operator::delete_namespace(&client, ns).await?;
     }
     result?;
     uninstalled?;
@@ -394,6 +396,43 @@ async fn scenario(bed: &Bed) -> anyhow::Result<()> {
         "drain with JWT clients: {moved} of 4 moved by op 18 ({moved} reconnects), \
          the push during the drain reached {}/12",
         outcomes.len()
+    );
+
+    // 6. Deleting the PushCluster: the operator pod (under the chart's
+    // RBAC) drains the last comet while logic still runs, closing every
+    // client, then releases its finalizer.
+    let started = std::time::Instant::now();
+    kubectl(&[
+        "delete",
+        "pushcluster",
+        CLUSTER,
+        "--namespace",
+        chat,
+        "--wait=false",
+    ])
+    .await?;
+    let mut closed = 0;
+    for mut outcome in outcomes {
+        let client = &mut outcome.client.client;
+        client.set_timeout(Some(Duration::from_secs(WAIT)));
+        loop {
+            match client.next_event().await {
+                Ok(_) => {}
+                Err(herald_client::Error::Timeout(_)) => {
+                    anyhow::bail!("client {} still connected", outcome.mid)
+                }
+                Err(_) => break,
+            }
+        }
+        closed += 1;
+    }
+    eventually(WAIT, "the PushCluster gone", || async {
+        Ok(clusters.get_opt(CLUSTER).await?.is_none().then_some(()))
+    })
+    .await?;
+    println!(
+        "teardown: {closed}/12 clients closed by the drain and the PushCluster gone in {:?}",
+        started.elapsed()
     );
     Ok(())
 }

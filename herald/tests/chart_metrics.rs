@@ -518,9 +518,8 @@ async fn dashboard_queries_read_metrics_the_processes_expose() -> anyhow::Result
     for mut p in procs {
         let _ = p.stop(Duration::from_secs(10)).await;
     }
-    let _ = namespaces
-        .delete(&namespace, &DeleteParams::default())
-        .await;
+    // Finalizers released first: the operator that would is stopped.
+    let _ = common::operator::delete_namespace(&client, &namespace).await;
     result
 }
 

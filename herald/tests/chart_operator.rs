@@ -19,29 +19,22 @@ use herald_operator::crd::PushCluster;
 use herald_testkit::http;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
-use kube::api::{Api, DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
+mod common;
+
 /// The operator pod's /24 (other harness tests use 127.0.20-31.x).
 const POD_NET: u8 = 32;
-
-async fn namespace(client: &Client, prefix: &str) -> anyhow::Result<String> {
-    let name = unique_name(prefix);
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await?;
-    Ok(name)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<()> {
     testbed_var("KUBECONFIG");
     let client = Client::try_default().await?;
-    let ops = namespace(&client, "herald-ops").await?;
-    let chat = namespace(&client, "chat").await?;
+    let ops = common::k8s::create_namespace(&client, "herald-ops", "chart").await?;
+    let chat = common::k8s::create_namespace(&client, "chat", "chart").await?;
 
     let node = unique_name("loopback-chart");
     let run_dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -227,9 +220,9 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
     }
     .await;
     let exits = kubelet.stop().await;
-    let namespaces = Api::<Namespace>::all(client.clone());
+    // The PushCluster's finalizer is released first: its operator is gone.
     for ns in [&ops, &chat] {
-        let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+        let _ = common::operator::delete_namespace(&client, ns).await;
     }
     if result.is_err() {
         for entry in walk(&run_dir) {

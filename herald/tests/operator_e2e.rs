@@ -33,7 +33,7 @@ use serde_json::json;
 mod common;
 
 use common::goim::{GoimClient, PUSH_OP, follow, json_token, warm_up};
-use common::k8s::{delete_namespace, start_kubelet};
+use common::k8s::start_kubelet;
 use common::operator::{
     Operator, comet_replicas, comet_spec, container_args, has_condition, kubectl_get, owned_by,
     ready_pods, secret_value, setup, wait_cluster, wait_node_flags,
@@ -98,7 +98,7 @@ impl Bed {
         }
         proxy.stop().await;
         kubelet.stop().await;
-        delete_namespace(&client, &namespace).await
+        common::operator::delete_namespace(&client, &namespace).await
     }
 }
 

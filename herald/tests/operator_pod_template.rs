@@ -19,7 +19,6 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::k8s::delete_namespace;
 use common::operator::{Operator, cluster_json, create_cluster, setup};
 
 /// Every pod-template control set, on each component, and compliant with
@@ -164,7 +163,7 @@ async fn pod_template_settings_and_defaults_reach_deployments_services_and_pods(
     refuses_env_the_operator_sets(&client, &ns).await?;
 
     operator.stop().await?;
-    delete_namespace(&client, &ns).await
+    common::operator::delete_namespace(&client, &ns).await
 }
 
 /// Labels the namespace to enforce the restricted Pod Security Standard,
