@@ -153,7 +153,7 @@ async fn comet(args: herald_comet::Args) -> anyhow::Result<()> {
 
 async fn logic(args: herald_logic::Args) -> anyhow::Result<()> {
     let config = args.into_config()?;
-    let listeners = herald_logic::Listeners::bind(config.http_addr, config.grpc_addr).await?;
+    let listeners = herald_logic::Listeners::bind(&config).await?;
     herald_logic::run(config, listeners, signal()).await?;
     Ok(())
 }

@@ -36,6 +36,18 @@ pub(crate) struct Args {
     /// Logic's gRPC listener (`goim.logic.Logic`, called by comet).
     #[arg(long, env = "HERALD_LOGIC_GRPC_ADDR", default_value = "0.0.0.0:3119")]
     logic_grpc_addr: SocketAddr,
+    /// Logic's client-facing listener (node list and room counts, no API
+    /// key, CORS), e.g. `0.0.0.0:3112`; `none`: not served.
+    #[arg(long, env = "HERALD_LOGIC_CLIENT_ADDR", default_value = "none")]
+    client_addr: herald_logic::OptionalAddr,
+    /// Who may call the client listener: `none` or `token` (a client token).
+    #[arg(
+        long,
+        env = "HERALD_LOGIC_CLIENT_AUTH",
+        value_enum,
+        default_value = "none"
+    )]
+    client_auth: herald_logic::ClientAuth,
     /// This comet's server id.
     #[arg(long, env = "HERALD_COMET_SERVER_ID", default_value = "standalone")]
     server_id: String,
@@ -71,6 +83,8 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
         grpc_addr,
         http_addr,
         logic_grpc_addr,
+        client_addr,
+        client_auth,
         server_id,
         public_host,
         redis,
@@ -94,6 +108,10 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
     let logic_listeners = herald_logic::Listeners {
         http: bind(http_addr).await?,
         grpc: bind(logic_grpc_addr).await?,
+        client: match client_addr.0 {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        },
     };
     // The roles reach each other over loopback even when bound to 0.0.0.0.
     let local = |listener: &TcpListener| -> anyhow::Result<SocketAddr> {
@@ -131,6 +149,7 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
     );
     logic_config.node_list = Some(Source::Memory(nodes));
     logic_config.http.api_key = api_key.filter(|k| !k.is_empty());
+    logic_config.client_auth = client_auth;
     let store: Arc<dyn SessionStore> = match &redis {
         Some(_) => Arc::new(herald_logic::store::redis::RedisStore::new(
             logic_config.redis.clone(),
@@ -163,7 +182,7 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
     let comet_config = herald_comet::Config::new(server_id, logic_grpc.to_string());
 
     info!(
-        tcp = %tcp_addr, ws = %ws_addr, http = %http_addr,
+        tcp = %tcp_addr, ws = %ws_addr, http = %http_addr, client = ?client_addr.0,
         routes = if redis.is_some() { "redis" } else { "memory" },
         queue = if kafka.is_some() { "kafka" } else { "memory" },
         "standalone starting"

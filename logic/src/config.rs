@@ -9,7 +9,23 @@ use std::time::Duration;
 use herald_runtime::contract;
 use herald_runtime::nodes;
 
+use crate::http::client::ClientAuth;
 use crate::{Error, Result, TokenMode, http, queue, service, store, token};
+
+/// `--client-addr`: an address, or `none` (or empty) for no client listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for OptionalAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "" | "none" => Ok(Self(None)),
+            addr => addr.parse().map(|a| Self(Some(a))),
+        }
+    }
+}
 
 /// `herald logic` command-line arguments, each with an environment fallback.
 #[derive(Debug, Clone, clap::Args)]
@@ -20,6 +36,22 @@ pub struct Args {
     /// gRPC (`goim.logic.Logic`) listen address.
     #[arg(long, env = "HERALD_LOGIC_GRPC_ADDR", default_value = "0.0.0.0:3119")]
     pub grpc_addr: SocketAddr,
+    /// Client-facing HTTP listen address (e.g. `0.0.0.0:3112`, the port the
+    /// operator uses): only `GET /goim/nodes/weighted` and
+    /// `GET /goim/online/room`, with CORS and never the API key. `none`: no
+    /// client listener (a fixed default port would collide wherever several
+    /// logic processes share a host).
+    #[arg(long, env = "HERALD_LOGIC_CLIENT_ADDR", default_value = "none")]
+    pub client_addr: OptionalAddr,
+    /// Who may call the client listener: `none` (anyone) or `token` (a
+    /// client token as `Authorization: Bearer`, checked like a connect token).
+    #[arg(
+        long,
+        env = "HERALD_LOGIC_CLIENT_AUTH",
+        value_enum,
+        default_value = "none"
+    )]
+    pub client_auth: ClientAuth,
     /// Redis URL for routes and room counts.
     #[arg(
         long,
@@ -135,6 +167,10 @@ pub struct Config {
     pub http_addr: SocketAddr,
     /// gRPC listen address (used by [`Listeners::bind`]).
     pub grpc_addr: SocketAddr,
+    /// Client listener address (used by [`Listeners::bind`]); `None` = off.
+    pub client_addr: Option<SocketAddr>,
+    /// Authentication on the client listener.
+    pub client_auth: ClientAuth,
     /// Redis settings.
     pub redis: store::redis::RedisConfig,
     /// Kafka settings.
@@ -179,6 +215,8 @@ impl Args {
         let Args {
             http_addr,
             grpc_addr,
+            client_addr,
+            client_auth,
             redis_url,
             redis_timeout_ms,
             kafka_brokers,
@@ -211,6 +249,8 @@ impl Args {
         Config {
             http_addr,
             grpc_addr,
+            client_addr: client_addr.0,
+            client_auth,
             redis: store::redis::RedisConfig {
                 url: redis_url,
                 ttl: Duration::from_secs(routing_ttl_secs),
@@ -308,6 +348,14 @@ impl Config {
         if self.kafka.busy_in_flight == 0 {
             return bad("--kafka-busy-in-flight must be at least 1");
         }
+        // The client listener must never be the privileged API's socket.
+        let shared = |other: SocketAddr| {
+            self.client_addr
+                .is_some_and(|c| c.port() != 0 && c.port() == other.port() && c.ip() == other.ip())
+        };
+        if shared(self.http_addr) || shared(self.grpc_addr) {
+            return bad("--client-addr must differ from --http-addr and --grpc-addr");
+        }
         Ok(())
     }
 }
@@ -340,6 +388,26 @@ mod tests {
         assert_eq!(c.kafka.busy_linger, Duration::from_millis(1));
         assert_eq!(c.kafka.busy_in_flight, 8);
         assert!(c.http.api_key.is_none() && !c.http.compat_status_200);
+        assert_eq!(c.client_addr, None);
+        assert_eq!(c.client_auth, ClientAuth::None);
+    }
+
+    #[test]
+    fn client_listener_flags() {
+        let c = parse(&["--client-addr", "127.0.0.1:4112", "--client-auth", "token"]).unwrap();
+        assert_eq!(
+            c.client_addr,
+            Some(SocketAddr::from(([127, 0, 0, 1], 4112)))
+        );
+        assert_eq!(c.client_auth, ClientAuth::Token);
+        let c = parse(&["--client-addr", "0.0.0.0:3112"]).unwrap();
+        assert_eq!(c.client_addr, Some(SocketAddr::from(([0, 0, 0, 0], 3112))));
+        for off in ["none", ""] {
+            assert_eq!(parse(&["--client-addr", off]).unwrap().client_addr, None);
+        }
+        assert!(herald_runtime::args::parse::<Args>(&["--client-addr", "nowhere"]).is_err());
+        assert!(parse(&["--client-addr", "0.0.0.0:3111"]).is_err());
+        assert!(herald_runtime::args::parse::<Args>(&["--client-auth", "apikey"]).is_err());
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //!
 //! Query lists are repeated keys (`keys=a&keys=b`), parsed from the raw query
 //! string because serde's query deserializer cannot collect repeats.
+//!
+//! [`router`] is the privileged API (pushes, behind `--api-key`);
+//! [`client::router`] serves the client-facing reads of the same handlers on
+//! their own listener, without the key.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +28,8 @@ use serde_json::{Value, json};
 
 use crate::queue::RecordId;
 use crate::service::{self, Service};
+
+pub mod client;
 
 /// How long a client should wait before retrying after a 503.
 const RETRY_AFTER_SECS: &str = "1";
@@ -53,7 +59,7 @@ pub enum Error {
     /// Malformed or missing query parameters.
     #[error("{0}")]
     BadRequest(String),
-    /// Missing or wrong API key.
+    /// Missing or wrong API key (client listener: missing or refused token).
     #[error("unauthorized")]
     Unauthorized,
     /// The body exceeded the configured limit.

@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //! Data-flow order, as in goim's `internal/logic/{http,grpc,dao}`:
-//! - [`http`] (push/online/nodes API) and [`grpc`] (comet's calls) decode
+//! - [`http`] (push/online/nodes API; [`http::client`] the client-facing
+//!   reads on their own listener) and [`grpc`] (comet's calls) decode
 //!   requests and call the one [`service::Service`];
 //! - [`token`] parses the client's op-7 token (goim JSON or JWT);
 //! - [`store`] keeps routes and room counts ([`store::redis`]), [`queue`]
@@ -15,7 +16,6 @@
 //!   balancer pick; [`metrics`] the Prometheus registry and probe routes.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use herald_runtime::{Shutdown, listen, nodes};
@@ -31,7 +31,8 @@ pub mod service;
 pub mod store;
 pub mod token;
 
-pub use config::{Args, Config};
+pub use config::{Args, Config, OptionalAddr};
+pub use http::client::ClientAuth;
 pub use token::TokenMode;
 
 /// Why logic could not start or stopped with an error.
@@ -70,17 +71,24 @@ pub struct Listeners {
     pub http: TcpListener,
     /// gRPC.
     pub grpc: TcpListener,
+    /// Client-facing reads ([`http::client`]); `None` = not served.
+    pub client: Option<TcpListener>,
 }
 
 impl Listeners {
-    /// Binds both addresses.
+    /// Binds the addresses of `config` (`client_addr` only when set).
     ///
     /// # Errors
-    /// Either bind failing.
-    pub async fn bind(http: SocketAddr, grpc: SocketAddr) -> Result<Self> {
+    /// Any bind failing.
+    pub async fn bind(config: &Config) -> Result<Self> {
+        let client = match config.client_addr {
+            Some(addr) => Some(listen::bind(addr).await?),
+            None => None,
+        };
         Ok(Listeners {
-            http: listen::bind(http).await?,
-            grpc: listen::bind(grpc).await?,
+            http: listen::bind(config.http_addr).await?,
+            grpc: listen::bind(config.grpc_addr).await?,
+            client,
         })
     }
 }
@@ -142,6 +150,8 @@ async fn serve(
     let Config {
         http_addr: _,
         grpc_addr: _,
+        client_addr: _,
+        client_auth,
         redis: _,
         kafka: _,
         node_list,
@@ -212,17 +222,36 @@ async fn serve(
 
     let http_addr = listeners.http.local_addr().ok();
     let grpc_addr = listeners.grpc.local_addr().ok();
-    tracing::info!(?http_addr, ?grpc_addr, "logic listening");
+    let client_addr = listeners.client.as_ref().and_then(|l| l.local_addr().ok());
+    tracing::info!(
+        ?http_addr,
+        ?grpc_addr,
+        ?client_addr,
+        ?client_auth,
+        "logic listening"
+    );
 
-    let app = http::router(service.clone(), http_config);
-    // Without TCP_NODELAY a response split over two writes waits for the
-    // client's delayed ACK; pushes are latency-bound, never bulk.
-    let http_listener = axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {
-        let _ = tcp.set_nodelay(true);
+    let serve_http = |listener: TcpListener, app: axum::Router, span: tracing::Span| {
+        // Without TCP_NODELAY a response split over two writes waits for the
+        // client's delayed ACK; pushes are latency-bound, never bulk.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.wait());
+        async move { server.await.map_err(Error::Http) }.instrument(span)
+    };
+    let client_server = listeners.client.map(|listener| {
+        let app = http::client::router(service.clone(), http_config.clone(), client_auth);
+        serve_http(listener, app, tracing::info_span!("http_client"))
     });
-    let http_server = axum::serve(http_listener, app).with_graceful_shutdown(shutdown.wait());
-    let http_server = async move { http_server.await.map_err(Error::Http) }
-        .instrument(tracing::info_span!("http"));
+    let client_server = async move {
+        match client_server {
+            Some(server) => server.await,
+            None => Ok(()),
+        }
+    };
+    let app = http::router(service.clone(), http_config);
+    let http_server = serve_http(listeners.http, app, tracing::info_span!("http"));
     let grpc_server = tonic::transport::Server::builder()
         .add_service(grpc::LogicGrpc::server(service))
         .serve_with_incoming_shutdown(
@@ -239,7 +268,7 @@ async fn serve(
     let grpc_server = async move { grpc_server.await.map_err(Error::Grpc) }
         .instrument(tracing::info_span!("grpc"));
 
-    let servers = async { tokio::try_join!(http_server, grpc_server).map(|_| ()) };
+    let servers = async { tokio::try_join!(http_server, client_server, grpc_server).map(|_| ()) };
     let deadline = async {
         shutdown.wait().await;
         tokio::time::sleep(drain_timeout).await;

@@ -117,6 +117,16 @@ impl Service {
         &self.nodes
     }
 
+    /// Checks a client's token exactly as [`Service::connect`] would (goim
+    /// JSON or a verified JWT), without routing anything: the client
+    /// listener's `--client-auth token`.
+    ///
+    /// # Errors
+    /// The token is refused.
+    pub fn check_client_token(&self, token: &[u8]) -> Result<(), token::Error> {
+        self.verifier.parse(token).map(drop)
+    }
+
     /// Authenticates a connection and routes it to `server`.
     ///
     /// # Errors

@@ -137,7 +137,11 @@ async fn logic_runs_on_memory_backends() {
         cfg,
         store,
         Arc::new(queue),
-        Listeners { http, grpc },
+        Listeners {
+            http,
+            grpc,
+            client: None,
+        },
         async move {
             let _ = stopped.await;
         },

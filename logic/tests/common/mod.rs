@@ -147,6 +147,8 @@ pub fn config(topic: &str) -> Config {
 pub struct Logic {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// The client-facing listener (always bound in tests).
+    pub client: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<herald_logic::Result<()>>,
 }
@@ -155,14 +157,20 @@ impl Logic {
     pub async fn start(config: Config) -> Logic {
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-        let (http_addr, grpc_addr) = (
+        let client = TcpListener::bind("127.0.0.1:0").await.expect("bind client");
+        let (http_addr, grpc_addr, client_addr) = (
             http.local_addr().expect("addr"),
             grpc.local_addr().expect("addr"),
+            client.local_addr().expect("addr"),
         );
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(herald_logic::run(
             config,
-            Listeners { http, grpc },
+            Listeners {
+                http,
+                grpc,
+                client: Some(client),
+            },
             async move {
                 let _ = rx.await;
             },
@@ -170,6 +178,7 @@ impl Logic {
         Logic {
             http: http_addr,
             grpc: grpc_addr,
+            client: client_addr,
             stop: Some(tx),
             handle,
         }
@@ -218,12 +227,27 @@ async fn send(
     body: &[u8],
     auth: Option<&str>,
 ) -> (u16, http::HeaderMap, Bytes) {
+    let headers: Vec<(&str, String)> = auth
+        .map(|key| ("authorization", format!("Bearer {key}")))
+        .into_iter()
+        .collect();
+    send_with(addr, method, path_and_query, body, &headers).await
+}
+
+/// Sends one HTTP/1.1 request with these extra headers; the raw answer.
+pub async fn send_with(
+    addr: SocketAddr,
+    method: &str,
+    path_and_query: &str,
+    body: &[u8],
+    headers: &[(&str, String)],
+) -> (u16, http::HeaderMap, Bytes) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut req = http::Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path_and_query}"));
-    if let Some(key) = auth {
-        req = req.header("authorization", format!("Bearer {key}"));
+    for (name, value) in headers {
+        req = req.header(*name, value);
     }
     let req = req
         .body(Full::new(Bytes::copy_from_slice(body)))
