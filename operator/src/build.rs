@@ -115,6 +115,10 @@ impl Names {
     pub fn component(&self, component: &str) -> String {
         format!("{}-{component}", self.cluster)
     }
+    /// The Service of logic's client port, `<cluster>-logic-client`.
+    pub fn logic_client(&self) -> String {
+        self.component("logic-client")
+    }
     /// The node-list ConfigMap, `<cluster>-nodes`.
     pub fn nodes(&self) -> String {
         self.component("nodes")
@@ -179,7 +183,7 @@ fn typed<T: DeserializeOwned>(kind: &'static str, value: Value) -> Result<T> {
 pub struct Children {
     /// comet, logic, job.
     pub deployments: Vec<Deployment>,
-    /// comet clients, comet gRPC (headless), logic.
+    /// comet clients, comet gRPC (headless), logic, logic's client port.
     pub services: Vec<Service>,
     /// The settings ConfigMap.
     pub config: ConfigMap,
@@ -345,6 +349,13 @@ fn services(names: &Names, spec: &PushClusterSpec) -> Result<Vec<Service>> {
                                             &spec.logic.service_annotations),
                "spec": {"selector": names.labels("logic"),
                         "ports": [port("http", logic.http), port("grpc", logic.grpc)]}}),
+        // What clients may be given: the node list without the push key.
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": with_annotations(names.metadata(&names.logic_client(), "logic"),
+                                            &spec.logic.client_service_annotations),
+               "spec": {"type": spec.logic.client_service_type.as_str(),
+                        "selector": names.labels("logic"),
+                        "ports": [port("client", logic.client)]}}),
     ]
     .into_iter()
     .map(|value| typed("Service", value))
@@ -508,6 +519,75 @@ mod tests {
         let args = container(&children.deployments[0]).args.clone().unwrap();
         assert!(args.contains(&"--logic-addr=127.100.0.9:3119".to_owned()));
         assert!(!args.iter().any(|a| a.contains("chat-logic")));
+    }
+
+    #[test]
+    fn logic_client_port_gets_its_own_service_and_flags() {
+        let service = |children: &Children, name: &str| -> Service {
+            children
+                .services
+                .iter()
+                .find(|s| s.metadata.name.as_deref() == Some(name))
+                .cloned()
+                .unwrap_or_else(|| panic!("no Service {name}"))
+        };
+        let ports = |service: &Service| -> Vec<(String, i32)> {
+            let spec = service.spec.as_ref().unwrap();
+            spec.ports
+                .iter()
+                .flatten()
+                .map(|p| (p.name.clone().unwrap_or_default(), p.port))
+                .collect()
+        };
+        // Defaults: ClusterIP on 3112, anyone may read, no annotations.
+        let cluster = cluster();
+        let names = Names::of(&cluster).unwrap();
+        let built = children(&names, &cluster.spec, 1, "chat-logic").unwrap();
+        let client = service(&built, "chat-logic-client");
+        let spec = client.spec.as_ref().unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(spec.selector.as_ref(), Some(&names.labels("logic")));
+        assert_eq!(ports(&client), vec![("client".to_owned(), 3112)]);
+        assert_eq!(client.metadata.annotations, None);
+        // The privileged Service does not expose the client port, nor the
+        // client Service the push API.
+        let logic = service(&built, "chat-logic");
+        assert!(!ports(&logic).iter().any(|(_, p)| *p == 3112));
+        let c = container(&built.deployments[1]);
+        let args = c.args.as_ref().unwrap();
+        assert!(args.contains(&"--client-addr=$(POD_IP):3112".to_owned()));
+        assert!(args.contains(&"--client-auth=none".to_owned()));
+        let container_ports: Vec<_> = c
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+            .collect();
+        assert!(container_ports.contains(&("client".to_owned(), 3112)));
+
+        // Everything set, as a user writes it.
+        let mut custom = cluster;
+        custom.spec.logic = serde_json::from_value(json!({
+            "ports": {"client": 4112}, "clientAuth": "token",
+            "clientServiceType": "LoadBalancer",
+            "clientServiceAnnotations": {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"}
+        }))
+        .unwrap();
+        let built = children(&names, &custom.spec, 1, "chat-logic").unwrap();
+        let client = service(&built, "chat-logic-client");
+        assert_eq!(
+            client.spec.as_ref().unwrap().type_.as_deref(),
+            Some("LoadBalancer")
+        );
+        assert_eq!(ports(&client), vec![("client".to_owned(), 4112)]);
+        assert_eq!(
+            client.metadata.annotations.as_ref().unwrap()["service.beta.kubernetes.io/aws-load-balancer-type"],
+            "nlb"
+        );
+        assert_eq!(service(&built, "chat-logic").metadata.annotations, None);
+        let args = container(&built.deployments[1]).args.clone().unwrap();
+        assert!(args.contains(&"--client-addr=$(POD_IP):4112".to_owned()));
+        assert!(args.contains(&"--client-auth=token".to_owned()));
     }
 
     #[test]

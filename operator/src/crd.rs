@@ -260,7 +260,8 @@ impl Default for CometPorts {
     }
 }
 
-/// Kubernetes Service types for the comet client Service.
+/// Kubernetes Service types for the Services clients reach (comet's client
+/// ports, logic's client port).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum ServiceType {
     /// Reachable inside the cluster only.
@@ -300,6 +301,20 @@ pub struct LogicSpec {
     /// Annotations of the logic Service.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub service_annotations: BTreeMap<String, String>,
+    /// Who may read the client port (`ports.client`: the node list and room
+    /// counts, never pushes): `none`, anyone who reaches it; `token`, a
+    /// client token as `Authorization: Bearer`, checked like a connect token
+    /// (`auth.mode`). The push API key is never asked for there.
+    #[serde(default)]
+    pub client_auth: ClientAuthMode,
+    /// Type of Service `<cluster>-logic-client` in front of the client port,
+    /// the one clients and browsers may be given.
+    #[serde(default)]
+    pub client_service_type: ServiceType,
+    /// Annotations of Service `<cluster>-logic-client`, e.g. a cloud load
+    /// balancer's settings.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub client_service_annotations: BTreeMap<String, String>,
     /// Pod-template settings of the logic pods.
     #[serde(flatten)]
     pub pod: PodTemplate,
@@ -312,14 +327,18 @@ impl Default for LogicSpec {
             resources: None,
             ports: LogicPorts::default(),
             service_annotations: BTreeMap::new(),
+            client_auth: ClientAuthMode::default(),
+            client_service_type: ServiceType::default(),
+            client_service_annotations: BTreeMap::new(),
             pod: PodTemplate::default(),
         }
     }
 }
 
 /// Logic container ports.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.client != self.http && self.client != self.grpc && self.http != self.grpc").message("logic ports http, grpc and client must differ"))]
 pub struct LogicPorts {
     /// HTTP push API plus `/healthz`, `/readyz`, `/metrics`.
     #[serde(default = "port_logic_http")]
@@ -329,6 +348,12 @@ pub struct LogicPorts {
     #[serde(default = "port_logic_grpc")]
     #[schemars(range(min = 1, max = 65535))]
     pub grpc: i32,
+    /// Client-facing reads (`GET /goim/nodes/weighted`,
+    /// `GET /goim/online/room`, CORS), without the API key; served by
+    /// Service `<cluster>-logic-client`.
+    #[serde(default = "port_logic_client")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub client: i32,
 }
 
 impl Default for LogicPorts {
@@ -336,6 +361,28 @@ impl Default for LogicPorts {
         Self {
             http: port_logic_http(),
             grpc: port_logic_grpc(),
+            client: port_logic_client(),
+        }
+    }
+}
+
+/// Authentication of logic's client port.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthMode {
+    /// Anyone who reaches the port may read the node list.
+    #[default]
+    None,
+    /// A client token (goim JSON or JWT, per `auth.mode`) is required.
+    Token,
+}
+
+impl ClientAuthMode {
+    /// The value of logic's `--client-auth`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Token => "token",
         }
     }
 }
@@ -523,6 +570,9 @@ fn port_logic_http() -> i32 {
 fn port_logic_grpc() -> i32 {
     3119
 }
+fn port_logic_client() -> i32 {
+    3112
+}
 fn default_topic() -> String {
     "goim-push-topic".to_owned()
 }
@@ -564,6 +614,10 @@ mod tests {
         assert_eq!(spec.comet.ports.tcp, 3101);
         assert_eq!(spec.comet.ports.grpc, 3109);
         assert_eq!(spec.logic.ports.http, 3111);
+        assert_eq!(spec.logic.ports.client, 3112);
+        assert_eq!(spec.logic.client_auth, ClientAuthMode::None);
+        assert_eq!(spec.logic.client_service_type, ServiceType::ClusterIP);
+        assert!(spec.logic.client_service_annotations.is_empty());
         assert_eq!(spec.kafka.topic, "goim-push-topic");
         assert_eq!(spec.auth.mode, AuthMode::Goim);
     }

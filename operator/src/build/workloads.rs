@@ -301,10 +301,16 @@ pub(super) fn logic_deployment(
             args: vec![
                 format!("--http-addr=$(POD_IP):{}", ports.http),
                 format!("--grpc-addr=$(POD_IP):{}", ports.grpc),
+                format!("--client-addr=$(POD_IP):{}", ports.client),
+                format!("--client-auth={}", spec.logic.client_auth.as_str()),
                 format!("--node-list-configmap={}", names.nodes()),
             ],
             env,
-            ports: vec![("http", ports.http), ("grpc", ports.grpc)],
+            ports: vec![
+                ("http", ports.http),
+                ("grpc", ports.grpc),
+                ("client", ports.client),
+            ],
             http_port: ports.http,
             resources: spec.logic.resources.as_ref(),
             pod: &spec.logic.pod,
