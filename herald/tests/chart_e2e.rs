@@ -7,7 +7,8 @@
 //! `examples/pushcluster.yaml` with its JWT Secret, on the test bed's Redis
 //! and Kafka → Available → `helm test` (a probe pod pushes to itself through
 //! the comet and logic Services) → JWT clients connect to the comets logic
-//! names → `kubectl scale` to one comet → the drained comet's JWT clients
+//! names on its client Service (no API key; pushes 404 there, the privileged
+//! API 401 without the key) → `kubectl scale` to one comet → the drained comet's JWT clients
 //! get op 18, reconnect to the other comet, and a push sent during the drain
 //! reaches every client → `kubectl delete pushcluster`: the operator drains
 //! the last comet, closing every client, before the cluster goes →
@@ -47,6 +48,8 @@ const RELEASE: &str = "herald";
 const CLUSTER: &str = "chat";
 const TCP_PORT: u16 = 3101;
 const LOGIC_HTTP: u16 = 3111;
+/// Logic's client port (`spec.logic.ports.client` default).
+const LOGIC_CLIENT: u16 = 3112;
 
 /// Everything the test started, stopped in order also when it fails.
 struct Bed {
@@ -236,26 +239,45 @@ async fn scenario(bed: &Bed) -> anyhow::Result<()> {
         .with_context(|| format!("probe log: {probe_log}"))?;
     println!("helm test: {said}");
 
-    // 4. JWT clients on the comets logic names (through the logic Service,
-    // as a client reads the node list).
+    // 4. JWT clients on the comets logic names, read as a client reads
+    // them: through the logic-client Service, without the push API key.
     let services: Api<Service> = Api::namespaced(client.clone(), chat);
-    let logic_ip: Ipv4Addr = services
-        .get(&format!("{CLUSTER}-logic"))
-        .await?
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .context("logic ClusterIP")?
-        .parse()?;
-    let logic_http = SocketAddr::from((logic_ip, LOGIC_HTTP));
+    let cluster_ip = |name: String| {
+        let services = services.clone();
+        async move {
+            let ip: Ipv4Addr = services
+                .get(&name)
+                .await?
+                .spec
+                .and_then(|s| s.cluster_ip)
+                .with_context(|| format!("{name} ClusterIP"))?
+                .parse()?;
+            anyhow::Ok(ip)
+        }
+    };
+    let logic_http = SocketAddr::from((cluster_ip(format!("{CLUSTER}-logic")).await?, LOGIC_HTTP));
+    let logic_client = SocketAddr::from((
+        cluster_ip(format!("{CLUSTER}-logic-client")).await?,
+        LOGIC_CLIENT,
+    ));
     let key = secret_value(client, chat, &format!("{CLUSTER}-api-key"), "api-key").await?;
-    let answer = common::logic_call(
-        logic_http,
-        Some(&key),
-        "GET",
-        "/goim/nodes/weighted?platform=android",
-        b"",
+    let nodes_path = "/goim/nodes/weighted?platform=android";
+    let answer = common::logic_call(logic_client, None, "GET", nodes_path, b"").await?;
+    // The same read on the privileged API wants the key; the client port
+    // serves no push, key or not.
+    let refused =
+        herald_testkit::http::request_with(logic_http, "GET", nodes_path, &[], b"").await?;
+    ensure!(refused.status == 401, "logic without the key: {refused:?}");
+    let bearer = format!("Bearer {key}");
+    let push = herald_testkit::http::request_with(
+        logic_client,
+        "POST",
+        &format!("/goim/push/all?operation={PUSH_OP}"),
+        &[("Authorization", bearer.as_str())],
+        b"not through the client port",
     )
     .await?;
+    ensure!(push.status == 404, "a push on the client port: {push:?}");
     let named: Vec<String> = serde_json::from_value(answer["data"]["nodes"].clone())?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), chat);
     let comets: BTreeMap<Ipv4Addr, String> = ready_pods(&pods, CLUSTER, "comet")
