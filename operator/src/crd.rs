@@ -684,6 +684,7 @@ mod tests {
         );
         assert!(yaml.contains("specReplicasPath: .spec.comet.replicas"));
         assert!(yaml.contains("self.minReplicas <= self.maxReplicas"));
+        assert!(yaml.contains("self.client != self.http && self.client != self.grpc"));
         assert!(yaml.contains("x-kubernetes-validations"));
         for column in ["Ready", "Comets", "Connections", "Draining", "Age"] {
             assert!(yaml.contains(&format!("name: {column}")), "{column}");
