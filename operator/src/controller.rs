@@ -24,6 +24,7 @@
 
 mod apply;
 mod autoscale;
+mod dependencies;
 mod drain;
 mod error;
 mod events;
@@ -204,6 +205,7 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
     // cluster from being observed, scaled and reported.
     let missing = validate::missing_secrets(spec, &fetched.secrets);
     let polled = poll(&ctx, spec, &fetched.pods).await;
+    let findings = dependencies::probe(&ctx, &names, spec).await?;
     let scaled = autoscale(&ctx, &cluster, &names, &previous, &polled).await?;
     let comet_replicas = drain(&ctx, &cluster, &names, &fetched, &polled, scaled.replicas).await?;
     let deployments = match &missing {
@@ -218,6 +220,7 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
         scaled: &scaled,
         node_list_generation: node_list.generation,
         missing: missing.as_ref(),
+        findings: &findings,
     };
     let status = compute_status(&cluster, &names, &previous, &observed);
     report_degraded(&ctx, &cluster, &previous, missing.as_ref()).await;

@@ -13,6 +13,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::autoscale::{OVERRIDE_CONDITION, Scaled};
+use super::dependencies::{self, Finding, ReadyCounts};
 use super::observe::Polled;
 use super::{Context, Error, Result, now_rfc3339};
 use crate::build::{MANAGER, Names};
@@ -62,6 +63,9 @@ pub(super) async fn degrade(
         "Degraded",
         &invalid.message,
     );
+    for condition in &mut status.conditions {
+        condition.observed_generation = cluster.metadata.generation;
+    }
     report_degraded(ctx, cluster, previous, Some(&invalid)).await;
     write_status(&ctx.client, names, previous, status).await?;
     ctx.metrics.reconcile_ok();
@@ -161,6 +165,8 @@ pub(super) struct Observed<'a> {
     pub(super) node_list_generation: i64,
     /// Referenced Secrets that are missing.
     pub(super) missing: Option<&'a validate::Invalid>,
+    /// What unready pods said about their dependencies.
+    pub(super) findings: &'a [Finding],
 }
 
 pub(super) fn compute_status(
@@ -175,6 +181,7 @@ pub(super) fn compute_status(
         scaled,
         node_list_generation,
         missing,
+        findings,
     } = *observed;
     let spec_replicas = scaled.replicas;
     let deployment = |component: &str| {
@@ -184,10 +191,20 @@ pub(super) fn compute_status(
     let comet = component_status(deployment("comet"));
     let logic = component_status(deployment("logic"));
     let job = component_status(deployment("job"));
-    let draining: Vec<&Polled> = polled
-        .iter()
-        .filter(|p| p.drain_started.is_some() && !p.terminating)
-        .collect();
+    // Every comet on its way out: drained by the operator, draining on its
+    // own (a SIGTERM from a rollout), or being deleted.
+    let is_draining = |p: &Polled| {
+        p.drain_started.is_some() || p.terminating || p.load.as_ref().is_some_and(|l| l.draining)
+    };
+    let draining: Vec<&Polled> = polled.iter().filter(|p| is_draining(p)).collect();
+    let verdicts = dependencies::verdicts(
+        findings,
+        ReadyCounts {
+            comet: comet.ready_replicas,
+            logic: logic.ready_replicas,
+            job: job.ready_replicas,
+        },
+    );
     let mut conditions = previous.conditions.clone();
     let all_ready = [&comet, &logic, &job]
         .iter()
@@ -198,20 +215,34 @@ pub(super) fn compute_status(
             "every component has its replicas ready".to_owned(),
         )
     } else {
-        (
-            "ReplicasNotReady",
-            format!(
-                "ready/desired: comet {}/{}, logic {}/{}, job {}/{}",
-                comet.ready_replicas,
-                comet.desired_replicas,
-                logic.ready_replicas,
-                logic.desired_replicas,
-                job.ready_replicas,
-                job.desired_replicas
+        let replicas = format!(
+            "ready/desired: comet {}/{}, logic {}/{}, job {}/{}",
+            comet.ready_replicas,
+            comet.desired_replicas,
+            logic.ready_replicas,
+            logic.desired_replicas,
+            job.ready_replicas,
+            job.desired_replicas
+        );
+        // The cause, when an unready pod named one.
+        match verdicts.iter().find(|v| v.status == "False") {
+            Some(cause) => (
+                cause.reason.as_str(),
+                format!("{replicas}; {}: {}", cause.reason, cause.message),
             ),
-        )
+            None => ("ReplicasNotReady", replicas),
+        }
     };
     set_condition(&mut conditions, "Available", all_ready, reason, &message);
+    for verdict in &verdicts {
+        set_condition_status(
+            &mut conditions,
+            verdict.type_,
+            verdict.status,
+            &verdict.reason,
+            &verdict.message,
+        );
+    }
     let rolling = deployments.iter().any(progressing) || comet.desired_replicas != spec_replicas;
     if let (Some(invalid), true) = (missing, deployments.is_empty()) {
         // Nothing built yet, and nothing will be until the Secrets exist.
@@ -272,10 +303,21 @@ pub(super) fn compute_status(
             "no comet is draining",
         ),
     }
+    // Every condition was evaluated in this pass, for this generation.
+    for condition in &mut conditions {
+        condition.observed_generation = cluster.metadata.generation;
+    }
+    // Serving comets out of those asked for: a comet still draining after a
+    // scale-down is not one of them, so this never reads "2/1".
+    // (The Deployment's count, as `Available` uses, less the Ready pods
+    // that are on their way out.)
+    let leaving = polled.iter().filter(|p| p.ready && is_draining(p)).count();
+    let serving = (comet.ready_replicas - i32::try_from(leaving).unwrap_or(i32::MAX))
+        .clamp(0, spec_replicas.max(0));
     PushClusterStatus {
         observed_generation: cluster.metadata.generation,
         conditions,
-        comets_ready: Some(format!("{}/{}", comet.ready_replicas, spec_replicas)),
+        comets_ready: Some(format!("{serving}/{spec_replicas}")),
         comet,
         logic,
         job,
@@ -299,12 +341,13 @@ pub(super) fn compute_status(
                     .load
                     .as_ref()
                     .map_or(0, |l| i64::try_from(l.rooms).unwrap_or(i64::MAX)),
-                draining: p.drain_started.is_some() || p.load.as_ref().is_some_and(|l| l.draining),
+                draining: is_draining(p),
             })
             .collect(),
         node_list_generation,
         scaled_replicas: Some(spec_replicas),
         selector: Some(names.selector("comet")),
+        last_reconcile_time: previous.last_reconcile_time.clone(),
     }
 }
 
@@ -345,6 +388,17 @@ fn set_condition(
     message: &str,
 ) {
     let status = if status { "True" } else { "False" };
+    set_condition_status(conditions, type_, status, reason, message);
+}
+
+/// [`set_condition`] with the status as written (`True`, `False`, `Unknown`).
+fn set_condition_status(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+) {
     match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(existing) => {
             if existing.status != status {
@@ -360,19 +414,35 @@ fn set_condition(
             reason: reason.to_owned(),
             message: message.to_owned(),
             last_transition_time: now_rfc3339(),
+            observed_generation: None,
         }),
     }
 }
+
+/// `status.lastReconcileTime` is refreshed at least this often, in seconds.
+const LIVENESS_REFRESH_SECS: i64 = 60;
 
 pub(super) async fn write_status(
     client: &Client,
     names: &Names,
     previous: &PushClusterStatus,
-    status: PushClusterStatus,
+    mut status: PushClusterStatus,
 ) -> Result<()> {
-    if *previous == status {
+    // Unchanged status is not written, except to say the operator is alive
+    // at least once every LIVENESS_REFRESH.
+    status.last_reconcile_time = previous.last_reconcile_time.clone();
+    let fresh = previous
+        .last_reconcile_time
+        .as_deref()
+        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .is_some_and(|t| {
+            k8s_openapi::jiff::Timestamp::now().duration_since(t)
+                < k8s_openapi::jiff::SignedDuration::from_secs(LIVENESS_REFRESH_SECS)
+        });
+    if *previous == status && fresh {
         return Ok(());
     }
+    status.last_reconcile_time = Some(now_rfc3339());
     let patch = json!({
         "apiVersion": "herald.dev/v1alpha1", "kind": "PushCluster",
         "status": status,

@@ -48,14 +48,20 @@ pub struct PushClusterStatus {
     /// Label selector of the comet pods (used by `/scale` and HPAs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// When the operator last finished a pass over this cluster (RFC 3339):
+    /// written with every status change and at least once a minute, so a
+    /// stale value says the operator is not running or not reaching it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reconcile_time: Option<String>,
 }
 
 /// A status condition, in the usual Kubernetes shape.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Available`, `Progressing`, `Degraded`, `Draining` or
-    /// `AutoscalingOverride`.
+    /// `Available`, `Progressing`, `Degraded`, `Draining`,
+    /// `AutoscalingOverride`, or a dependency: `RedisReady`, `KafkaReady`,
+    /// `LogicReachable`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
@@ -67,6 +73,9 @@ pub struct Condition {
     pub message: String,
     /// When `status` last changed (RFC 3339).
     pub last_transition_time: String,
+    /// The `metadata.generation` this condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 /// Replica counts of one component.
