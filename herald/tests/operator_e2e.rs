@@ -335,10 +335,14 @@ async fn scenario(
     // Through the logic Service's ClusterIP: the proxy forwards to the pod.
     broadcast(logic_http, &key, &push_body).await?;
 
-    // The node list marks it on the operator's next pass (job keeps pushing
-    // to it; logic stops handing it out).
-    let what = "the drained comet marked in the node list";
-    wait_node_flags(&configmaps, CLUSTER, 10, what, flags(true)).await?;
+    // The node list marked it before the comet was told to drain, so by the
+    // time a client was redirected logic no longer handed it out (job keeps
+    // pushing to it).
+    let listed = common::operator::node_flags(&configmaps, CLUSTER).await?;
+    ensure!(
+        flags(true)(&listed),
+        "a client was redirected before the node list marked the drained comet: {listed:?}"
+    );
 
     let mut outcomes = Vec::new();
     while let Some(joined) = tokio::time::timeout(Duration::from_secs(WAIT), followers.join_next())

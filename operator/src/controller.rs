@@ -204,10 +204,11 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
     // Missing Secrets keep the spec from being applied, not the running
     // cluster from being observed, scaled and reported.
     let missing = validate::missing_secrets(spec, &fetched.secrets);
-    let polled = poll(&ctx, spec, &fetched.pods).await;
+    let mut polled = poll(&ctx, spec, &fetched.pods).await;
     let findings = dependencies::probe(&ctx, &names, spec).await?;
     let scaled = autoscale(&ctx, &cluster, &names, &previous, &polled).await?;
-    let comet_replicas = drain(&ctx, &cluster, &names, &fetched, &polled, scaled.replicas).await?;
+    let comet_replicas =
+        drain(&ctx, &cluster, &names, &fetched, &mut polled, scaled.replicas).await?;
     let deployments = match &missing {
         None => apply_children(&ctx, &cluster, &names, &fetched, comet_replicas).await?,
         Some(_) => scale_only(&ctx, &names, &fetched, comet_replicas).await?,

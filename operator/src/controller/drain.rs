@@ -13,7 +13,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::fetch::Fetched;
-use super::observe::Polled;
+use super::observe::{Polled, mark_draining};
 use super::status::publish;
 use super::{Context, DELETION_COST, DRAIN_ANNOTATION, Error, Result, merge_params, now_secs};
 use crate::build::Names;
@@ -28,7 +28,7 @@ pub(super) async fn drain(
     cluster: &PushCluster,
     names: &Names,
     fetched: &Fetched,
-    polled: &[Polled],
+    polled: &mut [Polled],
     spec_replicas: i32,
 ) -> Result<i32> {
     let deployed = fetched
@@ -63,7 +63,7 @@ pub(super) async fn start_drain(
     ctx: &Context,
     cluster: &PushCluster,
     names: &Names,
-    polled: &[Polled],
+    polled: &mut [Polled],
     pod: &str,
     others: Vec<String>,
 ) -> Result<()> {
@@ -81,6 +81,12 @@ pub(super) async fn start_drain(
             what: format!("annotation {DRAIN_ANNOTATION} on pod {pod}"),
             source,
         })?;
+    // Out of the node list first, then told to drain; the rest of this
+    // pass (the node list it writes, the status) sees it draining too.
+    mark_draining(ctx, names, pod).await?;
+    if let Some(polled) = polled.iter_mut().find(|p| p.name == pod) {
+        polled.drain_started = Some(now_secs());
+    }
     let nodes = if spec.node_list.domain.is_empty() {
         others
     } else {
@@ -125,7 +131,7 @@ async fn carry_out(
     ctx: &Context,
     cluster: &PushCluster,
     names: &Names,
-    polled: &[Polled],
+    polled: &mut [Polled],
     step: DrainStep,
 ) -> Result<i32> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);

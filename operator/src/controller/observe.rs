@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::apply::apply;
 use super::fetch::Fetched;
-use super::{Context, DRAIN_ANNOTATION, Result, now_rfc3339};
+use super::{Context, DRAIN_ANNOTATION, Error, Result, now_rfc3339};
 use crate::build::{self, Names};
 use crate::crd::PushClusterSpec;
 use crate::load::{self, Node, NodeList};
@@ -100,6 +100,45 @@ pub(super) async fn write_node_list(
         .await?;
     }
     Ok(node_list)
+}
+
+/// Marks comet `pod` draining in the node list as it stands, before the
+/// comet is told to drain: logic stops handing it out before any client is
+/// redirected, so no reconnect lands on the comet that is leaving. The next
+/// pass writes the full list from its poll as usual.
+///
+/// # Errors
+/// Reading or writing the node-list ConfigMap failed.
+pub(super) async fn mark_draining(ctx: &Context, names: &Names, pod: &str) -> Result<()> {
+    let configmaps = kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
+        ctx.client.clone(),
+        &names.namespace,
+    );
+    let current = configmaps
+        .get_opt(&names.nodes())
+        .await
+        .map_err(|source| Error::Fetch {
+            what: "the node list",
+            source,
+        })?
+        .and_then(|cm| cm.data?.remove(build::NODES_KEY))
+        .and_then(|body| serde_json::from_str::<NodeList>(&body).ok());
+    let Some(mut list) = current else {
+        return Ok(());
+    };
+    let Some(node) = list.nodes.iter_mut().find(|n| n.name == pod) else {
+        return Ok(());
+    };
+    if node.draining {
+        return Ok(());
+    }
+    node.draining = true;
+    node.weight = 0;
+    list.generation += 1;
+    list.updated = now_rfc3339();
+    let body = serde_json::to_string(&list)?;
+    apply(ctx, &names.namespace, &build::nodes_config_map(names, &body)?).await?;
+    Ok(())
 }
 
 /// A comet's node-list entry, if it belongs in the list: it answered the

@@ -99,14 +99,17 @@ pub(super) async fn teardown(
     }
     let spec = &cluster.spec;
     let fetched = fetch(&ctx.client, names, spec).await?;
-    let polled = poll(ctx, spec, &fetched.pods).await;
-    let live: Vec<&Polled> = polled.iter().filter(|p| !p.terminating).collect();
-    for pod in &live {
-        if pod.drain_started.is_none() && pod.load.is_some() {
-            // Every comet goes: there is no other comet to send clients to.
-            start_drain(ctx, cluster, names, &polled, &pod.name, Vec::new()).await?;
-        }
+    let mut polled = poll(ctx, spec, &fetched.pods).await;
+    let to_drain: Vec<String> = polled
+        .iter()
+        .filter(|p| !p.terminating && p.drain_started.is_none() && p.load.is_some())
+        .map(|p| p.name.clone())
+        .collect();
+    for pod in &to_drain {
+        // Every comet goes: there is no other comet to send clients to.
+        start_drain(ctx, cluster, names, &mut polled, pod, Vec::new()).await?;
     }
+    let live: Vec<&Polled> = polled.iter().filter(|p| !p.terminating).collect();
     // Logic keeps handing out the node list: draining comets are marked so.
     write_node_list(ctx, names, spec, &fetched, &polled).await?;
 
