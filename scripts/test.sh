@@ -108,6 +108,20 @@ cargo_test() {
   return $status
 }
 
+# prune_stale_binaries: every rebuilt test or binary leaves its previous
+# hashed copy in the shared cache (hundreds of MB each); keep the newest two
+# of each name (a crate's binary and its unit-test harness share one), so a
+# long-lived cache cannot fill the disk (it did, at 67 GB).
+prune_stale_binaries() {
+  local deps="$CARGO_TARGET_DIR/debug/deps"
+  [[ -d $deps ]] || return 0
+  find "$deps" -maxdepth 1 -type f -perm -u+x -regextype posix-extended \
+    -regex '.*/[^./]+-[0-9a-f]{16}' -printf '%T@ %f\n' |
+    sort -rn | awk '{ name = $2; sub(/-[0-9a-f]+$/, "", name); if (seen[name]++ >= 2) print $2 }' |
+    while read -r stale; do rm -f -- "$deps/$stale"; done
+}
+
+timed "prune stale test binaries" prune_stale_binaries
 timed "cargo fmt --check" cargo fmt --all -- --check
 timed "crate graph" crate_graph
 timed "test bed (install + start)" bash e2e/services/up.sh
