@@ -436,6 +436,52 @@ async fn scale_down_drains_a_real_comet_first() -> anyhow::Result<()> {
     delete_namespace(&client, &ns).await
 }
 
+/// Behind a load balancer clients are handed its address, not pod IPs: once
+/// the comet Service has an ingress (what a cloud's controller writes; here
+/// through the status subresource) the node list's `addrs` carry it, while
+/// job and the operator still reach each comet at its pod.
+#[tokio::test]
+async fn clients_get_the_load_balancer_address_once_there_is_one() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{Patch, PatchParams};
+    let (client, ns) = setup("op-lb").await?;
+    let grpc_port = herald_e2e::free_port();
+    let operator = Operator::start(&client, &ns, "op-a");
+    let comet = json!({"replicas": 1, "serviceType": "LoadBalancer", "ports": {"grpc": grpc_port}});
+    create_cluster(&client, &ns, "chat", json!({ "comet": comet })).await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let names = wait_comet_pods(&pods, "chat", 1).await?;
+    let ip = "127.0.0.2";
+    let stop = start_comet(ip, grpc_port, &names[0]).await?;
+    fake_running(&pods, &names[0], ip).await?;
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    let addrs = |want: &'static str| {
+        let configmaps = configmaps.clone();
+        async move {
+            let list = node_list(&configmaps, "chat").await?;
+            Ok(list.filter(|l| {
+                l["nodes"][0]["addrs"] == json!([want])
+                    && l["nodes"][0]["grpc"] == format!("{ip}:{grpc_port}")
+            }))
+        }
+    };
+    eventually(30, "the pod IP for clients", || addrs(ip)).await?;
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .patch_status(
+            "chat-comet",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": "127.0.0.77"}]}}})),
+        )
+        .await?;
+    eventually(30, "the load balancer's address for clients", || {
+        addrs("127.0.0.77")
+    })
+    .await?;
+    operator.stop().await?;
+    let _ = stop.send(());
+    delete_namespace(&client, &ns).await
+}
+
 // ------------------------------------------- drain, `herald standalone`s
 
 /// `herald standalone` as the comet of pod `name`, at `ip`.

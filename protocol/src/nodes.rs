@@ -113,23 +113,28 @@ impl NodeList {
     }
 
     /// The addresses to hand a client (§11): host names for `platform=web`,
-    /// public addresses otherwise; at most `count`, never a draining node.
-    /// Also the best-ranked node, whose ports the answer carries.
+    /// public addresses otherwise; at most `count`, each once (comets behind
+    /// one load balancer share its address), never a draining node. Also the
+    /// best-ranked node, whose ports the answer carries.
     pub fn pick(&self, platform: &str, count: usize) -> (Vec<String>, Option<&Node>) {
         let ranked = self.ranked();
         let first = ranked.first().copied();
-        let out = ranked
-            .into_iter()
-            .flat_map(|n| {
-                if platform == "web" {
-                    n.hosts.iter()
-                } else {
-                    n.addrs.iter()
-                }
-            })
-            .take(count)
-            .cloned()
-            .collect();
+        let mut out: Vec<String> = Vec::new();
+        let all = ranked.into_iter().flat_map(|n| {
+            if platform == "web" {
+                n.hosts.iter()
+            } else {
+                n.addrs.iter()
+            }
+        });
+        for addr in all {
+            if out.len() == count {
+                break;
+            }
+            if !out.contains(addr) {
+                out.push(addr.clone());
+            }
+        }
         (out, first)
     }
 
@@ -146,7 +151,7 @@ impl NodeList {
             .iter()
             .flat_map(|n| n.hosts.iter().cloned())
             .collect();
-        let mut out = if hosts.is_empty() {
+        let out: Vec<String> = if hosts.is_empty() {
             others
                 .iter()
                 .flat_map(|n| n.addrs.iter().cloned())
@@ -154,9 +159,14 @@ impl NodeList {
         } else {
             hosts
         };
-        out.dedup();
-        out.truncate(count);
-        out
+        let mut unique: Vec<String> = Vec::new();
+        for addr in out {
+            if !unique.contains(&addr) {
+                unique.push(addr);
+            }
+        }
+        unique.truncate(count);
+        unique
     }
 
     /// `(connections, client IPs)` summed over every node (`/goim/online/total`).

@@ -13,7 +13,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::fetch::Fetched;
-use super::observe::{Polled, mark_draining};
+use super::observe::{Polled, external_addresses, mark_draining};
 use super::status::publish;
 use super::{Context, DELETION_COST, DRAIN_ANNOTATION, Error, Result, merge_params, now_secs};
 use crate::build::Names;
@@ -154,11 +154,19 @@ async fn carry_out(
         DrainStep::Set(replicas) => Ok(replicas),
         DrainStep::Wait { replicas, .. } => Ok(replicas),
         DrainStep::Start { pod, replicas } => {
-            let others: Vec<String> = polled
-                .iter()
-                .filter(|p| p.name != pod && p.ready && p.drain_started.is_none())
-                .filter_map(|p| p.ip.clone())
-                .collect();
+            // Where the node list sends clients: the load balancer's
+            // addresses when the comet Service has them, else the other
+            // comets' pod IPs.
+            let external = external_addresses(ctx, names).await?;
+            let others: Vec<String> = if external.is_empty() {
+                polled
+                    .iter()
+                    .filter(|p| p.name != pod && p.ready && p.drain_started.is_none())
+                    .filter_map(|p| p.ip.clone())
+                    .collect()
+            } else {
+                external
+            };
             start_drain(ctx, cluster, names, polled, &pod, others).await?;
             Ok(replicas)
         }

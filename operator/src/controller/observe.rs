@@ -77,7 +77,11 @@ pub(super) async fn write_node_list(
     fetched: &Fetched,
     polled: &[Polled],
 ) -> Result<NodeList> {
-    let nodes = polled.iter().filter_map(|p| node(spec, p)).collect();
+    let external = external_addresses(ctx, names).await?;
+    let nodes = polled
+        .iter()
+        .filter_map(|p| node(spec, p, &external))
+        .collect();
     // The comets' shutdown drain, read live by every comet: changing it
     // rolls no pod.
     let drain = load::DrainSettings {
@@ -137,15 +141,43 @@ pub(super) async fn mark_draining(ctx: &Context, names: &Names, pod: &str) -> Re
     list.generation += 1;
     list.updated = now_rfc3339();
     let body = serde_json::to_string(&list)?;
-    apply(ctx, &names.namespace, &build::nodes_config_map(names, &body)?).await?;
+    apply(
+        ctx,
+        &names.namespace,
+        &build::nodes_config_map(names, &body)?,
+    )
+    .await?;
     Ok(())
+}
+
+/// The comet Service's load-balancer addresses (IPs, else host names), as
+/// the cloud's controller reports them; empty for other Service types or
+/// before one is assigned.
+pub(super) async fn external_addresses(ctx: &Context, names: &Names) -> Result<Vec<String>> {
+    let service = kube::Api::<k8s_openapi::api::core::v1::Service>::namespaced(
+        ctx.client.clone(),
+        &names.namespace,
+    )
+    .get_opt(&names.component("comet"))
+    .await
+    .map_err(|source| Error::Fetch {
+        what: "the comet Service",
+        source,
+    })?;
+    Ok(service
+        .and_then(|s| s.status?.load_balancer?.ingress)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|i| i.ip.or(i.hostname))
+        .filter(|a| !a.is_empty())
+        .collect())
 }
 
 /// A comet's node-list entry, if it belongs in the list: it answered the
 /// poll and is ready, or draining (job still pushes to its clients). An
 /// unready comet that is not draining (e.g. logic unreachable) is no place
 /// for clients.
-fn node(spec: &PushClusterSpec, p: &Polled) -> Option<Node> {
+fn node(spec: &PushClusterSpec, p: &Polled, external: &[String]) -> Option<Node> {
     let load = p.load.as_ref()?;
     let ip = p.ip.clone()?;
     // A pod being deleted is about to drain on SIGTERM: no place for new
@@ -161,7 +193,14 @@ fn node(spec: &PushClusterSpec, p: &Polled) -> Option<Node> {
             .into_iter()
             .filter(|d| !d.is_empty())
             .collect(),
-        addrs: vec![ip],
+        // Where native clients connect: the comet Service's external
+        // addresses once a load balancer has them, else the pod's IP
+        // (reachable inside the cluster, or where pod IPs are routed).
+        addrs: if external.is_empty() {
+            vec![ip]
+        } else {
+            external.to_vec()
+        },
         tcp_port: spec.comet.ports.tcp,
         ws_port: spec.comet.ports.ws,
         // Comets the operator runs have no TLS listener (yet): advertising
@@ -207,22 +246,34 @@ mod tests {
             client_ips: 3,
             ..LoadReply::default()
         };
-        let entry = node(&spec, &polled(true, None, Some(load.clone()))).unwrap();
+        let entry = node(&spec, &polled(true, None, Some(load.clone())), &[]).unwrap();
         assert_eq!(entry.grpc, "127.0.0.9:3109");
         assert_eq!(entry.hosts, ["push.example.com"]);
+        assert_eq!(
+            entry.addrs,
+            ["127.0.0.9"],
+            "the pod IP without a load balancer"
+        );
+        assert_eq!(entry.wss_port, 0, "no TLS listener to advertise");
+        // A load balancer's addresses replace the pod IP for clients; job
+        // and the operator still reach the pod.
+        let external = ["203.0.113.7".to_owned(), "lb.example.com".to_owned()];
+        let behind_lb = node(&spec, &polled(true, None, Some(load.clone())), &external).unwrap();
+        assert_eq!(behind_lb.addrs, external);
+        assert_eq!(behind_lb.grpc, "127.0.0.9:3109");
         assert_eq!(
             (entry.connections, entry.client_ips, entry.draining),
             (7, 3, false)
         );
         assert!(entry.weight > 0);
         assert!(
-            node(&spec, &polled(false, None, Some(load.clone()))).is_none(),
+            node(&spec, &polled(false, None, Some(load.clone())), &[]).is_none(),
             "unready, not draining"
         );
-        let draining = node(&spec, &polled(false, Some(1), Some(load))).unwrap();
+        let draining = node(&spec, &polled(false, Some(1), Some(load)), &[]).unwrap();
         assert_eq!((draining.draining, draining.weight), (true, 0));
         assert!(
-            node(&spec, &polled(true, None, None)).is_none(),
+            node(&spec, &polled(true, None, None), &[]).is_none(),
             "no answer to Load"
         );
     }
