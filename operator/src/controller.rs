@@ -207,8 +207,15 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
     let mut polled = poll(&ctx, spec, &fetched.pods).await;
     let findings = dependencies::probe(&ctx, &names, spec).await?;
     let scaled = autoscale(&ctx, &cluster, &names, &previous, &polled).await?;
-    let comet_replicas =
-        drain(&ctx, &cluster, &names, &fetched, &mut polled, scaled.replicas).await?;
+    let comet_replicas = drain(
+        &ctx,
+        &cluster,
+        &names,
+        &fetched,
+        &mut polled,
+        scaled.replicas,
+    )
+    .await?;
     let deployments = match &missing {
         None => apply_children(&ctx, &cluster, &names, &fetched, comet_replicas).await?,
         Some(_) => scale_only(&ctx, &names, &fetched, comet_replicas).await?,
