@@ -463,6 +463,8 @@ pub(super) async fn write_status(
 
 #[cfg(test)]
 mod tests {
+    use herald_protocol::pb::admin::LoadReply;
+
     use super::super::autoscale::Override;
     use super::*;
 
@@ -481,6 +483,82 @@ mod tests {
             by_load,
             overridden,
         }
+    }
+
+    /// A rollout's leaving comet: still Ready, counted by the Deployment,
+    /// draining on its own SIGTERM. DRAINING counts it and COMETS does not,
+    /// so a cluster asking for one comet never reads `2/1`; every condition
+    /// is stamped with the generation; a dependency cause becomes
+    /// `Available`'s reason.
+    #[test]
+    fn status_counts_leaving_comets_as_draining_not_serving() {
+        let cluster: PushCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "herald.dev/v1alpha1", "kind": "PushCluster",
+            "metadata": {"name": "chat", "namespace": "ns", "uid": "u-1", "generation": 7},
+            "spec": {"image": "herald:test", "redis": {"addr": "r:6379"},
+                     "kafka": {"brokers": ["k:9092"]}, "comet": {"replicas": 1}}
+        }))
+        .unwrap();
+        let names = Names::of(&cluster).unwrap();
+        let deployment = |component: &str, desired: i32, ready: i32| -> Deployment {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("chat-{component}"), "generation": 1},
+                "spec": {"replicas": desired, "selector": {}, "template": {}},
+                "status": {"observedGeneration": 1, "replicas": desired,
+                           "updatedReplicas": desired, "readyReplicas": ready}
+            }))
+            .unwrap()
+        };
+        let deployments = [
+            deployment("comet", 1, 2),
+            deployment("logic", 1, 0),
+            deployment("job", 1, 1),
+        ];
+        let comet = |name: &str, terminating: bool| Polled {
+            name: name.to_owned(),
+            ip: Some("127.0.0.9".to_owned()),
+            ready: true,
+            terminating,
+            drain_started: None,
+            load: Some(LoadReply::default()),
+        };
+        let polled = [comet("new", false), comet("old", true)];
+        let findings = [Finding {
+            component: "logic".to_owned(),
+            pod: "chat-logic-1".to_owned(),
+            reason: "RedisAuthFailed".to_owned(),
+            detail: "WRONGPASS".to_owned(),
+        }];
+        let observed = Observed {
+            deployments: &deployments,
+            polled: &polled,
+            scaled: &scaled(false, false, None),
+            node_list_generation: 3,
+            missing: None,
+            findings: &findings,
+        };
+        let status = compute_status(&cluster, &names, &PushClusterStatus::default(), &observed);
+        assert_eq!(status.comets_ready.as_deref(), Some("1/1"));
+        assert_eq!(status.draining_comets, 1);
+        assert!(status.pods.iter().any(|p| p.name == "old" && p.draining));
+        assert!(condition_is(
+            &status.conditions,
+            "Available",
+            false,
+            "RedisAuthFailed"
+        ));
+        assert!(condition_is(
+            &status.conditions,
+            "RedisReady",
+            false,
+            "RedisAuthFailed"
+        ));
+        assert!(
+            status
+                .conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(7))
+        );
     }
 
     #[test]
