@@ -8,9 +8,9 @@
 //!   status types in `crd::status`.
 //! - [`validate`] → [`build`] → [`controller`]: the reconcile pipeline;
 //!   `controller` holds the pipeline, one submodule per step (fetch,
-//!   observe comets and node list, autoscale, drain, apply, status and
-//!   Events, error policy); `build` keeps the Deployments in
-//!   `build::workloads`.
+//!   observe comets and node list, dependencies (what unready pods say),
+//!   autoscale, drain, apply, status, events, teardown on deletion, error
+//!   policy); `build` keeps the Deployments in `build::workloads`.
 //! - [`load`]: the comet admin calls and the node-list document.
 //! - [`scale`]: pure scaling and drain decisions.
 //! - [`metrics`]: what `/metrics` reports.
