@@ -98,9 +98,26 @@ async fn standalone_pushes_to_tcp_and_websocket_clients() -> Result {
 /// `herald probe`, what the chart's `helm test` runs: against standalone
 /// with an API key it reports both pushes received; with a wrong key it
 /// fails with logic's 401, and with a dead comet address it fails naming it.
+/// The same standalone's client listener serves the node list without the
+/// key and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_reports_both_pushes_and_fails_clearly() -> Result {
-    let herald = Standalone::start(&["--api-key".to_owned(), "k3y".to_owned()]).await?;
+    let client_api = SocketAddr::from(([127, 0, 0, 1], herald_e2e::free_port()));
+    let herald = Standalone::start(&[
+        "--api-key".to_owned(),
+        "k3y".to_owned(),
+        "--client-addr".to_owned(),
+        client_api.to_string(),
+    ])
+    .await?;
+    // The client-facing listener: the node list without the push key, and
+    // no push route at all.
+    let nodes = http::get(client_api, "/goim/nodes/weighted?platform=web").await?;
+    assert_eq!(nodes.status, 200, "{nodes:?}");
+    let push = http::post(client_api, "/goim/push/all?operation=1000", b"x").await?;
+    assert_eq!(push.status, 404, "{push:?}");
+    let keyless = http::get(herald.http, "/goim/nodes/weighted?platform=web").await?;
+    assert_eq!(keyless.status, 401, "{keyless:?}");
     let probe = |comet: String, key: &str| {
         let command = Herald::new(env!("CARGO_BIN_EXE_herald"), "probe")
             .args(["--comet", &comet, "--logic", &herald.http.to_string()])
