@@ -165,7 +165,7 @@ pub async fn run(
     }
     let ns = namespace.as_deref();
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=herald-operator");
-    Controller::new(api::<PushCluster>(&client, ns), watcher::Config::default())
+    let controller = Controller::new(api::<PushCluster>(&client, ns), watcher::Config::default())
         .owns(api::<Deployment>(&client, ns), owned.clone())
         .owns(api::<Service>(&client, ns), owned.clone())
         .owns(api::<ConfigMap>(&client, ns), owned.clone())
@@ -174,10 +174,32 @@ pub async fn run(
         .owns(api::<Role>(&client, ns), owned.clone())
         .owns(api::<RoleBinding>(&client, ns), owned.clone())
         .owns(api::<PodDisruptionBudget>(&client, ns), owned)
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown);
+    // A cluster deleted without a teardown pass (no finalizer yet, or one
+    // removed by hand) still loses its series: checked against the
+    // controller's own cache every poll.
+    let store = controller.store();
+    let (metrics, every) = (ctx.metrics.clone(), ctx.poll_interval);
+    let prune = async move {
+        if store.wait_until_ready().await.is_err() {
+            return futures::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(every).await;
+            metrics.retain_clusters(|namespace, name| {
+                store
+                    .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))
+                    .is_some()
+            });
+        }
+    };
+    let run = controller
         .run(reconcile, error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
+        .for_each(|_| futures::future::ready(()));
+    tokio::select! {
+        () = run => {}
+        () = prune => {}
+    }
 }
 
 /// One reconcile pass; see the module doc for the pipeline.

@@ -39,6 +39,9 @@ pub struct Metrics {
     connections: Family<Labels, Gauge>,
     draining: Family<Labels, Gauge>,
     degraded: Family<Labels, Gauge>,
+    /// `(namespace, name)` of every cluster with series, so those of a
+    /// cluster that is gone can be found and dropped.
+    observed: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
 }
 
 impl Default for Metrics {
@@ -107,6 +110,7 @@ impl Default for Metrics {
             connections,
             draining,
             degraded,
+            observed: std::sync::Mutex::default(),
         }
     }
 }
@@ -167,16 +171,16 @@ impl Metrics {
             self.connections.clear();
             self.draining.clear();
             self.degraded.clear();
+            self.observed().clear();
         }
     }
 
     /// Sets the per-cluster gauges from `cluster`'s status (zero when it has
     /// none yet).
     pub fn observe_cluster(&self, cluster: &PushCluster) {
-        let labels = cluster_labels(
-            cluster.namespace().as_deref().unwrap_or_default(),
-            &cluster.name_any(),
-        );
+        let namespace = cluster.namespace().unwrap_or_default();
+        let labels = cluster_labels(&namespace, &cluster.name_any());
+        self.observed().insert((namespace, cluster.name_any()));
         let status = cluster.status.clone().unwrap_or_default();
         let degraded = status
             .conditions
@@ -196,10 +200,32 @@ impl Metrics {
     /// Drops the series of a PushCluster that is gone (for its deletion
     /// path), so the gauges stay bounded by the clusters that exist.
     pub fn forget_cluster(&self, namespace: &str, name: &str) {
+        self.observed()
+            .remove(&(namespace.to_owned(), name.to_owned()));
         let labels = cluster_labels(namespace, name);
         self.connections.remove(&labels);
         self.draining.remove(&labels);
         self.degraded.remove(&labels);
+    }
+
+    /// Drops the series of every cluster `exists` says is gone: a cluster
+    /// deleted without passing through the operator's finalizer (removed by
+    /// hand, or deleted before the finalizer was added) gets no teardown
+    /// pass that would forget it.
+    pub fn retain_clusters(&self, exists: impl Fn(&str, &str) -> bool) {
+        let gone: Vec<(String, String)> = self
+            .observed()
+            .iter()
+            .filter(|(namespace, name)| !exists(namespace, name))
+            .cloned()
+            .collect();
+        for (namespace, name) in gone {
+            self.forget_cluster(&namespace, &name);
+        }
+    }
+
+    fn observed(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<(String, String)>> {
+        self.observed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reconcile passes started by this process: what tests use to see which
@@ -298,6 +324,12 @@ mod tests {
             Some("40")
         );
         metrics.forget_cluster("team", "chat");
+        assert!(!metrics.encode().contains(series));
+        // Gone without a teardown pass: dropped once the cache lacks it.
+        drop(metrics.reconcile_started(&cluster(2, 0, false)));
+        metrics.retain_clusters(|namespace, name| (namespace, name) == ("team", "chat"));
+        assert!(metrics.encode().contains(series), "still there: kept");
+        metrics.retain_clusters(|_, _| false);
         assert!(!metrics.encode().contains(series));
         drop(metrics.reconcile_started(&cluster(1, 0, false)));
         metrics.set_leader(false);
