@@ -198,7 +198,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             _ => Ok(()),
         };
         if let Err(err) = result {
-            let msg = format!("{scenario:?} failed: {}", chain(&err));
+            let msg = format!("{scenario:?} failed: {}", herald_runtime::error_chain(&err));
             eprintln!("herald bench: {msg}");
             ctx.report.notes.push(msg);
             if matches!(what, What::Smoke | What::S5Smoke) {
@@ -225,17 +225,6 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         s5_smoke_check(&ctx.report)?;
     }
     Ok(())
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        source = e.source();
-    }
-    s
 }
 
 fn specs(

@@ -171,13 +171,7 @@ fn bench(args: herald_bench::Args) -> ExitCode {
     match herald_bench::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            let mut cause = err.to_string();
-            let mut source = std::error::Error::source(&err);
-            while let Some(e) = source {
-                cause.push_str(": ");
-                cause.push_str(&e.to_string());
-                source = e.source();
-            }
+            let cause = herald_runtime::error_chain(&err);
             tracing::error!(cause, "benchmark failed");
             eprintln!("herald bench: {cause}");
             ExitCode::FAILURE
@@ -207,13 +201,7 @@ fn probe(args: herald_bench::probe::Args) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            let mut cause = err.to_string();
-            let mut source = std::error::Error::source(&err);
-            while let Some(e) = source {
-                cause.push_str(": ");
-                cause.push_str(&e.to_string());
-                source = e.source();
-            }
+            let cause = herald_runtime::error_chain(&err);
             eprintln!("herald probe: FAILED: {cause}");
             ExitCode::FAILURE
         }

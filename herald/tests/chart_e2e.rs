@@ -63,13 +63,7 @@ struct Bed {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn helm_install_to_helm_test_to_a_drain_with_jwt_clients() -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,herald_e2e=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    common::k8s::log_harness();
     let client = common::k8s::client().await?;
     let ops = create_namespace(&client, "herald-ops", "chart-e2e").await?;
     let chat = create_namespace(&client, "chat", "chart-e2e").await?;

@@ -105,13 +105,7 @@ impl Bed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operator_runs_a_push_cluster_of_real_pods_and_drains_without_loss() -> anyhow::Result<()> {
     // The harness's, the proxy's and the operator's logs, shown on failure.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,herald_e2e=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    common::k8s::log_harness();
     let redis_url = testbed_var("HERALD_REDIS_URL");
     let redis_addr = redis_url
         .trim_start_matches("redis://")

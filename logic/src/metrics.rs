@@ -154,16 +154,9 @@ impl herald_runtime::admin::Health for Service {
     /// that would refuse every push with 503 should not get traffic. The
     /// answer names the cause for the operator (`contract::unready`).
     async fn ready(&self) -> Result<(), String> {
-        Service::ready(self).await.map_err(|err| {
-            let mut detail = err.to_string();
-            let mut source = std::error::Error::source(&err);
-            while let Some(cause) = source {
-                detail.push_str(": ");
-                detail.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            unready::body(unready_reason(&err), detail)
-        })
+        Service::ready(self)
+            .await
+            .map_err(|err| unready::body(unready_reason(&err), herald_runtime::error_chain(&err)))
     }
 }
 

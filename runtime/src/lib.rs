@@ -15,6 +15,8 @@
 //!   roles read, compiled into both sides.
 //! - [`args`]: flag defaults taken from the clap definitions themselves, so a
 //!   default is written once, on its flag.
+//! - [`error_chain`]: an error and its causes on one line, for logs and
+//!   answers a human reads.
 
 pub mod admin;
 pub mod args;
@@ -24,3 +26,30 @@ pub mod nodes;
 pub mod shutdown;
 
 pub use shutdown::Shutdown;
+
+/// `err` and every `source()` below it, joined by `": "`: what a log line,
+/// an exit message or a `/readyz` answer shows, where the top-level message
+/// alone ("push queue unavailable") hides the cause.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_chain_joins_every_cause() {
+        let io = std::io::Error::other("refused");
+        let outer = crate::listen::BindError {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            source: io,
+        };
+        assert_eq!(super::error_chain(&outer), format!("{outer}: refused"),);
+    }
+}

@@ -61,3 +61,16 @@ pub(crate) async fn start_kubelet(
     configure(&mut config);
     Ok(Kubelet::start(client.clone(), config).await?)
 }
+
+/// Shows the loopback kubelet's and the Service proxy's logs (info) and
+/// everything else's warnings in the test's output, which prints them when
+/// it fails (`RUST_LOG` overrides).
+pub(crate) fn log_harness() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,herald_e2e=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
