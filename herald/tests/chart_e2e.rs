@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 mod common;
 
 use common::goim::{GoimClient, PUSH_OP, follow, warm_up};
-use common::k8s::{create_namespace, start_kubelet};
+use common::k8s::{create_namespace, install_chart, start_kubelet};
 use common::operator::{
     comet_replicas, has_condition, kubectl, ready_pods, secret_value, wait_cluster,
 };
@@ -127,35 +127,20 @@ async fn scenario(bed: &Bed) -> anyhow::Result<()> {
 
     // 1. helm install, as docs/kubernetes.md says, plus what the test bed
     // needs: pod IPs for metrics, ClusterIPs instead of DNS names.
-    let watch = format!("watchNamespaces={{{chat}}}");
     let test_ns = format!("test.namespace={chat}");
-    helm(&[
-        "install",
+    install_chart(
         RELEASE,
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/herald"),
-        "--namespace",
         ops,
-        "--set",
-        &watch,
-        "--set",
-        "metricsHost=$(POD_IP)",
-        "--set",
-        "pollIntervalMs=500",
-        "--set",
-        "logFormat=text",
-        "--set",
-        "extraArgs={--service-addresses=cluster-ip}",
-        "--set",
-        &test_ns,
-        "--set",
-        "test.pushCluster=chat",
-        "--set",
-        "test.jwtSecretRef.name=herald-jwt",
-        "--set",
-        "test.jwtSecretRef.key=secret",
-        "--set",
-        "test.timeoutSeconds=60",
-    ])?;
+        chat,
+        &[
+            "extraArgs={--service-addresses=cluster-ip}",
+            &test_ns,
+            "test.pushCluster=chat",
+            "test.jwtSecretRef.name=herald-jwt",
+            "test.jwtSecretRef.key=secret",
+            "test.timeoutSeconds=60",
+        ],
+    )?;
     let ops_pods: Api<Pod> = Api::namespaced(client.clone(), ops);
     let operator = eventually(WAIT, "the operator pod Ready", || async {
         let ready = ready_pods(&ops_pods, RELEASE, "operator").await?;

@@ -51,22 +51,7 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
     let kubelet = Kubelet::start(client.clone(), config).await?;
 
     let release = "herald";
-    let watch = format!("watchNamespaces={{{chat}}}");
-    let installed = helm(&[
-        "install",
-        release,
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/herald"),
-        "--namespace",
-        &ops,
-        "--set",
-        &watch,
-        "--set",
-        "metricsHost=$(POD_IP)",
-        "--set",
-        "pollIntervalMs=500",
-        "--set",
-        "logFormat=text",
-    ]);
+    let installed = common::k8s::install_chart(release, &ops, &chat, &[]);
     let result = async {
         installed?;
         // The operator pod: Running and Ready (its /healthz probed on its pod IP).

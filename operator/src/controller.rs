@@ -227,7 +227,7 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
     // cluster from being observed, scaled and reported.
     let missing = validate::missing_secrets(spec, &fetched.secrets);
     let mut polled = poll(&ctx, spec, &fetched.pods).await;
-    let findings = dependencies::probe(&ctx, &names, spec).await?;
+    let findings = dependencies::probe(&ctx, spec, &fetched.cluster_pods).await;
     let scaled = autoscale(&ctx, &cluster, &names, &previous, &polled).await?;
     let comet_replicas = drain(
         &ctx,

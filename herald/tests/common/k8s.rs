@@ -74,3 +74,34 @@ pub(crate) fn log_harness() {
         .with_test_writer()
         .try_init();
 }
+
+/// `helm install` of charts/herald as `release` into `ops`, as the test bed
+/// needs it: the operator watching `watched`, its metrics on its pod IP,
+/// polling every 500 ms, text logs; `extra` are more `--set` values.
+pub(crate) fn install_chart(
+    release: &str,
+    ops: &str,
+    watched: &str,
+    extra: &[&str],
+) -> Result<String> {
+    let watch = format!("watchNamespaces={{{watched}}}");
+    let mut args = vec![
+        "install",
+        release,
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/herald"),
+        "--namespace",
+        ops,
+    ];
+    for set in [
+        watch.as_str(),
+        "metricsHost=$(POD_IP)",
+        "pollIntervalMs=500",
+        "logFormat=text",
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    {
+        args.extend(["--set", set]);
+    }
+    herald_e2e::helm(&args)
+}

@@ -23,10 +23,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
 
-use super::{Context, Error, Result};
-use crate::build::{JOB_HTTP_PORT, Names};
+use super::Context;
+use crate::build::JOB_HTTP_PORT;
 use crate::crd::PushClusterSpec;
 
 /// What one unready pod said about itself.
@@ -49,27 +48,11 @@ pub(super) struct Verdict {
     pub(super) message: String,
 }
 
-/// Asks every running, unready pod of the cluster for its `/readyz`. A pod
-/// that does not answer, or answers without a reason, adds nothing.
-///
-/// # Errors
-/// Listing the pods failed.
-pub(super) async fn probe(
-    ctx: &Context,
-    names: &Names,
-    spec: &PushClusterSpec,
-) -> Result<Vec<Finding>> {
-    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &names.namespace)
-        .list(
-            &ListParams::default().labels(&format!("app.kubernetes.io/instance={}", names.cluster)),
-        )
-        .await
-        .map_err(|source| Error::Fetch {
-            what: "the cluster's pods",
-            source,
-        })?
-        .items;
-    let current = current_templates(&pods);
+/// Asks every running, unready pod of the cluster (`pods`) for its
+/// `/readyz`. A pod that does not answer, or answers without a reason, adds
+/// nothing.
+pub(super) async fn probe(ctx: &Context, spec: &PushClusterSpec, pods: &[Pod]) -> Vec<Finding> {
+    let current = current_templates(pods);
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(ctx.call_timeout));
     let client: Client<HttpConnector, Empty<bytes::Bytes>> =
@@ -111,11 +94,11 @@ pub(super) async fn probe(
             })
         })
     });
-    Ok(futures::future::join_all(asks)
+    futures::future::join_all(asks)
         .await
         .into_iter()
         .flatten()
-        .collect())
+        .collect()
 }
 
 /// The label the ReplicaSet controller puts on each pod of one template.

@@ -13,7 +13,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::fetch::Fetched;
-use super::observe::{Polled, external_addresses, mark_draining};
+use super::observe::{Polled, mark_draining};
 use super::status::publish;
 use super::{Context, DELETION_COST, DRAIN_ANNOTATION, Error, Result, merge_params, now_secs};
 use crate::build::Names;
@@ -49,7 +49,7 @@ pub(super) async fn drain(
     let deadline =
         Duration::from_secs(u64::try_from(cluster.spec.comet.drain.deadline_seconds).unwrap_or(0));
     let step = scale::drain_step(spec_replicas, deployed, &comet_pods, deadline, now_secs());
-    carry_out(ctx, cluster, names, polled, step).await
+    carry_out(ctx, cluster, names, &fetched.external, polled, step).await
 }
 
 /// Marks comet `pod` as draining (its annotation, which also bounds the
@@ -131,6 +131,7 @@ async fn carry_out(
     ctx: &Context,
     cluster: &PushCluster,
     names: &Names,
+    external: &[String],
     polled: &mut [Polled],
     step: DrainStep,
 ) -> Result<i32> {
@@ -157,7 +158,6 @@ async fn carry_out(
             // Where the node list sends clients: the load balancer's
             // addresses when the comet Service has them, else the other
             // comets' pod IPs.
-            let external = external_addresses(ctx, names).await?;
             let others: Vec<String> = if external.is_empty() {
                 polled
                     .iter()
@@ -165,7 +165,7 @@ async fn carry_out(
                     .filter_map(|p| p.ip.clone())
                     .collect()
             } else {
-                external
+                external.to_vec()
             };
             start_drain(ctx, cluster, names, polled, &pod, others).await?;
             Ok(replicas)

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
-use kube::Client;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use super::{Error, Result};
@@ -20,7 +20,14 @@ use crate::validate;
 pub(super) struct Fetched {
     pub(super) secrets: BTreeMap<String, Vec<String>>,
     pub(super) comet_deployment: Option<Deployment>,
+    /// The comet pods.
     pub(super) pods: Vec<Pod>,
+    /// Every pod of the cluster, comets included.
+    pub(super) cluster_pods: Vec<Pod>,
+    /// The comet Service's load-balancer addresses (IPs, else host names),
+    /// as the cloud's controller reports them: where clients are sent once
+    /// there are any. Empty for other Service types or before assignment.
+    pub(super) external: Vec<String>,
     pub(super) node_list: Option<NodeList>,
     pub(super) api_key_exists: bool,
 }
@@ -58,14 +65,40 @@ pub(super) async fn fetch(
         "the comet Deployment",
     )
     .await?;
-    let pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(&names.selector("comet")))
+    // Every pod of the cluster in one list: comets are polled, and any
+    // unready one is asked why (`dependencies`).
+    let cluster_pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(
+            &ListParams::default().labels(&format!("app.kubernetes.io/instance={}", names.cluster)),
+        )
         .await
         .map_err(|source| Error::Fetch {
-            what: "comet pods",
+            what: "the cluster's pods",
             source,
         })?
         .items;
+    let comet_labels = names.labels("comet");
+    let pods = cluster_pods
+        .iter()
+        .filter(|pod| {
+            let labels = pod.labels();
+            comet_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .cloned()
+        .collect();
+    let comet_service = get_opt(
+        &Api::<Service>::namespaced(client.clone(), ns),
+        &names.component("comet"),
+        "the comet Service",
+    )
+    .await?;
+    let external = comet_service
+        .and_then(|s| s.status?.load_balancer?.ingress)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|i| i.ip.or(i.hostname))
+        .filter(|a| !a.is_empty())
+        .collect();
     let node_list = get_opt(
         &Api::<ConfigMap>::namespaced(client.clone(), ns),
         &names.nodes(),
@@ -78,6 +111,8 @@ pub(super) async fn fetch(
         secrets,
         comet_deployment,
         pods,
+        cluster_pods,
+        external,
         node_list,
         api_key_exists,
     })

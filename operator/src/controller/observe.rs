@@ -77,10 +77,9 @@ pub(super) async fn write_node_list(
     fetched: &Fetched,
     polled: &[Polled],
 ) -> Result<NodeList> {
-    let external = external_addresses(ctx, names).await?;
     let nodes = polled
         .iter()
-        .filter_map(|p| node(spec, p, &external))
+        .filter_map(|p| node(spec, p, &fetched.external))
         .collect();
     // The comets' shutdown drain, read live by every comet: changing it
     // rolls no pod.
@@ -148,29 +147,6 @@ pub(super) async fn mark_draining(ctx: &Context, names: &Names, pod: &str) -> Re
     )
     .await?;
     Ok(())
-}
-
-/// The comet Service's load-balancer addresses (IPs, else host names), as
-/// the cloud's controller reports them; empty for other Service types or
-/// before one is assigned.
-pub(super) async fn external_addresses(ctx: &Context, names: &Names) -> Result<Vec<String>> {
-    let service = kube::Api::<k8s_openapi::api::core::v1::Service>::namespaced(
-        ctx.client.clone(),
-        &names.namespace,
-    )
-    .get_opt(&names.component("comet"))
-    .await
-    .map_err(|source| Error::Fetch {
-        what: "the comet Service",
-        source,
-    })?;
-    Ok(service
-        .and_then(|s| s.status?.load_balancer?.ingress)
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|i| i.ip.or(i.hostname))
-        .filter(|a| !a.is_empty())
-        .collect())
 }
 
 /// A comet's node-list entry, if it belongs in the list: it answered the
