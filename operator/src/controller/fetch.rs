@@ -68,9 +68,10 @@ pub(super) async fn fetch(
     // Every pod of the cluster in one list: comets are polled, and any
     // unready one is asked why (`dependencies`).
     let cluster_pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(
-            &ListParams::default().labels(&format!("app.kubernetes.io/instance={}", names.cluster)),
-        )
+        .list(&ListParams::default().labels(&format!(
+            "app.kubernetes.io/name=herald,app.kubernetes.io/instance={}",
+            names.cluster
+        )))
         .await
         .map_err(|source| Error::Fetch {
             what: "the cluster's pods",
