@@ -67,6 +67,8 @@ use crate::validate;
 pub const DRAIN_ANNOTATION: &str = "herald.dev/drain-started";
 /// Kubernetes' hint to the ReplicaSet controller of which pod to remove first.
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+/// [`DELETION_COST`] of a drained comet: the one the ReplicaSet removes.
+const DRAINED_COST: &str = "-2147483648";
 
 /// Shared by every reconcile.
 pub struct Context {

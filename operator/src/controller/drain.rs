@@ -15,7 +15,9 @@ use tracing::{info, warn};
 use super::fetch::Fetched;
 use super::observe::{Polled, mark_draining};
 use super::status::publish;
-use super::{Context, DELETION_COST, DRAIN_ANNOTATION, Error, Result, merge_params, now_secs};
+use super::{
+    Context, DELETION_COST, DRAIN_ANNOTATION, DRAINED_COST, Error, Result, merge_params, now_secs,
+};
 use crate::build::Names;
 use crate::crd::PushCluster;
 use crate::load;
@@ -43,7 +45,10 @@ pub(super) async fn drain(
             ready: p.ready,
             connections: p.load.as_ref().map(|l| l.connections),
             drain_started: p.drain_started,
-            terminating: p.terminating,
+            // While the count goes down, a comet already drained is the
+            // ReplicaSet's to remove (maybe not yet): never finished twice.
+            // While it goes up, it is one to replace.
+            terminating: p.terminating || (p.drain_finished && spec_replicas < deployed),
         })
         .collect();
     let deadline =
@@ -171,7 +176,7 @@ async fn carry_out(
             Ok(replicas)
         }
         DrainStep::Finish { pod, replicas } => {
-            annotate(pod.clone(), DELETION_COST, i32::MIN.to_string()).await?;
+            annotate(pod.clone(), DELETION_COST, DRAINED_COST.to_owned()).await?;
             info!(%pod, replicas, "comet drained; removing it");
             publish(
                 ctx,

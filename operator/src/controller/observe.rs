@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::apply::apply;
 use super::fetch::Fetched;
-use super::{Context, DRAIN_ANNOTATION, Error, Result, now_rfc3339};
+use super::{Context, DELETION_COST, DRAIN_ANNOTATION, DRAINED_COST, Error, Result, now_rfc3339};
 use crate::build::{self, Names};
 use crate::crd::PushClusterSpec;
 use crate::load::{self, Node, NodeList};
@@ -21,6 +21,9 @@ pub(super) struct Polled {
     pub(super) ready: bool,
     pub(super) terminating: bool,
     pub(super) drain_started: Option<u64>,
+    /// Drained and marked cheapest to delete: the ReplicaSet removes it
+    /// once the replicas go down, which may not have happened yet.
+    pub(super) drain_finished: bool,
     pub(super) load: Option<LoadReply>,
 }
 
@@ -63,6 +66,8 @@ pub(super) async fn poll(ctx: &Context, spec: &PushClusterSpec, pods: &[Pod]) ->
                 .annotations()
                 .get(DRAIN_ANNOTATION)
                 .and_then(|v| v.parse().ok()),
+            drain_finished: pod.annotations().get(DELETION_COST).map(String::as_str)
+                == Some(DRAINED_COST),
             load,
         }
     });
@@ -206,6 +211,7 @@ mod tests {
             ready,
             terminating: false,
             drain_started,
+            drain_finished: false,
             load,
         }
     }

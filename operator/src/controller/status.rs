@@ -520,6 +520,7 @@ mod tests {
             ready: true,
             terminating,
             drain_started: None,
+            drain_finished: false,
             load: Some(LoadReply::default()),
         };
         let polled = [comet("new", false), comet("old", true)];

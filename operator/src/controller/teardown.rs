@@ -202,6 +202,7 @@ mod tests {
             ready: true,
             terminating: false,
             drain_started: None,
+            drain_finished: false,
             load: connections.map(|connections| LoadReply {
                 connections,
                 ..LoadReply::default()
