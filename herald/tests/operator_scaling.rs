@@ -190,10 +190,17 @@ async fn kubectl_scale_is_overridden_by_the_autoscaler_and_said_so() -> anyhow::
         "{events:?}"
     );
 
-    // The override holds: the spec stays at the autoscaler's count.
+    // The override holds: the spec stays at the autoscaler's count, and the
+    // condition stays True through the passes its own /scale write wakes
+    // (which can see the status from before it).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cluster = clusters.get("chat").await?;
     assert_eq!(cluster.spec.comet.replicas, 1);
+    assert_eq!(
+        overridden(&cluster).map(|c| c.message),
+        Some(why.message.clone()),
+        "the condition went back before the autoscaler moved the count"
+    );
     assert_eq!(comet_replicas(&deployments, "chat").await?, Some(1));
 
     operator.stop().await?;

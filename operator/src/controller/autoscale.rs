@@ -96,12 +96,17 @@ fn manual_change(cluster: &PushCluster, last: Option<i32>) -> Option<String> {
     )
 }
 
-/// The comet count this leader last acted on for a PushCluster, and the
-/// newest generation of it seen then.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The comet count this leader last acted on for a PushCluster, the newest
+/// generation of it seen then, and the manual scale it undid while that
+/// count stands. The override is kept here, not read back from the status:
+/// the pass after the one that undid it is woken by its own `/scale` write
+/// and can see the status from before it, which would turn the condition
+/// back to `False` before anyone read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Handled {
     generation: i64,
     replicas: i32,
+    overridden: Option<Override>,
 }
 
 /// The count asked for on this pass and the count last acted on. The
@@ -114,22 +119,38 @@ fn requested_and_last(
     key: &str,
     cluster: &PushCluster,
     previous: &PushClusterStatus,
-) -> (i32, Option<i32>, bool) {
+) -> (i32, Option<i32>, bool, Option<Override>) {
     let handled = ctx
         .scaled
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(key)
-        .copied();
+        .cloned();
     let generation = cluster.metadata.generation.unwrap_or(0);
     match handled {
-        Some(h) if generation <= h.generation => (h.replicas, Some(h.replicas), true),
-        Some(h) => (cluster.spec.comet.replicas, Some(h.replicas), false),
-        None => (cluster.spec.comet.replicas, previous.scaled_replicas, false),
+        Some(h) if generation <= h.generation => (h.replicas, Some(h.replicas), true, h.overridden),
+        Some(h) => (
+            cluster.spec.comet.replicas,
+            Some(h.replicas),
+            false,
+            h.overridden,
+        ),
+        None => (
+            cluster.spec.comet.replicas,
+            previous.scaled_replicas,
+            false,
+            None,
+        ),
     }
 }
 
-fn remember(ctx: &Context, key: String, cluster: &PushCluster, replicas: i32) {
+fn remember(
+    ctx: &Context,
+    key: String,
+    cluster: &PushCluster,
+    replicas: i32,
+    overridden: Option<Override>,
+) {
     let generation = cluster.metadata.generation.unwrap_or(0);
     let mut scaled = ctx.scaled.lock().unwrap_or_else(|e| e.into_inner());
     let newest = scaled
@@ -140,6 +161,7 @@ fn remember(ctx: &Context, key: String, cluster: &PushCluster, replicas: i32) {
         Handled {
             generation: newest,
             replicas,
+            overridden,
         },
     );
 }
@@ -154,7 +176,7 @@ pub(super) async fn autoscale(
     polled: &[Polled],
 ) -> Result<Scaled> {
     let key = format!("{}/{}", names.namespace, names.cluster);
-    let (requested, last, stale) = requested_and_last(ctx, &key, cluster, previous);
+    let (requested, last, stale, undone) = requested_and_last(ctx, &key, cluster, previous);
     let auto = &cluster.spec.comet.autoscaling;
     if !auto.enabled {
         if let Some(last) = last.filter(|last| *last != requested && !stale) {
@@ -168,7 +190,7 @@ pub(super) async fn autoscale(
             )
             .await;
         }
-        remember(ctx, key, cluster, requested);
+        remember(ctx, key, cluster, requested, None);
         return Ok(Scaled {
             replicas: requested,
             autoscaling: false,
@@ -230,6 +252,7 @@ pub(super) async fn autoscale(
         kept: next,
     });
     if let Some(overridden) = &overridden {
+        // Logged and published once, when it happens.
         warn!(
             cluster = %cluster.name_any(),
             requested = overridden.requested,
@@ -246,8 +269,15 @@ pub(super) async fn autoscale(
         )
         .await;
     }
-    remember(ctx, key, cluster, next);
     let by_load = next != base;
+    // An override stands (and is reported again, without a new Event) until
+    // the autoscaler moves the count for the load.
+    let overridden = match overridden {
+        Some(new) => Some(new),
+        None if !by_load => undone.filter(|o| o.kept == next),
+        None => None,
+    };
+    remember(ctx, key, cluster, next, overridden.clone());
     if by_load {
         info!(cluster = %cluster.name_any(), from = base, to = next, connections = total, "autoscaled comets");
         publish(
