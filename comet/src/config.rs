@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use herald_runtime::nodes;
+use herald_runtime::{grpc_auth, nodes};
 use tokio::net::TcpListener;
 
 use crate::{Listeners, bind_client_listener};
@@ -123,6 +123,10 @@ pub struct Args {
     /// connection as a flood; 0 never closes.
     #[arg(long, env = "HERALD_COMET_RECEIVE_FLOOD_CLOSE", default_value_t = 200)]
     pub receive_flood_close: u32,
+    /// The shared token: required on the gRPC port (from job and the
+    /// operator) and sent to logic.
+    #[command(flatten)]
+    pub grpc_token: grpc_auth::TokenArgs,
 }
 
 impl Args {
@@ -156,6 +160,7 @@ impl Args {
             receive_rate,
             receive_burst,
             receive_flood_close,
+            grpc_token,
         } = self;
         Config {
             server_id: server_id.unwrap_or_else(hostname),
@@ -183,6 +188,7 @@ impl Args {
             receive_rate,
             receive_burst,
             receive_flood_close,
+            grpc_token: grpc_token.source(),
         }
     }
 
@@ -251,6 +257,8 @@ pub struct Config {
     pub receive_burst: u32,
     /// Rate-limited ops per 10-second window that close the connection; 0 = never.
     pub receive_flood_close: u32,
+    /// The shared gRPC token: checked on the gRPC port, sent to logic.
+    pub grpc_token: grpc_auth::TokenSource,
 }
 
 impl Config {

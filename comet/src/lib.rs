@@ -92,6 +92,9 @@ pub enum Error {
     /// The node-list file exists but cannot be read or parsed.
     #[error("node list")]
     NodeList(#[from] herald_runtime::nodes::Error),
+    /// The gRPC token file cannot be read, or holds no usable token.
+    #[error("gRPC token")]
+    GrpcToken(#[from] herald_runtime::grpc_auth::Error),
 }
 
 /// Result with this crate's [`Error`].
@@ -185,10 +188,12 @@ pub async fn run(
         None => herald_runtime::nodes::Nodes::default(),
     };
     let metrics = metrics::Metrics::new();
+    let grpc_token = config.grpc_token.start()?;
     let logic = logic::Logic::new(
         &config.logic_addr,
         config.logic_timeout,
         config.logic_max_in_flight,
+        &grpc_token,
         metrics.logic_failures(),
     )?;
     let shared = Arc::new(Shared {
@@ -206,6 +211,7 @@ pub async fn run(
         tcp = ?tcp.local_addr().ok(),
         ws = ?ws.local_addr().ok(),
         grpc = ?grpc.local_addr().ok(),
+        grpc_token = grpc_token.is_on(),
         "comet listening"
     );
 
@@ -255,7 +261,7 @@ pub async fn run(
         let shared = shared.clone();
         tokio::spawn(
             async move {
-                let result = rpc::serve(grpc, shared.clone()).await;
+                let result = rpc::serve(grpc, shared.clone(), grpc_token).await;
                 // Without gRPC, job cannot push here: stop rather than linger.
                 if result.is_err() {
                     shared.shutdown.trigger();

@@ -14,8 +14,9 @@ use herald_protocol::pb::goim::logic::{
     ConnectReply, ConnectReq, DisconnectReq, HeartbeatReq, OnlineReq, ReceiveReq,
 };
 use herald_protocol::pb::{LogicClient, Proto};
+use herald_runtime::grpc_auth::{self, AuthChannel, Token};
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tracing::{debug, warn};
 
 use crate::metrics::LogicFailures;
@@ -24,7 +25,7 @@ use crate::{Error, Shared};
 /// Logic's client plus the latest cluster-wide room counts it reported.
 #[derive(Debug)]
 pub struct Logic {
-    client: LogicClient<Channel>,
+    client: LogicClient<AuthChannel>,
     /// `allRoomCount` from the last `RenewOnline` reply, replaced wholesale.
     /// Read on every client heartbeat, written every renew period: RwLock.
     online: RwLock<Arc<HashMap<String, i32>>>,
@@ -43,7 +44,8 @@ impl Logic {
     /// over the one HTTP/2 connection, which then failed under them and
     /// took every call on it along (the benchmark's reconnect storms lost
     /// 68,500 of 95,000 `Disconnect`s so). Waiting calls queue in the
-    /// channel and their deadline starts when they are sent.
+    /// channel and their deadline starts when they are sent. Every call
+    /// carries `token` (when set), which logic's gRPC port requires.
     ///
     /// # Errors
     /// [`Error::LogicAddr`] when `addr` is not a valid URI.
@@ -51,6 +53,7 @@ impl Logic {
         addr: &str,
         timeout: Duration,
         max_in_flight: usize,
+        token: &Token,
         failures: LogicFailures,
     ) -> Result<Logic, Error> {
         let uri = if addr.contains("://") {
@@ -68,7 +71,7 @@ impl Logic {
             .concurrency_limit(max_in_flight.max(1));
         let channel = endpoint.connect_lazy();
         Ok(Logic {
-            client: LogicClient::new(channel),
+            client: LogicClient::new(token.channel(channel)),
             online: RwLock::new(Arc::new(HashMap::new())),
             endpoint,
             reachable: AtomicBool::new(false),
@@ -106,13 +109,19 @@ impl Logic {
             .connect(req)
             .await
             .inspect_err(|status| {
-                // A refused token is logic's answer, counted as an auth
-                // outcome; the rest is the call failing.
-                if !matches!(
+                // A refused client token is logic's answer, counted as an
+                // auth outcome; the rest is the call failing, this comet's
+                // own gRPC token refused included (a deployment error that
+                // refuses every client).
+                let refused_client = matches!(
                     status.code(),
                     Code::Unauthenticated | Code::InvalidArgument | Code::PermissionDenied
-                ) {
+                ) && !grpc_auth::is_refusal(status);
+                if !refused_client {
                     self.failures.failed("connect");
+                }
+                if grpc_auth::is_refusal(status) {
+                    warn!(cause = %status.message(), "logic refused this comet's gRPC token");
                 }
             })?
             .into_inner();

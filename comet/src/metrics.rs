@@ -6,6 +6,7 @@
 
 use std::sync::atomic::Ordering;
 
+use herald_runtime::grpc_auth::Refusals;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -36,6 +37,7 @@ pub struct Metrics {
     logic_failures: Counters,
     push_write_latency: Histogram,
     node_list_generation: Gauge,
+    grpc_auth_refusals: Refusals,
 }
 
 /// Failed calls to logic, by rpc: handed to the logic client, which sees
@@ -112,6 +114,7 @@ impl Metrics {
             "Generation of the node list in use (where the shutdown drain redirects, and its settings); 0 without one",
             node_list_generation.clone(),
         );
+        let grpc_auth_refusals = Refusals::register(&mut registry);
         Metrics {
             registry,
             connections,
@@ -128,6 +131,7 @@ impl Metrics {
             logic_failures,
             push_write_latency,
             node_list_generation,
+            grpc_auth_refusals,
         }
     }
 
@@ -205,6 +209,11 @@ impl Metrics {
 
     pub(crate) fn logic_failures(&self) -> LogicFailures {
         LogicFailures(self.logic_failures.clone())
+    }
+
+    /// The gRPC port's token refusals, for its token check.
+    pub(crate) fn grpc_auth_refusals(&self) -> Refusals {
+        self.grpc_auth_refusals.clone()
     }
 
     pub(crate) fn push_written(&self, latency: std::time::Duration) {

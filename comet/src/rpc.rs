@@ -23,6 +23,7 @@ use herald_protocol::pb::push::{PushMsgsReply, PushMsgsReq};
 use herald_protocol::pb::{Comet, CometServer, Proto};
 use herald_protocol::redirect::Redirect;
 use herald_protocol::{Frame, op, ws};
+use herald_runtime::grpc_auth::Token;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span};
@@ -30,13 +31,19 @@ use tracing::{Instrument, info, info_span};
 use crate::conn::{self, CloseReason, Conn, Refused};
 use crate::{Error, Shared};
 
-/// Serves both services on `listener` until shutdown.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) -> Result<(), Error> {
+/// Serves the three services on `listener` until shutdown, each call
+/// refused unless it carries `token` (when one is set).
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    token: Token,
+) -> Result<(), Error> {
     let service = Service {
         shared: shared.clone(),
     };
     let stop = shared.shutdown.wait();
     tonic::transport::Server::builder()
+        .layer(token.server_layer(shared.metrics.grpc_auth_refusals()))
         .add_service(CometServer::new(service.clone()))
         .add_service(CometPushServer::new(service.clone()))
         .add_service(CometAdminServer::new(service))

@@ -69,6 +69,10 @@ pub(crate) struct Args {
     /// API key required as `Authorization: Bearer <key>` on the HTTP API.
     #[arg(long, env = "HERALD_LOGIC_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// The shared token of the gRPC ports, off by default; given, comet
+    /// and logic require it and the roles send it to each other.
+    #[command(flatten)]
+    grpc_token: herald_runtime::grpc_auth::TokenArgs,
 }
 
 /// Records the in-process queue holds before the HTTP API waits.
@@ -92,7 +96,9 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
         kafka_topic,
         kafka_group,
         api_key,
+        grpc_token,
     } = args;
+    let grpc_token = grpc_token.source();
     let bind = listen::bind;
     // Client listeners get the comet's deeper accept backlog.
     let bind_client = |addr: SocketAddr| {
@@ -150,6 +156,7 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
     logic_config.node_list = Some(Source::Memory(nodes));
     logic_config.http.api_key = api_key.filter(|k| !k.is_empty());
     logic_config.client_auth = client_auth;
+    logic_config.grpc_token = grpc_token.clone();
     let store: Arc<dyn SessionStore> = match &redis {
         Some(_) => Arc::new(herald_logic::store::redis::RedisStore::new(
             logic_config.redis.clone(),
@@ -163,6 +170,7 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
         &kafka_topic,
         &kafka_group,
     );
+    job_config.grpc_token = grpc_token.clone();
     job_config.comets = vec![herald_job::StaticComet {
         name: server_id.clone(),
         grpc: comet_grpc.to_string(),
@@ -179,7 +187,8 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
             (Arc::new(queue), Some(records))
         }
     };
-    let comet_config = herald_comet::Config::new(server_id, logic_grpc.to_string());
+    let mut comet_config = herald_comet::Config::new(server_id, logic_grpc.to_string());
+    comet_config.grpc_token = grpc_token;
 
     info!(
         tcp = %tcp_addr, ws = %ws_addr, http = %http_addr, client = ?client_addr.0,

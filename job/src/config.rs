@@ -97,6 +97,9 @@ pub struct Args {
     /// comet.
     #[arg(long, env = "HERALD_JOB_ROOMS_POLL_MS", default_value_t = 1000)]
     pub rooms_poll_ms: u64,
+    /// The shared token sent on every call to a comet.
+    #[command(flatten)]
+    pub grpc_token: herald_runtime::grpc_auth::TokenArgs,
 }
 
 /// Default [`Args::max_record_bytes`]: a frame of this body plus its header
@@ -141,6 +144,8 @@ pub struct Config {
     pub max_record_bytes: usize,
     /// `Rooms` poll interval; `None` sends room pushes to every comet.
     pub rooms_poll: Option<Duration>,
+    /// The shared token comets' gRPC ports require (off: none sent).
+    pub grpc_token: herald_runtime::grpc_auth::TokenSource,
 }
 
 impl Args {
@@ -176,6 +181,7 @@ impl Args {
             dead_letter_topic,
             max_record_bytes,
             rooms_poll_ms,
+            grpc_token,
         } = self;
         Config {
             kafka: KafkaConfig {
@@ -201,6 +207,7 @@ impl Args {
             dead_letter_topic: dead_letter_topic.filter(|t| !t.is_empty()),
             max_record_bytes,
             rooms_poll: (rooms_poll_ms > 0).then(|| Duration::from_millis(rooms_poll_ms)),
+            grpc_token: grpc_token.source(),
         }
     }
 }

@@ -68,6 +68,9 @@ pub enum Error {
     /// The admin HTTP server failed.
     #[error("serving admin http")]
     Http(#[source] std::io::Error),
+    /// The gRPC token file cannot be read, or holds no usable token.
+    #[error("gRPC token")]
+    GrpcToken(#[from] herald_runtime::grpc_auth::Error),
 }
 
 /// Result of this crate.
@@ -134,13 +137,15 @@ impl Job {
     /// [`Job::stop`]).
     ///
     /// # Errors
-    /// An invalid config, or a node list file that exists but is not valid.
+    /// An invalid config, a node list file that exists but is not valid,
+    /// or an unusable gRPC token file.
     pub fn start(config: &Config) -> Result<Job> {
         config.validate()?;
         let stats = Arc::new(Stats::default());
         let cancel = CancellationToken::new();
         let directory = comets::Directory::new(
             config.calls.clone(),
+            config.grpc_token.start()?,
             config.rooms_poll,
             stats.clone(),
             cancel.clone(),

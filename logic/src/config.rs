@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use herald_runtime::contract;
-use herald_runtime::nodes;
+use herald_runtime::{grpc_auth, nodes};
 
 use crate::http::client::ClientAuth;
 use crate::{Error, Result, TokenMode, http, queue, service, store, token};
@@ -158,6 +158,9 @@ pub struct Args {
     /// Longest graceful drain after shutdown, in milliseconds.
     #[arg(long, env = "HERALD_LOGIC_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
+    /// The shared token comets must send on the gRPC port.
+    #[command(flatten)]
+    pub grpc_token: grpc_auth::TokenArgs,
 }
 
 /// Validated configuration; [`Args::into_config`] builds it, tests fill it in.
@@ -196,6 +199,8 @@ pub struct Config {
     pub online_interval: Duration,
     /// Graceful drain deadline.
     pub drain_timeout: Duration,
+    /// The shared token the gRPC port requires (off: none).
+    pub grpc_token: grpc_auth::TokenSource,
 }
 
 impl Args {
@@ -245,6 +250,7 @@ impl Args {
             max_body_bytes,
             max_keys,
             drain_timeout_ms,
+            grpc_token,
         } = self;
         Config {
             http_addr,
@@ -289,6 +295,7 @@ impl Args {
             },
             online_interval: Duration::from_millis(online_interval_ms),
             drain_timeout: Duration::from_millis(drain_timeout_ms),
+            grpc_token: grpc_token.source(),
         }
     }
 }

@@ -59,6 +59,9 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("grpc server")]
     Grpc(#[source] tonic::transport::Error),
+    /// The gRPC token file cannot be read, or holds no usable token.
+    #[error("gRPC token")]
+    GrpcToken(#[from] herald_runtime::grpc_auth::Error),
 }
 
 /// Result of this crate.
@@ -164,7 +167,9 @@ async fn serve(
         service: settings,
         online_interval,
         drain_timeout,
+        grpc_token,
     } = config;
+    let grpc_token = grpc_token.start()?;
 
     let nodes = match &node_list {
         Some(source) => nodes::Nodes::new(source.initial()?),
@@ -228,6 +233,7 @@ async fn serve(
         ?grpc_addr,
         ?client_addr,
         ?client_auth,
+        grpc_token = grpc_token.is_on(),
         "logic listening"
     );
 
@@ -253,6 +259,7 @@ async fn serve(
     let app = http::router(service.clone(), http_config);
     let http_server = serve_http(listeners.http, app, tracing::info_span!("http"));
     let grpc_server = tonic::transport::Server::builder()
+        .layer(grpc_token.server_layer(service.metrics().grpc_auth_refusals()))
         .add_service(grpc::LogicGrpc::server(service))
         .serve_with_incoming_shutdown(
             tokio_stream::StreamExt::map(

@@ -8,6 +8,7 @@ use herald_runtime::contract::unready;
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use herald_runtime::grpc_auth::Refusals;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -30,6 +31,7 @@ pub struct Metrics {
     upstream: Counters,
     node_list_generation: Gauge,
     node_list_nodes: Gauge,
+    grpc_auth_refusals: Refusals,
 }
 
 impl Default for Metrics {
@@ -80,6 +82,7 @@ impl Metrics {
             "Comets in the node list in use, draining included",
             node_list_nodes.clone(),
         );
+        let grpc_auth_refusals = Refusals::register(&mut registry);
         Metrics {
             registry,
             http,
@@ -89,6 +92,7 @@ impl Metrics {
             upstream,
             node_list_generation,
             node_list_nodes,
+            grpc_auth_refusals,
         }
     }
 
@@ -108,6 +112,11 @@ impl Metrics {
                 ("outcome", outcome(ok)),
             ])
             .inc();
+    }
+
+    /// The gRPC port's token refusals, for its token check.
+    pub(crate) fn grpc_auth_refusals(&self) -> Refusals {
+        self.grpc_auth_refusals.clone()
     }
 
     pub(crate) fn record(&self, kind: &'static str, ok: bool, took: Duration) {

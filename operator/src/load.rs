@@ -2,7 +2,10 @@
 //! operator makes to each comet pod at `<podIP>:<grpc port>`, and the node-list
 //! document (§15.4) built from their answers.
 
+use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
+
+use herald_runtime::grpc_auth::{AuthChannel, Token};
 
 pub use herald_protocol::nodes::{DrainSettings, Node, NodeList};
 use herald_protocol::pb::admin::{
@@ -43,10 +46,26 @@ pub enum Error {
 /// Result of this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-async fn client(
-    addr: &str,
-    timeout: Duration,
-) -> Result<CometAdminClient<tonic::transport::Channel>> {
+/// The shared gRPC token every admin call carries (comets may require it).
+/// Process-wide because the reconcile passes reach comets by address alone,
+/// through [`load`] and [`drain`]; off until [`use_grpc_token`].
+static GRPC_TOKEN: RwLock<Option<Token>> = RwLock::new(None);
+
+/// Makes every later [`load`] and [`drain`] call carry `token`: `herald
+/// operator` calls it once at start with its `--grpc-token-file`.
+pub fn use_grpc_token(token: Token) {
+    *GRPC_TOKEN.write().unwrap_or_else(PoisonError::into_inner) = Some(token);
+}
+
+fn grpc_token() -> Token {
+    GRPC_TOKEN
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+        .unwrap_or_default()
+}
+
+async fn client(addr: &str, timeout: Duration) -> Result<CometAdminClient<AuthChannel>> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|source| Error::Address {
             addr: addr.to_owned(),
@@ -58,7 +77,7 @@ async fn client(
         addr: addr.to_owned(),
         source,
     })?;
-    Ok(CometAdminClient::new(channel))
+    Ok(CometAdminClient::new(grpc_token().channel(channel)))
 }
 
 /// Asks one comet for its load; `addr` is `ip:port`.

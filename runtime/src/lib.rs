@@ -13,6 +13,8 @@
 //!   behind the `kube` feature, or in memory for `herald standalone`).
 //! - [`contract`]: the environment variable names the operator sets and the
 //!   roles read, compiled into both sides.
+//! - [`grpc_auth`]: the shared token the internal gRPC ports require, the
+//!   client and server interceptors and the refusal counter.
 //! - [`args`]: flag defaults taken from the clap definitions themselves, so a
 //!   default is written once, on its flag.
 //! - [`error_chain`]: an error and its causes on one line, for logs and
@@ -21,6 +23,7 @@
 pub mod admin;
 pub mod args;
 pub mod contract;
+pub mod grpc_auth;
 pub mod listen;
 pub mod nodes;
 pub mod shutdown;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use herald_protocol::pb::CometClient;
 use herald_protocol::pb::push::comet_push_client::CometPushClient;
+use herald_runtime::grpc_auth::Token;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
@@ -49,6 +50,8 @@ pub(crate) struct Directory {
     // std Mutex: held only to look up or swap entries, never across an await.
     comets: Arc<Mutex<HashMap<String, Handle>>>,
     pub(super) settings: Arc<CallSettings>,
+    /// Sent on every call: comets' gRPC ports may require it.
+    token: Token,
     rooms_poll: Option<Duration>,
     pub(super) stats: Arc<Stats>,
     pub(super) cancel: CancellationToken,
@@ -57,6 +60,7 @@ pub(crate) struct Directory {
 impl Directory {
     pub(crate) fn new(
         settings: CallSettings,
+        token: Token,
         rooms_poll: Option<Duration>,
         stats: Arc<Stats>,
         cancel: CancellationToken,
@@ -64,6 +68,7 @@ impl Directory {
         Directory {
             comets: Arc::default(),
             settings: Arc::new(settings),
+            token,
             rooms_poll,
             stats,
             cancel,
@@ -177,6 +182,7 @@ impl Directory {
             .connect_timeout(self.settings.timeout)
             .timeout(self.settings.timeout)
             .connect_lazy();
+        let channel = self.token.channel(channel);
         let (tx, rx) = mpsc::unbounded_channel();
         let client = CometClient::new(channel.clone());
         let push_client = CometPushClient::new(channel);

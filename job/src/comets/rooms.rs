@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use herald_protocol::pb::CometClient;
 use herald_protocol::pb::goim::comet::RoomsReq;
+use herald_runtime::grpc_auth::AuthChannel;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tracing::debug;
 
 /// One comet's rooms as seen by its last `Rooms` polls.
@@ -60,7 +60,7 @@ impl RoomView {
 /// Asks a comet for its rooms every `every` until `stop`; a failed answer
 /// makes the view unknown (room pushes go to this comet).
 pub(super) async fn poll_rooms(
-    mut client: CometClient<Channel>,
+    mut client: CometClient<AuthChannel>,
     view: Arc<Mutex<RoomView>>,
     every: Duration,
     timeout: Duration,

@@ -11,8 +11,8 @@ use herald_protocol::pb::push::PushMsgsReq;
 use herald_protocol::pb::push::comet_push_client::CometPushClient;
 use herald_protocol::pb::{BroadcastRoomReq, CometClient, PushMsgReq};
 use herald_protocol::ws;
+use herald_runtime::grpc_auth::AuthChannel;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 use tracing::info;
 
 use super::batch::batches;
@@ -38,8 +38,8 @@ pub(super) struct Worker {
 /// One comet's gRPC clients, over one channel.
 #[derive(Debug)]
 pub(super) struct Clients {
-    pub(super) comet: CometClient<Channel>,
-    pub(super) push: CometPushClient<Channel>,
+    pub(super) comet: CometClient<AuthChannel>,
+    pub(super) push: CometPushClient<AuthChannel>,
     /// Whether to send runs of pushes as one `PushMsgs`: true until the
     /// comet answers UNIMPLEMENTED (goim's comet), then one `PushMsg` each.
     pub(super) batches: bool,
