@@ -405,3 +405,52 @@ async fn push_to_write_latency_is_observed_for_pushes_only() -> Result {
     );
     h.shutdown().await
 }
+
+/// With a shared gRPC token set, the gRPC port refuses a push without it
+/// and one with another token (`Unauthenticated`, saying what is wrong and
+/// never the token, each counted by reason); with the token, pushes and the
+/// operator's `Load` go through. The admin HTTP port stays open.
+#[tokio::test]
+async fn the_grpc_port_wants_the_shared_token_when_one_is_set() -> Result {
+    use herald_protocol::pb::CometClient;
+    use herald_protocol::pb::admin::comet_admin_client::CometAdminClient;
+    use herald_runtime::grpc_auth::{self, TokenSource};
+
+    const SECRET: &str = "s3cret-grpc-token";
+    let mut h = Harness::start(|config| config.grpc_token = TokenSource::literal(SECRET)).await?;
+    let mut t = h.tcp_client(&token("k1", "", &[1000])).await?;
+    let push = || PushMsgReq {
+        keys: vec!["k1".into()],
+        proto: Some(ws::raw_proto(hex(T5).into())),
+        proto_op: 1000,
+    };
+
+    let refused = h.comet_client().await?.push_msg(push()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(grpc_auth::is_refusal(&refused), "{refused:?}");
+    assert!(refused.message().contains("carried none"), "{refused:?}");
+    let missing = "herald_comet_grpc_auth_refusals_total{reason=\"missing\"}";
+    h.wait_metric(missing, 1.0).await?;
+
+    let wrong_token = TokenSource::literal("not-the-token").start()?;
+    let mut wrong = CometClient::new(wrong_token.channel(h.channel().await?));
+    let refused = wrong.push_msg(push()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(!refused.message().contains("not-the-token"), "{refused:?}");
+    assert!(!refused.message().contains(SECRET), "{refused:?}");
+    let wrong_series = "herald_comet_grpc_auth_refusals_total{reason=\"wrong\"}";
+    h.wait_metric(wrong_series, 1.0).await?;
+    herald_testkit::expect_silence(&mut t, std::time::Duration::from_millis(200)).await?;
+
+    let right = TokenSource::literal(SECRET).start()?;
+    let mut comet = CometClient::new(right.channel(h.channel().await?));
+    comet.push_msg(push()).await?;
+    assert_eq!(t.next_message().await?.to_bytes(), hex(T5), "pushed");
+    let mut admin = CometAdminClient::new(right.channel(h.channel().await?));
+    let load = admin.load(LoadRequest {}).await?.into_inner();
+    assert_eq!(load.connections, 1);
+    assert_eq!(h.metric(missing).await?, 1.0, "nothing more refused");
+    assert_eq!(h.metric(wrong_series).await?, 1.0);
+    assert_eq!(http::get(h.http, "/healthz").await?.status, 200);
+    h.shutdown().await
+}

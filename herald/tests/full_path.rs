@@ -39,10 +39,20 @@ struct Cluster {
     logic_http: u16,
     comet_tcp: u16,
     comet_ws: u16,
+    comet_grpc: u16,
+    comet_http: u16,
+    /// Passed to every role as `--grpc-token-file` when set.
+    grpc_token_file: Option<String>,
 }
 
 impl Cluster {
     async fn start(label: &str) -> anyhow::Result<Cluster> {
+        Cluster::start_with_token(label, None).await
+    }
+
+    /// As [`Cluster::start`]; with `grpc_token`, every role gets it in a
+    /// `--grpc-token-file`.
+    async fn start_with_token(label: &str, grpc_token: Option<&str>) -> anyhow::Result<Cluster> {
         let redis = testbed_var("HERALD_REDIS_URL");
         let brokers = testbed_var("HERALD_KAFKA_BROKERS");
         let topic = unique_name(&format!("fullpath-{label}"));
@@ -83,6 +93,14 @@ impl Cluster {
         });
         std::fs::write(&nodes, serde_json::to_vec_pretty(&list)?)?;
         let nodes = nodes.display().to_string();
+        let grpc_token_file = match grpc_token {
+            Some(token) => {
+                let file = dir.join("grpc-token");
+                std::fs::write(&file, format!("{token}\n"))?;
+                Some(file.display().to_string())
+            }
+            None => None,
+        };
 
         let mut cluster = Cluster {
             procs: Vec::new(),
@@ -90,6 +108,9 @@ impl Cluster {
             logic_http,
             comet_tcp,
             comet_ws,
+            comet_grpc,
+            comet_http,
+            grpc_token_file,
         };
         let result = cluster
             .spawn_all(
@@ -192,10 +213,13 @@ impl Cluster {
         ports: &[u16],
     ) -> anyhow::Result<()> {
         self.check_running()?;
-        let mut process = Herald::new(env!("CARGO_BIN_EXE_herald"), role)
+        let mut herald = Herald::new(env!("CARGO_BIN_EXE_herald"), role)
             .args(args)
-            .dir(dir)
-            .start()?;
+            .dir(dir);
+        if let Some(file) = &self.grpc_token_file {
+            herald = herald.args(["--grpc-token-file", file]);
+        }
+        let mut process = herald.start()?;
         let waited = async {
             for &port in ports {
                 process.wait_for_port(("127.0.0.1", port), WAIT).await?;
@@ -318,50 +342,124 @@ async fn push(http: u16, path_and_query: &str, body: &[u8]) -> anyhow::Result<()
 async fn every_push_kind_crosses_logic_kafka_job_and_comet() -> anyhow::Result<()> {
     let cluster = Cluster::start("kinds").await?;
     cluster
+        .run(|http, tcp, ws| every_push_kind((http, tcp, ws), "", (1, 2)))
+        .await
+}
+
+/// The same with the shared gRPC token on every role (a token file): comet's
+/// `Connect`s to logic, job's pushes (and `Rooms` polls) to comet all carry
+/// it, so nothing is refused, while a call without it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_push_kind_crosses_with_the_grpc_token_on_every_role() -> anyhow::Result<()> {
+    use herald_protocol::pb::{CometClient, PushMsgReq};
+
+    let cluster = Cluster::start_with_token("token", Some("full-path-grpc-token")).await?;
+    let (comet_grpc, comet_http, logic_http) =
+        (cluster.comet_grpc, cluster.comet_http, cluster.logic_http);
+    cluster
         .run(|http, tcp_port, ws_port| async move {
-            let mut tcp = tcp_client(tcp_port, 1, "k-tcp").await?;
-            let mut ws = ws_client(ws_port, 2, "k-ws").await?;
+            every_push_kind((http, tcp_port, ws_port), "-token", (21, 22)).await?;
+            let refusals = |port: u16, role: &'static str, reason: &'static str| async move {
+                let series =
+                    format!("herald_{role}_grpc_auth_refusals_total{{reason=\"{reason}\"}}");
+                let metrics = herald_testkit::http::get(addr(port), "/metrics")
+                    .await?
+                    .body;
+                let value = metrics
+                    .lines()
+                    .find_map(|line| line.strip_prefix(&series)?.trim().parse::<f64>().ok());
+                value.with_context(|| format!("no {series} in {metrics}"))
+            };
+            for reason in ["missing", "wrong"] {
+                ensure!(
+                    refusals(comet_http, "comet", reason).await? == 0.0,
+                    "comet refused a call"
+                );
+                ensure!(
+                    refusals(logic_http, "logic", reason).await? == 0.0,
+                    "logic refused a call"
+                );
+            }
 
-            // Keys: exactly the T5 bytes on the TCP stream.
-            push(http, "/goim/push/keys?operation=1000&keys=k-tcp", b"hello").await?;
-            let t5: &[u8] = &[
-                0x00, 0x00, 0x00, 0x15, 0x00, 0x10, 0x00, 0x01, 0x00, 0x00, 0x03, 0xe8, 0x00, 0x00,
-                0x00, 0x00, 0x68, 0x65, 0x6c, 0x6c, 0x6f,
-            ];
-            let got = tcp.next_message().await?.to_bytes();
-            ensure!(&got[..] == t5, "keys push on tcp: {:02x?}", &got[..]);
-
-            // Mids: one op-9 message carrying the push frame (T6 shape).
-            push(http, "/goim/push/mids?operation=1000&mids=2", b"to-mid").await?;
-            let message = ws.next_message().await?;
-            ensure!(
-                message.op == op::RAW && message.ver == 1 && message.seq == 0,
-                "mids push on ws: {message:?}"
+            let mut anonymous = CometClient::new(
+                tonic::transport::Channel::from_shared(format!("http://{}", addr(comet_grpc)))?
+                    .connect()
+                    .await?,
             );
-            let inner: Vec<Frame> =
-                ws::frames(message.body, Limits::OUTBOUND).collect::<Result<_, _>>()?;
+            let refused = anonymous
+                .push_msg(PushMsgReq {
+                    keys: vec!["k-tcp-token".into()],
+                    proto_op: PUSH_OP,
+                    proto: Some(ws::raw_proto(
+                        Frame::push(PUSH_OP, &b"anonymous"[..]).to_bytes(),
+                    )),
+                })
+                .await
+                .err()
+                .context("comet took a push without the token")?;
             ensure!(
-                inner == [Frame::push(PUSH_OP, &b"to-mid"[..])],
-                "mids push inside op 9: {inner:?}"
+                refused.code() == tonic::Code::Unauthenticated,
+                "{refused:?}"
             );
-
-            // Room: both clients.
-            push(
-                http,
-                "/goim/push/room?operation=1000&type=live&room=1000",
-                b"to-room",
-            )
-            .await?;
-            ensure!(next_push(&mut tcp).await? == "to-room", "room push on tcp");
-            ensure!(next_push(&mut ws).await? == "to-room", "room push on ws");
-
-            // Broadcast: both clients.
-            push(http, "/goim/push/all?operation=1000", b"to-all").await?;
-            ensure!(next_push(&mut tcp).await? == "to-all", "broadcast on tcp");
-            ensure!(next_push(&mut ws).await? == "to-all", "broadcast on ws");
+            ensure!(
+                refusals(comet_http, "comet", "missing").await? == 1.0,
+                "refusal not counted"
+            );
             Ok(())
         })
         .await
+}
+
+/// Keys, mids, room and broadcast pushes through `http` reach a TCP client
+/// (key `k-tcp<tag>`) and a WebSocket client (mid `ws_mid`) of the comet.
+/// Tests running at once share Redis: each gives its own tag and mids.
+async fn every_push_kind(
+    (http, tcp_port, ws_port): (u16, u16, u16),
+    tag: &str,
+    (tcp_mid, ws_mid): (i64, i64),
+) -> anyhow::Result<()> {
+    let mut tcp = tcp_client(tcp_port, tcp_mid, &format!("k-tcp{tag}")).await?;
+    let mut ws = ws_client(ws_port, ws_mid, &format!("k-ws{tag}")).await?;
+
+    // Keys: exactly the T5 bytes on the TCP stream.
+    let keys = format!("/goim/push/keys?operation=1000&keys=k-tcp{tag}");
+    push(http, &keys, b"hello").await?;
+    let t5: &[u8] = &[
+        0x00, 0x00, 0x00, 0x15, 0x00, 0x10, 0x00, 0x01, 0x00, 0x00, 0x03, 0xe8, 0x00, 0x00, 0x00,
+        0x00, 0x68, 0x65, 0x6c, 0x6c, 0x6f,
+    ];
+    let got = tcp.next_message().await?.to_bytes();
+    ensure!(&got[..] == t5, "keys push on tcp: {:02x?}", &got[..]);
+
+    // Mids: one op-9 message carrying the push frame (T6 shape).
+    let mids = format!("/goim/push/mids?operation=1000&mids={ws_mid}");
+    push(http, &mids, b"to-mid").await?;
+    let message = ws.next_message().await?;
+    ensure!(
+        message.op == op::RAW && message.ver == 1 && message.seq == 0,
+        "mids push on ws: {message:?}"
+    );
+    let inner: Vec<Frame> = ws::frames(message.body, Limits::OUTBOUND).collect::<Result<_, _>>()?;
+    ensure!(
+        inner == [Frame::push(PUSH_OP, &b"to-mid"[..])],
+        "mids push inside op 9: {inner:?}"
+    );
+
+    // Room: both clients.
+    push(
+        http,
+        "/goim/push/room?operation=1000&type=live&room=1000",
+        b"to-room",
+    )
+    .await?;
+    ensure!(next_push(&mut tcp).await? == "to-room", "room push on tcp");
+    ensure!(next_push(&mut ws).await? == "to-room", "room push on ws");
+
+    // Broadcast: both clients.
+    push(http, "/goim/push/all?operation=1000", b"to-all").await?;
+    ensure!(next_push(&mut tcp).await? == "to-all", "broadcast on tcp");
+    ensure!(next_push(&mut ws).await? == "to-all", "broadcast on ws");
+    Ok(())
 }
 
 /// 200 room pushes sent back to back reach both clients complete and in order.

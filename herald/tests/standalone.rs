@@ -31,6 +31,7 @@ struct Standalone {
     _process: HeraldProcess,
     tcp: SocketAddr,
     ws: SocketAddr,
+    grpc: SocketAddr,
     http: SocketAddr,
 }
 
@@ -65,6 +66,7 @@ impl Standalone {
             _process: process,
             tcp,
             ws,
+            grpc,
             http,
         })
     }
@@ -93,6 +95,29 @@ async fn ws_client(addr: SocketAddr, token: &Token) -> Result<Client> {
 async fn standalone_pushes_to_tcp_and_websocket_clients() -> Result {
     let herald = Standalone::start(&[]).await?;
     pushes_reach_both_clients(&herald, "tcp-key", "ws-key").await
+}
+
+/// With `--grpc-token` the roles in the process send it to each other, so
+/// pushes still arrive, and the comet's gRPC port refuses a push without it.
+#[tokio::test]
+async fn standalone_with_a_grpc_token_pushes_and_refuses_calls_without_it() -> Result {
+    use herald_protocol::pb::{CometClient, PushMsgReq};
+
+    let herald = Standalone::start(&["--grpc-token".into(), "standalone-token".into()]).await?;
+    pushes_reach_both_clients(&herald, "tcp-key", "ws-key").await?;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", herald.grpc))?
+        .connect()
+        .await?;
+    let refused = CometClient::new(channel)
+        .push_msg(PushMsgReq {
+            keys: vec!["tcp-key".into()],
+            proto_op: 1000,
+            proto: Some(herald_protocol::ws::raw_proto(hex(T5).into())),
+        })
+        .await
+        .expect_err("a push without the token");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    Ok(())
 }
 
 /// `herald probe`, what the chart's `helm test` runs: against standalone

@@ -71,6 +71,69 @@ async fn connect_writes_exactly_the_goim_routes_with_ttl() {
     logic.stop().await;
 }
 
+/// With a shared gRPC token set, a comet's `Connect` without it or with
+/// another is refused (`Unauthenticated`, counted by reason, no route
+/// written); with it, the route is written. `/metrics` needs no token.
+#[tokio::test]
+async fn connect_wants_the_shared_grpc_token_when_one_is_set() {
+    use herald_runtime::grpc_auth::{self, TokenSource};
+
+    let mut r = redis().await;
+    let key = unique("k-grpc-token");
+    let token = format!(r#"{{"mid":124,"key":"{key}","room_id":"live://1000"}}"#);
+    let mut config = config(&unique("unused"));
+    config.grpc_token = TokenSource::literal("logic-grpc-token");
+    let logic = Logic::start(config).await;
+    let request = || ConnectReq {
+        server: "comet-01".to_owned(),
+        cookie: String::new(),
+        token: token.as_bytes().to_vec().into(),
+    };
+    let refusals = |reason: &str| {
+        let series = format!("herald_logic_grpc_auth_refusals_total{{reason=\"{reason}\"}}");
+        async move { sample(&get_text(logic.http, "/metrics").await.1, &series) }
+    };
+
+    let refused = logic.grpc().await.connect(request()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(grpc_auth::is_refusal(&refused), "{refused:?}");
+    let channel = Channel::from_shared(format!("http://{}", logic.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let wrong = TokenSource::literal("another-token").start().unwrap();
+    let refused = LogicClient::new(wrong.channel(channel.clone()))
+        .connect(request())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(
+        !refused.message().contains("logic-grpc-token"),
+        "{refused:?}"
+    );
+    assert_eq!(refusals("missing").await, Some(1.0));
+    assert_eq!(refusals("wrong").await, Some(1.0));
+    let routed: Option<String> = r.get(format!("key_{key}")).await.unwrap();
+    assert_eq!(routed, None, "a refused call writes no route");
+
+    let right = TokenSource::literal("logic-grpc-token").start().unwrap();
+    let reply = LogicClient::new(right.channel(channel))
+        .connect(request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.key, key);
+    let routed: String = r.get(format!("key_{key}")).await.unwrap();
+    assert_eq!(routed, "comet-01");
+    assert_eq!(refusals("missing").await, Some(1.0), "nothing more refused");
+    let _: () = r
+        .del(&["mid_124".to_owned(), format!("key_{key}")])
+        .await
+        .unwrap();
+    logic.stop().await;
+}
+
 #[tokio::test]
 async fn connect_invents_a_uuid_key_and_rejects_non_json() {
     let logic = Logic::start(config(&unique("unused"))).await;
