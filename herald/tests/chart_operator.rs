@@ -117,9 +117,18 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
             secrets.create(&PostParams::default(), &secret).await?;
         }
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), &chat);
-        for name in ["chat-comet", "chat-logic", "chat-job"] {
+        let comet = eventually(60, "the comet ReplicaSet", || async {
+            let sets = common::operator::comet_replica_sets(&deployments, "chat").await?;
+            Ok(sets.into_iter().next())
+        })
+        .await?;
+        let mut owners = vec![(comet.name_any(), comet.owner_references().to_vec())];
+        for name in ["chat-logic", "chat-job"] {
             let d = eventually(60, name, || async { Ok(deployments.get_opt(name).await?) }).await?;
-            let owner = d.owner_references().first().context("owner reference")?;
+            owners.push((name.to_owned(), d.owner_references().to_vec()));
+        }
+        for (name, references) in owners {
+            let owner = references.first().context("owner reference")?;
             ensure!(
                 owner.kind == "PushCluster" && Some(&owner.uid) == created.metadata.uid.as_ref(),
                 "{name} is not owned by the PushCluster: {owner:?}"
@@ -178,7 +187,16 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
             .split_whitespace()
             .collect();
         ensure!(
-            header == ["NAME", "READY", "COMETS", "CONNECTIONS", "DRAINING", "AGE"],
+            header
+                == [
+                    "NAME",
+                    "READY",
+                    "COMETS",
+                    "UPDATED",
+                    "CONNECTIONS",
+                    "DRAINING",
+                    "AGE"
+                ],
             "{table}"
         );
         let row: Vec<&str> = lines

@@ -35,8 +35,8 @@ mod common;
 use common::goim::{GoimClient, PUSH_OP, follow, json_token, warm_up};
 use common::k8s::start_kubelet;
 use common::operator::{
-    Operator, comet_replicas, comet_spec, container_args, has_condition, kubectl_get, owned_by,
-    ready_pods, secret_value, setup, wait_cluster, wait_node_flags,
+    Operator, comet_replica_sets, comet_replicas, comet_spec, container_args, has_condition,
+    kubectl_get, owned_by, ready_pods, secret_value, setup, wait_cluster, wait_node_flags,
 };
 
 /// The pods' /24 (other harness tests use 127.0.20-29.x).
@@ -220,9 +220,12 @@ async fn scenario(
     })
     .await?;
     let cluster = clusters.get(CLUSTER).await?;
-    for component in ["comet", "logic", "job"] {
+    for component in ["logic", "job"] {
         let deployment = deployments.get(&format!("{CLUSTER}-{component}")).await?;
         owned_by(&deployment.metadata, &cluster, component)?;
+    }
+    for set in comet_replica_sets(&deployments, CLUSTER).await? {
+        owned_by(&set.metadata, &cluster, "comet ReplicaSet")?;
     }
     for name in ["comet", "comet-grpc", "logic"] {
         let service = services.get(&format!("{CLUSTER}-{name}")).await?;
@@ -244,10 +247,18 @@ async fn scenario(
     ensure!(proxy.forwarded() > 0, "the comet never reached logic");
     let (header, row) = kubectl_get(ns, CLUSTER).await?;
     ensure!(
-        header[..5] == ["NAME", "READY", "COMETS", "CONNECTIONS", "DRAINING"],
+        header[..6]
+            == [
+                "NAME",
+                "READY",
+                "COMETS",
+                "UPDATED",
+                "CONNECTIONS",
+                "DRAINING"
+            ],
         "{header:?}"
     );
-    ensure!(row[1..5] == ["True", "1/1", "0", "0"], "{row:?}");
+    ensure!(row[1..6] == ["True", "1/1", "1/1", "0", "0"], "{row:?}");
 
     // The push path works before anything moves: logic (through the
     // proxy) -> Kafka -> job (node list from the ConfigMap) -> comet. Sent

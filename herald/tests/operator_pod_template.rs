@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::operator::{Operator, cluster_json, create_cluster, setup};
+use common::operator::{Operator, cluster_json, comet_spec, create_cluster, setup};
 
 /// Every pod-template control set, on each component, and compliant with
 /// the restricted standard (else the namespace would refuse the pods).
@@ -60,11 +60,23 @@ fn pod_spec(deployment: &Deployment) -> Result<&PodSpec> {
     template(deployment)?.spec.as_ref().context("no pod spec")
 }
 
-/// The Deployments of `cluster` (comet, logic, job), once all three exist.
+/// The workloads of `cluster` (comet, logic, job), once all three exist.
 async fn deployments_of(api: &Api<Deployment>, cluster: &str) -> Result<Vec<Deployment>> {
     eventually(60, &format!("the Deployments of {cluster}"), || async {
         let mut found = Vec::new();
-        for role in ["comet", "logic", "job"] {
+        // The comets' ReplicaSet, in a Deployment's shape and name.
+        match comet_spec(api, cluster).await? {
+            Some(spec) => found.push(Deployment {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(format!("{cluster}-comet")),
+                    ..Default::default()
+                },
+                spec: Some(spec),
+                status: None,
+            }),
+            None => return Ok(None),
+        }
+        for role in ["logic", "job"] {
             match api.get_opt(&format!("{cluster}-{role}")).await? {
                 Some(deployment) => found.push(deployment),
                 None => return Ok(None),

@@ -23,8 +23,8 @@ use serde_json::json;
 mod common;
 
 use common::operator::{
-    Operator, cluster_json, condition, create_cluster, delete_namespace, has_condition, node_list,
-    owned_by, setup, wait_cluster,
+    Operator, cluster_json, comet_replica_sets, comet_spec, condition, create_cluster,
+    delete_namespace, has_condition, node_list, owned_by, setup, wait_cluster,
 };
 
 #[tokio::test]
@@ -85,9 +85,17 @@ async fn cluster_gets_owned_children_idempotently_and_recreates_them() -> anyhow
     })
     .await?;
 
-    for name in ["chat-comet", "chat-logic", "chat-job"] {
+    for name in ["chat-logic", "chat-job"] {
         owned_by(&deployments.get(name).await?.metadata, &created, name)?;
     }
+    // Comets run in one ReplicaSet per pod-template revision (no comet
+    // Deployment under the default `rollout.strategy: Drain`).
+    assert!(deployments.get_opt("chat-comet").await?.is_none());
+    let sets = comet_replica_sets(&deployments, "chat").await?;
+    assert_eq!(sets.len(), 1, "one revision");
+    let comet_set = sets[0].name_any();
+    assert!(comet_set.starts_with("chat-comet-"), "{comet_set}");
+    owned_by(&sets[0].metadata, &created, &comet_set)?;
     for name in ["chat-comet", "chat-comet-grpc", "chat-logic"] {
         owned_by(&services.get(name).await?.metadata, &created, name)?;
     }
@@ -123,8 +131,7 @@ async fn cluster_gets_owned_children_idempotently_and_recreates_them() -> anyhow
     }
 
     // The pod contract, as stored by the apiserver.
-    let comet = deployments.get("chat-comet").await?;
-    let spec = comet.spec.clone().unwrap_or_default();
+    let spec = comet_spec(&deployments, "chat").await?.unwrap_or_default();
     assert_eq!(spec.replicas, Some(2));
     let pod = spec.template.spec.unwrap_or_default();
     // 30 s deadline + 15 s margin, rounded up to 300 s: deadline changes
@@ -244,9 +251,15 @@ async fn cluster_gets_owned_children_idempotently_and_recreates_them() -> anyhow
         secrets.get("chat-api-key").await?.resource_version(),
     );
     let mut generations = BTreeMap::new();
-    for name in ["chat-comet", "chat-logic", "chat-job"] {
+    for name in ["chat-logic", "chat-job"] {
         generations.insert(name, deployments.get(name).await?.metadata.generation);
     }
+    let comet_generation = |sets: Vec<k8s_openapi::api::apps::v1::ReplicaSet>| {
+        sets.into_iter()
+            .map(|rs| (rs.name_any(), rs.metadata.generation))
+            .collect::<Vec<_>>()
+    };
+    let comet_before = comet_generation(comet_replica_sets(&deployments, "chat").await?);
     let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns);
     let ours = || async {
         let list = events.list(&ListParams::default()).await?;
@@ -295,6 +308,11 @@ async fn cluster_gets_owned_children_idempotently_and_recreates_them() -> anyhow
             "{name} spec rewritten"
         );
     }
+    assert_eq!(
+        comet_generation(comet_replica_sets(&deployments, "chat").await?),
+        comet_before,
+        "comet ReplicaSet rewritten or another revision made"
+    );
 
     // A deleted child comes back (a new object, same shape).
     let old_uid = services.get("chat-comet").await?.metadata.uid;
@@ -333,7 +351,7 @@ async fn only_the_lease_holder_acts() -> anyhow::Result<()> {
     create_cluster(&client, &ns, "chat", json!({})).await?;
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     eventually(60, "children", || async {
-        Ok(deployments.get_opt("chat-comet").await?.map(|_| ()))
+        Ok(comet_spec(&deployments, "chat").await?.map(|_| ()))
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;

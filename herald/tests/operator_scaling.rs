@@ -47,10 +47,22 @@ async fn kubectl_columns_and_scale_subresource() -> anyhow::Result<()> {
     let (header, row) = kubectl_get(&ns, "chat").await?;
     assert_eq!(
         header,
-        ["NAME", "READY", "COMETS", "CONNECTIONS", "DRAINING", "AGE"],
+        [
+            "NAME",
+            "READY",
+            "COMETS",
+            "UPDATED",
+            "CONNECTIONS",
+            "DRAINING",
+            "AGE"
+        ],
         "{row:?}"
     );
-    assert_eq!(&row[..5], ["chat", "False", "0/2", "0", "0"], "{header:?}");
+    assert_eq!(
+        &row[..6],
+        ["chat", "False", "0/2", "0/2", "0", "0"],
+        "{header:?}"
+    );
 
     // /scale reports the spec'd replicas and the comet selector, as an HPA reads it.
     let scale_now = clusters.get_scale("chat").await?;
@@ -97,10 +109,7 @@ async fn autoscaler_follows_load_within_min_and_max() -> anyhow::Result<()> {
         let (clusters, deployments) = (clusters.clone(), deployments.clone());
         async move {
             let spec = clusters.get(name).await?.spec.comet.replicas;
-            let deployed = deployments
-                .get_opt(&format!("{name}-comet"))
-                .await?
-                .and_then(|d| d.spec?.replicas);
+            let deployed = comet_replicas(&deployments, name).await?;
             anyhow::Ok((spec, deployed))
         }
     };
@@ -591,11 +600,7 @@ async fn scale_down_waits_for_the_drained_comets_clients() -> anyhow::Result<()>
         Some(&names[0]),
         "the least-loaded comet is drained"
     );
-    let replicas = deployments
-        .get("chat-comet")
-        .await?
-        .spec
-        .and_then(|s| s.replicas);
+    let replicas = comet_replicas(&deployments, "chat").await?;
     assert_eq!(replicas, Some(2), "removed before its clients left");
     let list = node_list(&configmaps, "chat").await?.unwrap_or_default();
     let flags = draining(&list);

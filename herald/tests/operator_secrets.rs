@@ -14,8 +14,9 @@ use serde_json::json;
 mod common;
 
 use common::operator::{
-    Operator, PodComet, condition, create_cluster, delete_namespace, events_of, fake_running,
-    goim_client, has_condition, node_list, setup, wait_cluster, wait_comet_replicas, wait_pods,
+    Operator, PodComet, comet_spec, condition, create_cluster, delete_namespace, events_of,
+    fake_running, goim_client, has_condition, node_list, setup, wait_cluster, wait_comet_replicas,
+    wait_pods,
 };
 
 #[tokio::test]
@@ -34,8 +35,7 @@ async fn missing_secret_degrades_then_recovers() -> anyhow::Result<()> {
         Some("SecretMissing")
     );
     assert!(
-        Api::<Deployment>::namespaced(client.clone(), &ns)
-            .get_opt("chat-comet")
+        comet_spec(&Api::<Deployment>::namespaced(client.clone(), &ns), "chat")
             .await?
             .is_none(),
         "nothing is built from an invalid spec"

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
 use herald_runtime::contract;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -26,8 +26,11 @@ use kube::Resource;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use self::workloads::{comet_deployment, job_deployment, logic_deployment};
-use crate::crd::{PushCluster, PushClusterSpec};
+pub use self::workloads::REVISION_LABEL;
+use self::workloads::{
+    comet_deployment, comet_replica_set as comet_replica_set_of, job_deployment, logic_deployment,
+};
+use crate::crd::{PushCluster, PushClusterSpec, RolloutStrategy};
 
 /// Why building failed: only a bug in a builder (a JSON shape that does not
 /// match the Kubernetes type) or an object without name/uid.
@@ -181,8 +184,11 @@ fn typed<T: DeserializeOwned>(kind: &'static str, value: Value) -> Result<T> {
 /// is separate: it is created once, never re-applied, so its value is stable).
 #[derive(Debug)]
 pub struct Children {
-    /// comet, logic, job.
+    /// logic, job, and comet under `rollout.strategy: Deployment`.
     pub deployments: Vec<Deployment>,
+    /// The current revision's comet ReplicaSet under `rollout.strategy:
+    /// Drain` (the default).
+    pub comet_replica_set: Option<ReplicaSet>,
     /// comet clients, comet gRPC (headless), logic, logic's client port.
     pub services: Vec<Service>,
     /// The settings ConfigMap.
@@ -195,6 +201,34 @@ pub struct Children {
     pub role_binding: RoleBinding,
     /// comet and logic.
     pub pdbs: Vec<PodDisruptionBudget>,
+}
+
+#[cfg(test)]
+impl Children {
+    /// comet, logic, job, with the comet ReplicaSet in a Deployment's shape
+    /// (same replicas, selector and template), so template tests read one
+    /// shape whatever the rollout strategy.
+    pub(crate) fn workloads(&self) -> Vec<Deployment> {
+        let mut all: Vec<Deployment> = self
+            .comet_replica_set
+            .iter()
+            .map(|rs| {
+                let spec = rs.spec.clone().unwrap_or_default();
+                Deployment {
+                    metadata: rs.metadata.clone(),
+                    spec: Some(k8s_openapi::api::apps::v1::DeploymentSpec {
+                        replicas: spec.replicas,
+                        selector: spec.selector,
+                        template: spec.template.unwrap_or_default(),
+                        ..Default::default()
+                    }),
+                    status: None,
+                }
+            })
+            .collect();
+        all.extend(self.deployments.iter().cloned());
+        all
+    }
 }
 
 /// Builds every always-applied child. `comet_replicas` is what the comet
@@ -213,12 +247,31 @@ pub fn children(
 ) -> Result<Children> {
     let config = config_map(names, spec)?;
     let config_hash = hash_config(&config);
+    let mut deployments = Vec::new();
+    let mut comet_replica_set = None;
+    match spec.comet.rollout.strategy {
+        RolloutStrategy::Deployment => deployments.push(comet_deployment(
+            names,
+            spec,
+            comet_replicas,
+            &config_hash,
+            logic_host,
+        )?),
+        RolloutStrategy::Drain => {
+            comet_replica_set = Some(comet_replica_set_of(
+                names,
+                spec,
+                comet_replicas,
+                &config_hash,
+                logic_host,
+            )?);
+        }
+    }
+    deployments.push(logic_deployment(names, spec, &config_hash)?);
+    deployments.push(job_deployment(names, spec, &config_hash)?);
     Ok(Children {
-        deployments: vec![
-            comet_deployment(names, spec, comet_replicas, &config_hash, logic_host)?,
-            logic_deployment(names, spec, &config_hash)?,
-            job_deployment(names, spec, &config_hash)?,
-        ],
+        deployments,
+        comet_replica_set,
         services: services(names, spec)?,
         config,
         service_account: typed(
@@ -397,7 +450,7 @@ mod tests {
         let cluster = cluster();
         let names = Names::of(&cluster).unwrap();
         let children = children(&names, &cluster.spec, 4, "chat-logic").unwrap();
-        let comet = &children.deployments[0];
+        let comet = &children.workloads()[0];
         assert_eq!(comet.spec.as_ref().unwrap().replicas, Some(4));
         let pod = comet.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         // 40 s deadline + 15 s margin, rounded up to the 300 s step: a
@@ -452,7 +505,8 @@ mod tests {
         });
         let names = Names::of(&cluster).unwrap();
         let children = children(&names, &cluster.spec, 1, "chat-logic").unwrap();
-        let logic = container(&children.deployments[1]);
+        let workloads = children.workloads();
+        let logic = container(&workloads[1]);
         let args = logic.args.as_ref().unwrap();
         assert_eq!(args[0], "logic");
         assert!(args.contains(&"--node-list-configmap=chat-nodes".to_owned()));
@@ -477,7 +531,7 @@ mod tests {
             (secret.name.as_str(), secret.key.as_str()),
             ("chat-api-key", "api-key")
         );
-        let job = container(&children.deployments[2]);
+        let job = container(&workloads[2]);
         assert!(
             job.args
                 .as_ref()
@@ -492,7 +546,7 @@ mod tests {
         let names = Names::of(&cluster).unwrap();
         let hash = |spec: &PushClusterSpec| {
             let children = children(&names, spec, 1, "chat-logic").unwrap();
-            children.deployments[2]
+            children.workloads()[2]
                 .spec
                 .as_ref()
                 .unwrap()
@@ -516,7 +570,7 @@ mod tests {
         let cluster = cluster();
         let names = Names::of(&cluster).unwrap();
         let children = children(&names, &cluster.spec, 1, "127.100.0.9").unwrap();
-        let args = container(&children.deployments[0]).args.clone().unwrap();
+        let args = container(&children.workloads()[0]).args.clone().unwrap();
         assert!(args.contains(&"--logic-addr=127.100.0.9:3119".to_owned()));
         assert!(!args.iter().any(|a| a.contains("chat-logic")));
     }
@@ -553,7 +607,8 @@ mod tests {
         // client Service the push API.
         let logic = service(&built, "chat-logic");
         assert!(!ports(&logic).iter().any(|(_, p)| *p == 3112));
-        let c = container(&built.deployments[1]);
+        let workloads = built.workloads();
+        let c = container(&workloads[1]);
         let args = c.args.as_ref().unwrap();
         assert!(args.contains(&"--client-addr=$(POD_IP):3112".to_owned()));
         assert!(args.contains(&"--client-auth=none".to_owned()));
@@ -585,7 +640,7 @@ mod tests {
             "nlb"
         );
         assert_eq!(service(&built, "chat-logic").metadata.annotations, None);
-        let args = container(&built.deployments[1]).args.clone().unwrap();
+        let args = container(&built.workloads()[1]).args.clone().unwrap();
         assert!(args.contains(&"--client-addr=$(POD_IP):4112".to_owned()));
         assert!(args.contains(&"--client-auth=token".to_owned()));
     }
@@ -596,6 +651,63 @@ mod tests {
         assert_eq!(
             names.selector("comet"),
             "app.kubernetes.io/component=comet,app.kubernetes.io/instance=chat,app.kubernetes.io/name=herald"
+        );
+    }
+
+    /// Under `Drain` the comets are one ReplicaSet per revision: named and
+    /// selected by a digest of the template, the same for the same spec and
+    /// another for a new image; under `Deployment`, the comet Deployment.
+    #[test]
+    fn comet_revisions_follow_the_template() {
+        let cluster = cluster();
+        let names = Names::of(&cluster).unwrap();
+        let built = children(&names, &cluster.spec, 3, "chat-logic").unwrap();
+        let rs = built.comet_replica_set.as_ref().unwrap();
+        let revision = rs.metadata.labels.as_ref().unwrap()[REVISION_LABEL].clone();
+        assert_eq!(revision.len(), 10);
+        assert_eq!(
+            rs.metadata.name.as_deref(),
+            Some(format!("chat-comet-{revision}").as_str())
+        );
+        let spec = rs.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(3));
+        assert_eq!(
+            spec.selector.match_labels.as_ref().unwrap()[REVISION_LABEL],
+            revision
+        );
+        let template_labels = spec.template.as_ref().unwrap().metadata.as_ref().unwrap();
+        assert_eq!(
+            template_labels.labels.as_ref().unwrap()[REVISION_LABEL],
+            revision
+        );
+        assert!(
+            built
+                .deployments
+                .iter()
+                .all(|d| d.metadata.name.as_deref() != Some("chat-comet"))
+        );
+
+        let again = children(&names, &cluster.spec, 1, "chat-logic").unwrap();
+        assert_eq!(
+            again.comet_replica_set.unwrap().metadata.name,
+            rs.metadata.name,
+            "the count is not part of the revision"
+        );
+        let mut upgraded = cluster.clone();
+        upgraded.spec.image = "herald:0.2.0".to_owned();
+        let next = children(&names, &upgraded.spec, 3, "chat-logic").unwrap();
+        assert_ne!(
+            next.comet_replica_set.unwrap().metadata.name,
+            rs.metadata.name
+        );
+
+        let mut plain = cluster.clone();
+        plain.spec.comet.rollout.strategy = RolloutStrategy::Deployment;
+        let plain = children(&names, &plain.spec, 3, "chat-logic").unwrap();
+        assert!(plain.comet_replica_set.is_none());
+        assert_eq!(
+            plain.deployments[0].metadata.name.as_deref(),
+            Some("chat-comet")
         );
     }
 }

@@ -30,6 +30,7 @@ mod error;
 mod events;
 mod fetch;
 mod observe;
+mod rollout;
 mod status;
 mod teardown;
 
@@ -38,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -47,9 +48,8 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
-use self::apply::{apply_children, scale_only};
+use self::apply::{apply_base, apply_workloads, scale_only};
 use self::autoscale::autoscale;
-use self::drain::drain;
 use self::error::error_policy;
 pub use self::error::{Error, Result};
 use self::fetch::fetch;
@@ -57,7 +57,7 @@ use self::observe::{poll, write_node_list};
 use self::status::{Observed, compute_status, degrade, report_degraded, write_status};
 pub use self::teardown::FINALIZER;
 use self::teardown::{ensure_finalizer, teardown};
-use crate::build::{MANAGER, Names, ServiceAddresses};
+use crate::build::{self, MANAGER, Names, ServiceAddresses};
 use crate::crd::PushCluster;
 use crate::metrics::Metrics;
 use crate::scale::DownWindow;
@@ -169,6 +169,7 @@ pub async fn run(
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=herald-operator");
     let controller = Controller::new(api::<PushCluster>(&client, ns), watcher::Config::default())
         .owns(api::<Deployment>(&client, ns), owned.clone())
+        .owns(api::<ReplicaSet>(&client, ns), owned.clone())
         .owns(api::<Service>(&client, ns), owned.clone())
         .owns(api::<ConfigMap>(&client, ns), owned.clone())
         .owns(api::<Secret>(&client, ns), owned.clone())
@@ -231,18 +232,27 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
     let mut polled = poll(&ctx, spec, &fetched.pods).await;
     let findings = dependencies::probe(&ctx, spec, &fetched.cluster_pods).await;
     let scaled = autoscale(&ctx, &cluster, &names, &previous, &polled).await?;
-    let comet_replicas = drain(
+    let children = match &missing {
+        None => Some(apply_base(&ctx, &cluster, &names, &fetched, scaled.replicas).await?),
+        Some(_) => None,
+    };
+    let revision = children
+        .as_ref()
+        .and_then(|c| c.comet_replica_set.as_ref())
+        .and_then(|rs| rs.labels().get(build::REVISION_LABEL).cloned());
+    let comets = rollout::plan(
         &ctx,
         &cluster,
         &names,
         &fetched,
         &mut polled,
         scaled.replicas,
+        revision.as_deref(),
     )
     .await?;
-    let deployments = match &missing {
-        None => apply_children(&ctx, &cluster, &names, &fetched, comet_replicas).await?,
-        Some(_) => scale_only(&ctx, &names, &fetched, comet_replicas).await?,
+    let deployments = match children {
+        Some(children) => apply_workloads(&ctx, &names, children, &comets).await?,
+        None => scale_only(&ctx, &names, &fetched, &comets).await?,
     };
     let node_list = write_node_list(&ctx, &names, spec, &fetched, &polled).await?;
 
@@ -250,12 +260,20 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
         deployments: &deployments,
         polled: &polled,
         scaled: &scaled,
+        comets: &comets,
         node_list_generation: node_list.generation,
         missing: missing.as_ref(),
         findings: &findings,
     };
     let status = compute_status(&cluster, &names, &previous, &observed);
-    report_degraded(&ctx, &cluster, &previous, missing.as_ref()).await;
+    let stuck = comets.stuck(spec);
+    report_degraded(
+        &ctx,
+        &cluster,
+        &previous,
+        missing.as_ref().or(stuck.as_ref()),
+    )
+    .await;
     write_status(&ctx.client, &names, &previous, status).await?;
     ctx.metrics.reconcile_ok();
     Ok(Action::requeue(ctx.poll_interval))

@@ -56,6 +56,12 @@ pub use self::status::{CometPodStatus, ComponentStatus, Condition, PushClusterSt
         description = "Ready comets / desired comets"
     ),
     printcolumn(
+        name = "Updated",
+        type_ = "string",
+        json_path = ".status.updatedComets",
+        description = "Comets on the current pod template / desired comets"
+    ),
+    printcolumn(
         name = "Connections",
         type_ = "integer",
         json_path = ".status.totalConnections",
@@ -126,6 +132,9 @@ pub struct CometSpec {
     /// How a comet is emptied before it is removed.
     #[serde(default)]
     pub drain: DrainSpec,
+    /// How a change of the comet pod template reaches the running comets.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
     /// Container ports.
     #[serde(default)]
     pub ports: CometPorts,
@@ -149,6 +158,7 @@ impl Default for CometSpec {
             replicas: 1,
             autoscaling: AutoscalingSpec::default(),
             drain: DrainSpec::default(),
+            rollout: RolloutSpec::default(),
             ports: CometPorts::default(),
             service_type: ServiceType::default(),
             service_annotations: BTreeMap::new(),
@@ -220,6 +230,49 @@ impl Default for DrainSpec {
             close_rate: 0,
         }
     }
+}
+
+/// How comets move to a new pod template (image, resources, settings).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// `Drain` (the default): the operator rolls comets itself, one at a
+    /// time: a new comet first, then the oldest drained onto it, removed
+    /// once empty. `Deployment`: a plain Deployment rolling update (comets
+    /// are stopped on Kubernetes' schedule and drain on SIGTERM, several
+    /// at once). Switching from `Deployment` to `Drain` is itself a drained
+    /// rollout; the other way replaces the comets at once.
+    #[serde(default)]
+    pub strategy: RolloutStrategy,
+    /// A new comet not Ready this long after it was created stops the
+    /// rollout (`Degraded`, reason `RolloutStuck`); the old comets keep
+    /// serving until the spec changes again.
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(range(min = 1))]
+    pub progress_deadline_seconds: i64,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            strategy: RolloutStrategy::default(),
+            progress_deadline_seconds: default_progress_deadline(),
+        }
+    }
+}
+
+/// See [`RolloutSpec::strategy`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RolloutStrategy {
+    /// One comet at a time, surge first, drained before removal.
+    #[default]
+    Drain,
+    /// A plain Deployment rolling update.
+    Deployment,
+}
+
+fn default_progress_deadline() -> i64 {
+    600
 }
 
 /// Comet container ports (goim's defaults).

@@ -23,6 +23,7 @@ pub mod controller;
 pub mod crd;
 pub mod load;
 pub mod metrics;
+pub mod rollout;
 pub mod scale;
 pub mod validate;
 

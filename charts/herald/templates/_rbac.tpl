@@ -20,10 +20,13 @@ through owner references).
 - apiGroups: [herald.dev]
   resources: [pushclusters/scale]
   verbs: [get, patch]
-# The comet, logic and job Deployments it owns.
+# The logic and job Deployments it owns, and the comets' ReplicaSets (one
+# per pod-template revision: a rollout drains the old one's comets one by
+# one, then deletes it; a comet Deployment left from `rollout.strategy:
+# Deployment` goes the same way).
 - apiGroups: [apps]
-  resources: [deployments]
-  verbs: [get, list, watch, create, patch]
+  resources: [deployments, replicasets]
+  verbs: [get, list, watch, create, patch, delete]
 # Services of each component, the node-list and settings ConfigMaps, and the
 # ServiceAccount the components run as.
 - apiGroups: [""]

@@ -13,7 +13,7 @@ use herald_e2e::kubelet::pod_ready;
 use herald_e2e::{eventually, testbed_var};
 use herald_operator::crd::PushCluster;
 use herald_operator::{Config, Metrics, ServiceAddresses};
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
@@ -233,22 +233,61 @@ pub(crate) async fn kubectl_get(
 
 // ------------------------------------------------------------- children
 
-/// The spec of the comet Deployment of `cluster`.
+/// The spec of the comet workload of `cluster`: its comet Deployment under
+/// `rollout.strategy: Deployment`, else its newest comet ReplicaSet (one per
+/// pod-template revision), in a Deployment spec's shape.
 pub(crate) async fn comet_spec(
     deployments: &Api<Deployment>,
     cluster: &str,
 ) -> Result<Option<DeploymentSpec>> {
-    Ok(deployments.get(&format!("{cluster}-comet")).await?.spec)
+    if let Some(deployment) = deployments.get_opt(&format!("{cluster}-comet")).await? {
+        return Ok(deployment.spec);
+    }
+    let newest = comet_replica_sets(deployments, cluster)
+        .await?
+        .into_iter()
+        .max_by_key(|rs| rs.metadata.creation_timestamp.clone().map(|t| t.0));
+    Ok(newest.and_then(|rs| rs.spec).map(|spec| DeploymentSpec {
+        replicas: spec.replicas,
+        selector: spec.selector,
+        template: spec.template.unwrap_or_default(),
+        ..DeploymentSpec::default()
+    }))
 }
 
-/// The replicas the comet Deployment of `cluster` asks for.
+/// The comet ReplicaSets of `cluster` (in the namespace of `deployments`).
+pub(crate) async fn comet_replica_sets(
+    deployments: &Api<Deployment>,
+    cluster: &str,
+) -> Result<Vec<ReplicaSet>> {
+    let ns = deployments.namespace().unwrap_or("default").to_owned();
+    let sets = Api::<ReplicaSet>::namespaced(deployments.clone().into_client(), &ns)
+        .list(&ListParams::default().labels(&format!(
+            "app.kubernetes.io/instance={cluster},app.kubernetes.io/component=comet,herald.dev/revision"
+        )))
+        .await?;
+    Ok(sets.items)
+}
+
+/// The comets the workloads of `cluster` ask for: the comet Deployment's
+/// replicas, or the sum over its comet ReplicaSets (one more than the
+/// count asked for while a rollout surges).
 pub(crate) async fn comet_replicas(
     deployments: &Api<Deployment>,
     cluster: &str,
 ) -> Result<Option<i32>> {
-    Ok(comet_spec(deployments, cluster)
-        .await?
-        .and_then(|s| s.replicas))
+    if let Some(deployment) = deployments.get_opt(&format!("{cluster}-comet")).await? {
+        return Ok(deployment.spec.and_then(|s| s.replicas));
+    }
+    let sets = comet_replica_sets(deployments, cluster).await?;
+    if sets.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        sets.iter()
+            .filter_map(|rs| rs.spec.as_ref()?.replicas)
+            .sum(),
+    ))
 }
 
 /// Waits up to `secs` until the comet Deployment of `cluster` asks for

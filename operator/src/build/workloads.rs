@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use herald_runtime::contract;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use serde_json::{Value, json};
 
 use super::{API_KEY_KEY, JOB_HTTP_PORT, Names, Result, TERMINATION_MARGIN_SECS, typed};
@@ -152,6 +152,29 @@ fn deployment(
     container: Container<'_>,
     pod_extra: Value,
 ) -> Result<Deployment> {
+    let role = container.role;
+    let template = pod_template(names, spec, config_hash, container, pod_extra);
+    typed(
+        "Deployment",
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": names.metadata(&names.component(role), role),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": names.labels(role)},
+            "template": template,
+        }}),
+    )
+}
+
+/// The pod template of a role: the container by the pod contract, the
+/// spec's pod settings, and the settings hash that rolls it.
+fn pod_template(
+    names: &Names,
+    spec: &PushClusterSpec,
+    config_hash: &str,
+    container: Container<'_>,
+    pod_extra: Value,
+) -> Value {
     let Container {
         role,
         args,
@@ -198,28 +221,25 @@ fn deployment(
     labels.extend(names.labels(role));
     let mut annotations: BTreeMap<String, String> = pod.pod_annotations.clone();
     annotations.insert(CONFIG_HASH.to_owned(), config_hash.to_owned());
-    typed(
-        "Deployment",
-        json!({"apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": names.metadata(&names.component(role), role),
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": names.labels(role)},
-            "template": {
-                "metadata": {"labels": labels, "annotations": annotations},
-                "spec": pod_spec,
-            }
-        }}),
-    )
+    json!({
+        "metadata": {"labels": labels, "annotations": annotations},
+        "spec": pod_spec,
+    })
 }
 
-pub(super) fn comet_deployment(
+/// The label naming a comet pod's revision (a digest of its template):
+/// each revision's ReplicaSet selects on it, and a rollout tells old comets
+/// from new by it.
+pub const REVISION_LABEL: &str = "herald.dev/revision";
+
+/// The comet container and its pod-level extras, shared by the comet
+/// Deployment (`rollout.strategy: Deployment`) and the operator's
+/// per-revision ReplicaSets (`Drain`).
+fn comet_container<'a>(
     names: &Names,
-    spec: &PushClusterSpec,
-    replicas: i32,
-    config_hash: &str,
+    spec: &'a PushClusterSpec,
     logic_host: &str,
-) -> Result<Deployment> {
+) -> (Container<'a>, Value) {
     let ports = &spec.comet.ports;
     let drain = &spec.comet.drain;
     let args = vec![
@@ -233,11 +253,7 @@ pub(super) fn comet_deployment(
         // change to them rolls no comet and moves no client.
         format!("--node-list-configmap={}", names.nodes()),
     ];
-    deployment(
-        names,
-        spec,
-        replicas,
-        config_hash,
+    (
         Container {
             role: "comet",
             args,
@@ -256,6 +272,59 @@ pub(super) fn comet_deployment(
         json!({"terminationGracePeriodSeconds": grace_period(drain.deadline_seconds),
                "serviceAccountName": names.service_account()}),
     )
+}
+
+/// The comet Deployment of `rollout.strategy: Deployment`: Kubernetes'
+/// rolling update replaces the comets.
+pub(super) fn comet_deployment(
+    names: &Names,
+    spec: &PushClusterSpec,
+    replicas: i32,
+    config_hash: &str,
+    logic_host: &str,
+) -> Result<Deployment> {
+    let (container, extra) = comet_container(names, spec, logic_host);
+    deployment(names, spec, replicas, config_hash, container, extra)
+}
+
+/// The comet ReplicaSet of the current pod template (`rollout.strategy:
+/// Drain`), named and selected by its revision, so that the old revision's
+/// ReplicaSet keeps its pods while the operator drains them one by one.
+pub(super) fn comet_replica_set(
+    names: &Names,
+    spec: &PushClusterSpec,
+    replicas: i32,
+    config_hash: &str,
+    logic_host: &str,
+) -> Result<ReplicaSet> {
+    let (container, extra) = comet_container(names, spec, logic_host);
+    let mut template = pod_template(names, spec, config_hash, container, extra);
+    let revision = revision(&template);
+    template["metadata"]["labels"][REVISION_LABEL] = json!(revision);
+    let mut selector = names.labels("comet");
+    selector.insert(REVISION_LABEL.to_owned(), revision.clone());
+    let mut metadata = names.metadata(&format!("{}-{revision}", names.component("comet")), "comet");
+    metadata["labels"][REVISION_LABEL] = json!(revision);
+    typed(
+        "ReplicaSet",
+        json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": metadata,
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector},
+            "template": template,
+        }}),
+    )
+}
+
+/// A short digest of a pod template (std's SipHash with fixed keys, as the
+/// config hash: an operator built with another Rust release may name the
+/// same template differently, which costs one drained rollout).
+fn revision(template: &Value) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    template.to_string().hash(&mut hasher);
+    format!("{:010x}", hasher.finish() >> 24)
 }
 
 /// The comet pods' grace period: the drain deadline plus a margin, rounded
@@ -395,7 +464,7 @@ mod tests {
     #[test]
     fn unset_pod_settings_get_restricted_defaults_and_spread_comets() {
         let children = built(&cluster());
-        for deployment in &children.deployments {
+        for deployment in &children.workloads() {
             let role = deployment.metadata.name.as_deref().unwrap();
             let pod = pod(deployment);
             let security = json!(pod.security_context.as_ref().unwrap());
@@ -414,7 +483,8 @@ mod tests {
             assert_eq!(pod.affinity, None);
             assert_eq!(pod.tolerations, None);
         }
-        let spread = pod(&children.deployments[0])
+        let workloads = children.workloads();
+        let spread = pod(&workloads[0])
             .topology_spread_constraints
             .as_ref()
             .unwrap();
@@ -433,7 +503,7 @@ mod tests {
             selector.match_labels.as_ref().unwrap()["app.kubernetes.io/component"],
             "comet"
         );
-        for deployment in &children.deployments[1..] {
+        for deployment in &children.workloads()[1..] {
             assert_eq!(pod(deployment).topology_spread_constraints, None);
         }
         for service in &children.services {
@@ -467,9 +537,10 @@ mod tests {
             }),
         );
         let children = built(&cluster);
-        for deployment in &children.deployments {
+        for deployment in &children.workloads() {
             let role = deployment.metadata.name.as_deref().unwrap();
-            let component = role.trim_start_matches("chat-");
+            // The comet ReplicaSet is named after its revision too.
+            let component = role.trim_start_matches("chat-").split('-').next().unwrap();
             let meta = template(deployment).metadata.as_ref().unwrap();
             let labels = meta.labels.as_ref().unwrap();
             assert_eq!(labels["team"], "push", "{role}");
@@ -519,7 +590,7 @@ mod tests {
         let cluster = with_pod_settings(json!({}), json!({"topologySpreadConstraints": []}));
         let children = built(&cluster);
         assert_eq!(
-            pod(&children.deployments[0]).topology_spread_constraints,
+            pod(&children.workloads()[0]).topology_spread_constraints,
             None
         );
     }
@@ -567,7 +638,7 @@ mod tests {
         cluster.spec.auth.jwt_secret_ref = cluster.spec.redis.password_secret_ref.clone();
         let children = built(&cluster);
         let mut set: Vec<String> = children.config.data.clone().unwrap().into_keys().collect();
-        for deployment in &children.deployments {
+        for deployment in &children.workloads() {
             set.extend(
                 main(deployment)
                     .env

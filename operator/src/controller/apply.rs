@@ -4,7 +4,7 @@
 //! referenced Secret is missing it only scales the comet Deployment
 //! ([`scale_only`]).
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
@@ -15,9 +15,10 @@ use serde_json::json;
 use tracing::info;
 
 use super::fetch::Fetched;
+use super::rollout::{CometPlan, settle_old};
 use super::status::publish;
 use super::{Context, Error, Result, merge_params};
-use crate::build::{self, MANAGER, Names, ServiceAddresses};
+use crate::build::{self, MANAGER, Names, REVISION_LABEL, ServiceAddresses};
 use crate::crd::PushCluster;
 
 /// Server-side applies `object` in `namespace`. A child whose uid changed
@@ -57,17 +58,18 @@ where
     Ok(applied)
 }
 
-/// Builds and applies every child. Order matters: what pods reference
-/// (ServiceAccount, ConfigMap, Secrets) exists before the Deployments, else
-/// the ReplicaSets fail to create pods and back off. Returns the applied
-/// Deployments (comet, logic, job) with their current status.
-pub(super) async fn apply_children(
+/// Builds every child and applies all but the workloads. Order matters:
+/// what pods reference (ServiceAccount, ConfigMap, Secrets, the logic
+/// Service's address) exists before the workloads ([`apply_workloads`]),
+/// else the ReplicaSets fail to create pods and back off. Returns the
+/// children, built with the logic Service's address.
+pub(super) async fn apply_base(
     ctx: &Context,
     cluster: &PushCluster,
     names: &Names,
     fetched: &Fetched,
     comet_replicas: i32,
-) -> Result<Vec<Deployment>> {
+) -> Result<build::Children> {
     let client = &ctx.client;
     let spec = &cluster.spec;
     let logic = names.component("logic");
@@ -101,10 +103,37 @@ pub(super) async fn apply_children(
         let ip = ip.ok_or_else(|| Error::NoClusterIp(logic.clone()))?;
         children = build::children(names, spec, comet_replicas, &ip)?;
     }
+    Ok(children)
+}
+
+/// Applies the workloads of `children` with the comet replicas of `plan`,
+/// then the older comet workloads' replicas, and the PodDisruptionBudgets.
+/// Returns the applied Deployments (logic, job, and comet under
+/// `rollout.strategy: Deployment`) with their current status.
+pub(super) async fn apply_workloads(
+    ctx: &Context,
+    names: &Names,
+    mut children: build::Children,
+    plan: &CometPlan,
+) -> Result<Vec<Deployment>> {
+    let ns = names.namespace.as_str();
+    let comet = names.component("comet");
     let mut deployments = Vec::new();
-    for deployment in &children.deployments {
+    for deployment in &mut children.deployments {
+        if deployment.name_any() == comet
+            && let Some(spec) = deployment.spec.as_mut()
+        {
+            spec.replicas = Some(plan.current);
+        }
         deployments.push(apply(ctx, ns, deployment).await?);
     }
+    if let Some(set) = children.comet_replica_set.as_mut() {
+        if let Some(spec) = set.spec.as_mut() {
+            spec.replicas = Some(plan.current);
+        }
+        apply(ctx, ns, set).await?;
+    }
+    settle_old(ctx, names, plan).await?;
     for pdb in &children.pdbs {
         apply(ctx, ns, pdb).await?;
     }
@@ -114,30 +143,27 @@ pub(super) async fn apply_children(
 /// While a referenced Secret is missing: the spec is not applied (its pods
 /// would reference a Secret that is not there, and a rollout onto them would
 /// replace working pods with ones that cannot start), so every child stays as
-/// it runs, except the comet Deployment's replicas, which follow the
-/// autoscaler and the drains. Returns the Deployments that exist (none on a
-/// cluster never built).
+/// it runs, except the comet workloads' replicas, which follow the
+/// autoscaler, the drains and a rollout under way. Returns the Deployments
+/// that exist (none on a cluster never built).
 pub(super) async fn scale_only(
     ctx: &Context,
     names: &Names,
     fetched: &Fetched,
-    comet_replicas: i32,
+    plan: &CometPlan,
 ) -> Result<Vec<Deployment>> {
     let api = Api::<Deployment>::namespaced(ctx.client.clone(), &names.namespace);
     let mut deployments = Vec::new();
-    if let Some(comet) = &fetched.comet_deployment {
+    let patch = Patch::Merge(json!({"spec": {"replicas": plan.current}}));
+    if let (Some(comet), None) = (&fetched.comet_deployment, &plan.revision) {
         let deployed = comet.spec.as_ref().and_then(|s| s.replicas);
-        if deployed == Some(comet_replicas) {
+        if deployed == Some(plan.current) {
             deployments.push(comet.clone());
         } else {
             // A merge patch of the one field: an apply of a partial object
             // would drop every field this manager applied before.
             let patched = api
-                .patch(
-                    &comet.name_any(),
-                    &merge_params(),
-                    &Patch::Merge(json!({"spec": {"replicas": comet_replicas}})),
-                )
+                .patch(&comet.name_any(), &merge_params(), &patch)
                 .await
                 .map_err(|source| Error::Apply {
                     what: format!("replicas of Deployment {}", comet.name_any()),
@@ -146,6 +172,24 @@ pub(super) async fn scale_only(
             deployments.push(patched);
         }
     }
+    if let Some(revision) = &plan.revision {
+        let current = fetched
+            .comet_replica_sets
+            .iter()
+            .find(|rs| rs.labels().get(REVISION_LABEL) == Some(revision));
+        if let Some(set) =
+            current.filter(|rs| rs.spec.as_ref().and_then(|s| s.replicas) != Some(plan.current))
+        {
+            Api::<ReplicaSet>::namespaced(ctx.client.clone(), &names.namespace)
+                .patch(&set.name_any(), &merge_params(), &patch)
+                .await
+                .map_err(|source| Error::Apply {
+                    what: format!("replicas of ReplicaSet {}", set.name_any()),
+                    source,
+                })?;
+        }
+    }
+    settle_old(ctx, names, plan).await?;
     for component in ["logic", "job"] {
         let found = api
             .get_opt(&names.component(component))

@@ -12,7 +12,6 @@ use kube::runtime::events::EventType;
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::fetch::Fetched;
 use super::observe::{Polled, mark_draining};
 use super::status::publish;
 use super::{
@@ -24,20 +23,18 @@ use crate::load;
 use crate::scale::{self, CometPod, DrainStep};
 
 /// Drain before removal, whoever lowered the count; returns the replicas the
-/// comet Deployment gets on this pass.
+/// comet workload (`deployed` now, if it exists) gets on this pass.
+/// `external`: the comet Service's load-balancer addresses.
 pub(super) async fn drain(
     ctx: &Context,
     cluster: &PushCluster,
     names: &Names,
-    fetched: &Fetched,
+    external: &[String],
     polled: &mut [Polled],
     spec_replicas: i32,
+    deployed: Option<i32>,
 ) -> Result<i32> {
-    let deployed = fetched
-        .comet_deployment
-        .as_ref()
-        .and_then(|d| d.spec.as_ref()?.replicas)
-        .unwrap_or(spec_replicas);
+    let deployed = deployed.unwrap_or(spec_replicas);
     let comet_pods: Vec<CometPod> = polled
         .iter()
         .map(|p| CometPod {
@@ -54,7 +51,7 @@ pub(super) async fn drain(
     let deadline =
         Duration::from_secs(u64::try_from(cluster.spec.comet.drain.deadline_seconds).unwrap_or(0));
     let step = scale::drain_step(spec_replicas, deployed, &comet_pods, deadline, now_secs());
-    carry_out(ctx, cluster, names, &fetched.external, polled, step).await
+    carry_out(ctx, cluster, names, external, polled, step).await
 }
 
 /// Marks comet `pod` as draining (its annotation, which also bounds the

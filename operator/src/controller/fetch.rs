@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
@@ -20,6 +20,8 @@ use crate::validate;
 pub(super) struct Fetched {
     pub(super) secrets: BTreeMap<String, Vec<String>>,
     pub(super) comet_deployment: Option<Deployment>,
+    /// The comet ReplicaSets of every revision (`rollout.strategy: Drain`).
+    pub(super) comet_replica_sets: Vec<ReplicaSet>,
     /// The comet pods.
     pub(super) pods: Vec<Pod>,
     /// Every pod of the cluster, comets included.
@@ -65,6 +67,18 @@ pub(super) async fn fetch(
         "the comet Deployment",
     )
     .await?;
+    let comet_replica_sets = Api::<ReplicaSet>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!(
+            "{},{}",
+            names.selector("comet"),
+            build::REVISION_LABEL
+        )))
+        .await
+        .map_err(|source| Error::Fetch {
+            what: "the comet ReplicaSets",
+            source,
+        })?
+        .items;
     // Every pod of the cluster in one list: comets are polled, and any
     // unready one is asked why (`dependencies`).
     let cluster_pods = Api::<Pod>::namespaced(client.clone(), ns)
@@ -111,6 +125,7 @@ pub(super) async fn fetch(
     Ok(Fetched {
         secrets,
         comet_deployment,
+        comet_replica_sets,
         pods,
         cluster_pods,
         external,

@@ -25,6 +25,10 @@ pub(super) struct Polled {
     /// once the replicas go down, which may not have happened yet.
     pub(super) drain_finished: bool,
     pub(super) load: Option<LoadReply>,
+    /// Its template's revision (label), none for a Deployment's pod.
+    pub(super) revision: Option<String>,
+    /// Creation time, seconds since the epoch.
+    pub(super) created: u64,
 }
 
 fn pod_ready(pod: &Pod) -> bool {
@@ -69,6 +73,12 @@ pub(super) async fn poll(ctx: &Context, spec: &PushClusterSpec, pods: &[Pod]) ->
             drain_finished: pod.annotations().get(DELETION_COST).map(String::as_str)
                 == Some(DRAINED_COST),
             load,
+            revision: pod.labels().get(build::REVISION_LABEL).cloned(),
+            created: pod
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(0, |t| u64::try_from(t.0.as_second()).unwrap_or(0)),
         }
     });
     futures::future::join_all(calls).await
@@ -213,6 +223,8 @@ mod tests {
             drain_started,
             drain_finished: false,
             load,
+            revision: None,
+            created: 0,
         }
     }
 

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use super::autoscale::{OVERRIDE_CONDITION, Scaled};
 use super::dependencies::{self, Finding, ReadyCounts};
 use super::observe::Polled;
+use super::rollout::CometPlan;
 use super::{Context, Error, Result, now_rfc3339};
 use crate::build::{MANAGER, Names};
 use crate::crd::{CometPodStatus, ComponentStatus, Condition, PushCluster, PushClusterStatus};
@@ -162,6 +163,8 @@ pub(super) struct Observed<'a> {
     pub(super) polled: &'a [Polled],
     /// The comet count the spec asks for after this pass's scaling step.
     pub(super) scaled: &'a Scaled,
+    /// The comet workloads' replicas and any rollout under way.
+    pub(super) comets: &'a CometPlan,
     pub(super) node_list_generation: i64,
     /// Referenced Secrets that are missing.
     pub(super) missing: Option<&'a validate::Invalid>,
@@ -179,6 +182,7 @@ pub(super) fn compute_status(
         deployments,
         polled,
         scaled,
+        comets: plan,
         node_list_generation,
         missing,
         findings,
@@ -188,7 +192,23 @@ pub(super) fn compute_status(
         let name = names.component(component);
         deployments.iter().find(|d| d.name_any() == name)
     };
-    let comet = component_status(deployment("comet"));
+    // Under `rollout.strategy: Drain` comets run in one ReplicaSet per
+    // revision: the serving pods are counted, whichever revision they run.
+    let comet = match plan.revision {
+        None => component_status(deployment("comet")),
+        Some(_) => ComponentStatus {
+            desired_replicas: spec_replicas,
+            ready_replicas: i32::try_from(
+                polled
+                    .iter()
+                    .filter(|p| p.ready && !p.terminating && p.drain_started.is_none())
+                    .count(),
+            )
+            .unwrap_or(i32::MAX),
+        },
+    };
+    let stuck = plan.stuck(&cluster.spec);
+    let degraded = missing.or(stuck.as_ref());
     let logic = component_status(deployment("logic"));
     let job = component_status(deployment("job"));
     // Every comet on its way out: drained by the operator, draining on its
@@ -244,6 +264,10 @@ pub(super) fn compute_status(
         );
     }
     let rolling = deployments.iter().any(progressing) || comet.desired_replicas != spec_replicas;
+    let updated = plan.rolling.as_ref().map_or(
+        (comet.ready_replicas.min(spec_replicas), spec_replicas),
+        |r| (r.updated, r.desired),
+    );
     if let (Some(invalid), true) = (missing, deployments.is_empty()) {
         // Nothing built yet, and nothing will be until the Secrets exist.
         set_condition(
@@ -252,6 +276,17 @@ pub(super) fn compute_status(
             false,
             invalid.reason,
             "waiting for the referenced Secrets",
+        );
+    } else if let Some(roll) = &plan.rolling {
+        set_condition(
+            &mut conditions,
+            "Progressing",
+            true,
+            "RollingComets",
+            &format!(
+                "{} of {} comets updated, one at a time",
+                roll.updated, roll.desired
+            ),
         );
     } else if rolling {
         set_condition(
@@ -270,7 +305,7 @@ pub(super) fn compute_status(
             "deployments match the spec",
         );
     }
-    match missing {
+    match degraded {
         Some(invalid) => set_condition(
             &mut conditions,
             "Degraded",
@@ -318,6 +353,7 @@ pub(super) fn compute_status(
         observed_generation: cluster.metadata.generation,
         conditions,
         comets_ready: Some(format!("{serving}/{spec_replicas}")),
+        updated_comets: Some(format!("{}/{}", updated.0, updated.1)),
         comet,
         logic,
         job,
@@ -466,6 +502,7 @@ mod tests {
     use herald_protocol::pb::admin::LoadReply;
 
     use super::super::autoscale::Override;
+    use super::super::rollout::Rolling;
     use super::*;
 
     fn condition_is(conditions: &[Condition], type_: &str, status: bool, reason: &str) -> bool {
@@ -522,6 +559,8 @@ mod tests {
             drain_started: None,
             drain_finished: false,
             load: Some(LoadReply::default()),
+            revision: None,
+            created: 0,
         };
         let polled = [comet("new", false), comet("old", true)];
         let findings = [Finding {
@@ -534,6 +573,12 @@ mod tests {
             deployments: &deployments,
             polled: &polled,
             scaled: &scaled(false, false, None),
+            comets: &CometPlan {
+                current: 1,
+                old: vec![],
+                rolling: None,
+                revision: None,
+            },
             node_list_generation: 3,
             missing: None,
             findings: &findings,
@@ -617,5 +662,103 @@ mod tests {
         set_condition(&mut conditions, "Available", true, "C", "m3");
         assert_ne!(conditions[0].last_transition_time, "old");
         assert!(condition_is(&conditions, "Available", true, "C"));
+    }
+
+    /// A rollout under way: `Progressing` says where it is, UPDATED counts
+    /// the serving comets on the new template, COMETS every serving comet;
+    /// a new comet that never became Ready is `Degraded` `RolloutStuck`.
+    #[test]
+    fn a_rollout_reports_its_progress_and_a_stuck_comet() {
+        let cluster: PushCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "herald.dev/v1alpha1", "kind": "PushCluster",
+            "metadata": {"name": "chat", "namespace": "ns", "uid": "u-1", "generation": 2},
+            "spec": {"image": "herald:test", "redis": {"addr": "r:6379"},
+                     "kafka": {"brokers": ["k:9092"]}, "comet": {"replicas": 3}}
+        }))
+        .unwrap();
+        let names = Names::of(&cluster).unwrap();
+        let comet = |name: &str, revision: &str| Polled {
+            name: name.to_owned(),
+            ip: Some("127.0.0.9".to_owned()),
+            ready: true,
+            terminating: false,
+            drain_started: None,
+            drain_finished: false,
+            load: Some(LoadReply::default()),
+            revision: Some(revision.to_owned()),
+            created: 0,
+        };
+        let polled = [
+            comet("o1", "a"),
+            comet("o2", "a"),
+            comet("o3", "a"),
+            comet("n1", "b"),
+        ];
+        let mut plan = CometPlan {
+            current: 1,
+            old: vec![],
+            rolling: Some(Rolling {
+                updated: 1,
+                desired: 3,
+                stuck: None,
+            }),
+            revision: Some("b".to_owned()),
+        };
+        let mut three = scaled(false, false, None);
+        three.replicas = 3;
+        let observe = |plan: &CometPlan| {
+            compute_status(
+                &cluster,
+                &names,
+                &PushClusterStatus::default(),
+                &Observed {
+                    deployments: &[],
+                    polled: &polled,
+                    scaled: &three,
+                    comets: plan,
+                    node_list_generation: 1,
+                    missing: None,
+                    findings: &[],
+                },
+            )
+        };
+        let status = observe(&plan);
+        assert_eq!(status.updated_comets.as_deref(), Some("1/3"));
+        assert_eq!(
+            status.comets_ready.as_deref(),
+            Some("3/3"),
+            "four serve, three asked"
+        );
+        assert!(condition_is(
+            &status.conditions,
+            "Progressing",
+            true,
+            "RollingComets"
+        ));
+        assert!(
+            status
+                .conditions
+                .iter()
+                .any(|c| c.message == "1 of 3 comets updated, one at a time")
+        );
+        assert!(condition_is(&status.conditions, "Degraded", false, "Valid"));
+        plan.rolling = Some(Rolling {
+            updated: 0,
+            desired: 3,
+            stuck: Some("n1".to_owned()),
+        });
+        let status = observe(&plan);
+        assert!(condition_is(
+            &status.conditions,
+            "Degraded",
+            true,
+            "RolloutStuck"
+        ));
+        assert!(condition_is(
+            &status.conditions,
+            "Progressing",
+            true,
+            "RollingComets"
+        ));
     }
 }

@@ -203,6 +203,8 @@ mod tests {
             terminating: false,
             drain_started: None,
             drain_finished: false,
+            revision: None,
+            created: 0,
             load: connections.map(|connections| LoadReply {
                 connections,
                 ..LoadReply::default()

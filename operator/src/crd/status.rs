@@ -28,6 +28,10 @@ pub struct PushClusterStatus {
     /// `ready/desired` comets, for the printer column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comets_ready: Option<String>,
+    /// Serving comets on the current pod template / desired comets: below
+    /// the desired count while a rollout moves comets one by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_comets: Option<String>,
     /// Client connections across all comets at the last poll.
     #[serde(default)]
     pub total_connections: i64,
