@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use herald_protocol::pb::{BroadcastRoomReq, CometClient, PushMsgReq};
+use herald_runtime::grpc_auth::AuthChannel;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tonic::transport::Channel;
 
 use crate::load::{Clock, new_histogram};
 
@@ -33,7 +33,7 @@ pub(crate) trait Sender: Clone + 'static {
     fn send(&self, call: Self::Call) -> impl Future<Output = Result<(), String>>;
 }
 
-impl Sender for CometClient<Channel> {
+impl Sender for CometClient<AuthChannel> {
     type Call = Call;
 
     async fn send(&self, call: Call) -> Result<(), String> {

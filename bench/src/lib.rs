@@ -75,6 +75,9 @@ pub enum Error {
     /// S5 could not set up its processes, topics or services.
     #[error(transparent)]
     S5(#[from] s5::Error),
+    /// The gRPC token file cannot be read, or holds no usable token.
+    #[error("gRPC token")]
+    GrpcToken(#[from] herald_runtime::grpc_auth::Error),
     /// The current executable could not be found (for `--server-bin`'s default).
     #[error("cannot find the current executable")]
     CurrentExe(#[source] std::io::Error),
@@ -181,6 +184,12 @@ pub struct Args {
     /// S3, S5): needs perf with tracepoint access; adds a little to each call.
     #[arg(long)]
     pub perf_syscalls: bool,
+    /// The shared gRPC token: given to every comet (and S5's logic and
+    /// job) the benchmark starts, and sent on its own gRPC calls to them, so
+    /// the figures include the token check. Off by default. The command
+    /// line is recorded in the report: pass the token in a file.
+    #[command(flatten)]
+    pub grpc_token: herald_runtime::grpc_auth::TokenArgs,
 }
 
 /// Runs `herald bench`; returns when the report is written.

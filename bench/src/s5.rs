@@ -137,6 +137,8 @@ pub(crate) struct Setup<'a> {
     pub(crate) plan: &'a S5Plan,
     /// Count every system call with `perf stat` too.
     pub(crate) perf: bool,
+    /// Flags handing the gRPC token to logic, comet and job, if any.
+    pub(crate) grpc_flags: &'a [String],
 }
 
 /// Runs S5: Kafka floor, room pushes at each rate, single-key pushes.

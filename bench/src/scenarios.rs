@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_protocol::pb::CometClient;
+use herald_runtime::grpc_auth::AuthChannel;
 use tonic::transport::Channel;
 
 use self::plan::Plan;
@@ -71,13 +72,15 @@ struct Ctx {
     floor: HashMap<usize, FloorRun>,
     report: Report,
     /// S2's population, kept for S6 when both run.
-    kept: Option<(Comet, Generator, CometClient<Channel>, i32)>,
+    kept: Option<(Comet, Generator, CometClient<AuthChannel>, i32)>,
     /// The highest S2 rate (20 frames/push) that comet kept up with.
     s2_sustained_rate: Option<f64>,
     /// Redis and Kafka for S5, when given.
     services: Option<Services>,
     /// Count system calls with `perf stat` as well.
     perf: bool,
+    /// The gRPC token of every server started, and of the calls to them.
+    grpc: crate::server::GrpcToken,
 }
 
 /// Runs `args.what` and writes its report.
@@ -97,7 +100,9 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         redis,
         kafka,
         perf_syscalls,
+        grpc_token,
     } = args;
+    let grpc = crate::server::GrpcToken::start(&grpc_token.source())?;
     let services = redis
         .zip(kafka)
         .map(|(redis, kafka)| Services { redis, kafka });
@@ -178,6 +183,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         s2_sustained_rate: None,
         services,
         perf: perf_syscalls,
+        grpc,
     };
     ctx.report.notes.push(
         "figures from a shared machine are noisy: compare the load average column before comparing runs"
@@ -252,23 +258,26 @@ fn self_sample() -> Sample {
     Sample::take(std::process::id())
 }
 
-async fn connect_comet(comet: &Comet) -> Result<CometClient<Channel>> {
+/// A client of `comet`'s gRPC services whose calls carry the token.
+async fn connect_comet(ctx: &Ctx, comet: &Comet) -> Result<CometClient<AuthChannel>> {
     let channel = Channel::from_shared(format!("http://{}", comet.grpc))
         .map_err(|_| Error::Smoke(format!("bad gRPC address {}", comet.grpc)))?
         .connect()
         .await
         .map_err(Error::Channel)?;
-    Ok(CometClient::new(channel))
+    Ok(CometClient::new(ctx.grpc.token.channel(channel)))
 }
 
+/// A comet with `extra` flags and the gRPC token, if any.
 fn start_comet(ctx: &Ctx, extra: &[String]) -> Result<Comet> {
+    let flags: Vec<String> = extra.iter().chain(&ctx.grpc.flags).cloned().collect();
     Ok(Comet::start(
         &ctx.binary,
         ctx.server_core,
         ctx.stub,
         "bench",
         &ctx.out,
-        extra,
+        &flags,
     )?)
 }
 

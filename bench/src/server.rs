@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::proc;
+use herald_runtime::grpc_auth::{Token, TokenSource};
 
 /// Why the server could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -184,5 +185,38 @@ impl Comet {
 impl Drop for Comet {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The shared gRPC token of the servers the benchmark starts: the flags
+/// that hand it to each of them, and the token its own gRPC calls carry.
+/// Off unless `--grpc-token-file` or `--grpc-token` is given.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct GrpcToken {
+    /// What the benchmark's own calls carry.
+    pub(crate) token: Token,
+    /// `--grpc-token-file PATH` or `--grpc-token TOKEN`, or nothing.
+    pub(crate) flags: Vec<String>,
+}
+
+impl GrpcToken {
+    /// The token `source` names, started (a file is read and watched).
+    ///
+    /// # Errors
+    /// An unusable token file or token.
+    pub(crate) fn start(
+        source: &TokenSource,
+    ) -> Result<GrpcToken, herald_runtime::grpc_auth::Error> {
+        let flags = match source {
+            TokenSource::Off => Vec::new(),
+            TokenSource::Literal(token) => vec!["--grpc-token".to_owned(), token.clone()],
+            TokenSource::File(path) => {
+                vec!["--grpc-token-file".to_owned(), path.display().to_string()]
+            }
+        };
+        Ok(GrpcToken {
+            token: source.start()?,
+            flags,
+        })
     }
 }

@@ -2,7 +2,9 @@
 //! tiny room fan-out, single-key pushes (comet, then the floor relay) and
 //! connection storms (the handshake floor, then comet)
 //! against real processes of this binary and must deliver every message, in
-//! order, to every client. No timing is asserted.
+//! order, to every client. No timing is asserted. The smoke runs use a
+//! shared gRPC token (`--grpc-token-file`): the benchmark's own gRPC calls
+//! and those between the servers it starts must carry it.
 
 use herald_testkit::Herald;
 
@@ -12,12 +14,21 @@ fn bench() -> Herald {
     Herald::new(env!("CARGO_BIN_EXE_herald"), "bench").keep_herald_env()
 }
 
+/// `--grpc-token-file` and a file in `out` holding a token.
+fn grpc_token_flags(out: &std::path::Path) -> [std::ffi::OsString; 2] {
+    std::fs::create_dir_all(out).expect("the output directory");
+    let file = out.join("grpc-token");
+    std::fs::write(&file, "bench-grpc-token\n").expect("the token file");
+    ["--grpc-token-file".into(), file.into()]
+}
+
 #[test]
 fn bench_smoke_delivers_everything_in_order() {
     let out = std::env::temp_dir().join(format!("herald-bench-smoke-{}", std::process::id()));
     let output = bench()
         .args(["smoke", "--out"])
         .arg(&out)
+        .args(grpc_token_flags(&out))
         .output()
         .expect("run herald bench smoke");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -123,6 +134,7 @@ fn bench_s5_smoke_delivers_every_push_through_kafka() {
     let output = bench()
         .args(["s5-smoke", "--redis", &redis, "--kafka", &kafka, "--out"])
         .arg(&out)
+        .args(grpc_token_flags(&out))
         .output()
         .expect("run herald bench s5-smoke");
     let stderr = String::from_utf8_lossy(&output.stderr);

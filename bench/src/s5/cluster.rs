@@ -144,10 +144,15 @@ impl Cluster {
         topic: &str,
         run_id: &str,
         out: &Path,
+        grpc_flags: &[String],
     ) -> Result<Cluster> {
         let (logic_http, logic_grpc, job_http) = (free_port()?, free_port()?, free_port()?);
         let server_id = format!("bench-{run_id}");
-        let arg = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        // Every role gets the gRPC token flags, if any.
+        let arg = |list: &[&str]| {
+            let list = list.iter().map(|s| (*s).to_owned());
+            list.chain(grpc_flags.iter().cloned()).collect::<Vec<_>>()
+        };
         let mut logic = Server::start(
             binary,
             core,
@@ -167,7 +172,7 @@ impl Cluster {
             out,
         )?;
         logic.wait_accepts(&[logic_http, logic_grpc]).await?;
-        let comet = Comet::start(binary, core, logic_grpc, &server_id, out, &[])?;
+        let comet = Comet::start(binary, core, logic_grpc, &server_id, out, grpc_flags)?;
         // Job finds comet through a node list file, as in a deployment
         // without the operator.
         let nodes = out.join(format!("s5-nodes-{run_id}.json"));

@@ -51,9 +51,10 @@ pub(super) async fn measure(
         services,
         plan,
         perf,
+        grpc_flags,
     } = setup;
     let step = Duration::from_secs_f64(plan.seconds.max(0.1));
-    let cluster = Cluster::start(binary, core, services, topic, run_id, out).await?;
+    let cluster = Cluster::start(binary, core, services, topic, run_id, out, grpc_flags).await?;
     let mut generator = Generator::new(clock, sweep);
     // Mids unique to this process, so two runs sharing a Redis never route
     // each other's keys.

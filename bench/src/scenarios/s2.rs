@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use herald_protocol::pb::{BroadcastRoomReq, CometClient, Proto};
 use herald_protocol::ws::raw_proto;
+use herald_runtime::grpc_auth::AuthChannel;
 use serde_json::json;
-use tonic::transport::Channel;
 
 use super::{
     CONNECT_CONCURRENCY, Ctx, DRAIN_IDLE, connect_comet, per, perf_start, self_sample, specs,
@@ -50,7 +50,7 @@ pub(super) fn room_push(room: &str, fpp: usize, seq: i32, sched_ns: u64) -> Broa
 async fn room_step(
     generator: &Generator,
     comet: &Comet,
-    client: &CometClient<Channel>,
+    client: &CometClient<AuthChannel>,
     clock: Clock,
     room: &str,
     members: u64,
@@ -170,7 +170,7 @@ pub(super) async fn s2(ctx: &mut Ctx, transport: Transport) -> Result<()> {
         )
         .await;
     let members = connect.connected as u64;
-    let client = connect_comet(&comet).await?;
+    let client = connect_comet(ctx, &comet).await?;
     generator.start_sweeping();
     let mut steps = Vec::new();
     let mut seq = 1;

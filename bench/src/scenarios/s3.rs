@@ -28,7 +28,7 @@ pub(super) async fn s3(ctx: &mut Ctx) -> Result<()> {
             CONNECT_CONCURRENCY,
         )
         .await;
-    let client = connect_comet(&comet).await?;
+    let client = connect_comet(ctx, &comet).await?;
     generator.start_sweeping();
     let keys: Vec<String> = (0..probes as u64)
         .map(|i| wire::key(first_mid + i))

@@ -17,6 +17,7 @@ pub(super) async fn s5(ctx: &mut Ctx) -> Result<()> {
         services: &services,
         plan: &ctx.plan.s5,
         perf: ctx.perf,
+        grpc_flags: &ctx.grpc.flags,
     })
     .await?;
     ctx.report.targets.extend(outcome.targets);

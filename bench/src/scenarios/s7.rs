@@ -54,7 +54,7 @@ pub(super) async fn s7(ctx: &mut Ctx) -> Result<()> {
         .await;
     connect.connected += slow_connect.connected;
     connect.failed += slow_connect.failed;
-    let client = connect_comet(&comet).await?;
+    let client = connect_comet(ctx, &comet).await?;
     generator.start_sweeping();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let paused = generator.pause_last(slow_connect.connected) as u64;
