@@ -8,8 +8,12 @@
 #   3. cargo clippy --all-targets -D warnings
 #   4. crds/ is what `herald crdgen` prints (fails on any difference)
 #   5. helm lint + helm template of charts/herald (its CRD copy must match)
-#   6. a short cargo-fuzz run of the frame decoder
-#   7. cargo test for the whole workspace against that test bed
+#   6. actionlint on .github/workflows (the release workflow)
+#   7. the container image: the Dockerfile built with buildah on local Debian
+#      bases, `herald standalone` run from it, goim clients on loopback
+#      receive pushes through it (scripts/image.sh test)
+#   8. a short cargo-fuzz run of the frame decoder
+#   9. cargo test for the whole workspace against that test bed
 # Services are stopped by pid on exit, also after a failure. Phase durations are
 # printed at the end (and kept in target/testbed/timings.txt).
 #
@@ -129,5 +133,7 @@ source "$HERALD_RUN/env"
 timed "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 timed "crds up to date" crds_current
 timed "helm lint + template" helm_chart
+timed "release workflow lint" bash scripts/image.sh lint
+timed "container image" env HERALD_IMAGE_BASES=local bash scripts/image.sh test
 timed "cargo fuzz (${FUZZ_SECONDS}s run)" fuzz
 timed "cargo test" cargo_test
