@@ -84,14 +84,26 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct TokenArgs {
     /// File holding the shared token of the internal gRPC ports (one token
     /// per line: callers send the first, servers accept any), read again
-    /// every 2 s so a rotated Secret needs no restart. Without it and
-    /// `--grpc-token`, the ports take calls from anyone (goim's behaviour).
-    #[arg(long, env = "HERALD_GRPC_TOKEN_FILE", conflicts_with = "grpc_token")]
+    /// every 2 s so a rotated Secret needs no restart. Empty, or neither
+    /// this nor `--grpc-token`: the ports take calls from anyone (goim's
+    /// behaviour).
+    #[arg(
+        long,
+        env = "HERALD_GRPC_TOKEN_FILE",
+        conflicts_with = "grpc_token",
+        value_parser = any_path
+    )]
     pub grpc_token_file: Option<PathBuf>,
     /// The shared token itself, for tests and single hosts; prefer
     /// `--grpc-token-file` (a flag shows in the process list). Empty = off.
     #[arg(long, env = "HERALD_GRPC_TOKEN", hide_env_values = true)]
     pub grpc_token: Option<String>,
+}
+
+/// A path, the empty one included (clap's own parser refuses it): an empty
+/// `HERALD_GRPC_TOKEN_FILE` means off, like an unset one.
+fn any_path(value: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(value))
 }
 
 impl std::fmt::Debug for TokenArgs {
@@ -509,6 +521,7 @@ mod tests {
         crate::args::assert_consistent::<TokenArgs>();
         assert_eq!(source(&[]), TokenSource::Off);
         assert_eq!(source(&["--grpc-token", ""]), TokenSource::Off);
+        assert_eq!(source(&["--grpc-token-file", ""]), TokenSource::Off);
         assert_eq!(
             source(&["--grpc-token", " s3cret "]),
             TokenSource::Literal("s3cret".to_owned())
