@@ -381,9 +381,15 @@ fn shutdown_plan(
         tcp_port,
         ws_port,
         wss_port,
-        reconnect_within_ms: u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX),
+        // As the operator's Drain: the closes are paced already; each
+        // redirected client gets this long to connect elsewhere first.
+        reconnect_within_ms: RECONNECT_WITHIN_MS,
     }
 }
+
+/// How long a redirected client has to connect elsewhere before its
+/// draining comet closes the connection (see [`rpc::start_drain`]).
+const RECONNECT_WITHIN_MS: u32 = 2000;
 
 fn port(listener: &TcpListener) -> i32 {
     listener

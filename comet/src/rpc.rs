@@ -341,7 +341,12 @@ pub(crate) struct DrainPlan {
 
 /// Starts a drain unless one is already running: refuse new connections,
 /// then close the current ones paced by `plan`, op 18 first to those that
-/// asked for it. Returns the connection count and whether this call started
+/// asked for it. A redirected connection stays open for
+/// `reconnect_within_ms` after its op 18 (never past the deadline), or until
+/// its client leaves: a client that follows the redirect connects to the new
+/// comet before it lets go of this one, so a push sent meanwhile reaches it
+/// on one or the other (make before break). Op 18s are paced; the closes
+/// follow them. Returns the connection count and whether this call started
 /// it; [`Shared::drained`] is cancelled when the drain task ends.
 pub(crate) fn start_drain(shared: &Arc<Shared>, plan: &DrainPlan) -> (u64, bool) {
     let conns = shared.buckets.all();
@@ -360,23 +365,25 @@ pub(crate) fn start_drain(shared: &Arc<Shared>, plan: &DrainPlan) -> (u64, bool)
     .to_body();
     // On both transports op 18 is a reply-like frame, never op-9 wrapped.
     let redirect = Frame::push(op::REDIRECT, body).to_bytes();
+    let linger = Duration::from_millis(u64::from(plan.reconnect_within_ms)).min(plan.deadline / 2);
     // Space closes at `close_rate`/s, but never so slowly that the last
-    // one misses the deadline.
+    // one (and its linger) misses the deadline.
     let mut gap = if plan.close_rate > 0 {
         Duration::from_secs_f64(1.0 / f64::from(plan.close_rate))
     } else {
         Duration::ZERO
     };
     if !conns.is_empty() {
-        let budget = plan.deadline / (conns.len() as u32 + 1);
+        let budget = plan.deadline.saturating_sub(linger) / (conns.len() as u32 + 1);
         gap = gap.min(budget);
     }
-    info!(connections, ?gap, "drain started");
+    info!(connections, ?gap, ?linger, "drain started");
     let shared = shared.clone();
     tokio::spawn(
         async move {
             // Signals the end of the drain however the task ends.
             let _done = shared.drained.clone().drop_guard();
+            let mut lingering = tokio::task::JoinSet::new();
             for (i, conn) in conns.into_iter().enumerate() {
                 if i > 0 && !gap.is_zero() {
                     tokio::select! {
@@ -384,10 +391,21 @@ pub(crate) fn start_drain(shared: &Arc<Shared>, plan: &DrainPlan) -> (u64, bool)
                         () = tokio::time::sleep(gap) => {}
                     }
                 }
-                if conn.redirect {
-                    let _ = conn.send(redirect.clone());
+                if conn.redirect && conn.send(redirect.clone()).is_ok() && !linger.is_zero() {
+                    lingering.spawn(async move {
+                        tokio::select! {
+                            () = tokio::time::sleep(linger) => {}
+                            () = conn.closed() => {}
+                        }
+                        conn.close(CloseReason::Drain);
+                    });
+                } else {
+                    conn.close(CloseReason::Drain);
                 }
-                conn.close(CloseReason::Drain);
+            }
+            tokio::select! {
+                () = shared.shutdown.cancelled() => return,
+                () = async { while lingering.join_next().await.is_some() {} } => {}
             }
             info!("drain finished");
         }

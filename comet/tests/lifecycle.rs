@@ -96,6 +96,64 @@ async fn load_and_drain_redirect_then_close_everything() -> Result {
     h.shutdown().await
 }
 
+/// Make before break: after its op 18 a redirected client keeps its
+/// connection (and its pushes) for `reconnect_within_ms`, so that it can
+/// connect to the new comet first; it is closed then, or as soon as it
+/// leaves by itself. A client that did not ask is closed at once.
+#[tokio::test]
+async fn a_redirected_client_keeps_its_pushes_until_it_has_moved() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let redirect = |key: &str| {
+        serde_json::json!({"key": key, "room_id": "live://1", "accepts": [1000],
+                           "herald": {"redirect": true}})
+        .to_string()
+    };
+    let mut stays = h.tcp_client(&redirect("stays")).await?;
+    let mut leaves = h.tcp_client(&redirect("leaves")).await?;
+    let mut plain = h.tcp_client(&token("plain", "live://1", &[1000])).await?;
+    let mut admin = h.admin_client().await?;
+    let mut drain = drain_to_comet_b();
+    drain.deadline_ms = 10_000;
+    drain.reconnect_within_ms = 1500;
+    let started = std::time::Instant::now();
+    assert!(admin.drain(drain).await?.into_inner().started);
+    assert!(closed(&mut plain).await?.is_empty(), "closed at once");
+    for client in [&mut stays, &mut leaves] {
+        let frame = client.next_message().await?;
+        assert_eq!(frame.op, op::REDIRECT);
+    }
+    // Both still get a room push after their op 18.
+    let mut grpc = h.comet_client().await?;
+    grpc.broadcast_room(BroadcastRoomReq {
+        room_id: "live://1".into(),
+        proto: Some(raw_push(1000, b"after op 18")),
+    })
+    .await?;
+    for client in [&mut stays, &mut leaves] {
+        let frame = client.next_message().await?;
+        assert_eq!(&frame.body[..], b"after op 18");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "the push came after the linger"
+    );
+    // One leaves on its own: the comet lets go of it then, and the other at
+    // the end of its 1.5 s.
+    drop(leaves);
+    h.logic_saw("the leaving client's Disconnect", |_| {
+        h.stub.disconnects("leaves") == 1
+    })
+    .await?;
+    assert_eq!(h.stub.disconnects("stays"), 0, "closed before its linger");
+    assert!(closed(&mut stays).await?.is_empty());
+    let lingered = started.elapsed();
+    assert!(
+        lingered >= Duration::from_millis(1400) && lingered < Duration::from_secs(5),
+        "closed after {lingered:?}, not at reconnect_within_ms"
+    );
+    h.shutdown().await
+}
+
 /// The opt-in logic verified counts, not only the token's own JSON: a signed
 /// token (here: the stub's `grant_redirect`, standing for the claims logic
 /// read from a JWT) gets op 18 although comet cannot read it.
@@ -309,7 +367,9 @@ async fn shutdown_drain_follows_the_node_list() -> Result {
     assert_eq!(frames.len(), 1, "one op 18 before EOF: {frames:?}");
     let body: serde_json::Value = serde_json::from_slice(&frames[0].body)?;
     assert_eq!(body["nodes"], serde_json::json!(["127.0.0.2"]), "{body}");
-    assert_eq!(body["reconnect_within_ms"], 1500, "{body}");
+    // The closes are paced already: each redirected client gets the same
+    // 2 s as under the operator's Drain to connect elsewhere first.
+    assert_eq!(body["reconnect_within_ms"], 2000, "{body}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
