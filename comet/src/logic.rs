@@ -11,7 +11,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use herald_protocol::pb::goim::logic::{
-    ConnectReply, ConnectReq, DisconnectReq, HeartbeatReq, OnlineReq, ReceiveReq,
+    ConnectReply, ConnectReq, DisconnectReq, HeartbeatReq, NodesReq, OnlineReq, ReceiveReq,
 };
 use herald_protocol::pb::{LogicClient, Proto};
 use herald_runtime::grpc_auth::{self, AuthChannel, Token};
@@ -32,8 +32,13 @@ pub struct Logic {
     /// Where logic is, for the reachability probe's own connections.
     endpoint: Endpoint,
     /// Set once logic has been reached (a call succeeded or the probe
-    /// connected); `/readyz` fails until then.
+    /// was answered); `/readyz` fails until then.
     reachable: AtomicBool,
+    /// Whether logic's last answer refused this comet's gRPC token: every
+    /// client would fail to authenticate, so `/readyz` fails meanwhile.
+    token_refused: AtomicBool,
+    /// What the reachability probe's calls carry, as every other call.
+    token: Token,
     failures: LogicFailures,
 }
 
@@ -75,6 +80,8 @@ impl Logic {
             online: RwLock::new(Arc::new(HashMap::new())),
             endpoint,
             reachable: AtomicBool::new(false),
+            token_refused: AtomicBool::new(false),
+            token: token.clone(),
             failures,
         })
     }
@@ -86,6 +93,22 @@ impl Logic {
 
     fn mark_reachable(&self) {
         self.reachable.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether logic refused this comet's gRPC token in its last answer.
+    pub fn token_refused(&self) -> bool {
+        self.token_refused.load(Ordering::SeqCst)
+    }
+
+    /// Notes whether a call's answer refused the gRPC token; any other
+    /// answer means the token is good.
+    fn note<T>(&self, result: &Result<T, tonic::Status>) {
+        let refused = result.as_ref().is_err_and(grpc_auth::is_refusal);
+        if refused && !self.token_refused.swap(true, Ordering::SeqCst) {
+            warn!("logic refuses this comet's gRPC token: clients cannot authenticate");
+        } else if !refused {
+            self.token_refused.store(false, Ordering::SeqCst);
+        }
     }
 
     /// `Connect`: authenticates a token.
@@ -103,11 +126,9 @@ impl Logic {
             cookie,
             token,
         };
-        let reply = self
-            .client
-            .clone()
-            .connect(req)
-            .await
+        let result = self.client.clone().connect(req).await;
+        self.note(&result);
+        let reply = result
             .inspect_err(|status| {
                 // A refused client token is logic's answer, counted as an
                 // auth outcome; the rest is the call failing, this comet's
@@ -119,9 +140,6 @@ impl Logic {
                 ) && !grpc_auth::is_refusal(status);
                 if !refused_client {
                     self.failures.failed("connect");
-                }
-                if grpc_auth::is_refusal(status) {
-                    warn!(cause = %status.message(), "logic refused this comet's gRPC token");
                 }
             })?
             .into_inner();
@@ -136,7 +154,9 @@ impl Logic {
             key: key.to_owned(),
             server: server.to_owned(),
         };
-        if let Err(status) = self.client.clone().disconnect(req).await {
+        let result = self.client.clone().disconnect(req).await;
+        self.note(&result);
+        if let Err(status) = result {
             self.failures.failed("disconnect");
             warn!(%key, cause = %status, "logic Disconnect failed");
         }
@@ -149,7 +169,9 @@ impl Logic {
             key: key.to_owned(),
             server: server.to_owned(),
         };
-        if let Err(status) = self.client.clone().heartbeat(req).await {
+        let result = self.client.clone().heartbeat(req).await;
+        self.note(&result);
+        if let Err(status) = result {
             self.failures.failed("heartbeat");
             warn!(%key, cause = %status, "logic Heartbeat failed");
         }
@@ -161,7 +183,9 @@ impl Logic {
             mid,
             proto: Some(proto),
         };
-        if let Err(status) = self.client.clone().receive(req).await {
+        let result = self.client.clone().receive(req).await;
+        self.note(&result);
+        if let Err(status) = result {
             self.failures.failed("receive");
             debug!(cause = %status, "logic Receive failed");
         }
@@ -182,7 +206,9 @@ impl Logic {
             server: server.to_owned(),
             room_count: counts,
         };
-        match self.client.clone().renew_online(req).await {
+        let result = self.client.clone().renew_online(req).await;
+        self.note(&result);
+        match result {
             Ok(reply) => {
                 self.mark_reachable();
                 let all = Arc::new(reply.into_inner().all_room_count);
@@ -193,6 +219,20 @@ impl Logic {
                 warn!(cause = %status, "logic RenewOnline failed");
             }
         }
+    }
+}
+
+impl Logic {
+    /// One `Nodes` call on a connection of its own; whether logic answered
+    /// it with anything but a refusal of the gRPC token.
+    async fn probe(&self) -> bool {
+        let Ok(channel) = self.endpoint.connect().await else {
+            return false;
+        };
+        let mut client = LogicClient::new(self.token.channel(channel));
+        let result = client.nodes(NodesReq::default()).await;
+        self.note(&result);
+        !result.is_err_and(|status| grpc_auth::is_refusal(&status))
     }
 }
 
@@ -216,12 +256,15 @@ pub(crate) async fn renew_online_loop(shared: Arc<Shared>) {
 
 /// Dials logic (an HTTP/2 connection of its own) until it answers once, so
 /// `/readyz` turns ready without waiting for a client or a renew period.
+/// The answer is to a `Nodes` call with the gRPC token: a logic that
+/// refuses the token has not been reached (any other answer, even
+/// `Unimplemented`, has).
 pub(crate) async fn reachability_loop(shared: Arc<Shared>) {
     let mut pause = Duration::from_millis(100);
     while !shared.logic.reachable() {
         let connected = tokio::select! {
             () = shared.shutdown.cancelled() => return,
-            connected = shared.logic.endpoint.connect() => connected.is_ok(),
+            connected = shared.logic.probe() => connected,
         };
         if connected {
             debug!("logic reachable");

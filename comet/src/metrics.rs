@@ -238,11 +238,16 @@ impl herald_runtime::admin::Health for Shared {
         use herald_runtime::contract::unready;
         if self.draining.load(Ordering::SeqCst) {
             Err(unready::body(unready::DRAINING, "no new clients"))
-        } else if !self.logic.reachable() {
-            Err(unready::body(
-                unready::LOGIC_UNREACHABLE,
-                format!("logic {} not reached yet", self.config.logic_addr),
-            ))
+        } else if !self.logic.reachable() || self.logic.token_refused() {
+            let detail = if self.logic.token_refused() {
+                format!(
+                    "logic {} refuses this comet's gRPC token",
+                    self.config.logic_addr
+                )
+            } else {
+                format!("logic {} not reached yet", self.config.logic_addr)
+            };
+            Err(unready::body(unready::LOGIC_UNREACHABLE, detail))
         } else {
             Ok(())
         }
