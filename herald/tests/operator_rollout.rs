@@ -25,8 +25,8 @@ use herald_e2e::{eventually, testbed_var, unique_name};
 use herald_operator::ServiceAddresses;
 use herald_operator::crd::PushCluster;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::Client as KubeClient;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client as KubeClient, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -158,6 +158,10 @@ struct Record {
 }
 
 type Shared = Arc<Mutex<Record>>;
+
+/// A push logic acknowledged: its body, and the members it was for (`None`:
+/// the room, every client).
+type Acked = (String, Option<Vec<u64>>);
 
 /// One rollout under load with `strategy`, in a namespace, kubelet (pods on
 /// 127.0.`net`.x) and operator of its own.
@@ -296,14 +300,14 @@ async fn scenario(
     };
 
     // Pushes every 50 ms, to five users or to the room, in turn.
-    let acked: Arc<Mutex<Vec<(String, Option<Vec<u64>>)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
     let pusher = {
         let (acked, key, mut stop) = (acked.clone(), key.clone(), stop.clone());
         tokio::spawn(async move {
             let mut seq = 0u64;
             while !*stop.borrow() {
                 seq += 1;
-                let (path, body, targets) = if seq % 2 == 0 {
+                let (path, body, targets) = if seq.is_multiple_of(2) {
                     let mids: Vec<u64> = (0..5)
                         .map(|k| FIRST_MID + (seq * 7 + k * 61) % CLIENTS)
                         .collect();
@@ -561,4 +565,182 @@ async fn reconnect(mid: u64, logic: SocketAddr, key: &str) -> anyhow::Result<Goi
         ensure!(Instant::now() < deadline, "client {mid} found no comet");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A new comet that never becomes Ready stops the rollout: `Degraded`
+/// `RolloutStuck`, no old comet drained, both still serving. A new spec then
+/// restarts it cleanly: the stuck comet goes without a drain, comets of the
+/// newest template come one at a time, each old one drained after it.
+/// (In-process comets stand in for the pods here, on 127.0.37.x: the
+/// operator's side is what is tested.)
+#[tokio::test]
+async fn a_stuck_rollout_stops_and_a_new_spec_restarts_it() -> anyhow::Result<()> {
+    use common::operator::{
+        PodComet, cluster_json, condition, events_of, has_condition, node_flags, wait_cluster,
+        wait_comet_pods,
+    };
+    let (client, ns) = setup("op-roll-stuck").await?;
+    let grpc_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.port()
+    };
+    let operator = Operator::start(&client, &ns, "op-a");
+    let comet = json!({"replicas": 2, "ports": {"grpc": grpc_port},
+                       "drain": {"deadlineSeconds": 10},
+                       "rollout": {"progressDeadlineSeconds": 3}});
+    let clusters = Api::<PushCluster>::namespaced(client.clone(), &ns);
+    clusters
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(cluster_json("chat", json!({ "comet": comet })))?,
+        )
+        .await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let configmaps = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), &ns);
+    let mut comets: BTreeMap<String, PodComet> = BTreeMap::new();
+    let mut next_ip = 2u8;
+    // Each pod not yet served gets a comet on an address of its own.
+    async fn serve(
+        pods: &Api<Pod>,
+        comets: &mut BTreeMap<String, PodComet>,
+        next_ip: &mut u8,
+        names: &[String],
+        grpc_port: u16,
+    ) -> anyhow::Result<()> {
+        for name in names {
+            if !comets.contains_key(name) {
+                let ip = format!("127.0.37.{next_ip}");
+                *next_ip += 1;
+                comets.insert(
+                    name.clone(),
+                    PodComet::start(pods, name, &ip, grpc_port).await?,
+                );
+            }
+        }
+        Ok(())
+    }
+    let old = wait_comet_pods(&pods, "chat", 2).await?;
+    serve(&pods, &mut comets, &mut next_ip, &old, grpc_port).await?;
+    let both = |want: bool| {
+        let old = old.clone();
+        move |listed: &BTreeMap<String, bool>| {
+            old.iter().all(|name| listed.get(name) == Some(&want)) && listed.len() == 2
+        }
+    };
+    common::operator::wait_node_flags(&configmaps, "chat", 30, "both comets listed", both(false))
+        .await?;
+
+    // A new image whose comet never becomes Ready.
+    let image = |tag: &str| Patch::Merge(json!({"spec": {"image": format!("herald:{tag}")}}));
+    clusters
+        .patch("chat", &PatchParams::default(), &image("v2"))
+        .await?;
+    let stuck = wait_cluster(&clusters, "chat", 30, "Degraded RolloutStuck", |cluster| {
+        condition(cluster, "Degraded").is_some_and(|c| c == ("True".into(), "RolloutStuck".into()))
+    })
+    .await?;
+    assert!(has_condition(&stuck, "Progressing", "True"));
+    let status = stuck.status.clone().unwrap_or_default();
+    assert_eq!(status.updated_comets.as_deref(), Some("0/2"), "{status:?}");
+    assert_eq!(status.comets_ready.as_deref(), Some("2/2"), "{status:?}");
+    let all = wait_comet_pods(&pods, "chat", 3).await?;
+    let surge: Vec<&String> = all.iter().filter(|n| !old.contains(n)).collect();
+    assert_eq!(surge.len(), 1, "one new comet at a time: {all:?}");
+    // No old comet drained while the new one is not Ready.
+    assert!(both(false)(&node_flags(&configmaps, "chat").await?));
+    for name in &old {
+        let pod = pods.get(name).await?;
+        assert!(
+            !pod.annotations().contains_key("herald.dev/drain-started"),
+            "{name}"
+        );
+    }
+    let events = events_of(&client, &ns, "chat").await?;
+    assert!(
+        events.iter().any(|(type_, reason, note)| type_ == "Warning"
+            && reason == "RolloutStuck"
+            && note.contains(surge[0].as_str())),
+        "{events:?}"
+    );
+
+    // A new spec: the stuck comet goes without a drain, the rollout starts
+    // over on v3 and completes, one comet at a time.
+    clusters
+        .patch("chat", &PatchParams::default(), &image("v3"))
+        .await?;
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = pods
+            .list(
+                &kube::api::ListParams::default()
+                    .labels("app.kubernetes.io/instance=chat,app.kubernetes.io/component=comet"),
+            )
+            .await?
+            .items;
+        let live: Vec<&Pod> = list
+            .iter()
+            .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+            .collect();
+        let v3: Vec<String> = live
+            .iter()
+            .filter(|pod| {
+                pod.spec.as_ref().map(|s| s.containers[0].image.clone())
+                    == Some(Some("herald:v3".to_owned()))
+            })
+            .map(|pod| pod.name_any())
+            .collect();
+        ensure!(
+            !live.iter().any(|pod| pod.name_any() == *surge[0]) || v3.is_empty(),
+            "the stuck comet outlived the new spec's first comet"
+        );
+        let new_v3 = v3.iter().filter(|n| !comets.contains_key(*n)).count();
+        most = most.max(new_v3);
+        ensure!(
+            new_v3 <= 1,
+            "more than one new comet started at once: {v3:?}"
+        );
+        serve(&pods, &mut comets, &mut next_ip, &v3, grpc_port).await?;
+        let cluster = clusters.get("chat").await?;
+        let status = cluster.status.clone().unwrap_or_default();
+        if v3.len() == 2
+            && live.len() == 2
+            // (Logic and job have no pods here, so Progressing stays True
+            // for them: only the comets' part is over.)
+            && condition(&cluster, "Progressing").is_some_and(|c| c.1 != "RollingComets")
+            && has_condition(&cluster, "Degraded", "False")
+            && status.updated_comets.as_deref() == Some("2/2")
+        {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "rollout to v3 not done: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(most, 1);
+    // Only the v3 ReplicaSet is left.
+    let deployments =
+        Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), &ns);
+    let sets = eventually(30, "the old ReplicaSets deleted", || async {
+        let sets = common::operator::comet_replica_sets(&deployments, "chat").await?;
+        Ok((sets.len() == 1).then_some(sets))
+    })
+    .await?;
+    let template = sets[0].spec.as_ref().and_then(|s| s.template.as_ref());
+    let image = template
+        .and_then(|t| t.spec.as_ref())
+        .and_then(|s| s.containers[0].image.clone());
+    assert_eq!(image.as_deref(), Some("herald:v3"));
+    let events = events_of(&client, &ns, "chat").await?;
+    let finished = events
+        .iter()
+        .filter(|(_, reason, _)| reason == "DrainFinished")
+        .count();
+    assert_eq!(finished, 2, "each old comet drained once: {events:?}");
+
+    operator.stop().await?;
+    drop(comets);
+    common::operator::delete_namespace(&client, &ns).await
 }

@@ -701,7 +701,7 @@ mod tests {
             rs.metadata.name
         );
 
-        let mut plain = cluster.clone();
+        let mut plain = cluster;
         plain.spec.comet.rollout.strategy = RolloutStrategy::Deployment;
         let plain = children(&names, &plain.spec, 3, "chat-logic").unwrap();
         assert!(plain.comet_replica_set.is_none());
