@@ -29,6 +29,11 @@ pub struct Args {
     /// PEM private key for WSS.
     #[arg(long, env = "HERALD_COMET_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// How often the WSS certificate and key files are checked for a new
+    /// pair (cert-manager renewals, Secret updates), in milliseconds; 0 =
+    /// never. A pair that does not load is logged and the one in use kept.
+    #[arg(long, env = "HERALD_COMET_TLS_RELOAD_MS", default_value_t = 5000)]
+    pub tls_reload_ms: u64,
     /// gRPC listener for `goim.comet.Comet` and `herald.admin.v1.CometAdmin`.
     #[arg(long, env = "HERALD_COMET_GRPC_ADDR", default_value = "0.0.0.0:3109")]
     pub grpc_addr: SocketAddr,
@@ -139,6 +144,7 @@ impl Args {
             wss_addr: _,
             tls_cert,
             tls_key,
+            tls_reload_ms,
             grpc_addr: _,
             http_addr: _,
             server_id,
@@ -176,6 +182,7 @@ impl Args {
             session_refresh: Duration::from_secs(session_refresh_secs.max(1)),
             tls_cert,
             tls_key,
+            tls_reload: Duration::from_millis(tls_reload_ms),
             drain_deadline: Duration::from_millis(drain_deadline_ms),
             drain_close_rate,
             drain_redirect_nodes: drain_redirect_nodes
@@ -239,6 +246,8 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for the WSS listener.
     pub tls_key: Option<PathBuf>,
+    /// Period of the check for a new WSS certificate; zero = never.
+    pub tls_reload: Duration,
     /// Deadline of the drain that shutdown performs.
     pub drain_deadline: Duration,
     /// Close rate (connections per second) of the shutdown drain; 0 = as

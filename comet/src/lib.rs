@@ -31,11 +31,11 @@
 //! - `websocket`: a WebSocket connection's read half, read by the session,
 //!   and its writer task (`run_writer`) that drains the queue into the write
 //!   half in batches.
+//! - [`tls`]: the WSS certificate, re-read when its files change.
 //! - [`metrics`]: Prometheus metrics, and what the admin endpoints report.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +51,7 @@ pub mod logic;
 pub mod metrics;
 pub mod rpc;
 pub mod server;
+pub mod tls;
 
 pub use config::{Args, Config};
 mod tcp;
@@ -74,18 +75,9 @@ pub enum Error {
     /// A WSS listener was given without a certificate and key.
     #[error("a WSS listener needs tls_cert and tls_key")]
     TlsMissing,
-    /// The certificate or key file could not be read or parsed.
-    #[error("cannot load TLS file {path:?}")]
-    TlsFile {
-        /// The file.
-        path: PathBuf,
-        /// What failed.
-        #[source]
-        source: rustls::pki_types::pem::Error,
-    },
-    /// rustls refused the certificate/key pair.
-    #[error("TLS configuration rejected")]
-    Tls(#[source] rustls::Error),
+    /// The WSS certificate or key could not be loaded at start.
+    #[error("WSS certificate")]
+    Tls(#[from] tls::Error),
     /// The admin HTTP server failed.
     #[error("admin HTTP server failed")]
     Http(#[source] std::io::Error),
@@ -180,7 +172,11 @@ pub async fn run(
         http,
     } = listeners;
     let wss = match wss {
-        Some(listener) => Some((listener, tls_acceptor(&config)?)),
+        Some(listener) => {
+            let certificate = Arc::new(load_certificate(&config)?);
+            let acceptor = tls::acceptor(certificate.clone())?;
+            Some((listener, acceptor, certificate))
+        }
         None => None,
     };
     let nodes = match &config.node_list {
@@ -218,7 +214,7 @@ pub async fn run(
     let ports = (
         port(&tcp),
         port(&ws),
-        wss.as_ref().map_or(0, |(listener, _)| port(listener)),
+        wss.as_ref().map_or(0, |(listener, ..)| port(listener)),
     );
     shared.metrics.node_list(nodes.get().generation);
     let nodes_task = shared.config.node_list.clone().map(|source| {
@@ -243,7 +239,19 @@ pub async fn run(
         server::accept_loop(ws, server::Listen::Ws, shared.clone(), limit.clone())
             .instrument(info_span!("accept", transport = "ws")),
     );
-    let wss_task = wss.map(|(listener, acceptor)| {
+    let tls_task = wss
+        .as_ref()
+        .filter(|_| !shared.config.tls_reload.is_zero())
+        .map(|(_, _, certificate)| {
+            let (certificate, shared) = (certificate.clone(), shared.clone());
+            let (period, stop) = (shared.config.tls_reload, shared.shutdown.wait());
+            let counted = move |outcome| shared.metrics.tls_reload(outcome);
+            tokio::spawn(
+                tls::reload_loop(certificate, period, counted, stop)
+                    .instrument(info_span!("tls_reload")),
+            )
+        });
+    let wss_task = wss.map(|(listener, acceptor, _)| {
         tokio::spawn(
             server::accept_loop(
                 listener,
@@ -317,6 +325,9 @@ pub async fn run(
     let _ = tcp_task.await;
     let _ = ws_task.await;
     if let Some(task) = wss_task {
+        let _ = task.await;
+    }
+    if let Some(task) = tls_task {
         let _ = task.await;
     }
     let _ = renew_task.await;
@@ -397,29 +408,13 @@ fn port(listener: &TcpListener) -> i32 {
         .map_or(0, |addr| i32::from(addr.port()))
 }
 
-/// The TLS acceptor for WSS, from the configured PEM files.
-fn tls_acceptor(config: &Config) -> Result<tokio_rustls::TlsAcceptor> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
+/// The WSS certificate from the configured PEM files.
+fn load_certificate(config: &Config) -> Result<tls::Certificate> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Err(Error::TlsMissing);
     };
-    let file_error = |path: &PathBuf| {
-        let path = path.clone();
-        move |source| Error::TlsFile { path, source }
-    };
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .map_err(file_error(cert))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(file_error(key))?;
-    // An explicit provider: the process may not have installed a default one.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(Error::Tls)?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(Error::Tls)?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+    Ok(tls::Certificate::load(tls::Files {
+        cert: cert.clone(),
+        key: key.clone(),
+    })?)
 }

@@ -38,6 +38,7 @@ pub struct Metrics {
     push_write_latency: Histogram,
     node_list_generation: Gauge,
     grpc_auth_refusals: Refusals,
+    tls_reloads: Counters,
 }
 
 /// Failed calls to logic, by rpc: handed to the logic client, which sees
@@ -94,6 +95,10 @@ impl Metrics {
             "logic_call_failures",
             "Calls to logic that failed or timed out, by rpc (connect, disconnect, heartbeat, renew_online, receive)",
         );
+        let tls_reloads = counter(
+            "tls_reloads",
+            "WSS certificate files that changed, by result: ok (now served) or error (unreadable or invalid; the previous pair kept)",
+        );
         let push_waits = Counter::default();
         registry.register(
             "push_waits",
@@ -132,11 +137,21 @@ impl Metrics {
             push_write_latency,
             node_list_generation,
             grpc_auth_refusals,
+            tls_reloads,
         }
     }
 
     pub(crate) fn node_list(&self, generation: i64) {
         self.node_list_generation.set(generation);
+    }
+
+    pub(crate) fn tls_reload(&self, outcome: crate::tls::Reload) {
+        let result = match outcome {
+            crate::tls::Reload::Unchanged => return,
+            crate::tls::Reload::Ok => "ok",
+            crate::tls::Reload::Error => "error",
+        };
+        self.tls_reloads.get_or_create(&[("result", result)]).inc();
     }
 
     fn transport(transport: Transport) -> Labels {

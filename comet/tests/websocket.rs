@@ -1,5 +1,6 @@
 //! WebSocket and WSS clients: the spec vectors, the upgrade on `/sub` and
-//! its limits, bytes sent with the upgrade head, TLS, and a real browser.
+//! its limits, bytes sent with the upgrade head, TLS and its certificate
+//! reload, and a real browser.
 
 mod common;
 
@@ -279,6 +280,175 @@ async fn wss_serves_the_same_protocol_over_tls() -> Result {
     h.shutdown().await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// A Secret mounted the way the kubelet mounts it: `tls.crt` and `tls.key`
+/// are symlinks through `..data`, and each update writes a new directory and
+/// renames a fresh `..data` symlink over the old one, so the paths comet
+/// reads never change and the files' own mtimes say nothing.
+struct SecretVolume {
+    dir: std::path::PathBuf,
+    version: u32,
+}
+
+impl SecretVolume {
+    fn new(name: &str) -> Result<SecretVolume> {
+        let dir = std::env::temp_dir().join(format!("herald-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        for file in ["tls.crt", "tls.key"] {
+            std::os::unix::fs::symlink(format!("..data/{file}"), dir.join(file))?;
+        }
+        Ok(SecretVolume { dir, version: 0 })
+    }
+
+    fn cert(&self) -> std::path::PathBuf {
+        self.dir.join("tls.crt")
+    }
+
+    fn key(&self) -> std::path::PathBuf {
+        self.dir.join("tls.key")
+    }
+
+    /// Swaps in a new pair at once, as the kubelet does.
+    fn write(&mut self, cert: &str, key: &str) -> Result {
+        self.version += 1;
+        let data = format!("..{}", self.version);
+        std::fs::create_dir(self.dir.join(&data))?;
+        std::fs::write(self.dir.join(&data).join("tls.crt"), cert)?;
+        std::fs::write(self.dir.join(&data).join("tls.key"), key)?;
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&data, &tmp)?;
+        std::fs::rename(&tmp, self.dir.join("..data"))?;
+        Ok(())
+    }
+}
+
+impl Drop for SecretVolume {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TLS connection to `addr` trusting `roots`, and the certificate the
+/// server presented.
+async fn tls_connect(
+    addr: SocketAddr,
+    roots: &rustls::RootCertStore,
+) -> Result<(
+    tokio_rustls::client::TlsStream<TcpStream>,
+    rustls::pki_types::CertificateDer<'static>,
+)> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = TcpStream::connect(addr).await?;
+    let stream = connector.connect("localhost".try_into()?, tcp).await?;
+    let served = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(<[_]>::first)
+        .context("no server certificate")?
+        .clone()
+        .into_owned();
+    Ok((stream, served))
+}
+
+#[tokio::test]
+async fn wss_certificate_is_reloaded_when_its_files_change() -> Result {
+    let a = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let b = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let (a_key, b_key) = (a.signing_key.serialize_pem(), b.signing_key.serialize_pem());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(a.cert.der().clone())?;
+    roots.add(b.cert.der().clone())?;
+    let mut volume = SecretVolume::new("comet-tls-reload")?;
+    volume.write(&a.cert.pem(), &a_key)?;
+    let poll = Duration::from_millis(100);
+    let mut h = Harness::start(|c| {
+        c.tls_cert = Some(volume.cert());
+        c.tls_key = Some(volume.key());
+        c.tls_reload = poll;
+    })
+    .await?;
+    let wss = h.wss.context("wss listener")?;
+    let ok = r#"herald_comet_tls_reloads_total{result="ok"}"#;
+    let error = r#"herald_comet_tls_reloads_total{result="error"}"#;
+
+    // A client of certificate A, authenticated and kept open throughout.
+    let (stream, served) = tls_connect(wss, &roots).await?;
+    assert_eq!(&served, a.cert.der(), "certificate A at first");
+    let mut old = Client::ws_over(stream, "wss://localhost/sub")
+        .await?
+        .with_timeout(WAIT);
+    old.auth(token("old", "live://1000", &[])).await?;
+
+    // The Secret is renewed: new connections get B within a few polls.
+    volume.write(&b.cert.pem(), &b_key)?;
+    let swapped = std::time::Instant::now();
+    timeout(WAIT, async {
+        loop {
+            if let Ok((_, served)) = tls_connect(wss, &roots).await
+                && &served == b.cert.der()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .context("certificate B never served")?;
+    assert!(
+        swapped.elapsed() < poll * 10,
+        "B served after {:?}, polling every {poll:?}",
+        swapped.elapsed()
+    );
+    h.wait_metric(ok, 1.0).await?;
+
+    // A broken certificate, then a pair whose key is not the certificate's:
+    // each counted once as an error, B still served.
+    volume.write("-----BEGIN CERTIFICATE-----\nnot base64\n", &b_key)?;
+    h.wait_metric(error, 1.0).await?;
+    volume.write(&a.cert.pem(), &b_key)?;
+    h.wait_metric(error, 2.0).await?;
+    tokio::time::sleep(poll * 3).await;
+    assert_eq!(h.metric(error).await?, 2.0, "each bad pair counted once");
+    assert_eq!(h.metric(ok).await?, 1.0);
+    let (stream, served) = tls_connect(wss, &roots).await?;
+    assert_eq!(&served, b.cert.der(), "B kept after bad files");
+    let mut new = Client::ws_over(stream, "wss://localhost/sub")
+        .await?
+        .with_timeout(WAIT);
+    new.auth(token("new", "live://1000", &[])).await?;
+
+    // The connection made under A was not dropped by the reloads: it and
+    // the one made under B both get a room push.
+    let mut grpc = h.comet_client().await?;
+    grpc.broadcast_room(BroadcastRoomReq {
+        room_id: "live://1000".into(),
+        proto: Some(ws::raw_proto(hex(T7).into())),
+    })
+    .await?;
+    assert_eq!(
+        old.next_message().await?.to_bytes(),
+        t7_ws(),
+        "old connection"
+    );
+    assert_eq!(
+        new.next_message().await?.to_bytes(),
+        t7_ws(),
+        "new connection"
+    );
+    assert_eq!(
+        h.metric(r#"herald_comet_connections{transport="wss"}"#)
+            .await?,
+        2.0
+    );
+    h.shutdown().await
 }
 
 // ------------------------------------------------------ a real browser client
