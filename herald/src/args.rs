@@ -125,9 +125,6 @@ impl Role {
 }
 
 async fn operator(args: herald_operator::Args) -> anyhow::Result<()> {
-    // Started inside the runtime: a token file is watched by a task.
-    let token = args.grpc_token.clone().source().start()?;
-    herald_operator::load::use_grpc_token(token);
     let config = args.into_config();
     let listeners = herald_operator::Listeners::bind(config.metrics_addr).await?;
     herald_operator::run(config, listeners, signal()).await?;

@@ -17,9 +17,9 @@ use tokio::net::TcpListener;
 const WAIT: Duration = Duration::from_secs(10);
 const SECRET: &str = "operator-grpc-token";
 
-/// Without the token (the default) the comet refuses `Load`; once the
-/// operator uses it (as `herald operator --grpc-token-file` does at start),
-/// `Load` answers and `Drain` starts a drain that the next `Load` reports.
+/// Without the token the comet refuses `Load`; with its cluster's token (as
+/// the operator reads it from Secret `<cluster>-grpc-token`), `Load`
+/// answers and `Drain` starts a drain that the next `Load` reports.
 #[tokio::test]
 async fn the_operators_load_poll_and_drain_carry_the_shared_token() -> anyhow::Result<()> {
     let logic = StubLogic::recording();
@@ -39,23 +39,27 @@ async fn the_operators_load_poll_and_drain_carry_the_shared_token() -> anyhow::R
         let _ = stopped.await;
     }));
 
-    let refused = load::load(&addr, WAIT).await.unwrap_err();
+    let off = grpc_auth::Token::off();
+    let refused = load::load(&addr, WAIT, &off).await.unwrap_err();
     assert!(
         matches!(&refused, load::Error::Call { status, .. } if grpc_auth::is_refusal(status)),
         "{refused:?}"
     );
 
-    load::use_grpc_token(TokenSource::literal(SECRET).start()?);
-    let reply = load::load(&addr, WAIT).await?;
+    let token = TokenSource::literal(SECRET).start()?;
+    let reply = load::load(&addr, WAIT, &token).await?;
     assert_eq!(reply.server, "comet-token");
     assert!(!reply.draining);
     let request = DrainRequest {
         deadline_ms: 1000,
         ..DrainRequest::default()
     };
-    assert!(load::drain(&addr, request, WAIT).await?, "drain started");
     assert!(
-        load::load(&addr, WAIT).await?.draining,
+        load::drain(&addr, request, WAIT, &token).await?,
+        "drain started"
+    );
+    assert!(
+        load::load(&addr, WAIT, &token).await?.draining,
         "draining after Drain"
     );
 

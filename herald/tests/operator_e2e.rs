@@ -266,6 +266,20 @@ async fn scenario(
     let key = secret_value(client, ns, &format!("{CLUSTER}-api-key"), "api-key").await?;
     let logic_http = SocketAddr::from((logic_ip.parse::<Ipv4Addr>()?, LOGIC_HTTP));
     let (first_name, first_pod) = comets.iter().next().context("comet")?;
+    // The comet's gRPC port is the cluster's own: a call without the
+    // generated token is refused, one with it answers (the operator polls
+    // with it; job pushes with it, below).
+    let grpc = format!("{}:3109", pod_ip(first_pod)?);
+    let wait = Duration::from_secs(5);
+    let off = herald_runtime::grpc_auth::Token::off();
+    match herald_operator::load::load(&grpc, wait, &off).await {
+        Err(herald_operator::load::Error::Call { status, .. })
+            if herald_runtime::grpc_auth::is_refusal(&status) => {}
+        other => anyhow::bail!("a call without the token was not refused: {other:?}"),
+    }
+    let token = secret_value(client, ns, &format!("{CLUSTER}-grpc-token"), "token").await?;
+    let token = herald_runtime::grpc_auth::TokenSource::literal(token).start()?;
+    herald_operator::load::load(&grpc, wait, &token).await?;
     let first_name = first_name.clone();
     let first = SocketAddr::from((pod_ip(first_pod)?, TCP_PORT));
     let mut warm = GoimClient::connect(first, 999, json_token(999))

@@ -14,6 +14,7 @@ use herald_e2e::eventually;
 use herald_operator::crd::PushCluster;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::ResourceExt;
@@ -105,6 +106,21 @@ async fn cluster_gets_owned_children_idempotently_and_recreates_them() -> anyhow
     let api_key = secrets.get("chat-api-key").await?;
     owned_by(&api_key.metadata, &created, "api-key Secret")?;
     assert!(api_key.data.unwrap_or_default().contains_key("api-key"));
+    // The internal gRPC token, generated once, handed to every role.
+    let token = secrets.get("chat-grpc-token").await?;
+    owned_by(&token.metadata, &created, "gRPC-token Secret")?;
+    let value = token
+        .data
+        .unwrap_or_default()
+        .remove("token")
+        .unwrap_or_default();
+    assert_eq!(value.0.len(), 48, "a generated 24-byte token in hex");
+    // One NetworkPolicy per component, written (the test bed stores, not
+    // enforces them: what they say is checked by the builder's tests).
+    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), &ns);
+    for name in ["chat-comet", "chat-logic", "chat-job"] {
+        owned_by(&policies.get(name).await?.metadata, &created, name)?;
+    }
     let sa = Api::<ServiceAccount>::namespaced(client.clone(), &ns)
         .get("chat-herald")
         .await?;
@@ -336,6 +352,26 @@ async fn cluster_gets_owned_children_idempotently_and_recreates_them() -> anyhow
             .get_opt("chat-job")
             .await?
             .filter(|d| d.metadata.uid != old_uid))
+    })
+    .await?;
+    // A deleted NetworkPolicy comes back; switched off, all three go.
+    policies
+        .delete("chat-comet", &DeleteParams::default())
+        .await?;
+    eventually(30, "the comet NetworkPolicy back", || async {
+        Ok(policies.get_opt("chat-comet").await?.map(|_| ()))
+    })
+    .await?;
+    clusters
+        .patch(
+            "chat",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"networkPolicy": {"enabled": false}}})),
+        )
+        .await?;
+    eventually(30, "the NetworkPolicies removed", || async {
+        let left = policies.list(&ListParams::default()).await?.items;
+        Ok(left.is_empty().then_some(()))
     })
     .await?;
 

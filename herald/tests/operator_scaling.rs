@@ -419,6 +419,7 @@ async fn scale_down_drains_a_real_comet_first() -> anyhow::Result<()> {
         let load = herald_operator::load::load(
             &format!("{}:{grpc_port}", ips[name]),
             Duration::from_secs(2),
+            &herald_runtime::grpc_auth::Token::off(),
         )
         .await?;
         if load.draining {

@@ -28,7 +28,8 @@ fn has_finalizer(cluster: &PushCluster) -> bool {
 
 /// The load a comet reports at `addr`: (connections, draining).
 async fn load(addr: &str) -> anyhow::Result<(u64, bool)> {
-    let reply = herald_operator::load::load(addr, Duration::from_secs(2)).await?;
+    let off = herald_runtime::grpc_auth::Token::off();
+    let reply = herald_operator::load::load(addr, Duration::from_secs(2), &off).await?;
     Ok((reply.connections, reply.draining))
 }
 

@@ -11,6 +11,7 @@
 //! The Deployments (pod templates, env, probes) are built in `workloads`;
 //! this file holds the names, the other children and their assembly.
 
+mod network;
 mod workloads;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use std::hash::{Hash, Hasher};
 use herald_runtime::contract;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -60,6 +62,8 @@ pub const TERMINATION_MARGIN_SECS: i64 = 15;
 pub const JOB_HTTP_PORT: i32 = 3193;
 /// Key of the generated API-key Secret.
 pub const API_KEY_KEY: &str = "api-key";
+/// Key of the generated gRPC-token Secret.
+pub const GRPC_TOKEN_KEY: &str = "token";
 /// Key of the node list in its ConfigMap (one name with the readers).
 pub use herald_protocol::nodes::CONFIGMAP_KEY as NODES_KEY;
 /// Field manager of every server-side apply the operator makes.
@@ -134,6 +138,10 @@ impl Names {
     pub fn api_key(&self) -> String {
         self.component("api-key")
     }
+    /// The generated Secret with the internal gRPC token, `<cluster>-grpc-token`.
+    pub fn grpc_token(&self) -> String {
+        self.component("grpc-token")
+    }
     /// ServiceAccount of logic and job, `<cluster>-herald`.
     pub fn service_account(&self) -> String {
         self.component("herald")
@@ -201,6 +209,8 @@ pub struct Children {
     pub role_binding: RoleBinding,
     /// comet and logic.
     pub pdbs: Vec<PodDisruptionBudget>,
+    /// comet, logic and job; none when `networkPolicy.enabled` is off.
+    pub network_policies: Vec<NetworkPolicy>,
 }
 
 #[cfg(test)]
@@ -273,6 +283,7 @@ pub fn children(
         deployments,
         comet_replica_set,
         services: services(names, spec)?,
+        network_policies: network::network_policies(names, spec)?,
         config,
         service_account: typed(
             "ServiceAccount",
@@ -368,6 +379,20 @@ pub fn api_key_secret(names: &Names, key: &str) -> Result<Secret> {
         json!({"apiVersion": "v1", "kind": "Secret",
                "metadata": names.metadata(&names.api_key(), "api-key"),
                "type": "Opaque", "stringData": {API_KEY_KEY: key}}),
+    )
+}
+
+/// The generated Secret holding the internal gRPC token (created once,
+/// never re-applied, so its value is stable).
+///
+/// # Errors
+/// Only [`Error::Shape`].
+pub fn grpc_token_secret(names: &Names, token: &str) -> Result<Secret> {
+    typed(
+        "Secret",
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": names.metadata(&names.grpc_token(), "grpc-token"),
+               "type": "Opaque", "stringData": {GRPC_TOKEN_KEY: token}}),
     )
 }
 
@@ -709,5 +734,34 @@ mod tests {
             plain.deployments[0].metadata.name.as_deref(),
             Some("chat-comet")
         );
+    }
+
+    /// Every role gets the cluster's gRPC token from its generated Secret
+    /// (they all serve and call gRPC); turned off, none does.
+    #[test]
+    fn every_role_gets_the_grpc_token_unless_it_is_off() {
+        let mut cluster = cluster();
+        let names = Names::of(&cluster).unwrap();
+        let token_env = |built: &Children| -> Vec<Option<serde_json::Value>> {
+            built
+                .workloads()
+                .iter()
+                .map(|d| {
+                    let env = container(d).env.clone().unwrap_or_default();
+                    env.iter()
+                        .find(|e| e.name == contract::GRPC_TOKEN)
+                        .map(|e| json!(e.value_from))
+                })
+                .collect()
+        };
+        let built = children(&names, &cluster.spec, 1, "chat-logic").unwrap();
+        let want = json!({"secretKeyRef": {"name": "chat-grpc-token", "key": "token"}});
+        assert_eq!(token_env(&built), vec![Some(want.clone()); 3]);
+        let secret = grpc_token_secret(&names, "t0ken").unwrap();
+        assert_eq!(secret.metadata.name.as_deref(), Some("chat-grpc-token"));
+        assert_eq!(secret.string_data.unwrap()["token"], "t0ken");
+        cluster.spec.auth.grpc_token = false;
+        let off = children(&names, &cluster.spec, 1, "chat-logic").unwrap();
+        assert_eq!(token_env(&off), vec![None; 3]);
     }
 }

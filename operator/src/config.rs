@@ -53,9 +53,6 @@ pub struct Args {
         default_value_t = ServiceAddresses::Dns
     )]
     pub service_addresses: ServiceAddresses,
-    /// The shared token sent on the admin calls to comets (`Load`, `Drain`).
-    #[command(flatten)]
-    pub grpc_token: herald_runtime::grpc_auth::TokenArgs,
 }
 
 /// Runtime settings of [`crate::run`].
@@ -94,10 +91,6 @@ impl Args {
             lease_secs,
             poll_interval_ms,
             service_addresses,
-            // Installed by the binary before the operator runs
-            // (`load::use_grpc_token`): the admin calls are made by address
-            // from the reconcile passes, not through this configuration.
-            grpc_token: _,
         } = self;
         let identity =
             identity.unwrap_or_else(|| format!("herald-operator-{:016x}", rand::random::<u64>()));

@@ -41,6 +41,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, PatchParams};
@@ -170,6 +171,7 @@ pub async fn run(
     let controller = Controller::new(api::<PushCluster>(&client, ns), watcher::Config::default())
         .owns(api::<Deployment>(&client, ns), owned.clone())
         .owns(api::<ReplicaSet>(&client, ns), owned.clone())
+        .owns(api::<NetworkPolicy>(&client, ns), owned.clone())
         .owns(api::<Service>(&client, ns), owned.clone())
         .owns(api::<ConfigMap>(&client, ns), owned.clone())
         .owns(api::<Secret>(&client, ns), owned.clone())
@@ -229,7 +231,7 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
     // Missing Secrets keep the spec from being applied, not the running
     // cluster from being observed, scaled and reported.
     let missing = validate::missing_secrets(spec, &fetched.secrets);
-    let mut polled = poll(&ctx, spec, &fetched.pods).await;
+    let mut polled = poll(&ctx, spec, &fetched.pods, &fetched.grpc_token).await;
     let findings = dependencies::probe(&ctx, spec, &fetched.cluster_pods).await;
     let scaled = autoscale(&ctx, &cluster, &names, &previous, &polled).await?;
     let children = match &missing {

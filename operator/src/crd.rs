@@ -115,6 +115,9 @@ pub struct PushClusterSpec {
     /// How client tokens and the HTTP push API are authenticated.
     #[serde(default)]
     pub auth: AuthSpec,
+    /// The NetworkPolicies that lock the internal ports down.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
 }
 
 /// Comet deployment settings.
@@ -539,7 +542,7 @@ impl Default for NodeListSpec {
 }
 
 /// Token checking and HTTP API protection.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.mode != 'jwt' || has(self.jwtSecretRef)").message("auth.mode jwt needs auth.jwtSecretRef"))]
 pub struct AuthSpec {
@@ -553,6 +556,69 @@ pub struct AuthSpec {
     /// generates one in Secret `<name>-api-key` (key `api-key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret_ref: Option<SecretKeyRef>,
+    /// Comet, logic and job require a shared token on their gRPC ports
+    /// (generated once in Secret `<name>-grpc-token`, key `token`; the
+    /// operator's own calls carry it too). On by default; turn it off only
+    /// for a cluster that mixes in goim's own components, which send none.
+    #[serde(default = "yes")]
+    pub grpc_token: bool,
+}
+
+impl Default for AuthSpec {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::default(),
+            jwt_secret_ref: None,
+            api_key_secret_ref: None,
+            grpc_token: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The NetworkPolicies the operator writes (they need a network plugin
+/// that enforces them).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// On by default: comet's gRPC port only from job and the operator,
+    /// logic's gRPC port only from comets, logic's HTTP port (push API,
+    /// `/metrics`) only from `httpFromNamespaces`; client ports open.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Namespaces whose pods may call logic's HTTP port (the push API and
+    /// `/metrics`): the backends that push, Prometheus, `helm test`. The
+    /// cluster's own namespace always may.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_from_namespaces: Vec<String>,
+    /// Labels of the operator's pods (any namespace), allowed to comet's
+    /// gRPC port (load polls, drains) and logic's HTTP port (readiness).
+    #[serde(default = "operator_pod_labels")]
+    pub operator_pod_labels: BTreeMap<String, String>,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            http_from_namespaces: Vec::new(),
+            operator_pod_labels: operator_pod_labels(),
+        }
+    }
+}
+
+/// The chart's operator pods.
+fn operator_pod_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "herald".to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            "operator".to_owned(),
+        ),
+    ])
 }
 
 /// Known token modes; anything else is refused at admission.

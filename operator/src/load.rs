@@ -2,7 +2,6 @@
 //! operator makes to each comet pod at `<podIP>:<grpc port>`, and the node-list
 //! document (§15.4) built from their answers.
 
-use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
 use herald_runtime::grpc_auth::{AuthChannel, Token};
@@ -46,26 +45,11 @@ pub enum Error {
 /// Result of this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The shared gRPC token every admin call carries (comets may require it).
-/// Process-wide because the reconcile passes reach comets by address alone,
-/// through [`load`] and [`drain`]; off until [`use_grpc_token`].
-static GRPC_TOKEN: RwLock<Option<Token>> = RwLock::new(None);
-
-/// Makes every later [`load`] and [`drain`] call carry `token`: `herald
-/// operator` calls it once at start with its `--grpc-token-file`.
-pub fn use_grpc_token(token: Token) {
-    *GRPC_TOKEN.write().unwrap_or_else(PoisonError::into_inner) = Some(token);
-}
-
-fn grpc_token() -> Token {
-    GRPC_TOKEN
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone()
-        .unwrap_or_default()
-}
-
-async fn client(addr: &str, timeout: Duration) -> Result<CometAdminClient<AuthChannel>> {
+async fn client(
+    addr: &str,
+    timeout: Duration,
+    token: &Token,
+) -> Result<CometAdminClient<AuthChannel>> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|source| Error::Address {
             addr: addr.to_owned(),
@@ -77,15 +61,16 @@ async fn client(addr: &str, timeout: Duration) -> Result<CometAdminClient<AuthCh
         addr: addr.to_owned(),
         source,
     })?;
-    Ok(CometAdminClient::new(grpc_token().channel(channel)))
+    Ok(CometAdminClient::new(token.channel(channel)))
 }
 
-/// Asks one comet for its load; `addr` is `ip:port`.
+/// Asks one comet for its load; `addr` is `ip:port`; `token`: its
+/// cluster's gRPC token (off for a cluster without one).
 ///
 /// # Errors
 /// When the comet cannot be reached within `timeout` or answers an error.
-pub async fn load(addr: &str, timeout: Duration) -> Result<LoadReply> {
-    let mut client = client(addr, timeout).await?;
+pub async fn load(addr: &str, timeout: Duration, token: &Token) -> Result<LoadReply> {
+    let mut client = client(addr, timeout, token).await?;
     client
         .load(LoadRequest {})
         .await
@@ -100,8 +85,13 @@ pub async fn load(addr: &str, timeout: Duration) -> Result<LoadReply> {
 ///
 /// # Errors
 /// When the comet cannot be reached within `timeout` or answers an error.
-pub async fn drain(addr: &str, request: DrainRequest, timeout: Duration) -> Result<bool> {
-    let mut client = client(addr, timeout).await?;
+pub async fn drain(
+    addr: &str,
+    request: DrainRequest,
+    timeout: Duration,
+    token: &Token,
+) -> Result<bool> {
+    let mut client = client(addr, timeout, token).await?;
     client
         .drain(request)
         .await
@@ -190,7 +180,9 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         drop(listener);
-        let err = load(&addr, Duration::from_millis(500)).await.unwrap_err();
+        let err = load(&addr, Duration::from_millis(500), &Token::off())
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Connect { .. }), "{err}");
     }
 }

@@ -33,6 +33,11 @@ pub const NODE_DOMAIN: &str = "HERALD_NODE_DOMAIN";
 pub const NODE_COUNT: &str = "HERALD_NODE_COUNT";
 /// Reconnect back-off logic advertises, in seconds (`spec.nodeList.backoff`).
 pub const NODE_BACKOFF_SECS: &str = "HERALD_NODE_BACKOFF_SECS";
+/// The shared token of the internal gRPC ports (comet, logic, job): the
+/// operator sets it from Secret `<cluster>-grpc-token`.
+pub const GRPC_TOKEN: &str = "HERALD_GRPC_TOKEN";
+/// A file holding that token (one per line), read again as it changes.
+pub const GRPC_TOKEN_FILE: &str = "HERALD_GRPC_TOKEN_FILE";
 /// The node-list ConfigMap logic and job watch.
 pub const NODE_LIST_CONFIGMAP: &str = "HERALD_NODE_LIST_CONFIGMAP";
 /// The pod's namespace (downward API), where that ConfigMap lives.

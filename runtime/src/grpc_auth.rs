@@ -89,14 +89,14 @@ pub struct TokenArgs {
     /// behaviour).
     #[arg(
         long,
-        env = "HERALD_GRPC_TOKEN_FILE",
+        env = crate::contract::GRPC_TOKEN_FILE,
         conflicts_with = "grpc_token",
         value_parser = any_path
     )]
     pub grpc_token_file: Option<PathBuf>,
     /// The shared token itself, for tests and single hosts; prefer
     /// `--grpc-token-file` (a flag shows in the process list). Empty = off.
-    #[arg(long, env = "HERALD_GRPC_TOKEN", hide_env_values = true)]
+    #[arg(long, env = crate::contract::GRPC_TOKEN, hide_env_values = true)]
     pub grpc_token: Option<String>,
 }
 

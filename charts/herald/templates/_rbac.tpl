@@ -27,6 +27,11 @@ through owner references).
 - apiGroups: [apps]
   resources: [deployments, replicasets]
   verbs: [get, list, watch, create, patch, delete]
+# The NetworkPolicies that keep each internal port to its callers (removed
+# again when a spec turns them off).
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, watch, create, patch, delete]
 # Services of each component, the node-list and settings ConfigMaps, and the
 # ServiceAccount the components run as.
 - apiGroups: [""]

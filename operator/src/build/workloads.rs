@@ -15,7 +15,9 @@ use herald_runtime::contract;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use serde_json::{Value, json};
 
-use super::{API_KEY_KEY, JOB_HTTP_PORT, Names, Result, TERMINATION_MARGIN_SECS, typed};
+use super::{
+    API_KEY_KEY, GRPC_TOKEN_KEY, JOB_HTTP_PORT, Names, Result, TERMINATION_MARGIN_SECS, typed,
+};
 use crate::crd::{OPERATOR_ENV, PodTemplate, PushClusterSpec, Resources, SecretKeyRef};
 
 /// The pod annotation carrying the config hash (a change rolls the pods).
@@ -192,6 +194,16 @@ fn pod_template(
     all_args.extend(args);
     let mut all_env = downward_env();
     all_env.extend(env);
+    // Every role both serves and calls gRPC, so every role holds the token.
+    if spec.auth.grpc_token {
+        all_env.push(secret_env(
+            contract::GRPC_TOKEN,
+            &SecretKeyRef {
+                name: names.grpc_token(),
+                key: GRPC_TOKEN_KEY.to_owned(),
+            },
+        ));
+    }
     all_env.extend(user_env(pod));
     let mut main = json!({
         "name": role,

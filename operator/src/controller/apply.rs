@@ -6,7 +6,8 @@
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -80,7 +81,12 @@ pub(super) async fn apply_base(
     apply(ctx, ns, &children.role_binding).await?;
     apply(ctx, ns, &children.config).await?;
     if spec.auth.api_key_secret_ref.is_none() && !fetched.api_key_exists {
-        create_api_key(client, names).await?;
+        create_once(
+            client,
+            names,
+            &build::api_key_secret(names, &random_secret())?,
+        )
+        .await?;
         publish(
             ctx,
             cluster,
@@ -89,6 +95,41 @@ pub(super) async fn apply_base(
             format!("Secret {}", names.api_key()),
         )
         .await;
+    }
+    if spec.auth.grpc_token && !fetched.grpc_token_exists {
+        create_once(
+            client,
+            names,
+            &build::grpc_token_secret(names, &random_secret())?,
+        )
+        .await?;
+        publish(
+            ctx,
+            cluster,
+            EventType::Normal,
+            "GeneratedGrpcToken",
+            format!("Secret {}", names.grpc_token()),
+        )
+        .await;
+    }
+    if children.network_policies.is_empty() {
+        // Turned off: the ones written before go.
+        let api = Api::<NetworkPolicy>::namespaced(client.clone(), ns);
+        for name in &fetched.network_policies {
+            match api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => info!(%name, "NetworkPolicy removed (networkPolicy.enabled is off)"),
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(source) => {
+                    return Err(Error::Apply {
+                        what: format!("delete NetworkPolicy {name}"),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    for policy in &children.network_policies {
+        apply(ctx, ns, policy).await?;
     }
     let mut logic_ip = None;
     for service in &children.services {
@@ -203,28 +244,32 @@ pub(super) async fn scale_only(
     Ok(deployments)
 }
 
-async fn create_api_key(client: &Client, names: &Names) -> Result<()> {
-    let key: String = {
-        use rand::Rng;
-        let bytes: [u8; 24] = rand::rng().random();
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    };
-    let secret = build::api_key_secret(names, &key)?;
+/// 48 hex digits from the OS's random source: a generated API key or
+/// gRPC token.
+fn random_secret() -> String {
+    use rand::Rng;
+    let bytes: [u8; 24] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Creates a generated Secret once; a pass that lost the race to create it
+/// keeps the other's value (409), and it is never re-applied, so its value
+/// is stable.
+async fn create_once(client: &Client, names: &Names, secret: &Secret) -> Result<()> {
     match Api::<Secret>::namespaced(client.clone(), &names.namespace)
         .create(
             &PostParams {
                 field_manager: Some(MANAGER.to_owned()),
                 ..Default::default()
             },
-            &secret,
+            secret,
         )
         .await
     {
         Ok(_) => Ok(()),
-        // Another pass created it first: keep that value.
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
         Err(source) => Err(Error::Apply {
-            what: format!("Secret {}", names.api_key()),
+            what: format!("Secret {}", secret.name_any()),
             source,
         }),
     }

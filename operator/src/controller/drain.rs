@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use herald_protocol::pb::admin::DrainRequest;
+use herald_runtime::grpc_auth::Token;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch};
 use kube::runtime::events::EventType;
@@ -22,14 +23,23 @@ use crate::crd::PushCluster;
 use crate::load;
 use crate::scale::{self, CometPod, DrainStep};
 
+/// How the operator reaches a cluster's comets and where it sends their
+/// clients.
+#[derive(Clone, Copy)]
+pub(super) struct Reach<'a> {
+    /// The comet Service's load-balancer addresses.
+    pub(super) external: &'a [String],
+    /// The cluster's gRPC token.
+    pub(super) token: &'a Token,
+}
+
 /// Drain before removal, whoever lowered the count; returns the replicas the
 /// comet workload (`deployed` now, if it exists) gets on this pass.
-/// `external`: the comet Service's load-balancer addresses.
 pub(super) async fn drain(
     ctx: &Context,
     cluster: &PushCluster,
     names: &Names,
-    external: &[String],
+    reach: Reach<'_>,
     polled: &mut [Polled],
     spec_replicas: i32,
     deployed: Option<i32>,
@@ -51,7 +61,7 @@ pub(super) async fn drain(
     let deadline =
         Duration::from_secs(u64::try_from(cluster.spec.comet.drain.deadline_seconds).unwrap_or(0));
     let step = scale::drain_step(spec_replicas, deployed, &comet_pods, deadline, now_secs());
-    carry_out(ctx, cluster, names, external, polled, step).await
+    carry_out(ctx, cluster, names, reach, polled, step).await
 }
 
 /// Marks comet `pod` as draining (its annotation, which also bounds the
@@ -68,6 +78,7 @@ pub(super) async fn start_drain(
     polled: &mut [Polled],
     pod: &str,
     others: Vec<String>,
+    token: &Token,
 ) -> Result<()> {
     let spec = &cluster.spec;
     Api::<Pod>::namespaced(ctx.client.clone(), &names.namespace)
@@ -110,7 +121,7 @@ pub(super) async fn start_drain(
         .and_then(|p| p.ip.clone())
         .map(|ip| format!("{ip}:{}", spec.comet.ports.grpc));
     match addr {
-        Some(addr) => match load::drain(&addr, request, ctx.call_timeout).await {
+        Some(addr) => match load::drain(&addr, request, ctx.call_timeout, token).await {
             Ok(_) => {}
             Err(err) => warn!(%pod, cause = %err, "drain call failed"),
         },
@@ -133,7 +144,7 @@ async fn carry_out(
     ctx: &Context,
     cluster: &PushCluster,
     names: &Names,
-    external: &[String],
+    reach: Reach<'_>,
     polled: &mut [Polled],
     step: DrainStep,
 ) -> Result<i32> {
@@ -160,16 +171,16 @@ async fn carry_out(
             // Where the node list sends clients: the load balancer's
             // addresses when the comet Service has them, else the other
             // comets' pod IPs.
-            let others: Vec<String> = if external.is_empty() {
+            let others: Vec<String> = if reach.external.is_empty() {
                 polled
                     .iter()
                     .filter(|p| p.name != pod && p.ready && p.drain_started.is_none())
                     .filter_map(|p| p.ip.clone())
                     .collect()
             } else {
-                external.to_vec()
+                reach.external.to_vec()
             };
-            start_drain(ctx, cluster, names, polled, &pod, others).await?;
+            start_drain(ctx, cluster, names, polled, &pod, others, reach.token).await?;
             Ok(replicas)
         }
         DrainStep::Finish { pod, replicas } => {

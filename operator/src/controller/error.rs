@@ -42,6 +42,10 @@ pub enum Error {
     /// `--service-addresses=cluster-ip`, but the Service has no ClusterIP.
     #[error("Service {0} has no ClusterIP")]
     NoClusterIp(String),
+    /// The gRPC-token Secret holds something a header cannot carry (edited
+    /// by hand).
+    #[error("Secret {0} holds no usable gRPC token")]
+    GrpcToken(String, #[source] herald_runtime::grpc_auth::Error),
 }
 
 impl Error {
@@ -53,6 +57,7 @@ impl Error {
             Self::Apply { .. } => "apply",
             Self::Encode(_) => "encode",
             Self::NoClusterIp(_) => "no_cluster_ip",
+            Self::GrpcToken(..) => "grpc_token",
         }
     }
 }

@@ -4,8 +4,10 @@
 
 use std::collections::BTreeMap;
 
+use herald_runtime::grpc_auth::{Token, TokenSource};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -32,6 +34,14 @@ pub(super) struct Fetched {
     pub(super) external: Vec<String>,
     pub(super) node_list: Option<NodeList>,
     pub(super) api_key_exists: bool,
+    /// The cluster's internal gRPC token (`spec.auth.grpcToken`), which
+    /// the operator's calls to its comets carry; off when it is turned off
+    /// or not generated yet.
+    pub(super) grpc_token: Token,
+    /// Whether the generated token Secret exists.
+    pub(super) grpc_token_exists: bool,
+    /// The NetworkPolicies of this cluster that exist, by name.
+    pub(super) network_policies: Vec<String>,
 }
 
 async fn get_opt<K>(api: &Api<K>, name: &str, what: &'static str) -> Result<Option<K>>
@@ -61,6 +71,34 @@ pub(super) async fn fetch(
     let api_key_exists = get_opt(&secret_api, &names.api_key(), "the API-key Secret")
         .await?
         .is_some();
+    let token_secret = get_opt(&secret_api, &names.grpc_token(), "the gRPC-token Secret").await?;
+    let grpc_token_exists = token_secret.is_some();
+    let token_value = token_secret
+        .and_then(|secret| secret.data?.remove(build::GRPC_TOKEN_KEY))
+        .and_then(|value| String::from_utf8(value.0).ok())
+        .filter(|_| spec.auth.grpc_token);
+    let grpc_token = match token_value {
+        // A literal source spawns nothing: no runtime task to leak.
+        Some(value) => TokenSource::literal(value)
+            .start()
+            .map_err(|source| Error::GrpcToken(names.grpc_token(), source))?,
+        None => Token::off(),
+    };
+    let network_policies = Api::<NetworkPolicy>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!(
+            "app.kubernetes.io/name=herald,app.kubernetes.io/instance={},app.kubernetes.io/managed-by={}",
+            names.cluster,
+            build::MANAGER
+        )))
+        .await
+        .map_err(|source| Error::Fetch {
+            what: "the cluster's NetworkPolicies",
+            source,
+        })?
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
     let comet_deployment = get_opt(
         &Api::<Deployment>::namespaced(client.clone(), ns),
         &names.component("comet"),
@@ -131,5 +169,8 @@ pub(super) async fn fetch(
         external,
         node_list,
         api_key_exists,
+        grpc_token,
+        grpc_token_exists,
+        network_policies,
     })
 }

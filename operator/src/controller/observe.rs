@@ -3,6 +3,7 @@
 //! the node list, which this module also writes (only when it changed).
 
 use herald_protocol::pb::admin::LoadReply;
+use herald_runtime::grpc_auth::Token;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use tracing::warn;
@@ -42,7 +43,12 @@ fn pod_ready(pod: &Pod) -> bool {
         })
 }
 
-pub(super) async fn poll(ctx: &Context, spec: &PushClusterSpec, pods: &[Pod]) -> Vec<Polled> {
+pub(super) async fn poll(
+    ctx: &Context,
+    spec: &PushClusterSpec,
+    pods: &[Pod],
+    token: &Token,
+) -> Vec<Polled> {
     let port = spec.comet.ports.grpc;
     let calls = pods.iter().map(|pod| async move {
         let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
@@ -51,14 +57,16 @@ pub(super) async fn poll(ctx: &Context, spec: &PushClusterSpec, pods: &[Pod]) ->
         // while it still holds clients.
         let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
         let load = match (&ip, running) {
-            (Some(ip), true) => match load::load(&format!("{ip}:{port}"), ctx.call_timeout).await {
-                Ok(reply) => Some(reply),
-                Err(err) => {
-                    warn!(pod = %pod.name_any(), cause = %err, "comet load poll failed");
-                    ctx.metrics.poll_error();
-                    None
+            (Some(ip), true) => {
+                match load::load(&format!("{ip}:{port}"), ctx.call_timeout, token).await {
+                    Ok(reply) => Some(reply),
+                    Err(err) => {
+                        warn!(pod = %pod.name_any(), cause = %err, "comet load poll failed");
+                        ctx.metrics.poll_error();
+                        None
+                    }
                 }
-            },
+            }
             _ => None,
         };
         Polled {

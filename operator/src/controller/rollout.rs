@@ -14,7 +14,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
-use super::drain::{drain, start_drain};
+use super::drain::{Reach, drain, start_drain};
 use super::fetch::Fetched;
 use super::observe::Polled;
 use super::status::publish;
@@ -95,6 +95,10 @@ pub(super) async fn plan(
     desired: i32,
     revision: Option<&str>,
 ) -> Result<CometPlan> {
+    let reach = Reach {
+        external: &fetched.external,
+        token: &fetched.grpc_token,
+    };
     let uid = cluster.meta().uid.clone();
     let ours = |rs: &&ReplicaSet| {
         rs.owner_references()
@@ -128,16 +132,7 @@ pub(super) async fn plan(
             .comet_deployment
             .as_ref()
             .and_then(|d| d.spec.as_ref()?.replicas);
-        let current = drain(
-            ctx,
-            cluster,
-            names,
-            &fetched.external,
-            polled,
-            desired,
-            deployed,
-        )
-        .await?;
+        let current = drain(ctx, cluster, names, reach, polled, desired, deployed).await?;
         return Ok(CometPlan {
             current,
             old,
@@ -197,16 +192,7 @@ pub(super) async fn plan(
                 p.terminating = true;
             }
         }
-        let current = drain(
-            ctx,
-            cluster,
-            names,
-            &fetched.external,
-            polled,
-            desired,
-            deployed,
-        )
-        .await?;
+        let current = drain(ctx, cluster, names, reach, polled, desired, deployed).await?;
         return Ok(CometPlan {
             current,
             old,
@@ -265,7 +251,16 @@ pub(super) async fn plan(
         RollStep::Wait { .. } => {}
         RollStep::Start { pod, .. } => {
             let others = redirect_targets(fetched, polled, &pod, &current_revision);
-            start_drain(ctx, cluster, names, polled, &pod, others).await?;
+            start_drain(
+                ctx,
+                cluster,
+                names,
+                polled,
+                &pod,
+                others,
+                &fetched.grpc_token,
+            )
+            .await?;
         }
         RollStep::Finish { pod, workload, .. } => {
             mark_drained(ctx, names, &pod).await?;

@@ -99,7 +99,7 @@ pub(super) async fn teardown(
     }
     let spec = &cluster.spec;
     let fetched = fetch(&ctx.client, names, spec).await?;
-    let mut polled = poll(ctx, spec, &fetched.pods).await;
+    let mut polled = poll(ctx, spec, &fetched.pods, &fetched.grpc_token).await;
     let to_drain: Vec<String> = polled
         .iter()
         .filter(|p| !p.terminating && p.drain_started.is_none() && p.load.is_some())
@@ -107,7 +107,16 @@ pub(super) async fn teardown(
         .collect();
     for pod in &to_drain {
         // Every comet goes: there is no other comet to send clients to.
-        start_drain(ctx, cluster, names, &mut polled, pod, Vec::new()).await?;
+        start_drain(
+            ctx,
+            cluster,
+            names,
+            &mut polled,
+            pod,
+            Vec::new(),
+            &fetched.grpc_token,
+        )
+        .await?;
     }
     let live: Vec<&Polled> = polled.iter().filter(|p| !p.terminating).collect();
     // Logic keeps handing out the node list: draining comets are marked so.

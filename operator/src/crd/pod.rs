@@ -41,6 +41,8 @@ pub const OPERATOR_ENV: &[&str] = &[
     contract::NODE_COUNT,
     contract::NODE_BACKOFF_SECS,
     contract::NODE_LIST_CONFIGMAP,
+    contract::GRPC_TOKEN,
+    contract::GRPC_TOKEN_FILE,
     LOG_FORMAT_ENV,
 ];
 
