@@ -10,9 +10,9 @@
 # The build stage: any Debian bookworm with a Rust toolchain (cargo on PATH), a
 # C compiler, make, pkg-config and zlib's headers (librdkafka is compiled from
 # source; the binary links zlib and glibc dynamically).
-ARG RUST_IMAGE=rust:1.95-bookworm
+ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm
 # The runtime stage: glibc, zlib and libgcc_s are all the binary needs.
-ARG RUNTIME_IMAGE=debian:bookworm-slim
+ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS build
 WORKDIR /build/src

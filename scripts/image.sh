@@ -204,6 +204,12 @@ build() {
     key=$({ echo "$BUILD_BASE"; rustc -V; } | sha256sum | cut -c1-16)
     target=$IMAGE_CACHE/target-$key
     find "$IMAGE_CACHE" -maxdepth 1 -name 'target-*' ! -name "target-$key" -exec rm -rf {} +
+    # Builds after dependency changes leave old artifacts behind, and old
+    # crate versions pile up in the registry: bound both (a cold build redoes them).
+    if [[ -d $target ]] && (($(du -sm "$target" | cut -f1) > 4096)); then rm -rf "$target"; fi
+    if [[ -d $IMAGE_CACHE/cargo-home ]] && (($(du -sm "$IMAGE_CACHE/cargo-home" | cut -f1) > 2048)); then
+      rm -rf "$IMAGE_CACHE/cargo-home"
+    fi
     mkdir -p "$target"
     # The crates are fetched here, where the machine's TLS setup is trusted,
     # into a cargo home of the image's own; the build then runs offline.
