@@ -10,7 +10,9 @@
 //! - for each pod on the node it lends a unique address from a 127.0.0.0/8
 //!   pool and runs each container as a process of the `herald` binary with the
 //!   container's args, the pod's env (Service link variables, `fieldRef`, ConfigMap/Secret refs) and
-//!   `$(VAR)` expansion as kubelet does;
+//!   `$(VAR)` expansion as kubelet does; `secret` and `emptyDir` volumes are
+//!   directories under the pod's run directory, container paths under a
+//!   `mountPath` in its args and env mapped onto them (`volume`);
 //! - it writes pods/status (phase, podIP, containers, Ready from the readiness
 //!   probe), restarts exited processes (and those failing their liveness
 //!   probe) with back-off, and on deletion sends
@@ -21,8 +23,9 @@
 //!
 //! # Layout
 //! `node` (Node + heartbeat) → scheduling (here) → `pod` (one task per pod:
-//! processes, `probe`, status) with `expand` (env and args) and `ippool`.
-//! The pod task's steps are `pod::start`, `pod::exit` (exits, restarts,
+//! processes, `probe`, status) with `expand` (env and args), `volume`
+//! (Secret volumes and the path mapping) and `ippool`.
+//! The pod task's steps are `pod::volumes`, `pod::start`, `pod::exit` (exits, restarts,
 //! deletion), `pod::probes` and `pod::status`.
 
 mod expand;
@@ -30,6 +33,7 @@ mod ippool;
 mod node;
 mod pod;
 mod probe;
+mod volume;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;

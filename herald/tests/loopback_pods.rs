@@ -1,7 +1,8 @@
 //! The loopback kubelet (`herald_e2e::kubelet`) on the test bed's real
 //! apiserver and controller-manager: Deployment pods become real `herald
 //! standalone` processes bound to their own 127.0.0.0/8 pod IPs, with pod
-//! status, readiness, restarts and graceful deletion as a kubelet does them.
+//! status, readiness, restarts and graceful deletion as a kubelet does them,
+//! and Secret volumes kept current.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -580,4 +581,167 @@ async fn env_from_config_maps_and_secrets_waits_for_a_missing_secret() -> anyhow
     let nodes = http_get(pod_ip(&pod)?, "/goim/nodes/instances").await?;
     assert!(nodes.contains("\"hostname\":\"eu-7-solo\""), "{nodes}");
     finish(client, &namespace, kubelet, Vec::new()).await
+}
+
+/// The certificate a TLS server at `addr` presents, trusting `roots`.
+async fn served_certificate(
+    addr: (Ipv4Addr, u16),
+    roots: &rustls::RootCertStore,
+) -> anyhow::Result<Vec<u8>> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = TcpStream::connect(addr).await?;
+    let stream = connector.connect("localhost".try_into()?, tcp).await?;
+    let certs = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .context("no certificate")?;
+    Ok(certs.first().context("empty chain")?.to_vec())
+}
+
+/// One NUL-separated entry of `/proc/{pid}/{file}` (cmdline, environ)
+/// starting with `prefix`.
+fn proc_entry(pid: u32, file: &str, prefix: &str) -> anyhow::Result<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/{file}"))?;
+    raw.split(|b| *b == 0)
+        .map(String::from_utf8_lossy)
+        .find(|entry| entry.starts_with(prefix))
+        .map(|entry| entry.into_owned())
+        .with_context(|| format!("no {prefix}… in /proc/{pid}/{file}"))
+}
+
+/// The command-line argument after `flag` in `/proc/{pid}/cmdline`.
+fn proc_entry_after(pid: u32, flag: &str) -> anyhow::Result<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+    let args: Vec<_> = raw
+        .split(|b| *b == 0)
+        .map(String::from_utf8_lossy)
+        .collect();
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map(|a| a.clone().into_owned())
+        .with_context(|| format!("no argument after {flag}"))
+}
+
+#[tokio::test]
+async fn secret_volume_is_mounted_mapped_and_kept_current() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Secret;
+    let (client, namespace, kubelet, pods) = start("lbvol", 23, |_, _| {}).await?;
+    let a = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let b = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(a.cert.der().clone())?;
+    roots.add(b.cert.der().clone())?;
+    // A comet serving WSS with the Secret's pair, named by container paths
+    // three ways: an env value, an arg through $(VAR), and a plain arg.
+    let spec = serde_json::json!({
+        "terminationGracePeriodSeconds": 5,
+        "volumes": [{"name": "tls", "secret": {"secretName": "comet-tls"}}],
+        "containers": [{
+            "name": "comet",
+            "image": "herald:dev",
+            "args": [
+                "comet",
+                "--tcp-addr=$(POD_IP):3101", "--ws-addr=$(POD_IP):3102",
+                "--wss-addr=$(POD_IP):3103", "--grpc-addr=$(POD_IP):3109",
+                "--http-addr=$(POD_IP):3190", "--logic-addr=127.0.0.1:9",
+                "--tls-cert=$(TLS_DIR)/tls.crt", "--tls-reload-ms=200",
+                "--node-list", "/etc/herald/tls/missing.json",
+            ],
+            "env": [
+                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "TLS_DIR", "value": "/etc/herald/tls"},
+                {"name": "HERALD_COMET_TLS_KEY", "value": "/etc/herald/tls/tls.key"},
+            ],
+            "volumeMounts": [{"name": "tls", "mountPath": "/etc/herald/tls", "readOnly": true}],
+        }],
+    });
+    create_pod(&pods, "comet", serde_json::json!({}), spec).await?;
+
+    // No Secret yet: Pending, ContainerCreating naming it, no process.
+    let waiting = eventually(WAIT, "ContainerCreating for the missing Secret", || async {
+        let pod = pods.get("comet").await?;
+        let status = pod.status.context("status")?;
+        let waiting = status
+            .container_statuses
+            .and_then(|c| c[0].state.clone())
+            .and_then(|s| s.waiting)
+            .filter(|w| w.reason.as_deref() == Some("ContainerCreating") && w.message.is_some());
+        Ok(waiting.filter(|_| status.phase.as_deref() == Some("Pending")))
+    })
+    .await?;
+    let message = waiting.message.unwrap_or_default();
+    assert!(
+        message.contains("comet-tls") && message.contains("not found"),
+        "{message}"
+    );
+    assert!(kubelet.processes().is_empty());
+
+    let secrets = Api::<Secret>::namespaced(client.clone(), &namespace);
+    let secret = |cert: &rcgen::CertifiedKey<rcgen::KeyPair>| -> anyhow::Result<Secret> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "comet-tls"}, "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": cert.cert.pem(), "tls.key": cert.signing_key.serialize_pem()},
+        }))?)
+    };
+    secrets.create(&PostParams::default(), &secret(&a)?).await?;
+    let pod = ready_pod(&pods, "comet", "the comet running once its Secret exists").await?;
+    let ip = pod_ip(&pod)?;
+    let pid = kubelet.pid(&namespace, "comet", "comet").context("pid")?;
+
+    // The container paths were mapped onto the pod's own volume directory.
+    let cert_arg = proc_entry(pid, "cmdline", "--tls-cert=")?;
+    let cert_path = cert_arg.trim_start_matches("--tls-cert=");
+    let key_path = proc_entry(pid, "environ", "HERALD_COMET_TLS_KEY=")?
+        .trim_start_matches("HERALD_COMET_TLS_KEY=")
+        .to_owned();
+    for path in [cert_path, key_path.as_str()] {
+        ensure!(
+            path.contains(&format!("/{namespace}/comet-")) && path.contains("/volumes/tls/"),
+            "{path} is not under the pod's run directory"
+        );
+    }
+    let node_list = proc_entry_after(pid, "--node-list")?;
+    ensure!(
+        node_list.ends_with("/volumes/tls/missing.json") && !node_list.starts_with("/etc/"),
+        "--node-list {node_list}"
+    );
+    assert_eq!(std::fs::read_to_string(cert_path)?, a.cert.pem());
+    assert_eq!(
+        std::fs::read_to_string(&key_path)?,
+        a.signing_key.serialize_pem()
+    );
+    let served = eventually(WAIT, "WSS answering", || async {
+        Ok(served_certificate((ip, 3103), &roots).await.ok())
+    })
+    .await?;
+    assert_eq!(served, a.cert.der().to_vec(), "certificate A served");
+
+    // The Secret changes: the files follow, and the comet serves B.
+    secrets
+        .replace("comet-tls", &PostParams::default(), &secret(&b)?)
+        .await?;
+    eventually(WAIT, "the volume's files updated", || async {
+        Ok((std::fs::read_to_string(cert_path)? == b.cert.pem()
+            && std::fs::read_to_string(&key_path)? == b.signing_key.serialize_pem())
+        .then_some(()))
+    })
+    .await?;
+    eventually(WAIT, "certificate B served", || async {
+        let served = served_certificate((ip, 3103), &roots).await?;
+        Ok((served == b.cert.der().to_vec()).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        kubelet.pid(&namespace, "comet", "comet"),
+        Some(pid),
+        "no restart"
+    );
+    finish(client, &namespace, kubelet, vec![pid]).await
 }

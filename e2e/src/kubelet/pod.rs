@@ -6,13 +6,15 @@
 //! the API) and about its processes from their exit notices.
 //!
 //! This file holds the task and its loop; the steps it takes are in
-//! `start` (a container's process), `exit` (exits, restarts, stopping,
+//! `volumes` (Secret and emptyDir volumes, set up before the containers
+//! and kept current), `start` (a container's process), `exit` (exits, restarts, stopping,
 //! deletion), `probes` (readiness and liveness) and `status`.
 
 mod exit;
 mod probes;
 mod start;
 mod status;
+mod volumes;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -121,6 +123,7 @@ pub(super) struct PodTask {
     conditions: BTreeMap<&'static str, (bool, Timestamp)>,
     start_time: Timestamp,
     last_status: Option<serde_json::Value>,
+    volumes: volumes::Volumes,
 }
 
 impl std::fmt::Debug for PodTask {
@@ -164,6 +167,7 @@ impl PodTask {
             conditions: BTreeMap::new(),
             start_time: Timestamp::now(),
             last_status: None,
+            volumes: volumes::Volumes::default(),
         }
     }
 
@@ -225,6 +229,7 @@ impl PodTask {
                 self.ip = self.shared.pool.allocate(None);
             }
             if self.ip.is_some() {
+                self.sync_volumes_due().await;
                 self.start_due().await;
                 self.probe_due().await;
                 self.liveness_due().await;
@@ -236,6 +241,7 @@ impl PodTask {
                 .runs
                 .iter()
                 .flat_map(|r| [r.next_start, r.next_probe, r.next_liveness, r.kill_at])
+                .chain([self.volumes.next_sync()])
                 .flatten()
                 .min()
                 .unwrap_or_else(|| Instant::now() + MAX_IDLE)

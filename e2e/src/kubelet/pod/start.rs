@@ -20,11 +20,21 @@ use tracing::{info, warn};
 
 use super::super::expand::{self, PodAddrs, Sources};
 use super::super::probe::Timing;
+use super::super::volume;
 use super::{HOST_IP, PodTask, waiting};
 
 impl PodTask {
     pub(super) async fn start_due(&mut self) {
         let now = Instant::now();
+        if let Some(message) = self.volumes.not_mounted() {
+            // As a kubelet whose volume mount fails: the pod stays Pending,
+            // its containers ContainerCreating, retried until it works.
+            for run in self.runs.iter_mut().filter(|r| r.pid.is_none()) {
+                run.state = waiting("ContainerCreating", Some(message.clone()));
+                run.next_start = Some(now + Duration::from_secs(1));
+            }
+            return;
+        }
         for i in 0..self.runs.len() {
             if self.runs[i].next_start.is_some_and(|t| t <= now) {
                 self.runs[i].next_start = None;
@@ -49,6 +59,13 @@ impl PodTask {
         };
         let mut env =
             expand::container_env(&self.pod, &spec, addrs, &sources).map_err(|e| e.to_string())?;
+        // Container paths under a volume mount become the volume's local
+        // directory: env values here, command and args before expansion, so
+        // a path reaching an arg through $(VAR) is mapped exactly once.
+        let mounts = volume::mounts(&self.pod, &spec, &self.dir);
+        for (_, value) in &mut env {
+            *value = volume::map_path(value, &mounts);
+        }
         if let Some(cluster) = &self.shared.config.api_cluster {
             let path = self.write_kubeconfig(cluster).await?;
             env.push(("KUBECONFIG".to_owned(), path));
@@ -64,7 +81,7 @@ impl PodTask {
             .iter()
             .flatten()
             .chain(spec.args.iter().flatten())
-            .map(|a| expand::expand(a, lookup))
+            .map(|a| expand::expand(&volume::map_path(a, &mounts), lookup))
             .collect();
         // Only the herald binary runs here: an empty command (the image's
         // entrypoint) or one naming `herald`.
