@@ -234,14 +234,15 @@ build() {
 
 # --- test: herald standalone from the image ----------------------------------
 
-# goim_client COMET_PORT LOGIC_PORT API_KEY: a goim client written from the
+# goim_client COMET_PORT LOGIC_PORT API_KEY [SECONDS]: a goim client written from the
 # protocol alone (no Herald code): connects to 127.0.0.1, authenticates, then
 # pushes to its key and to everyone through the HTTP API and must receive both.
 goim_client() {
   python3 - "$@" <<'PY'
 import json, socket, struct, sys, time, urllib.request
 comet, logic, api_key = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-deadline = time.monotonic() + 30
+secs = float(sys.argv[4]) if len(sys.argv) > 4 else 30.0
+deadline = time.monotonic() + secs
 s = socket.create_connection(("127.0.0.1", comet), timeout=30)
 token = json.dumps({"mid": 7, "key": "image-test", "room_id": "live://1", "accepts": [1000]}).encode()
 s.sendall(struct.pack(">ihhii", 16 + len(token), 16, 1, 7, 1) + token)  # op 7: auth
@@ -250,7 +251,10 @@ def frames():
     global buf
     while time.monotonic() < deadline:
         s.settimeout(max(0.1, deadline - time.monotonic()))
-        data = s.recv(65536)
+        try:
+            data = s.recv(65536)
+        except TimeoutError:
+            break
         if not data:
             sys.exit("the comet closed the connection")
         buf += data
@@ -258,14 +262,18 @@ def frames():
             size, hlen, _, op, _ = struct.unpack(">ihhii", buf[:16])
             body, buf = buf[hlen:size], buf[size:]
             yield op, body
-    sys.exit("timed out")
+    sys.exit(f"the goim client got none of {sorted(w.decode() for w in want)} within {secs:g} s")
 def push(path, body):
     req = urllib.request.Request(f"http://127.0.0.1:{logic}{path}", data=body, method="POST",
                                  headers={"Authorization": f"Bearer {api_key}"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        answer = json.load(r)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            answer = json.load(r)
+    except OSError as e:
+        sys.exit(f"push {path}: {e}")
     if answer.get("code") != 0:
         sys.exit(f"push {path}: {answer}")
+want = {b"op 8 (authenticated)"}
 received = frames()
 for op, body in received:
     if op == 8:
