@@ -91,7 +91,10 @@ fn template_passes_values_through() -> anyhow::Result<()> {
         .spec
         .expect("pod spec");
     let container = &spec.containers[0];
-    assert_eq!(container.image.as_deref(), Some("ghcr.io/herald-push/herald:9.9.9"));
+    assert_eq!(
+        container.image.as_deref(),
+        Some("ghcr.io/herald-push/herald:9.9.9")
+    );
     let args = container.args.clone().unwrap_or_default();
     assert_eq!(args[0], "operator");
     assert!(

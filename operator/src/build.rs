@@ -409,13 +409,18 @@ fn services(names: &Names, spec: &PushClusterSpec) -> Result<Vec<Service>> {
     let comet = &spec.comet.ports;
     let logic = &spec.logic.ports;
     let port = |name: &str, port: i32| json!({"name": name, "port": port, "targetPort": port, "protocol": "TCP"});
+    // WSS only where comets serve it.
+    let mut comet_ports = vec![port("tcp", comet.tcp), port("ws", comet.ws)];
+    if spec.comet.tls.is_some() {
+        comet_ports.push(port("wss", comet.wss));
+    }
     [
         json!({"apiVersion": "v1", "kind": "Service",
                "metadata": with_annotations(names.metadata(&names.component("comet"), "comet"),
                                             &spec.comet.service_annotations),
                "spec": {"type": spec.comet.service_type.as_str(),
                         "selector": names.labels("comet"),
-                        "ports": [port("tcp", comet.tcp), port("ws", comet.ws)]}}),
+                        "ports": comet_ports}}),
         // Headless: job and the operator reach each comet pod, not a balanced VIP.
         json!({"apiVersion": "v1", "kind": "Service",
                "metadata": names.metadata(&names.component("comet-grpc"), "comet"),
@@ -756,12 +761,104 @@ mod tests {
         };
         let built = children(&names, &cluster.spec, 1, "chat-logic").unwrap();
         let want = json!({"secretKeyRef": {"name": "chat-grpc-token", "key": "token"}});
-        assert_eq!(token_env(&built), vec![Some(want.clone()); 3]);
+        assert_eq!(token_env(&built), vec![Some(want); 3]);
         let secret = grpc_token_secret(&names, "t0ken").unwrap();
         assert_eq!(secret.metadata.name.as_deref(), Some("chat-grpc-token"));
         assert_eq!(secret.string_data.unwrap()["token"], "t0ken");
         cluster.spec.auth.grpc_token = false;
         let off = children(&names, &cluster.spec, 1, "chat-logic").unwrap();
         assert_eq!(token_env(&off), vec![None; 3]);
+    }
+
+    /// `comet.tls`: comets serve WSS from the Secret mounted as files, and
+    /// the comet Service exposes the port; without it, neither.
+    #[test]
+    fn comet_tls_mounts_the_secret_and_opens_wss() {
+        let mut cluster = cluster();
+        let names = Names::of(&cluster).unwrap();
+        let plain = children(&names, &cluster.spec, 1, "chat-logic").unwrap();
+        let comet_service = |built: &Children| {
+            let svc = built
+                .services
+                .iter()
+                .find(|s| s.metadata.name.as_deref() == Some("chat-comet"))
+                .unwrap();
+            svc.spec
+                .as_ref()
+                .unwrap()
+                .ports
+                .clone()
+                .unwrap_or_default()
+                .iter()
+                .map(|p| p.port)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(comet_service(&plain), [3101, 3102]);
+        let args = container(&plain.workloads()[0]).args.clone().unwrap();
+        assert!(
+            !args.iter().any(|a| a.starts_with("--wss-addr")),
+            "{args:?}"
+        );
+
+        cluster.spec.comet.tls = Some(crate::crd::CometTls {
+            secret_name: "chat-tls".to_owned(),
+        });
+        let tls = children(&names, &cluster.spec, 1, "chat-logic").unwrap();
+        assert_eq!(comet_service(&tls), [3101, 3102, 3103]);
+        let workloads = tls.workloads();
+        let comet = container(&workloads[0]);
+        let args = comet.args.clone().unwrap();
+        for want in [
+            "--wss-addr=$(POD_IP):3103",
+            "--tls-cert=/etc/herald/tls/tls.crt",
+            "--tls-key=/etc/herald/tls/tls.key",
+        ] {
+            assert!(args.contains(&want.to_owned()), "{want}: {args:?}");
+        }
+        assert_eq!(
+            json!(comet.volume_mounts),
+            json!([{"name": "tls", "mountPath": "/etc/herald/tls", "readOnly": true}])
+        );
+        let pod = workloads[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .clone()
+            .unwrap();
+        assert_eq!(
+            json!(pod.volumes),
+            json!([{"name": "tls", "secret": {"secretName": "chat-tls"}}])
+        );
+        assert!(
+            comet
+                .ports
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|p| p.container_port == 3103),
+            "wss container port"
+        );
+        // A new certificate is a new Secret value, not a new template.
+        assert_eq!(
+            tls.comet_replica_set.as_ref().unwrap().metadata.name,
+            children(&names, &cluster.spec, 3, "chat-logic")
+                .unwrap()
+                .comet_replica_set
+                .unwrap()
+                .metadata
+                .name
+        );
+        // The Secret's two keys are referenced (a missing one is SecretMissing).
+        let refs = crate::validate::referenced_secrets(&cluster.spec);
+        assert!(
+            refs.iter()
+                .any(|r| r.name == "chat-tls" && r.key == "tls.crt")
+        );
+        assert!(
+            refs.iter()
+                .any(|r| r.name == "chat-tls" && r.key == "tls.key")
+        );
     }
 }

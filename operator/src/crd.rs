@@ -138,6 +138,9 @@ pub struct CometSpec {
     /// How a change of the comet pod template reaches the running comets.
     #[serde(default)]
     pub rollout: RolloutSpec,
+    /// WebSocket over TLS on `ports.wss`, with the certificate of a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<CometTls>,
     /// Container ports.
     #[serde(default)]
     pub ports: CometPorts,
@@ -155,6 +158,14 @@ pub struct CometSpec {
     pub pod: PodTemplate,
 }
 
+impl CometSpec {
+    /// The WSS port clients are told of: `ports.wss` when comets serve TLS
+    /// (`tls` set), else 0, so no client is sent to a port nothing serves.
+    pub fn advertised_wss_port(&self) -> i32 {
+        self.tls.as_ref().map_or(0, |_| self.ports.wss)
+    }
+}
+
 impl Default for CometSpec {
     fn default() -> Self {
         Self {
@@ -162,6 +173,7 @@ impl Default for CometSpec {
             autoscaling: AutoscalingSpec::default(),
             drain: DrainSpec::default(),
             rollout: RolloutSpec::default(),
+            tls: None,
             ports: CometPorts::default(),
             service_type: ServiceType::default(),
             service_annotations: BTreeMap::new(),
@@ -233,6 +245,17 @@ impl Default for DrainSpec {
             close_rate: 0,
         }
     }
+}
+
+/// The comets' TLS certificate: a Secret of type `kubernetes.io/tls`
+/// (keys `tls.crt`, `tls.key`), as cert-manager writes it. Comets serve WSS
+/// on `ports.wss` with it and pick up a renewed one without a restart.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CometTls {
+    /// The Secret's name, in the PushCluster's namespace.
+    #[x_kube(validation = Rule::new("self != ''").message("comet.tls.secretName must not be empty"))]
+    pub secret_name: String,
 }
 
 /// How comets move to a new pod template (image, resources, settings).

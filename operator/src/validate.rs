@@ -27,16 +27,31 @@ fn spec_error(reason: &'static str, message: String) -> Invalid {
 }
 
 /// The Secrets a spec references: every `(name, key)` it reads.
-pub fn referenced_secrets(spec: &PushClusterSpec) -> Vec<&SecretKeyRef> {
-    [
+pub fn referenced_secrets(spec: &PushClusterSpec) -> Vec<SecretKeyRef> {
+    let mut refs: Vec<SecretKeyRef> = [
         spec.redis.password_secret_ref.as_ref(),
         spec.auth.jwt_secret_ref.as_ref(),
         spec.auth.api_key_secret_ref.as_ref(),
     ]
     .into_iter()
     .flatten()
-    .collect()
+    .cloned()
+    .collect();
+    if let Some(tls) = &spec.comet.tls {
+        for key in [TLS_CERT_KEY, TLS_KEY_KEY] {
+            refs.push(SecretKeyRef {
+                name: tls.secret_name.clone(),
+                key: key.to_owned(),
+            });
+        }
+    }
+    refs
 }
+
+/// The keys of a `kubernetes.io/tls` Secret.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+/// See [`TLS_CERT_KEY`].
+pub const TLS_KEY_KEY: &str = "tls.key";
 
 /// Checks what only a change to the spec can fix (admission normally refuses
 /// all of it).

@@ -19,6 +19,7 @@ use super::{
     API_KEY_KEY, GRPC_TOKEN_KEY, JOB_HTTP_PORT, Names, Result, TERMINATION_MARGIN_SECS, typed,
 };
 use crate::crd::{OPERATOR_ENV, PodTemplate, PushClusterSpec, Resources, SecretKeyRef};
+use crate::validate::{TLS_CERT_KEY, TLS_KEY_KEY};
 
 /// The pod annotation carrying the config hash (a change rolls the pods).
 pub(super) const CONFIG_HASH: &str = "herald.dev/config-hash";
@@ -144,6 +145,8 @@ struct Container<'a> {
     pod: &'a PodTemplate,
     /// The topology spread when `pod` sets none.
     spread: Option<Value>,
+    /// `volumeMounts` of the container.
+    mounts: Vec<Value>,
 }
 
 fn deployment(
@@ -186,6 +189,7 @@ fn pod_template(
         resources: limits,
         pod,
         spread,
+        mounts,
     } = container;
     let mut all_args = vec![
         role.to_owned(),
@@ -218,6 +222,9 @@ fn pod_template(
         "securityContext": pod.security_context.as_ref()
             .map_or_else(default_container_security, |context| json!(context)),
     });
+    if let (Some(main), false) = (main.as_object_mut(), mounts.is_empty()) {
+        main.insert("volumeMounts".to_owned(), Value::Array(mounts));
+    }
     if let (Some(main), Some(policy)) = (main.as_object_mut(), spec.image_pull_policy) {
         main.insert("imagePullPolicy".to_owned(), policy.as_str().into());
     }
@@ -254,7 +261,7 @@ fn comet_container<'a>(
 ) -> (Container<'a>, Value) {
     let ports = &spec.comet.ports;
     let drain = &spec.comet.drain;
-    let args = vec![
+    let mut args = vec![
         format!("--tcp-addr=$(POD_IP):{}", ports.tcp),
         format!("--ws-addr=$(POD_IP):{}", ports.ws),
         format!("--grpc-addr=$(POD_IP):{}", ports.grpc),
@@ -265,26 +272,45 @@ fn comet_container<'a>(
         // change to them rolls no comet and moves no client.
         format!("--node-list-configmap={}", names.nodes()),
     ];
+    let mut container_ports = vec![
+        ("tcp", ports.tcp),
+        ("ws", ports.ws),
+        ("grpc", ports.grpc),
+        ("admin", ports.admin),
+    ];
+    let mut extra = json!({"terminationGracePeriodSeconds": grace_period(drain.deadline_seconds),
+                           "serviceAccountName": names.service_account()});
+    let mut mounts = Vec::new();
+    if let Some(tls) = &spec.comet.tls {
+        // The Secret as files; the kubelet swaps them when it is renewed
+        // and comet reloads the pair (no restart, no rollout).
+        args.extend([
+            format!("--wss-addr=$(POD_IP):{}", ports.wss),
+            format!("--tls-cert={TLS_DIR}/{TLS_CERT_KEY}"),
+            format!("--tls-key={TLS_DIR}/{TLS_KEY_KEY}"),
+        ]);
+        container_ports.push(("wss", ports.wss));
+        mounts.push(json!({"name": "tls", "mountPath": TLS_DIR, "readOnly": true}));
+        extra["volumes"] = json!([{"name": "tls", "secret": {"secretName": tls.secret_name}}]);
+    }
     (
         Container {
             role: "comet",
             args,
             env: vec![],
-            ports: vec![
-                ("tcp", ports.tcp),
-                ("ws", ports.ws),
-                ("grpc", ports.grpc),
-                ("admin", ports.admin),
-            ],
+            ports: container_ports,
             http_port: ports.admin,
             resources: spec.comet.resources.as_ref(),
             pod: &spec.comet.pod,
             spread: Some(default_comet_spread(names)),
+            mounts,
         },
-        json!({"terminationGracePeriodSeconds": grace_period(drain.deadline_seconds),
-               "serviceAccountName": names.service_account()}),
+        extra,
     )
 }
+
+/// Where comet pods mount `comet.tls.secretName`.
+const TLS_DIR: &str = "/etc/herald/tls";
 
 /// The comet Deployment of `rollout.strategy: Deployment`: Kubernetes'
 /// rolling update replaces the comets.
@@ -396,6 +422,7 @@ pub(super) fn logic_deployment(
             resources: spec.logic.resources.as_ref(),
             pod: &spec.logic.pod,
             spread: None,
+            mounts: vec![],
         },
         json!({"serviceAccountName": names.service_account()}),
     )
@@ -423,6 +450,7 @@ pub(super) fn job_deployment(
             resources: spec.job.resources.as_ref(),
             pod: &spec.job.pod,
             spread: None,
+            mounts: vec![],
         },
         json!({"serviceAccountName": names.service_account()}),
     )

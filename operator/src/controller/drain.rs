@@ -111,8 +111,7 @@ pub(super) async fn start_drain(
         nodes,
         tcp_port: spec.comet.ports.tcp,
         ws_port: spec.comet.ports.ws,
-        // No TLS listener on operator-run comets (see the node list).
-        wss_port: 0,
+        wss_port: spec.comet.advertised_wss_port(),
         reconnect_within_ms: 2000,
     };
     let addr = polled

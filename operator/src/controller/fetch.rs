@@ -62,6 +62,9 @@ pub(super) async fn fetch(
     let secret_api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let mut secrets = BTreeMap::new();
     for reference in validate::referenced_secrets(spec) {
+        if secrets.contains_key(&reference.name) {
+            continue;
+        }
         if let Some(secret) = get_opt(&secret_api, &reference.name, "a referenced Secret").await? {
             let mut keys: Vec<String> = secret.data.unwrap_or_default().into_keys().collect();
             keys.extend(secret.string_data.unwrap_or_default().into_keys());

@@ -202,9 +202,7 @@ fn node(spec: &PushClusterSpec, p: &Polled, external: &[String]) -> Option<Node>
         },
         tcp_port: spec.comet.ports.tcp,
         ws_port: spec.comet.ports.ws,
-        // Comets the operator runs have no TLS listener (yet): advertising
-        // the port would send clients to nothing.
-        wss_port: 0,
+        wss_port: spec.comet.advertised_wss_port(),
         weight: load::weight(
             load.connections,
             spec.comet.autoscaling.target_connections_per_replica,
@@ -257,6 +255,12 @@ mod tests {
             "the pod IP without a load balancer"
         );
         assert_eq!(entry.wss_port, 0, "no TLS listener to advertise");
+        let mut tls = spec.clone();
+        tls.comet.tls = Some(crate::crd::CometTls {
+            secret_name: "chat-tls".to_owned(),
+        });
+        let served = node(&tls, &polled(true, None, Some(load.clone())), &[]).unwrap();
+        assert_eq!(served.wss_port, 3103, "WSS served with comet.tls");
         // A load balancer's addresses replace the pod IP for clients; job
         // and the operator still reach the pod.
         let external = ["203.0.113.7".to_owned(), "lb.example.com".to_owned()];
