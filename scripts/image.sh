@@ -22,7 +22,8 @@
 #       actionlint on .github/workflows (the release workflow cannot run here).
 #   image.sh version
 #       Prints the workspace version after checking that Chart.yaml's
-#       appVersion, the chart's default image and examples/ agree with it.
+#       appVersion, the Dockerfile's VERSION, the chart's default image and
+#       examples/ agree with it.
 #
 # Local mode (HERALD_IMAGE_BASES=local, which `test` sets) keeps buildah's
 # storage (vfs driver, chroot isolation: what works in this sandbox as root),
@@ -74,6 +75,11 @@ version() {
     charts/herald/values.yaml)
   if [[ $repo != "$DEFAULT_IMAGE" ]]; then
     log "ERROR: charts/herald/values.yaml image.repository is '$repo', not $DEFAULT_IMAGE"
+    bad=1
+  fi
+  # A plain `docker build .` labels the image with the Dockerfile's default.
+  if ! grep -qx "ARG VERSION=$v" Dockerfile; then
+    log "ERROR: the Dockerfile's ARG VERSION default is not $v"
     bad=1
   fi
   local f
