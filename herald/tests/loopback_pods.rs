@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 
 mod common;
 
-use common::k8s::{client, create_namespace, delete_namespace, start_kubelet};
+use common::k8s::{client, create_namespace, delete_namespace, served_certificate, start_kubelet};
 
 /// Every wait is bounded by this many seconds.
 const WAIT: u64 = 60;
@@ -581,27 +581,6 @@ async fn env_from_config_maps_and_secrets_waits_for_a_missing_secret() -> anyhow
     let nodes = http_get(pod_ip(&pod)?, "/goim/nodes/instances").await?;
     assert!(nodes.contains("\"hostname\":\"eu-7-solo\""), "{nodes}");
     finish(client, &namespace, kubelet, Vec::new()).await
-}
-
-/// The certificate a TLS server at `addr` presents, trusting `roots`.
-async fn served_certificate(
-    addr: (Ipv4Addr, u16),
-    roots: &rustls::RootCertStore,
-) -> anyhow::Result<Vec<u8>> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots.clone())
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
-    let tcp = TcpStream::connect(addr).await?;
-    let stream = connector.connect("localhost".try_into()?, tcp).await?;
-    let certs = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .context("no certificate")?;
-    Ok(certs.first().context("empty chain")?.to_vec())
 }
 
 /// One NUL-separated entry of `/proc/{pid}/{file}` (cmdline, environ)

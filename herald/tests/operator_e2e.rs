@@ -25,7 +25,7 @@ use herald_e2e::{eventually, testbed_var, unique_name};
 use herald_operator::ServiceAddresses;
 use herald_operator::crd::PushCluster;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client as KubeClient, ResourceExt};
 use serde_json::json;
@@ -183,6 +183,8 @@ async fn scenario(
                                 "targetConnectionsPerReplica": TARGET,
                                 "scaleDownStabilizationSeconds": 3},
                 "drain": {"deadlineSeconds": 10, "closeRate": 1},
+                // WSS with a certificate that is renewed below.
+                "tls": {"secretName": "chat-tls"},
             },
             // What logic hands clients; count 1 shows it is not goim's 5. The
             // domain comes last (step 6): op 18 would name it, and the test's
@@ -190,6 +192,19 @@ async fn scenario(
             "nodeList": {"count": 1, "heartbeat": 30, "backoff": 7},
         }
     }))?;
+    // The comets' certificate, as cert-manager would write it.
+    let cert_a = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let cert_b = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let tls_secret = |cert: &rcgen::CertifiedKey<rcgen::KeyPair>| -> anyhow::Result<Secret> {
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": "chat-tls"}, "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": cert.cert.pem(), "tls.key": cert.signing_key.serialize_pem()}
+        }))?)
+    };
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    secrets
+        .create(&PostParams::default(), &tls_secret(&cert_a)?)
+        .await?;
     clusters.create(&PostParams::default(), &cluster).await?;
 
     // 3. Every component Running and Ready as a real process; Available.
@@ -266,6 +281,39 @@ async fn scenario(
     let key = secret_value(client, ns, &format!("{CLUSTER}-api-key"), "api-key").await?;
     let logic_http = SocketAddr::from((logic_ip.parse::<Ipv4Addr>()?, LOGIC_HTTP));
     let (first_name, first_pod) = comets.iter().next().context("comet")?;
+    // WSS from the Secret: served, advertised, and renewed in place (the
+    // kubelet swaps the files, the comet reloads them; same process).
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert_a.cert.der().clone())?;
+    roots.add(cert_b.cert.der().clone())?;
+    let wss = (pod_ip(first_pod)?, 3103);
+    let served = common::k8s::served_certificate(wss, &roots).await?;
+    ensure!(
+        served == cert_a.cert.der().to_vec(),
+        "WSS does not serve the Secret's certificate"
+    );
+    let listed = common::operator::node_list(&configmaps, CLUSTER)
+        .await?
+        .context("node list")?;
+    ensure!(listed["nodes"][0]["wss_port"] == 3103, "{listed}");
+    let pid = bed.kubelet.pid(ns, first_name, "comet");
+    let renewed = tls_secret(&cert_b)?;
+    secrets
+        .patch(
+            "chat-tls",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": renewed.data, "stringData": renewed.string_data})),
+        )
+        .await?;
+    eventually(WAIT, "the renewed certificate served", || async {
+        let served = common::k8s::served_certificate(wss, &roots).await.ok();
+        Ok((served == Some(cert_b.cert.der().to_vec())).then_some(()))
+    })
+    .await?;
+    ensure!(
+        bed.kubelet.pid(ns, first_name, "comet") == pid,
+        "the comet restarted for a renewed certificate"
+    );
     // The comet's gRPC port is the cluster's own: a call without the
     // generated token is refused, one with it answers (the operator polls
     // with it; job pushes with it, below).

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use herald_e2e::kubelet::{Config, IpPool, Kubelet};
 use herald_e2e::{testbed_var, unique_name};
 use k8s_openapi::api::core::v1::Namespace;
@@ -104,4 +104,25 @@ pub(crate) fn install_chart(
         args.extend(["--set", set]);
     }
     herald_e2e::helm(&args)
+}
+
+/// The certificate a TLS server at `addr` presents, trusting `roots`.
+pub(crate) async fn served_certificate(
+    addr: (std::net::Ipv4Addr, u16),
+    roots: &rustls::RootCertStore,
+) -> anyhow::Result<Vec<u8>> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let stream = connector.connect("localhost".try_into()?, tcp).await?;
+    let certs = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .context("no certificate")?;
+    Ok(certs.first().context("empty chain")?.to_vec())
 }
