@@ -13,7 +13,13 @@
 # already use), not from the binary tarball, so no extra download host is
 # needed. Helper files live in e2e/services/kafka/.
 #
-# Tests read HERALD_KAFKA_BROKERS (host:port) from $HERALD_RUN/kafka.env.
+# Tests read HERALD_KAFKA_BROKERS (host:port, PLAINTEXT) from $HERALD_RUN/kafka.env.
+# The broker also has a SASL_SSL listener (certificates made at start by
+# openssl, lib.sh make_certs; a SCRAM user written into the storage at format
+# time); kafka.env names it:
+#   HERALD_KAFKA_SASL_SSL_BROKERS   host:port of that listener
+#   HERALD_KAFKA_TLS_CA             the CA that signed its certificate
+#   HERALD_KAFKA_SASL_USER, HERALD_KAFKA_SASL_PASSWORD   SCRAM-SHA-256 and -512
 # To run a Kafka command-line class by hand against the running broker:
 #   java -Dlog4j2.configurationFile=e2e/services/kafka/tools-log4j2.properties \
 #     -cp "$HERALD_CACHE/kafka-<version>/libs/*" org.apache.kafka.tools.TopicCommand \
@@ -114,19 +120,27 @@ start() {
   mkdir -p "$KAFKA_RUN/data"
   trap start_failed EXIT
 
-  local port cport
+  local port cport sport tls="$KAFKA_RUN/tls" user=herald password
   port=$(free_port)
   cport=$(free_port)
   while [[ $cport == "$port" ]]; do cport=$(free_port); done
+  sport=$(free_port)
+  while [[ $sport == "$port" || $sport == "$cport" ]]; do sport=$(free_port); done
+  password=$(python3 -c 'import secrets; print(secrets.token_hex(12))')
+  make_certs "$tls"
 
   sed -e "s|@PORT@|$port|g" -e "s|@CONTROLLER_PORT@|$cport|g" \
+    -e "s|@SASL_SSL_PORT@|$sport|g" -e "s|@TLS_DIR@|$tls|g" \
     -e "s|@DATA_DIR@|$KAFKA_RUN/data|g" \
     "$KAFKA_FILES/server.properties.in" >"$KAFKA_RUN/server.properties"
 
   # KRaft refuses to start on an unformatted log dir. --standalone makes this
-  # node the sole voter of the (dynamic) controller quorum.
+  # node the sole voter of the (dynamic) controller quorum. --add-scram writes
+  # the SASL_SSL listener's user into the metadata log before the first start.
   "${KAFKA_TOOL[@]}" "$STORAGE_TOOL" format --standalone -t "$(random_cluster_id)" \
-    -c "$KAFKA_RUN/server.properties" >>"$KAFKA_LOG" 2>&1 ||
+    -c "$KAFKA_RUN/server.properties" \
+    --add-scram "SCRAM-SHA-256=[name=$user,password=$password]" \
+    --add-scram "SCRAM-SHA-512=[name=$user,password=$password]" >>"$KAFKA_LOG" 2>&1 ||
     die "formatting $KAFKA_RUN/data failed"
 
   # log4j2 writes to $KAFKA_LOG via kafka.logs.dir; stdout/stderr are appended to
@@ -140,7 +154,13 @@ start() {
   log "starting kafka $KAFKA_VERSION on 127.0.0.1:$port (controller 127.0.0.1:$cport)"
   echo "$port" >"$KAFKA_RUN/port"
   launch "$port"
-  echo "export HERALD_KAFKA_BROKERS=127.0.0.1:$port" >"$HERALD_RUN/kafka.env"
+  {
+    echo "export HERALD_KAFKA_BROKERS=127.0.0.1:$port"
+    echo "export HERALD_KAFKA_SASL_SSL_BROKERS=127.0.0.1:$sport"
+    echo "export HERALD_KAFKA_TLS_CA=$tls/ca.pem"
+    echo "export HERALD_KAFKA_SASL_USER=$user"
+    echo "export HERALD_KAFKA_SASL_PASSWORD=$password"
+  } >"$HERALD_RUN/kafka.env"
   trap - EXIT
 }
 

@@ -55,6 +55,31 @@ stop_pids() {
   rm -f "$file"
 }
 
+# make_certs DIR: a throw-away CA (DIR/ca.pem) and a server certificate for
+# 127.0.0.1 and localhost signed by it (DIR/server.pem, key DIR/server.key,
+# PKCS#8, unencrypted; DIR/server-bundle.pem = key + certificate, the PEM
+# keystore Kafka reads), plus a second CA that signed nothing
+# (DIR/other-ca.pem) for "untrusted CA" tests. P-256 keys: quick to make.
+make_certs() {
+  local dir=$1
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    local ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+    openssl req -x509 "${ec[@]}" -days 7 -subj /CN=herald-testbed-ca -keyout ca.key -out ca.pem \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+    openssl req -x509 "${ec[@]}" -days 7 -subj /CN=herald-testbed-other-ca -keyout other-ca.key \
+      -out other-ca.pem -addext basicConstraints=critical,CA:TRUE 2>/dev/null
+    openssl req "${ec[@]}" -subj /CN=127.0.0.1 -keyout server.key -out server.csr 2>/dev/null
+    printf '%s\n' 'subjectAltName=IP:127.0.0.1,DNS:localhost' 'basicConstraints=CA:FALSE' \
+      'keyUsage=critical,digitalSignature' 'extendedKeyUsage=serverAuth' >server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 7 \
+      -extfile server.ext -out server.pem 2>/dev/null
+    cat server.key server.pem >server-bundle.pem
+    chmod 600 ./*.key server-bundle.pem
+  ) || die "could not make test certificates in $dir"
+}
+
 # timed LABEL CMD...: runs CMD and appends "LABEL seconds" to $HERALD_RUN/timings.txt.
 timed() {
   local label=$1 start end

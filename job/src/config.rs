@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use herald_runtime::{contract, nodes};
+use herald_runtime::{contract, kafka_security, nodes};
 
 use crate::{CallSettings, Error, Result};
 
@@ -49,6 +49,9 @@ pub struct Args {
     /// default would stall a restarted job that long.
     #[arg(long, env = "HERALD_JOB_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub kafka_session_timeout_ms: u64,
+    /// TLS and SASL to the brokers (the consumer and the dead-letter producer).
+    #[command(flatten)]
+    pub kafka_security: kafka_security::KafkaSecurityArgs,
     /// Where the node list comes from; every node in it gets pushes.
     #[command(flatten)]
     pub node_list: nodes::SourceArgs,
@@ -119,6 +122,8 @@ pub struct KafkaConfig {
     pub group: String,
     /// Group session timeout.
     pub session_timeout: Duration,
+    /// TLS and SASL (shared with logic, `herald_runtime::kafka_security`).
+    pub security: kafka_security::KafkaSecurity,
 }
 
 /// What job runs with; built from [`Args`], or directly by tests.
@@ -167,6 +172,7 @@ impl Args {
             kafka_topic,
             kafka_group,
             kafka_session_timeout_ms,
+            kafka_security,
             node_list,
             comets,
             call_timeout_ms,
@@ -189,6 +195,7 @@ impl Args {
                 topic: kafka_topic,
                 group: kafka_group,
                 session_timeout: Duration::from_millis(kafka_session_timeout_ms),
+                security: kafka_security.security(),
             },
             node_list: node_list.source(),
             comets,
@@ -254,6 +261,7 @@ impl Config {
         if self.dead_letter_topic.as_ref() == Some(&self.kafka.topic) {
             return bad("the dead-letter topic must differ from the push topic");
         }
+        self.kafka.security.validate().map_err(Error::Config)?;
         Ok(())
     }
 }

@@ -92,7 +92,7 @@ struct DeadLetter {
 
 impl DeadLetter {
     fn new(config: &Config, topic: &str, stats: Arc<Stats>) -> Result<DeadLetter> {
-        let producer = ClientConfig::new()
+        let producer = client_config(&config.kafka)
             .set("bootstrap.servers", &config.kafka.brokers)
             // The source offset moves past a poison record only once this
             // write is on every in-sync replica.
@@ -164,6 +164,16 @@ impl DeadLetter {
     }
 }
 
+/// A librdkafka config with `kafka`'s TLS and SASL settings, for every
+/// client job makes.
+fn client_config(kafka: &crate::config::KafkaConfig) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (key, value) in kafka.security.client_settings() {
+        config.set(key, value);
+    }
+    config
+}
+
 /// Consumes `config.kafka` into `job` until `shutdown`; see [`crate::run`].
 /// [`Job::is_ready`] turns true at the first partition assignment.
 ///
@@ -172,7 +182,7 @@ impl DeadLetter {
 /// or the subscription.
 pub async fn kafka(job: &Job, config: &Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let kafka = &config.kafka;
-    let consumer: StreamConsumer<Context> = ClientConfig::new()
+    let consumer: StreamConsumer<Context> = client_config(kafka)
         .set("bootstrap.servers", &kafka.brokers)
         .set("group.id", &kafka.group)
         // Auto-commit only commits what we *stored*, and we store an offset

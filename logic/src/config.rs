@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use herald_runtime::contract;
-use herald_runtime::{grpc_auth, nodes};
+use herald_runtime::{grpc_auth, kafka_security, nodes};
 
 use crate::http::client::ClientAuth;
 use crate::{Error, Result, TokenMode, http, queue, service, store, token};
@@ -52,13 +52,25 @@ pub struct Args {
         default_value = "none"
     )]
     pub client_auth: ClientAuth,
-    /// Redis URL for routes and room counts.
+    /// Redis URL for routes and room counts: `redis://host:port/db`, or
+    /// `rediss://` for TLS; may carry `user:password@`.
     #[arg(
         long,
         env = contract::REDIS_URL,
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: String,
+    /// Redis ACL user name (replaces one in the URL).
+    #[arg(long, env = contract::REDIS_USERNAME)]
+    pub redis_username: Option<String>,
+    /// Redis password (replaces one in the URL); best given by its
+    /// environment variable, from a Secret.
+    #[arg(long, env = contract::REDIS_PASSWORD, hide_env_values = true)]
+    pub redis_password: Option<String>,
+    /// PEM file of the CA(s) that sign the Redis server's certificate, for a
+    /// `rediss://` URL; without it the system's trusted CAs are used.
+    #[arg(long, env = contract::REDIS_CA_FILE)]
+    pub redis_ca_file: Option<PathBuf>,
     /// Deadline for one Redis command, in milliseconds.
     #[arg(long, env = "HERALD_REDIS_TIMEOUT_MS", default_value_t = 1000)]
     pub redis_timeout_ms: u64,
@@ -68,6 +80,9 @@ pub struct Args {
     /// Kafka push topic.
     #[arg(long, env = contract::KAFKA_TOPIC, default_value = "goim-push-topic")]
     pub kafka_topic: String,
+    /// TLS and SASL to the brokers.
+    #[command(flatten)]
+    pub kafka_security: kafka_security::KafkaSecurityArgs,
     /// Longest a push waits for Kafka's acknowledgement, in milliseconds.
     #[arg(long, env = "HERALD_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 5000)]
     pub kafka_message_timeout_ms: u64,
@@ -223,9 +238,13 @@ impl Args {
             client_addr,
             client_auth,
             redis_url,
+            redis_username,
+            redis_password,
+            redis_ca_file,
             redis_timeout_ms,
             kafka_brokers,
             kafka_topic,
+            kafka_security,
             kafka_message_timeout_ms,
             kafka_linger_us,
             kafka_busy_linger_us,
@@ -259,6 +278,9 @@ impl Args {
             client_auth,
             redis: store::redis::RedisConfig {
                 url: redis_url,
+                username: redis_username.filter(|u| !u.is_empty()),
+                password: redis_password.filter(|p| !p.is_empty()),
+                ca_file: redis_ca_file.filter(|p| !p.as_os_str().is_empty()),
                 ttl: Duration::from_secs(routing_ttl_secs),
                 timeout: Duration::from_millis(redis_timeout_ms),
             },
@@ -269,6 +291,7 @@ impl Args {
                 linger: Duration::from_micros(kafka_linger_us),
                 busy_linger: Duration::from_micros(kafka_busy_linger_us),
                 busy_in_flight: kafka_busy_in_flight,
+                security: kafka_security.security(),
             },
             node_list: node_list.source(),
             receive_topic: receive_topic.filter(|t| !t.is_empty()),
@@ -354,6 +377,10 @@ impl Config {
         }
         if self.kafka.busy_in_flight == 0 {
             return bad("--kafka-busy-in-flight must be at least 1");
+        }
+        self.kafka.security.validate().map_err(Error::Config)?;
+        if self.redis.ca_file.is_some() && !self.redis.url.starts_with("rediss://") {
+            return bad("--redis-ca-file needs a rediss:// (TLS) --redis-url");
         }
         // The client listener must never be the privileged API's socket.
         let shared = |other: SocketAddr| {
@@ -465,6 +492,21 @@ mod tests {
         let c = parse(&["--kafka-busy-linger-us", "0", "--kafka-busy-in-flight", "3"]).unwrap();
         assert_eq!(c.kafka.busy_linger, Duration::ZERO);
         assert_eq!(c.kafka.busy_in_flight, 3);
+        assert!(parse(&["--redis-ca-file", "/ca.pem"]).is_err());
+        let c = parse(&[
+            "--redis-url",
+            "rediss://r:6380/",
+            "--redis-ca-file",
+            "/ca.pem",
+            "--redis-username",
+            "u",
+            "--redis-password",
+            "secret-pw",
+        ])
+        .unwrap();
+        assert_eq!(c.redis.username.as_deref(), Some("u"));
+        assert!(!format!("{c:?}").contains("secret-pw"), "password in Debug");
+        assert!(parse(&["--kafka-security-protocol", "SASL_SSL"]).is_err());
         let c = parse(&["--api-key", "", "--compat-status-200"]).unwrap();
         assert!(c.http.api_key.is_none() && c.http.compat_status_200);
     }

@@ -19,6 +19,15 @@ pub enum Error {
     /// The command failed (connection refused, server error, response timeout).
     #[error("redis command failed")]
     Redis(#[source] ::redis::RedisError),
+    /// The `--redis-ca-file` could not be read.
+    #[error("cannot read the Redis CA file {}", path.display())]
+    CaFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Our own deadline around a command expired (e.g. while reconnecting).
     #[error("redis did not answer within {0:?}")]
     Timeout(std::time::Duration),

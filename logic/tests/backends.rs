@@ -99,11 +99,11 @@ async fn conformance(store: &dyn SessionStore) {
 
 #[tokio::test]
 async fn redis_store_meets_the_contract() {
-    let store = RedisStore::new(RedisConfig {
-        url: redis_url(),
-        ttl: Duration::from_secs(60),
-        timeout: Duration::from_secs(2),
-    })
+    let store = RedisStore::new(RedisConfig::new(
+        redis_url(),
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    ))
     .unwrap();
     conformance(&store).await;
 }

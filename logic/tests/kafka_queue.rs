@@ -21,6 +21,7 @@ fn queue(topic: &str) -> KafkaQueue {
         linger: Duration::ZERO,
         busy_linger: Duration::from_millis(5),
         busy_in_flight: 4,
+        security: Default::default(),
     })
     .expect("producer config")
 }

@@ -15,9 +15,26 @@ pub const KAFKA_TOPIC: &str = "HERALD_KAFKA_TOPIC";
 pub const JOB_GROUP: &str = "HERALD_JOB_GROUP";
 /// Redis URL (logic).
 pub const REDIS_URL: &str = "HERALD_REDIS_URL";
-/// Redis password, spliced into [`REDIS_URL`] by the kubelet's `$(VAR)`
-/// expansion so it never appears in a Deployment.
+/// Redis password (logic `--redis-password`; it replaces any password in
+/// [`REDIS_URL`]). The operator also splices it into [`REDIS_URL`] by the
+/// kubelet's `$(VAR)` expansion, so it never appears in a Deployment.
 pub const REDIS_PASSWORD: &str = "HERALD_REDIS_PASSWORD";
+/// Redis ACL user name (logic `--redis-username`; replaces any in the URL).
+pub const REDIS_USERNAME: &str = "HERALD_REDIS_USERNAME";
+/// PEM file of the CA(s) that sign Redis's certificate, for `rediss://`
+/// URLs (logic `--redis-ca-file`); a mounted Secret or ConfigMap key.
+pub const REDIS_CA_FILE: &str = "HERALD_REDIS_CA_FILE";
+/// Kafka `security.protocol` (`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT`,
+/// `SASL_SSL`), logic and job `--kafka-security-protocol`.
+pub const KAFKA_SECURITY_PROTOCOL: &str = "HERALD_KAFKA_SECURITY_PROTOCOL";
+/// Kafka SASL mechanism (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`).
+pub const KAFKA_SASL_MECHANISM: &str = "HERALD_KAFKA_SASL_MECHANISM";
+/// Kafka SASL user name (logic, job).
+pub const KAFKA_USERNAME: &str = "HERALD_KAFKA_USERNAME";
+/// Kafka SASL password (logic, job), from a Secret.
+pub const KAFKA_PASSWORD: &str = "HERALD_KAFKA_PASSWORD";
+/// PEM file of the CA(s) that sign the brokers' certificates (logic, job).
+pub const KAFKA_CA_FILE: &str = "HERALD_KAFKA_CA_FILE";
 /// How logic checks client tokens (`goim`, `jwt`).
 pub const TOKEN_MODE: &str = "HERALD_LOGIC_TOKEN_MODE";
 /// HS256 secret for signed tokens (logic).

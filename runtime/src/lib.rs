@@ -15,6 +15,8 @@
 //!   roles read, compiled into both sides.
 //! - [`grpc_auth`]: the shared token the internal gRPC ports require, the
 //!   client and server interceptors and the refusal counter.
+//! - [`kafka_security`]: the TLS/SASL flags logic and job share and the
+//!   librdkafka settings they become, in one place.
 //! - [`args`]: flag defaults taken from the clap definitions themselves, so a
 //!   default is written once, on its flag.
 //! - [`error_chain`]: an error and its causes on one line, for logs and
@@ -24,6 +26,7 @@ pub mod admin;
 pub mod args;
 pub mod contract;
 pub mod grpc_auth;
+pub mod kafka_security;
 pub mod listen;
 pub mod nodes;
 pub mod shutdown;

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use herald_protocol::pb::PushMsg;
+use herald_runtime::kafka_security::KafkaSecurity;
 use prost::Message;
 use rdkafka::ClientConfig;
 use rdkafka::producer::Producer;
@@ -51,6 +52,8 @@ pub struct KafkaConfig {
     pub busy_linger: Duration,
     /// Records awaiting acknowledgement from which logic counts as busy.
     pub busy_in_flight: usize,
+    /// TLS and SASL (shared with job, `herald_runtime::kafka_security`).
+    pub security: KafkaSecurity,
 }
 
 /// Kafka-backed push queue.
@@ -110,9 +113,14 @@ impl KafkaQueue {
             linger,
             busy_linger,
             busy_in_flight,
+            security,
         } = config;
+        let mut base = ClientConfig::new();
+        for (key, value) in security.client_settings() {
+            base.set(key, value);
+        }
         let build = |linger: Duration| -> Result<FutureProducer> {
-            ClientConfig::new()
+            base.clone()
                 .set("bootstrap.servers", &brokers)
                 .set("acks", "all")
                 .set("enable.idempotence", "true")
@@ -230,6 +238,7 @@ mod tests {
             linger: Duration::ZERO,
             busy_linger,
             busy_in_flight: 8,
+            security: KafkaSecurity::default(),
         };
         let one = KafkaQueue::new(config(Duration::ZERO)).expect("valid config");
         assert!(one.busy.is_none());

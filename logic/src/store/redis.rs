@@ -9,8 +9,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use std::path::PathBuf;
+
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use redis::{AsyncCommands, IntoConnectionInfo, Script, TlsCertificates};
 
 use super::{Error, Online, Result, SessionStore};
 
@@ -50,14 +52,91 @@ return has
 ";
 
 /// Redis connection settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`.
+    /// `redis://host:port/db`, or `rediss://` for TLS (user name and
+    /// password may be in it too).
     pub url: String,
+    /// ACL user name; replaces one in `url`.
+    pub username: Option<String>,
+    /// Password (of the ACL user, or `requirepass`); replaces one in `url`.
+    pub password: Option<String>,
+    /// PEM file of the CA(s) to trust for a `rediss://` server instead of
+    /// the system's.
+    pub ca_file: Option<PathBuf>,
     /// TTL `E` of every routing and online key.
     pub ttl: Duration,
     /// Deadline for one command (and for connecting).
     pub timeout: Duration,
+}
+
+impl RedisConfig {
+    /// Plain settings for `url`, no separate credentials or CA.
+    pub fn new(url: impl Into<String>, ttl: Duration, timeout: Duration) -> Self {
+        RedisConfig {
+            url: url.into(),
+            username: None,
+            password: None,
+            ca_file: None,
+            ttl,
+            timeout,
+        }
+    }
+}
+
+/// Never prints a password, in `password` or in the URL.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = match self.url.as_str().into_connection_info() {
+            Ok(info) if info.redis_settings().password().is_some() => "<with password>",
+            _ => self.url.as_str(),
+        };
+        f.debug_struct("RedisConfig")
+            .field("url", &url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("ca_file", &self.ca_file)
+            .field("ttl", &self.ttl)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// A client for `config`'s URL with its credentials and CA applied.
+fn client(config: &RedisConfig) -> Result<redis::Client> {
+    let mut info = config
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(Error::Redis)?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(username) = config.username.as_deref().filter(|u| !u.is_empty()) {
+        settings = settings.set_username(username);
+    }
+    if let Some(password) = config.password.as_deref().filter(|p| !p.is_empty()) {
+        settings = settings.set_password(password);
+    }
+    info = info.set_redis_settings(settings);
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    if tls {
+        // rustls needs a process-wide provider; logic's is ring (as the rest
+        // of the workspace). Already installed (a second store, a test) is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    match &config.ca_file {
+        Some(path) => {
+            let root_cert = std::fs::read(path).map_err(|source| Error::CaFile {
+                path: path.clone(),
+                source,
+            })?;
+            let certs = TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            };
+            redis::Client::build_with_tls(info, certs).map_err(Error::Redis)
+        }
+        None => redis::Client::open(info).map_err(Error::Redis),
+    }
 }
 
 /// Redis-backed session store.
@@ -107,13 +186,14 @@ pub fn shard_rooms(online: &Online) -> Vec<Option<Online>> {
 }
 
 impl RedisStore {
-    /// Builds the store without connecting; the first command connects.
+    /// Builds the store without connecting; the first command connects
+    /// (and, for `rediss://`, checks the server's certificate).
     ///
     /// # Errors
-    /// An unparseable URL.
+    /// An unparseable URL, an unreadable or invalid CA file.
     pub fn new(config: RedisConfig) -> Result<Self> {
-        let RedisConfig { url, ttl, timeout } = config;
-        let client = redis::Client::open(url).map_err(Error::Redis)?;
+        let client = client(&config)?;
+        let RedisConfig { ttl, timeout, .. } = config;
         // One reconnect attempt per command: a caller waits at most `timeout`
         // anyway, and retrying inside the manager would only hide an outage.
         let manager_config = ConnectionManagerConfig::new()
