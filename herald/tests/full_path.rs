@@ -53,7 +53,17 @@ impl Cluster {
     /// As [`Cluster::start`]; with `grpc_token`, every role gets it in a
     /// `--grpc-token-file`.
     async fn start_with_token(label: &str, grpc_token: Option<&str>) -> anyhow::Result<Cluster> {
-        let redis = testbed_var("HERALD_REDIS_URL");
+        Cluster::start_on(label, grpc_token, Backends::plain()).await
+    }
+
+    /// As [`Cluster::start_with_token`], logic and job reaching Redis and
+    /// Kafka as `backends` says.
+    async fn start_on(
+        label: &str,
+        grpc_token: Option<&str>,
+        backends: Backends,
+    ) -> anyhow::Result<Cluster> {
+        // Topics are made on the plain listener (same broker).
         let brokers = testbed_var("HERALD_KAFKA_BROKERS");
         let topic = unique_name(&format!("fullpath-{label}"));
         let group = unique_name(&format!("fullpath-{label}-job"));
@@ -115,8 +125,7 @@ impl Cluster {
         let result = cluster
             .spawn_all(
                 &dir,
-                &redis,
-                &brokers,
+                &backends,
                 &group,
                 &server_id,
                 &nodes,
@@ -134,34 +143,36 @@ impl Cluster {
     async fn spawn_all(
         &mut self,
         dir: &Path,
-        redis: &str,
-        brokers: &str,
+        backends: &Backends,
         group: &str,
         server_id: &str,
         nodes: &str,
         [logic_grpc, comet_grpc, comet_http, job_http]: [u16; 4],
     ) -> anyhow::Result<()> {
         let topic = self.topic.clone();
-        self.spawn(
-            "logic",
-            dir,
-            &[
-                "--http-addr",
-                &addr(self.logic_http),
-                "--grpc-addr",
-                &addr(logic_grpc),
-                "--redis-url",
-                redis,
-                "--kafka-brokers",
-                brokers,
-                "--kafka-topic",
-                &topic,
-                "--node-list",
-                nodes,
-            ],
-            &[self.logic_http, logic_grpc],
-        )
-        .await?;
+        let (redis, brokers) = (&backends.redis, &backends.brokers);
+        let mut logic = vec![
+            "--http-addr",
+            &addr(self.logic_http),
+            "--grpc-addr",
+            &addr(logic_grpc),
+            "--redis-url",
+            redis,
+            "--kafka-brokers",
+            brokers,
+            "--kafka-topic",
+            &topic,
+            "--node-list",
+            nodes,
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        logic.extend(backends.redis_args.iter().cloned());
+        logic.extend(backends.kafka_args.iter().cloned());
+        let logic: Vec<&str> = logic.iter().map(String::as_str).collect();
+        self.spawn("logic", dir, &logic, &[self.logic_http, logic_grpc])
+            .await?;
         self.spawn(
             "comet",
             dir,
@@ -182,24 +193,21 @@ impl Cluster {
             &[self.comet_tcp, self.comet_ws, comet_grpc, comet_http],
         )
         .await?;
-        self.spawn(
-            "job",
-            dir,
-            &[
-                "--kafka-brokers",
-                brokers,
-                "--kafka-topic",
-                &topic,
-                "--kafka-group",
-                group,
-                "--node-list",
-                nodes,
-                "--http-addr",
-                &addr(job_http),
-            ],
-            &[job_http],
-        )
-        .await?;
+        let job_addr = addr(job_http);
+        let mut job = vec![
+            "--kafka-brokers",
+            brokers,
+            "--kafka-topic",
+            &topic,
+            "--kafka-group",
+            group,
+            "--node-list",
+            nodes,
+            "--http-addr",
+            &job_addr,
+        ];
+        job.extend(backends.kafka_args.iter().map(String::as_str));
+        self.spawn("job", dir, &job, &[job_http]).await?;
         self.check_running()
     }
 
@@ -262,6 +270,56 @@ impl Cluster {
             let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
         }
         result
+    }
+}
+
+/// Where logic and job reach Redis and Kafka, and the flags that say how.
+#[derive(Debug)]
+struct Backends {
+    redis: String,
+    brokers: String,
+    /// Extra logic flags for Redis.
+    redis_args: Vec<String>,
+    /// Extra logic and job flags for Kafka.
+    kafka_args: Vec<String>,
+}
+
+impl Backends {
+    /// The test bed's plain Redis port and PLAINTEXT listener.
+    fn plain() -> Backends {
+        Backends {
+            redis: testbed_var("HERALD_REDIS_URL"),
+            brokers: testbed_var("HERALD_KAFKA_BROKERS"),
+            redis_args: Vec::new(),
+            kafka_args: Vec::new(),
+        }
+    }
+
+    /// Redis's TLS port as its ACL user and Kafka's SASL_SSL listener with
+    /// SCRAM-SHA-256, each trusting the test bed's CA.
+    fn secure() -> Backends {
+        let flags = |pairs: &[(&str, String)]| {
+            pairs
+                .iter()
+                .flat_map(|(flag, value)| [format!("--{flag}"), value.clone()])
+                .collect()
+        };
+        Backends {
+            redis: testbed_var("HERALD_REDIS_TLS_URL"),
+            brokers: testbed_var("HERALD_KAFKA_SASL_SSL_BROKERS"),
+            redis_args: flags(&[
+                ("redis-username", testbed_var("HERALD_REDIS_TLS_USER")),
+                ("redis-password", testbed_var("HERALD_REDIS_TLS_PASSWORD")),
+                ("redis-ca-file", testbed_var("HERALD_REDIS_TLS_CA")),
+            ]),
+            kafka_args: flags(&[
+                ("kafka-security-protocol", "SASL_SSL".to_owned()),
+                ("kafka-sasl-mechanism", "SCRAM-SHA-256".to_owned()),
+                ("kafka-username", testbed_var("HERALD_KAFKA_SASL_USER")),
+                ("kafka-password", testbed_var("HERALD_KAFKA_SASL_PASSWORD")),
+                ("kafka-ca-file", testbed_var("HERALD_KAFKA_TLS_CA")),
+            ]),
+        }
     }
 }
 
@@ -343,6 +401,17 @@ async fn every_push_kind_crosses_logic_kafka_job_and_comet() -> anyhow::Result<(
     let cluster = Cluster::start("kinds").await?;
     cluster
         .run(|http, tcp, ws| every_push_kind((http, tcp, ws), "", (1, 2)))
+        .await
+}
+
+/// The same with logic on Redis's TLS port as an ACL user and logic and job
+/// on Kafka's SASL_SSL listener (SCRAM-SHA-256): the plain port and listener
+/// are not given to any role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_push_kind_crosses_tls_redis_and_sasl_ssl_kafka() -> anyhow::Result<()> {
+    let cluster = Cluster::start_on("secure", None, Backends::secure()).await?;
+    cluster
+        .run(|http, tcp, ws| every_push_kind((http, tcp, ws), "-secure", (31, 32)))
         .await
 }
 

@@ -186,6 +186,7 @@ fn unready_reason(err: &crate::service::Error) -> &'static str {
         Error::Queue(queue::Error::Produce(KafkaError::MetadataFetch(
             RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
         ))) => unready::KAFKA_TOPIC_MISSING,
+        Error::Queue(queue::Error::Auth(_)) => unready::KAFKA_AUTH_FAILED,
         Error::Queue(_) | Error::Token(_) | Error::BadRequest(_) => unready::KAFKA_UNREACHABLE,
     }
 }

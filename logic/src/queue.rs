@@ -19,6 +19,11 @@ pub enum Error {
     /// The broker did not acknowledge the record (timeout, broker down, ...).
     #[error("kafka did not acknowledge the push record")]
     Produce(#[source] rdkafka::error::KafkaError),
+    /// The brokers refused logic's SASL credentials (librdkafka's last
+    /// authentication error; a metadata request only reports a transport
+    /// failure).
+    #[error("kafka refused the SASL credentials: {0}")]
+    Auth(String),
     /// The in-process consumer has stopped.
     #[error("push queue consumer has stopped")]
     Closed,

@@ -75,6 +75,8 @@ pub mod unready {
     pub const REDIS_AUTH_FAILED: &str = "RedisAuthFailed";
     /// Logic cannot reach the Kafka brokers.
     pub const KAFKA_UNREACHABLE: &str = "KafkaUnreachable";
+    /// The brokers refused the SASL user name or password.
+    pub const KAFKA_AUTH_FAILED: &str = "KafkaAuthFailed";
     /// The brokers answer but the push topic does not exist.
     pub const KAFKA_TOPIC_MISSING: &str = "KafkaTopicMissing";
     /// Job's consumer has no partitions assigned (yet).

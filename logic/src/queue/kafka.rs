@@ -16,18 +16,20 @@
 //! µs of CPU per push with one producer without linger, 67-74 µs with 1 ms,
 //! 64-72 µs with the two.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use herald_protocol::pb::PushMsg;
 use herald_runtime::kafka_security::KafkaSecurity;
 use prost::Message;
-use rdkafka::ClientConfig;
+use rdkafka::error::KafkaError;
 use rdkafka::producer::Producer;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, ClientContext};
 
 use super::{Error, PushQueue, RecordId, Result, Upstream};
 
@@ -56,13 +58,51 @@ pub struct KafkaConfig {
     pub security: KafkaSecurity,
 }
 
+/// The producers' librdkafka context: logs librdkafka's errors and keeps
+/// the last authentication failure (a wrong SASL user or password), which
+/// librdkafka reports only here, for readiness to name.
+#[derive(Clone, Debug, Default)]
+pub struct AuthWatch(Arc<Mutex<Option<String>>>);
+
+impl AuthWatch {
+    /// The last authentication failure since the last successful probe.
+    fn failure(&self) -> Option<String> {
+        // Poisoned only if a holder panicked mid-assignment: the value is
+        // still a whole `Option<String>`.
+        match self.0.lock() {
+            Ok(last) => last.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn set(&self, failure: Option<String>) {
+        match self.0.lock() {
+            Ok(mut last) => *last = failure,
+            Err(poisoned) => *poisoned.into_inner() = failure,
+        }
+    }
+}
+
+impl ClientContext for AuthWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication) {
+            self.set(Some(reason.to_owned()));
+        }
+        tracing::error!(target: "librdkafka", cause = %error, "librdkafka: {reason}");
+    }
+}
+
+type WatchedProducer = FutureProducer<AuthWatch>;
+
 /// Kafka-backed push queue.
 #[derive(Clone)]
 pub struct KafkaQueue {
     /// Sends at once (`linger`).
-    producer: FutureProducer,
+    producer: WatchedProducer,
     /// Lingers (`busy_linger`); `None` when both lingers are equal.
-    busy: Option<FutureProducer>,
+    busy: Option<WatchedProducer>,
+    /// Authentication failures of both producers.
+    auth: AuthWatch,
     busy_in_flight: usize,
     /// Records handed to a producer and not yet acknowledged or failed.
     in_flight: Arc<AtomicUsize>,
@@ -119,7 +159,8 @@ impl KafkaQueue {
         for (key, value) in security.client_settings() {
             base.set(key, value);
         }
-        let build = |linger: Duration| -> Result<FutureProducer> {
+        let auth = AuthWatch::default();
+        let build = |linger: Duration| -> Result<WatchedProducer> {
             base.clone()
                 .set("bootstrap.servers", &brokers)
                 .set("acks", "all")
@@ -130,7 +171,7 @@ impl KafkaQueue {
                 )
                 // Fractional milliseconds are allowed.
                 .set("linger.ms", (linger.as_secs_f64() * 1e3).to_string())
-                .create()
+                .create_with_context(auth.clone())
                 .map_err(Error::Config)
         };
         let busy = if busy_linger == linger {
@@ -141,6 +182,7 @@ impl KafkaQueue {
         Ok(KafkaQueue {
             producer: build(linger)?,
             busy,
+            auth,
             busy_in_flight,
             in_flight: Arc::new(AtomicUsize::new(0)),
             sent: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
@@ -193,11 +235,16 @@ impl PushQueue for KafkaQueue {
         Box::pin(async move {
             let producer = self.producer.clone();
             let topic = self.topic.clone();
+            let auth = self.auth.clone();
             let probe = tokio::task::spawn_blocking(move || {
                 producer
                     .client()
                     .fetch_metadata(Some(&topic), Duration::from_secs(1))
-                    .map_err(Error::Produce)
+                    .map_err(|err| match auth.failure() {
+                        Some(reason) => Error::Auth(reason),
+                        None => Error::Produce(err),
+                    })
+                    .inspect(|_| auth.set(None))
                     .and_then(|md| match md.topics().first() {
                         Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
                         _ => Err(Error::Produce(rdkafka::error::KafkaError::MetadataFetch(
