@@ -80,8 +80,7 @@ impl SaslMechanism {
 /// Kafka security flags, shared by logic and job.
 #[derive(Clone, clap::Args)]
 pub struct KafkaSecurityArgs {
-    /// How clients talk to the brokers: `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT`
-    /// or `SASL_SSL` (any case).
+    /// How clients talk to the brokers (the name in any case).
     #[arg(
         long,
         env = contract::KAFKA_SECURITY_PROTOCOL,
@@ -90,8 +89,7 @@ pub struct KafkaSecurityArgs {
         default_value = "PLAINTEXT"
     )]
     pub kafka_security_protocol: SecurityProtocol,
-    /// SASL mechanism for the `SASL_*` protocols: `PLAIN`, `SCRAM-SHA-256`
-    /// or `SCRAM-SHA-512`.
+    /// SASL mechanism for the `SASL_*` protocols (the name in any case).
     #[arg(
         long,
         env = contract::KAFKA_SASL_MECHANISM,
