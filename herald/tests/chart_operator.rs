@@ -10,7 +10,6 @@
 //! the chart's: the operator holds it, and `helm uninstall` removes it.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, ensure};
 use herald_e2e::kubelet::{Config as KubeletConfig, IpPool, Kubelet, current_cluster};
@@ -175,17 +174,7 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
             ensure!(metrics.contains(&name), "{name} missing:\n{metrics}");
         }
         // What a platform team reads.
-        let out = Command::new(testbed_var("HERALD_KUBECTL"))
-            .args(["get", "pushclusters", "-n", &chat])
-            .env("KUBECONFIG", testbed_var("KUBECONFIG"))
-            .output()?;
-        let table = String::from_utf8(out.stdout)?;
-        let mut lines = table.lines();
-        let header: Vec<&str> = lines
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect();
+        let (header, row) = common::operator::kubectl_get(&chat, "chat").await?;
         ensure!(
             header
                 == [
@@ -197,17 +186,9 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
                     "DRAINING",
                     "AGE"
                 ],
-            "{table}"
+            "{header:?}"
         );
-        let row: Vec<&str> = lines
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect();
-        ensure!(
-            row.first() == Some(&"chat") && row.get(2) == Some(&"0/2"),
-            "{table}"
-        );
+        ensure!(row.get(2).map(String::as_str) == Some("0/2"), "{row:?}");
         Ok::<_, anyhow::Error>(())
     }
     .await;

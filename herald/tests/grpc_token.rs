@@ -1,9 +1,8 @@
 //! The shared gRPC token between roles in this process: the operator's
 //! admin calls to a comet whose gRPC port wants it
 //! (`herald_operator::load::{load, drain}`, the functions its reconcile
-//! passes poll load and start drains with; the only test here that sets the
-//! operator's token, which is process-wide), and a comet whose token logic
-//! refuses.
+//! passes poll load and start drains with, each given its cluster's
+//! token), and a comet whose token logic refuses.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +10,11 @@ use std::time::Duration;
 use herald_operator::load;
 use herald_protocol::pb::admin::DrainRequest;
 use herald_runtime::grpc_auth::{self, TokenSource};
-use herald_testkit::stub::StubLogic;
 use tokio::net::TcpListener;
+
+mod common;
+
+use common::LocalComet;
 
 const WAIT: Duration = Duration::from_secs(10);
 const SECRET: &str = "operator-grpc-token";
@@ -22,22 +24,11 @@ const SECRET: &str = "operator-grpc-token";
 /// answers and `Drain` starts a drain that the next `Load` reports.
 #[tokio::test]
 async fn the_operators_load_poll_and_drain_carry_the_shared_token() -> anyhow::Result<()> {
-    let logic = StubLogic::recording();
-    let logic_addr = logic.serve().await?;
-    let mut config = herald_comet::Config::new("comet-token", logic_addr.to_string());
-    config.grpc_token = TokenSource::literal(SECRET);
-    let listeners = herald_comet::Listeners {
-        tcp: TcpListener::bind("127.0.0.1:0").await?,
-        ws: TcpListener::bind("127.0.0.1:0").await?,
-        wss: None,
-        grpc: TcpListener::bind("127.0.0.1:0").await?,
-        http: None,
-    };
-    let addr = listeners.grpc.local_addr()?.to_string();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let comet = tokio::spawn(herald_comet::run(config, listeners, async {
-        let _ = stopped.await;
-    }));
+    let mut comet = LocalComet::start_with("comet-token", |config| {
+        config.grpc_token = TokenSource::literal(SECRET);
+    })
+    .await?;
+    let addr = comet.grpc.to_string();
 
     let off = grpc_auth::Token::off();
     let refused = load::load(&addr, WAIT, &off).await.unwrap_err();
@@ -63,9 +54,7 @@ async fn the_operators_load_poll_and_drain_carry_the_shared_token() -> anyhow::R
         "draining after Drain"
     );
 
-    let _ = stop.send(());
-    tokio::time::timeout(WAIT, comet).await???;
-    Ok(())
+    comet.task.stop(WAIT).await
 }
 
 /// A real logic (in-memory routes and queue) that wants token `A`: a comet

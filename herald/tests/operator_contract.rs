@@ -104,12 +104,8 @@ fn every_generated_command_line_parses_with_the_roles_own_parser() {
     let names = Names::of(&cluster).expect("names");
     let children = build::children(&names, &cluster.spec, 2, "chat-logic").expect("children");
     let mut seen = BTreeMap::new();
-    for deployment in &children.deployments {
-        let pod = deployment
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .expect("pod spec");
+    for template in children.pod_templates() {
+        let pod = template.spec.as_ref().expect("pod spec");
         let container = &pod.containers[0];
         let (env, args) = resolve(container, &children.config);
         let role = args

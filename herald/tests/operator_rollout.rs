@@ -465,14 +465,7 @@ async fn roam(
             event = current.client.next_event() => event,
         };
         match event {
-            Ok(Event::Push(push)) if push.op == PUSH_OP => {
-                record
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .received
-                    .insert(String::from_utf8_lossy(&push.body).into_owned());
-            }
-            Ok(Event::Push(_)) => {}
+            Ok(Event::Push(push)) => note_push(&record, &push),
             Ok(Event::Redirect(redirect)) => {
                 record
                     .lock()
@@ -523,15 +516,20 @@ async fn roam(
 async fn read_until_closed(mut old: GoimClient, record: Shared) {
     old.client.set_timeout(Some(Duration::from_secs(10)));
     while let Ok(event) = old.client.next_event().await {
-        if let Event::Push(push) = event
-            && push.op == PUSH_OP
-        {
-            record
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .received
-                .insert(String::from_utf8_lossy(&push.body).into_owned());
+        if let Event::Push(push) = event {
+            note_push(&record, &push);
         }
+    }
+}
+
+/// Keeps the body of a push of op [`PUSH_OP`] (on whichever connection).
+fn note_push(record: &Shared, push: &herald_client::Push) {
+    if push.op == PUSH_OP {
+        record
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .received
+            .insert(String::from_utf8_lossy(&push.body).into_owned());
     }
 }
 

@@ -19,7 +19,7 @@ use std::hash::{Hash, Hasher};
 
 use herald_runtime::contract;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -211,6 +211,22 @@ pub struct Children {
     pub pdbs: Vec<PodDisruptionBudget>,
     /// comet, logic and job; none when `networkPolicy.enabled` is off.
     pub network_policies: Vec<NetworkPolicy>,
+}
+
+impl Children {
+    /// The pod templates of the workloads: comet (its ReplicaSet's or
+    /// Deployment's), logic, job.
+    pub fn pod_templates(&self) -> Vec<&PodTemplateSpec> {
+        self.comet_replica_set
+            .iter()
+            .filter_map(|rs| rs.spec.as_ref()?.template.as_ref())
+            .chain(
+                self.deployments
+                    .iter()
+                    .filter_map(|d| Some(&d.spec.as_ref()?.template)),
+            )
+            .collect()
+    }
 }
 
 #[cfg(test)]

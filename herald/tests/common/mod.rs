@@ -98,15 +98,24 @@ pub(crate) struct LocalComet {
     pub(crate) grpc: SocketAddr,
     /// The logic it calls.
     pub(crate) logic: StubLogic,
-    task: Stoppable<herald_comet::Error>,
+    pub(crate) task: Stoppable<herald_comet::Error>,
 }
 
 impl LocalComet {
     pub(crate) async fn start(name: &str) -> anyhow::Result<LocalComet> {
+        LocalComet::start_with(name, |_| {}).await
+    }
+
+    /// [`LocalComet::start`] with its settings changed by `configure`.
+    pub(crate) async fn start_with(
+        name: &str,
+        configure: impl FnOnce(&mut herald_comet::Config),
+    ) -> anyhow::Result<LocalComet> {
         let logic = StubLogic::recording();
         let logic_addr = logic.serve().await?;
         let mut config = herald_comet::Config::new(name, logic_addr.to_string());
         config.renew_online_interval = Duration::from_secs(3600);
+        configure(&mut config);
         let listeners = herald_comet::Listeners {
             tcp: TcpListener::bind("127.0.0.1:0").await?,
             ws: TcpListener::bind("127.0.0.1:0").await?,
