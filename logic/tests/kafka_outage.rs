@@ -53,8 +53,8 @@ impl OwnKafka {
         Self::script("start", &run);
         let env = std::fs::read_to_string(run.join("kafka.env")).expect("kafka.env");
         let brokers = env
-            .trim()
-            .strip_prefix("export HERALD_KAFKA_BROKERS=")
+            .lines()
+            .find_map(|line| line.strip_prefix("export HERALD_KAFKA_BROKERS="))
             .expect("brokers line")
             .to_owned();
         OwnKafka { run, brokers }
