@@ -31,12 +31,14 @@ export CARGO_TERM_COLOR=never
 FUZZ_SECONDS=${FUZZ_SECONDS:-30}
 
 : >"$HERALD_RUN/timings.txt"
-rm -f "$HERALD_RUN/summary.txt"
+rm -f "$HERALD_RUN/summary.txt" "$HERALD_RUN/rollout.txt"
 cleanup() {
   local status=$?
   if [[ ${KEEP_TESTBED:-0} != 1 ]]; then bash e2e/services/down.sh || status=1; fi
   echo "--- phase timings ---"
   cat "$HERALD_RUN/timings.txt"
+  # Figures tests wrote for the record (operator_rollout.rs).
+  [[ -f $HERALD_RUN/rollout.txt ]] && cat "$HERALD_RUN/rollout.txt"
   # The runner's summary stays the last line of the output.
   [[ -f $HERALD_RUN/summary.txt ]] && cat "$HERALD_RUN/summary.txt"
   exit $status

@@ -58,10 +58,19 @@ async fn a_new_image_moves_every_client_once_at_the_close_rate_without_loss() ->
     let drained = roll("Drain", 35).await?;
     println!("{}\n{}", Figures::header(), drained.row());
     let plain = roll("Deployment", 36).await?;
-    println!("comet rollout, {COMETS} comets, {CLIENTS} clients, close rate {CLOSE_RATE}/s:");
-    println!("{}", Figures::header());
-    println!("{}", drained.row());
-    println!("{}", plain.row());
+    let table = format!(
+        "comet rollout, {COMETS} comets, {CLIENTS} clients, close rate {CLOSE_RATE}/s:\n{}\n{}\n{}\n",
+        Figures::header(),
+        drained.row(),
+        plain.row()
+    );
+    print!("{table}");
+    // Where the test command prints it after the run (a passing test's
+    // output is captured).
+    let run = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/testbed");
+    if run.is_dir() {
+        std::fs::write(run.join("rollout.txt"), &table)?;
+    }
     ensure!(
         drained.moved_once == CLIENTS,
         "every client moved exactly once: {drained:?}"
