@@ -2,7 +2,8 @@
 # Test-bed service: a real Apache Kafka broker, single node, KRaft mode
 # (combined broker + controller), listening on 127.0.0.1 only.
 #
-#   kafka.sh install   resolve the Kafka jars from Maven into the cache (once)
+#   kafka.sh install   resolve the Kafka jars from Maven into the cache (once);
+#                      apt-get install libssl-dev unless there (Herald's clients)
 #   kafka.sh start     format a fresh data dir, start the broker, wait until it
 #                      answers a metadata request, write $HERALD_RUN/kafka.env
 #   kafka.sh stop      stop the broker started by `start`
@@ -52,6 +53,15 @@ KAFKA_TOOL=(java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.he
   -Dlog4j2.configurationFile="$KAFKA_FILES/tools-log4j2.properties" -cp "$KAFKA_LIBS/*")
 
 install() {
+  # Herald's Kafka clients (librdkafka, the rdkafka crate's `ssl` feature) build
+  # against the system OpenSSL for SSL/SASL_SSL and SCRAM: its headers and
+  # pkg-config file; libssl3 comes with it (running needs only that).
+  if ! dpkg-query -W -f='${Status}' libssl-dev 2>/dev/null | grep -q 'ok installed'; then
+    log "installing libssl-dev and pkg-config (librdkafka's TLS and SCRAM)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      libssl-dev pkg-config >/dev/null
+  fi
   # The marker is written last, so an interrupted install is redone, not trusted.
   if [[ -f $KAFKA_HOME/.installed ]]; then
     log "kafka $KAFKA_VERSION already installed in $KAFKA_HOME"
