@@ -415,6 +415,52 @@ async fn every_push_kind_crosses_tls_redis_and_sasl_ssl_kafka() -> anyhow::Resul
         .await
 }
 
+/// Job with a SASL password the brokers refuse is not ready, and its
+/// `/readyz` says why (`KafkaAuthFailed`, librdkafka's reason) rather than
+/// only "not assigned".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_sasl_password_leaves_job_unready_with_kafka_auth_failed() -> anyhow::Result<()> {
+    let secure = Backends::secure();
+    let mut args: Vec<String> = secure.kafka_args.clone();
+    let password = args
+        .iter()
+        .position(|a| a == "--kafka-password")
+        .context("password flag")?;
+    args[password + 1] = "not-the-password".to_owned();
+    let job_http = herald_e2e::free_port();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique_name("job-wrong-sasl"));
+    std::fs::create_dir_all(&dir)?;
+    let mut job = Herald::new(env!("CARGO_BIN_EXE_herald"), "job")
+        .args([
+            "--kafka-brokers",
+            &secure.brokers,
+            "--kafka-topic",
+            &unique_name("job-wrong-sasl"),
+            "--kafka-group",
+            &unique_name("job-wrong-sasl"),
+            "--http-addr",
+            &addr(job_http),
+        ])
+        .args(&args)
+        .dir(&dir)
+        .start()?;
+    job.wait_for_port(("127.0.0.1", job_http), WAIT).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let answer = herald_testkit::http::get(addr(job_http), "/readyz").await?;
+        ensure!(answer.status != 200, "job ready with a wrong password");
+        if answer.body.starts_with("KafkaAuthFailed: ") {
+            ensure!(answer.body.contains("SASL"), "{}", answer.body);
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            job.print_logs();
+            anyhow::bail!("job's /readyz never named the refusal: {}", answer.body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The same with the shared gRPC token on every role (a token file): comet's
 /// `Connect`s to logic, job's pushes (and `Rooms` polls) to comet all carry
 /// it, so nothing is refused, while a call without it is.

@@ -130,6 +130,9 @@ pub struct Job {
     max_record_bytes: usize,
     /// The source is connected (Kafka: the group assigned partitions).
     ready: Arc<AtomicBool>,
+    /// librdkafka's last authentication failure (a wrong SASL user or
+    /// password) while not yet assigned: what `/readyz` names.
+    auth_failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Job {
@@ -156,6 +159,7 @@ impl Job {
             cancel,
             max_record_bytes: config.max_record_bytes,
             ready: Arc::default(),
+            auth_failure: Arc::default(),
         };
         let initial = match &config.node_list {
             Some(source) => source.initial()?,
@@ -380,6 +384,7 @@ pub async fn run(
         let health = Arc::new(metrics::Health {
             stats: job.stats.clone(),
             ready: job.ready.clone(),
+            auth_failure: job.auth_failure.clone(),
         });
         tokio::spawn(
             admin::serve(listener, health, http_stop.wait()).instrument(info_span!("http")),

@@ -340,6 +340,8 @@ pub(crate) struct Health {
     /// Set once the source can deliver: the Kafka consumer got its first
     /// partition assignment (an empty one counts: the group answered).
     pub(crate) ready: Arc<AtomicBool>,
+    /// The brokers' last refusal of the SASL credentials (see `Job`).
+    pub(crate) auth_failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl herald_runtime::admin::Health for Health {
@@ -350,8 +352,18 @@ impl herald_runtime::admin::Health for Health {
     /// Not ready until the consumer is assigned, so a rollout waits for a
     /// job that really consumes before it stops the old one.
     async fn ready(&self) -> Result<(), String> {
+        use herald_runtime::contract::unready;
+        let auth_failure = match self.auth_failure.lock() {
+            Ok(failure) => failure.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
         if self.ready.load(Ordering::SeqCst) {
             Ok(())
+        } else if let Some(reason) = auth_failure {
+            Err(unready::body(
+                unready::KAFKA_AUTH_FAILED,
+                format!("kafka refused the SASL credentials: {reason}"),
+            ))
         } else {
             Err(herald_runtime::contract::unready::body(
                 herald_runtime::contract::unready::KAFKA_NOT_ASSIGNED,

@@ -19,6 +19,7 @@ use rdkafka::consumer::{
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -47,6 +48,15 @@ impl Context {
     }
 }
 
+impl Context {
+    fn set_auth_failure(&self, failure: Option<String>) {
+        match self.job.auth_failure.lock() {
+            Ok(mut last) => *last = failure,
+            Err(poisoned) => *poisoned.into_inner() = failure,
+        }
+    }
+}
+
 impl ClientContext for Context {
     fn stats(&self, statistics: Statistics) {
         // consumer_lag is -1 while unknown (nothing committed or fetched yet).
@@ -66,6 +76,7 @@ impl ConsumerContext for Context {
         match rebalance {
             Rebalance::Assign(partitions) => {
                 info!(partitions = partitions.count(), "partitions assigned");
+                self.set_auth_failure(None);
                 self.job.ready.store(true, Ordering::SeqCst);
             }
             Rebalance::Revoke(partitions) => {
@@ -261,6 +272,12 @@ pub async fn kafka(job: &Job, config: &Config, shutdown: impl Future<Output = ()
                     });
                 }
                 Err(err) => {
+                    // A wrong SASL user or password arrives here (the
+                    // consumer's queue carries librdkafka's errors): kept
+                    // for `/readyz` until partitions are assigned.
+                    if err.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication) {
+                        consumer.context().set_auth_failure(Some(err.to_string()));
+                    }
                     // librdkafka retries by itself; pause so a dead broker does not spin.
                     warn!(cause = %err, "kafka consumer error");
                     tokio::time::sleep(Duration::from_millis(200)).await;
