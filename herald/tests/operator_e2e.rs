@@ -19,10 +19,8 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use bytes::Bytes;
-use herald_e2e::kubelet::{Kubelet, pod_ip};
-use herald_e2e::service_proxy::ServiceProxy;
+use herald_e2e::kubelet::pod_ip;
 use herald_e2e::{eventually, testbed_var, unique_name};
-use herald_operator::ServiceAddresses;
 use herald_operator::crd::PushCluster;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
@@ -33,9 +31,8 @@ use serde_json::json;
 mod common;
 
 use common::goim::{GoimClient, PUSH_OP, follow, json_token, warm_up};
-use common::k8s::start_kubelet;
 use common::operator::{
-    Operator, comet_replica_sets, comet_replicas, comet_spec, container_args, has_condition,
+    PodBed, comet_replica_sets, comet_replicas, comet_spec, container_args, has_condition,
     kubectl_get, owned_by, ready_pods, secret_value, setup, wait_cluster, wait_node_flags,
 };
 
@@ -61,47 +58,6 @@ async fn broadcast(addr: SocketAddr, key: &str, body: &[u8]) -> anyhow::Result<(
         .map(drop)
 }
 
-/// Everything the scenario started, stopped in order also when it fails.
-struct Bed {
-    client: KubeClient,
-    namespace: String,
-    kubelet: Kubelet,
-    proxy: ServiceProxy,
-    /// The operator instances, in start order.
-    operators: Vec<Operator>,
-}
-
-impl Bed {
-    /// An in-process operator (`--service-addresses=cluster-ip`) for `ns`.
-    fn start_operator(&mut self, identity: &str) {
-        let operator = Operator::start_with(&self.client, &self.namespace, identity, |config| {
-            config.poll_interval = Duration::from_millis(300);
-            config.service_addresses = ServiceAddresses::ClusterIp;
-        });
-        self.operators.push(operator);
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        let Bed {
-            client,
-            namespace,
-            kubelet,
-            proxy,
-            mut operators,
-        } = self;
-        // All are told at once, so no follower takes over in between.
-        for operator in &mut operators {
-            operator.signal();
-        }
-        for operator in operators {
-            operator.stop().await?;
-        }
-        proxy.stop().await;
-        kubelet.stop().await;
-        common::operator::delete_namespace(&client, &namespace).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operator_runs_a_push_cluster_of_real_pods_and_drains_without_loss() -> anyhow::Result<()> {
     // The harness's, the proxy's and the operator's logs, shown on failure.
@@ -117,20 +73,7 @@ async fn operator_runs_a_push_cluster_of_real_pods_and_drains_without_loss() -> 
     // 1. Harness, proxy and operator, all aimed at the fresh namespace. The
     // kubelet gives pods API access as their ServiceAccount (logic and job
     // watch the node-list ConfigMap).
-    let api_cluster = herald_e2e::kubelet::current_cluster().map_err(anyhow::Error::msg)?;
-    let kubelet = start_kubelet(&client, "operator_e2e", "loopback-e2e", POD_NET, |config| {
-        config.namespaces = vec![ns.clone()];
-        config.api_cluster = Some(api_cluster);
-        config.shutdown_grace = Duration::from_secs(3);
-    })
-    .await?;
-    let mut bed = Bed {
-        client: client.clone(),
-        namespace: ns.clone(),
-        kubelet,
-        proxy: ServiceProxy::start(client.clone(), vec![ns.clone()]),
-        operators: Vec::new(),
-    };
+    let mut bed = PodBed::start(&client, &ns, "operator_e2e", POD_NET).await?;
     bed.start_operator("op-e2e-1");
     eventually(30, "the first operator leads", || async {
         Ok(bed.operators[0].metrics.is_leader().then_some(()))
@@ -157,7 +100,7 @@ async fn scenario(
     ns: &str,
     redis_addr: &str,
     brokers: &str,
-    bed: &Bed,
+    bed: &PodBed,
 ) -> anyhow::Result<()> {
     let clusters = Api::<PushCluster>::namespaced(client.clone(), ns);
     let pods = Api::<Pod>::namespaced(client.clone(), ns);

@@ -20,9 +20,7 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use herald_client::Event;
 use herald_e2e::kubelet::pod_ip;
-use herald_e2e::service_proxy::ServiceProxy;
 use herald_e2e::{eventually, testbed_var, unique_name};
-use herald_operator::ServiceAddresses;
 use herald_operator::crd::PushCluster;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -34,8 +32,7 @@ use tokio::time::Instant;
 mod common;
 
 use common::goim::{GoimClient, PUSH_OP, json_token, warm_up};
-use common::k8s::start_kubelet;
-use common::operator::{Operator, ready_pods, secret_value, setup};
+use common::operator::{Operator, PodBed, ready_pods, secret_value, setup};
 
 /// The goim clients connected through the rollout.
 const CLIENTS: u64 = 300;
@@ -176,24 +173,8 @@ type Acked = (String, Option<Vec<u64>>);
 /// 127.0.`net`.x) and operator of its own.
 async fn roll(strategy: &'static str, net: u8) -> anyhow::Result<Figures> {
     let (client, ns) = setup(&format!("op-roll-{}", strategy.to_lowercase())).await?;
-    let api_cluster = herald_e2e::kubelet::current_cluster().map_err(anyhow::Error::msg)?;
-    let kubelet = start_kubelet(
-        &client,
-        "operator_rollout",
-        "loopback-roll",
-        net,
-        |config| {
-            config.namespaces = vec![ns.clone()];
-            config.api_cluster = Some(api_cluster);
-            config.shutdown_grace = Duration::from_secs(3);
-        },
-    )
-    .await?;
-    let proxy = ServiceProxy::start(client.clone(), vec![ns.clone()]);
-    let operator = Operator::start_with(&client, &ns, "op-roll", |config| {
-        config.poll_interval = Duration::from_millis(300);
-        config.service_addresses = ServiceAddresses::ClusterIp;
-    });
+    let mut bed = PodBed::start(&client, &ns, "operator_rollout", net).await?;
+    bed.start_operator("op-roll");
     let result = scenario(&client, &ns, strategy).await;
     if result.is_err() {
         eprintln!(
@@ -203,10 +184,7 @@ async fn roll(strategy: &'static str, net: u8) -> anyhow::Result<Figures> {
                 .display()
         );
     }
-    operator.stop().await?;
-    proxy.stop().await;
-    kubelet.stop().await;
-    common::operator::delete_namespace(&client, &ns).await?;
+    bed.stop().await?;
     result
 }
 

@@ -877,4 +877,112 @@ mod tests {
                 .any(|r| r.name == "chat-tls" && r.key == "tls.key")
         );
     }
+
+    /// Redis over TLS as an ACL user and Kafka over SASL_SSL: credentials
+    /// from their Secrets (never in the template), `rediss://`, the CA keys
+    /// mounted as files that the flags name; job gets the Kafka part only.
+    #[test]
+    fn redis_tls_and_kafka_sasl_come_from_secrets() {
+        let mut cluster = cluster();
+        let names = Names::of(&cluster).unwrap();
+        let key = |name: &str, key: &str| SecretKeyRef {
+            name: name.to_owned(),
+            key: key.to_owned(),
+        };
+        cluster.spec.redis.tls = true;
+        cluster.spec.redis.username_secret_ref = Some(key("redis", "user"));
+        cluster.spec.redis.password_secret_ref = Some(key("redis", "password"));
+        cluster.spec.redis.ca_secret_ref = Some(key("redis-ca", "ca.pem"));
+        cluster.spec.kafka.security_protocol = crate::crd::KafkaSecurityProtocol::SaslSsl;
+        cluster.spec.kafka.sasl_mechanism = crate::crd::KafkaSaslMechanism::ScramSha256;
+        cluster.spec.kafka.username_secret_ref = Some(key("kafka", "user"));
+        cluster.spec.kafka.password_secret_ref = Some(key("kafka", "password"));
+        cluster.spec.kafka.ca_secret_ref = Some(key("kafka-ca", "ca.crt"));
+        let built = children(&names, &cluster.spec, 1, "chat-logic").unwrap();
+        let workloads = built.workloads();
+        let env = |i: usize| -> serde_json::Value { json!(container(&workloads[i]).env) };
+        let find = |env: &serde_json::Value, name: &str| {
+            env.as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == name)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let logic = env(1);
+        assert_eq!(
+            find(&logic, contract::REDIS_URL)["value"],
+            "rediss://:$(HERALD_REDIS_PASSWORD)@redis:6379"
+        );
+        assert_eq!(
+            find(&logic, contract::REDIS_USERNAME)["valueFrom"]["secretKeyRef"],
+            json!({"name": "redis", "key": "user"})
+        );
+        assert_eq!(
+            find(&logic, contract::REDIS_CA_FILE)["value"],
+            "/etc/herald/ca/redis-ca/ca.crt"
+        );
+        for role in [1, 2] {
+            let env = env(role);
+            assert_eq!(
+                find(&env, contract::KAFKA_SECURITY_PROTOCOL)["value"],
+                "SASL_SSL"
+            );
+            assert_eq!(
+                find(&env, contract::KAFKA_SASL_MECHANISM)["value"],
+                "SCRAM-SHA-256"
+            );
+            assert_eq!(
+                find(&env, contract::KAFKA_PASSWORD)["valueFrom"]["secretKeyRef"],
+                json!({"name": "kafka", "key": "password"})
+            );
+            assert_eq!(
+                find(&env, contract::KAFKA_CA_FILE)["value"],
+                "/etc/herald/ca/kafka-ca/ca.crt"
+            );
+        }
+        let job = env(2);
+        assert_eq!(find(&job, contract::REDIS_CA_FILE), serde_json::Value::Null);
+        let logic_pod = workloads[1]
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .clone()
+            .unwrap();
+        assert_eq!(
+            json!(logic_pod.volumes),
+            json!([
+                {"name": "kafka-ca", "secret": {"secretName": "kafka-ca",
+                    "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"name": "redis-ca", "secret": {"secretName": "redis-ca",
+                    "items": [{"key": "ca.pem", "path": "ca.crt"}]}}
+            ])
+        );
+        assert_eq!(
+            json!(container(&workloads[1]).volume_mounts)[1],
+            json!({"name": "redis-ca", "mountPath": "/etc/herald/ca/redis-ca", "readOnly": true})
+        );
+        let refs = crate::validate::referenced_secrets(&cluster.spec);
+        for (name, key) in [
+            ("redis", "user"),
+            ("redis-ca", "ca.pem"),
+            ("kafka", "password"),
+            ("kafka-ca", "ca.crt"),
+        ] {
+            assert!(
+                refs.iter().any(|r| r.name == name && r.key == key),
+                "{name}/{key}"
+            );
+        }
+        // Plaintext Kafka sets nothing (existing clusters keep their template).
+        let plain = children(&names, &self::cluster().spec, 1, "chat-logic").unwrap();
+        let workloads = plain.workloads();
+        let job = json!(container(&workloads[2]).env);
+        assert_eq!(
+            find(&job, contract::KAFKA_SECURITY_PROTOCOL),
+            serde_json::Value::Null
+        );
+    }
 }

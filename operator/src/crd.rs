@@ -513,6 +513,16 @@ pub struct RedisSpec {
     /// Secret key holding the Redis password, if it needs one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
+    /// Secret key holding the Redis ACL user name (default user without).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_secret_ref: Option<SecretKeyRef>,
+    /// Connect over TLS (`rediss://`).
+    #[serde(default)]
+    pub tls: bool,
+    /// Secret key holding the PEM CA certificate(s) Redis's certificate is
+    /// signed by, when not a public CA (mounted as a file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
 }
 
 /// Kafka connection and names.
@@ -530,6 +540,75 @@ pub struct KafkaSpec {
     #[serde(default = "default_group")]
     #[x_kube(validation = Rule::new("self != ''").message("kafka.group must not be empty"))]
     pub group: String,
+    /// `security.protocol` towards the brokers.
+    #[serde(default)]
+    pub security_protocol: KafkaSecurityProtocol,
+    /// SASL mechanism (with `SASL_PLAINTEXT` / `SASL_SSL`).
+    #[serde(default)]
+    pub sasl_mechanism: KafkaSaslMechanism,
+    /// Secret key holding the SASL user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_secret_ref: Option<SecretKeyRef>,
+    /// Secret key holding the SASL password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+    /// Secret key holding the PEM CA certificate(s) of the brokers
+    /// (`SSL` / `SASL_SSL`), when not a public CA (mounted as a file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+}
+
+/// Kafka's `security.protocol`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum KafkaSecurityProtocol {
+    /// No TLS, no SASL.
+    #[default]
+    Plaintext,
+    /// TLS.
+    Ssl,
+    /// SASL without TLS.
+    SaslPlaintext,
+    /// SASL over TLS.
+    SaslSsl,
+}
+
+impl KafkaSecurityProtocol {
+    /// The value of `--kafka-security-protocol`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plaintext => "PLAINTEXT",
+            Self::Ssl => "SSL",
+            Self::SaslPlaintext => "SASL_PLAINTEXT",
+            Self::SaslSsl => "SASL_SSL",
+        }
+    }
+}
+
+/// Kafka SASL mechanisms Herald speaks.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum KafkaSaslMechanism {
+    /// PLAIN (use it over TLS only).
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// SCRAM-SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM-SHA-512 (the roles' default too).
+    #[default]
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl KafkaSaslMechanism {
+    /// The value of `--kafka-sasl-mechanism`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
 }
 
 /// What logic hands to clients asking for nodes (`/goim/nodes/*`).

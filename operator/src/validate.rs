@@ -30,6 +30,11 @@ fn spec_error(reason: &'static str, message: String) -> Invalid {
 pub fn referenced_secrets(spec: &PushClusterSpec) -> Vec<SecretKeyRef> {
     let mut refs: Vec<SecretKeyRef> = [
         spec.redis.password_secret_ref.as_ref(),
+        spec.redis.username_secret_ref.as_ref(),
+        spec.redis.ca_secret_ref.as_ref(),
+        spec.kafka.username_secret_ref.as_ref(),
+        spec.kafka.password_secret_ref.as_ref(),
+        spec.kafka.ca_secret_ref.as_ref(),
         spec.auth.jwt_secret_ref.as_ref(),
         spec.auth.api_key_secret_ref.as_ref(),
     ]

@@ -554,3 +554,79 @@ pub(crate) async fn events_of(
         })
         .collect())
 }
+
+// ------------------------------------------------- a cluster of real pods
+
+/// What a scenario with real pods runs on, stopped in order also when it
+/// fails: the loopback kubelet (pods as `herald` processes on
+/// 127.0.`net`.x, with API access as their ServiceAccount), the Service
+/// proxy (ClusterIPs reach pods), and in-process operators with
+/// `--service-addresses=cluster-ip` (the test bed has no cluster DNS).
+pub(crate) struct PodBed {
+    pub(crate) client: Client,
+    pub(crate) namespace: String,
+    pub(crate) kubelet: herald_e2e::kubelet::Kubelet,
+    pub(crate) proxy: herald_e2e::service_proxy::ServiceProxy,
+    /// The operator instances, in start order.
+    pub(crate) operators: Vec<Operator>,
+}
+
+impl PodBed {
+    /// Kubelet and proxy for `namespace`; the pods' logs go under the test
+    /// binary's `dir`.
+    pub(crate) async fn start(
+        client: &Client,
+        namespace: &str,
+        dir: &str,
+        net: u8,
+    ) -> Result<PodBed> {
+        let api_cluster = herald_e2e::kubelet::current_cluster().map_err(anyhow::Error::msg)?;
+        let node = format!("loopback-{}", dir.replace('_', "-"));
+        let kubelet = k8s::start_kubelet(client, dir, &node, net, |config| {
+            config.namespaces = vec![namespace.to_owned()];
+            config.api_cluster = Some(api_cluster);
+            config.shutdown_grace = Duration::from_secs(3);
+        })
+        .await?;
+        Ok(PodBed {
+            client: client.clone(),
+            namespace: namespace.to_owned(),
+            kubelet,
+            proxy: herald_e2e::service_proxy::ServiceProxy::start(
+                client.clone(),
+                vec![namespace.to_owned()],
+            ),
+            operators: Vec::new(),
+        })
+    }
+
+    /// An in-process operator for the namespace, polling every 300 ms.
+    pub(crate) fn start_operator(&mut self, identity: &str) {
+        let operator = Operator::start_with(&self.client, &self.namespace, identity, |config| {
+            config.poll_interval = Duration::from_millis(300);
+            config.service_addresses = ServiceAddresses::ClusterIp;
+        });
+        self.operators.push(operator);
+    }
+
+    /// Stops the operators (all told at once, so no follower takes over in
+    /// between), the proxy and the kubelet, and deletes the namespace.
+    pub(crate) async fn stop(self) -> Result<()> {
+        let PodBed {
+            client,
+            namespace,
+            kubelet,
+            proxy,
+            mut operators,
+        } = self;
+        for operator in &mut operators {
+            operator.signal();
+        }
+        for operator in operators {
+            operator.stop().await?;
+        }
+        proxy.stop().await;
+        kubelet.stop().await;
+        delete_namespace(&client, &namespace).await
+    }
+}

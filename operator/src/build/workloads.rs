@@ -18,7 +18,9 @@ use serde_json::{Value, json};
 use super::{
     API_KEY_KEY, GRPC_TOKEN_KEY, JOB_HTTP_PORT, Names, Result, TERMINATION_MARGIN_SECS, typed,
 };
-use crate::crd::{OPERATOR_ENV, PodTemplate, PushClusterSpec, Resources, SecretKeyRef};
+use crate::crd::{
+    KafkaSecurityProtocol, OPERATOR_ENV, PodTemplate, PushClusterSpec, Resources, SecretKeyRef,
+};
 use crate::validate::{TLS_CERT_KEY, TLS_KEY_KEY};
 
 /// The pod annotation carrying the config hash (a change rolls the pods).
@@ -110,18 +112,74 @@ fn secret_env(name: &str, secret: &SecretKeyRef) -> Value {
 }
 
 /// Redis URL env; a password comes from its Secret and is spliced in by the
-/// kubelet's `$(VAR)` expansion, so it never appears in the Deployment.
+/// kubelet's `$(VAR)` expansion, so it never appears in the Deployment. An
+/// ACL user name comes from its Secret too; `tls` makes it `rediss://`.
 fn redis_env(spec: &PushClusterSpec) -> Vec<Value> {
-    match &spec.redis.password_secret_ref {
-        Some(secret) => vec![
-            secret_env(contract::REDIS_PASSWORD, secret),
-            json!({"name": contract::REDIS_URL,
-                   "value": format!("redis://:$({})@{}", contract::REDIS_PASSWORD, spec.redis.addr)}),
-        ],
-        None => vec![
-            json!({"name": contract::REDIS_URL, "value": format!("redis://{}", spec.redis.addr)}),
-        ],
+    let redis = &spec.redis;
+    let scheme = if redis.tls { "rediss" } else { "redis" };
+    let mut env = Vec::new();
+    if let Some(secret) = &redis.username_secret_ref {
+        env.push(secret_env(contract::REDIS_USERNAME, secret));
     }
+    match &redis.password_secret_ref {
+        Some(secret) => {
+            env.push(secret_env(contract::REDIS_PASSWORD, secret));
+            env.push(json!({"name": contract::REDIS_URL,
+                   "value": format!("{scheme}://:$({})@{}", contract::REDIS_PASSWORD, redis.addr)}));
+        }
+        None => env.push(
+            json!({"name": contract::REDIS_URL, "value": format!("{scheme}://{}", redis.addr)}),
+        ),
+    }
+    env
+}
+
+/// Where the CA certificates of Redis and Kafka are mounted.
+const BACKEND_CA_DIR: &str = "/etc/herald/ca";
+
+/// A CA Secret key mounted at `BACKEND_CA_DIR/<name>/ca.crt`: the env naming
+/// the file, the container's mount and the pod's volume.
+fn ca_file(name: &str, variable: &str, secret: &SecretKeyRef) -> (Value, Value, Value) {
+    let dir = format!("{BACKEND_CA_DIR}/{name}");
+    (
+        json!({"name": variable, "value": format!("{dir}/ca.crt")}),
+        json!({"name": name, "mountPath": dir, "readOnly": true}),
+        json!({"name": name, "secret": {"secretName": secret.name,
+                                        "items": [{"key": secret.key, "path": "ca.crt"}]}}),
+    )
+}
+
+/// What a role needs to reach Kafka (logic, job) and, with `redis`, Redis
+/// (logic) securely: env (credentials from Secrets, the protocol), CA
+/// mounts and their volumes.
+fn backend_security(spec: &PushClusterSpec, redis: bool) -> (Vec<Value>, Vec<Value>, Vec<Value>) {
+    let (mut env, mut mounts, mut volumes) = (Vec::new(), Vec::new(), Vec::new());
+    let kafka = &spec.kafka;
+    if kafka.security_protocol != KafkaSecurityProtocol::Plaintext {
+        env.push(json!({"name": contract::KAFKA_SECURITY_PROTOCOL,
+                        "value": kafka.security_protocol.as_str()}));
+        env.push(json!({"name": contract::KAFKA_SASL_MECHANISM,
+                        "value": kafka.sasl_mechanism.as_str()}));
+    }
+    if let Some(secret) = &kafka.username_secret_ref {
+        env.push(secret_env(contract::KAFKA_USERNAME, secret));
+    }
+    if let Some(secret) = &kafka.password_secret_ref {
+        env.push(secret_env(contract::KAFKA_PASSWORD, secret));
+    }
+    let mut cas = vec![];
+    if let Some(secret) = &kafka.ca_secret_ref {
+        cas.push(ca_file("kafka-ca", contract::KAFKA_CA_FILE, secret));
+    }
+    if let (true, Some(secret)) = (redis, &spec.redis.ca_secret_ref) {
+        cas.push(ca_file("redis-ca", contract::REDIS_CA_FILE, secret));
+    }
+    for (variable, mount, volume) in cas {
+        env.push(variable);
+        mounts.push(mount);
+        volumes.push(volume);
+    }
+    (env, mounts, volumes)
 }
 
 fn resources(resources: Option<&Resources>) -> Value {
@@ -398,6 +456,12 @@ pub(super) fn logic_deployment(
             key: API_KEY_KEY.to_owned(),
         });
     env.push(secret_env(contract::API_KEY, &api_key));
+    let (secure, mounts, volumes) = backend_security(spec, true);
+    env.extend(secure);
+    let mut extra = json!({"serviceAccountName": names.service_account()});
+    if !volumes.is_empty() {
+        extra["volumes"] = Value::Array(volumes);
+    }
     deployment(
         names,
         spec,
@@ -422,9 +486,9 @@ pub(super) fn logic_deployment(
             resources: spec.logic.resources.as_ref(),
             pod: &spec.logic.pod,
             spread: None,
-            mounts: vec![],
+            mounts,
         },
-        json!({"serviceAccountName": names.service_account()}),
+        extra,
     )
 }
 
@@ -433,6 +497,11 @@ pub(super) fn job_deployment(
     spec: &PushClusterSpec,
     config_hash: &str,
 ) -> Result<Deployment> {
+    let (env, mounts, volumes) = backend_security(spec, false);
+    let mut extra = json!({"serviceAccountName": names.service_account()});
+    if !volumes.is_empty() {
+        extra["volumes"] = Value::Array(volumes);
+    }
     deployment(
         names,
         spec,
@@ -444,15 +513,15 @@ pub(super) fn job_deployment(
                 format!("--http-addr=$(POD_IP):{JOB_HTTP_PORT}"),
                 format!("--node-list-configmap={}", names.nodes()),
             ],
-            env: vec![],
+            env,
             ports: vec![("http", JOB_HTTP_PORT)],
             http_port: JOB_HTTP_PORT,
             resources: spec.job.resources.as_ref(),
             pod: &spec.job.pod,
             spread: None,
-            mounts: vec![],
+            mounts,
         },
-        json!({"serviceAccountName": names.service_account()}),
+        extra,
     )
 }
 

@@ -192,8 +192,12 @@ pub(super) fn verdicts(findings: &[Finding], ready: ReadyCounts) -> Vec<Verdict>
     // Kafka got past Redis.
     let past_redis = findings.iter().any(|f| {
         f.component == "logic"
-            && [unready::KAFKA_UNREACHABLE, unready::KAFKA_TOPIC_MISSING]
-                .contains(&f.reason.as_str())
+            && [
+                unready::KAFKA_UNREACHABLE,
+                unready::KAFKA_TOPIC_MISSING,
+                unready::KAFKA_AUTH_FAILED,
+            ]
+            .contains(&f.reason.as_str())
     });
     vec![
         verdict(
@@ -205,6 +209,7 @@ pub(super) fn verdicts(findings: &[Finding], ready: ReadyCounts) -> Vec<Verdict>
         verdict(
             "KafkaReady",
             failing(&[
+                unready::KAFKA_AUTH_FAILED,
                 unready::KAFKA_TOPIC_MISSING,
                 unready::KAFKA_UNREACHABLE,
                 unready::KAFKA_NOT_ASSIGNED,

@@ -43,6 +43,13 @@ pub const OPERATOR_ENV: &[&str] = &[
     contract::NODE_LIST_CONFIGMAP,
     contract::GRPC_TOKEN,
     contract::GRPC_TOKEN_FILE,
+    contract::REDIS_USERNAME,
+    contract::REDIS_CA_FILE,
+    contract::KAFKA_SECURITY_PROTOCOL,
+    contract::KAFKA_SASL_MECHANISM,
+    contract::KAFKA_USERNAME,
+    contract::KAFKA_PASSWORD,
+    contract::KAFKA_CA_FILE,
     LOG_FORMAT_ENV,
 ];
 
