@@ -8,8 +8,10 @@
 # RUST_IMAGE and RUNTIME_IMAGE. docs/image.md has the details.
 
 # The build stage: any Debian bookworm with a Rust toolchain (cargo on PATH), a
-# C compiler, make, pkg-config and zlib's headers (librdkafka is compiled from
-# source; the binary links zlib and glibc dynamically).
+# C compiler, make, pkg-config, zlib's and OpenSSL's headers (librdkafka is
+# compiled from source with TLS and SASL; the binary links zlib, OpenSSL and
+# glibc dynamically; OpenSSL's two libraries are copied into the runtime
+# stage, whose base need not have them).
 ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm
 # The runtime stage: glibc, zlib and libgcc_s are all the binary needs.
 ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
@@ -27,7 +29,9 @@ ENV CARGO_TARGET_DIR=/build/target \
     CARGO_TERM_COLOR=never
 RUN cargo build --release --locked -p herald \
  && install -D -m 0755 "$CARGO_TARGET_DIR/release/herald" /out/herald \
- && /out/herald --version
+ && /out/herald --version \
+ && mkdir -p /out/lib \
+ && for lib in $(ldd /out/herald | awk '/libssl|libcrypto/ { print $3 }'); do cp -L "$lib" /out/lib/; done
 
 FROM ${RUNTIME_IMAGE}
 ARG VERSION=0.1.0
@@ -37,6 +41,7 @@ LABEL org.opencontainers.image.title="herald" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.source="${SOURCE}" \
       org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /out/lib/ /usr/lib/
 COPY --from=build /out/herald /usr/local/bin/herald
 # goim's ports: client TCP, WebSocket, comet gRPC, logic HTTP API, logic gRPC.
 EXPOSE 3101 3102 3109 3111 3119

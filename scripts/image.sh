@@ -9,7 +9,7 @@
 #   image.sh bases
 #       Makes the two local base images (needs no container registry): a Debian
 #       bookworm runtime (glibc, zlib, libgcc, CA certificates) and a builder
-#       (build-essential, pkg-config, zlib headers) with mmdebstrap, from the
+#       (build-essential, pkg-config, zlib and OpenSSL headers) with mmdebstrap, from the
 #       Debian mirror this machine's apt uses. The builder gets this machine's
 #       Rust toolchain mounted read-only at build time.
 #   image.sh test
@@ -43,7 +43,7 @@ IMAGE_CACHE=$HERALD_CACHE/image
 SUITE=bookworm
 # What each base holds (the Dockerfile's comments say why).
 RUNTIME_PACKAGES=ca-certificates,libgcc-s1,zlib1g
-BUILD_PACKAGES=build-essential,ca-certificates,pkg-config,python3-minimal,zlib1g-dev
+BUILD_PACKAGES=build-essential,ca-certificates,libssl-dev,pkg-config,python3-minimal,zlib1g-dev
 
 # Where buildah keeps images and containers. Local mode: its own store in the
 # cache (vfs copies whole layers but needs no overlay support), so everything
