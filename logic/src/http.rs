@@ -179,7 +179,7 @@ async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(herald_runtime::bearer);
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
             return Error::Unauthorized.into_response();
         }

@@ -124,6 +124,9 @@ impl Verifier {
         }
         validation.set_required_spec_claims(&required);
         validation.validate_exp = true;
+        // A token not valid yet is refused like an expired one (same
+        // leeway); without `nbf` it is valid from its issue.
+        validation.validate_nbf = true;
         Verifier {
             mode: Verify::Jwt(Box::new((key, validation))),
         }
@@ -217,6 +220,20 @@ mod tests {
         )
         .unwrap();
         assert!(v.parse(expired.as_bytes()).is_err());
+        // Not valid before: an hour ahead is refused, a minute ago is fine.
+        let not_yet = |nbf: u64| {
+            encode(
+                &Header::new(Algorithm::HS256),
+                &serde_json::json!({"mid": 7, "exp": exp + 7200, "nbf": nbf}),
+                &key,
+            )
+            .unwrap()
+        };
+        assert!(
+            v.parse(not_yet(exp + 3600).as_bytes()).is_err(),
+            "nbf next hour"
+        );
+        assert_eq!(v.parse(not_yet(exp - 120).as_bytes()).unwrap().mid, 7);
         // goim JSON is not accepted in JWT mode.
         assert!(v.parse(br#"{"mid":1}"#).is_err());
     }

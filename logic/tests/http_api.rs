@@ -285,6 +285,23 @@ async fn api_key_is_required_when_configured() {
         ans.body,
         json!({"code": 0, "message": "", "data": {"conn_count": 0, "ip_count": 0}})
     );
+    // The scheme is case-insensitive, as HTTP says; another scheme is not
+    // the key.
+    for (value, status) in [
+        ("bearer secret-key", 200),
+        ("BEARER  secret-key", 200),
+        ("Basic secret-key", 401),
+    ] {
+        let (got, _, _) = common::send_with(
+            logic.http,
+            "GET",
+            "/goim/online/total",
+            b"",
+            &[("authorization", value.to_owned())],
+        )
+        .await;
+        assert_eq!(got, status, "{value}");
+    }
     logic.stop().await;
 }
 

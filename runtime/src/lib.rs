@@ -21,6 +21,8 @@
 //!   default is written once, on its flag.
 //! - [`error_chain`]: an error and its causes on one line, for logs and
 //!   answers a human reads.
+//! - [`bearer`]: the token of an `Authorization: Bearer` value, read as
+//!   HTTP says (the scheme in any case).
 
 pub mod admin;
 pub mod args;
@@ -47,8 +49,28 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
+/// The token of an `Authorization` value with the `Bearer` scheme. HTTP
+/// schemes are case-insensitive (RFC 9110 §11.1), so `bearer` and `BEARER`
+/// are the same; spaces around the token are no part of it. `None` for
+/// another scheme or an empty token.
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bearer_scheme_in_any_case() {
+        for value in ["Bearer k1", "bearer k1", "BEARER  k1 ", " Bearer k1"] {
+            assert_eq!(super::bearer(value), Some("k1"), "{value:?}");
+        }
+        for value in ["Basic k1", "Bearer ", "Bearer", "Bearerk1", ""] {
+            assert_eq!(super::bearer(value), None, "{value:?}");
+        }
+    }
+
     #[test]
     fn error_chain_joins_every_cause() {
         let io = std::io::Error::other("refused");

@@ -68,9 +68,7 @@ async fn client_token(State(service): State<Arc<Service>>, req: Request, next: N
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty());
+        .and_then(herald_runtime::bearer);
     match token.map(|t| service.check_client_token(t.as_bytes())) {
         Some(Ok(())) => next.run(req).await,
         Some(Err(err)) => {
