@@ -398,9 +398,14 @@ async fn scale_down_drains_a_real_comet_first() -> anyhow::Result<()> {
         assert_eq!(node["draining"], false);
         assert_eq!(node["connections"], 0);
     }
+    // The node list is written before the status in a pass, so the status
+    // is polled too rather than read once.
     let clusters = Api::<PushCluster>::namespaced(client.clone(), &ns);
-    let status = clusters.get("chat").await?.status.unwrap_or_default();
-    assert_eq!(status.pods.len(), 2, "{status:?}");
+    eventually(30, "2 pods in status", || async {
+        let status = clusters.get("chat").await?.status.unwrap_or_default();
+        Ok((status.pods.len() == 2).then_some(()))
+    })
+    .await?;
 
     // Scale down through /scale: one comet is drained, then removed.
     scale(&clusters, "chat", 1).await?;
