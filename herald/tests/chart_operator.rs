@@ -175,19 +175,7 @@ async fn chart_installed_operator_reconciles_a_push_cluster() -> anyhow::Result<
         }
         // What a platform team reads.
         let (header, row) = common::operator::kubectl_get(&chat, "chat").await?;
-        ensure!(
-            header
-                == [
-                    "NAME",
-                    "READY",
-                    "COMETS",
-                    "UPDATED",
-                    "CONNECTIONS",
-                    "DRAINING",
-                    "AGE"
-                ],
-            "{header:?}"
-        );
+        ensure!(header == common::operator::KUBECTL_COLUMNS, "{header:?}");
         ensure!(row.get(2).map(String::as_str) == Some("0/2"), "{row:?}");
         Ok::<_, anyhow::Error>(())
     }

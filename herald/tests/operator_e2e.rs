@@ -205,15 +205,7 @@ async fn scenario(
     ensure!(proxy.forwarded() > 0, "the comet never reached logic");
     let (header, row) = kubectl_get(ns, CLUSTER).await?;
     ensure!(
-        header[..6]
-            == [
-                "NAME",
-                "READY",
-                "COMETS",
-                "UPDATED",
-                "CONNECTIONS",
-                "DRAINING"
-            ],
+        header[..6] == common::operator::KUBECTL_COLUMNS[..6],
         "{header:?}"
     );
     ensure!(row[1..6] == ["True", "1/1", "1/1", "0", "0"], "{row:?}");

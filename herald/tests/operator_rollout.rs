@@ -454,11 +454,7 @@ async fn roam(
         match event {
             Ok(Event::Push(push)) => note_push(&record, &push),
             Ok(Event::Redirect(redirect)) => {
-                record
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .moves
-                    .push((Instant::now(), true));
+                note_move(&record, true);
                 let host = redirect
                     .nodes
                     .get(usize::try_from(mid).unwrap_or(0) % redirect.nodes.len().max(1))
@@ -474,11 +470,7 @@ async fn roam(
                     {
                         Ok(next) => next,
                         Err(_) => {
-                            record
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .moves
-                                .push((Instant::now(), false));
+                            note_move(&record, false);
                             reconnect(mid, logic, &key).await?
                         }
                     };
@@ -486,11 +478,7 @@ async fn roam(
                 old_readers.spawn(read_until_closed(old, record.clone()));
             }
             Err(_) => {
-                record
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .moves
-                    .push((Instant::now(), false));
+                note_move(&record, false);
                 current = reconnect(mid, logic, &key).await?;
             }
         }
@@ -507,6 +495,16 @@ async fn read_until_closed(mut old: GoimClient, record: Shared) {
             note_push(&record, &push);
         }
     }
+}
+
+/// Records that the client starts a move now: after an op 18
+/// (`redirected`), or after its connection closed under it.
+fn note_move(record: &Shared, redirected: bool) {
+    record
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .moves
+        .push((Instant::now(), redirected));
 }
 
 /// Keeps the body of a push of op [`PUSH_OP`] (on whichever connection).

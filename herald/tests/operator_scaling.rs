@@ -45,19 +45,7 @@ async fn kubectl_columns_and_scale_subresource() -> anyhow::Result<()> {
     .await?;
 
     let (header, row) = kubectl_get(&ns, "chat").await?;
-    assert_eq!(
-        header,
-        [
-            "NAME",
-            "READY",
-            "COMETS",
-            "UPDATED",
-            "CONNECTIONS",
-            "DRAINING",
-            "AGE"
-        ],
-        "{row:?}"
-    );
+    assert_eq!(header, common::operator::KUBECTL_COLUMNS, "{row:?}");
     assert_eq!(
         &row[..6],
         ["chat", "False", "0/2", "0/2", "0", "0"],

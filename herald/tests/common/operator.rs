@@ -214,6 +214,17 @@ pub(crate) async fn kubectl(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8(output.stdout)?)
 }
 
+/// The columns `kubectl get pushclusters` shows (the CRD's printer columns).
+pub(crate) const KUBECTL_COLUMNS: [&str; 7] = [
+    "NAME",
+    "READY",
+    "COMETS",
+    "UPDATED",
+    "CONNECTIONS",
+    "DRAINING",
+    "AGE",
+];
+
 /// `kubectl get pushclusters` as a user runs it: the header and the row of
 /// `cluster`.
 pub(crate) async fn kubectl_get(

@@ -80,51 +80,41 @@ pub(super) async fn apply_base(
     apply(ctx, ns, &children.role).await?;
     apply(ctx, ns, &children.role_binding).await?;
     apply(ctx, ns, &children.config).await?;
-    if spec.auth.api_key_secret_ref.is_none() && !fetched.api_key_exists {
-        create_once(
-            client,
-            names,
-            &build::api_key_secret(names, &random_secret())?,
-        )
-        .await?;
-        publish(
-            ctx,
-            cluster,
-            EventType::Normal,
+    // Generated once, never re-applied: their values stay stable.
+    type Make = fn(&Names, &str) -> build::Result<Secret>;
+    let generated: [(bool, String, &str, Make); 2] = [
+        (
+            spec.auth.api_key_secret_ref.is_none() && !fetched.api_key_exists,
+            names.api_key(),
             "GeneratedApiKey",
-            format!("Secret {}", names.api_key()),
-        )
-        .await;
-    }
-    if spec.auth.grpc_token && !fetched.grpc_token_exists {
-        create_once(
-            client,
-            names,
-            &build::grpc_token_secret(names, &random_secret())?,
-        )
-        .await?;
-        publish(
-            ctx,
-            cluster,
-            EventType::Normal,
+            build::api_key_secret,
+        ),
+        (
+            spec.auth.grpc_token && !fetched.grpc_token_exists,
+            names.grpc_token(),
             "GeneratedGrpcToken",
-            format!("Secret {}", names.grpc_token()),
-        )
-        .await;
+            build::grpc_token_secret,
+        ),
+    ];
+    for (missing, name, reason, make) in generated {
+        if missing {
+            create_once(client, names, &make(names, &random_secret())?).await?;
+            publish(
+                ctx,
+                cluster,
+                EventType::Normal,
+                reason,
+                format!("Secret {name}"),
+            )
+            .await;
+        }
     }
     if children.network_policies.is_empty() {
         // Turned off: the ones written before go.
         let api = Api::<NetworkPolicy>::namespaced(client.clone(), ns);
         for name in &fetched.network_policies {
-            match api.delete(name, &DeleteParams::default()).await {
-                Ok(_) => info!(%name, "NetworkPolicy removed (networkPolicy.enabled is off)"),
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(source) => {
-                    return Err(Error::Apply {
-                        what: format!("delete NetworkPolicy {name}"),
-                        source,
-                    });
-                }
+            if delete_child(&api, name).await? {
+                info!(%name, "NetworkPolicy removed (networkPolicy.enabled is off)");
             }
         }
     }
@@ -242,6 +232,22 @@ pub(super) async fn scale_only(
         deployments.extend(found);
     }
     Ok(deployments)
+}
+
+/// Deletes child `name`; one already gone is fine. Whether this call
+/// deleted it.
+pub(super) async fn delete_child<K>(api: &Api<K>, name: &str) -> Result<bool>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        Err(source) => Err(Error::Apply {
+            what: format!("delete {} {name}", K::kind(&())),
+            source,
+        }),
+    }
 }
 
 /// 48 hex digits from the OS's random source: a generated API key or

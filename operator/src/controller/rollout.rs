@@ -8,12 +8,14 @@
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, Patch};
+use kube::api::{Api, Patch};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::info;
 
+use super::apply::delete_child;
 use super::drain::{Reach, drain, start_drain};
 use super::fetch::Fetched;
 use super::observe::Polled;
@@ -351,45 +353,43 @@ async fn mark_drained(ctx: &Context, names: &Names, pod: &str) -> Result<()> {
 /// zero with no pod left (the current one was applied with the children).
 pub(super) async fn settle_old(ctx: &Context, names: &Names, plan: &CometPlan) -> Result<()> {
     for w in &plan.old {
-        if w.next == 0 && w.pods == 0 {
-            let params = DeleteParams::default();
-            let deleted = match w.kind {
-                "Deployment" => Api::<Deployment>::namespaced(ctx.client.clone(), &names.namespace)
-                    .delete(&w.name, &params)
-                    .await
-                    .map(|_| ()),
-                _ => Api::<ReplicaSet>::namespaced(ctx.client.clone(), &names.namespace)
-                    .delete(&w.name, &params)
-                    .await
-                    .map(|_| ()),
-            };
-            match deleted {
-                Ok(()) => info!(kind = w.kind, name = %w.name, "old comet workload removed"),
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(source) => {
-                    return Err(Error::Apply {
-                        what: format!("delete {} {}", w.kind, w.name),
-                        source,
-                    });
-                }
+        match w.kind {
+            "Deployment" => {
+                settle(
+                    &Api::<Deployment>::namespaced(ctx.client.clone(), &names.namespace),
+                    w,
+                )
+                .await?
             }
-        } else if w.next != w.replicas {
-            let patch = Patch::Merge(json!({"spec": {"replicas": w.next}}));
-            let patched = match w.kind {
-                "Deployment" => Api::<Deployment>::namespaced(ctx.client.clone(), &names.namespace)
-                    .patch(&w.name, &merge_params(), &patch)
-                    .await
-                    .map(|_| ()),
-                _ => Api::<ReplicaSet>::namespaced(ctx.client.clone(), &names.namespace)
-                    .patch(&w.name, &merge_params(), &patch)
-                    .await
-                    .map(|_| ()),
-            };
-            patched.map_err(|source| Error::Apply {
+            _ => {
+                settle(
+                    &Api::<ReplicaSet>::namespaced(ctx.client.clone(), &names.namespace),
+                    w,
+                )
+                .await?
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One old workload: deleted once empty, else lowered to its next count.
+async fn settle<K>(api: &Api<K>, w: &OldWorkload) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    if w.next == 0 && w.pods == 0 {
+        if delete_child(api, &w.name).await? {
+            info!(kind = w.kind, name = %w.name, "old comet workload removed");
+        }
+    } else if w.next != w.replicas {
+        let patch = Patch::Merge(json!({"spec": {"replicas": w.next}}));
+        api.patch(&w.name, &merge_params(), &patch)
+            .await
+            .map_err(|source| Error::Apply {
                 what: format!("replicas of {} {}", w.kind, w.name),
                 source,
             })?;
-        }
     }
     Ok(())
 }
