@@ -94,8 +94,14 @@ impl NodeList {
     /// goim's region lookup is empty), highest first.
     pub fn ranked(&self) -> Vec<&Node> {
         let live: Vec<&Node> = self.nodes.iter().filter(|n| !n.draining).collect();
-        let total_conns: u64 = live.iter().map(|n| n.connections).sum();
-        let total_weight: u64 = live.iter().map(|n| u64::from(n.weight)).sum();
+        // Saturating: the counts come from a document (hand-written ones
+        // too), and a sum past u64 must neither panic nor wrap the ranking.
+        let total_conns = live
+            .iter()
+            .fold(0u64, |t, n| t.saturating_add(n.connections));
+        let total_weight = live
+            .iter()
+            .fold(0u64, |t, n| t.saturating_add(u64::from(n.weight)));
         let score = |n: &Node| -> i64 {
             if total_conns == 0 || total_weight == 0 {
                 return i64::from(n.weight);
@@ -302,6 +308,24 @@ mod tests {
         let (native, _) = list.pick("android", DEFAULT_PICKED);
         assert_eq!(native, vec!["10.0.0.2", "10.0.0.1"]);
         assert_eq!(list.totals(), (1000, 500));
+    }
+
+    /// Found by the `nodes` fuzz target: connection counts summing past
+    /// u64 overflowed in `ranked` (a panic in a debug build, a wrapped and
+    /// so wrong ranking in a release one).
+    #[test]
+    fn connection_counts_past_u64_still_rank() {
+        let list = NodeList {
+            nodes: vec![
+                node("a", 10, 0, false),
+                node("bb", 10, u64::MAX, false),
+                node("ccc", 10, 10, false),
+            ],
+            ..NodeList::default()
+        };
+        let names: Vec<&str> = list.ranked().iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["a", "ccc", "bb"]);
+        assert_eq!(list.totals().0, u64::MAX);
     }
 
     #[test]
