@@ -76,7 +76,7 @@ pub(crate) fn cpu(pid: u32) -> Result<(f64, f64)> {
 /// CPU-time clock: `/proc` counts in 10 ms ticks, too coarse for a few
 /// thousand round trips of a few microseconds each. `None` when the process
 /// is gone or its clock cannot be read.
-pub(crate) fn precise_cpu_seconds(pid: u32) -> Option<f64> {
+pub fn precise_cpu_seconds(pid: u32) -> Option<f64> {
     use nix::time::{clock_getcpuclockid, clock_gettime};
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).ok()?);
     let now = clock_gettime(clock_getcpuclockid(pid).ok()?).ok()?;

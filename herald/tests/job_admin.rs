@@ -29,13 +29,6 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok((response.status, response.body))
 }
 
-/// The value of one sample line (`name{labels} value`) in a metrics text.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// `herald_job::run` with its admin listener on 127.0.0.1:0.
 struct Served {
     http: SocketAddr,
@@ -60,7 +53,7 @@ impl Served {
             loop {
                 let (status, text) = http_get(self.http, "/metrics").await?;
                 anyhow::ensure!(status == 200, "/metrics answered {status}");
-                if sample(&text, series).is_some_and(&pred) {
+                if common::metric_sample(&text, series).is_some_and(&pred) {
                     return anyhow::Ok(text);
                 }
                 last = text;
@@ -147,7 +140,7 @@ async fn metrics_count_records_deliveries_poison_and_comet_failures() -> Result 
     let text = job
         .wait_metric("herald_job_records_consumed_total", |v| v == 5.0)
         .await?;
-    let get = |series: &str| sample(&text, series);
+    let get = |series: &str| common::metric_sample(&text, series);
     assert_eq!(
         get("herald_job_pushes_delivered_total{type=\"push\"}"),
         Some(3.0)

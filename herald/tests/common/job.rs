@@ -262,10 +262,15 @@ impl NodeListFile {
         Ok(())
     }
 
+    /// The document's path (for a `--node-list` flag).
+    pub(crate) fn path(&self) -> PathBuf {
+        self.dir.join("nodes.json")
+    }
+
     /// Job's setting for it, read every `poll`.
     pub(crate) fn source(&self, poll: Duration) -> herald_runtime::nodes::Source {
         herald_runtime::nodes::Source::File {
-            path: self.dir.join("nodes.json"),
+            path: self.path(),
             poll,
         }
     }

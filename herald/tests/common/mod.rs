@@ -4,7 +4,7 @@
 //!
 //! Here: a role or the operator run in this process with a stop signal
 //! ([`Stoppable`]), an in-process comet ([`LocalComet`]) and Kafka topics
-//! ([`create_topic`]), logic's HTTP API ([`logic_call`]). By subject: [`job`] (job against the real Kafka),
+//! ([`create_topic`]), logic's HTTP API ([`logic_call`]), a metric's value ([`metric_sample`]). By subject: [`job`] (job against the real Kafka),
 //! [`goim`] (clients that follow op 18), [`k8s`] (the test bed's apiserver: namespaces, the loopback kubelet),
 //! [`operator`] (the operator in this process, PushCluster status and
 //! children).
@@ -183,4 +183,12 @@ pub(crate) async fn logic_call(
         "{method} {path}: {response:?}"
     );
     Ok(serde_json::from_str(&response.body)?)
+}
+
+/// The value of one sample line (`name{labels} value`, labels as the
+/// server writes them) in a Prometheus metrics text.
+pub(crate) fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }

@@ -1,6 +1,14 @@
 //! The call to a comet: one gRPC [`Request`] per call or batch, sent until it
 //! succeeds, is refused for good, or its comet leaves the list while
 //! failing; retryable errors back off, doubling up to the cap.
+//!
+//! A comet that fails and is no longer listed (it died and the operator
+//! dropped it from the node list) gets no more attempts: the call in hand
+//! is dropped as soon as the list changes (the backoff sleep wakes up), and
+//! every call still queued for it is dropped without being sent. Checking
+//! only every `attempts` failures, as before, kept a dead comet's worker
+//! calling it for tens of seconds after it left the list (3 s per queued
+//! batch, and its queue holds `max_queued` calls).
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -23,6 +31,16 @@ impl Worker {
         let mut attempt = 0u32;
         let mut delay = settings.backoff;
         loop {
+            if self.failing.load(Ordering::Relaxed) && self.gone() {
+                stats.metrics.dropped(&self.name, "comet_gone");
+                if !std::mem::replace(&mut self.gone_logged, true) {
+                    warn!(
+                        rpc = req.name(),
+                        "comet left the list while failing; dropping what it holds"
+                    );
+                }
+                return Some(Sent::Dropped);
+            }
             let started = Instant::now();
             let result = tokio::select! {
                 () = cancel.cancelled() => return None,
@@ -47,16 +65,12 @@ impl Worker {
                 warn!(rpc = req.name(), code = ?status.code(), message = status.message(), "comet refused the call; dropped");
                 return Some(Sent::Dropped);
             }
+            if self.gone() {
+                // Checked at the top of the loop.
+                continue;
+            }
             attempt += 1;
             if attempt >= settings.attempts.max(1) {
-                if !self.directory.contains(&self.name, &self.addr) {
-                    stats.metrics.dropped(&self.name, "comet_gone");
-                    warn!(
-                        rpc = req.name(),
-                        "comet left the list while failing; dropped"
-                    );
-                    return Some(Sent::Dropped);
-                }
                 warn!(rpc = req.name(), attempts = attempt, cause = %status.message(), "comet unavailable; still listed, retrying");
                 attempt = 0;
             } else {
@@ -64,12 +78,30 @@ impl Worker {
             }
             stats.metrics.retry(&self.name);
             self.shed();
+            // Leaving the list ends the wait, once: after that (listed again
+            // at the same address) the token stays cancelled.
+            let removed = self.removed.clone();
+            let leaves = async {
+                if removed.is_cancelled() {
+                    std::future::pending::<()>().await;
+                }
+                removed.cancelled().await;
+            };
             tokio::select! {
+                biased;
                 () = cancel.cancelled() => return None,
+                () = leaves => {}
                 () = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(settings.backoff_max);
         }
+    }
+}
+
+impl Worker {
+    /// Whether this comet is no longer listed at this address.
+    fn gone(&self) -> bool {
+        !self.directory.contains(&self.name, &self.addr)
     }
 }
 

@@ -34,7 +34,8 @@ struct Handle {
     failing: Arc<AtomicBool>,
     /// What the comet's `Rooms` said; shared with its poller.
     rooms: Arc<Mutex<RoomView>>,
-    /// Stops the poller when the comet leaves the list (on drop).
+    /// Cancelled when the comet leaves the list (on drop): stops the
+    /// poller and wakes the worker from a backoff wait.
     poller: CancellationToken,
 }
 
@@ -206,6 +207,8 @@ impl Directory {
             name: name.to_owned(),
             addr: addr.to_owned(),
             failing: failing.clone(),
+            removed: poller.clone(),
+            gone_logged: false,
             queued: queued.clone(),
             rx,
             clients: Clients {

@@ -13,6 +13,7 @@ use herald_protocol::pb::{BroadcastRoomReq, CometClient, PushMsgReq};
 use herald_protocol::ws;
 use herald_runtime::grpc_auth::AuthChannel;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::batch::batches;
@@ -28,6 +29,10 @@ pub(super) struct Worker {
     pub(super) name: String,
     pub(super) addr: String,
     pub(super) failing: Arc<AtomicBool>,
+    /// Cancelled when the comet leaves the list: wakes a backoff wait.
+    pub(super) removed: CancellationToken,
+    /// "Left the list while failing" was logged (once per worker).
+    pub(super) gone_logged: bool,
     /// Unfinished calls of this comet (shared with its [`Handle`]).
     pub(super) queued: Arc<AtomicUsize>,
     pub(super) rx: mpsc::UnboundedReceiver<Item>,
