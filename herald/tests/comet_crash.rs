@@ -628,8 +628,8 @@ async fn scenario(
          1 in {ROOM_EVERY} a room push):\n\
          - pushes logic acknowledged: {} of {} sent; for clients on live comets: {} deliveries \
            expected, {} arrived, {lost} lost\n\
-         - keys pushes acknowledged for the dead comet's clients before they reconnected \
-           (not counted): {to_dead}\n\
+         - keys pushes acknowledged for the dead comet's clients while they were not on a \
+           live comet, the gone one's included (not counted): {to_dead}\n\
          - reconnects of the dead comet's clients ({} of {}): median {:.0} ms, max {:.0} ms \
            after the kill\n\
          - their Redis routes all moved off the dead comet {:.0} ms after the kill; the gone \
