@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
+use herald_protocol::limits;
 use tokio::sync::Notify;
 
 use crate::server::Transport;
@@ -239,6 +240,7 @@ impl Conn {
             out: Outbound::new(queue_bytes),
             idle_deadline: AtomicU64::new(u64::MAX),
         };
+        // The session checked the Connect reply's list against the limit.
         conn.accept(accepts);
         conn
     }
@@ -248,14 +250,23 @@ impl Conn {
         self.accepts_lock().contains(&op)
     }
 
-    /// Adds `ops` to the accepted set.
-    pub fn accept(&self, ops: &[i32]) {
+    /// Adds `ops` to the accepted set, all or none: `false`, and nothing
+    /// added, when the set would hold more than
+    /// [`limits::MAX_ACCEPTED_OPS`] ops (one connection could otherwise
+    /// grow it by megabytes, and every push scans it).
+    pub fn accept(&self, ops: &[i32]) -> bool {
         let mut set = self.accepts_lock();
+        let before = set.len();
         for op in ops {
             if !set.contains(op) {
+                if set.len() == limits::MAX_ACCEPTED_OPS {
+                    set.truncate(before);
+                    return false;
+                }
                 set.push(*op);
             }
         }
+        true
     }
 
     /// Removes `ops` from the accepted set.
@@ -602,8 +613,20 @@ mod tests {
     fn accepted_ops_change() {
         let c = conn(10);
         assert!(c.accepts(1000));
-        c.accept(&[1001]);
+        assert!(c.accept(&[1001]));
         c.unaccept(&[1000]);
         assert!(c.accepts(1001) && !c.accepts(1000));
+    }
+
+    #[test]
+    fn the_accepted_set_stops_at_its_limit_all_or_nothing() {
+        let c = conn(10);
+        let fill: Vec<i32> = (0..).take(limits::MAX_ACCEPTED_OPS - 1).collect();
+        assert!(c.accept(&fill), "1000 plus these fill it exactly");
+        assert!(c.accept(&[0, 1]), "ops already there cost nothing");
+        assert!(!c.accept(&[-1, -2]));
+        assert!(!c.accepts(-1), "a refused list adds nothing");
+        c.unaccept(&[0]);
+        assert!(c.accept(&[-1]));
     }
 }

@@ -40,7 +40,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -139,11 +138,11 @@ pub(crate) struct Shared {
     pub(crate) buckets: buckets::Buckets,
     pub(crate) logic: logic::Logic,
     pub(crate) metrics: metrics::Metrics,
-    /// Set once a drain starts: accept loops then refuse new connections.
+    /// Set while a drain runs: accept loops then refuse new connections.
     pub(crate) draining: std::sync::atomic::AtomicBool,
-    /// Cancelled when the drain task (RPC or shutdown) has closed its last
-    /// connection or given up.
-    pub(crate) drained: CancellationToken,
+    /// The drain under way, or the last one. std Mutex: held only to
+    /// start, cancel or look at a drain, never across an await.
+    pub(crate) drain: std::sync::Mutex<rpc::DrainRun>,
     /// Fired when the comet shuts down; every task watches it.
     pub(crate) shutdown: herald_runtime::Shutdown,
     /// Tracks sessions so shutdown can wait for their `Disconnect` calls.
@@ -197,7 +196,7 @@ pub async fn run(
         logic,
         metrics,
         draining: std::sync::atomic::AtomicBool::new(false),
-        drained: CancellationToken::new(),
+        drain: std::sync::Mutex::default(),
         shutdown: herald_runtime::Shutdown::new(),
         tasks: TaskTracker::new(),
         config,
@@ -301,10 +300,11 @@ pub async fn run(
         // A drain already started through the RPC is waited for instead,
         // still bounded by the configured deadline.
         let plan = shutdown_plan(&shared.config, &nodes.get(), ports);
-        let (connections, started) = rpc::start_drain(&shared, &plan);
+        let (connections, started) = rpc::start_drain(&shared, &plan, true);
         info!(connections, started, deadline = ?plan.deadline, close_rate = plan.close_rate,
               nodes = ?plan.nodes, "comet draining before shutdown");
-        if tokio::time::timeout(plan.deadline, shared.drained.cancelled())
+        let drained = shared.drain_run().done;
+        if tokio::time::timeout(plan.deadline, drained.cancelled())
             .await
             .is_err()
         {

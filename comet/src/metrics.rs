@@ -34,6 +34,7 @@ pub struct Metrics {
     accept_errors: Counters,
     upgrade_refused: Counters,
     receives: Counters,
+    refusals: Counters,
     logic_failures: Counters,
     push_write_latency: Histogram,
     node_list_generation: Gauge,
@@ -91,6 +92,10 @@ impl Metrics {
             "receives",
             "Client ops bound for logic Receive, by outcome (forwarded, rate_limited)",
         );
+        let refusals = counter(
+            "refusals",
+            "Client requests and pushes refused by a protocol limit, by reason (client_reserved_op, push_reserved_op, push_malformed, accepted_ops_limit, room_id_too_long)",
+        );
         let logic_failures = counter(
             "logic_call_failures",
             "Calls to logic that failed or timed out, by rpc (connect, disconnect, heartbeat, renew_online, receive)",
@@ -133,6 +138,7 @@ impl Metrics {
             accept_errors,
             upgrade_refused,
             receives,
+            refusals,
             logic_failures,
             push_write_latency,
             node_list_generation,
@@ -220,6 +226,11 @@ impl Metrics {
 
     pub(crate) fn receive(&self, outcome: &'static str) {
         self.receives.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// A client request or push refused by a protocol limit.
+    pub(crate) fn refused(&self, reason: &'static str) {
+        self.refusals.get_or_create(&[("reason", reason)]).inc();
     }
 
     pub(crate) fn logic_failures(&self) -> LogicFailures {

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald_protocol::pb::admin::comet_admin_server::{CometAdmin, CometAdminServer};
-use herald_protocol::pb::admin::{DrainReply, DrainRequest, LoadReply, LoadRequest};
+use herald_protocol::pb::admin::{
+    CancelDrainReply, CancelDrainRequest, DrainReply, DrainRequest, LoadReply, LoadRequest,
+};
 use herald_protocol::pb::goim::comet::{
     BroadcastReply, BroadcastReq, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, PushMsgReq,
     RoomsReply, RoomsReq,
@@ -25,10 +27,12 @@ use herald_protocol::redirect::Redirect;
 use herald_protocol::{Frame, op, ws};
 use herald_runtime::grpc_auth::Token;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span};
 
 use crate::conn::{self, CloseReason, Conn, Refused};
+use crate::metrics::Metrics;
 use crate::{Error, Shared};
 
 /// Serves the three services on `listener` until shutdown, each call
@@ -150,15 +154,35 @@ async fn deliver(shared: &Shared, conns: impl IntoIterator<Item = Arc<Conn>>, en
     }
 }
 
-/// A `PushMsg` that cannot be delivered: goim's comet refuses the same.
-fn check_push(req: &PushMsgReq) -> Result<(), Status> {
-    if req.proto.is_none() {
+/// A `PushMsg` that cannot be delivered: goim's comet refuses the same, and
+/// Herald also refuses what [`check_proto`] does.
+fn check_push(req: &PushMsgReq, metrics: &Metrics) -> Result<(), Status> {
+    let Some(proto) = &req.proto else {
         return Err(Status::invalid_argument("proto is required"));
-    }
+    };
     if req.keys.is_empty() {
         return Err(Status::invalid_argument("keys is empty"));
     }
-    Ok(())
+    check_proto(proto, Some(req.proto_op), metrics)
+}
+
+/// A push that would put a reserved op on the wire (its filtering op or
+/// any frame it carries), or an op-9 body that is not whole frames, is
+/// refused as a whole and counted: no push path reaches a client with ops
+/// 10, 11 or 18–31, which only the comet itself sends (op 18, to clients
+/// that asked for it).
+fn check_proto(proto: &Proto, proto_op: Option<i32>, metrics: &Metrics) -> Result<(), Status> {
+    let checked = match proto_op {
+        Some(reserved) if op::is_reserved(reserved) => Err(ws::PushError::ReservedOp(reserved)),
+        _ => ws::check_push(proto),
+    };
+    checked.map_err(|err| {
+        metrics.refused(match err {
+            ws::PushError::ReservedOp(_) => "push_reserved_op",
+            ws::PushError::NotFrames(_) => "push_malformed",
+        });
+        Status::invalid_argument(err.to_string())
+    })
 }
 
 impl Service {
@@ -195,7 +219,7 @@ impl CometPush for Service {
     ) -> Result<Response<PushMsgsReply>, Status> {
         let PushMsgsReq { pushes } = req.into_inner();
         for (i, push) in pushes.iter().enumerate() {
-            check_push(push).map_err(|status| {
+            check_push(push, &self.shared.metrics).map_err(|status| {
                 Status::invalid_argument(format!("push {i}: {}", status.message()))
             })?;
         }
@@ -210,7 +234,7 @@ impl CometPush for Service {
 impl Comet for Service {
     async fn push_msg(&self, req: Request<PushMsgReq>) -> Result<Response<PushMsgReply>, Status> {
         let req = req.into_inner();
-        check_push(&req)?;
+        check_push(&req, &self.shared.metrics)?;
         self.push_keys(req, "push_msg").await;
         Ok(Response::new(PushMsgReply {}))
     }
@@ -225,6 +249,7 @@ impl Comet for Service {
             speed,
         } = req.into_inner();
         let proto = proto.ok_or_else(|| Status::invalid_argument("proto is required"))?;
+        check_proto(&proto, Some(proto_op), &self.shared.metrics)?;
         self.shared.metrics.push("broadcast");
         let encoded = Encoded::new(&proto);
         let shared = self.shared.clone();
@@ -260,6 +285,7 @@ impl Comet for Service {
         if room_id.is_empty() {
             return Err(Status::invalid_argument("roomID is empty"));
         }
+        check_proto(&proto, None, &self.shared.metrics)?;
         self.shared.metrics.push("broadcast_room");
         let encoded = Encoded::new(&proto);
         // Room pushes ignore the accepted set (goim behaviour, §5.5).
@@ -315,12 +341,78 @@ impl CometAdmin for Service {
                 wss_port,
                 reconnect_within_ms,
             },
+            false,
         );
         Ok(Response::new(DrainReply {
             connections,
             started,
         }))
     }
+
+    async fn cancel_drain(
+        &self,
+        _req: Request<CancelDrainRequest>,
+    ) -> Result<Response<CancelDrainReply>, Status> {
+        let cancelled = cancel_drain(&self.shared)
+            .map_err(|err| Status::failed_precondition(err.to_string()))?;
+        Ok(Response::new(CancelDrainReply {
+            cancelled,
+            connections: self.shared.buckets.load().0 as u64,
+        }))
+    }
+}
+
+/// One drain's handles: a drain has one of each, and the next drain gets new
+/// ones (a token once cancelled stays so).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DrainRun {
+    /// Cancelled when the drain task has closed its last connection, given
+    /// up at shutdown, or been cancelled.
+    pub(crate) done: CancellationToken,
+    /// Cancelled by `CancelDrain`: the task stops closing connections.
+    cancel: CancellationToken,
+    /// The process was asked to stop: this drain cannot be cancelled.
+    last: bool,
+}
+
+impl Shared {
+    /// The drain under way, or the last one.
+    pub(crate) fn drain_run(&self) -> DrainRun {
+        self.drain_lock().clone()
+    }
+
+    fn drain_lock(&self) -> std::sync::MutexGuard<'_, DrainRun> {
+        self.drain
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Why a drain was not cancelled.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum CancelError {
+    /// The comet drains because it was asked to stop.
+    #[error("the comet is shutting down: its drain is final")]
+    ShuttingDown,
+}
+
+/// Ends the drain under way, if there is one and the comet is not shutting
+/// down: new clients are accepted again (and readiness returns), the drain
+/// task closes no more connections. Returns whether a drain was cancelled.
+/// Clients already closed are gone, and those already sent op 18 may still
+/// move: a drain is undone for what comes next, not for what it did.
+pub(crate) fn cancel_drain(shared: &Shared) -> Result<bool, CancelError> {
+    let run = shared.drain_lock();
+    if run.last || shared.shutdown.is_triggered() {
+        return Err(CancelError::ShuttingDown);
+    }
+    if !shared.draining.load(Ordering::SeqCst) {
+        return Ok(false);
+    }
+    run.cancel.cancel();
+    shared.draining.store(false, Ordering::SeqCst);
+    info!("drain cancelled");
+    Ok(true)
 }
 
 /// What a drain does: the admin `Drain` request, or the configured defaults
@@ -347,13 +439,23 @@ pub(crate) struct DrainPlan {
 /// comet before it lets go of this one, so a push sent meanwhile reaches it
 /// on one or the other (make before break). Op 18s are paced; the closes
 /// follow them. Returns the connection count and whether this call started
-/// it; [`Shared::drained`] is cancelled when the drain task ends.
-pub(crate) fn start_drain(shared: &Arc<Shared>, plan: &DrainPlan) -> (u64, bool) {
+/// it; the run's [`DrainRun::done`] is cancelled when the drain task ends.
+/// A `last` drain (the process was asked to stop) cannot be cancelled, nor
+/// can one already running once a `last` call finds it.
+pub(crate) fn start_drain(shared: &Arc<Shared>, plan: &DrainPlan, last: bool) -> (u64, bool) {
+    let mut run = shared.drain_lock();
+    run.last |= last;
     let conns = shared.buckets.all();
     let connections = conns.len() as u64;
     if shared.draining.swap(true, Ordering::SeqCst) {
         return (connections, false);
     }
+    *run = DrainRun {
+        last,
+        ..DrainRun::default()
+    };
+    let (done, cancel) = (run.done.clone(), run.cancel.clone());
+    drop(run);
     let body = Redirect {
         reason: "drain".to_owned(),
         nodes: plan.nodes.clone(),
@@ -382,14 +484,19 @@ pub(crate) fn start_drain(shared: &Arc<Shared>, plan: &DrainPlan) -> (u64, bool)
     tokio::spawn(
         async move {
             // Signals the end of the drain however the task ends.
-            let _done = shared.drained.clone().drop_guard();
+            let _done = done.drop_guard();
             let mut lingering = tokio::task::JoinSet::new();
             for (i, conn) in conns.into_iter().enumerate() {
                 if i > 0 && !gap.is_zero() {
                     tokio::select! {
                         () = shared.shutdown.cancelled() => return,
+                        () = cancel.cancelled() => return,
                         () = tokio::time::sleep(gap) => {}
                     }
+                }
+                // Cancelled between two closes with no gap between them.
+                if cancel.is_cancelled() {
+                    return;
                 }
                 if conn.redirect && conn.send(redirect.clone()).is_ok() && !linger.is_zero() {
                     lingering.spawn(async move {
@@ -403,8 +510,11 @@ pub(crate) fn start_drain(shared: &Arc<Shared>, plan: &DrainPlan) -> (u64, bool)
                     conn.close(CloseReason::Drain);
                 }
             }
+            // A cancel leaves the redirected clients open (dropping the
+            // set aborts their close): they may move, or stay.
             tokio::select! {
                 () = shared.shutdown.cancelled() => return,
+                () = cancel.cancelled() => return,
                 () = async { while lingering.join_next().await.is_some() {} } => {}
             }
             info!("drain finished");

@@ -64,6 +64,10 @@ pub enum Error {
     /// Logic refused (or failed) the `Connect` call.
     #[error("authentication failed")]
     Auth(#[source] tonic::Status),
+    /// Logic's `Connect` reply breaks a per-connection limit (room id
+    /// length or accepted ops; a goim logic does not check them).
+    #[error("Connect reply refused: {0}")]
+    Limit(&'static str),
     /// The server closed the connection.
     #[error("closed by server: {0}")]
     Closed(&'static str),

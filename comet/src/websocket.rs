@@ -15,6 +15,8 @@ use herald_protocol::{Frame, Limits};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::conn::{CloseReason, Conn};
 use crate::server::Error;
@@ -77,16 +79,45 @@ async fn closed(conn: Option<&Conn>) {
     }
 }
 
+/// The close frame for a session that ended with `err`, per RFC 6455:
+/// 1009 for a message past the size limit (the WebSocket's own limit, or a
+/// goim frame's `pack_len`), 1002 for a protocol error (a malformed
+/// WebSocket frame or goim frame). `None`, an empty close, for the rest.
+pub(crate) fn close_frame(err: &Error) -> Option<CloseFrame> {
+    use herald_protocol::frame::Error as FrameError;
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let (code, reason) = match err {
+        Error::Frame(FrameError::TooLarge { .. }) | Error::WsRead(WsError::Capacity(_)) => {
+            (CloseCode::Size, "message too big")
+        }
+        Error::Frame(_) => (CloseCode::Protocol, "invalid frame"),
+        Error::WsRead(WsError::Protocol(_)) => (CloseCode::Protocol, "protocol error"),
+        _ => return None,
+    };
+    Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    })
+}
+
+/// Sends a close frame carrying `frame` (an empty close without one), for
+/// at most `within`: a client that does not read cannot hold the session.
+pub(crate) async fn send_close(sink: &mut WsSink, frame: Option<CloseFrame>, within: Duration) {
+    let _ = tokio::time::timeout(within, sink.send(Message::Close(frame))).await;
+}
+
 /// The writer of a WebSocket connection, run as its own task: drains
 /// `conn`'s queue into `sink` until the connection finishes or a write
 /// fails; `written(n)` is told the size of every batch written, and
 /// `push_written(latency)` the queue-to-written time of every push in it.
+/// Returns the sink for the close frame, which the session chooses, unless
+/// a write failed.
 pub(crate) async fn run_writer(
     conn: std::sync::Arc<Conn>,
     mut ws: WsSink,
     written: impl Fn(usize),
     push_written: impl Fn(Duration),
-) {
+) -> Option<WsSink> {
     while let Some(batch) = conn.next_batch().await {
         let n = batch.len();
         // Empty for reply-only batches, so nothing is allocated then.
@@ -109,7 +140,7 @@ pub(crate) async fn run_writer(
         if let Err(err) = result {
             tracing::debug!(cause = %err, "write failed");
             conn.close(CloseReason::WriteFailed);
-            return;
+            return None;
         }
         written(n);
         let done = Instant::now();
@@ -117,5 +148,5 @@ pub(crate) async fn run_writer(
             push_written(done.saturating_duration_since(at));
         }
     }
-    let _ = ws.send(Message::Close(None)).await;
+    Some(ws)
 }

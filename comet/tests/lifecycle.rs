@@ -10,7 +10,7 @@ use anyhow::Context;
 use herald_comet::Config;
 use herald_protocol::op;
 use herald_protocol::pb::BroadcastRoomReq;
-use herald_protocol::pb::admin::{DrainRequest, LoadRequest};
+use herald_protocol::pb::admin::{CancelDrainRequest, DrainRequest, LoadRequest};
 use herald_testkit::http;
 use herald_testkit::stub::Event;
 use tokio::net::TcpListener;
@@ -413,6 +413,71 @@ async fn shutdown_waits_for_a_running_drain_within_the_deadline() -> Result {
         assert_eq!(h.stub.disconnects(&format!("w{i}")), 1);
     }
     Ok(())
+}
+
+#[tokio::test]
+async fn a_cancelled_drain_accepts_clients_again() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(h.tcp_client(&token(&format!("c{i}"), "", &[])).await?);
+    }
+    let mut admin = h.admin_client().await?;
+    // Nothing to cancel yet.
+    let reply = admin
+        .cancel_drain(CancelDrainRequest {})
+        .await?
+        .into_inner();
+    assert!(!reply.cancelled);
+
+    // One close a second: the first goes at once, the next a second later.
+    let slow = DrainRequest {
+        deadline_ms: 60_000,
+        close_rate: 1,
+        ..DrainRequest::default()
+    };
+    assert!(admin.drain(slow.clone()).await?.into_inner().started);
+    h.logic_saw("the first Disconnect", |_| {
+        (0..3).any(|i| h.stub.disconnects(&format!("c{i}")) == 1)
+    })
+    .await?;
+    h.wait_readyz(503).await?;
+    let reply = admin
+        .cancel_drain(CancelDrainRequest {})
+        .await?
+        .into_inner();
+    assert!(reply.cancelled);
+    assert_eq!(reply.connections, 2);
+    assert!(!admin.load(LoadRequest {}).await?.into_inner().draining);
+    h.wait_readyz(200).await?;
+
+    // New clients are accepted again...
+    let mut late = h.tcp_client(&token("late", "", &[])).await?;
+    late.send_raw(hex(T3)).await?;
+    assert_eq!(late.next_message().await?.op, op::HEARTBEAT_REPLY);
+    // ...and the drain closes no more: past the next close's time (1 s),
+    // the two left still answer.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut open = 0;
+    for c in &mut clients {
+        if c.send_raw(hex(T3)).await.is_ok()
+            && c.next_message()
+                .await
+                .is_ok_and(|f| f.op == op::HEARTBEAT_REPLY)
+        {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 2, "only the first client was closed");
+
+    // A later drain starts afresh, and shutdown waits for it as usual.
+    let fast = DrainRequest {
+        deadline_ms: 2000,
+        ..DrainRequest::default()
+    };
+    assert!(admin.drain(fast).await?.into_inner().started);
+    closed(&mut late).await?;
+    h.shutdown().await
 }
 
 #[tokio::test]

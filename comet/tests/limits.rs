@@ -246,3 +246,217 @@ async fn strict_pack_len_closes_short_frames() -> Result {
     assert_eq!(healthy.next_message().await?.op, op::HEARTBEAT_REPLY);
     h.shutdown().await
 }
+
+/// One frame of `op` from a client (ver 1, seq = op), empty body.
+fn client_frame(op: i32) -> Frame {
+    Frame {
+        ver: 1,
+        op,
+        seq: op,
+        body: Bytes::new(),
+    }
+}
+
+#[tokio::test]
+async fn reserved_ops_from_clients_are_dropped_unanswered() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let reserved = [op::PROTO_READY, op::PROTO_FINISH, op::REDIRECT, 19, 20, 31];
+    let mut tcp = h.tcp_client(&token_mid(51, "tcp")).await?;
+    let mut ws = h.ws_client(&token_mid(52, "ws")).await?;
+    for client in [&mut tcp, &mut ws] {
+        for op in reserved {
+            client.send(client_frame(op)).await?;
+        }
+        // Replies keep request order: op 4's echo comes after whatever the
+        // reserved ops got, and nothing else may come before it.
+        client.send(client_frame(op::SEND_MSG)).await?;
+        let first = client.next_message().await?;
+        assert_eq!(
+            (first.op, first.seq),
+            (op::SEND_MSG, op::SEND_MSG),
+            "no echo of a reserved op"
+        );
+        // The client is still served.
+        client.send_raw(hex(T3)).await?;
+        assert_eq!(client.next_message().await?.op, op::HEARTBEAT_REPLY);
+    }
+    h.logic_saw("both op-4 Receives", |_| {
+        h.stub.receives(51) == 1 && h.stub.receives(52) == 1
+    })
+    .await?;
+    assert_eq!(
+        h.metric(r#"herald_comet_refusals_total{reason="client_reserved_op"}"#)
+            .await?,
+        (2 * reserved.len()) as f64
+    );
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn pushes_carrying_reserved_ops_are_refused_on_every_rpc() -> Result {
+    use herald_protocol::pb::push::PushMsgsReq;
+    use herald_protocol::pb::push::comet_push_client::CometPushClient;
+    use herald_protocol::pb::{BroadcastReq, Proto, PushMsgReq};
+
+    let mut h = Harness::start(|_| {}).await?;
+    // Accepts the reserved ops too: only the comet's refusal keeps them off.
+    let accepts = [1000, 10, 11, 18, 19];
+    let mut tcp = h.tcp_client(&token("k1", "room", &accepts)).await?;
+    let mut ws = h.ws_client(&token("k2", "room", &accepts)).await?;
+    let mut grpc = h.comet_client().await?;
+    let mut batch = CometPushClient::new(h.channel().await?);
+    let keys = vec!["k1".to_owned(), "k2".to_owned()];
+    let bare = |op| Proto {
+        ver: 1,
+        op,
+        seq: 0,
+        body: Bytes::from_static(b"x"),
+    };
+    let push = |proto_op, proto| PushMsgReq {
+        keys: keys.clone(),
+        proto: Some(proto),
+        proto_op,
+    };
+    let mut refused = Vec::new();
+    // The frames carry a reserved op, or (third) only the filtering op is
+    // one: room pushes have none, so that one is no room push.
+    for (proto_op, proto, frames_reserved) in [
+        (10, raw_push(10, b"x"), true),
+        (1000, raw_push(18, b"x"), true),
+        (18, raw_push(1000, b"x"), false),
+        (11, bare(11), true),
+        (1000, bare(19), true),
+    ] {
+        refused.push(grpc.push_msg(push(proto_op, proto.clone())).await.err());
+        refused.push(
+            grpc.broadcast(BroadcastReq {
+                proto_op,
+                proto: Some(proto.clone()),
+                speed: 0,
+            })
+            .await
+            .err(),
+        );
+        if frames_reserved {
+            refused.push(
+                grpc.broadcast_room(BroadcastRoomReq {
+                    room_id: "room".into(),
+                    proto: Some(proto.clone()),
+                })
+                .await
+                .err(),
+            );
+        }
+        // One reserved push in a batch refuses the batch before delivery.
+        refused.push(
+            batch
+                .push_msgs(PushMsgsReq {
+                    pushes: vec![push(1000, raw_push(1000, b"ok")), push(proto_op, proto)],
+                })
+                .await
+                .err(),
+        );
+    }
+    for status in &refused {
+        assert_eq!(
+            status.as_ref().map(tonic::Status::code),
+            Some(tonic::Code::InvalidArgument),
+            "{refused:?}"
+        );
+    }
+    // A room push whose op-9 body hides a reserved frame after a good one.
+    let mut hidden = Frame::push(1000, &b"a"[..]).to_bytes().to_vec();
+    hidden.extend_from_slice(&Frame::push(op::PROTO_READY, &b"b"[..]).to_bytes());
+    let status = grpc
+        .broadcast_room(BroadcastRoomReq {
+            room_id: "room".into(),
+            proto: Some(herald_protocol::ws::raw_proto(hidden.into())),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+    // Nothing reached either client: the next message is the good push.
+    grpc.push_msg(push(1000, raw_push(1000, b"good"))).await?;
+    let good = Frame::push(1000, &b"good"[..]);
+    assert_eq!(tcp.next_message().await?, good);
+    let wrapped = ws.next_message().await?;
+    assert_eq!((wrapped.op, wrapped.body), (op::RAW, good.to_bytes()));
+    assert_eq!(
+        h.metric(r#"herald_comet_refusals_total{reason="push_reserved_op"}"#)
+            .await?,
+        (refused.len() + 1) as f64
+    );
+    h.shutdown().await
+}
+
+#[tokio::test]
+async fn accepted_ops_and_room_ids_are_capped() -> Result {
+    use herald_protocol::limits::{MAX_ACCEPTED_OPS, MAX_ROOM_ID_BYTES};
+    use herald_protocol::pb::PushMsgReq;
+
+    let mut h = Harness::start(|_| {}).await?;
+    let mut c = h.tcp_client(&token("capped", "room", &[1000])).await?;
+    let mut healthy = h.tcp_client(&token("healthy", "room", &[1000])).await?;
+    let mut grpc = h.comet_client().await?;
+
+    // Filling the set to the limit works; one more op is refused whole.
+    let fill: Vec<i32> = (2000..).take(MAX_ACCEPTED_OPS - 1).collect();
+    c.subscribe(&fill).await?;
+    c.subscribe(&[5000, 5001]).await?;
+    let push = |key: &str, op| PushMsgReq {
+        keys: vec![key.to_owned()],
+        proto: Some(raw_push(op, b"p")),
+        proto_op: op,
+    };
+    grpc.push_msg(push("capped", 5000)).await?;
+    grpc.push_msg(push("capped", 2000)).await?;
+    assert_eq!(
+        c.next_message().await?.op,
+        2000,
+        "op 5000 was not added, op 2000 was"
+    );
+    assert_eq!(
+        h.metric(r#"herald_comet_refusals_total{reason="accepted_ops_limit"}"#)
+            .await?,
+        1.0
+    );
+
+    // A room id one byte too long: the move fails (echo all the same).
+    let long = "r".repeat(MAX_ROOM_ID_BYTES + 1);
+    c.change_room(&long).await?;
+    assert_eq!(c.heartbeat().await?, 2, "still in `room` with `healthy`");
+    c.change_room(&long[1..]).await?;
+    assert_eq!(c.heartbeat().await?, 1, "a room at the limit is joined");
+    assert_eq!(
+        h.metric(r#"herald_comet_refusals_total{reason="room_id_too_long"}"#)
+            .await?,
+        1.0
+    );
+
+    // A Connect reply over either limit (a goim logic does not check) is
+    // refused, and its route taken back.
+    let mut too_many = connect_tcp(h.tcp).await?;
+    let accepts: Vec<i32> = (0..).take(MAX_ACCEPTED_OPS + 1).collect();
+    let _ = too_many
+        .send(auth_frame(&token("many", "", &accepts)))
+        .await;
+    assert!(closed(&mut too_many).await?.is_empty(), "no op 8");
+    let mut far = connect_tcp(h.tcp).await?;
+    let _ = far.send(auth_frame(&token("far", &long, &[]))).await;
+    assert!(closed(&mut far).await?.is_empty(), "no op 8");
+    for key in ["many", "far"] {
+        h.logic_saw("Disconnect", |_| h.stub.disconnects(key) == 1)
+            .await?;
+    }
+    assert_eq!(
+        h.metric(r#"herald_comet_refusals_total{reason="room_id_too_long"}"#)
+            .await?,
+        2.0
+    );
+
+    // The others are served throughout.
+    grpc.push_msg(push("healthy", 1000)).await?;
+    assert_eq!(healthy.next_message().await?.op, 1000);
+    h.shutdown().await
+}

@@ -608,3 +608,81 @@ async fn a_browser_page_authenticates_and_receives_key_and_room_pushes() -> Resu
     drop(browser);
     h.shutdown().await
 }
+
+/// The close code of the close frame the comet sends `ws` next, skipping
+/// other messages; fails when the connection ends without one.
+async fn close_code<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Result<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    timeout(WAIT, async {
+        loop {
+            match ws.next().await.context("ended without a close frame")?? {
+                Message::Close(Some(frame)) => return Ok(u16::from(frame.code)),
+                Message::Close(None) => bail!("close frame without a code"),
+                _ => {}
+            }
+        }
+    })
+    .await?
+}
+
+#[tokio::test]
+async fn websocket_closes_carry_1002_and_1009() -> Result {
+    let mut h = Harness::start(|_| {}).await?;
+    let mut healthy = h.tcp_client(&token("healthy", "room", &[])).await?;
+    let mut grpc = h.comet_client().await?;
+    let authenticated = async || -> Result<_> {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/sub", h.ws)).await?;
+        ws.send(Message::Binary(hex(T1).into())).await?;
+        let reply = timeout(WAIT, ws.next()).await?.context("ended")??;
+        assert_eq!(reply.into_data().to_vec(), hex(T2));
+        Ok(ws)
+    };
+
+    // A message past the size limit: 1009, before and after op 7.
+    let huge = Message::Binary(vec![0u8; 9000].into());
+    let mut ws = authenticated().await?;
+    ws.send(huge.clone()).await?;
+    assert_eq!(close_code(&mut ws).await?, 1009, "oversized message");
+    let (mut early, _) = tokio_tungstenite::connect_async(format!("ws://{}/sub", h.ws)).await?;
+    early.send(huge).await?;
+    assert_eq!(close_code(&mut early).await?, 1009, "oversized before op 7");
+
+    // A goim frame past its pack_len limit inside a message that fits: 1009.
+    let mut ws = authenticated().await?;
+    let mut header = hex(T3);
+    header[..4].copy_from_slice(&5000i32.to_be_bytes());
+    ws.send(Message::Binary(header.into())).await?;
+    assert_eq!(close_code(&mut ws).await?, 1009, "pack_len over 4112");
+
+    // A message shorter than its pack_len: a protocol error, 1002.
+    let mut ws = authenticated().await?;
+    let mut short = hex(T10_REQ);
+    short[..4].copy_from_slice(&32i32.to_be_bytes());
+    ws.send(Message::Binary(short.into())).await?;
+    assert_eq!(close_code(&mut ws).await?, 1002, "truncated goim frame");
+
+    // A WebSocket frame with RSV1 set (no extension was negotiated): 1002.
+    let mut tcp = TcpStream::connect(h.ws).await?;
+    tcp.write_all(upgrade_head("").as_bytes()).await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await?);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    tcp.write_all(&[0xc2, 0x81, 0, 0, 0, 0, 0]).await?;
+    let mut close = [0u8; 4];
+    timeout(WAIT, tcp.read_exact(&mut close)).await??;
+    assert_eq!(close[0], 0x88, "a close frame");
+    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1002, "RSV1 set");
+
+    // The other client is served throughout.
+    grpc.broadcast_room(BroadcastRoomReq {
+        room_id: "room".into(),
+        proto: Some(raw_push(1000, b"still here")),
+    })
+    .await?;
+    assert_eq!(healthy.next_message().await?.body.as_ref(), b"still here");
+    h.shutdown().await
+}

@@ -98,16 +98,20 @@ pub enum Poison {
     EmptyKeys,
     /// Larger than the configured maximum.
     Oversized,
+    /// An operation no client may be sent (goim's 10 and 11, Herald's
+    /// 18–31): comets refuse it, and in a batch would refuse the rest too.
+    ReservedOp,
 }
 
 impl Poison {
     /// The metric label and dead-letter header value.
     /// Every reason, for summing the counters.
-    pub const ALL: [Poison; 4] = [
+    pub const ALL: [Poison; 5] = [
         Poison::Undecodable,
         Poison::UnknownType,
         Poison::EmptyKeys,
         Poison::Oversized,
+        Poison::ReservedOp,
     ];
 
     /// The `reason` label it is counted under.
@@ -117,6 +121,7 @@ impl Poison {
             Poison::UnknownType => "unknown_type",
             Poison::EmptyKeys => "empty_keys",
             Poison::Oversized => "oversized",
+            Poison::ReservedOp => "reserved_op",
         }
     }
 }
@@ -263,6 +268,10 @@ impl Job {
             warn!(r#type = msg.r#type, "unknown push type");
             return Err(self.poison(Poison::UnknownType, len));
         };
+        if herald_protocol::op::is_reserved(msg.operation) {
+            warn!(operation = msg.operation, "push of a reserved operation");
+            return Err(self.poison(Poison::ReservedOp, len));
+        }
         let frame = Frame::push(msg.operation, msg.msg.clone()).to_bytes();
         match kind {
             push_msg::Type::Push => {

@@ -10,6 +10,8 @@
 //!   decoder that enforces the inbound limits (§2).
 //! - [`op`]: operation codes (§3), plus Herald's reserved ops 18–20, and the
 //!   decimal op lists of subscribe / unsubscribe bodies (§5.2).
+//! - [`limits`]: per-connection state limits (room id length, accepted
+//!   ops) that comet and logic both enforce.
 //! - [`ws`]: the op-9 wrapping that WebSocket clients expect for pushes (§4.2)
 //!   and iteration over batched frames.
 //! - [`nodes`]: the node-list document the operator writes and logic and
@@ -23,6 +25,7 @@
 
 pub mod cityhash;
 pub mod frame;
+pub mod limits;
 pub mod nodes;
 pub mod op;
 pub mod pb;

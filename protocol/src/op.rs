@@ -46,10 +46,23 @@ pub const RESUME_POINT: i32 = 19;
 /// Herald: reserved for delivery recovery (resume, client → comet).
 pub const RESUME: i32 = 20;
 
+/// The codes reserved for Herald's extensions (§15): the comet emits them
+/// itself, and only to connections that asked for the extension.
+pub const HERALD_RESERVED: std::ops::RangeInclusive<i32> = 18..=31;
+
 /// Whether `op` is goim's internal sentinel that must never be sent or accepted
 /// as a business op.
 pub fn is_internal(op: i32) -> bool {
     op == PROTO_READY || op == PROTO_FINISH
+}
+
+/// Whether `op` may be neither pushed nor sent by a client: goim's
+/// sentinels never appear on the wire, and Herald's extension codes come
+/// from the comet itself, so that a client which did not ask for them never
+/// sees one (a push API that let them through would hand any caller a way
+/// to send, say, a forged op-18 redirect).
+pub fn is_reserved(op: i32) -> bool {
+    is_internal(op) || HERALD_RESERVED.contains(&op)
 }
 
 /// Why an op list was refused.
@@ -92,6 +105,15 @@ pub fn parse_list(body: &[u8]) -> Result<Vec<i32>, ListError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserved_ops_are_the_sentinels_and_herald_range() {
+        let reserved: Vec<i32> = (0..40).filter(|&op| is_reserved(op)).collect();
+        let mut expected = vec![10, 11];
+        expected.extend(18..=31);
+        assert_eq!(reserved, expected);
+        assert!(!is_reserved(1000) && !is_reserved(-1));
+    }
 
     #[test]
     fn parses_t9_body() {

@@ -66,6 +66,44 @@ fn proto_frame(proto: &Proto) -> Frame {
     }
 }
 
+/// Why a push proto may not be written to clients.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// It would put a reserved op ([`op::is_reserved`]) on the wire.
+    #[error("op {0} is reserved: never pushed")]
+    ReservedOp(i32),
+    /// An op-9 body that is not whole frames: written verbatim, it would
+    /// leave TCP clients' streams unreadable, and could hide a reserved op
+    /// from this check behind a header other decoders read differently.
+    #[error("op-9 body is not whole frames")]
+    NotFrames(#[source] frame::Error),
+}
+
+/// Checks a push proto before any client gets it: its own op, or for an
+/// op-9 proto every frame in its body, must be a pushable op.
+///
+/// # Errors
+/// [`PushError`] says which rule the proto breaks.
+pub fn check_push(proto: &Proto) -> Result<(), PushError> {
+    if proto.op != op::RAW {
+        return match proto.op {
+            reserved if op::is_reserved(reserved) => Err(PushError::ReservedOp(reserved)),
+            _ => Ok(()),
+        };
+    }
+    let any_size = Limits {
+        max_pack_len: usize::MAX,
+        strict: false,
+    };
+    for frame in frames(proto.body.clone(), any_size) {
+        let frame = frame.map_err(PushError::NotFrames)?;
+        if op::is_reserved(frame.op) {
+            return Err(PushError::ReservedOp(frame.op));
+        }
+    }
+    Ok(())
+}
+
 /// Iterates the frames packed back to back in a batch body (op 9's body).
 ///
 /// Yields an error, then stops, when the remainder is not a whole frame.
@@ -115,4 +153,45 @@ fn declared_len(buf: &[u8]) -> i32 {
     buf.get(..4)
         .and_then(|b| b.try_into().ok())
         .map_or(0, i32::from_be_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(ops: &[i32]) -> Proto {
+        let mut body = BytesMut::new();
+        for &op in ops {
+            body.put_slice(&Frame::push(op, &b"x"[..]).to_bytes());
+        }
+        raw_proto(body.freeze())
+    }
+
+    #[test]
+    fn pushes_of_reserved_ops_are_refused_wrapped_or_not() {
+        assert!(check_push(&batch(&[1000, 1001])).is_ok());
+        for reserved in [10, 11, 18, 19, 20, 31] {
+            assert!(matches!(
+                check_push(&batch(&[1000, reserved])),
+                Err(PushError::ReservedOp(op)) if op == reserved
+            ));
+            let bare = Proto {
+                ver: 1,
+                op: reserved,
+                seq: 0,
+                body: Bytes::new(),
+            };
+            assert!(matches!(check_push(&bare), Err(PushError::ReservedOp(_))));
+        }
+    }
+
+    #[test]
+    fn a_batch_that_is_not_whole_frames_is_refused() {
+        let mut body = Frame::push(1000, &b"x"[..]).to_bytes().to_vec();
+        body.extend_from_slice(&[0, 0, 0, 40, 0, 16]);
+        assert!(matches!(
+            check_push(&raw_proto(body.into())),
+            Err(PushError::NotFrames(_))
+        ));
+    }
 }

@@ -12,11 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use herald_protocol::{Frame, Limits, op};
+use herald_protocol::{Frame, Limits, limits, op};
 use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, timeout_at};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tracing::{Instrument, debug};
 
 use super::Error;
@@ -27,7 +28,7 @@ use crate::Shared;
 use crate::conn::{CloseReason, Conn, Identity};
 use crate::metrics::Metrics;
 use crate::tcp::TcpLink;
-use crate::websocket::{WsReader, WsSink, run_writer};
+use crate::websocket::{WsReader, WsSink, close_frame, run_writer, send_close};
 
 /// How long a finished session lets its writer flush (e.g. an op-18 redirect).
 const WRITER_GRACE: Duration = Duration::from_secs(2);
@@ -109,13 +110,17 @@ pub(super) async fn run(
             Err(_) => "io",
         },
     );
-    if let Err(err) = result {
-        debug!(cause = %err, "session ended");
-    }
+    let close = match result {
+        Err(err) => {
+            debug!(cause = %err, "session ended");
+            close_frame(&err)
+        }
+        Ok(()) => None,
+    };
 
     shared.buckets.remove(&conn, room.as_deref());
     conn.finish();
-    Box::pin(end(link, writer, &conn, &shared)).await;
+    Box::pin(end(link, writer, close, &conn, &shared)).await;
 }
 
 /// What an authenticated session keeps: only this lives as long as the
@@ -124,7 +129,7 @@ struct Session {
     link: Link,
     conn: Arc<Conn>,
     room: Option<String>,
-    writer: Option<tokio::task::JoinHandle<()>>,
+    writer: Option<tokio::task::JoinHandle<Option<WsSink>>>,
     idle: Duration,
 }
 
@@ -217,10 +222,12 @@ async fn authenticate(
 }
 
 /// After the session: what is still queued (an op-18 redirect, say) is
-/// written, within [`WRITER_GRACE`], while logic forgets the route.
+/// written, within [`WRITER_GRACE`], then a WebSocket gets its `close`
+/// frame, while logic forgets the route.
 async fn end(
     mut link: Link,
-    writer: Option<tokio::task::JoinHandle<()>>,
+    writer: Option<tokio::task::JoinHandle<Option<WsSink>>>,
+    close: Option<CloseFrame>,
     conn: &Conn,
     shared: &Shared,
 ) {
@@ -229,8 +236,14 @@ async fn end(
     let flush = async {
         if let Some(writer) = writer {
             let abort = writer.abort_handle();
-            if slow || tokio::time::timeout(WRITER_GRACE, writer).await.is_err() {
+            if slow {
                 abort.abort();
+            } else {
+                match tokio::time::timeout(WRITER_GRACE, writer).await {
+                    Ok(Ok(Some(mut sink))) => send_close(&mut sink, close, WRITER_GRACE).await,
+                    Ok(_) => {}
+                    Err(_) => abort.abort(),
+                }
             }
         } else if let (Link::Tcp(tcp), false) = (&mut link, slow) {
             let _ = tokio::time::timeout(WRITER_GRACE, tcp.flush(conn, &shared.metrics)).await;
@@ -275,7 +288,7 @@ async fn handshake(
         strict: shared.config.strict_pack_len,
         ..Limits::INBOUND
     };
-    let (mut link, sink): (Link, Option<WsSink>) = match listen {
+    let (mut link, mut sink): (Link, Option<WsSink>) = match listen {
         Listen::Tcp => (Link::Tcp(TcpLink::new(stream, limits)), None),
         Listen::Ws => {
             let (reader, sink) = upgrade(Box::new(stream), &mut cookie, limits, shared).await?;
@@ -288,8 +301,15 @@ async fn handshake(
         }
     };
     let auth = loop {
-        let Some(frame) = link.next(None, &shared.metrics).await? else {
-            return Ok(None);
+        let frame = match link.next(None, &shared.metrics).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Ok(None),
+            Err(err) => {
+                if let Some(sink) = sink.as_mut() {
+                    send_close(sink, close_frame(&err), WRITER_GRACE).await;
+                }
+                return Err(err);
+            }
         };
         if frame.op == op::AUTH {
             break frame;
@@ -301,6 +321,13 @@ async fn handshake(
         .connect(&shared.config.server_id, cookie, auth.body.clone())
         .await
         .map_err(Error::Auth)?;
+    if let Some(reason) = over_limits(&reply) {
+        shared.metrics.refused(reason);
+        // Logic wrote the route already: take it back.
+        let server = &shared.config.server_id;
+        shared.logic.disconnect(reply.mid, &reply.key, server).await;
+        return Err(Error::Limit(reason));
+    }
     // Herald's logic answers from the verified token, whatever its mode (a
     // JWT is no JSON to read here); goim's logic never sets the field, so
     // the token's own JSON still counts.
@@ -312,6 +339,18 @@ async fn handshake(
         reply,
         redirect,
     }))
+}
+
+/// Which per-connection limit a `Connect` reply breaks, as the refusal's
+/// metric reason. Herald's logic refuses such tokens itself.
+fn over_limits(reply: &herald_protocol::pb::ConnectReply) -> Option<&'static str> {
+    if !limits::room_fits(&reply.room_id) {
+        return Some("room_id_too_long");
+    }
+    let mut distinct = reply.accepts.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    (distinct.len() > limits::MAX_ACCEPTED_OPS).then_some("accepted_ops_limit")
 }
 
 /// The authenticated phase: answer frames until something ends the session.
@@ -359,19 +398,29 @@ async fn serve(
             }
             op::CHANGE_ROOM => {
                 // A non-UTF-8 room cannot be named by anyone; the move fails
-                // and the body is echoed anyway (§5.2).
-                if let Ok(to) = std::str::from_utf8(&frame.body) {
-                    let to = (!to.is_empty()).then(|| to.to_owned());
-                    shared
-                        .buckets
-                        .change_room(conn, room.as_deref(), to.as_deref());
-                    *room = to;
+                // and the body is echoed anyway (§5.2). A room past the
+                // length limit fails the same way, counted: the HTTP API
+                // refuses to push to it too.
+                match std::str::from_utf8(&frame.body) {
+                    Ok(to) if !limits::room_fits(to) => shared.metrics.refused("room_id_too_long"),
+                    Ok(to) => {
+                        let to = (!to.is_empty()).then(|| to.to_owned());
+                        shared
+                            .buckets
+                            .change_room(conn, room.as_deref(), to.as_deref());
+                        *room = to;
+                    }
+                    Err(_) => {}
                 }
                 frame.reply(op::CHANGE_ROOM_REPLY, frame.body.clone())
             }
             op::SUB => {
-                if let Ok(list) = op::parse_list(&frame.body) {
-                    conn.accept(&list);
+                // Over the limit the set is left as it was, like a list that
+                // does not parse, and the body is echoed all the same.
+                if let Ok(list) = op::parse_list(&frame.body)
+                    && !conn.accept(&list)
+                {
+                    shared.metrics.refused("accepted_ops_limit");
                 }
                 frame.reply(op::SUB_REPLY, frame.body.clone())
             }
@@ -380,6 +429,15 @@ async fn serve(
                     conn.unaccept(&list);
                 }
                 frame.reply(op::UNSUB_REPLY, frame.body.clone())
+            }
+            reserved if op::is_reserved(reserved) => {
+                // goim's sentinels and Herald's extension ops are never
+                // answered: an echo would put them on the wire, to a client
+                // that may not have asked for extensions. Nor does logic
+                // get them; what they will mean (op 20, resume) is the
+                // comet's to handle.
+                shared.metrics.refused("client_reserved_op");
+                continue;
             }
             other => {
                 let limit = receive_limit
