@@ -14,12 +14,19 @@ use axum::routing::get;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use crate::http;
+
 /// What a role's admin endpoints report.
 pub trait Health: Send + Sync + 'static {
     /// The role's registry in Prometheus text format (see [`encode`]).
     fn metrics(&self) -> String;
     /// `Ok` when the role should get traffic, else why not (answered with 503).
     fn ready(&self) -> impl Future<Output = Result<(), String>> + Send;
+    /// Where the admin listener counts the connections its limits refuse
+    /// ([`http::Refusals`] in the role's registry); `None`: not counted.
+    fn http_refusals(&self) -> Option<http::Refusals> {
+        None
+    }
 }
 
 /// The content type of `/metrics`.
@@ -44,18 +51,34 @@ pub fn router<H: Health>(health: Arc<H>) -> Router {
         .with_state(health)
 }
 
-/// Serves the three routes on `listener` until `shutdown` completes.
+/// Serves the three routes on `listener` until `shutdown` completes, within
+/// [`http::Limits::admin`].
 ///
 /// # Errors
-/// When accepting connections fails.
+/// As [`http::serve`].
 pub async fn serve<H: Health>(
     listener: TcpListener,
     health: Arc<H>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(health))
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_within(listener, health, http::Limits::admin(), shutdown).await
+}
+
+/// [`serve`] within `limits` (tests shorten the deadlines).
+///
+/// # Errors
+/// As [`http::serve`].
+pub async fn serve_within<H: Health>(
+    listener: TcpListener,
+    health: Arc<H>,
+    limits: http::Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let config = http::Listener {
+        refusals: health.http_refusals(),
+        ..http::Listener::new("admin", limits)
+    };
+    http::serve(listener, router(health), config, shutdown).await
 }
 
 async fn metrics<H: Health>(State(health): State<Arc<H>>) -> impl IntoResponse {

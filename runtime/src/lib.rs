@@ -8,6 +8,8 @@
 //! - [`shutdown`]: one stop signal, fanned out to every task of a role, and
 //!   the process signals (SIGTERM, Ctrl-C) that fire it.
 //! - [`listen`]: binding a role's listeners with an error that names the address.
+//! - [`http`]: the one HTTP server (header, body and idle deadlines, a
+//!   connection cap) behind every HTTP listener.
 //! - [`admin`]: the `/metrics`, `/healthz`, `/readyz` server every role runs.
 //! - [`nodes`]: where logic and job get the node list (file, ConfigMap watch
 //!   behind the `kube` feature, or in memory for `herald standalone`).
@@ -28,6 +30,7 @@ pub mod admin;
 pub mod args;
 pub mod contract;
 pub mod grpc_auth;
+pub mod http;
 pub mod kafka_security;
 pub mod listen;
 pub mod nodes;
