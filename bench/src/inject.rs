@@ -109,12 +109,25 @@ impl LogicHttp {
 
     /// GETs `path`; returns the status code (readiness probes).
     pub(crate) async fn get_status(&self, path: &str) -> Result<u16, String> {
+        self.get(path).await.map(|(status, _)| status)
+    }
+
+    /// GETs `path`; returns the status code and the body as text (a
+    /// server's `/metrics`, say).
+    pub(crate) async fn get(&self, path: &str) -> Result<(u16, String), String> {
         let uri = format!("http://{}{path}", self.addr);
         let req = http::Request::get(uri)
             .body(Full::new(Bytes::new()))
             .map_err(|e| e.to_string())?;
         let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
-        Ok(resp.status().as_u16())
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 }
 

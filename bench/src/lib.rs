@@ -24,9 +24,9 @@
 //! - [`s5`]: S5, the end-to-end path through real logic, job, Redis and Kafka;
 //!   its setup (`cluster`), steps (`steps`, `keys`), `floors`, `cost` and
 //!   table rows (`targets`) in submodules.
-//! - [`scenarios`]: S0–S7 and the `quick`/`full`/`smoke` profiles; one
-//!   submodule per scenario (`s0` … `s7`), plus the profiles' sizes
-//!   (`plan`) and the smoke checks (`smoke`).
+//! - [`scenarios`]: S0–S7, the soak, and the `quick`/`full`/`smoke`
+//!   profiles; one submodule per scenario (`s0` … `s7`, `soak`), plus the
+//!   profiles' sizes (`plan`) and the smoke checks (`smoke`).
 //! - [`report`]: the JSON record and the markdown table; the table in
 //!   `markdown`, the plots' series in `plots`.
 //! - [`plot`]: PNG plots, with labels from a built-in bitmap font.
@@ -84,6 +84,9 @@ pub enum Error {
     /// A smoke run saw loss, reordering or a shortfall.
     #[error("smoke check failed: {0}")]
     Smoke(String),
+    /// A soak run lost messages it cannot explain.
+    #[error("soak failed: {0}")]
+    Soak(String),
 }
 
 /// Result with this crate's [`Error`].
@@ -114,6 +117,11 @@ pub enum What {
     S6,
     /// S7: slow consumers (1 % stop reading).
     S7,
+    /// Soak: `--minutes` of mixed load (idle clients, room and key pushes,
+    /// connects and disconnects, slow readers) in `--window-seconds`
+    /// windows; through logic, Kafka and job when --redis and --kafka are
+    /// given, else against comet alone. Fails on an unexplained loss.
+    Soak,
     /// The quick profile: every scenario, small steps (a few minutes).
     Quick,
     /// The full profile: every scenario, longer steps and more rates.
@@ -140,8 +148,8 @@ pub enum What {
 /// Flags of `herald bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// A scenario (s0..s7, s2-ws), a profile (quick, full) or a smoke check
-    /// (smoke, s5-smoke).
+    /// A scenario (s0..s7, s2-ws, soak), a profile (quick, full) or a smoke
+    /// check (smoke, s5-smoke).
     #[arg(value_enum)]
     pub what: What,
     /// The herald binary to benchmark; defaults to the current executable.
@@ -159,6 +167,12 @@ pub struct Args {
     /// Seconds per measured step (default: the profile's).
     #[arg(long)]
     pub seconds: Option<f64>,
+    /// Soak: minutes of load in all.
+    #[arg(long, default_value_t = 30.0)]
+    pub minutes: f64,
+    /// Soak: seconds per reported window (drift compares the last with the first).
+    #[arg(long, default_value_t = 300.0)]
+    pub window_seconds: f64,
     /// Core the server (comet or floor) is pinned to.
     #[arg(long, default_value_t = 0)]
     pub server_core: usize,

@@ -230,6 +230,12 @@ impl Generator {
                 probes.tallies.push(tally);
                 probes.tallies.len() - 1
             };
+            let heartbeat = wire::heartbeat_frame();
+            let heartbeat = if ws {
+                wire::ws_client_frame(&heartbeat)
+            } else {
+                heartbeat
+            };
             let task = probe(
                 stream,
                 scanner,
@@ -237,6 +243,7 @@ impl Generator {
                 self.probes.clone(),
                 self.buf.clone(),
                 self.clock,
+                heartbeat,
             );
             self.probe_tasks.push(tokio::task::spawn_local(task));
             return;
@@ -440,7 +447,9 @@ fn sweep_chunk(
     (end >= sinks.len(), full)
 }
 
-/// A probe: reads as soon as the reactor says its socket is readable.
+/// A probe: reads as soon as the reactor says its socket is readable, and
+/// sends its `heartbeat` frame every [`HEARTBEAT_EVERY`] as the sinks do,
+/// so a run longer than the server's idle timeout (the soak) keeps it.
 async fn probe(
     stream: TcpStream,
     mut scanner: Scanner,
@@ -448,9 +457,22 @@ async fn probe(
     probes: Rc<RefCell<Probes>>,
     buf: Rc<RefCell<Box<[u8]>>>,
     clock: Clock,
+    heartbeat: Vec<u8>,
 ) {
+    let mut beat = tokio::time::interval_at(
+        tokio::time::Instant::now() + HEARTBEAT_EVERY,
+        HEARTBEAT_EVERY,
+    );
     loop {
-        if stream.readable().await.is_err() {
+        let readable = tokio::select! {
+            readable = stream.readable() => readable,
+            _ = beat.tick() => {
+                // As for sinks: one that does not fit now is skipped.
+                let _ = stream.try_write(&heartbeat);
+                continue;
+            }
+        };
+        if readable.is_err() {
             break;
         }
         let mut buf = buf.borrow_mut();

@@ -83,6 +83,18 @@ pub(crate) struct Target {
     pub(crate) loadavg: f64,
 }
 
+impl Target {
+    /// The target as a `PASS`/`FAIL` line (the soak's summary).
+    pub(crate) fn verdict(&self) -> String {
+        let word = match self.met {
+            Some(true) => "PASS",
+            Some(false) => "FAIL",
+            None => "n/a",
+        };
+        format!("{word} {} {}: {}", self.target, self.goal, self.figure)
+    }
+}
+
 /// Everything one `herald bench` invocation measured.
 #[derive(Debug, serde::Serialize)]
 pub(crate) struct Report {

@@ -21,7 +21,7 @@
 //! topics in `cluster`, the floors in `floors`, the CPU per push in `cost`
 //! and the table rows in `targets`.
 
-mod cluster;
+pub(crate) mod cluster;
 mod cost;
 mod floors;
 mod keys;
@@ -31,14 +31,15 @@ mod targets;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use self::cluster::{create_topics, delete_topics};
+pub(crate) use self::cluster::{create_topics, delete_topics};
 use self::steps::measure;
+pub(crate) use self::steps::{key_post, room_post};
 use crate::load::Clock;
 use crate::report::Target;
 
 /// Partitions of the push topic and of the floor topic (as the test bed's
 /// full-path tests use).
-const PARTITIONS: i32 = 3;
+pub(crate) const PARTITIONS: i32 = 3;
 /// How long a step waits with no new message before calling delivery done.
 const DRAIN_IDLE: Duration = Duration::from_secs(3);
 /// Request/answer pairs logic, job and comet handle per single-key push,

@@ -1,4 +1,4 @@
-//! The scenarios (S0–S7) and the profiles that chain them.
+//! The scenarios (S0–S7, the soak) and the profiles that chain them.
 //!
 //! Each scenario starts what it needs (a comet process or the floor process),
 //! connects its clients, measures, records its figures and the targets it
@@ -6,7 +6,7 @@
 //! scenarios never share a server or leak sockets into each other's figures.
 //!
 //! This file holds the run ([`run`]) and what scenarios share; each scenario
-//! lives in its own module (`s0` … `s7`), the profiles' sizes in `plan` and
+//! lives in its own module (`s0` … `s7`, `soak`), the profiles' sizes in `plan` and
 //! the smoke profiles' checks in `smoke`.
 
 mod plan;
@@ -19,6 +19,7 @@ mod s5;
 mod s6;
 mod s7;
 mod smoke;
+mod soak;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ use self::s5::s5;
 use self::s6::s6;
 use self::s7::s7;
 use self::smoke::{s5_smoke_check, smoke_check};
+use self::soak::{soak, soak_check};
 use crate::floor::FloorRun;
 use crate::load::{ClientSpec, Clock, Generator, Transport};
 use crate::proc::{self, Machine, PerfCount, Sample};
@@ -92,6 +94,8 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         docs,
         clients,
         seconds,
+        minutes,
+        window_seconds,
         server_core,
         gen_core,
         no_pin,
@@ -146,7 +150,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         })
         .collect::<Vec<_>>()
         .join(" ");
-    let mut plan = Plan::new(what, clients, seconds);
+    let mut plan = Plan::new(what, clients, seconds, minutes, window_seconds);
     if services.is_none() && plan.scenarios.contains(&What::S5) {
         plan.scenarios.retain(|s| *s != What::S5);
         notes.push(
@@ -201,13 +205,14 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             What::S5 => s5(&mut ctx).await,
             What::S6 => s6(&mut ctx).await,
             What::S7 => s7(&mut ctx).await,
+            What::Soak => soak(&mut ctx).await,
             _ => Ok(()),
         };
         if let Err(err) = result {
             let msg = format!("{scenario:?} failed: {}", herald_runtime::error_chain(&err));
             eprintln!("herald bench: {msg}");
             ctx.report.notes.push(msg);
-            if matches!(what, What::Smoke | What::S5Smoke) {
+            if matches!(what, What::Smoke | What::S5Smoke | What::Soak) {
                 return Err(err);
             }
         }
@@ -229,6 +234,9 @@ pub(crate) async fn run(args: Args) -> Result<()> {
     }
     if what == What::S5Smoke {
         s5_smoke_check(&ctx.report)?;
+    }
+    if what == What::Soak {
+        soak_check(&ctx.report)?;
     }
     Ok(())
 }

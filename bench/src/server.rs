@@ -59,6 +59,8 @@ pub(crate) struct Comet {
     pub(crate) tcp: SocketAddr,
     pub(crate) ws: SocketAddr,
     pub(crate) grpc: SocketAddr,
+    /// The admin HTTP listener (`/metrics`).
+    pub(crate) http: SocketAddr,
 }
 
 /// A command running `binary`, pinned to `core` with `taskset` when given,
@@ -147,6 +149,7 @@ impl Comet {
             tcp,
             ws,
             grpc,
+            http,
         };
         let deadline = Duration::from_secs(20);
         let start = Instant::now();

@@ -194,6 +194,83 @@ fn bench_s5_smoke_delivers_every_push_through_kafka() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// `herald bench soak` for one minute in 10 s windows on the full path
+/// (logic, job and comet on the test bed's Redis and Kafka), with a smaller
+/// idle population: room and key pushes, connects and disconnects and slow
+/// readers in every window. The bench exits non-zero on any loss it cannot
+/// explain; every window must also deliver everything owed to the clients
+/// that read, and the slow readers' losses must be the explained kind
+/// (closed by comet as `slow_consumer`). Drift is printed, not asserted: a
+/// minute on a shared 2-core machine is too noisy for it.
+#[test]
+fn bench_soak_minute_loses_nothing_unexplained() {
+    let redis = herald_e2e::testbed_var("HERALD_REDIS_URL");
+    let kafka = herald_e2e::testbed_var("HERALD_KAFKA_BROKERS");
+    let out = std::env::temp_dir().join(format!("herald-bench-soak-{}", std::process::id()));
+    let output = bench()
+        .args(["soak", "--minutes", "1", "--window-seconds", "10"])
+        .args([
+            "--clients",
+            "500",
+            "--redis",
+            &redis,
+            "--kafka",
+            &kafka,
+            "--out",
+        ])
+        .arg(&out)
+        .args(grpc_token_flags(&out))
+        .output()
+        .expect("run herald bench soak");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let md = std::fs::read_to_string(out.join("bench-soak.md")).unwrap_or_default();
+    // The figures, drift included, for whoever reads the test's output.
+    println!("{stderr}\n{md}");
+    assert!(
+        output.status.success(),
+        "herald bench soak failed:\n{stderr}"
+    );
+    let json = std::fs::read(out.join("bench-soak.json")).expect("the JSON record");
+    let report: serde_json::Value = serde_json::from_slice(&json).expect("valid JSON");
+    let soak = &report["scenarios"]["soak"];
+    assert_eq!(soak["path"], "full", "{soak}");
+    assert_eq!(soak["unexplained"].as_u64(), Some(0), "{}", soak["losses"]);
+    let windows = soak["windows"].as_array().expect("windows");
+    assert_eq!(windows.len(), 6, "one minute in 10 s windows");
+    let mut slow_closed = 0;
+    for w in windows.iter().chain([&soak["warm_up"]]) {
+        let expected = w["expected"].as_u64().expect("expected");
+        assert!(expected > 0, "{w}");
+        assert_eq!(w["delivered"].as_u64(), Some(expected), "{w}");
+        assert!(w["churn"]["connected"].as_u64().unwrap_or(0) > 0, "{w}");
+        assert!(w["latency"]["count"].as_u64().unwrap_or(0) > 0, "{w}");
+        let processes = w["processes"].as_array().expect("processes");
+        let names: Vec<_> = processes.iter().map(|p| p["name"].clone()).collect();
+        assert_eq!(names, ["comet", "logic", "job"], "{w}");
+        for p in processes {
+            assert!(p["rss_bytes"].as_u64().unwrap_or(0) > 0, "{p}");
+            assert!(p["fds"].as_u64().unwrap_or(0) > 0, "{p}");
+        }
+        slow_closed += w["slow_readers"]["closed_slow_consumer"]
+            .as_u64()
+            .unwrap_or(0);
+    }
+    // The slow readers were closed by comet, and their messages are the
+    // explained losses.
+    assert!(slow_closed > 0, "no slow reader closed: {}", soak["losses"]);
+    assert!(
+        soak["explained"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        soak["losses"]
+    );
+    assert!(md.contains("PASS unexplained losses 0"), "{md}");
+    assert!(
+        md.contains("RSS drift, last window against the first"),
+        "{md}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 /// The children of `pid` whose command line contains `word`.
 fn children_with(pid: u32, word: &str) -> Vec<u32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {

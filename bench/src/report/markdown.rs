@@ -253,6 +253,9 @@ impl Report {
             }
             md.push('\n');
         }
+        if let Some(soak) = self.scenarios.get("soak") {
+            self.soak_section(&mut md, soak);
+        }
         for note in &self.notes {
             let _ = writeln!(md, "- {note}");
         }
@@ -267,5 +270,149 @@ fn syscalls(v: &serde_json::Value, all: &str, rw: &str) -> String {
         (Some(n), _) => fmt_num(n),
         (None, Some(n)) => format!("≥ {}", fmt_num(n)),
         (None, None) => "–".to_owned(),
+    }
+}
+
+impl Report {
+    /// The soak: one row per window (the warm-up first), the drift, the
+    /// PASS/FAIL lines and every loss with its reason.
+    fn soak_section(&self, md: &mut String, soak: &serde_json::Value) {
+        let load = &soak["load"];
+        let _ = writeln!(
+            md,
+            "Soak ({} path, {:.1} min in {:.0} s windows): {} idle clients; {} rooms × {} members at {} pushes/s each; {} keys at {} pushes/s in all; {} clients connect and the {} before them close every {} s; a room of {} readers gets {} pushes/s of {} bytes, and {} slow readers join it each window and never read (comet queue {} bytes, send buffer {} bytes).\n",
+            soak["path"].as_str().unwrap_or("?"),
+            soak["minutes"].as_f64().unwrap_or(f64::NAN),
+            soak["window_seconds"].as_f64().unwrap_or(f64::NAN),
+            load["idle_clients"],
+            load["rooms"],
+            load["members_per_room"],
+            load["room_pushes_per_sec"],
+            load["key_clients"],
+            load["key_pushes_per_sec"],
+            load["churn_batch"],
+            load["churn_batch"],
+            load["churn_every_s"],
+            load["slow_room_members"],
+            load["slow_room_pushes_per_sec"],
+            load["slow_room_body_bytes"],
+            load["slow_readers_per_window"],
+            load["comet_queue_bytes"],
+            load["comet_send_buffer_bytes"],
+        );
+        let windows: Vec<&serde_json::Value> = std::iter::once(&soak["warm_up"])
+            .chain(soak["windows"].as_array().into_iter().flatten())
+            .filter(|w| !w.is_null())
+            .collect();
+        let names: Vec<String> = windows
+            .first()
+            .and_then(|w| w["processes"].as_array())
+            .into_iter()
+            .flatten()
+            .map(|p| p["name"].as_str().unwrap_or("?").to_owned())
+            .collect();
+        md.push_str("| window | end s | delivered/expected | p50 ms | p99 ms |");
+        for name in &names {
+            let _ = write!(md, " {name} RSS MiB | {name} fds |");
+        }
+        md.push_str(
+            " churn connected | slow readers closed | unexplained | load |\n|---|---|---|---|---|",
+        );
+        md.push_str(&"---|---|".repeat(names.len()));
+        md.push_str("---|---|---|---|\n");
+        let ms = |v: &serde_json::Value| {
+            v.as_f64()
+                .map_or("–".to_owned(), |us| format!("{:.2}", us / 1e3))
+        };
+        for w in windows {
+            let _ = write!(
+                md,
+                "| {} | {:.0} | {}/{} | {} | {} |",
+                if w["warm_up"] == true {
+                    "warm-up".to_owned()
+                } else {
+                    w["window"].to_string()
+                },
+                w["end_s"].as_f64().unwrap_or(f64::NAN),
+                w["delivered"],
+                w["expected"],
+                ms(&w["latency"]["p50_us"]),
+                ms(&w["latency"]["p99_us"]),
+            );
+            for p in w["processes"].as_array().into_iter().flatten() {
+                let _ = write!(
+                    md,
+                    " {:.1} | {} |",
+                    p["rss_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0,
+                    p["fds"]
+                );
+            }
+            let slow = &w["slow_readers"];
+            let _ = writeln!(
+                md,
+                " {}/{} | {}/{} | {} | {:.2} |",
+                w["churn"]["connected"],
+                w["churn"]["connected"].as_u64().unwrap_or(0)
+                    + w["churn"]["failed"].as_u64().unwrap_or(0),
+                slow["closed_slow_consumer"],
+                slow["connected"],
+                w["unexplained"],
+                w["loadavg"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+        md.push('\n');
+        let drift = &soak["drift"];
+        if !drift.is_null() {
+            let _ = write!(
+                md,
+                "Drift (window {} against window {}): p99 {} → {} ms ({:+.1} %)",
+                drift["last_window"],
+                drift["first_window"],
+                ms(&drift["p99_first_us"]),
+                ms(&drift["p99_last_us"]),
+                drift["p99_drift_percent"].as_f64().unwrap_or(f64::NAN),
+            );
+            for p in drift["processes"].as_array().into_iter().flatten() {
+                let _ = write!(
+                    md,
+                    "; {} RSS {:.1} → {:.1} MiB ({:+.1} %), fds {} → {}",
+                    p["name"].as_str().unwrap_or("?"),
+                    p["rss_first"].as_f64().unwrap_or(f64::NAN) / 1048576.0,
+                    p["rss_last"].as_f64().unwrap_or(f64::NAN) / 1048576.0,
+                    p["rss_drift_percent"].as_f64().unwrap_or(f64::NAN),
+                    p["fds_first"],
+                    p["fds_last"],
+                );
+            }
+            md.push_str(".\n\n");
+        }
+        for t in self.targets.iter().filter(|t| t.scenario == "Soak") {
+            let _ = writeln!(md, "    {}", t.verdict());
+        }
+        md.push('\n');
+        let losses: Vec<&serde_json::Value> =
+            soak["losses"].as_array().into_iter().flatten().collect();
+        if losses.is_empty() {
+            md.push_str("Not delivered: nothing.\n\n");
+        } else {
+            md.push_str("Not delivered:\n\n");
+            for l in losses {
+                let _ = writeln!(
+                    md,
+                    "- window {}: {} {} to {}: {} ({})",
+                    l["window"],
+                    l["count"],
+                    l["unit"].as_str().unwrap_or(""),
+                    l["to"].as_str().unwrap_or(""),
+                    l["reason"].as_str().unwrap_or(""),
+                    if l["explained"] == true {
+                        "explained"
+                    } else {
+                        "**unexplained**"
+                    },
+                );
+            }
+            md.push('\n');
+        }
     }
 }

@@ -103,7 +103,7 @@ fn admin(brokers: &str) -> Result<AdminClient<DefaultClientContext>> {
         .map_err(|e| Error::Kafka(format!("admin client: {e}")))
 }
 
-pub(super) async fn create_topics(brokers: &str, topics: &[&str]) -> Result<()> {
+pub(crate) async fn create_topics(brokers: &str, topics: &[&str]) -> Result<()> {
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
@@ -121,7 +121,7 @@ pub(super) async fn create_topics(brokers: &str, topics: &[&str]) -> Result<()> 
     Ok(())
 }
 
-pub(super) async fn delete_topics(brokers: &str, topics: &[&str]) {
+pub(crate) async fn delete_topics(brokers: &str, topics: &[&str]) {
     if let Ok(admin) = admin(brokers) {
         let _ = admin.delete_topics(topics, &AdminOptions::new()).await;
     }
@@ -129,15 +129,18 @@ pub(super) async fn delete_topics(brokers: &str, topics: &[&str]) {
 
 /// Logic, job and comet on one fresh topic.
 #[derive(Debug)]
-pub(super) struct Cluster {
+pub(crate) struct Cluster {
     logic: Server,
     job: Server,
-    pub(super) comet: Comet,
-    pub(super) http: LogicHttp,
+    pub(crate) comet: Comet,
+    pub(crate) http: LogicHttp,
 }
 
 impl Cluster {
-    pub(super) async fn start(
+    /// Starts the three on `topic`; comet also gets `comet_flags` (the
+    /// soak's small queues), every role the gRPC token's flags.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn start(
         binary: &Path,
         core: Option<usize>,
         services: &Services,
@@ -145,6 +148,7 @@ impl Cluster {
         run_id: &str,
         out: &Path,
         grpc_flags: &[String],
+        comet_flags: &[String],
     ) -> Result<Cluster> {
         let (logic_http, logic_grpc, job_http) = (free_port()?, free_port()?, free_port()?);
         let server_id = format!("bench-{run_id}");
@@ -172,7 +176,8 @@ impl Cluster {
             out,
         )?;
         logic.wait_accepts(&[logic_http, logic_grpc]).await?;
-        let comet = Comet::start(binary, core, logic_grpc, &server_id, out, grpc_flags)?;
+        let comet_args: Vec<String> = comet_flags.iter().chain(grpc_flags).cloned().collect();
+        let comet = Comet::start(binary, core, logic_grpc, &server_id, out, &comet_args)?;
         // Job finds comet through a node list file, as in a deployment
         // without the operator.
         let nodes = out.join(format!("s5-nodes-{run_id}.json"));
@@ -237,7 +242,7 @@ impl Cluster {
         })
     }
 
-    pub(super) fn pids(&self) -> [u32; 3] {
+    pub(crate) fn pids(&self) -> [u32; 3] {
         [self.logic.pid, self.job.pid, self.comet.pid]
     }
 

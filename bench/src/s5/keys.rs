@@ -11,11 +11,11 @@ use serde_json::json;
 use super::DRAIN_IDLE;
 use super::cluster::Cluster;
 use super::cost::{per_push, perf_start, perf_stop};
-use crate::inject::{self, HttpCall, Order};
+use crate::inject::{self, Order};
 use crate::load::{Clock, Generator};
 use crate::proc;
 use crate::report::Percentiles;
-use crate::wire::{self, BENCH_OP};
+use crate::wire;
 
 /// How a single-key step sends.
 #[derive(Debug, Clone, Copy)]
@@ -54,10 +54,7 @@ impl KeyRun<'_> {
         let mut make = |k: usize, sched| {
             key_seq[k] += 1;
             let key = keys.get(k).map(String::as_str).unwrap_or("none");
-            HttpCall {
-                path_and_query: format!("/goim/push/keys?operation={BENCH_OP}&keys={key}"),
-                body: Bytes::from(wire::message_body(key_seq[k], sched)),
-            }
+            super::steps::key_post(key, Bytes::from(wire::message_body(key_seq[k], sched)))
         };
         let http = &self.cluster.http;
         let n_keys = keys.len().max(1);

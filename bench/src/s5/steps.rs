@@ -54,7 +54,8 @@ pub(super) async fn measure(
         grpc_flags,
     } = setup;
     let step = Duration::from_secs_f64(plan.seconds.max(0.1));
-    let cluster = Cluster::start(binary, core, services, topic, run_id, out, grpc_flags).await?;
+    let cluster =
+        Cluster::start(binary, core, services, topic, run_id, out, grpc_flags, &[]).await?;
     let mut generator = Generator::new(clock, sweep);
     // Mids unique to this process, so two runs sharing a Redis never route
     // each other's keys.
@@ -314,8 +315,21 @@ pub(super) async fn measure(
 }
 
 fn room_call(room: &str, seq: i32, sched_ns: u64) -> HttpCall {
+    room_post(room, Bytes::from(wire::message_body(seq, sched_ns)))
+}
+
+/// A push of `body` to room `live://<room>` through logic's HTTP API.
+pub(crate) fn room_post(room: &str, body: Bytes) -> HttpCall {
     HttpCall {
         path_and_query: format!("/goim/push/room?operation={BENCH_OP}&type=live&room={room}"),
-        body: Bytes::from(wire::message_body(seq, sched_ns)),
+        body,
+    }
+}
+
+/// A push of `body` to `key` through logic's HTTP API.
+pub(crate) fn key_post(key: &str, body: Bytes) -> HttpCall {
+    HttpCall {
+        path_and_query: format!("/goim/push/keys?operation={BENCH_OP}&keys={key}"),
+        body,
     }
 }

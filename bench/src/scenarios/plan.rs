@@ -6,6 +6,9 @@ use std::time::Duration;
 use crate::What;
 use crate::s5::S5Plan;
 
+/// The soak's idle clients unless `--clients` says otherwise.
+const SOAK_IDLE: usize = 2_000;
+
 /// What a profile runs and at which sizes.
 #[derive(Debug, Clone)]
 pub(super) struct Plan {
@@ -19,10 +22,28 @@ pub(super) struct Plan {
     pub(super) s3_probes: usize,
     pub(super) s7_seconds: f64,
     pub(super) s5: S5Plan,
+    pub(super) soak: SoakPlan,
+}
+
+/// The soak's length and windows (its load is fixed: see `soak`).
+#[derive(Debug, Clone)]
+pub(super) struct SoakPlan {
+    /// Load in all (the unmeasured warm-up window comes before it).
+    pub(super) duration: Duration,
+    /// One reported window.
+    pub(super) window: Duration,
+    /// Idle clients held for the whole run.
+    pub(super) idle: usize,
 }
 
 impl Plan {
-    pub(super) fn new(what: What, clients: Option<usize>, seconds: Option<f64>) -> Plan {
+    pub(super) fn new(
+        what: What,
+        clients: Option<usize>,
+        seconds: Option<f64>,
+        soak_minutes: f64,
+        soak_window_seconds: f64,
+    ) -> Plan {
         let full = what == What::Full;
         let smoke = what == What::Smoke;
         let scenarios = match what {
@@ -45,7 +66,11 @@ impl Plan {
             What::S6 => vec![What::S2, What::S6],
             other => vec![other],
         };
-        let default_clients = if smoke { 50 } else { 19_000 };
+        let default_clients = match what {
+            What::Smoke => 50,
+            What::Soak => SOAK_IDLE,
+            _ => 19_000,
+        };
         let clients = clients.unwrap_or(default_clients).max(1);
         let step = seconds.unwrap_or(if full {
             10.0
@@ -91,6 +116,11 @@ impl Plan {
             },
             s3_probes: clients.min(1_000),
             s7_seconds: if full { 40.0 } else { 20.0 },
+            soak: SoakPlan {
+                duration: Duration::from_secs_f64((soak_minutes * 60.0).max(1.0)),
+                window: Duration::from_secs_f64(soak_window_seconds.max(1.0)),
+                idle: clients,
+            },
             s5: if what == What::S5Smoke {
                 S5Plan {
                     rooms: 2,
