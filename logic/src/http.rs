@@ -247,12 +247,25 @@ impl Params {
             .ok_or_else(|| Error::BadRequest(format!("{name} is required")))
     }
 
+    /// `operation`, 0 when missing (goim's key and mid pushes allow it).
+    /// Reserved ops are refused: job would drop them as poison and comets
+    /// refuse them, so the caller learns it here instead.
+    fn op(&self) -> Result<i32> {
+        let op = self.num::<i32>("operation")?.unwrap_or(0);
+        if herald_protocol::op::is_reserved(op) {
+            return Err(Error::BadRequest(format!(
+                "operation {op} is reserved (10, 11 and 18-31 are never pushed)"
+            )));
+        }
+        Ok(op)
+    }
+
     fn nonzero_op(&self) -> Result<i32> {
-        match self.num::<i32>("operation")? {
-            Some(op) if op != 0 => Ok(op),
-            _ => Err(Error::BadRequest(
+        match self.op()? {
+            0 => Err(Error::BadRequest(
                 "operation is required and non-zero".to_owned(),
             )),
+            op => Ok(op),
         }
     }
 }
@@ -272,7 +285,7 @@ async fn push_keys(
     body: Body,
 ) -> Result<Response> {
     let params = Params::parse(query);
-    let op = params.num::<i32>("operation")?.unwrap_or(0);
+    let op = params.op()?;
     let keys = params.list("keys", state.config.max_keys)?;
     if keys.is_empty() {
         return Err(Error::BadRequest("keys is required".to_owned()));
@@ -288,7 +301,7 @@ async fn push_mids(
     body: Body,
 ) -> Result<Response> {
     let params = Params::parse(query);
-    let op = params.num::<i32>("operation")?.unwrap_or(0);
+    let op = params.op()?;
     let mids = params
         .list("mids", state.config.max_keys)?
         .iter()
@@ -316,6 +329,14 @@ async fn push_room(
     let op = params.nonzero_op()?;
     let typ = params.required("type")?;
     let room = params.required("room")?;
+    // A room no comet would let a client join (ops 12, the token) is
+    // refused rather than queued for nobody.
+    if !herald_protocol::limits::room_fits(&service::room_key(typ, room)) {
+        return Err(Error::BadRequest(format!(
+            "room {typ}://… is longer than {} bytes",
+            herald_protocol::limits::MAX_ROOM_ID_BYTES
+        )));
+    }
     let msg = read_body(body, state.config.max_body).await?;
     let ids = state.service.push_room(op, typ, room, msg).await?;
     Ok(pushed(&ids))

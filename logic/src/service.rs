@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use herald_protocol::limits;
 use herald_protocol::pb::goim::logic::{Backoff, NodesReply};
 use herald_protocol::pb::{ConnectReply, Proto, PushMsg, push_msg};
 use herald_runtime::nodes::Nodes;
@@ -136,6 +137,20 @@ impl Service {
             return Err(Error::BadRequest("server is empty".to_owned()));
         }
         let token = self.verifier.parse(token)?;
+        // The comet refuses these too (it may face a goim logic); refused
+        // here, no route is written for a connection that cannot stay.
+        if !limits::room_fits(&token.room_id) {
+            return Err(Error::BadRequest(format!(
+                "room_id is longer than {} bytes",
+                limits::MAX_ROOM_ID_BYTES
+            )));
+        }
+        if token.accepts.len() > limits::MAX_ACCEPTED_OPS {
+            return Err(Error::BadRequest(format!(
+                "accepts has more than {} ops",
+                limits::MAX_ACCEPTED_OPS
+            )));
+        }
         self.store
             .add_mapping(token.mid, &token.key, server)
             .await?;

@@ -260,6 +260,67 @@ async fn bad_input_gets_400_envelopes_and_compat_mode_200() {
     compat.stop().await;
 }
 
+/// The per-connection limits shared with the comet: reserved ops are never
+/// pushed, a room no client can join is never pushed to, and `Connect`
+/// refuses a token naming such a room or too many ops.
+#[tokio::test]
+async fn reserved_ops_and_rooms_past_the_limit_are_refused() {
+    use herald_protocol::limits::{MAX_ACCEPTED_OPS, MAX_ROOM_ID_BYTES};
+
+    let topic = unique("limits");
+    create_topic(&topic).await;
+    let logic = Logic::start(config(&topic)).await;
+    // `type://` plus the id: exactly at the limit, and one byte past it.
+    let fits = "r".repeat(MAX_ROOM_ID_BYTES - "live://".len());
+    let long = format!("{fits}r");
+    for path in [
+        "/goim/push/keys?operation=10&keys=a".to_owned(),
+        "/goim/push/mids?operation=11&mids=1".to_owned(),
+        "/goim/push/room?operation=18&type=live&room=1".to_owned(),
+        "/goim/push/all?operation=31".to_owned(),
+        format!("/goim/push/room?operation=1000&type=live&room={long}"),
+    ] {
+        let ans = http(logic.http, "POST", &path, b"x", None).await;
+        assert_eq!(
+            (ans.status, &ans.body["code"]),
+            (400, &json!(-400)),
+            "{path}: {ans:?}"
+        );
+        assert!(
+            ans.body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{ans:?}"
+        );
+    }
+    for path in [
+        format!("/goim/push/room?operation=1000&type=live&room={fits}"),
+        "/goim/push/all?operation=32".to_owned(),
+        "/goim/push/keys?operation=17&keys=a".to_owned(),
+    ] {
+        assert_ok(&http(logic.http, "POST", &path, b"x", None).await);
+    }
+
+    let connect = |token: serde_json::Value| ConnectReq {
+        server: "comet-1".to_owned(),
+        cookie: String::new(),
+        token: token.to_string().into_bytes().into(),
+    };
+    let mut grpc = logic.grpc().await;
+    let accepts: Vec<i32> = (0..).take(MAX_ACCEPTED_OPS + 1).collect();
+    for token in [
+        json!({"mid": 1, "key": "far", "room_id": format!("live://{long}")}),
+        json!({"mid": 1, "key": "many", "accepts": accepts}),
+    ] {
+        let status = grpc.connect(connect(token)).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    }
+    grpc.connect(connect(
+        json!({"mid": 1, "key": "ok", "room_id": format!("live://{fits}"), "accepts": [1000]}),
+    ))
+    .await
+    .expect("a token at both limits connects");
+    logic.stop().await;
+}
+
 #[tokio::test]
 async fn api_key_is_required_when_configured() {
     let mut cfg = config(&unique("unused"));
