@@ -12,12 +12,16 @@
 #   7. the container image: the Dockerfile built with buildah on local Debian
 #      bases, `herald standalone` run from it, goim clients on loopback
 #      receive pushes through it (scripts/image.sh test)
-#   8. a short cargo-fuzz run of the frame decoder
+#   8. short cargo-fuzz runs of every target in protocol/fuzz: the frame
+#      decoder, the HTTP API query, the op-7 token (JSON and JWT), the
+#      node list, the WebSocket upgrade head and job's Kafka record, each
+#      from its committed seeds with a scratch corpus (the repo stays clean)
 #   9. cargo test for the whole workspace against that test bed
 # Services are stopped by pid on exit, also after a failure. Phase durations are
 # printed at the end (and kept in target/testbed/timings.txt).
 #
-# Environment: FUZZ_SECONDS (default 30), HERALD_CACHE, KEEP_TESTBED=1 to leave
+# Environment: FUZZ_SECONDS (the frame decoder, default 30),
+# FUZZ_SECONDS_EACH (every other fuzz target, default 8), HERALD_CACHE, KEEP_TESTBED=1 to leave
 # the services running afterwards (stop them with e2e/services/down.sh).
 
 source "$(dirname "${BASH_SOURCE[0]}")/../e2e/services/lib.sh"
@@ -29,6 +33,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HERALD_CACHE/target}
 export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 export CARGO_TERM_COLOR=never
 FUZZ_SECONDS=${FUZZ_SECONDS:-30}
+FUZZ_SECONDS_EACH=${FUZZ_SECONDS_EACH:-8}
 
 : >"$HERALD_RUN/timings.txt"
 rm -f "$HERALD_RUN/summary.txt" "$HERALD_RUN/rollout.txt"
@@ -45,6 +50,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# fuzz: every target of protocol/fuzz (`cargo fuzz list`), decode for
+# FUZZ_SECONDS, each other for FUZZ_SECONDS_EACH. Each starts from its
+# committed seeds (protocol/fuzz/seeds/<target>, only read) and writes new
+# inputs to a scratch corpus, so a run neither dirties nor grows the
+# repository. Any crash, leak or timeout fails the phase; the crashing input
+# is kept under $HERALD_RUN/fuzz/ and its path printed.
 fuzz() {
   rustup toolchain list | grep -q '^nightly' ||
     die "cargo fuzz needs the nightly toolchain (rustup's 'nightly'), which this machine lacks"
@@ -52,11 +63,32 @@ fuzz() {
   if [[ ! -x $tools/bin/cargo-fuzz ]]; then
     cargo install cargo-fuzz --locked --root "$tools"
   fi
+  local scratch artifacts="$HERALD_RUN/fuzz" targets target secs failed=()
+  rm -rf "$artifacts" && mkdir -p "$artifacts"
   # Its own target dir: sanitizer builds never mix with the normal ones.
-  (cd protocol && CARGO_TARGET_DIR="$HERALD_CACHE/fuzz-target" PATH="$tools/bin:$PATH" \
-    cargo +nightly fuzz run decode -- -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 2>&1 |
-    grep -E '^(#[0-9]+ +DONE|Done|INFO: -max_total_time|==[0-9]+== ERROR)|panicked|SUMMARY' || true
-   test "${PIPESTATUS[0]}" -eq 0)
+  local -x CARGO_TARGET_DIR="$HERALD_CACHE/fuzz-target" PATH="$tools/bin:$PATH"
+  (cd protocol && cargo +nightly fuzz build)
+  targets=$(cd protocol && cargo +nightly fuzz list)
+  [[ -n $targets ]] || die "cargo fuzz list found no fuzz target in protocol/fuzz"
+  scratch=$(mktemp -d)
+  for target in $targets; do
+    secs=$FUZZ_SECONDS_EACH
+    [[ $target == decode ]] && secs=$FUZZ_SECONDS
+    log "fuzz $target (${secs}s)"
+    mkdir -p "$scratch/$target"
+    if ! (cd protocol && cargo +nightly fuzz run "$target" "$scratch/$target" "$HERALD_ROOT/protocol/fuzz/seeds/$target" -- \
+      -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -artifact_prefix="$artifacts/$target-" 2>&1 |
+      { grep -E '^(#[0-9]+ +DONE|Done|INFO: -max_total_time|==[0-9]+== ERROR)|panicked|SUMMARY|Test unit written to' || true; }
+      test "${PIPESTATUS[0]}" -eq 0); then
+      failed+=("$target")
+    fi
+  done
+  rm -rf "$scratch"
+  if ((${#failed[@]})); then
+    log "ERROR: fuzz targets failed: ${failed[*]}; crashing inputs:"
+    ls -1 "$artifacts"/* 2>/dev/null || true
+    return 1
+  fi
 }
 
 # crds_current: the committed CRD must be exactly what the Rust types generate.
@@ -137,5 +169,5 @@ timed "crds up to date" crds_current
 timed "helm lint + template" helm_chart
 timed "release workflow lint" bash scripts/image.sh lint
 timed "container image" env HERALD_IMAGE_BASES=local bash scripts/image.sh test
-timed "cargo fuzz (${FUZZ_SECONDS}s run)" fuzz
+timed "cargo fuzz (decode ${FUZZ_SECONDS}s, others ${FUZZ_SECONDS_EACH}s each)" fuzz
 timed "cargo test" cargo_test

@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use herald_protocol::Frame;
 use herald_protocol::pb::{PushMsg, push_msg};
+use herald_protocol::record::{Record, Target};
 use herald_runtime::nodes::{self, NodeList};
 use herald_runtime::{Shutdown, admin, listen};
 use tokio::net::TcpListener;
@@ -87,44 +88,9 @@ pub enum Outcome {
     Abandoned,
 }
 
-/// Why a record is poison. Each is counted under its [`Poison::reason`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Poison {
-    /// Not a protobuf `PushMsg`.
-    Undecodable,
-    /// A `type` outside PUSH / ROOM / BROADCAST.
-    UnknownType,
-    /// PUSH with no keys, or ROOM with no room.
-    EmptyKeys,
-    /// Larger than the configured maximum.
-    Oversized,
-    /// An operation no client may be sent (goim's 10 and 11, Herald's
-    /// 18–31): comets refuse it, and in a batch would refuse the rest too.
-    ReservedOp,
-}
-
-impl Poison {
-    /// The metric label and dead-letter header value.
-    /// Every reason, for summing the counters.
-    pub const ALL: [Poison; 5] = [
-        Poison::Undecodable,
-        Poison::UnknownType,
-        Poison::EmptyKeys,
-        Poison::Oversized,
-        Poison::ReservedOp,
-    ];
-
-    /// The `reason` label it is counted under.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Poison::Undecodable => "undecodable",
-            Poison::UnknownType => "unknown_type",
-            Poison::EmptyKeys => "empty_keys",
-            Poison::Oversized => "oversized",
-            Poison::ReservedOp => "reserved_op",
-        }
-    }
-}
+/// Why a record is poison (read by [`herald_protocol::record`]). Each is
+/// counted under its [`Poison::reason`].
+pub use herald_protocol::record::Poison;
 
 /// The delivery core: turns records into comet calls. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -264,55 +230,49 @@ impl Job {
     /// The poison reason, or one receiver per queued call.
     fn calls(&self, msg: PushMsg) -> Result<Vec<tokio::sync::oneshot::Receiver<()>>, Poison> {
         let len = msg.msg.len();
-        let Ok(kind) = push_msg::Type::try_from(msg.r#type) else {
-            warn!(r#type = msg.r#type, "unknown push type");
-            return Err(self.poison(Poison::UnknownType, len));
+        let (r#type, operation) = (msg.r#type, msg.operation);
+        let record = match Record::try_from(msg) {
+            Ok(record) => record,
+            Err(poison) => {
+                warn!(
+                    r#type,
+                    operation,
+                    reason = poison.reason(),
+                    "undeliverable push record"
+                );
+                return Err(self.poison(poison, len));
+            }
         };
-        if herald_protocol::op::is_reserved(msg.operation) {
-            warn!(operation = msg.operation, "push of a reserved operation");
-            return Err(self.poison(Poison::ReservedOp, len));
-        }
-        let frame = Frame::push(msg.operation, msg.msg.clone()).to_bytes();
-        match kind {
-            push_msg::Type::Push => {
-                if msg.keys.is_empty() || msg.keys.iter().all(String::is_empty) {
-                    warn!("PUSH without keys");
-                    return Err(self.poison(Poison::EmptyKeys, len));
-                }
+        let frame = Frame::push(record.op, record.msg).to_bytes();
+        match record.target {
+            Target::Keys { server, keys } => {
                 let call = comets::Call::Push {
-                    keys: msg.keys,
-                    op: msg.operation,
+                    keys,
+                    op: record.op,
                     frame,
                 };
-                match self.directory.send_to(&msg.server, call) {
+                match self.directory.send_to(&server, call) {
                     Some(wait) => Ok(vec![wait]),
                     None => {
                         self.stats.metrics.unknown_comet();
-                        warn!(comet = %msg.server, "PUSH for a comet not in the list; dropped");
+                        warn!(comet = %server, "PUSH for a comet not in the list; dropped");
                         Ok(Vec::new())
                     }
                 }
             }
-            push_msg::Type::Room => {
-                if msg.room.is_empty() {
-                    warn!("ROOM without a room");
-                    return Err(self.poison(Poison::EmptyKeys, len));
-                }
-                let room = msg.room;
-                Ok(self.directory.send_to_room(&room, || comets::Call::Room {
-                    room: room.clone(),
-                    frame: frame.clone(),
-                }))
-            }
-            push_msg::Type::Broadcast => {
+            Target::Room(room) => Ok(self.directory.send_to_room(&room, || comets::Call::Room {
+                room: room.clone(),
+                frame: frame.clone(),
+            })),
+            Target::All { speed } => {
                 // goim divides by the comet count unguarded; zero comets is
                 // simply nothing to do here.
                 let n = i32::try_from(self.directory.len())
                     .unwrap_or(i32::MAX)
                     .max(1);
-                let speed = msg.speed / n;
+                let speed = speed / n;
                 Ok(self.directory.send_to_all(|| comets::Call::Broadcast {
-                    op: msg.operation,
+                    op: record.op,
                     speed,
                     frame: frame.clone(),
                 }))

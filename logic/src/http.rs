@@ -6,13 +6,13 @@
 //! clients can act on them; `compat_status_200` restores goim's "always 200".
 //!
 //! Query lists are repeated keys (`keys=a&keys=b`), parsed from the raw query
-//! string because serde's query deserializer cannot collect repeats.
+//! string by [`herald_protocol::query::Params`] (serde's query deserializer
+//! cannot collect repeats); its errors are 400s.
 //!
 //! [`router`] is the privileged API (pushes, behind `--api-key`);
 //! [`client::router`] serves the client-facing reads of the same handlers on
 //! their own listener, without the key.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
@@ -22,6 +22,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
+use herald_protocol::query::{self, Params};
 use http::{HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
@@ -71,6 +72,12 @@ pub enum Error {
     /// A backend failed.
     #[error(transparent)]
     Service(#[from] service::Error),
+}
+
+impl From<query::Error> for Error {
+    fn from(err: query::Error) -> Self {
+        Error::BadRequest(err.to_string())
+    }
 }
 
 /// Result of this module.
@@ -193,83 +200,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Repeated-key query parameters.
-#[derive(Debug, Default)]
-struct Params(HashMap<String, Vec<String>>);
-
-impl Params {
-    fn parse(raw: Option<String>) -> Self {
-        let mut map: HashMap<String, Vec<String>> = HashMap::new();
-        if let Some(raw) = raw {
-            for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
-                map.entry(k.into_owned()).or_default().push(v.into_owned());
-            }
-        }
-        Params(map)
-    }
-
-    /// The first non-empty value.
-    fn one(&self, name: &str) -> Option<&str> {
-        self.0
-            .get(name)
-            .and_then(|v| v.iter().find(|s| !s.is_empty()))
-            .map(String::as_str)
-    }
-
-    /// All non-empty values, at most `max`.
-    fn list(&self, name: &str, max: usize) -> Result<Vec<String>> {
-        let values: Vec<String> = self
-            .0
-            .get(name)
-            .map(|v| v.iter().filter(|s| !s.is_empty()).cloned().collect())
-            .unwrap_or_default();
-        if values.len() > max {
-            return Err(Error::BadRequest(format!(
-                "too many {name}: {} > {max}",
-                values.len()
-            )));
-        }
-        Ok(values)
-    }
-
-    /// A number; missing → `None`, unparseable → 400.
-    fn num<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>> {
-        self.one(name)
-            .map(|s| {
-                s.parse::<T>()
-                    .map_err(|_| Error::BadRequest(format!("{name} is not a valid number: {s:?}")))
-            })
-            .transpose()
-    }
-
-    fn required(&self, name: &str) -> Result<&str> {
-        self.one(name)
-            .ok_or_else(|| Error::BadRequest(format!("{name} is required")))
-    }
-
-    /// `operation`, 0 when missing (goim's key and mid pushes allow it).
-    /// Reserved ops are refused: job would drop them as poison and comets
-    /// refuse them, so the caller learns it here instead.
-    fn op(&self) -> Result<i32> {
-        let op = self.num::<i32>("operation")?.unwrap_or(0);
-        if herald_protocol::op::is_reserved(op) {
-            return Err(Error::BadRequest(format!(
-                "operation {op} is reserved (10, 11 and 18-31 are never pushed)"
-            )));
-        }
-        Ok(op)
-    }
-
-    fn nonzero_op(&self) -> Result<i32> {
-        match self.op()? {
-            0 => Err(Error::BadRequest(
-                "operation is required and non-zero".to_owned(),
-            )),
-            op => Ok(op),
-        }
-    }
-}
-
 /// Reads the body, refusing more than `limit` bytes.
 async fn read_body(body: Body, limit: usize) -> Result<Bytes> {
     match Limited::new(body, limit).collect().await {
@@ -284,7 +214,7 @@ async fn push_keys(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Result<Response> {
-    let params = Params::parse(query);
+    let params = Params::parse(query.as_deref());
     let op = params.op()?;
     let keys = params.list("keys", state.config.max_keys)?;
     if keys.is_empty() {
@@ -300,7 +230,7 @@ async fn push_mids(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Result<Response> {
-    let params = Params::parse(query);
+    let params = Params::parse(query.as_deref());
     let op = params.op()?;
     let mids = params
         .list("mids", state.config.max_keys)?
@@ -325,7 +255,7 @@ async fn push_room(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Result<Response> {
-    let params = Params::parse(query);
+    let params = Params::parse(query.as_deref());
     let op = params.nonzero_op()?;
     let typ = params.required("type")?;
     let room = params.required("room")?;
@@ -347,7 +277,7 @@ async fn push_all(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Result<Response> {
-    let params = Params::parse(query);
+    let params = Params::parse(query.as_deref());
     let op = params.nonzero_op()?;
     let speed = params.num::<i32>("speed")?.unwrap_or(0);
     let msg = read_body(body, state.config.max_body).await?;
@@ -359,7 +289,7 @@ async fn online_top(
     State(state): State<Arc<AppState>>,
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
-    let params = Params::parse(query);
+    let params = Params::parse(query.as_deref());
     let typ = params.required("type")?;
     let limit = match params.num::<usize>("limit")? {
         Some(n) if n > 0 => n,
@@ -382,7 +312,7 @@ async fn online_room(
     State(state): State<Arc<AppState>>,
     RawQuery(query): RawQuery,
 ) -> Result<Response> {
-    let params = Params::parse(query);
+    let params = Params::parse(query.as_deref());
     let typ = params.required("type")?;
     let rooms = params.list("rooms", state.config.max_keys)?;
     if rooms.is_empty() {
@@ -400,7 +330,7 @@ async fn online_total(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn nodes_weighted(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
-    let params = Params::parse(query);
+    let params = Params::parse(query.as_deref());
     let reply = state
         .service
         .nodes_reply(params.one("platform").unwrap_or(""));
@@ -472,20 +402,6 @@ async fn nodes_instances(State(state): State<Arc<AppState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn repeated_query_keys_collect() {
-        let p = Params::parse(Some("keys=a&keys=b%20c&keys=&operation=5".to_owned()));
-        assert_eq!(p.list("keys", 10).unwrap(), vec!["a", "b c"]);
-        assert!(p.list("keys", 1).is_err());
-        assert_eq!(p.num::<i32>("operation").unwrap(), Some(5));
-        assert!(
-            Params::parse(Some("operation=x".to_owned()))
-                .num::<i32>("operation")
-                .is_err()
-        );
-        assert!(Params::parse(None).nonzero_op().is_err());
-    }
 
     #[test]
     fn constant_time_eq_matches_eq() {

@@ -14,10 +14,17 @@
 //!   ops) that comet and logic both enforce.
 //! - [`ws`]: the op-9 wrapping that WebSocket clients expect for pushes (§4.2)
 //!   and iteration over batched frames.
+//! - [`upgrade`]: the WebSocket upgrade request head on `/sub` (§4.2),
+//!   under its size and header-count limits.
+//! - [`query`]: the query parameters of logic's HTTP API (§7).
+//! - [`record`]: a Kafka push record (`PushMsg`, §10) as job reads it, and
+//!   why one is poison.
 //! - [`nodes`]: the node-list document the operator writes and logic and
 //!   job read (§15.4), with goim's balancer pick (§11).
 //! - [`token`]: the op-7 authentication token (§6) with Herald's
 //!   extension member (§15.1).
+//! - `jwt` (feature `jwt`): the token checked as logic does, goim's JSON or
+//!   a signed JWT.
 //! - [`redirect`]: the op-18 body a draining comet sends (§15.2).
 //! - [`cityhash`]: CityHash32 v1.1, which picks `ol_` shards in Redis (§9).
 //! - [`pb`]: prost/tonic types for `goim.protocol`, `goim.comet`, `goim.logic`
@@ -25,12 +32,17 @@
 
 pub mod cityhash;
 pub mod frame;
+#[cfg(feature = "jwt")]
+pub mod jwt;
 pub mod limits;
 pub mod nodes;
 pub mod op;
 pub mod pb;
+pub mod query;
+pub mod record;
 pub mod redirect;
 pub mod token;
+pub mod upgrade;
 pub mod ws;
 
 pub use frame::{Frame, FrameCodec, Limits};

@@ -1,5 +1,6 @@
 //! The WebSocket upgrade on `/sub` (§4.2), under limits of its own: the
-//! request head is read and checked here, answered with an HTTP error when
+//! request head is read here and checked by
+//! [`herald_protocol::upgrade::parse_head`], answered with an HTTP error when
 //! refused, and the WebSocket is then built over the same stream.
 
 use std::time::Duration;
@@ -7,9 +8,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::StreamExt;
 use herald_protocol::Limits;
+use herald_protocol::upgrade::{MAX_UPGRADE_HEAD, Upgrade, parse_head};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, create_response, write_response};
+use tokio_tungstenite::tungstenite::handshake::server::write_response;
 use tokio_tungstenite::tungstenite::http;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
@@ -23,85 +25,12 @@ const MAX_WS_MESSAGE: usize = 8 * 1024;
 
 /// Read buffer of one WebSocket connection (see [`upgrade`]).
 const WS_READ_BUFFER: usize = 4 * 1024;
-/// Largest WebSocket upgrade request head (request line and headers).
-/// tungstenite's own limit is 64 KiB and not configurable; browsers send
-/// well under 2 KiB, and every byte here is held per pending connection.
-const MAX_UPGRADE_HEAD: usize = 8 * 1024;
-/// Most headers in the upgrade request. tungstenite allows 124 and drops the
-/// connection without an answer past that; we answer 431.
-const MAX_UPGRADE_HEADERS: usize = 64;
-
-/// An upgrade request refused before any WebSocket exists: the HTTP status
-/// it is answered with and the metric's `reason` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
-    /// The head outgrew [`MAX_UPGRADE_HEAD`].
-    HeadTooLarge,
-    /// More than [`MAX_UPGRADE_HEADERS`] headers.
-    TooManyHeaders,
-    /// Not parseable as an HTTP/1.x request.
-    Malformed,
-    /// Not `GET /sub` without a query (§4.2).
-    Path,
-    /// A valid request, but not a WebSocket upgrade.
-    NotWebSocket,
-}
-
-impl Refusal {
-    fn reason(self) -> &'static str {
-        match self {
-            Refusal::HeadTooLarge => "head_too_large",
-            Refusal::TooManyHeaders => "too_many_headers",
-            Refusal::Malformed => "malformed",
-            Refusal::Path => "path",
-            Refusal::NotWebSocket => "not_websocket",
-        }
-    }
-
-    fn status_line(self) -> &'static str {
-        match self {
-            Refusal::HeadTooLarge | Refusal::TooManyHeaders => {
-                "HTTP/1.1 431 Request Header Fields Too Large"
-            }
-            Refusal::Malformed | Refusal::Path | Refusal::NotWebSocket => {
-                "HTTP/1.1 400 Bad Request"
-            }
-        }
-    }
-}
-
-/// The parsed head as an `http` request, for tungstenite's response builder.
-fn to_request(parsed: &httparse::Request<'_, '_>) -> Result<Request, Refusal> {
-    let (Some(method), Some(path), Some(version)) = (parsed.method, parsed.path, parsed.version)
-    else {
-        return Err(Refusal::Malformed);
-    };
-    let mut builder = Request::builder()
-        .method(method)
-        .uri(path)
-        .version(if version == 0 {
-            http::Version::HTTP_10
-        } else {
-            http::Version::HTTP_11
-        });
-    for header in parsed.headers.iter() {
-        builder = builder.header(header.name, header.value);
-    }
-    builder.body(()).map_err(|_| Refusal::Malformed)
-}
-
-/// Checks the parsed upgrade request (§4.2): `GET /sub`, no query.
-fn check_path(req: &Request) -> Result<(), Refusal> {
-    if req.uri().path() != "/sub" || req.uri().query().is_some() {
-        return Err(Refusal::Path);
-    }
-    Ok(())
-}
 
 /// The WebSocket upgrade on `/sub`, with goim's message size limits.
 ///
 /// The request head is read here, into a buffer bounded by
-/// [`MAX_UPGRADE_HEAD`] and parsed with at most [`MAX_UPGRADE_HEADERS`]
+/// [`MAX_UPGRADE_HEAD`] and parsed with at most
+/// [`MAX_UPGRADE_HEADERS`](herald_protocol::upgrade::MAX_UPGRADE_HEADERS)
 /// headers, so an oversized or malformed request gets an HTTP error answer
 /// (and a count) instead of tungstenite's silent drop; tungstenite then
 /// builds the 101 answer and runs the WebSocket over the same stream.
@@ -112,17 +41,11 @@ pub(super) async fn upgrade(
     shared: &Shared,
 ) -> Result<(WsReader, WsSink), Error> {
     let mut buf = BytesMut::with_capacity(1024);
-    let parsed = loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_UPGRADE_HEADERS];
-        let mut parsed = httparse::Request::new(&mut headers);
-        match parsed.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => break to_request(&parsed).map(|req| (len, req)),
-            Ok(httparse::Status::Partial) if buf.len() >= MAX_UPGRADE_HEAD => {
-                break Err(Refusal::HeadTooLarge);
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(httparse::Error::TooManyHeaders) => break Err(Refusal::TooManyHeaders),
-            Err(_) => break Err(Refusal::Malformed),
+    let answer = loop {
+        match parse_head(&buf) {
+            Ok(Some(upgrade)) => break Ok(upgrade),
+            Ok(None) => {}
+            Err(refusal) => break Err(refusal),
         }
         let space = (MAX_UPGRADE_HEAD - buf.len()) as u64;
         let read = (&mut stream)
@@ -134,13 +57,12 @@ pub(super) async fn upgrade(
             return Err(Error::UpgradeIo(std::io::ErrorKind::UnexpectedEof.into()));
         }
     };
-    let answer = parsed.and_then(|(len, req)| {
-        check_path(&req)?;
-        let resp = create_response(&req).map_err(|_| Refusal::NotWebSocket)?;
-        Ok((len, req, resp))
-    });
-    let (len, req, resp) = match answer {
-        Ok(answer) => answer,
+    let Upgrade {
+        len,
+        request: req,
+        response: resp,
+    } = match answer {
+        Ok(upgrade) => upgrade,
         Err(refusal) => {
             shared.metrics.upgrade_refused(refusal.reason());
             let answer = format!(
