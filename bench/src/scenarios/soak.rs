@@ -34,6 +34,9 @@
 //! unexplained loss fails the run. Drift (last window against the first:
 //! RSS, descriptors, p99) is reported against the targets, not enforced.
 
+mod drift;
+mod losses;
+
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -43,8 +46,10 @@ use herald_protocol::pb::{BroadcastRoomReq, CometClient, Proto, PushMsgReq};
 use herald_runtime::grpc_auth::AuthChannel;
 use serde_json::json;
 
+use self::drift::{drift, targets};
+use self::losses::{Accounting, Loss, losses};
 use super::{Ctx, connect_comet, start_comet};
-use crate::inject::{self, Call, Injected, LogicHttp, Order, Sender};
+use crate::inject::{self, Call, LogicHttp, Order, Sender};
 use crate::load::{ClientSpec, Clock, Generator, Transport};
 use crate::proc::{self, Sample};
 use crate::report::{Percentiles, Report, Target};
@@ -525,162 +530,6 @@ impl Soak<'_> {
     }
 }
 
-/// Messages (or pushes, or clients) owed and not delivered, with why.
-#[derive(Debug, Clone, serde::Serialize)]
-struct Loss {
-    window: usize,
-    /// What went missing: "messages", "pushes", "connections".
-    unit: &'static str,
-    count: u64,
-    to: String,
-    reason: String,
-    explained: bool,
-}
-
-/// What one window's losses are worked out from.
-struct Accounting<'a> {
-    window: usize,
-    expected: u64,
-    delivered: u64,
-    /// Reading clients whose connection ended during the window.
-    active_closed: u64,
-    /// Sequence gaps at reading clients.
-    gaps: u64,
-    injected: Vec<Injected>,
-    readers: u64,
-    /// Slow readers that could not connect.
-    slow_failed: u64,
-    slow_pushes: u64,
-    closes: &'a BTreeMap<String, u64>,
-    churn: &'a Churn,
-}
-
-/// Every loss of a window, explained or not.
-fn losses(a: &Accounting<'_>) -> Vec<Loss> {
-    let mut out = Vec::new();
-    let loss = |unit, count, to: &str, reason: String, explained| Loss {
-        window: a.window,
-        unit,
-        count,
-        to: to.to_owned(),
-        reason,
-        explained,
-    };
-    let slow_closed = a.closes.get(SLOW_CONSUMER).copied().unwrap_or(0);
-    // Slow readers never read: everything pushed to their room is owed to
-    // them and missing. Explained for the ones comet closed as slow
-    // consumers (all of them, unless a reading client was closed so too).
-    if a.readers > 0 && a.slow_pushes > 0 {
-        let closed = slow_closed.min(a.readers);
-        if closed > 0 {
-            out.push(loss(
-                "messages",
-                a.slow_pushes * closed,
-                &format!("{closed} slow readers"),
-                "slow reader closed as slow_consumer".to_owned(),
-                true,
-            ));
-        }
-        if a.readers > closed {
-            let open = a.readers - closed;
-            out.push(loss(
-                "messages",
-                a.slow_pushes * open,
-                &format!("{open} slow readers"),
-                format!(
-                    "slow reader not closed by comet within {SLOW_CLOSE_WAIT:?} of the window's end"
-                ),
-                false,
-            ));
-        }
-    }
-    // Closes comet made for any reason but a client's own close or a slow
-    // reader (more slow_consumer closes than slow readers hit reading clients).
-    let mut other_closes: Vec<String> = a
-        .closes
-        .iter()
-        .filter(|(reason, _)| *reason != CLIENT && *reason != SLOW_CONSUMER)
-        .map(|(reason, n)| format!("{n} {reason}"))
-        .collect();
-    if slow_closed > a.readers {
-        other_closes.push(format!(
-            "{} slow_consumer beyond the slow readers",
-            slow_closed - a.readers
-        ));
-    }
-    let shortfall = a.expected.saturating_sub(a.delivered);
-    if shortfall > 0 {
-        let why = if !other_closes.is_empty() {
-            format!("comet closed clients: {}", other_closes.join(", "))
-        } else if a.active_closed > 0 {
-            format!("{} reading clients' connections ended", a.active_closed)
-        } else if a.gaps > 0 {
-            format!("{} sequence gaps at reading clients", a.gaps)
-        } else {
-            "not delivered; no close or gap seen".to_owned()
-        };
-        out.push(loss("messages", shortfall, "reading clients", why, false));
-    } else if !other_closes.is_empty() || a.active_closed > 0 {
-        out.push(loss(
-            "connections",
-            a.active_closed.max(1),
-            "reading clients",
-            format!(
-                "closed ({}) though every message arrived",
-                if other_closes.is_empty() {
-                    "by the server".to_owned()
-                } else {
-                    other_closes.join(", ")
-                }
-            ),
-            false,
-        ));
-    }
-    let refused: u64 = a.injected.iter().map(|i| i.errors).sum();
-    if refused > 0 {
-        let first = a.injected.iter().find_map(|i| i.first_error.clone());
-        out.push(loss(
-            "pushes",
-            refused,
-            "rooms and keys",
-            format!("push refused: {}", first.unwrap_or_default()),
-            false,
-        ));
-    }
-    let skipped: u64 = a.injected.iter().map(|i| i.skipped).sum();
-    if skipped > 0 {
-        out.push(loss(
-            "pushes",
-            skipped,
-            "rooms and keys",
-            "not sent: too many calls in flight".to_owned(),
-            false,
-        ));
-    }
-    if a.slow_failed > 0 {
-        out.push(loss(
-            "connections",
-            a.slow_failed,
-            "slow readers",
-            "could not connect".to_owned(),
-            false,
-        ));
-    }
-    if a.churn.failed > 0 {
-        out.push(loss(
-            "connections",
-            a.churn.failed,
-            "churn clients",
-            format!(
-                "could not connect: {}",
-                a.churn.first_error.clone().unwrap_or_default()
-            ),
-            false,
-        ));
-    }
-    out
-}
-
 pub(super) async fn soak(ctx: &mut Ctx) -> Result<()> {
     let plan = ctx.plan.soak.clone();
     let comet_flags = vec![
@@ -880,109 +729,6 @@ async fn run(
     Ok((record, targets))
 }
 
-/// Last window against the first: RSS and descriptors per process, p99.
-fn drift(windows: &[serde_json::Value]) -> serde_json::Value {
-    let (Some(first), Some(last)) = (windows.first(), windows.last()) else {
-        return serde_json::Value::Null;
-    };
-    let percent = |a: f64, b: f64| (b - a) / a * 100.0;
-    let processes: Vec<serde_json::Value> = first["processes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .zip(last["processes"].as_array().into_iter().flatten())
-        .map(|(a, b)| {
-            let rss = |p: &serde_json::Value| p["rss_bytes"].as_f64().unwrap_or(f64::NAN);
-            json!({
-                "name": a["name"],
-                "rss_first": a["rss_bytes"],
-                "rss_last": b["rss_bytes"],
-                "rss_drift_percent": percent(rss(a), rss(b)),
-                "fds_first": a["fds"],
-                "fds_last": b["fds"],
-            })
-        })
-        .collect();
-    let p99 = |w: &serde_json::Value| w["latency"]["p99_us"].as_f64().unwrap_or(f64::NAN);
-    json!({
-        "first_window": first["window"],
-        "last_window": last["window"],
-        "processes": processes,
-        "p99_first_us": p99(first),
-        "p99_last_us": p99(last),
-        "p99_drift_percent": percent(p99(first), p99(last)),
-    })
-}
-
-/// The soak's three targets from its drift and losses.
-fn targets(drift: &serde_json::Value, unexplained: u64, explained: u64) -> Vec<Target> {
-    let processes = drift["processes"].as_array().cloned().unwrap_or_default();
-    let rss: Vec<(String, f64)> = processes
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap_or("?").to_owned(),
-                p["rss_drift_percent"].as_f64().unwrap_or(f64::NAN),
-            )
-        })
-        .collect();
-    let worst = rss.iter().map(|(_, d)| *d).fold(f64::NAN, f64::max);
-    let p99_drift = drift["p99_drift_percent"].as_f64();
-    let ms = |k: &str| drift[k].as_f64().unwrap_or(f64::NAN) / 1e3;
-    vec![
-        Target {
-            scenario: "Soak",
-            target: "RSS drift, last window against the first, each server",
-            goal: "≤ 5 %".to_owned(),
-            figure: rss
-                .iter()
-                .zip(&processes)
-                .map(|((name, d), p)| {
-                    format!(
-                        "{name} {d:+.1} % ({:.1} → {:.1} MiB, fds {} → {})",
-                        p["rss_first"].as_f64().unwrap_or(f64::NAN) / 1048576.0,
-                        p["rss_last"].as_f64().unwrap_or(f64::NAN) / 1048576.0,
-                        p["fds_first"],
-                        p["fds_last"]
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("; "),
-            value: worst.is_finite().then_some(worst),
-            floor_ratio: None,
-            met: worst.is_finite().then_some(worst <= 5.0),
-            loadavg: proc::loadavg(),
-        },
-        Target {
-            scenario: "Soak",
-            target: "p99 drift, last window against the first",
-            goal: "≤ 10 %".to_owned(),
-            figure: format!(
-                "{:.2} → {:.2} ms ({:+.1} %)",
-                ms("p99_first_us"),
-                ms("p99_last_us"),
-                p99_drift.unwrap_or(f64::NAN)
-            ),
-            value: p99_drift,
-            floor_ratio: None,
-            met: p99_drift.filter(|d| d.is_finite()).map(|d| d <= 10.0),
-            loadavg: proc::loadavg(),
-        },
-        Target {
-            scenario: "Soak",
-            target: "unexplained losses",
-            goal: "0".to_owned(),
-            figure: format!(
-                "{unexplained} unexplained; {explained} messages to slow readers closed as slow_consumer"
-            ),
-            value: Some(unexplained as f64),
-            floor_ratio: None,
-            met: Some(unexplained == 0),
-            loadavg: proc::loadavg(),
-        },
-    ]
-}
-
 /// The soak passes only with no unexplained loss; drift is reported, not
 /// enforced (a short run on a shared machine is too noisy for it).
 pub(super) fn soak_check(report: &Report) -> Result<()> {
@@ -1012,87 +758,4 @@ pub(super) fn soak_check(report: &Report) -> Result<()> {
         "unexplained losses: {}",
         lines.join("; ")
     )))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn accounting<'a>(
-        expected: u64,
-        delivered: u64,
-        closes: &'a BTreeMap<String, u64>,
-        churn: &'a Churn,
-    ) -> Accounting<'a> {
-        Accounting {
-            window: 1,
-            expected,
-            delivered,
-            active_closed: 0,
-            gaps: 0,
-            injected: Vec::new(),
-            readers: 5,
-            slow_failed: 0,
-            slow_pushes: 100,
-            closes,
-            churn,
-        }
-    }
-
-    fn closes(list: &[(&str, u64)]) -> BTreeMap<String, u64> {
-        list.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect()
-    }
-
-    #[test]
-    fn slow_readers_closed_as_slow_consumers_are_the_only_explained_loss() {
-        let churn = Churn::default();
-        let all_closed = closes(&[("slow_consumer", 5), ("client", 50)]);
-        let lost = losses(&accounting(1_000, 1_000, &all_closed, &churn));
-        assert_eq!(lost.len(), 1, "{lost:?}");
-        assert!(lost[0].explained);
-        assert_eq!(lost[0].count, 500, "100 pushes owed to each of 5 readers");
-
-        // Two readers left open, and a shortfall at the reading clients.
-        let three = closes(&[("slow_consumer", 3)]);
-        let lost = losses(&accounting(1_000, 990, &three, &churn));
-        let unexplained: u64 = lost.iter().filter(|l| !l.explained).map(|l| l.count).sum();
-        assert_eq!(unexplained, 200 + 10, "{lost:?}");
-
-        // A reading client closed for another reason, nothing missing yet.
-        let idle = closes(&[("slow_consumer", 5), ("idle", 1)]);
-        let lost = losses(&accounting(1_000, 1_000, &idle, &churn));
-        assert!(
-            lost.iter()
-                .any(|l| !l.explained && l.reason.contains("1 idle")),
-            "{lost:?}"
-        );
-    }
-
-    #[test]
-    fn refused_pushes_and_failed_connects_are_unexplained() {
-        let churn = Churn {
-            failed: 2,
-            ..Churn::default()
-        };
-        let slow = closes(&[("slow_consumer", 5)]);
-        let mut a = accounting(10, 10, &slow, &churn);
-        a.injected = vec![Injected {
-            offered_rate: 1.0,
-            scheduled: 3,
-            ok: 1,
-            errors: 2,
-            skipped: 0,
-            first_error: Some("503".to_owned()),
-            seconds: 1.0,
-            started: None,
-            rpc_latency: None,
-        }];
-        let lost = losses(&a);
-        let units: Vec<_> = lost
-            .iter()
-            .filter(|l| !l.explained)
-            .map(|l| (l.unit, l.count))
-            .collect();
-        assert_eq!(units, [("pushes", 2), ("connections", 2)], "{lost:?}");
-    }
 }
