@@ -27,15 +27,23 @@ pub(crate) struct Args {
     /// WebSocket client listener (`/sub`).
     #[arg(long, env = "HERALD_COMET_WS_ADDR", default_value = "0.0.0.0:3102")]
     ws_addr: SocketAddr,
-    /// Comet gRPC listener (`goim.comet.Comet`, called by job).
-    #[arg(long, env = "HERALD_COMET_GRPC_ADDR", default_value = "0.0.0.0:3109")]
+    /// Comet gRPC listener (`goim.comet.Comet`, called by job, and the admin
+    /// `Drain`). Internal: whoever reaches it can push to any client or drain
+    /// the comet, so it listens on loopback unless told otherwise.
+    #[arg(long, env = "HERALD_COMET_GRPC_ADDR", default_value = "127.0.0.1:3109")]
     grpc_addr: SocketAddr,
     /// Logic's HTTP push API.
     #[arg(long, env = "HERALD_LOGIC_HTTP_ADDR", default_value = "0.0.0.0:3111")]
     http_addr: SocketAddr,
     /// Logic's gRPC listener (`goim.logic.Logic`, called by comet).
-    #[arg(long, env = "HERALD_LOGIC_GRPC_ADDR", default_value = "0.0.0.0:3119")]
+    /// Internal, like `--grpc-addr`: loopback unless told otherwise.
+    #[arg(long, env = "HERALD_LOGIC_GRPC_ADDR", default_value = "127.0.0.1:3119")]
     logic_grpc_addr: SocketAddr,
+    /// The comet's admin HTTP listener (`/metrics` with the comet's refusal
+    /// counters, `/healthz`, `/readyz`), as `herald comet` serves it;
+    /// `none`: not served. Logic's are on `--http-addr`.
+    #[arg(long, env = "HERALD_COMET_HTTP_ADDR", default_value = "0.0.0.0:3190")]
+    comet_http_addr: herald_logic::OptionalAddr,
     /// Logic's client-facing listener (node list and room counts, no API
     /// key, CORS), e.g. `0.0.0.0:3112`; `none`: not served.
     #[arg(long, env = "HERALD_LOGIC_CLIENT_ADDR", default_value = "none")]
@@ -73,6 +81,10 @@ pub(crate) struct Args {
     /// and logic require it and the roles send it to each other.
     #[command(flatten)]
     grpc_token: herald_runtime::grpc_auth::TokenArgs,
+    /// How client tokens are checked: `herald logic`'s flags (goim JSON, or
+    /// a signed JWT).
+    #[command(flatten)]
+    tokens: herald_logic::ClientTokenArgs,
 }
 
 /// Records the in-process queue holds before the HTTP API waits.
@@ -87,6 +99,7 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
         grpc_addr,
         http_addr,
         logic_grpc_addr,
+        comet_http_addr,
         client_addr,
         client_auth,
         server_id,
@@ -97,6 +110,7 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
         kafka_group,
         api_key,
         grpc_token,
+        tokens,
     } = args;
     let grpc_token = grpc_token.source();
     let bind = listen::bind;
@@ -109,7 +123,10 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
         ws: bind_client(ws_addr)?,
         wss: None,
         grpc: bind(grpc_addr).await?,
-        http: None,
+        http: match comet_http_addr.0 {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        },
     };
     let logic_listeners = herald_logic::Listeners {
         http: bind(http_addr).await?,
@@ -157,6 +174,8 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
     logic_config.http.api_key = api_key.filter(|k| !k.is_empty());
     logic_config.client_auth = client_auth;
     logic_config.grpc_token = grpc_token.clone();
+    tokens.apply(&mut logic_config);
+    logic_config.validate().context("logic settings")?;
     let store: Arc<dyn SessionStore> = match &redis {
         Some(_) => Arc::new(herald_logic::store::redis::RedisStore::new(
             logic_config.redis.clone(),
@@ -192,6 +211,7 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
 
     info!(
         tcp = %tcp_addr, ws = %ws_addr, http = %http_addr, client = ?client_addr.0,
+        comet_http = ?comet_http_addr.0,
         routes = if redis.is_some() { "redis" } else { "memory" },
         queue = if kafka.is_some() { "kafka" } else { "memory" },
         "standalone starting"

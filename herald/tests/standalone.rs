@@ -33,6 +33,8 @@ struct Standalone {
     ws: SocketAddr,
     grpc: SocketAddr,
     http: SocketAddr,
+    /// The comet's admin HTTP (`/metrics`).
+    comet_http: SocketAddr,
 }
 
 /// Free loopback ports (see [`herald_e2e::free_port`]).
@@ -44,8 +46,9 @@ fn free_addrs(n: usize) -> Vec<SocketAddr> {
 
 impl Standalone {
     async fn start(extra: &[String]) -> Result<Standalone> {
-        let addrs = free_addrs(5);
+        let addrs = free_addrs(6);
         let (tcp, ws, grpc, http, logic_grpc) = (addrs[0], addrs[1], addrs[2], addrs[3], addrs[4]);
+        let comet_http = addrs[5];
         // The test bed's HERALD_* variables are kept out: they would switch
         // backends on. Killed without a chance to clean up, its node-list
         // file stays in its own TMPDIR under the target dir.
@@ -55,11 +58,12 @@ impl Standalone {
             .args(["--grpc-addr", &grpc.to_string()])
             .args(["--http-addr", &http.to_string()])
             .args(["--logic-grpc-addr", &logic_grpc.to_string()])
+            .args(["--comet-http-addr", &comet_http.to_string()])
             .args(extra)
             .dir(Path::new(env!("CARGO_TARGET_TMPDIR")).join("standalone"))
             .name(format!("standalone-{}", tcp.port()))
             .start()?;
-        for addr in [tcp, ws, http] {
+        for addr in [tcp, ws, http, comet_http] {
             process.wait_for_port(addr, WAIT).await?;
         }
         Ok(Standalone {
@@ -68,6 +72,7 @@ impl Standalone {
             ws,
             grpc,
             http,
+            comet_http,
         })
     }
 
@@ -274,5 +279,89 @@ async fn pushes_reach_both_clients(herald: &Standalone, tcp_key: &str, ws_key: &
     assert_eq!(outer.op, op::RAW);
     let inner = Frame::from_message(outer.body, Limits::OUTBOUND)?;
     assert_eq!((inner.op, &inner.body[..]), (1000, &b"to the room"[..]));
+    Ok(())
+}
+
+/// The internal gRPC ports listen on loopback unless told otherwise, and
+/// the comet's admin HTTP on its usual port (`--check-config` shows what
+/// standalone would bind, without binding it).
+#[test]
+fn standalone_binds_its_internal_ports_to_loopback_by_default() -> Result {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["--check-config", "standalone"])
+        .env_remove("HERALD_COMET_GRPC_ADDR")
+        .env_remove("HERALD_LOGIC_GRPC_ADDR")
+        .env_remove("HERALD_COMET_HTTP_ADDR")
+        .output()?;
+    let shown = String::from_utf8(output.stdout)?;
+    assert!(output.status.success(), "{shown}");
+    for line in [
+        "grpc_addr: 127.0.0.1:3109,",
+        "logic_grpc_addr: 127.0.0.1:3119,",
+        "0.0.0.0:3190",
+    ] {
+        assert!(shown.contains(line), "no {line:?} in {shown}");
+    }
+    Ok(())
+}
+
+/// The comet's metrics are served in standalone too: a reserved op from a
+/// client shows in its refusal counter, and the client is still served.
+#[tokio::test]
+async fn standalone_serves_the_comet_metrics_and_refusal_counters() -> Result {
+    let herald = Standalone::start(&[]).await?;
+    let mut client = tcp_client(herald.tcp, &Token::new(1, "metrics-key")).await?;
+    client
+        .send(Frame {
+            ver: 1,
+            op: op::REDIRECT,
+            seq: 1,
+            body: Default::default(),
+        })
+        .await?;
+    // Answered in order: no echo of op 18 comes before the heartbeat's reply.
+    client.heartbeat().await?;
+    let series = r#"herald_comet_refusals_total{reason="client_reserved_op"} 1"#;
+    let metrics = http::get(herald.comet_http, "/metrics").await?;
+    assert!(
+        metrics.body.lines().any(|line| line == series),
+        "{series} not in {}",
+        metrics.body
+    );
+    assert_eq!(http::get(herald.comet_http, "/healthz").await?.status, 200);
+    Ok(())
+}
+
+/// `--token-mode jwt` works in standalone as in `herald logic`: a token
+/// signed with the secret connects and gets pushes, one signed with another
+/// secret and goim's unsigned JSON are refused.
+#[tokio::test]
+async fn standalone_checks_signed_client_tokens() -> Result {
+    let secret = "standalone-jwt-secret";
+    let herald = Standalone::start(&[
+        "--token-mode".into(),
+        "jwt".into(),
+        "--jwt-secret".into(),
+        secret.into(),
+    ])
+    .await?;
+    let token = Token::new(5, "jwt-key").accepts([1000]);
+    let signed = herald_bench::probe::sign(&token, secret)?;
+    let mut client = Client::connect_tcp(herald.tcp).await?.with_timeout(WAIT);
+    client.auth(signed).await?;
+    herald
+        .post("/goim/push/keys?operation=1000&keys=jwt-key", b"hello")
+        .await?;
+    assert_eq!(client.next_message().await?.to_bytes(), hex(T5));
+
+    let forged = herald_bench::probe::sign(&token, "some-other-secret")?;
+    for refused in [forged, serde_json::to_string(&token)?] {
+        let mut client = Client::connect_tcp(herald.tcp).await?.with_timeout(WAIT);
+        let outcome = client.auth(refused).await;
+        assert!(
+            matches!(outcome, Err(herald_client::Error::AuthRefused)),
+            "{outcome:?}"
+        );
+    }
     Ok(())
 }

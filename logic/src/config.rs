@@ -27,6 +27,58 @@ impl std::str::FromStr for OptionalAddr {
     }
 }
 
+/// How client tokens are checked: `herald logic`'s flags, also flattened
+/// into `herald standalone`'s so both check tokens the same way.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientTokenArgs {
+    /// How client tokens are checked.
+    #[arg(
+        long,
+        env = contract::TOKEN_MODE,
+        value_enum,
+        default_value = "goim"
+    )]
+    pub token_mode: TokenMode,
+    /// HS256 secret for `--token-mode jwt`.
+    #[arg(long, env = contract::JWT_SECRET, hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// RS256 public key (PEM file) for `--token-mode jwt`, instead of a secret.
+    #[arg(
+        long,
+        env = "HERALD_LOGIC_JWT_PUBLIC_KEY",
+        conflicts_with = "jwt_secret"
+    )]
+    pub jwt_public_key: Option<PathBuf>,
+    /// `aud` a signed token must carry.
+    #[arg(long, env = "HERALD_LOGIC_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// `iss` a signed token must carry.
+    #[arg(long, env = "HERALD_LOGIC_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+}
+
+impl ClientTokenArgs {
+    /// Sets `config`'s token checking from these flags; [`Config::validate`]
+    /// then checks that JWT mode has its key.
+    pub fn apply(self, config: &mut Config) {
+        // Destructured so a new flag cannot be silently ignored.
+        let ClientTokenArgs {
+            token_mode,
+            jwt_secret,
+            jwt_public_key,
+            jwt_audience,
+            jwt_issuer,
+        } = self;
+        config.token_mode = token_mode;
+        config.jwt_secret = jwt_secret;
+        config.jwt_public_key = jwt_public_key;
+        config.jwt_checks = token::JwtChecks {
+            audience: jwt_audience.filter(|a| !a.is_empty()),
+            issuer: jwt_issuer.filter(|i| !i.is_empty()),
+        };
+    }
+}
+
 /// `herald logic` command-line arguments, each with an environment fallback.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -115,29 +167,8 @@ pub struct Args {
     #[arg(long, env = "HERALD_LOGIC_COMPAT_STATUS_200")]
     pub compat_status_200: bool,
     /// How client tokens are checked.
-    #[arg(
-        long,
-        env = contract::TOKEN_MODE,
-        value_enum,
-        default_value = "goim"
-    )]
-    pub token_mode: TokenMode,
-    /// HS256 secret for `--token-mode jwt`.
-    #[arg(long, env = contract::JWT_SECRET, hide_env_values = true)]
-    pub jwt_secret: Option<String>,
-    /// RS256 public key (PEM file) for `--token-mode jwt`, instead of a secret.
-    #[arg(
-        long,
-        env = "HERALD_LOGIC_JWT_PUBLIC_KEY",
-        conflicts_with = "jwt_secret"
-    )]
-    pub jwt_public_key: Option<PathBuf>,
-    /// `aud` a signed token must carry.
-    #[arg(long, env = "HERALD_LOGIC_JWT_AUDIENCE")]
-    pub jwt_audience: Option<String>,
-    /// `iss` a signed token must carry.
-    #[arg(long, env = "HERALD_LOGIC_JWT_ISSUER")]
-    pub jwt_issuer: Option<String>,
+    #[command(flatten)]
+    pub tokens: ClientTokenArgs,
     /// Client heartbeat interval advertised to clients, in seconds.
     #[arg(long, env = contract::HEARTBEAT_SECS, default_value_t = 240)]
     pub heartbeat_secs: u64,
@@ -254,11 +285,7 @@ impl Args {
             receive_topic,
             api_key,
             compat_status_200,
-            token_mode,
-            jwt_secret,
-            jwt_public_key,
-            jwt_audience,
-            jwt_issuer,
+            tokens,
             heartbeat_secs,
             heartbeat_max,
             node_domain,
@@ -271,7 +298,7 @@ impl Args {
             drain_timeout_ms,
             grpc_token,
         } = self;
-        Config {
+        let mut config = Config {
             http_addr,
             grpc_addr,
             client_addr: client_addr.0,
@@ -301,13 +328,11 @@ impl Args {
                 max_body: max_body_bytes,
                 max_keys,
             },
-            token_mode,
-            jwt_secret,
-            jwt_public_key,
-            jwt_checks: token::JwtChecks {
-                audience: jwt_audience.filter(|a| !a.is_empty()),
-                issuer: jwt_issuer.filter(|i| !i.is_empty()),
-            },
+            // Set by `tokens` below.
+            token_mode: TokenMode::Goim,
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwt_checks: token::JwtChecks::default(),
             service: service::Settings {
                 heartbeat: Duration::from_secs(heartbeat_secs),
                 heartbeat_max,
@@ -319,7 +344,9 @@ impl Args {
             online_interval: Duration::from_millis(online_interval_ms),
             drain_timeout: Duration::from_millis(drain_timeout_ms),
             grpc_token: grpc_token.source(),
-        }
+        };
+        tokens.apply(&mut config);
+        config
     }
 }
 

@@ -31,7 +31,7 @@ pub mod service;
 pub mod store;
 pub mod token;
 
-pub use config::{Args, Config, OptionalAddr};
+pub use config::{Args, ClientTokenArgs, Config, OptionalAddr};
 pub use http::client::ClientAuth;
 pub use token::TokenMode;
 
