@@ -1,6 +1,7 @@
 //! `herald`: parse arguments, start telemetry, run the chosen role.
 
 mod args;
+mod budget;
 mod reference;
 mod standalone;
 mod telemetry;

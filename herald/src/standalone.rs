@@ -208,6 +208,9 @@ pub(crate) async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyho
     };
     let mut comet_config = herald_comet::Config::new(server_id, logic_grpc.to_string());
     comet_config.grpc_token = grpc_token;
+    crate::budget::Budget::of_process(client_addr.0.is_some())
+        .context("reading the descriptor limit")?
+        .apply(&mut logic_config, &mut comet_config);
 
     info!(
         tcp = %tcp_addr, ws = %ws_addr, http = %http_addr, client = ?client_addr.0,

@@ -207,6 +207,9 @@ pub struct Args {
     /// The shared token comets must send on the gRPC port.
     #[command(flatten)]
     pub grpc_token: grpc_auth::TokenArgs,
+    /// Deadlines and connection cap of the HTTP listeners.
+    #[command(flatten)]
+    pub http_limits: herald_runtime::http::LimitsArgs,
 }
 
 /// Validated configuration; [`Args::into_config`] builds it, tests fill it in.
@@ -247,6 +250,11 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// The shared token the gRPC port requires (off: none).
     pub grpc_token: grpc_auth::TokenSource,
+    /// Deadlines and connection cap of the HTTP push API (`/metrics` included).
+    pub http_limits: herald_runtime::http::Limits,
+    /// The same for the client listener (its own cap: `herald standalone`
+    /// gives the two listeners different shares of its descriptors).
+    pub client_limits: herald_runtime::http::Limits,
 }
 
 impl Args {
@@ -297,6 +305,7 @@ impl Args {
             max_keys,
             drain_timeout_ms,
             grpc_token,
+            http_limits,
         } = self;
         let mut config = Config {
             http_addr,
@@ -344,6 +353,8 @@ impl Args {
             online_interval: Duration::from_millis(online_interval_ms),
             drain_timeout: Duration::from_millis(drain_timeout_ms),
             grpc_token: grpc_token.source(),
+            http_limits: http_limits.limits(),
+            client_limits: http_limits.limits(),
         };
         tokens.apply(&mut config);
         config
@@ -384,6 +395,8 @@ impl Config {
         if self.http.max_body == 0 || self.http.max_keys == 0 {
             return bad("body and key limits must be non-zero");
         }
+        self.http_limits.validate().map_err(Error::Config)?;
+        self.client_limits.validate().map_err(Error::Config)?;
         let poll_zero = self
             .node_list
             .as_ref()
@@ -451,6 +464,40 @@ mod tests {
         assert!(c.http.api_key.is_none() && !c.http.compat_status_200);
         assert_eq!(c.client_addr, None);
         assert_eq!(c.client_auth, ClientAuth::None);
+        let limits = herald_runtime::http::Limits {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+        };
+        assert_eq!((c.http_limits, c.client_limits), (limits, limits));
+    }
+
+    #[test]
+    fn http_limit_flags() {
+        let c = parse(&[
+            "--http-header-timeout-ms",
+            "1500",
+            "--http-body-timeout-ms",
+            "2500",
+            "--http-idle-timeout-ms",
+            "3500",
+            "--http-max-connections",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(c.http_limits.header_timeout, Duration::from_millis(1500));
+        assert_eq!(c.http_limits.body_timeout, Duration::from_millis(2500));
+        assert_eq!(c.http_limits.idle_timeout, Duration::from_millis(3500));
+        assert_eq!(c.client_limits.max_connections, 7);
+        for zero in [
+            "--http-header-timeout-ms",
+            "--http-body-timeout-ms",
+            "--http-idle-timeout-ms",
+            "--http-max-connections",
+        ] {
+            assert!(parse(&[zero, "0"]).is_err(), "{zero} 0");
+        }
     }
 
     #[test]

@@ -168,6 +168,8 @@ async fn serve(
         online_interval,
         drain_timeout,
         grpc_token,
+        http_limits,
+        client_limits,
     } = config;
     let grpc_token = grpc_token.start()?;
 
@@ -237,18 +239,24 @@ async fn serve(
         "logic listening"
     );
 
-    let serve_http = |listener: TcpListener, app: axum::Router, span: tracing::Span| {
-        // Without TCP_NODELAY a response split over two writes waits for the
-        // client's delayed ACK; pushes are latency-bound, never bulk.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.wait());
-        async move { server.await.map_err(Error::Http) }.instrument(span)
+    let serve_http = |listener: TcpListener,
+                      app: axum::Router,
+                      name: &'static str,
+                      limits: herald_runtime::http::Limits| {
+        let config = herald_runtime::http::Listener {
+            refusals: Some(service.metrics().http_refusals()),
+            // Without TCP_NODELAY a response split over two writes waits
+            // for the client's delayed ACK; pushes are latency-bound.
+            nodelay: true,
+            ..herald_runtime::http::Listener::new(name, limits)
+        };
+        let server = herald_runtime::http::serve(listener, app, config, shutdown.wait());
+        async move { server.await.map_err(Error::Http) }
+            .instrument(tracing::info_span!("http", listener = name))
     };
     let client_server = listeners.client.map(|listener| {
         let app = http::client::router(service.clone(), http_config.clone(), client_auth);
-        serve_http(listener, app, tracing::info_span!("http_client"))
+        serve_http(listener, app, "client", client_limits)
     });
     let client_server = async move {
         match client_server {
@@ -257,7 +265,7 @@ async fn serve(
         }
     };
     let app = http::router(service.clone(), http_config);
-    let http_server = serve_http(listeners.http, app, tracing::info_span!("http"));
+    let http_server = serve_http(listeners.http, app, "api", http_limits);
     let grpc_server = tonic::transport::Server::builder()
         .layer(grpc_token.server_layer(service.metrics().grpc_auth_refusals()))
         .add_service(grpc::LogicGrpc::server(service))

@@ -32,6 +32,7 @@ pub struct Metrics {
     node_list_generation: Gauge,
     node_list_nodes: Gauge,
     grpc_auth_refusals: Refusals,
+    http_refusals: herald_runtime::http::Refusals,
 }
 
 impl Default for Metrics {
@@ -83,6 +84,7 @@ impl Metrics {
             node_list_nodes.clone(),
         );
         let grpc_auth_refusals = Refusals::register(&mut registry);
+        let http_refusals = herald_runtime::http::Refusals::register(&mut registry);
         Metrics {
             registry,
             http,
@@ -93,6 +95,7 @@ impl Metrics {
             node_list_generation,
             node_list_nodes,
             grpc_auth_refusals,
+            http_refusals,
         }
     }
 
@@ -112,6 +115,11 @@ impl Metrics {
                 ("outcome", outcome(ok)),
             ])
             .inc();
+    }
+
+    /// The HTTP listeners' refusals (`http_refused_total{listener,reason}`).
+    pub(crate) fn http_refusals(&self) -> herald_runtime::http::Refusals {
+        self.http_refusals.clone()
     }
 
     /// The gRPC port's token refusals, for its token check.
