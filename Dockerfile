@@ -44,7 +44,7 @@ LABEL org.opencontainers.image.title="herald" \
 COPY --from=build /out/lib/ /usr/lib/
 COPY --from=build /out/herald /usr/local/bin/herald
 # goim's ports: client TCP, WebSocket, comet gRPC, logic HTTP API, logic gRPC.
-EXPOSE 3101 3102 3109 3111 3119
+EXPOSE 3101 3102 3109 3111 3119 3190
 # Not root: a fixed uid without a passwd entry, as distroless' "nonroot".
 USER 65532:65532
 ENTRYPOINT ["herald"]

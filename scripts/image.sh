@@ -309,8 +309,9 @@ descendant() {
 
 smoke() {
   local tag=$1 ctr probe_ctr run_pid herald_pid api_key t0 t1 ms uid size csize
-  local tcp ws grpc http lgrpc logs=$HERALD_RUN/image-standalone.log
+  local tcp ws grpc http lgrpc chttp logs=$HERALD_RUN/image-standalone.log
   tcp=$(free_port) ws=$(free_port) grpc=$(free_port) http=$(free_port) lgrpc=$(free_port)
+  chttp=$(free_port)
   api_key=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
   local -a entrypoint
   # The role is the first argument after the image's own ENTRYPOINT.
@@ -326,12 +327,13 @@ smoke() {
   t0=$(date +%s%N)
   "${BUILDAH[@]}" run --network host --env NO_COLOR=1 "$ctr" -- "${entrypoint[@]}" standalone \
     --tcp-addr "127.0.0.1:$tcp" --ws-addr "127.0.0.1:$ws" --grpc-addr "127.0.0.1:$grpc" \
-    --http-addr "127.0.0.1:$http" --logic-grpc-addr "127.0.0.1:$lgrpc" --api-key "$api_key" \
+    --http-addr "127.0.0.1:$http" --logic-grpc-addr "127.0.0.1:$lgrpc" --comet-http-addr "127.0.0.1:$chttp" \
+    --api-key "$api_key" \
     </dev/null >"$logs" 2>&1 &
   run_pid=$!
   record_pid image "$run_pid"
   local port
-  for port in "$tcp" "$ws" "$http" "$grpc" "$lgrpc"; do
+  for port in "$tcp" "$ws" "$http" "$grpc" "$lgrpc" "$chttp"; do
     wait_port "$port" 60 "$run_pid" || { tail -n 20 "$logs" >&2; exit 1; }
   done
   t1=$(date +%s%N)

@@ -61,7 +61,7 @@ fn pod_spec() -> serde_json::Value {
                 "standalone",
                 "--tcp-addr=$(POD_IP):3101", "--ws-addr=$(POD_IP):3102",
                 "--grpc-addr=$(POD_IP):3109", "--http-addr=$(POD_IP):3111",
-                "--logic-grpc-addr=$(POD_IP):3119",
+                "--logic-grpc-addr=$(POD_IP):3119", "--comet-http-addr=$(POD_IP):3190",
                 "--server-id=$(POD_NAMESPACE).$(POD_NAME)", "--public-host=$(POD_IP)",
             ],
             "env": [

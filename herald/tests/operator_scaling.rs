@@ -512,6 +512,10 @@ async fn standalone(
             "--logic-grpc-addr",
             &addr(herald_e2e::free_port_on(ip.parse()?)),
         ])
+        .args([
+            "--comet-http-addr",
+            &addr(herald_e2e::free_port_on(ip.parse()?)),
+        ])
         .args(["--server-id", name])
         .name(name)
         .start()?;

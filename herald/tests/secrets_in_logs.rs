@@ -511,7 +511,8 @@ async fn run_everything(
     // Standalone: goim JSON tokens (with a canary member), API key, gRPC
     // token given as a flag.
     let alone = dir.join("standalone");
-    let (s_tcp, s_ws, s_grpc, s_http, s_logic) = (
+    let (s_tcp, s_ws, s_grpc, s_http, s_logic, s_comet_http) = (
+        free_port(),
         free_port(),
         free_port(),
         free_port(),
@@ -529,6 +530,8 @@ async fn run_everything(
         &addr(s_http),
         "--logic-grpc-addr",
         &addr(s_logic),
+        "--comet-http-addr",
+        &addr(s_comet_http),
         "--api-key",
         &canaries.api_key,
         "--grpc-token",
