@@ -63,14 +63,14 @@ fn incoming(
     listener: TcpListener,
     shared: Arc<Shared>,
 ) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    let backoff = crate::server::ACCEPT_BACKOFF_MIN;
+    let acceptor = herald_runtime::listen::Acceptor::default();
     futures::stream::unfold(
-        (listener, shared, backoff),
-        |(listener, shared, mut backoff)| async move {
-            let (stream, _) = crate::server::accept(&listener, &shared, &mut backoff).await?;
+        (listener, shared, acceptor),
+        |(listener, shared, mut acceptor)| async move {
+            let (stream, _) = crate::server::accept(&listener, &shared, &mut acceptor).await?;
             // gRPC frames are small and latency-bound.
             let _ = stream.set_nodelay(true);
-            Some((Ok(stream), (listener, shared, backoff)))
+            Some((Ok(stream), (listener, shared, acceptor)))
         },
     )
 }

@@ -21,7 +21,7 @@ mod receive_limit;
 mod session;
 mod upgrade;
 
-pub(crate) use accept::{ACCEPT_BACKOFF_MIN, Listen, accept, accept_loop};
+pub(crate) use accept::{Listen, accept, accept_loop};
 
 /// Which client protocol a listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -187,17 +187,11 @@ async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(herald_runtime::bearer);
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+        if !given.is_some_and(|g| herald_runtime::secret_eq(g.as_bytes(), key.as_bytes())) {
             return Error::Unauthorized.into_response();
         }
     }
     next.run(req).await
-}
-
-/// Compares without an early exit, so response timing does not reveal how
-/// much of a guessed key was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Reads the body, refusing more than `limit` bytes.
@@ -397,16 +391,4 @@ async fn nodes_instances(State(state): State<Arc<AppState>>) -> Response {
         })
         .collect();
     ok(Some(Value::Array(instances)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn constant_time_eq_matches_eq() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-    }
 }

@@ -57,7 +57,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
-use tracing::{debug, warn};
+use tracing::debug;
+
+use crate::listen::Acceptor;
 
 /// What one HTTP listener allows a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,12 +224,6 @@ impl Listener {
     }
 }
 
-/// First pause after a failed accept (EMFILE and the like); doubles up to
-/// [`ACCEPT_BACKOFF_MAX`] while accepts keep failing.
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-/// Longest pause between accept attempts while resources are exhausted.
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
 /// What a connection over the cap is told before it is closed.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\nretry-after: 1\r\n\r\n";
 
@@ -251,30 +247,10 @@ pub async fn serve(
     // cut idle connections at the header deadline (see the module docs).
     builder.http1().header_read_timeout(None);
     let graceful = GracefulShutdown::new();
-    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut acceptor = Acceptor::default();
     let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => {
-                backoff = ACCEPT_BACKOFF_MIN;
-                accepted
-            }
-            Err(err) if is_aborted(&err) => continue,
-            Err(err) => {
-                warn!(listener = config.name, cause = %err, pause_ms = backoff.as_millis(),
-                      "accept failed: backing off");
-                tokio::select! {
-                    () = &mut shutdown => break,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                continue;
-            }
-        };
+    // Accept failures are logged by the acceptor; not a refusal of a client.
+    while let Some((stream, peer)) = acceptor.accept(&listener, &mut shutdown, |_| {}).await {
         let Ok(permit) = cap.clone().try_acquire_owned() else {
             config.refused(Refusal::Connections);
             debug!(listener = config.name, %peer, "connection cap reached: answered 503");
@@ -303,16 +279,6 @@ pub async fn serve(
     drop(listener);
     graceful.shutdown().await;
     Ok(())
-}
-
-/// A connection that died before it was accepted: the next one is fine.
-fn is_aborted(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionRefused
-    )
 }
 
 /// One request: the body gets its deadline, the router answers, and a body

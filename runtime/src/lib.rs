@@ -62,8 +62,24 @@ pub fn bearer(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// Whether `given` is the secret `expected` (an API key, a token), compared
+/// without an early exit, so response timing does not reveal how much of a
+/// guess was right (only its length). The one comparison every role uses.
+pub fn secret_eq(given: &[u8], expected: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    given.ct_eq(expected).into()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn secret_eq_matches_eq() {
+        assert!(super::secret_eq(b"abc", b"abc"));
+        assert!(!super::secret_eq(b"abc", b"abd"));
+        assert!(!super::secret_eq(b"abc", b"ab"));
+        assert!(!super::secret_eq(b"", b"ab"));
+    }
+
     #[test]
     fn bearer_scheme_in_any_case() {
         for value in ["Bearer k1", "bearer k1", "BEARER  k1 ", " Bearer k1"] {

@@ -3,8 +3,10 @@
 //! configured addresses through here.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
 
 /// A listener that could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,90 @@ pub async fn bind_some(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, 
     match addr {
         Some(addr) => bind(addr).await.map(Some),
         None => Ok(None),
+    }
+}
+
+/// Accepting with a pause after failures, for every listener a role runs
+/// (comet's client and gRPC listeners, every HTTP listener).
+///
+/// Out of descriptors or memory, retrying at once would spin a core on the
+/// same error (tonic's and axum's own loops do), so a failure pauses the
+/// listener: 10 ms, doubling up to 1 s while the errors last, back to 10 ms
+/// on the next success. Connections that end meanwhile free what the next
+/// accept needs, and those waiting stay in the kernel's backlog. A
+/// connection that died before it was accepted is skipped at once.
+#[derive(Debug)]
+pub struct Acceptor {
+    pause: Duration,
+}
+
+impl Default for Acceptor {
+    fn default() -> Self {
+        Acceptor {
+            pause: Acceptor::FIRST_PAUSE,
+        }
+    }
+}
+
+impl Acceptor {
+    /// The pause after the first failure in a row.
+    pub const FIRST_PAUSE: Duration = Duration::from_millis(10);
+    /// The longest pause.
+    pub const LONGEST_PAUSE: Duration = Duration::from_secs(1);
+
+    /// The next connection on `listener`, or `None` once `stop` completes
+    /// (while waiting for a connection or pausing). Each failure is handed
+    /// to `failed` with its [`accept_error_reason`], to be counted.
+    pub async fn accept(
+        &mut self,
+        listener: &TcpListener,
+        stop: impl Future<Output = ()>,
+        mut failed: impl FnMut(&'static str),
+    ) -> Option<(TcpStream, SocketAddr)> {
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut stop => return None,
+                accepted = listener.accept() => accepted,
+            };
+            let err = match accepted {
+                Ok(accepted) => {
+                    self.pause = Acceptor::FIRST_PAUSE;
+                    return Some(accepted);
+                }
+                Err(err) => err,
+            };
+            let reason = accept_error_reason(&err);
+            failed(reason);
+            if reason == "aborted" {
+                debug!(cause = %err, "accept: connection aborted");
+                continue;
+            }
+            warn!(cause = %err, reason, pause_ms = self.pause.as_millis(), "accept failed: backing off");
+            tokio::select! {
+                () = &mut stop => return None,
+                () = tokio::time::sleep(self.pause) => {}
+            }
+            self.pause = (self.pause * 2).min(Acceptor::LONGEST_PAUSE);
+        }
+    }
+}
+
+/// The `reason` label of an accept error: resource exhaustion by kind
+/// (`emfile`, `enfile`, `enobufs`, `enomem`), a connection that died before
+/// it was accepted (`aborted`), or `other`.
+pub fn accept_error_reason(err: &std::io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(libc::EMFILE) => "emfile",
+        Some(libc::ENFILE) => "enfile",
+        Some(libc::ENOBUFS) => "enobufs",
+        Some(libc::ENOMEM) => "enomem",
+        _ => match err.kind() {
+            std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionRefused => "aborted",
+            _ => "other",
+        },
     }
 }
 

@@ -3,20 +3,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
+use herald_runtime::listen::Acceptor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::{Transport, session};
 use crate::Shared;
-
-/// First pause after an accept failure such as EMFILE; doubles up to
-/// [`ACCEPT_BACKOFF_MAX`] while accepts keep failing.
-pub(crate) const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-/// Longest pause between accept attempts while resources are exhausted.
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// What a client listener speaks.
 #[derive(Clone)]
@@ -45,7 +39,7 @@ pub(crate) async fn accept_loop(
     limit: Arc<Semaphore>,
 ) {
     let transport = listen.transport();
-    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut acceptor = Acceptor::default();
     // Set once on the listener, inherited by every accepted socket: two
     // fewer system calls per connection in a storm. Checked on the first
     // connection; a kernel that does not copy them gets them per socket.
@@ -54,7 +48,7 @@ pub(crate) async fn accept_loop(
         .is_err()
         .then_some(true);
     loop {
-        let Some((stream, peer)) = accept(&listener, &shared, &mut backoff).await else {
+        let Some((stream, peer)) = accept(&listener, &shared, &mut acceptor).await else {
             return;
         };
         if shared.draining.load(Ordering::SeqCst) {
@@ -113,60 +107,19 @@ fn inherited(stream: &TcpStream, send_buffer: Option<usize>) -> bool {
     nodelay && buffer
 }
 
-/// Accepts the next connection; `None` once the comet shuts down.
-///
-/// Accept errors are counted by reason. Out of descriptors or memory,
-/// retrying at once would spin on the same error, so it pauses — `backoff`,
-/// doubling up to [`ACCEPT_BACKOFF_MAX`] while the errors last, reset by the
-/// next success; sessions that end meanwhile free what the next accept
-/// needs. A connection that died before being accepted is retried at once.
+/// Accepts the next connection; `None` once the comet shuts down. Failures
+/// are counted by reason and paused on as every listener does
+/// ([`Acceptor`]).
 pub(crate) async fn accept(
     listener: &TcpListener,
     shared: &Shared,
-    backoff: &mut Duration,
+    acceptor: &mut Acceptor,
 ) -> Option<(TcpStream, SocketAddr)> {
-    loop {
-        let accepted = tokio::select! {
-            () = shared.shutdown.cancelled() => return None,
-            accepted = listener.accept() => accepted,
-        };
-        let err = match accepted {
-            Ok(accepted) => {
-                *backoff = ACCEPT_BACKOFF_MIN;
-                return Some(accepted);
-            }
-            Err(err) => err,
-        };
-        let reason = accept_error_reason(&err);
-        shared.metrics.accept_error(reason);
-        if reason == "aborted" {
-            debug!(cause = %err, "accept: connection aborted");
-            continue;
-        }
-        warn!(cause = %err, reason, pause_ms = backoff.as_millis(), "accept failed: backing off");
-        tokio::select! {
-            () = shared.shutdown.cancelled() => return None,
-            () = tokio::time::sleep(*backoff) => {}
-        }
-        *backoff = (*backoff * 2).min(ACCEPT_BACKOFF_MAX);
-    }
-}
-
-/// The `reason` label of an accept error: resource exhaustion by kind, a
-/// connection that died before it was accepted, or anything else.
-fn accept_error_reason(err: &std::io::Error) -> &'static str {
-    match err.raw_os_error() {
-        Some(libc::EMFILE) => "emfile",
-        Some(libc::ENFILE) => "enfile",
-        Some(libc::ENOBUFS) => "enobufs",
-        Some(libc::ENOMEM) => "enomem",
-        _ => match err.kind() {
-            std::io::ErrorKind::ConnectionAborted
-            | std::io::ErrorKind::ConnectionReset
-            | std::io::ErrorKind::ConnectionRefused => "aborted",
-            _ => "other",
-        },
-    }
+    acceptor
+        .accept(listener, shared.shutdown.cancelled(), |reason| {
+            shared.metrics.accept_error(reason);
+        })
+        .await
 }
 
 /// A connection just accepted. Boxed: the session task keeps its arguments
