@@ -21,8 +21,11 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use std::collections::HashMap;
+
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
-use kube::ResourceExt;
+use kube::{Api, ResourceExt};
 
 use super::Context;
 use crate::build::JOB_HTTP_PORT;
@@ -52,7 +55,7 @@ pub(super) struct Verdict {
 /// `/readyz`. A pod that does not answer, or answers without a reason, adds
 /// nothing.
 pub(super) async fn probe(ctx: &Context, spec: &PushClusterSpec, pods: &[Pod]) -> Vec<Finding> {
-    let current = current_templates(pods);
+    let current = current_templates(ctx, pods).await;
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(ctx.call_timeout));
     let client: Client<HttpConnector, Empty<bytes::Bytes>> =
@@ -104,10 +107,57 @@ pub(super) async fn probe(ctx: &Context, spec: &PushClusterSpec, pods: &[Pod]) -
 /// The label the ReplicaSet controller puts on each pod of one template.
 const TEMPLATE_HASH: &str = "pod-template-hash";
 
-/// Per component, the template hash of its most recently created pod: the
-/// Deployment's current template while a rollout is under way.
-fn current_templates(pods: &[Pod]) -> std::collections::HashMap<String, String> {
-    let mut newest: std::collections::HashMap<String, (&Pod, String)> = Default::default();
+/// The revision the Deployment controller stamps on each of its ReplicaSets.
+const REVISION: &str = "deployment.kubernetes.io/revision";
+
+/// Per component, the template hash of its Deployment's current template:
+/// that of the ReplicaSet with the highest revision among those owning
+/// `pods`. Creation order cannot tell: creation times are in whole seconds,
+/// and a rollout's new pod made in the same second as the old one was
+/// taken for the old template half the time (the old pod's stale complaint
+/// then held its condition for as long as the rollout waited on it). When
+/// the ReplicaSets cannot be read, the newest pod decides after all.
+async fn current_templates(ctx: &Context, pods: &[Pod]) -> HashMap<String, String> {
+    let mut owners = std::collections::BTreeSet::new();
+    for pod in pods {
+        let (Some(namespace), Some(component)) = (
+            pod.namespace(),
+            pod.labels().get("app.kubernetes.io/component"),
+        ) else {
+            continue;
+        };
+        if !pod.labels().contains_key(TEMPLATE_HASH) {
+            continue;
+        }
+        for owner in pod.owner_references() {
+            if owner.kind == "ReplicaSet" {
+                owners.insert((namespace.clone(), owner.name.clone(), component.clone()));
+            }
+        }
+    }
+    let mut newest: HashMap<String, (u64, String)> = HashMap::new();
+    for (namespace, name, component) in owners {
+        let api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &namespace);
+        let Ok(Some(set)) = api.get_opt(&name).await else {
+            return newest_by_creation(pods);
+        };
+        let revision = set.annotations().get(REVISION).and_then(|r| r.parse().ok());
+        let (Some(revision), Some(hash)) = (revision, set.labels().get(TEMPLATE_HASH)) else {
+            return newest_by_creation(pods);
+        };
+        if newest
+            .get(&component)
+            .is_none_or(|(seen, _)| revision > *seen)
+        {
+            newest.insert(component, (revision, hash.clone()));
+        }
+    }
+    newest.into_iter().map(|(c, (_, hash))| (c, hash)).collect()
+}
+
+/// Per component, the template hash of its most recently created pod.
+fn newest_by_creation(pods: &[Pod]) -> HashMap<String, String> {
+    let mut newest: HashMap<String, (&Pod, String)> = HashMap::new();
     for pod in pods {
         let (Some(component), Some(hash)) = (
             pod.labels().get("app.kubernetes.io/component"),
