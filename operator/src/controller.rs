@@ -232,7 +232,8 @@ pub async fn reconcile(cluster: Arc<PushCluster>, ctx: Arc<Context>) -> Result<A
     // cluster from being observed, scaled and reported.
     let missing = validate::missing_secrets(spec, &fetched.secrets);
     let mut polled = poll(&ctx, spec, &fetched.pods, &fetched.grpc_token).await;
-    let findings = dependencies::probe(&ctx, spec, &fetched.cluster_pods).await;
+    let findings =
+        dependencies::probe(&ctx, spec, &fetched.cluster_pods, &fetched.replica_sets).await;
     let scaled = autoscale(&ctx, &cluster, &names, &previous, &polled).await?;
     let children = match &missing {
         None => Some(apply_base(&ctx, &cluster, &names, &fetched, scaled.replicas).await?),

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 
 use super::Context;
 use crate::build::JOB_HTTP_PORT;
@@ -53,9 +53,15 @@ pub(super) struct Verdict {
 
 /// Asks every running, unready pod of the cluster (`pods`) for its
 /// `/readyz`. A pod that does not answer, or answers without a reason, adds
-/// nothing.
-pub(super) async fn probe(ctx: &Context, spec: &PushClusterSpec, pods: &[Pod]) -> Vec<Finding> {
-    let current = current_templates(ctx, pods).await;
+/// nothing. `replica_sets` are the cluster's, to tell current pods from a
+/// rollout's old ones.
+pub(super) async fn probe(
+    ctx: &Context,
+    spec: &PushClusterSpec,
+    pods: &[Pod],
+    replica_sets: &[ReplicaSet],
+) -> Vec<Finding> {
+    let current = current_templates(replica_sets);
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(ctx.call_timeout));
     let client: Client<HttpConnector, Empty<bytes::Bytes>> =
@@ -111,66 +117,30 @@ const TEMPLATE_HASH: &str = "pod-template-hash";
 const REVISION: &str = "deployment.kubernetes.io/revision";
 
 /// Per component, the template hash of its Deployment's current template:
-/// that of the ReplicaSet with the highest revision among those owning
-/// `pods`. Creation order cannot tell: creation times are in whole seconds,
-/// and a rollout's new pod made in the same second as the old one was
-/// taken for the old template half the time (the old pod's stale complaint
-/// then held its condition for as long as the rollout waited on it). When
-/// the ReplicaSets cannot be read, the newest pod decides after all.
-async fn current_templates(ctx: &Context, pods: &[Pod]) -> HashMap<String, String> {
-    let mut owners = std::collections::BTreeSet::new();
-    for pod in pods {
-        let (Some(namespace), Some(component)) = (
-            pod.namespace(),
-            pod.labels().get("app.kubernetes.io/component"),
+/// that of its ReplicaSet with the highest revision. Pod creation order
+/// cannot tell: creation times are in whole seconds, and a rollout's new pod
+/// made in the same second as the old one was taken for the old template
+/// half the time (the old pod's stale complaint then held its condition for
+/// as long as the rollout waited on it). Comets the operator rolls itself
+/// have no Deployment and no template hash, so they always speak.
+fn current_templates(replica_sets: &[ReplicaSet]) -> HashMap<String, String> {
+    let mut newest: HashMap<String, (u64, String)> = HashMap::new();
+    for set in replica_sets {
+        let labels = set.labels();
+        let (Some(component), Some(hash), Some(revision)) = (
+            labels.get("app.kubernetes.io/component"),
+            labels.get(TEMPLATE_HASH),
+            set.annotations()
+                .get(REVISION)
+                .and_then(|r| r.parse::<u64>().ok()),
         ) else {
             continue;
-        };
-        if !pod.labels().contains_key(TEMPLATE_HASH) {
-            continue;
-        }
-        for owner in pod.owner_references() {
-            if owner.kind == "ReplicaSet" {
-                owners.insert((namespace.clone(), owner.name.clone(), component.clone()));
-            }
-        }
-    }
-    let mut newest: HashMap<String, (u64, String)> = HashMap::new();
-    for (namespace, name, component) in owners {
-        let api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &namespace);
-        let Ok(Some(set)) = api.get_opt(&name).await else {
-            return newest_by_creation(pods);
-        };
-        let revision = set.annotations().get(REVISION).and_then(|r| r.parse().ok());
-        let (Some(revision), Some(hash)) = (revision, set.labels().get(TEMPLATE_HASH)) else {
-            return newest_by_creation(pods);
         };
         if newest
-            .get(&component)
+            .get(component)
             .is_none_or(|(seen, _)| revision > *seen)
         {
-            newest.insert(component, (revision, hash.clone()));
-        }
-    }
-    newest.into_iter().map(|(c, (_, hash))| (c, hash)).collect()
-}
-
-/// Per component, the template hash of its most recently created pod.
-fn newest_by_creation(pods: &[Pod]) -> HashMap<String, String> {
-    let mut newest: HashMap<String, (&Pod, String)> = HashMap::new();
-    for pod in pods {
-        let (Some(component), Some(hash)) = (
-            pod.labels().get("app.kubernetes.io/component"),
-            pod.labels().get(TEMPLATE_HASH),
-        ) else {
-            continue;
-        };
-        let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        let newer = newest.get(component).is_none_or(|(seen, _)| {
-            created > seen.metadata.creation_timestamp.as_ref().map(|t| t.0)
-        });
-        if newer {
-            newest.insert(component.clone(), (pod, hash.clone()));
+            newest.insert(component.clone(), (revision, hash.clone()));
         }
     }
     newest.into_iter().map(|(c, (_, hash))| (c, hash)).collect()
@@ -335,5 +305,37 @@ mod tests {
             ReadyCounts::default(),
         );
         assert_eq!((v[0].status, v[1].status), ("True", "False"));
+    }
+
+    fn replica_set(component: &str, hash: &str, revision: Option<&str>) -> ReplicaSet {
+        let mut set = ReplicaSet::default();
+        set.metadata.labels = Some(
+            [
+                ("app.kubernetes.io/component", component),
+                (TEMPLATE_HASH, hash),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        );
+        set.metadata.annotations =
+            revision.map(|r| [(REVISION.to_owned(), r.to_owned())].into_iter().collect());
+        set
+    }
+
+    #[test]
+    fn the_current_template_is_the_highest_revision_not_the_newest_listed() {
+        // Revisions compare as numbers (10 > 9), whatever the list order;
+        // a ReplicaSet without a revision (not a Deployment's) is ignored.
+        let sets = [
+            replica_set("logic", "new", Some("10")),
+            replica_set("logic", "old", Some("9")),
+            replica_set("job", "j1", Some("1")),
+            replica_set("job", "stray", None),
+        ];
+        let current = current_templates(&sets);
+        assert_eq!(current.get("logic").map(String::as_str), Some("new"));
+        assert_eq!(current.get("job").map(String::as_str), Some("j1"));
+        assert_eq!(current.get("comet"), None);
     }
 }

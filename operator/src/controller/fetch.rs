@@ -28,6 +28,9 @@ pub(super) struct Fetched {
     pub(super) pods: Vec<Pod>,
     /// Every pod of the cluster, comets included.
     pub(super) cluster_pods: Vec<Pod>,
+    /// Every ReplicaSet of the cluster, those of logic's and job's
+    /// Deployments included.
+    pub(super) replica_sets: Vec<ReplicaSet>,
     /// The comet Service's load-balancer addresses (IPs, else host names),
     /// as the cloud's controller reports them: where clients are sent once
     /// there are any. Empty for other Service types or before assignment.
@@ -108,38 +111,43 @@ pub(super) async fn fetch(
         "the comet Deployment",
     )
     .await?;
-    let comet_replica_sets = Api::<ReplicaSet>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(&format!(
-            "{},{}",
-            names.selector("comet"),
-            build::REVISION_LABEL
-        )))
+    let cluster_labels = format!(
+        "app.kubernetes.io/name=herald,app.kubernetes.io/instance={}",
+        names.cluster
+    );
+    // Every ReplicaSet of the cluster in one list: the comet revisions
+    // (`rollout.strategy: Drain`) are taken from it, and the Deployments'
+    // revisions tell `dependencies` which template is current.
+    let replica_sets = Api::<ReplicaSet>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&cluster_labels))
         .await
         .map_err(|source| Error::Fetch {
-            what: "the comet ReplicaSets",
+            what: "the cluster's ReplicaSets",
             source,
         })?
         .items;
+    let comet_labels = names.labels("comet");
+    let is_comet = |labels: &BTreeMap<String, String>| {
+        comet_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    };
+    let comet_replica_sets = replica_sets
+        .iter()
+        .filter(|rs| is_comet(rs.labels()) && rs.labels().contains_key(build::REVISION_LABEL))
+        .cloned()
+        .collect();
     // Every pod of the cluster in one list: comets are polled, and any
     // unready one is asked why (`dependencies`).
     let cluster_pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(&format!(
-            "app.kubernetes.io/name=herald,app.kubernetes.io/instance={}",
-            names.cluster
-        )))
+        .list(&ListParams::default().labels(&cluster_labels))
         .await
         .map_err(|source| Error::Fetch {
             what: "the cluster's pods",
             source,
         })?
         .items;
-    let comet_labels = names.labels("comet");
     let pods = cluster_pods
         .iter()
-        .filter(|pod| {
-            let labels = pod.labels();
-            comet_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
-        })
+        .filter(|pod| is_comet(pod.labels()))
         .cloned()
         .collect();
     let comet_service = get_opt(
@@ -169,6 +177,7 @@ pub(super) async fn fetch(
         comet_replica_sets,
         pods,
         cluster_pods,
+        replica_sets,
         external,
         node_list,
         api_key_exists,
