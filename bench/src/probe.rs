@@ -27,11 +27,11 @@ pub struct Args {
     pub logic: String,
     /// The push API's bearer key, as logic has it.
     #[arg(long, env = contract::API_KEY, hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub api_key: Option<herald_runtime::Secret>,
     /// Sign the token as an HS256 JWT with this secret (logic in `jwt`
     /// mode); without it the token is goim's JSON.
     #[arg(long, env = contract::JWT_SECRET, hide_env_values = true)]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<herald_runtime::Secret>,
     /// The op the pushes carry (the token accepts it).
     #[arg(long, default_value_t = 1000)]
     pub operation: i32,
@@ -103,7 +103,7 @@ pub async fn run(args: Args) -> Result<Report, Error> {
         .platform("probe")
         .accepts([args.operation]);
     let token = match &args.jwt_secret {
-        Some(secret) => sign(&token, secret)?,
+        Some(secret) => sign(&token, secret.expose())?,
         None => token.to_json(),
     };
     let mut client = connect(&args.comet, token, deadline).await?;
@@ -119,7 +119,8 @@ pub async fn run(args: Args) -> Result<Report, Error> {
                 std::io::Error::other("resolves to nothing"),
             )
         })?;
-    let http = LogicHttp::new(logic).with_api_key(args.api_key.clone());
+    let http =
+        LogicHttp::new(logic).with_api_key(args.api_key.as_ref().map(|k| k.expose().to_owned()));
     // `room` is a goim room id, `type://id`; the room API takes both halves.
     let (room_type, room_id) = room.split_once("://").unwrap_or(("herald", &room));
     let mut measured = [Duration::ZERO; 2];

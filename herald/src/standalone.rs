@@ -76,7 +76,7 @@ pub(crate) struct Args {
     kafka_group: String,
     /// API key required as `Authorization: Bearer <key>` on the HTTP API.
     #[arg(long, env = "HERALD_LOGIC_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
+    api_key: Option<herald_runtime::Secret>,
     /// The shared token of the gRPC ports, off by default; given, comet
     /// and logic require it and the roles send it to each other.
     #[command(flatten)]

@@ -131,12 +131,23 @@ fn every_generated_command_line_parses_with_the_roles_own_parser() {
         // variable); logic never prints it, nor a URL that holds one.
         r#"url: "<with password>""#,
         r#""<redacted>""#,
-        r#""secret-jwt-secret""#,
-        r#""secret-api-key""#,
+        // So did the JWT secret ("secret-jwt-secret") and the API key
+        // ("secret-api-key"), shown only by their lengths.
+        "jwt_secret: Some(\n        <redacted: 17 bytes>,",
+        "api_key: Some(\n            <redacted: 14 bytes>,",
         r#"name: "chat-nodes""#,
         "http_addr: 127.0.0.7:",
     ] {
         assert!(logic.contains(expected), "logic lacks {expected}:\n{logic}");
+    }
+    for (role, shown) in &seen {
+        for secret in [
+            "secret-jwt-secret",
+            "secret-api-key",
+            "secret-redis-password",
+        ] {
+            assert!(!shown.contains(secret), "{role} shows {secret}:\n{shown}");
+        }
     }
     let job = &seen["job"];
     for expected in [

@@ -41,7 +41,7 @@ pub struct ClientTokenArgs {
     pub token_mode: TokenMode,
     /// HS256 secret for `--token-mode jwt`.
     #[arg(long, env = contract::JWT_SECRET, hide_env_values = true)]
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<herald_runtime::Secret>,
     /// RS256 public key (PEM file) for `--token-mode jwt`, instead of a secret.
     #[arg(
         long,
@@ -162,7 +162,7 @@ pub struct Args {
     pub receive_topic: Option<String>,
     /// API key required as `Authorization: Bearer <key>` on the HTTP API.
     #[arg(long, env = contract::API_KEY, hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub api_key: Option<herald_runtime::Secret>,
     /// Answer HTTP 200 always (goim behaviour), outcome only in `code`.
     #[arg(long, env = "HERALD_LOGIC_COMPAT_STATUS_200")]
     pub compat_status_200: bool,
@@ -237,7 +237,7 @@ pub struct Config {
     /// Token checking.
     pub token_mode: TokenMode,
     /// JWT HS256 secret (for [`TokenMode::Jwt`], or the public key below).
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<herald_runtime::Secret>,
     /// JWT RS256 public key file (for [`TokenMode::Jwt`]).
     pub jwt_public_key: Option<PathBuf>,
     /// Registered claims a signed token must carry.
@@ -379,7 +379,7 @@ impl Config {
     /// The first problem found.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Config(m.to_owned()));
-        let has_secret = self.jwt_secret.as_deref().is_some_and(|s| !s.is_empty());
+        let has_secret = self.jwt_secret.as_ref().is_some_and(|s| !s.is_empty());
         if self.token_mode == TokenMode::Jwt && has_secret == self.jwt_public_key.is_some() {
             return bad("--token-mode jwt needs exactly one of --jwt-secret and --jwt-public-key");
         }

@@ -39,7 +39,7 @@ const RETRY_AFTER_SECS: &str = "1";
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
     /// When set, `Authorization: Bearer <key>` is required on every route.
-    pub api_key: Option<String>,
+    pub api_key: Option<herald_runtime::Secret>,
     /// Answer 200 always, like goim, with the outcome only in `code`.
     pub compat_status_200: bool,
     /// Largest accepted push body in bytes (larger → 413).
@@ -187,7 +187,7 @@ async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(herald_runtime::bearer);
-        if !given.is_some_and(|g| herald_runtime::secret_eq(g.as_bytes(), key.as_bytes())) {
+        if !given.is_some_and(|g| key.matches(g.as_bytes())) {
             return Error::Unauthorized.into_response();
         }
     }

@@ -188,7 +188,12 @@ async fn serve(
                     Error::Config(format!("--jwt-public-key {}: {e}", path.display()))
                 })?
             }
-            None => token::Verifier::hs256(jwt_secret.unwrap_or_default().as_bytes(), &jwt_checks),
+            None => token::Verifier::hs256(
+                jwt_secret
+                    .as_ref()
+                    .map_or(&b""[..], |s| s.expose().as_bytes()),
+                &jwt_checks,
+            ),
         },
     };
     if http_config.api_key.is_none() {

@@ -39,12 +39,12 @@ fn nodes() -> Source {
 /// Logic with an API key on its push API and the node list above.
 async fn start(client_auth: ClientAuth, token_mode: TokenMode) -> Logic {
     let mut cfg = config(&unique("unused"));
-    cfg.http.api_key = Some(API_KEY.to_owned());
+    cfg.http.api_key = Some(API_KEY.into());
     cfg.node_list = Some(nodes());
     cfg.client_auth = client_auth;
     cfg.token_mode = token_mode;
     if cfg.token_mode == TokenMode::Jwt {
-        cfg.jwt_secret = Some(JWT_SECRET.to_owned());
+        cfg.jwt_secret = Some(JWT_SECRET.into());
     }
     Logic::start(cfg).await
 }

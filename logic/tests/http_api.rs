@@ -324,7 +324,7 @@ async fn reserved_ops_and_rooms_past_the_limit_are_refused() {
 #[tokio::test]
 async fn api_key_is_required_when_configured() {
     let mut cfg = config(&unique("unused"));
-    cfg.http.api_key = Some("secret-key".to_owned());
+    cfg.http.api_key = Some("secret-key".into());
     let logic = Logic::start(cfg).await;
     for auth in [None, Some("wrong"), Some("secret-ke")] {
         let ans = http(logic.http, "GET", "/goim/online/total", b"", auth).await;

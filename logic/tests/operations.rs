@@ -68,7 +68,7 @@ async fn probes_bypass_the_api_key_and_metrics_count_requests() {
     let topic = unique("probes");
     create_topic(&topic).await;
     let mut cfg = config(&topic);
-    cfg.http.api_key = Some("secret".to_owned());
+    cfg.http.api_key = Some("secret".into());
     let logic = Logic::start(cfg).await;
 
     assert_eq!(get_text(logic.http, "/healthz").await.0, 200);

@@ -165,7 +165,7 @@ async fn jwt_mode_accepts_signed_tokens_only() {
     use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
     let mut cfg = config(&unique("unused"));
     cfg.token_mode = herald_logic::TokenMode::Jwt;
-    cfg.jwt_secret = Some("s3cret".to_owned());
+    cfg.jwt_secret = Some("s3cret".into());
     let logic = Logic::start(cfg).await;
     let mut client = logic.grpc().await;
     let key = unique("jwt");

@@ -25,6 +25,7 @@
 //!   answers a human reads.
 //! - [`bearer`]: the token of an `Authorization: Bearer` value, read as
 //!   HTTP says (the scheme in any case).
+//! - [`Secret`]: a setting whose `Debug` shows its length, never its value.
 
 pub mod admin;
 pub mod args;
@@ -70,8 +71,62 @@ pub fn secret_eq(given: &[u8], expected: &[u8]) -> bool {
     given.ct_eq(expected).into()
 }
 
+/// A secret setting (an API key, a JWT secret) that must not be shown:
+/// its `Debug` gives only its length, so `--check-config` and any log of a
+/// configuration prove the value arrived without printing it. Clap parses
+/// it from a flag or variable like a `String`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the value is empty (an unset Secret key often is).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `given` is this secret, compared in constant time
+    /// ([`secret_eq`]).
+    pub fn matches(&self, given: &[u8]) -> bool {
+        secret_eq(given, self.0.as_bytes())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Secret {
+        Secret(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Secret {
+        Secret(value.to_owned())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<redacted: {} bytes>", self.0.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_secret_shows_its_length_only() {
+        let secret = super::Secret::from("hunter2");
+        assert_eq!(format!("{secret:?}"), "<redacted: 7 bytes>");
+        assert_eq!(
+            format!("{:#?}", Some(&secret)).matches("hunter2").count(),
+            0
+        );
+        assert!(secret.matches(b"hunter2") && !secret.matches(b"hunter3"));
+    }
+
     #[test]
     fn secret_eq_matches_eq() {
         assert!(super::secret_eq(b"abc", b"abc"));
