@@ -39,6 +39,7 @@ pub struct Metrics {
     push_write_latency: Histogram,
     node_list_generation: Gauge,
     grpc_auth_refusals: Refusals,
+    http_refusals: herald_runtime::http::Refusals,
     tls_reloads: Counters,
 }
 
@@ -125,6 +126,7 @@ impl Metrics {
             node_list_generation.clone(),
         );
         let grpc_auth_refusals = Refusals::register(&mut registry);
+        let http_refusals = herald_runtime::http::Refusals::register(&mut registry);
         Metrics {
             registry,
             connections,
@@ -143,6 +145,7 @@ impl Metrics {
             push_write_latency,
             node_list_generation,
             grpc_auth_refusals,
+            http_refusals,
             tls_reloads,
         }
     }
@@ -257,6 +260,10 @@ impl herald_runtime::admin::Health for Shared {
         self.metrics.encode()
     }
 
+    fn http_refusals(&self) -> herald_runtime::http::Refusals {
+        self.metrics.http_refusals.clone()
+    }
+
     /// Ready once logic has been reached and while accepting connections; a
     /// comet that cannot authenticate yet, or is draining, is not ready, so
     /// load balancers do not send it clients.
@@ -277,5 +284,23 @@ impl herald_runtime::admin::Health for Shared {
         } else {
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use herald_runtime::http::Refusal;
+
+    /// The admin listener's refusals land in the registry `/metrics` shows.
+    #[test]
+    fn admin_refusals_are_in_the_registry() {
+        let metrics = super::Metrics::new();
+        metrics.http_refusals.count("admin", Refusal::Connections);
+        let shown = metrics.encode();
+        let series = format!(
+            r#"herald_{}_http_refused_total{{listener="admin",reason="connections"}} 1"#,
+            env!("CARGO_PKG_NAME").trim_start_matches("herald-")
+        );
+        assert!(shown.contains(&series), "{shown}");
     }
 }

@@ -48,6 +48,7 @@ pub struct Metrics {
     call_seconds: Latency,
     in_flight: Gauge,
     lag: Gauge,
+    http_refusals: herald_runtime::http::Refusals,
     /// Comet names seen in comet-labelled drops and skips, so the snapshot
     /// can sum those families (bounded by the node list; std Mutex: only
     /// held to insert or copy).
@@ -170,6 +171,7 @@ impl Metrics {
              (librdkafka statistics, every few seconds)",
             lag.clone(),
         );
+        let http_refusals = herald_runtime::http::Refusals::register(&mut registry);
         Metrics {
             registry,
             records,
@@ -190,6 +192,7 @@ impl Metrics {
             call_seconds,
             in_flight,
             lag,
+            http_refusals,
             comets: Mutex::default(),
         }
     }
@@ -349,6 +352,10 @@ impl herald_runtime::admin::Health for Health {
         self.stats.metrics.encode()
     }
 
+    fn http_refusals(&self) -> herald_runtime::http::Refusals {
+        self.stats.metrics.http_refusals.clone()
+    }
+
     /// Not ready until the consumer is assigned, so a rollout waits for a
     /// job that really consumes before it stops the old one.
     async fn ready(&self) -> Result<(), String> {
@@ -370,5 +377,23 @@ impl herald_runtime::admin::Health for Health {
                 "kafka consumer not assigned yet",
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use herald_runtime::http::Refusal;
+
+    /// The admin listener's refusals land in the registry `/metrics` shows.
+    #[test]
+    fn admin_refusals_are_in_the_registry() {
+        let metrics = super::Metrics::new();
+        metrics.http_refusals.count("admin", Refusal::Connections);
+        let shown = metrics.encode();
+        let series = format!(
+            r#"herald_{}_http_refused_total{{listener="admin",reason="connections"}} 1"#,
+            env!("CARGO_PKG_NAME").trim_start_matches("herald-")
+        );
+        assert!(shown.contains(&series), "{shown}");
     }
 }

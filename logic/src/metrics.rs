@@ -167,6 +167,10 @@ impl herald_runtime::admin::Health for Service {
         Service::metrics(self).encode()
     }
 
+    fn http_refusals(&self) -> herald_runtime::http::Refusals {
+        Service::metrics(self).http_refusals()
+    }
+
     /// Ready when the session store and the push queue both answer: a logic
     /// that would refuse every push with 503 should not get traffic. The
     /// answer names the cause for the operator (`contract::unready`).

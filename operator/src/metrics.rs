@@ -39,6 +39,7 @@ pub struct Metrics {
     connections: Family<Labels, Gauge>,
     draining: Family<Labels, Gauge>,
     degraded: Family<Labels, Gauge>,
+    http_refusals: herald_runtime::http::Refusals,
     /// `(namespace, name)` of every cluster with series, so those of a
     /// cluster that is gone can be found and dropped.
     observed: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
@@ -99,6 +100,7 @@ impl Default for Metrics {
             "1 while a PushCluster's Degraded condition is True",
             degraded.clone(),
         );
+        let http_refusals = herald_runtime::http::Refusals::register(&mut registry);
         Self {
             registry,
             reconciles,
@@ -110,6 +112,7 @@ impl Default for Metrics {
             connections,
             draining,
             degraded,
+            http_refusals,
             observed: std::sync::Mutex::default(),
         }
     }
@@ -255,6 +258,10 @@ impl herald_runtime::admin::Health for Metrics {
     async fn ready(&self) -> Result<(), String> {
         Ok(())
     }
+
+    fn http_refusals(&self) -> herald_runtime::http::Refusals {
+        self.http_refusals.clone()
+    }
 }
 
 #[cfg(test)]
@@ -279,6 +286,25 @@ mod tests {
         text.lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.rsplit(' ').next())
+    }
+
+    /// The admin listener's refusals land in the registry `/metrics` shows.
+    #[test]
+    fn admin_refusals_are_in_the_registry() {
+        use herald_runtime::admin::Health;
+        let metrics = Metrics::default();
+        metrics
+            .http_refusals()
+            .count("admin", herald_runtime::http::Refusal::Connections);
+        let text = metrics.encode();
+        assert_eq!(
+            sample(
+                &text,
+                r#"herald_operator_http_refused_total{listener="admin",reason="connections"}"#
+            ),
+            Some("1"),
+            "{text}"
+        );
     }
 
     #[test]

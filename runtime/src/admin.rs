@@ -23,10 +23,9 @@ pub trait Health: Send + Sync + 'static {
     /// `Ok` when the role should get traffic, else why not (answered with 503).
     fn ready(&self) -> impl Future<Output = Result<(), String>> + Send;
     /// Where the admin listener counts the connections its limits refuse
-    /// ([`http::Refusals`] in the role's registry); `None`: not counted.
-    fn http_refusals(&self) -> Option<http::Refusals> {
-        None
-    }
+    /// ([`http::Refusals`] in the role's registry). Required, so no role's
+    /// admin port refuses uncounted.
+    fn http_refusals(&self) -> http::Refusals;
 }
 
 /// The content type of `/metrics`.
@@ -75,7 +74,7 @@ pub async fn serve_within<H: Health>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let config = http::Listener {
-        refusals: health.http_refusals(),
+        refusals: Some(health.http_refusals()),
         ..http::Listener::new("admin", limits)
     };
     http::serve(listener, router(health), config, shutdown).await
@@ -116,6 +115,9 @@ mod tests {
             } else {
                 Err("not yet".to_owned())
             }
+        }
+        fn http_refusals(&self) -> http::Refusals {
+            http::Refusals::default()
         }
     }
 

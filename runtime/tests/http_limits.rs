@@ -364,8 +364,8 @@ impl admin::Health for Probe {
     async fn ready(&self) -> Result<(), String> {
         Ok(())
     }
-    fn http_refusals(&self) -> Option<Refusals> {
-        Some(self.refusals.clone())
+    fn http_refusals(&self) -> Refusals {
+        self.refusals.clone()
     }
 }
 
