@@ -318,6 +318,7 @@ smoke() {
   mapfile -t entrypoint < <("${BUILDAH[@]}" inspect --type image "$tag" |
     python3 -c 'import json, sys; print("\n".join(json.load(sys.stdin)["OCIv1"]["config"].get("Entrypoint") or []))')
   [[ ${entrypoint[0]:-} == herald ]] || die "the image's ENTRYPOINT is '${entrypoint[*]}', not herald"
+  check_labels "$tag"
   trap smoke_cleanup EXIT
   ctr=$("${BUILDAH[@]}" from --pull=never --name "herald-image-test-$$" "$tag")
   SMOKE_CTRS+=("$ctr")
@@ -341,6 +342,7 @@ smoke() {
   herald_pid=$(descendant "$run_pid" herald) || die "no herald process under buildah run ($run_pid)"
   # Stopped first: TERM to herald itself, then its buildah run.
   printf '%s\n' "$herald_pid" "$run_pid" >"$HERALD_RUN/image.pids"
+  check_stripped "$ctr"
   uid=$(awk '/^Uid:/ { print $2 }' "/proc/$herald_pid/status")
   [[ $uid == 65532 ]] || die "herald runs as uid $uid in the image, not 65532"
   log "herald standalone from the image: ports answering ${ms} ms after buildah run (pid $herald_pid, uid $uid)"
@@ -360,6 +362,38 @@ smoke() {
     "$tag" "$size" "$csize" "$ms" | tee "$HERALD_RUN/image.txt" >&2
   smoke_cleanup
   trap - EXIT
+}
+
+# check_labels TAG: the OCI labels a registry and scanners read are set, the
+# version one to the workspace's version (a stale Dockerfile default would
+# label a new build with an old version).
+check_labels() {
+  local tag=$1 want
+  want=$(workspace_version)
+  "${BUILDAH[@]}" inspect --type image "$tag" | WANT=$want python3 -c '
+import json, os, sys
+labels = json.load(sys.stdin)["OCIv1"]["config"].get("Labels") or {}
+p = "org.opencontainers.image."
+missing = [k for k in ("title", "description", "version", "source", "licenses") if not labels.get(p + k)]
+if missing:
+    sys.exit("the image lacks the OCI labels " + ", ".join(p + k for k in missing))
+if labels[p + "version"] != os.environ["WANT"]:
+    sys.exit("the image is labelled version %s, the workspace is %s" % (labels[p + "version"], os.environ["WANT"]))
+' || die "OCI labels"
+  log "OCI labels: title, description, version $want, source, licenses"
+}
+
+# check_stripped CTR: the binary in the container's image has no symbol
+# table (the Dockerfile strips it; an unstripped one is several times larger).
+check_stripped() {
+  local root
+  root=$("${BUILDAH[@]}" mount "$1")
+  if readelf -S --wide "$root/usr/local/bin/herald" | grep -q '[.]symtab'; then
+    "${BUILDAH[@]}" umount "$1" >/dev/null
+    die "the image's herald binary is not stripped (it has a .symtab)"
+  fi
+  log "the image's herald binary is stripped: $(du -h "$root/usr/local/bin/herald" | cut -f1)"
+  "${BUILDAH[@]}" umount "$1" >/dev/null
 }
 
 # smoke_cleanup: stops what smoke started (by pid) and removes its containers.

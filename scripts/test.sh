@@ -36,13 +36,15 @@ FUZZ_SECONDS=${FUZZ_SECONDS:-30}
 FUZZ_SECONDS_EACH=${FUZZ_SECONDS_EACH:-8}
 
 : >"$HERALD_RUN/timings.txt"
-rm -f "$HERALD_RUN/summary.txt" "$HERALD_RUN/rollout.txt"
+rm -f "$HERALD_RUN/summary.txt" "$HERALD_RUN/rollout.txt" "$HERALD_RUN/image.txt"
 cleanup() {
   local status=$?
   if [[ ${KEEP_TESTBED:-0} != 1 ]]; then bash e2e/services/down.sh || status=1; fi
   echo "--- phase timings ---"
   cat "$HERALD_RUN/timings.txt"
-  # Figures tests wrote for the record (operator_rollout.rs).
+  # Figures written for the record: the image's size and start time
+  # (scripts/image.sh), the rollout table (operator_rollout.rs).
+  [[ -f $HERALD_RUN/image.txt ]] && cat "$HERALD_RUN/image.txt"
   [[ -f $HERALD_RUN/rollout.txt ]] && cat "$HERALD_RUN/rollout.txt"
   # The runner's summary stays the last line of the output.
   [[ -f $HERALD_RUN/summary.txt ]] && cat "$HERALD_RUN/summary.txt"
