@@ -67,13 +67,19 @@ pub(super) fn network_policies(
         http_from.push(json!({"namespaceSelector": {"matchExpressions": [
             {"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}]}}));
     }
+    // Clients, and the admin port's probes and scrapes; the WSS port only
+    // when comets serve it (`comet.tls`): nothing listens there otherwise.
+    let mut open = vec![comet.tcp, comet.ws];
+    if spec.comet.tls.is_some() {
+        open.push(comet.wss);
+    }
+    open.push(comet.admin);
     Ok(vec![
         policy(
             names,
             "comet",
             vec![
-                // Clients, and the admin port's probes and scrapes.
-                rule(&[comet.tcp, comet.ws, comet.wss, comet.admin], vec![]),
+                rule(&open, vec![]),
                 rule(&[comet.grpc], vec![component(names, "job"), operator(spec)]),
             ],
         )?,
@@ -125,6 +131,15 @@ mod tests {
             serde_json::Value::Null,
             "client ports open"
         );
+        let open_ports = |comet: &serde_json::Value| -> Vec<i64> {
+            comet[0]["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["port"].as_i64().unwrap())
+                .collect()
+        };
+        assert_eq!(open_ports(&comet), [3101, 3102, 3190], "no WSS without TLS");
         assert_eq!(
             comet[1]["ports"],
             json!([{"protocol": "TCP", "port": 3109}])
@@ -161,6 +176,17 @@ mod tests {
             spec.policy_types.as_deref(),
             Some(&["Ingress".to_owned()][..])
         );
+
+        cluster.spec.comet.tls =
+            Some(serde_json::from_value(json!({"secretName": "certs"})).unwrap());
+        let with_tls = children(&names, &cluster.spec, 2, "chat-logic").unwrap();
+        let comet = with_tls
+            .network_policies
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some("chat-comet"))
+            .map(ingress)
+            .unwrap();
+        assert_eq!(open_ports(&comet), [3101, 3102, 3103, 3190], "WSS with TLS");
 
         cluster.spec.network_policy.enabled = false;
         let off = children(&names, &cluster.spec, 2, "chat-logic").unwrap();
