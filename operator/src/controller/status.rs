@@ -106,7 +106,9 @@ pub(super) async fn report_degraded(
     match (was, now) {
         (Some((reason, message)), Some(now)) if reason == now.reason && message == now.message => {}
         (_, Some(now)) => {
-            info!(cluster = %cluster.name_any(), reason = now.reason, message = %now.message, "degraded");
+            // Not `message`: that is the line's own text, and a second
+            // one would be a duplicate key in the JSON log format.
+            info!(cluster = %cluster.name_any(), reason = now.reason, detail = %now.message, "degraded");
             publish(
                 ctx,
                 cluster,
