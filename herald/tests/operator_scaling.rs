@@ -15,9 +15,9 @@ use herald_e2e::eventually;
 use herald_operator::crd::PushCluster;
 use herald_testkit::{Herald, HeraldProcess};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 
 mod common;
@@ -207,9 +207,12 @@ async fn kubectl_scale_is_overridden_by_the_autoscaler_and_said_so() -> anyhow::
 /// Scaling 1 -> 2 -> 3 -> 1 through the spec (autoscaling off) and the two
 /// drains that takes: each is an Event with its own, accurate note, not one
 /// series that keeps the first; only the very same note again (1 -> 2 once
-/// more) counts in its Event's series.
+/// more) counts in its Event's series. Each of those, a recreated child and
+/// a `Degraded` transition both ways are also an info line of the
+/// operator's log, as an SRE reads it.
 #[tokio::test]
-async fn each_scaling_and_drain_is_its_own_event() -> anyhow::Result<()> {
+async fn each_action_is_its_own_event_and_an_info_log() -> anyhow::Result<()> {
+    let logs = OperatorLogs::capture()?;
     let (client, ns) = setup("op-events").await?;
     let operator = Operator::start(&client, &ns, "op-a");
     let grpc_port = herald_e2e::free_port();
@@ -306,9 +309,149 @@ async fn each_scaling_and_drain_is_its_own_event() -> anyhow::Result<()> {
     .await?;
     assert_eq!(counts, [Some(2)], "one Event for the repeated note");
 
+    // A deleted child comes back; a Secret reference that names nothing
+    // degrades the cluster until it is taken out again.
+    let services = Api::<Service>::namespaced(client.clone(), &ns);
+    services
+        .delete("chat-logic", &DeleteParams::default())
+        .await?;
+    eventually(30, "the logic Service recreated", || async {
+        Ok(services.get_opt("chat-logic").await?.map(drop))
+    })
+    .await?;
+    let reference = |key_ref: serde_json::Value| {
+        let patch = json!({"spec": {"auth": {"apiKeySecretRef": key_ref}}});
+        let clusters = clusters.clone();
+        async move {
+            clusters
+                .patch("chat", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+        }
+    };
+    reference(json!({"name": "gone-keys", "key": "api"})).await?;
+    wait_cluster(&clusters, "chat", 30, "Degraded", |cluster| {
+        has_condition(cluster, "Degraded", "True")
+    })
+    .await?;
+    reference(serde_json::Value::Null).await?;
+    wait_cluster(&clusters, "chat", 30, "recovered", |cluster| {
+        has_condition(cluster, "Degraded", "False")
+    })
+    .await?;
+
+    // Every one of those is an info line, naming what it did.
+    let (first, second) = (
+        started[0].trim_start_matches("draining comet "),
+        started[1].trim_start_matches("draining comet "),
+    );
+    let wanted: Vec<Vec<String>> = [
+        vec!["comet.replicas changed", "from=1 to=2"],
+        vec!["comet.replicas changed", "from=2 to=3"],
+        vec!["comet.replicas changed", "from=3 to=1"],
+        vec!["comet drain started", first],
+        vec!["comet drain started", second],
+        vec!["comet drained; removing it", first, "replicas=2"],
+        vec!["comet drained; removing it", second, "replicas=1"],
+        vec![
+            "recreated a deleted child",
+            "kind=Service",
+            "name=chat-logic",
+        ],
+        vec!["degraded", "SecretMissing", "detail=Secret gone-keys"],
+        vec!["recovered", "SecretMissing"],
+    ]
+    .into_iter()
+    .map(|parts| parts.into_iter().map(str::to_owned).collect())
+    .collect();
+    logs.wait_for(&ns, &wanted).await?;
+
     operator.stop().await?;
     drop(comets);
     delete_namespace(&client, &ns).await
+}
+
+/// The operator's log lines at info and above, as its text format writes
+/// them: a global subscriber for this test binary (the operator's
+/// controllers run in tasks of their own, which a subscriber set for one
+/// task would not reach). Tests running at once share it; each reads the
+/// lines of its own namespace, which the `controller` span of every line
+/// names.
+struct OperatorLogs(&'static std::sync::Mutex<Vec<u8>>);
+
+impl OperatorLogs {
+    fn capture() -> anyhow::Result<OperatorLogs> {
+        static LOGS: std::sync::OnceLock<Result<&'static std::sync::Mutex<Vec<u8>>, String>> =
+            std::sync::OnceLock::new();
+        let logs = LOGS.get_or_init(|| {
+            let buffer: &'static std::sync::Mutex<Vec<u8>> = Box::leak(Box::default());
+            tracing_subscriber::fmt()
+                .with_env_filter("herald_operator=info")
+                .with_ansi(false)
+                .with_writer(move || LogWriter(buffer))
+                .try_init()
+                .map_err(|err| err.to_string())?;
+            Ok(buffer)
+        });
+        match logs {
+            Ok(buffer) => Ok(OperatorLogs(buffer)),
+            Err(err) => anyhow::bail!("cannot capture the operator's logs: {err}"),
+        }
+    }
+
+    /// The captured lines that name `namespace`.
+    fn lines(&self, namespace: &str) -> Vec<String> {
+        let text = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&text)
+            .lines()
+            .filter(|line| line.contains(namespace))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits up to 10 s until, for each of `wanted`, an info line of
+    /// `namespace` holds all its parts.
+    async fn wait_for(&self, namespace: &str, wanted: &[Vec<String>]) -> anyhow::Result<()> {
+        let missing = |lines: &[String]| -> Vec<Vec<String>> {
+            wanted
+                .iter()
+                .filter(|parts| {
+                    !lines.iter().any(|line| {
+                        line.contains(" INFO ") && parts.iter().all(|p| line.contains(p.as_str()))
+                    })
+                })
+                .cloned()
+                .collect()
+        };
+        let waited = eventually(10, "the operator's info lines", || async {
+            Ok(missing(&self.lines(namespace)).is_empty().then_some(()))
+        })
+        .await;
+        if waited.is_err() {
+            let lines = self.lines(namespace);
+            anyhow::bail!(
+                "no info line for {:?} in:\n{}",
+                missing(&lines),
+                lines.join("\n")
+            );
+        }
+        Ok(())
+    }
+}
+
+struct LogWriter(&'static std::sync::Mutex<Vec<u8>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 // ------------------------------------------------ drain, comets in process
