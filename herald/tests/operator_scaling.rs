@@ -4,7 +4,8 @@
 //! `kubectl scale`, an Event per scaling and drain, and the scale-down drain
 //! of a comet backed by a real comet (pod status is patched to point at it
 //! on loopback, as a kubelet would): in this process, and as `herald
-//! standalone` processes holding clients.
+//! standalone` processes holding clients; a deleted comet pod out of the
+//! node list's rotation while it terminates.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -593,6 +594,123 @@ async fn scale_down_drains_a_real_comet_first() -> anyhow::Result<()> {
 /// the comet Service has an ingress (what a cloud's controller writes; here
 /// through the status subresource) the node list's `addrs` carry it, while
 /// job and the operator still reach each comet at its pod.
+/// A comet pod being deleted (a `kubectl delete`, a node drain: its comet
+/// is about to get SIGTERM and drain on its own) is out of rotation in the
+/// node list from the operator's next poll: `draining`, weight 0, still
+/// listed with its clients while the pod exists (job still pushes to them),
+/// and gone once the pod is. The pods are bound to a node no kubelet runs,
+/// so a deleted one stays terminating until the test, as its kubelet,
+/// removes it; the comet is never told to drain, so the mark comes from the
+/// deletion alone.
+#[tokio::test]
+async fn a_deleted_comet_is_out_of_rotation_until_its_pod_is_gone() -> anyhow::Result<()> {
+    let (client, ns) = setup("op-deleted").await?;
+    let operator = Operator::start(&client, &ns, "op-a");
+    let grpc_port = herald_e2e::free_port();
+    let comet = json!({"replicas": 2, "ports": {"grpc": grpc_port}});
+    create_cluster(&client, &ns, "chat", json!({ "comet": comet })).await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+
+    let names = wait_pods(&pods, "chat", "comet", 2).await?;
+    let mut comets = BTreeMap::new();
+    for (n, name) in names.iter().enumerate() {
+        bind(&pods, name, "no-kubelet").await?;
+        let ip = format!("127.0.0.{}", n + 2);
+        comets.insert(
+            name.clone(),
+            PodComet::start(&pods, name, &ip, grpc_port).await?,
+        );
+    }
+    let (leaving, kept) = (names[0].clone(), names[1].clone());
+    let clients = [
+        goim_client(comets[&leaving].tcp, 1).await?,
+        goim_client(comets[&leaving].tcp, 2).await?,
+    ];
+    let entry = |list: &serde_json::Value, name: &str| {
+        list["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["name"] == name)
+            .cloned()
+    };
+    eventually(30, "both comets listed, the clients counted", || async {
+        let list = node_list(&configmaps, "chat").await?.unwrap_or_default();
+        let counted = entry(&list, &leaving).is_some_and(|n| n["connections"] == 2);
+        let serving = [&leaving, &kept]
+            .iter()
+            .all(|name| entry(&list, name).is_some_and(|n| n["draining"] == false));
+        Ok((counted && serving).then_some(()))
+    })
+    .await?;
+
+    let grace = DeleteParams {
+        grace_period_seconds: Some(30),
+        ..DeleteParams::default()
+    };
+    pods.delete(&leaving, &grace).await?;
+    let list = eventually(10, "the deleted comet marked draining", || async {
+        let list = node_list(&configmaps, "chat").await?.unwrap_or_default();
+        let marked = entry(&list, &leaving).is_some_and(|n| n["draining"] == true);
+        Ok(marked.then_some(list))
+    })
+    .await?;
+    let marked = entry(&list, &leaving).unwrap_or_default();
+    assert_eq!(
+        (&marked["weight"], &marked["connections"]),
+        (&json!(0), &json!(2)),
+        "out of rotation, its clients still listed: {list}"
+    );
+    let other = entry(&list, &kept).unwrap_or_default();
+    assert!(
+        other["draining"] == false && other["weight"].as_u64() > Some(0),
+        "the other comet keeps serving: {list}"
+    );
+    let pod = pods.get(&leaving).await?;
+    assert!(
+        pod.metadata.deletion_timestamp.is_some(),
+        "marked while the pod is still there, terminating"
+    );
+
+    // Its comet ends and the kubelet removes the pod: it leaves the list.
+    drop(clients);
+    comets.remove(&leaving);
+    let now = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    pods.delete(&leaving, &now).await?;
+    wait_node_flags(
+        &configmaps,
+        "chat",
+        30,
+        "the deleted comet unlisted",
+        |listed| !listed.contains_key(&leaving) && listed.get(&kept) == Some(&false),
+    )
+    .await?;
+
+    operator.stop().await?;
+    drop(comets);
+    delete_namespace(&client, &ns).await
+}
+
+/// Binds pod `name` to `node`, as a scheduler would: a pod on a node is
+/// deleted gracefully (it stays, terminating, until its kubelet removes
+/// it), where an unscheduled one goes at once.
+async fn bind(pods: &Api<Pod>, name: &str, node: &str) -> anyhow::Result<()> {
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
+                         "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
+    pods.create_subresource::<_, serde_json::Value>(
+        "binding",
+        name,
+        &kube::api::PostParams::default(),
+        &binding,
+    )
+    .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn clients_get_the_load_balancer_address_once_there_is_one() -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::Service;
