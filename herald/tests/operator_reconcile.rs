@@ -379,6 +379,100 @@ async fn cluster_gets_owned_children_idempotently_and_recreates_them() -> anyhow
     delete_namespace(&client, &ns).await
 }
 
+/// `Progressing` outside a comet rollout: `True`/`RollingOut` while the
+/// Deployments converge on the spec (a new cluster, then logic scaled to
+/// 2), `False`/`Stable` once they have. Every status write is seen through
+/// a watch, so a short-lived `RollingOut` is not missed between polls.
+#[tokio::test]
+async fn progressing_while_deployments_converge() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let (client, ns) = setup("op-progress").await?;
+    let clusters = Api::<PushCluster>::namespaced(client.clone(), &ns);
+    // Each distinct `Progressing` the status shows: (its observedGeneration,
+    // status, reason), in order.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let watch = tokio::spawn({
+        let (clusters, seen) = (clusters.clone(), seen.clone());
+        async move {
+            let config = watcher::Config::default().fields("metadata.name=chat");
+            let mut stream = std::pin::pin!(watcher(clusters, config).applied_objects());
+            while let Some(Ok(cluster)) = stream.next().await {
+                let conditions = cluster.status.unwrap_or_default().conditions;
+                let Some(c) = conditions.into_iter().find(|c| c.type_ == "Progressing") else {
+                    continue;
+                };
+                let state = (c.observed_generation, c.status, c.reason);
+                let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                if seen.last() != Some(&state) {
+                    seen.push(state);
+                }
+            }
+        }
+    });
+    let operator = Operator::start(&client, &ns, "op-a");
+    let stable = |generation: i64| {
+        move |cluster: &PushCluster| {
+            cluster.status.as_ref().is_some_and(|s| {
+                s.conditions.iter().any(|c| {
+                    c.type_ == "Progressing"
+                        && (c.status.as_str(), c.reason.as_str()) == ("False", "Stable")
+                        && c.observed_generation == Some(generation)
+                })
+            })
+        }
+    };
+    // What was seen for `generation`, up to (and with) the first Stable.
+    let states_of = |generation: i64| {
+        let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut states: Vec<(String, String)> = Vec::new();
+        for (observed, status, reason) in seen.iter() {
+            if *observed == Some(generation) {
+                states.push((status.clone(), reason.clone()));
+                if reason == "Stable" {
+                    break;
+                }
+            }
+        }
+        states
+    };
+    let rolling_then_stable = |states: &[(String, String)]| {
+        let rolling = ("True".to_owned(), "RollingOut".to_owned());
+        let settled = ("False".to_owned(), "Stable".to_owned());
+        states.contains(&rolling) && states.last() == Some(&settled)
+    };
+
+    // A new cluster: its Deployments start with nothing rolled out.
+    create_cluster(&client, &ns, "chat", json!({})).await?;
+    wait_cluster(&clusters, "chat", 60, "Progressing Stable", stable(1)).await?;
+    let states = states_of(1);
+    assert!(rolling_then_stable(&states), "new cluster: {states:?}");
+
+    // Logic scaled: RollingOut again until its Deployment has the replicas.
+    let patch = json!({"spec": {"logic": {"replicas": 2}}});
+    let scaled = clusters
+        .patch(
+            "chat",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+    let generation = scaled.metadata.generation.unwrap_or_default();
+    assert!(generation > 1, "the spec change is a new generation");
+    let what = "Progressing Stable after the scale";
+    wait_cluster(&clusters, "chat", 60, what, stable(generation)).await?;
+    let states = states_of(generation);
+    assert!(rolling_then_stable(&states), "logic scaled: {states:?}");
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let logic = deployments.get("chat-logic").await?;
+    assert_eq!(logic.spec.and_then(|s| s.replicas), Some(2));
+
+    watch.abort();
+    operator.stop().await?;
+    delete_namespace(&client, &ns).await
+}
+
 #[tokio::test]
 async fn only_the_lease_holder_acts() -> anyhow::Result<()> {
     let (client, ns) = setup("op-lease").await?;
