@@ -13,12 +13,14 @@ use anyhow::{Context, ensure};
 use herald_client::{Client, Token};
 use herald_e2e::{testbed_var, unique_name};
 use herald_operator::crd::PushCluster;
-use herald_testkit::{Herald, HeraldProcess, http};
+use herald_testkit::http;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 
 mod common;
+
+use common::roles::{self, CometPorts, LogicPorts, Procs, loopback as addr};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -170,33 +172,6 @@ fn metric_names_are_read_from_promql() {
     );
 }
 
-fn addr(port: u16) -> String {
-    format!("127.0.0.1:{port}")
-}
-
-/// `herald role args`, up once every one of `ports` accepts.
-async fn spawn(
-    procs: &mut Vec<HeraldProcess>,
-    dir: &Path,
-    role: &str,
-    args: &[&str],
-    ports: &[u16],
-) -> anyhow::Result<()> {
-    let mut process = Herald::new(env!("CARGO_BIN_EXE_herald"), role)
-        .args(args)
-        .dir(dir)
-        .start()?;
-    let waited = async {
-        for &port in ports {
-            process.wait_for_port(("127.0.0.1", port), WAIT).await?;
-        }
-        anyhow::Ok(())
-    }
-    .await;
-    procs.push(process);
-    waited
-}
-
 /// Scrapes `role`'s `/metrics` until it offers every name of `wanted` that
 /// starts `herald_<role>_` (a labelled family appears with its first child).
 async fn scrape_until(
@@ -292,23 +267,11 @@ async fn dashboard_queries_read_metrics_the_processes_expose() -> anyhow::Result
         .join("chart_metrics")
         .join(&topic);
     std::fs::create_dir_all(&dir)?;
-    let ports: Vec<u16> = (0..9).map(|_| herald_e2e::free_port()).collect();
-    let [
-        logic_http,
-        logic_grpc,
-        comet_tcp,
-        comet_ws,
-        comet_grpc,
-        comet_http,
-        job_http,
-        operator,
-        dead,
-    ] = ports[..]
-    else {
-        unreachable!()
-    };
+    let (logic, comet) = (LogicPorts::free(), CometPorts::free());
+    let [job_http, operator, dead] = [(); 3].map(|()| herald_e2e::free_port());
+    let (logic_http, comet_tcp, comet_http) = (logic.http, comet.tcp, comet.http);
     let nodes = dir.join("nodes.json");
-    let live = node("comet-dash", comet_grpc, comet_tcp, comet_ws);
+    let live = node("comet-dash", comet.grpc, comet.tcp, comet.ws);
     // Listed, but nothing listens on its gRPC port.
     write_nodes(
         &nodes,
@@ -319,90 +282,53 @@ async fn dashboard_queries_read_metrics_the_processes_expose() -> anyhow::Result
     let group = unique_name("dashboard-job");
     let lease = unique_name("dashboard-operator");
 
-    let mut procs = Vec::new();
+    let mut procs = Procs::default();
     let result = async {
-        spawn(
-            &mut procs,
-            &dir,
-            "logic",
-            &[
-                "--http-addr",
-                &addr(logic_http),
-                "--grpc-addr",
-                &addr(logic_grpc),
-                "--redis-url",
-                &redis,
-                "--kafka-brokers",
-                &brokers,
-                "--kafka-topic",
-                &topic,
-                "--node-list",
-                &nodes_arg,
-            ],
-            &[logic_http, logic_grpc],
-        )
-        .await?;
-        spawn(
-            &mut procs,
-            &dir,
-            "comet",
-            &[
-                "--server-id",
-                "comet-dash",
-                "--logic-addr",
-                &addr(logic_grpc),
-                "--tcp-addr",
-                &addr(comet_tcp),
-                "--ws-addr",
-                &addr(comet_ws),
-                "--grpc-addr",
-                &addr(comet_grpc),
-                "--http-addr",
-                &addr(comet_http),
-            ],
-            &[comet_tcp, comet_http],
-        )
-        .await?;
-        spawn(
-            &mut procs,
-            &dir,
-            "job",
-            &[
-                "--kafka-brokers",
-                &brokers,
-                "--kafka-topic",
-                &topic,
-                "--kafka-group",
-                &group,
-                "--node-list",
-                &nodes_arg,
-                "--node-list-poll-ms",
-                "200",
-                "--http-addr",
-                &addr(job_http),
-            ],
-            &[job_http],
-        )
-        .await?;
-        spawn(
-            &mut procs,
-            &dir,
-            "operator",
-            &[
-                "--namespace",
-                &namespace,
-                "--lease-namespace",
-                &namespace,
-                "--lease-name",
-                &lease,
-                "--metrics-addr",
-                &addr(operator),
-                "--poll-interval-ms",
-                "500",
-            ],
-            &[operator],
-        )
-        .await?;
+        let node_list = ["--node-list".to_owned(), nodes_arg.clone()];
+        let at = |role, name| roles::herald(role, name, &dir);
+        let logic_args = logic.args(&redis, &brokers, &topic);
+        procs
+            .start(
+                at("logic", "logic").args(logic_args).args(&node_list),
+                &[logic.http, logic.grpc],
+                WAIT,
+            )
+            .await?;
+        procs
+            .start(
+                at("comet", "comet").args(comet.args("comet-dash", logic.grpc)),
+                &[comet.tcp, comet.http],
+                WAIT,
+            )
+            .await?;
+        procs
+            .start(
+                at("job", "job")
+                    .args(roles::job_args(&brokers, &topic, &group, job_http))
+                    .args(&node_list)
+                    .args(["--node-list-poll-ms", "200"]),
+                &[job_http],
+                WAIT,
+            )
+            .await?;
+        procs
+            .start(
+                at("operator", "operator").args([
+                    "--namespace",
+                    &namespace,
+                    "--lease-namespace",
+                    &namespace,
+                    "--lease-name",
+                    &lease,
+                    "--metrics-addr",
+                    &addr(operator),
+                    "--poll-interval-ms",
+                    "500",
+                ]),
+                &[operator],
+                WAIT,
+            )
+            .await?;
 
         // Operator: a PushCluster it reports, and fails to apply.
         let long = "dashboard-cluster-whose-name-is-too-long-for-service-names";
@@ -462,7 +388,7 @@ async fn dashboard_queries_read_metrics_the_processes_expose() -> anyhow::Result
         );
 
         // Logic goes away; the client leaving makes comet's Disconnect fail.
-        let logic = procs.remove(0);
+        let logic = procs.0.remove(0);
         drop(logic);
         tcp.close().await.ok();
         let (names, body) = scrape_until("comet", comet_http, &wanted).await?;
@@ -511,11 +437,9 @@ async fn dashboard_queries_read_metrics_the_processes_expose() -> anyhow::Result
     }
     .await;
     if result.is_err() {
-        for p in &procs {
-            p.print_logs();
-        }
+        procs.print_logs();
     }
-    for mut p in procs {
+    for mut p in procs.0 {
         let _ = p.stop(Duration::from_secs(10)).await;
     }
     // Finalizers released first: the operator that would is stopped.

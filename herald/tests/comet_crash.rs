@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use herald_client::{Client, Token};
 use herald_e2e::{free_port, testbed_var, unique_name};
-use herald_testkit::{Herald, HeraldProcess};
+use herald_testkit::HeraldProcess;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -36,6 +36,7 @@ use redis::AsyncCommands;
 mod common;
 
 use common::job::NodeListFile;
+use common::roles::{self, CometPorts, LogicPorts, loopback as addr};
 
 /// Bound on every single wait (start-up, warm-up, delivery at the end).
 const WAIT: Duration = Duration::from_secs(60);
@@ -64,10 +65,6 @@ const QUIET: Duration = Duration::from_secs(7);
 /// dropped it: its file poll (2 s by default) plus one call's deadline
 /// (3 s), plus a second of slack for a loaded machine.
 const STOPS_WITHIN: Duration = Duration::from_secs(6);
-
-fn addr(port: u16) -> String {
-    format!("127.0.0.1:{port}")
-}
 
 /// One comet process and its ports.
 struct Comet {
@@ -293,14 +290,6 @@ fn node_list(generation: u64, comets: &[Comet], listed: &[usize]) -> serde_json:
     })
 }
 
-fn spawn(name: &str, role: &str, dir: &Path, args: &[String]) -> anyhow::Result<HeraldProcess> {
-    Herald::new(env!("CARGO_BIN_EXE_herald"), role)
-        .name(name)
-        .dir(dir)
-        .args(args)
-        .start()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_comet_killed_under_load_loses_no_push_for_the_live_comets() -> anyhow::Result<()> {
     let redis_url = testbed_var("HERALD_REDIS_URL");
@@ -316,75 +305,32 @@ async fn a_comet_killed_under_load_loses_no_push_for_the_live_comets() -> anyhow
     let s = |v: &str| v.to_owned();
 
     // Logic and the comets.
-    let (logic_http, logic_grpc) = (free_port(), free_port());
-    let mut logic = spawn(
-        "logic",
-        "logic",
-        &dir,
-        &[
-            s("--http-addr"),
-            addr(logic_http),
-            s("--grpc-addr"),
-            addr(logic_grpc),
-            s("--redis-url"),
-            redis_url.clone(),
-            s("--kafka-brokers"),
-            brokers.clone(),
-            s("--kafka-topic"),
-            topic.clone(),
-            s("--node-list"),
-            nodes.path().display().to_string(),
-        ],
-    )?;
+    let logic_ports = LogicPorts::free();
+    let (logic_http, logic_grpc) = (logic_ports.http, logic_ports.grpc);
+    let mut logic_args = logic_ports.args(&redis_url, &brokers, &topic);
+    logic_args.extend([s("--node-list"), nodes.path().display().to_string()]);
+    let mut logic = roles::herald("logic", "logic", &dir)
+        .args(&logic_args)
+        .start()?;
     let mut comets = Vec::new();
     for i in 0..COMETS {
         let name = unique_name(&format!("crash-comet{i}"));
-        let (tcp, grpc, ws, http) = (free_port(), free_port(), free_port(), free_port());
-        let process = spawn(
-            &format!("comet{i}"),
-            "comet",
-            &dir,
-            &[
-                s("--server-id"),
-                name.clone(),
-                s("--logic-addr"),
-                addr(logic_grpc),
-                s("--tcp-addr"),
-                addr(tcp),
-                s("--ws-addr"),
-                addr(ws),
-                s("--grpc-addr"),
-                addr(grpc),
-                s("--http-addr"),
-                addr(http),
-            ],
-        )?;
+        let ports = CometPorts::free();
+        let process = roles::herald("comet", &format!("comet{i}"), &dir)
+            .args(ports.args(&name, logic_grpc))
+            .start()?;
         comets.push(Comet {
             name,
-            tcp,
-            grpc,
+            tcp: ports.tcp,
+            grpc: ports.grpc,
             process,
         });
     }
     nodes.write(&node_list(1, &comets, &[0, 1, 2]))?;
     let job_http = free_port();
-    let mut job = spawn(
-        "job",
-        "job",
-        &dir,
-        &[
-            s("--kafka-brokers"),
-            brokers.clone(),
-            s("--kafka-topic"),
-            topic.clone(),
-            s("--kafka-group"),
-            group.clone(),
-            s("--node-list"),
-            nodes.path().display().to_string(),
-            s("--http-addr"),
-            addr(job_http),
-        ],
-    )?;
+    let mut job_args = roles::job_args(&brokers, &topic, &group, job_http);
+    job_args.extend([s("--node-list"), nodes.path().display().to_string()]);
+    let mut job = roles::herald("job", "job", &dir).args(&job_args).start()?;
 
     let result = async {
         logic.wait_for_port(addr(logic_grpc).as_str(), WAIT).await?;

@@ -11,12 +11,13 @@ use anyhow::{Context, ensure};
 use herald_client::{Client, Frame, Limits, Token, Transport, op};
 use herald_e2e::{testbed_var, unique_name};
 use herald_protocol::ws;
-use herald_testkit::{Herald, HeraldProcess};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 
 mod common;
+
+use common::roles::{self, CometPorts, LogicPorts, Procs, loopback as addr};
 
 /// Every wait in these tests is bounded by this.
 const WAIT: Duration = Duration::from_secs(30);
@@ -27,14 +28,10 @@ const ORDERED: usize = 200;
 
 // ---------------------------------------------------------------- processes
 
-fn addr(port: u16) -> String {
-    format!("127.0.0.1:{port}")
-}
-
 /// Logic, comet and job running against one fresh Kafka topic.
 #[derive(Debug)]
 struct Cluster {
-    procs: Vec<HeraldProcess>,
+    procs: Procs,
     topic: String,
     logic_http: u16,
     comet_tcp: u16,
@@ -75,12 +72,7 @@ impl Cluster {
             .join(&topic);
         std::fs::create_dir_all(&dir)?;
 
-        let logic_http = herald_e2e::free_port();
-        let logic_grpc = herald_e2e::free_port();
-        let comet_tcp = herald_e2e::free_port();
-        let comet_ws = herald_e2e::free_port();
-        let comet_grpc = herald_e2e::free_port();
-        let comet_http = herald_e2e::free_port();
+        let (logic, comet) = (LogicPorts::free(), CometPorts::free());
         let job_http = herald_e2e::free_port();
 
         let nodes = dir.join("nodes.json");
@@ -89,11 +81,11 @@ impl Cluster {
             "updated": "2026-11-27T10:00:00Z",
             "nodes": [{
                 "name": server_id,
-                "grpc": addr(comet_grpc),
+                "grpc": addr(comet.grpc),
                 "hosts": ["127.0.0.1"],
                 "addrs": ["127.0.0.1"],
-                "tcp_port": comet_tcp,
-                "ws_port": comet_ws,
+                "tcp_port": comet.tcp,
+                "ws_port": comet.ws,
                 "wss_port": 0,
                 "weight": 10,
                 "connections": 0,
@@ -113,23 +105,21 @@ impl Cluster {
         };
 
         let mut cluster = Cluster {
-            procs: Vec::new(),
+            procs: Procs::default(),
             topic,
-            logic_http,
-            comet_tcp,
-            comet_ws,
-            comet_grpc,
-            comet_http,
+            logic_http: logic.http,
+            comet_tcp: comet.tcp,
+            comet_ws: comet.ws,
+            comet_grpc: comet.grpc,
+            comet_http: comet.http,
             grpc_token_file,
         };
         let result = cluster
             .spawn_all(
                 &dir,
                 &backends,
-                &group,
-                &server_id,
-                &nodes,
-                [logic_grpc, comet_grpc, comet_http, job_http],
+                (&group, &server_id, &nodes),
+                (logic, comet, job_http),
             )
             .await;
         if let Err(err) = result {
@@ -139,76 +129,39 @@ impl Cluster {
         Ok(cluster)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Starts logic, the comet and job (`group` consuming, comet
+    /// `server_id`, node list file `nodes`) on the given ports.
     async fn spawn_all(
         &mut self,
         dir: &Path,
         backends: &Backends,
-        group: &str,
-        server_id: &str,
-        nodes: &str,
-        [logic_grpc, comet_grpc, comet_http, job_http]: [u16; 4],
+        (group, server_id, nodes): (&str, &str, &str),
+        (logic, comet, job_http): (LogicPorts, CometPorts, u16),
     ) -> anyhow::Result<()> {
         let topic = self.topic.clone();
         let (redis, brokers) = (&backends.redis, &backends.brokers);
-        let mut logic = vec![
-            "--http-addr",
-            &addr(self.logic_http),
-            "--grpc-addr",
-            &addr(logic_grpc),
-            "--redis-url",
-            redis,
-            "--kafka-brokers",
-            brokers,
-            "--kafka-topic",
-            &topic,
-            "--node-list",
-            nodes,
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
-        logic.extend(backends.redis_args.iter().cloned());
-        logic.extend(backends.kafka_args.iter().cloned());
-        let logic: Vec<&str> = logic.iter().map(String::as_str).collect();
-        self.spawn("logic", dir, &logic, &[self.logic_http, logic_grpc])
+        let node_list = ["--node-list".to_owned(), nodes.to_owned()];
+        let mut logic_args = logic.args(redis, brokers, &topic);
+        logic_args.extend(
+            node_list
+                .iter()
+                .chain(&backends.redis_args)
+                .chain(&backends.kafka_args)
+                .cloned(),
+        );
+        self.spawn("logic", dir, logic_args, &[logic.http, logic.grpc])
             .await?;
         self.spawn(
             "comet",
             dir,
-            &[
-                "--server-id",
-                server_id,
-                "--logic-addr",
-                &addr(logic_grpc),
-                "--tcp-addr",
-                &addr(self.comet_tcp),
-                "--ws-addr",
-                &addr(self.comet_ws),
-                "--grpc-addr",
-                &addr(comet_grpc),
-                "--http-addr",
-                &addr(comet_http),
-            ],
-            &[self.comet_tcp, self.comet_ws, comet_grpc, comet_http],
+            comet.args(server_id, logic.grpc),
+            &comet.all(),
         )
         .await?;
-        let job_addr = addr(job_http);
-        let mut job = vec![
-            "--kafka-brokers",
-            brokers,
-            "--kafka-topic",
-            &topic,
-            "--kafka-group",
-            group,
-            "--node-list",
-            nodes,
-            "--http-addr",
-            &job_addr,
-        ];
-        job.extend(backends.kafka_args.iter().map(String::as_str));
-        self.spawn("job", dir, &job, &[job_http]).await?;
-        self.check_running()
+        let mut job = roles::job_args(brokers, &topic, group, job_http);
+        job.extend(node_list.iter().chain(&backends.kafka_args).cloned());
+        self.spawn("job", dir, job, &[job_http]).await?;
+        self.procs.check_running()
     }
 
     /// Starts `herald role args` and waits until each of `ports` accepts,
@@ -217,39 +170,20 @@ impl Cluster {
         &mut self,
         role: &str,
         dir: &Path,
-        args: &[&str],
+        args: Vec<String>,
         ports: &[u16],
     ) -> anyhow::Result<()> {
-        self.check_running()?;
-        let mut herald = Herald::new(env!("CARGO_BIN_EXE_herald"), role)
-            .args(args)
-            .dir(dir);
+        self.procs.check_running()?;
+        let mut herald = roles::herald(role, role, dir).args(args);
         if let Some(file) = &self.grpc_token_file {
             herald = herald.args(["--grpc-token-file", file]);
         }
-        let mut process = herald.start()?;
-        let waited = async {
-            for &port in ports {
-                process.wait_for_port(("127.0.0.1", port), WAIT).await?;
-            }
-            anyhow::Ok(())
-        }
-        .await;
-        self.procs.push(process);
-        waited
-    }
-
-    fn check_running(&mut self) -> anyhow::Result<()> {
-        for proc in &mut self.procs {
-            proc.check_running()?;
-        }
+        self.procs.start(herald, ports, WAIT).await?;
         Ok(())
     }
 
     fn print_logs(&self) {
-        for proc in &self.procs {
-            proc.print_logs();
-        }
+        self.procs.print_logs();
     }
 
     /// Runs a scenario; on failure prints every child's output.
@@ -259,13 +193,13 @@ impl Cluster {
         Fut: Future<Output = anyhow::Result<()>>,
     {
         let result = scenario(self.logic_http, self.comet_tcp, self.comet_ws).await;
-        let result = result.and_then(|()| self.check_running());
+        let result = result.and_then(|()| self.procs.check_running());
         if result.is_err() {
             self.print_logs();
         }
         let topic = self.topic.clone();
         // Stop the processes before the topic goes away.
-        self.procs.clear();
+        self.procs.0.clear();
         if let Ok(admin) = admin(&testbed_var("HERALD_KAFKA_BROKERS")) {
             let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
         }
@@ -430,19 +364,10 @@ async fn a_wrong_sasl_password_leaves_job_unready_with_kafka_auth_failed() -> an
     let job_http = herald_e2e::free_port();
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique_name("job-wrong-sasl"));
     std::fs::create_dir_all(&dir)?;
-    let mut job = Herald::new(env!("CARGO_BIN_EXE_herald"), "job")
-        .args([
-            "--kafka-brokers",
-            &secure.brokers,
-            "--kafka-topic",
-            &unique_name("job-wrong-sasl"),
-            "--kafka-group",
-            &unique_name("job-wrong-sasl"),
-            "--http-addr",
-            &addr(job_http),
-        ])
+    let name = unique_name("job-wrong-sasl");
+    let mut job = roles::herald("job", "job", &dir)
+        .args(roles::job_args(&secure.brokers, &name, &name, job_http))
         .args(&args)
-        .dir(&dir)
         .start()?;
     job.wait_for_port(("127.0.0.1", job_http), WAIT).await?;
     let deadline = tokio::time::Instant::now() + WAIT;

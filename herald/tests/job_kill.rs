@@ -13,20 +13,24 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail, ensure};
+use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use herald_client::{Client, Token};
 use herald_e2e::{testbed_var, unique_name};
 use herald_protocol::pb::{PushMsg, push_msg};
-use herald_testkit::{Herald, HeraldProcess};
+use herald_testkit::HeraldProcess;
 use prost::Message as _;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+
+mod common;
+
+use common::roles::{self, CometPorts, LogicPorts, loopback as addr};
 
 /// Pushes produced.
 const PUSHES: usize = 100_000;
@@ -42,34 +46,11 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Bound on the whole delivery.
 const TOTAL: Duration = Duration::from_secs(240);
 
-fn addr(port: u16) -> String {
-    format!("127.0.0.1:{port}")
-}
-
-/// `herald role` named `name`, logging into `dir`; killed (by its pid) and
-/// reaped when dropped.
-fn spawn(role: &str, name: String, dir: &Path, args: &[String]) -> anyhow::Result<HeraldProcess> {
-    Herald::new(env!("CARGO_BIN_EXE_herald"), role)
-        .name(name)
-        .dir(dir)
+/// The `n`th job, logging into `dir`.
+fn spawn(dir: &Path, n: usize, args: Vec<String>) -> anyhow::Result<HeraldProcess> {
+    roles::herald("job", &format!("job-{n}"), dir)
         .args(args)
         .start()
-}
-
-async fn create_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await?;
-    for result in results {
-        result.map_err(|(name, code)| anyhow!("create topic {name}: {code}"))?;
-    }
-    Ok(())
 }
 
 /// A raw TCP client that authenticates with `key` and counts, per sequence
@@ -173,57 +154,25 @@ async fn job_killed_five_times_loses_no_acknowledged_push() -> anyhow::Result<()
     let topic = unique_name("jobkill");
     let group = unique_name("jobkill-job");
     let server = unique_name("comet-jobkill");
-    create_topic(&brokers, &topic, 4).await?;
+    common::create_topic(&brokers, &topic, 4).await?;
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("job_kill")
         .join(&topic);
     std::fs::create_dir_all(&dir)?;
     let s = |v: &str| v.to_owned();
 
-    let (logic_http, logic_grpc) = (herald_e2e::free_port(), herald_e2e::free_port());
-    let mut logic = spawn(
-        "logic",
-        s("logic"),
-        &dir,
-        &[
-            s("--http-addr"),
-            addr(logic_http),
-            s("--grpc-addr"),
-            addr(logic_grpc),
-            s("--redis-url"),
-            redis,
-            s("--kafka-brokers"),
-            brokers.clone(),
-            s("--kafka-topic"),
-            topic.clone(),
-        ],
-    )?;
-    logic.wait_for_port(addr(logic_grpc).as_str(), WAIT).await?;
-    let (tcp, ws, grpc, http) = (
-        herald_e2e::free_port(),
-        herald_e2e::free_port(),
-        herald_e2e::free_port(),
-        herald_e2e::free_port(),
-    );
-    let mut comet = spawn(
-        "comet",
-        s("comet"),
-        &dir,
-        &[
-            s("--server-id"),
-            server.clone(),
-            s("--logic-addr"),
-            addr(logic_grpc),
-            s("--tcp-addr"),
-            addr(tcp),
-            s("--ws-addr"),
-            addr(ws),
-            s("--grpc-addr"),
-            addr(grpc),
-            s("--http-addr"),
-            addr(http),
-        ],
-    )?;
+    let logic_ports = LogicPorts::free();
+    let mut logic = roles::herald("logic", "logic", &dir)
+        .args(logic_ports.args(&redis, &brokers, &topic))
+        .start()?;
+    logic
+        .wait_for_port(addr(logic_ports.grpc).as_str(), WAIT)
+        .await?;
+    let ports = CometPorts::free();
+    let (tcp, grpc) = (ports.tcp, ports.grpc);
+    let mut comet = roles::herald("comet", "comet", &dir)
+        .args(ports.args(&server, logic_ports.grpc))
+        .start()?;
     for port in [tcp, grpc] {
         comet.wait_for_port(addr(port).as_str(), WAIT).await?;
     }
@@ -236,25 +185,19 @@ async fn job_killed_five_times_loses_no_acknowledged_push() -> anyhow::Result<()
     }
 
     let job_args = |http: u16| {
-        vec![
-            s("--kafka-brokers"),
-            brokers.clone(),
-            s("--kafka-topic"),
-            topic.clone(),
-            s("--kafka-group"),
-            group.clone(),
+        let mut args = roles::job_args(&brokers, &topic, &group, http);
+        args.extend([
             // The broker's minimum: a killed member's partitions move soonest.
             s("--kafka-session-timeout-ms"),
             s("6000"),
             s("--comet"),
             format!("{server}={}", addr(grpc)),
-            s("--http-addr"),
-            addr(http),
-        ]
+        ]);
+        args
     };
     let started = Instant::now();
     let producer = tokio::spawn(produce(brokers.clone(), topic.clone(), server.clone()));
-    let mut job = spawn("job", s("job-0"), &dir, &job_args(herald_e2e::free_port()))?;
+    let mut job = spawn(&dir, 0, job_args(herald_e2e::free_port()))?;
     let result = async {
         // Kill when a sixth, two sixths, ... of the pushes have arrived.
         for kill in 1..=KILLS {
@@ -277,12 +220,7 @@ async fn job_killed_five_times_loses_no_acknowledged_push() -> anyhow::Result<()
                 started.elapsed().as_secs_f64(),
                 received.load(Ordering::Relaxed)
             );
-            job = spawn(
-                "job",
-                format!("job-{kill}"),
-                &dir,
-                &job_args(herald_e2e::free_port()),
-            )?;
+            job = spawn(&dir, kill, job_args(herald_e2e::free_port()))?;
         }
         let acked = tokio::time::timeout(TOTAL, producer)
             .await

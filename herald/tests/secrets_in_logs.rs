@@ -40,6 +40,8 @@ use herald_testkit::{Herald, HeraldProcess};
 
 mod common;
 
+use common::roles::{self, CometPorts, LogicPorts, StandalonePorts, loopback as addr};
+
 const WAIT: Duration = Duration::from_secs(30);
 const PUSH_OP: i32 = 1000;
 /// Pushes sent with the right key (each kind in turn).
@@ -157,14 +159,9 @@ fn dir(label: &str) -> PathBuf {
         .join(unique_name(label))
 }
 
-fn addr(port: u16) -> String {
-    format!("127.0.0.1:{port}")
-}
-
+/// `herald role` logging everything (`RUST_LOG=trace`) into `dir`.
 fn herald(role: &str, name: &str, dir: &Path, args: &[String]) -> Herald {
-    Herald::new(env!("CARGO_BIN_EXE_herald"), role)
-        .name(name)
-        .dir(dir)
+    roles::herald(role, name, dir)
         .env("RUST_LOG", "trace")
         .args(args)
 }
@@ -339,70 +336,43 @@ async fn run_everything(
     let token_file = token_file.display().to_string();
 
     // The full path, logic in JWT mode.
-    let (logic_http, logic_grpc) = (free_port(), free_port());
-    let (tcp, ws, comet_grpc, comet_http) = (free_port(), free_port(), free_port(), free_port());
+    let logic = LogicPorts::free();
+    let comet = CometPorts::free();
     let job_http = free_port();
     let server = unique_name("secrets-comet");
-    let logic_args = strings(&[
-        "--http-addr",
-        &addr(logic_http),
-        "--grpc-addr",
-        &addr(logic_grpc),
-        "--redis-url",
-        &redis,
-        "--kafka-brokers",
-        &brokers,
-        "--kafka-topic",
-        &topic,
+    let token = strings(&["--grpc-token-file", &token_file]);
+    let jwt_mode = strings(&[
         "--api-key",
         &canaries.api_key,
         "--token-mode",
         "jwt",
         "--jwt-secret",
         &canaries.jwt_secret,
-        "--grpc-token-file",
-        &token_file,
     ]);
-    let comet_args = strings(&[
-        "--server-id",
-        &server,
-        "--logic-addr",
-        &addr(logic_grpc),
-        "--tcp-addr",
-        &addr(tcp),
-        "--ws-addr",
-        &addr(ws),
-        "--grpc-addr",
-        &addr(comet_grpc),
-        "--http-addr",
-        &addr(comet_http),
-        "--grpc-token-file",
-        &token_file,
-    ]);
-    let job_args = strings(&[
-        "--kafka-brokers",
-        &brokers,
-        "--kafka-topic",
-        &topic,
-        "--kafka-group",
-        &unique_name("secrets-job"),
+    let mut logic_args = logic.args(&redis, &brokers, &topic);
+    logic_args.extend(jwt_mode.iter().chain(&token).cloned());
+    let mut comet_args = comet.args(&server, logic.grpc);
+    comet_args.extend(token.iter().cloned());
+    let mut job_args = roles::job_args(&brokers, &topic, &unique_name("secrets-job"), job_http);
+    job_args.extend(strings(&[
         "--comet",
-        &format!("{server}={}", addr(comet_grpc)),
-        "--http-addr",
-        &addr(job_http),
-        "--grpc-token-file",
-        &token_file,
-    ]);
+        &format!("{server}={}", addr(comet.grpc)),
+    ]));
+    job_args.extend(token.iter().cloned());
     procs.push(herald("logic", "logic", &dir, &logic_args).start()?);
     procs[0]
-        .wait_for_port(("127.0.0.1", logic_grpc), WAIT)
+        .wait_for_port(("127.0.0.1", logic.grpc), WAIT)
         .await?;
     procs.push(herald("comet", "comet", &dir, &comet_args).start()?);
-    procs[1].wait_for_port(("127.0.0.1", tcp), WAIT).await?;
+    procs[1]
+        .wait_for_port(("127.0.0.1", comet.tcp), WAIT)
+        .await?;
     procs.push(herald("job", "job", &dir, &job_args).start()?);
     procs[2]
         .wait_for_port(("127.0.0.1", job_http), WAIT)
         .await?;
+    let (logic_http, logic_grpc, tcp, ws, comet_grpc) =
+        (logic.http, logic.grpc, comet.tcp, comet.ws, comet.grpc);
 
     let secret = canaries.jwt_secret.clone();
     let (mut on_tcp, mut on_ws) = clients(tcp, ws, canaries, "secrets", |c, mid, key| {
@@ -424,7 +394,7 @@ async fn run_everything(
     // passwords: every push fails, librdkafka and redis retry.
     let dead = dir.join("unreachable");
     let nowhere = free_port();
-    let (dead_http, dead_grpc, dead_job_http) = (free_port(), free_port(), free_port());
+    let dead_job_http = free_port();
     let kafka_sasl = strings(&[
         "--kafka-security-protocol",
         "SASL_PLAINTEXT",
@@ -435,35 +405,26 @@ async fn run_everything(
         "--kafka-password",
         &canaries.kafka_password,
     ]);
-    let mut dead_logic = strings(&[
-        "--http-addr",
-        &addr(dead_http),
-        "--grpc-addr",
-        &addr(dead_grpc),
-        "--redis-url",
+    let dead_logic_ports = LogicPorts::free();
+    let (dead_http, dead_grpc) = (dead_logic_ports.http, dead_logic_ports.grpc);
+    let mut dead_logic = dead_logic_ports.args(
         &format!("redis://:{}@127.0.0.1:{nowhere}", canaries.redis_password),
-        "--kafka-brokers",
         &addr(nowhere),
-        "--api-key",
-        &canaries.api_key,
-        "--token-mode",
-        "jwt",
-        "--jwt-secret",
-        &canaries.jwt_secret,
-        "--grpc-token-file",
-        &token_file,
-    ]);
+        "goim-push-topic",
+    );
+    dead_logic.extend(jwt_mode.iter().chain(&token).cloned());
     dead_logic.extend(kafka_sasl.iter().cloned());
-    let mut dead_job = strings(&[
-        "--kafka-brokers",
+    let mut dead_job = roles::job_args(
         &addr(nowhere),
+        "goim-push-topic",
+        "goim-push-group-job",
+        dead_job_http,
+    );
+    dead_job.extend(strings(&[
         "--comet",
         &format!("{server}={}", addr(comet_grpc)),
-        "--http-addr",
-        &addr(dead_job_http),
-        "--grpc-token-file",
-        &token_file,
-    ]);
+    ]));
+    dead_job.extend(token.iter().cloned());
     dead_job.extend(kafka_sasl.iter().cloned());
     procs.push(herald("logic", "logic-unreachable", &dead, &dead_logic).start()?);
     procs[3]
@@ -477,23 +438,10 @@ async fn run_everything(
         let _ = push(dead_http, &canaries.wrong_api_key, &path, b"refused").await?;
     }
     // A client whose comet's logic cannot reach Redis.
-    let (dead_tcp, dead_ws, dead_comet_grpc) = (free_port(), free_port(), free_port());
-    let dead_comet = strings(&[
-        "--server-id",
-        "secrets-dead-comet",
-        "--logic-addr",
-        &addr(dead_grpc),
-        "--tcp-addr",
-        &addr(dead_tcp),
-        "--ws-addr",
-        &addr(dead_ws),
-        "--grpc-addr",
-        &addr(dead_comet_grpc),
-        "--http-addr",
-        &addr(free_port()),
-        "--grpc-token-file",
-        &token_file,
-    ]);
+    let dead_comet_ports = CometPorts::free();
+    let dead_tcp = dead_comet_ports.tcp;
+    let mut dead_comet = dead_comet_ports.args("secrets-dead-comet", dead_grpc);
+    dead_comet.extend(token.iter().cloned());
     procs.push(herald("comet", "comet-unreachable", &dead, &dead_comet).start()?);
     procs[5]
         .wait_for_port(("127.0.0.1", dead_tcp), WAIT)
@@ -511,32 +459,21 @@ async fn run_everything(
     // Standalone: goim JSON tokens (with a canary member), API key, gRPC
     // token given as a flag.
     let alone = dir.join("standalone");
-    let (s_tcp, s_ws, s_grpc, s_http, s_logic, s_comet_http) = (
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
+    let ports = StandalonePorts::free();
+    let (s_tcp, s_ws, s_grpc, s_http, s_logic) = (
+        ports.tcp,
+        ports.ws,
+        ports.grpc,
+        ports.http,
+        ports.logic_grpc,
     );
-    let standalone = strings(&[
-        "--tcp-addr",
-        &addr(s_tcp),
-        "--ws-addr",
-        &addr(s_ws),
-        "--grpc-addr",
-        &addr(s_grpc),
-        "--http-addr",
-        &addr(s_http),
-        "--logic-grpc-addr",
-        &addr(s_logic),
-        "--comet-http-addr",
-        &addr(s_comet_http),
+    let mut standalone = ports.args();
+    standalone.extend(strings(&[
         "--api-key",
         &canaries.api_key,
         "--grpc-token",
         &canaries.grpc_token,
-    ]);
+    ]));
     procs.push(herald("standalone", "standalone", &alone, &standalone).start()?);
     procs[6].wait_for_port(("127.0.0.1", s_http), WAIT).await?;
     procs[6].wait_for_port(("127.0.0.1", s_tcp), WAIT).await?;

@@ -7,10 +7,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use herald_client::{Client, Frame, Limits, Token, op};
-use herald_testkit::{Herald, HeraldProcess, http};
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use herald_testkit::{HeraldProcess, http};
+
+mod common;
+
+use common::roles::{self, StandalonePorts};
 
 type Result<T = (), E = anyhow::Error> = std::result::Result<T, E>;
 
@@ -37,31 +38,24 @@ struct Standalone {
     comet_http: SocketAddr,
 }
 
-/// Free loopback ports (see [`herald_e2e::free_port`]).
-fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    (0..n)
-        .map(|_| SocketAddr::from(([127, 0, 0, 1], herald_e2e::free_port())))
-        .collect()
-}
-
 impl Standalone {
     async fn start(extra: &[String]) -> Result<Standalone> {
-        let addrs = free_addrs(6);
-        let (tcp, ws, grpc, http, logic_grpc) = (addrs[0], addrs[1], addrs[2], addrs[3], addrs[4]);
-        let comet_http = addrs[5];
+        let ports = StandalonePorts::free();
+        let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let (tcp, ws, grpc, http, comet_http) = (
+            at(ports.tcp),
+            at(ports.ws),
+            at(ports.grpc),
+            at(ports.http),
+            at(ports.comet_http),
+        );
         // The test bed's HERALD_* variables are kept out: they would switch
         // backends on. Killed without a chance to clean up, its node-list
         // file stays in its own TMPDIR under the target dir.
-        let mut process = Herald::new(env!("CARGO_BIN_EXE_herald"), "standalone")
-            .args(["--tcp-addr", &tcp.to_string()])
-            .args(["--ws-addr", &ws.to_string()])
-            .args(["--grpc-addr", &grpc.to_string()])
-            .args(["--http-addr", &http.to_string()])
-            .args(["--logic-grpc-addr", &logic_grpc.to_string()])
-            .args(["--comet-http-addr", &comet_http.to_string()])
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("standalone");
+        let mut process = roles::herald("standalone", &format!("standalone-{}", tcp.port()), &dir)
+            .args(ports.args())
             .args(extra)
-            .dir(Path::new(env!("CARGO_TARGET_TMPDIR")).join("standalone"))
-            .name(format!("standalone-{}", tcp.port()))
             .start()?;
         for addr in [tcp, ws, http, comet_http] {
             process.wait_for_port(addr, WAIT).await?;
@@ -149,10 +143,10 @@ async fn probe_reports_both_pushes_and_fails_clearly() -> Result {
     let keyless = http::get(herald.http, "/goim/nodes/weighted?platform=web").await?;
     assert_eq!(keyless.status, 401, "{keyless:?}");
     let probe = |comet: String, key: &str| {
-        let command = Herald::new(env!("CARGO_BIN_EXE_herald"), "probe")
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("probe");
+        let command = roles::herald("probe", "probe", &dir)
             .args(["--comet", &comet, "--logic", &herald.http.to_string()])
-            .args(["--api-key", key, "--timeout-secs", "5"])
-            .dir(Path::new(env!("CARGO_TARGET_TMPDIR")).join("probe"));
+            .args(["--api-key", key, "--timeout-secs", "5"]);
         tokio::task::spawn_blocking(move || command.output())
     };
     let ok = probe(herald.tcp.to_string(), "k3y").await??;
@@ -201,18 +195,7 @@ async fn standalone_on_the_real_redis_and_kafka() -> Result {
             .as_nanos()
     );
     let topic = format!("standalone-{id}");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()?;
-    for result in admin
-        .create_topics(
-            &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await?
-    {
-        result.map_err(|(name, code)| anyhow::anyhow!("create topic {name}: {code}"))?;
-    }
+    common::create_topic(&brokers, &topic, 2).await?;
     let herald = Standalone::start(&[
         "--redis".to_owned(),
         redis,

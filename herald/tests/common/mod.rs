@@ -7,13 +7,15 @@
 //! ([`create_topic`]), logic's HTTP API ([`logic_call`]), a metric's value ([`metric_sample`]). By subject: [`job`] (job against the real Kafka),
 //! [`goim`] (clients that follow op 18), [`k8s`] (the test bed's apiserver: namespaces, the loopback kubelet),
 //! [`operator`] (the operator in this process, PushCluster status and
-//! children).
+//! children), [`roles`] (comet, logic and job as processes of this build on
+//! free loopback ports).
 #![allow(dead_code)]
 
 pub(crate) mod goim;
 pub(crate) mod job;
 pub(crate) mod k8s;
 pub(crate) mod operator;
+pub(crate) mod roles;
 
 use std::future::Future;
 use std::net::SocketAddr;
