@@ -89,6 +89,11 @@ async fn a_new_image_moves_every_client_once_at_the_close_rate_without_loss() ->
         "acknowledged pushes lost for clients that followed op 18: {drained:?}"
     );
     ensure!(drained.acked > 100, "too few pushes to tell: {drained:?}");
+    // Each kind was accepted, so each kind's deliveries were checked.
+    ensure!(
+        drained.acked_keys > 10 && drained.acked_mids > 10,
+        "too few key or member-id pushes accepted: {drained:?}"
+    );
     // The plain update moved everyone too (how often is what it shows).
     ensure!(plain.never_moved == 0, "{plain:?}");
     Ok(())
@@ -110,6 +115,10 @@ struct Figures {
     peak_rate: usize,
     /// Pushes logic acknowledged meanwhile.
     acked: usize,
+    /// Of those, pushes by connection key and by member id (the rest went
+    /// to the room).
+    acked_keys: usize,
+    acked_mids: usize,
     /// Deliveries of acknowledged pushes missing at clients that followed
     /// op 18 (clients that were cut are counted in `lost_cut`).
     lost: usize,
@@ -167,7 +176,8 @@ type Shared = Arc<Mutex<Record>>;
 
 /// A push logic acknowledged: its body, and the members it was for (`None`:
 /// the room, every client).
-type Acked = (String, Option<Vec<u64>>);
+/// A push logic accepted: its body, its members (none: the room), when.
+type Acked = (String, Option<Vec<u64>>, Instant);
 
 /// One rollout under load with `strategy`, in a namespace, kubelet (pods on
 /// 127.0.`net`.x) and operator of its own.
@@ -257,6 +267,9 @@ async fn scenario(
 
     // The clients, spread over the three comets.
     let (stop_tx, stop) = watch::channel(false);
+    // The pusher stops first, so the last accepted push has time to arrive
+    // before the clients stop reading.
+    let (stop_pushing, pushing_stopped) = watch::channel(false);
     let mut records = BTreeMap::new();
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..CLIENTS {
@@ -286,10 +299,11 @@ async fn scenario(
         })
     };
 
-    // Pushes every 50 ms, to five users or to the room, in turn.
+    // Pushes every 50 ms, to five users (by key or by member id) or to the
+    // room, in turn.
     let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
     let pusher = {
-        let (acked, key, mut stop) = (acked.clone(), key.clone(), stop.clone());
+        let (acked, key, mut stop) = (acked.clone(), key.clone(), pushing_stopped);
         tokio::spawn(async move {
             let mut seq = 0u64;
             while !*stop.borrow() {
@@ -298,16 +312,29 @@ async fn scenario(
                     let mids: Vec<u64> = (0..5)
                         .map(|k| FIRST_MID + (seq * 7 + k * 61) % CLIENTS)
                         .collect();
-                    let list = mids
+                    // By connection key and by member id in turn: a key
+                    // is routed to the comet its client is on now, so a
+                    // key push tests the reconnect's new route too.
+                    let by_key = seq.is_multiple_of(4);
+                    // A list is its parameter repeated (§7): a comma-joined
+                    // one is one key, or a mid that is not a number (400).
+                    let list: String = mids
                         .iter()
-                        .map(u64::to_string)
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    (
-                        format!("/goim/push/mids?operation={PUSH_OP}&mids={list}"),
-                        format!("mids-{seq}"),
-                        Some(mids),
-                    )
+                        .map(|mid| {
+                            if by_key {
+                                format!("&keys=e2e-{mid}")
+                            } else {
+                                format!("&mids={mid}")
+                            }
+                        })
+                        .collect();
+                    let path = if by_key {
+                        format!("/goim/push/keys?operation={PUSH_OP}{list}")
+                    } else {
+                        format!("/goim/push/mids?operation={PUSH_OP}{list}")
+                    };
+                    let kind = if by_key { "keys" } else { "mids" };
+                    (path, format!("{kind}-{seq}"), Some(mids))
                 } else {
                     (
                         format!("/goim/push/room?operation={PUSH_OP}&type=live&room=7"),
@@ -319,10 +346,11 @@ async fn scenario(
                     .await
                     .is_ok()
                 {
-                    acked
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((body, targets));
+                    acked.lock().unwrap_or_else(|e| e.into_inner()).push((
+                        body,
+                        targets,
+                        Instant::now(),
+                    ));
                 }
                 tokio::select! {
                     _ = stop.changed() => {}
@@ -362,10 +390,13 @@ async fn scenario(
     })
     .await?;
     let seconds = started.elapsed().as_secs_f64();
-    // Pushes go on a little, then every client reports.
+    // Pushes go on a little; the last ones get time to arrive (through
+    // Kafka and job, on a loaded machine); then every client reports.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let _ = stop_tx.send(true);
+    let _ = stop_pushing.send(true);
     pusher.await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _ = stop_tx.send(true);
     watcher.await?;
     let mut ended = 0;
     while let Some(joined) = clients.join_next().await {
@@ -385,6 +416,14 @@ async fn scenario(
         min_ready: *min_ready.lock().unwrap_or_else(|e| e.into_inner()),
         peak_rate: 0,
         acked: acked.len(),
+        acked_keys: acked
+            .iter()
+            .filter(|(b, ..)| b.starts_with("keys-"))
+            .count(),
+        acked_mids: acked
+            .iter()
+            .filter(|(b, ..)| b.starts_with("mids-"))
+            .count(),
         lost: 0,
         lost_cut: 0,
         seconds,
@@ -404,13 +443,34 @@ async fn scenario(
             .count();
         figures.cut += u64::try_from(cut).unwrap_or(0);
         starts.extend(record.moves.iter().map(|(at, _)| *at));
-        let missing = acked
+        let missing: Vec<String> = acked
             .iter()
-            .filter(|(body, targets)| {
+            .filter(|(body, targets, _)| {
                 targets.as_ref().is_none_or(|mids| mids.contains(mid))
                     && !record.received.contains(body)
             })
-            .count();
+            .map(|(body, _, at)| {
+                let at = at.saturating_duration_since(started).as_secs_f64();
+                format!("{body} (accepted at {at:.2}s)")
+            })
+            .collect();
+        if !missing.is_empty() {
+            // Which push, and when the client moved: enough to tell a stale
+            // route from a lost frame when this fails.
+            let moves: Vec<String> = record
+                .moves
+                .iter()
+                .map(|(at, redirected)| {
+                    format!(
+                        "{:.2}s{}",
+                        (*at - started).as_secs_f64(),
+                        if *redirected { "" } else { " cut" }
+                    )
+                })
+                .collect();
+            eprintln!("{strategy}: member {mid} missed {missing:?}; moved at {moves:?}");
+        }
+        let missing = missing.len();
         if cut == 0 {
             figures.lost += missing;
         } else {
