@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use bytes::Bytes;
 use herald_protocol::pb::BroadcastRoomReq;
 use herald_protocol::{Frame, op};
@@ -199,8 +199,161 @@ async fn a_sustained_receive_flood_closes_the_connection() -> Result {
             .await?,
         1.0
     );
+    // The closing drop is the 20th: every one is counted, none forwarded.
+    assert_eq!(
+        h.metric(r#"herald_comet_receives_total{outcome="rate_limited"}"#)
+            .await?,
+        20.0
+    );
     healthy.send_raw(hex(T10_REQ)).await?;
     assert_eq!(healthy.next_message().await?.op, 4);
+    fresh_client_is_served(&h, "after-flood").await?;
+    h.shutdown().await
+}
+
+/// A client that connects now authenticates and gets a key push: whatever a
+/// test's offender did left the comet serving everyone else.
+async fn fresh_client_is_served(h: &Harness, key: &str) -> Result {
+    use herald_protocol::pb::PushMsgReq;
+    let mut client = h.tcp_client(&token(key, "", &[1000])).await?;
+    h.comet_client()
+        .await?
+        .push_msg(PushMsgReq {
+            keys: vec![key.to_owned()],
+            proto: Some(raw_push(1000, b"fresh")),
+            proto_op: 1000,
+        })
+        .await?;
+    assert_eq!(
+        client.next_message().await?,
+        Frame::push(1000, &b"fresh"[..]),
+        "a new client after the offender"
+    );
+    Ok(())
+}
+
+/// `frames` encoded back to back, for one write.
+fn concat(frames: &[Frame]) -> Vec<u8> {
+    frames.iter().flat_map(|f| f.to_bytes().to_vec()).collect()
+}
+
+#[tokio::test]
+async fn ops_not_bound_for_receive_are_never_rate_limited() -> Result {
+    let mut h = Harness::start(|c| {
+        c.receive_rate = 1;
+        c.receive_burst = 1;
+        c.receive_flood_close = 2;
+    })
+    .await?;
+    let mut c = h.tcp_client(&token_mid(61, "busy")).await?;
+    // The one token goes: from here any limited op is dropped, and the
+    // second drop closes the connection.
+    c.send_raw(hex(T10_REQ)).await?;
+    assert_eq!(c.next_message().await?.op, op::SEND_MSG);
+    let frame = |op, body: &'static [u8]| Frame {
+        ver: 1,
+        op,
+        seq: op,
+        body: Bytes::from_static(body),
+    };
+    let mut unlimited = Vec::new();
+    for _ in 0..5 {
+        unlimited.push(frame(op::HEARTBEAT, b""));
+        unlimited.push(frame(op::CHANGE_ROOM, b"live://a"));
+        unlimited.push(frame(op::SUB, b"1000"));
+        unlimited.push(frame(op::UNSUB, b"1000"));
+    }
+    c.send_raw(concat(&unlimited)).await?;
+    for sent in &unlimited {
+        assert_eq!(c.next_message().await?.op, sent.op + 1, "answered");
+    }
+    assert_eq!(
+        h.metric(r#"herald_comet_receives_total{outcome="rate_limited"}"#)
+            .await?,
+        0.0
+    );
+    // The limit was live all along: three op 4 now close the connection.
+    let op4 = frame(op::SEND_MSG, b"");
+    c.send_raw(concat(&[op4.clone(), op4.clone(), op4])).await?;
+    let frames = closed(&mut c).await?;
+    assert!(frames.iter().all(|f| f.op == op::SEND_MSG), "{frames:?}");
+    h.wait_metric(
+        r#"herald_comet_disconnects_total{reason="receive_flood"}"#,
+        1.0,
+    )
+    .await?;
+    fresh_client_is_served(&h, "after-busy").await?;
+    h.shutdown().await
+}
+
+/// Sends `n` op 4 and a heartbeat; returns how many op 4 were answered
+/// (forwarded) before the heartbeat's reply, and the seconds it took.
+async fn op4_acknowledged(client: &mut herald_client::Client, n: usize) -> Result<(usize, f64)> {
+    let started = std::time::Instant::now();
+    client.send_raw(op4_burst_then_heartbeat(n)).await?;
+    let mut acknowledged = 0;
+    loop {
+        match client.next_message().await?.op {
+            op::SEND_MSG => acknowledged += 1,
+            op::HEARTBEAT_REPLY => return Ok((acknowledged, started.elapsed().as_secs_f64())),
+            other => bail!("unexpected op {other}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn receive_limit_flags_default_as_documented_and_zero_means_none() -> Result {
+    use herald_comet::{Args, Config};
+
+    // The documented defaults, as the binary parses them and as tests build them.
+    let parsed: Args = herald_runtime::args::parse(&[])?;
+    for config in [parsed.config(), Config::new("c", "l:1")] {
+        assert_eq!(
+            (
+                config.receive_rate,
+                config.receive_burst,
+                config.receive_flood_close
+            ),
+            (20, 40, 200)
+        );
+        assert_eq!(config.queue_bytes, 262_144);
+        assert_eq!(config.send_buffer, Some(65_536));
+        assert!(!config.strict_pack_len);
+    }
+    let autotuned: Args = herald_runtime::args::parse(&["--send-buffer-bytes", "0"])?;
+    assert_eq!(autotuned.config().send_buffer, None, "0 keeps autotuning");
+
+    // Defaults over a socket: a burst of 40 passes, more are dropped, and
+    // 60 at once is no flood.
+    let mut h = Harness::start(|_| {}).await?;
+    let mut c = h.tcp_client(&token_mid(71, "default")).await?;
+    let (acknowledged, elapsed) = op4_acknowledged(&mut c, 60).await?;
+    let ceiling = 40 + (20.0 * elapsed).ceil() as usize;
+    assert!(
+        (40..=ceiling).contains(&acknowledged),
+        "{acknowledged} forwarded in {elapsed:.3}s, expected 40..={ceiling}"
+    );
+    assert_eq!(
+        h.metric(r#"herald_comet_receives_total{outcome="rate_limited"}"#)
+            .await?,
+        (60 - acknowledged) as f64
+    );
+    fresh_client_is_served(&h, "after-default").await?;
+    h.shutdown().await?;
+
+    // Rate 0: no limit, so not even 300 at once (past the default flood
+    // close) is dropped or closed.
+    let mut h = Harness::start(|c| c.receive_rate = 0).await?;
+    let mut c = h.tcp_client(&token_mid(72, "unlimited")).await?;
+    assert_eq!(op4_acknowledged(&mut c, 300).await?.0, 300);
+    h.logic_saw("300 Receives", |_| h.stub.receives(72) == 300)
+        .await?;
+    assert_eq!(
+        h.metric(r#"herald_comet_receives_total{outcome="rate_limited"}"#)
+            .await?,
+        0.0
+    );
+    fresh_client_is_served(&h, "after-unlimited").await?;
     h.shutdown().await
 }
 
@@ -244,6 +397,7 @@ async fn strict_pack_len_closes_short_frames() -> Result {
     .await?;
     healthy.send_raw(hex(T3)).await?;
     assert_eq!(healthy.next_message().await?.op, op::HEARTBEAT_REPLY);
+    fresh_client_is_served(&h, "after-strict").await?;
     h.shutdown().await
 }
 
@@ -289,6 +443,7 @@ async fn reserved_ops_from_clients_are_dropped_unanswered() -> Result {
             .await?,
         (2 * reserved.len()) as f64
     );
+    fresh_client_is_served(&h, "after-reserved").await?;
     h.shutdown().await
 }
 
@@ -375,6 +530,17 @@ async fn pushes_carrying_reserved_ops_are_refused_on_every_rpc() -> Result {
         .await
         .expect_err("refused");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // An op-9 body that ends inside a frame: malformed, refused whole.
+    let mut cut = Frame::push(1000, &b"a"[..]).to_bytes().to_vec();
+    cut.extend_from_slice(&Frame::push(1000, &b"bc"[..]).to_bytes()[..17]);
+    let status = grpc
+        .broadcast_room(BroadcastRoomReq {
+            room_id: "room".into(),
+            proto: Some(herald_protocol::ws::raw_proto(cut.into())),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
 
     // Nothing reached either client: the next message is the good push.
     grpc.push_msg(push(1000, raw_push(1000, b"good"))).await?;
@@ -386,6 +552,11 @@ async fn pushes_carrying_reserved_ops_are_refused_on_every_rpc() -> Result {
         h.metric(r#"herald_comet_refusals_total{reason="push_reserved_op"}"#)
             .await?,
         (refused.len() + 1) as f64
+    );
+    assert_eq!(
+        h.metric(r#"herald_comet_refusals_total{reason="push_malformed"}"#)
+            .await?,
+        1.0
     );
     h.shutdown().await
 }
@@ -454,9 +625,78 @@ async fn accepted_ops_and_room_ids_are_capped() -> Result {
             .await?,
         2.0
     );
+    assert_eq!(
+        h.metric(r#"herald_comet_refusals_total{reason="accepted_ops_limit"}"#)
+            .await?,
+        2.0,
+        "op 14, then the Connect reply"
+    );
 
     // The others are served throughout.
     grpc.push_msg(push("healthy", 1000)).await?;
     assert_eq!(healthy.next_message().await?.op, 1000);
     h.shutdown().await
+}
+
+/// The soft `RLIMIT_NOFILE` of this process, from `/proc/self/limits`.
+fn open_files_limit() -> Result<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits")?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no open files line")?;
+    Ok(line
+        .split_whitespace()
+        .nth(3)
+        .context("no soft limit")?
+        .parse()?)
+}
+
+/// Connections wait in the kernel's accept queue of a client listener bound
+/// as the binary binds it, with nothing accepting: far more than tokio's
+/// `bind` allows (128; 129 connects complete there, then SYNs are dropped and
+/// the next connect hangs, which the deadline catches).
+#[tokio::test]
+async fn client_listeners_queue_more_than_tokios_default_backlog() -> Result {
+    use herald_comet::{Args, LISTEN_BACKLOG};
+
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")?
+        .trim()
+        .parse()?;
+    // Bounded by the kernel's cap and by the descriptors this process may
+    // open (other tests in this binary run alongside).
+    let queued = (LISTEN_BACKLOG as usize)
+        .min(somaxconn)
+        .min(1500)
+        .min(open_files_limit()? / 4);
+    let args: Args = herald_runtime::args::parse(&[
+        "--tcp-addr",
+        "127.0.0.1:0",
+        "--ws-addr",
+        "127.0.0.1:0",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ])?;
+    let listeners = args.bind().await?;
+    for listener in [&listeners.tcp, &listeners.ws] {
+        let addr = listener.local_addr()?;
+        let mut waiting = Vec::with_capacity(queued);
+        let connected = timeout(WAIT, async {
+            while waiting.len() < queued {
+                waiting.push(tokio::net::TcpStream::connect(addr).await?);
+            }
+            anyhow::Ok(())
+        })
+        .await;
+        anyhow::ensure!(
+            connected.is_ok(),
+            "only {} of {queued} connects completed",
+            waiting.len()
+        );
+        connected??;
+    }
+    println!("{queued} connections queued unaccepted (somaxconn {somaxconn})");
+    Ok(())
 }

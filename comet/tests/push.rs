@@ -309,8 +309,28 @@ async fn slow_consumer_is_closed_and_others_still_receive() -> Result {
     );
     h.logic_saw("slow Disconnect", |_| h.stub.disconnects("slow") == 1)
         .await?;
+    h.wait_metric(
+        r#"herald_comet_disconnects_total{reason="slow_consumer"}"#,
+        1.0,
+    )
+    .await?;
+    assert!(
+        h.metric(r#"herald_comet_push_drops_total{reason="slow_consumer"}"#)
+            .await?
+            >= 1.0,
+        "the push that found the queue full is counted"
+    );
     // The slow client's socket ends after whatever was in flight.
     closed(&mut slow).await?;
+    // A client that connects now is served.
+    let mut late = h.tcp_client(&token("late", "", &[1000])).await?;
+    grpc.push_msg(PushMsgReq {
+        keys: vec!["late".into()],
+        proto: Some(raw_push(1000, b"late")),
+        proto_op: 1000,
+    })
+    .await?;
+    assert_eq!(late.next_message().await?, Frame::push(1000, &b"late"[..]));
     h.shutdown().await
 }
 

@@ -93,6 +93,72 @@ async fn websocket_upgrade_checks_the_path() -> Result {
         rest.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
         "T11 accept value in {rest}"
     );
+    assert_eq!(
+        h.metric(r#"herald_comet_ws_upgrade_refused_total{reason="path"}"#)
+            .await?,
+        2.0
+    );
+    fresh_ws_client_is_served(&h, "after-path").await?;
+    h.shutdown().await
+}
+
+/// A WebSocket client that connects now authenticates and gets a key push:
+/// whatever a test's offender did left the comet serving everyone else.
+async fn fresh_ws_client_is_served(h: &Harness, key: &str) -> Result {
+    let mut client = h.ws_client(&token(key, "", &[1000])).await?;
+    h.comet_client()
+        .await?
+        .push_msg(PushMsgReq {
+            keys: vec![key.to_owned()],
+            proto_op: 1000,
+            proto: Some(raw_push(1000, b"fresh")),
+        })
+        .await?;
+    assert_eq!(
+        client.next_message().await?.to_bytes(),
+        ws::push_for_ws(&raw_push(1000, b"fresh")),
+        "a new client after the offender"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upgrade_that_never_completes_is_closed_at_the_handshake_deadline() -> Result {
+    let mut h = Harness::start(|c| c.handshake_timeout = Duration::from_millis(500)).await?;
+    let mut healthy = h.ws_client(&token("healthy", "", &[1000])).await?;
+    // Half a request head, then nothing: closed without an answer.
+    let mut slow = TcpStream::connect(h.ws).await?;
+    slow.write_all(b"GET /sub HTTP/1.1\r\nHost: localhost\r\n")
+        .await?;
+    let mut answer = Vec::new();
+    timeout(WAIT, slow.read_to_end(&mut answer))
+        .await
+        .context("a half head held its connection")??;
+    assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+    // Upgraded, but no op 7: closed too (the deadline covers both).
+    let (mut silent, _) = tokio_tungstenite::connect_async(format!("ws://{}/sub", h.ws)).await?;
+    timeout(WAIT, async {
+        while let Some(Ok(message)) = silent.next().await {
+            assert!(message.is_close(), "{message:?}");
+        }
+    })
+    .await
+    .context("an unauthenticated WebSocket held its connection")?;
+    h.wait_metric(r#"herald_comet_auth_total{outcome="timeout"}"#, 2.0)
+        .await?;
+    h.comet_client()
+        .await?
+        .push_msg(PushMsgReq {
+            keys: vec!["healthy".into()],
+            proto_op: 1000,
+            proto: Some(raw_push(1000, b"held")),
+        })
+        .await?;
+    assert_eq!(
+        healthy.next_message().await?.to_bytes(),
+        ws::push_for_ws(&raw_push(1000, b"held"))
+    );
+    fresh_ws_client_is_served(&h, "after-slow").await?;
     h.shutdown().await
 }
 
@@ -677,12 +743,53 @@ async fn websocket_closes_carry_1002_and_1009() -> Result {
     assert_eq!(close[0], 0x88, "a close frame");
     assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1002, "RSV1 set");
 
-    // The other client is served throughout.
+    // The goim-frame cases before op 7: the same codes.
+    let (mut early, _) = tokio_tungstenite::connect_async(format!("ws://{}/sub", h.ws)).await?;
+    let mut header = hex(T3);
+    header[..4].copy_from_slice(&5000i32.to_be_bytes());
+    early.send(Message::Binary(header.into())).await?;
+    assert_eq!(close_code(&mut early).await?, 1009, "pack_len before op 7");
+    let (mut early, _) = tokio_tungstenite::connect_async(format!("ws://{}/sub", h.ws)).await?;
+    let mut short = hex(T10_REQ);
+    short[..4].copy_from_slice(&32i32.to_be_bytes());
+    early.send(Message::Binary(short.into())).await?;
+    assert_eq!(close_code(&mut early).await?, 1002, "truncated before op 7");
+
+    // RSV1 after op 7: 1002 as well. Client frames by hand (masked).
+    let mut tcp = TcpStream::connect(h.ws).await?;
+    tcp.write_all(upgrade_head("").as_bytes()).await?;
+    assert!(read_head(&mut tcp).await?.starts_with(b"HTTP/1.1 101"));
+    let auth = hex(T1);
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut message = vec![0x82, 0x80 | u8::try_from(auth.len())?];
+    message.extend(mask);
+    message.extend(auth.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    tcp.write_all(&message).await?;
+    assert_eq!(read_bytes(&mut tcp, 2).await?, [0x82, 16]);
+    assert_eq!(read_bytes(&mut tcp, 16).await?, hex(T2), "authenticated");
+    tcp.write_all(&[0xc2, 0x81, 0, 0, 0, 0, 0]).await?;
+    let close = read_bytes(&mut tcp, 4).await?;
+    assert_eq!(close[0], 0x88, "a close frame");
+    assert_eq!(
+        u16::from_be_bytes([close[2], close[3]]),
+        1002,
+        "RSV1 after op 7"
+    );
+
+    // Closes of authenticated sessions for a goim frame are counted.
+    h.wait_metric(
+        r#"herald_comet_disconnects_total{reason="invalid_frame"}"#,
+        2.0,
+    )
+    .await?;
+
+    // The other client is served throughout, and a new one after.
     grpc.broadcast_room(BroadcastRoomReq {
         room_id: "room".into(),
         proto: Some(raw_push(1000, b"still here")),
     })
     .await?;
     assert_eq!(healthy.next_message().await?.body.as_ref(), b"still here");
+    fresh_ws_client_is_served(&h, "after-close-codes").await?;
     h.shutdown().await
 }
