@@ -91,6 +91,10 @@ pub(crate) fn close_frame(err: &Error) -> Option<CloseFrame> {
             (CloseCode::Size, "message too big")
         }
         Error::Frame(_) => (CloseCode::Protocol, "invalid frame"),
+        // A client that reset its socket reads no close frame.
+        Error::WsRead(WsError::Protocol(
+            tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        )) => return None,
         Error::WsRead(WsError::Protocol(_)) => (CloseCode::Protocol, "protocol error"),
         _ => return None,
     };

@@ -776,12 +776,20 @@ async fn websocket_closes_carry_1002_and_1009() -> Result {
         "RSV1 after op 7"
     );
 
-    // Closes of authenticated sessions for a goim frame are counted.
+    // Closes of authenticated sessions for a bad frame, goim's or
+    // WebSocket's, are counted as invalid frames (oversized message, pack_len
+    // over its limit, truncated goim frame, RSV1), none as I/O failures.
     h.wait_metric(
         r#"herald_comet_disconnects_total{reason="invalid_frame"}"#,
-        2.0,
+        4.0,
     )
     .await?;
+    assert_eq!(
+        h.metric(r#"herald_comet_disconnects_total{reason="io"}"#)
+            .await?,
+        0.0,
+        "a bad frame counted as an I/O failure"
+    );
 
     // The other client is served throughout, and a new one after.
     grpc.broadcast_room(BroadcastRoomReq {

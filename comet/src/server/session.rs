@@ -100,16 +100,9 @@ pub(super) async fn run(
         }
     };
     let result = serve(&mut link, &conn, &mut room, &shared, idle).await;
-    shared.metrics.connection_closed(
-        transport,
-        match &result {
-            Ok(()) => "client",
-            Err(Error::Closed(reason)) => reason,
-            Err(Error::Frame(herald_protocol::frame::Error::ShortPackLen(_))) => "short_pack_len",
-            Err(Error::Frame(_)) => "invalid_frame",
-            Err(_) => "io",
-        },
-    );
+    shared
+        .metrics
+        .connection_closed(transport, close_reason(&result));
     let close = match result {
         Err(err) => {
             debug!(cause = %err, "session ended");
@@ -475,6 +468,27 @@ fn online_count(shared: &Shared, room: Option<&str>) -> i32 {
         .logic
         .cluster_count(room)
         .unwrap_or_else(|| i32::try_from(shared.buckets.room_count(room)).unwrap_or(i32::MAX))
+}
+
+/// The `reason` an ended session is counted under. A WebSocket client
+/// that drops its socket without a close frame left as a TCP client that
+/// closes does (`client`); a malformed or oversized WebSocket frame is an
+/// invalid frame like a malformed goim frame, not an I/O failure.
+fn close_reason(result: &Result<(), Error>) -> &'static str {
+    use herald_protocol::frame::Error as FrameError;
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    match result {
+        Ok(()) => "client",
+        Err(Error::Closed(reason)) => reason,
+        Err(Error::Frame(FrameError::ShortPackLen(_))) => "short_pack_len",
+        Err(Error::Frame(_)) => "invalid_frame",
+        Err(Error::WsRead(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
+            "client"
+        }
+        Err(Error::WsRead(WsError::Capacity(_) | WsError::Protocol(_))) => "invalid_frame",
+        Err(_) => "io",
+    }
 }
 
 #[cfg(test)]
