@@ -7,7 +7,7 @@
 //! else: namespaced Roles when `watchNamespaces` is set, a ClusterRole only
 //! when it is empty.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use herald_e2e::{helm, testbed_var, unique_name};
@@ -291,47 +291,141 @@ fn can_i(user: &str, namespace: Option<&str>, verb: &str, resource: &str) -> any
     Ok(answer == "yes")
 }
 
-/// What the operator calls in a namespace it watches (`resource#subresource`).
+/// What the operator calls in a namespace it watches (`resource#subresource`),
+/// all of it: the chart's rules must grant exactly this
+/// (`the_rules_grant_exactly_what_the_operator_calls`).
 const NEEDED: &[(&str, &str)] = &[
+    // Reconciled, cached by the controller; update and patch touch only
+    // metadata.finalizers.
     ("get", "pushclusters.herald.dev"),
     ("list", "pushclusters.herald.dev"),
     ("watch", "pushclusters.herald.dev"),
-    ("update", "pushclusters.herald.dev"), // metadata.finalizers
+    ("update", "pushclusters.herald.dev"),
     ("patch", "pushclusters.herald.dev"),
     ("patch", "pushclusters.herald.dev#status"),
     ("patch", "pushclusters.herald.dev#scale"),
+    // Owned kinds: list/watch (the controller's caches), create/patch
+    // (server-side apply of a new object needs create).
+    ("get", "deployments.apps"), // logic's and job's read back
     ("list", "deployments.apps"),
     ("watch", "deployments.apps"),
-    ("create", "deployments.apps"), // server-side apply of a new object
+    ("create", "deployments.apps"),
     ("patch", "deployments.apps"),
     // A comet Deployment left by `rollout.strategy: Deployment` goes once
     // its comets are drained onto the ReplicaSets.
     ("delete", "deployments.apps"),
+    ("list", "replicasets.apps"),
+    ("watch", "replicasets.apps"),
     ("create", "replicasets.apps"),
     ("patch", "replicasets.apps"),
-    ("watch", "replicasets.apps"),
     ("delete", "replicasets.apps"), // an emptied old revision
+    ("list", "networkpolicies.networking.k8s.io"),
+    ("watch", "networkpolicies.networking.k8s.io"),
     ("create", "networkpolicies.networking.k8s.io"),
     ("patch", "networkpolicies.networking.k8s.io"),
     ("delete", "networkpolicies.networking.k8s.io"), // networkPolicy.enabled: false
+    ("get", "services"),                             // the comet Service's load-balancer addresses
+    ("list", "services"),
+    ("watch", "services"),
     ("create", "services"),
     ("patch", "services"),
-    ("watch", "services"),
-    ("patch", "configmaps"),
+    ("get", "configmaps"), // the node list as last written
+    ("list", "configmaps"),
+    ("watch", "configmaps"),
     ("create", "configmaps"),
+    ("patch", "configmaps"),
+    ("list", "serviceaccounts"),
+    ("watch", "serviceaccounts"),
+    ("create", "serviceaccounts"),
     ("patch", "serviceaccounts"),
-    ("get", "secrets"),
+    ("get", "secrets"), // referenced and generated Secrets
+    ("list", "secrets"),
     ("watch", "secrets"),
     ("create", "secrets"),
+    ("list", "roles.rbac.authorization.k8s.io"),
+    ("watch", "roles.rbac.authorization.k8s.io"),
     ("create", "roles.rbac.authorization.k8s.io"),
+    ("patch", "roles.rbac.authorization.k8s.io"),
+    ("list", "rolebindings.rbac.authorization.k8s.io"),
+    ("watch", "rolebindings.rbac.authorization.k8s.io"),
+    ("create", "rolebindings.rbac.authorization.k8s.io"),
     ("patch", "rolebindings.rbac.authorization.k8s.io"),
+    ("list", "poddisruptionbudgets.policy"),
+    ("watch", "poddisruptionbudgets.policy"),
+    ("create", "poddisruptionbudgets.policy"),
     ("patch", "poddisruptionbudgets.policy"),
+    // Comet pods: polled, annotated, a drained one deleted.
     ("list", "pods"),
     ("patch", "pods"),
     ("delete", "pods"),
     ("create", "events.events.k8s.io"),
     ("patch", "events.events.k8s.io"),
 ];
+
+/// `(verb, resource)` pairs a rendered Role or ClusterRole grants, in
+/// [`NEEDED`]'s notation.
+fn granted(role: &serde_yaml::Value) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_sequence().into_iter().flatten() {
+        let strings = |v: &serde_yaml::Value| -> Vec<String> {
+            v.as_sequence()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        };
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                let (kind, sub) = match resource.split_once('/') {
+                    Some((kind, sub)) => (kind.to_owned(), format!("#{sub}")),
+                    None => (resource.clone(), String::new()),
+                };
+                let name = if group.is_empty() {
+                    format!("{kind}{sub}")
+                } else {
+                    format!("{kind}.{group}{sub}")
+                };
+                for verb in strings(&rule["verbs"]) {
+                    out.insert((verb, name.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_rules_grant_exactly_what_the_operator_calls() -> anyhow::Result<()> {
+    let needed: BTreeSet<(String, String)> = NEEDED
+        .iter()
+        .map(|(verb, resource)| ((*verb).to_owned(), (*resource).to_owned()))
+        .collect();
+    for args in [&[][..], &["--set", "watchNamespaces={team-a,team-b}"][..]] {
+        let docs = render(args)?;
+        // The operator's rules: those on PushClusters (the Lease Role is
+        // apart, checked by `lease_rights`).
+        let roles: Vec<(&String, &serde_yaml::Value)> = docs
+            .iter()
+            .filter(|(key, doc)| {
+                (key.starts_with("ClusterRole/") || key.starts_with("Role/"))
+                    && granted(doc)
+                        .iter()
+                        .any(|(_, r)| r == "pushclusters.herald.dev")
+            })
+            .collect();
+        anyhow::ensure!(!roles.is_empty(), "no operator rules rendered for {args:?}");
+        for (key, role) in roles {
+            let granted = granted(role);
+            let unused: Vec<_> = granted.difference(&needed).collect();
+            let missing: Vec<_> = needed.difference(&granted).collect();
+            anyhow::ensure!(
+                unused.is_empty() && missing.is_empty(),
+                "{key} ({args:?}) grants verbs the operator does not call: {unused:?}; lacks: {missing:?}"
+            );
+        }
+    }
+    Ok(())
+}
 
 /// What it never calls, refused even in the namespaces it watches.
 const REFUSED: &[(&str, &str)] = &[
