@@ -207,29 +207,8 @@ async fn a_sustained_receive_flood_closes_the_connection() -> Result {
     );
     healthy.send_raw(hex(T10_REQ)).await?;
     assert_eq!(healthy.next_message().await?.op, 4);
-    fresh_client_is_served(&h, "after-flood").await?;
+    h.serves_a_new_client(false, "after-flood").await?;
     h.shutdown().await
-}
-
-/// A client that connects now authenticates and gets a key push: whatever a
-/// test's offender did left the comet serving everyone else.
-async fn fresh_client_is_served(h: &Harness, key: &str) -> Result {
-    use herald_protocol::pb::PushMsgReq;
-    let mut client = h.tcp_client(&token(key, "", &[1000])).await?;
-    h.comet_client()
-        .await?
-        .push_msg(PushMsgReq {
-            keys: vec![key.to_owned()],
-            proto: Some(raw_push(1000, b"fresh")),
-            proto_op: 1000,
-        })
-        .await?;
-    assert_eq!(
-        client.next_message().await?,
-        Frame::push(1000, &b"fresh"[..]),
-        "a new client after the offender"
-    );
-    Ok(())
 }
 
 /// `frames` encoded back to back, for one write.
@@ -282,7 +261,7 @@ async fn ops_not_bound_for_receive_are_never_rate_limited() -> Result {
         1.0,
     )
     .await?;
-    fresh_client_is_served(&h, "after-busy").await?;
+    h.serves_a_new_client(false, "after-busy").await?;
     h.shutdown().await
 }
 
@@ -338,7 +317,7 @@ async fn receive_limit_flags_default_as_documented_and_zero_means_none() -> Resu
             .await?,
         (60 - acknowledged) as f64
     );
-    fresh_client_is_served(&h, "after-default").await?;
+    h.serves_a_new_client(false, "after-default").await?;
     h.shutdown().await?;
 
     // Rate 0: no limit, so not even 300 at once (past the default flood
@@ -353,7 +332,7 @@ async fn receive_limit_flags_default_as_documented_and_zero_means_none() -> Resu
             .await?,
         0.0
     );
-    fresh_client_is_served(&h, "after-unlimited").await?;
+    h.serves_a_new_client(false, "after-unlimited").await?;
     h.shutdown().await
 }
 
@@ -397,7 +376,7 @@ async fn strict_pack_len_closes_short_frames() -> Result {
     .await?;
     healthy.send_raw(hex(T3)).await?;
     assert_eq!(healthy.next_message().await?.op, op::HEARTBEAT_REPLY);
-    fresh_client_is_served(&h, "after-strict").await?;
+    h.serves_a_new_client(false, "after-strict").await?;
     h.shutdown().await
 }
 
@@ -443,7 +422,7 @@ async fn reserved_ops_from_clients_are_dropped_unanswered() -> Result {
             .await?,
         (2 * reserved.len()) as f64
     );
-    fresh_client_is_served(&h, "after-reserved").await?;
+    h.serves_a_new_client(false, "after-reserved").await?;
     h.shutdown().await
 }
 

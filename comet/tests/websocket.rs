@@ -98,28 +98,8 @@ async fn websocket_upgrade_checks_the_path() -> Result {
             .await?,
         2.0
     );
-    fresh_ws_client_is_served(&h, "after-path").await?;
+    h.serves_a_new_client(true, "after-path").await?;
     h.shutdown().await
-}
-
-/// A WebSocket client that connects now authenticates and gets a key push:
-/// whatever a test's offender did left the comet serving everyone else.
-async fn fresh_ws_client_is_served(h: &Harness, key: &str) -> Result {
-    let mut client = h.ws_client(&token(key, "", &[1000])).await?;
-    h.comet_client()
-        .await?
-        .push_msg(PushMsgReq {
-            keys: vec![key.to_owned()],
-            proto_op: 1000,
-            proto: Some(raw_push(1000, b"fresh")),
-        })
-        .await?;
-    assert_eq!(
-        client.next_message().await?.to_bytes(),
-        ws::push_for_ws(&raw_push(1000, b"fresh")),
-        "a new client after the offender"
-    );
-    Ok(())
 }
 
 #[tokio::test]
@@ -158,7 +138,7 @@ async fn an_upgrade_that_never_completes_is_closed_at_the_handshake_deadline() -
         healthy.next_message().await?.to_bytes(),
         ws::push_for_ws(&raw_push(1000, b"held"))
     );
-    fresh_ws_client_is_served(&h, "after-slow").await?;
+    h.serves_a_new_client(true, "after-slow").await?;
     h.shutdown().await
 }
 
@@ -798,6 +778,6 @@ async fn websocket_closes_carry_1002_and_1009() -> Result {
     })
     .await?;
     assert_eq!(healthy.next_message().await?.body.as_ref(), b"still here");
-    fresh_ws_client_is_served(&h, "after-close-codes").await?;
+    h.serves_a_new_client(true, "after-close-codes").await?;
     h.shutdown().await
 }

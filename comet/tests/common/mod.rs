@@ -177,6 +177,37 @@ impl Harness {
         Ok(client)
     }
 
+    /// A client that connects now (over WebSocket with `ws`, else TCP)
+    /// authenticates and gets a key push: whatever a test's offender did
+    /// left the comet serving everyone else.
+    pub(crate) async fn serves_a_new_client(&self, ws: bool, key: &str) -> Result {
+        let token = token(key, "", &[1000]);
+        let mut client = if ws {
+            self.ws_client(&token).await?
+        } else {
+            self.tcp_client(&token).await?
+        };
+        self.comet_client()
+            .await?
+            .push_msg(herald_protocol::pb::PushMsgReq {
+                keys: vec![key.to_owned()],
+                proto: Some(raw_push(1000, b"fresh")),
+                proto_op: 1000,
+            })
+            .await?;
+        let want = if ws {
+            ws::push_for_ws(&raw_push(1000, b"fresh"))
+        } else {
+            Frame::push(1000, &b"fresh"[..]).to_bytes()
+        };
+        assert_eq!(
+            client.next_message().await?.to_bytes(),
+            want,
+            "a new client after the offender"
+        );
+        Ok(())
+    }
+
     /// Polls `/readyz` until it answers `expected` (e.g. 200); bounded by [`WAIT`].
     pub(crate) async fn wait_readyz(&self, expected: u16) -> Result {
         timeout(WAIT, async {
